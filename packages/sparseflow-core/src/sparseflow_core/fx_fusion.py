@@ -1,0 +1,126 @@
+"""Fusing ``neuron(bn(conv(x)) + identity)``: the residual chains of ResNet blocks.
+
+The residual add sits in the block's own ``forward`` (``out += identity``), between the BatchNorm and the
+neuron, so the chain cannot be fused by swapping modules alone. The block (the innermost module that
+calls all three) is traced with ``torch.fx`` (the analyzer's leaf modules stay leaves); in its graph the
+pattern ``conv -> bn -> add(·, identity) -> neuron``, where each value has that single use, becomes one
+call of the fused module with ``residual=identity``, placed where the add was. The block is replaced by the
+rewritten ``GraphModule``; the BatchNorm and neuron stay registered under their names, so ``state_dict``
+keys and ``reset_net`` are unchanged. Blocks that do not trace, or whose graph does not match, are left
+alone with the reason.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .registry import is_leaf
+
+_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_leaf(m) or super().is_leaf_module(m, qualname)
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADDS
+    if node.op == "call_method":
+        return node.target in _ADDS
+    return False
+
+
+def common_parent(*names: str) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def _rel(name: str, parent: str) -> str:
+    return name[len(parent) + 1:] if parent else name
+
+
+def trace_block(block: nn.Module) -> fx.GraphModule | None:
+    try:
+        graph = _LeafTracer().trace(block)
+    except Exception:
+        return None
+    return fx.GraphModule(block, graph, class_name=type(block).__name__ + "Fused")
+
+
+def fuse_residual(block: nn.Module, gm: fx.GraphModule | None, conv_rel: str, bn_rel: str | None,
+                  neuron_rel: str) -> tuple[fx.GraphModule | None, str]:
+    """Rewrite ``gm`` (the traced ``block``) so that ``conv_rel`` takes the residual; returns (gm, '') on
+    success, (None, reason) otherwise. ``conv_rel`` must already name the fused module."""
+    if gm is None:
+        return None, "block does not trace with torch.fx"
+    g = gm.graph
+    nodes = {n.target: n for n in g.nodes if n.op == "call_module"}
+    conv = nodes.get(conv_rel)
+    neuron = nodes.get(neuron_rel)
+    if conv is None or neuron is None:
+        return None, "conv or neuron not called directly in the block's forward"
+    head = conv
+    if bn_rel is not None:
+        bn = nodes.get(bn_rel)
+        if bn is None or list(conv.users) != [bn] or bn.args[:1] != (conv,):
+            return None, "conv output does not go only to the batchnorm"
+        head = bn
+    users = list(head.users)
+    if len(users) != 1 or not _is_add(users[0]):
+        return None, "batchnorm output does not go only to an add"
+    add = users[0]
+    if list(add.users) != [neuron] or neuron.args[:1] != (add,) or len(neuron.args) != 1 or neuron.kwargs:
+        return None, "the add does not feed only the neuron"
+    args = list(add.args) + list(add.kwargs.values())
+    if len(args) != 2 or add.kwargs:
+        return None, "unexpected add signature"
+    other = args[1] if args[0] is head else args[0]
+    if other is head or not isinstance(other, fx.Node):
+        return None, "residual is not a tensor of the graph"
+    with g.inserting_before(add):
+        fused = g.call_module(conv_rel, args=(conv.args[0],), kwargs={"residual": other})
+    neuron.replace_all_uses_with(fused)
+    for n in (neuron, add, head, conv) if head is not conv else (neuron, add, conv):
+        g.erase_node(n)
+    g.lint()
+    gm.recompile()
+    # keep the bypassed modules registered: same state_dict keys, reset_net still reaches the neuron
+    for rel in (bn_rel, neuron_rel):
+        if rel is not None and not _has_submodule(gm, rel):
+            gm.add_submodule(rel, block.get_submodule(rel))
+    return gm, ""
+
+
+def _has_submodule(m: nn.Module, rel: str) -> bool:
+    try:
+        m.get_submodule(rel)
+        return True
+    except AttributeError:
+        return False
+
+
+def finalize_block(block: nn.Module, gm: fx.GraphModule) -> fx.GraphModule:
+    """Re-register every submodule and parameter of ``block`` that the graph does not use, so that the
+    rewritten block has the original's ``state_dict`` keys and module tree."""
+    for name, child in block.named_children():
+        if not hasattr(gm, name):
+            gm.add_module(name, child)
+    for name, p in block.named_parameters(recurse=False):
+        if not hasattr(gm, name):
+            gm.register_parameter(name, p)
+    for name, b in block.named_buffers(recurse=False):
+        if not hasattr(gm, name):
+            gm.register_buffer(name, b)
+    gm.training = block.training
+    return gm

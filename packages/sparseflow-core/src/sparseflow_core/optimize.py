@@ -1,0 +1,417 @@
+"""``optimize(model)``: find the layers that consume spikes and put SparseFlow's modules in their place.
+
+What it does, in order:
+
+1. Analysis (``analyzer.analyze``): one forward of a copy of the model on the example inputs (or, without
+   them, on the first real input: the model is optimized lazily on its first call).
+2. Every ``nn.Conv2d`` whose input is spikes becomes a :class:`~sparseflow_ops.SparseConv2d`. When its output
+   feeds only an eval-mode BatchNorm2d, the BatchNorm is folded into it; when that BatchNorm's output feeds only
+   a supported spiking neuron, the neuron runs fused in the same kernel (over all T steps). Folded and fused
+   modules stay in the model, bypassed, so ``state_dict`` keys and neuron state (``reset_net``) are unchanged.
+3. Spiking neurons not fused into a convolution run on the multi-step Triton kernel (``neurons=True``).
+4. Layers that produce spikes for sparse consumers write their output's occupancy (no prescan downstream).
+
+It works **in place** and returns the same model object (``inplace=False`` optimizes a deep copy). The report
+is ``sparseflow_core.get_report(model)`` (also ``optimize(..., return_report=True)``); ``restore(model)``
+puts the original modules back.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from sparseflow_ops import SparseConv2d, accelerate_neuron, is_accelerated, neuron_support, restore_neuron
+
+from .analyzer import Analysis, analyze
+from .blocks import select_block_size
+from .fx_fusion import _is_add, common_parent, finalize_block, fuse_residual, trace_block
+from .registry import is_spiking_module
+from .report import LayerEntry, OptimizeReport
+
+REPORT_ATTR = "_sparseflow_report"
+
+
+def _parent(model: nn.Module, name: str):
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def get_report(model: nn.Module) -> OptimizeReport | None:
+    """The report of the last ``optimize`` of ``model`` (kernel paths refreshed), or None."""
+    rep = model.__dict__.get(REPORT_ATTR)
+    return rep.refresh(model) if rep is not None else None
+
+
+def is_optimized(model: nn.Module) -> bool:
+    return REPORT_ATTR in model.__dict__ or any(isinstance(m, SparseConv2d) for m in model.modules())
+
+
+def _conv_problem(conv: nn.Conv2d) -> str | None:
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
+    if conv.groups != 1:
+        return f"groups={conv.groups} (grouped/depthwise convolution not supported yet)"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} given as a string"
+    if conv.weight.is_complex():
+        return "complex weights"
+    if conv.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"weight dtype {conv.weight.dtype}"
+    return None
+
+
+def _chain(an: Analysis, model: nn.Module, conv_name: str, conv: nn.Conv2d):
+    """(bn, bn_name, neuron, neuron_name, note) of a pure conv -> bn -> neuron chain after ``conv``."""
+    bn = bn_name = neuron = neuron_name = None
+    user, why = an.sole_user(conv_name)
+    if user is None:
+        return None, None, None, None, f"no fusion: conv {why}"
+    m = model.get_submodule(user)
+    if isinstance(m, nn.BatchNorm2d):
+        if m.training:
+            return None, None, None, None, f"no fusion: {user} is in training mode"
+        bn, bn_name = m, user
+        user, why = an.sole_user(bn_name)
+        if user is None:
+            return bn, bn_name, None, None, f"no neuron fused: batchnorm {why}"
+        m = model.get_submodule(user)
+    elif not is_spiking_module(m):
+        return None, None, None, None, f"no fusion: output feeds {type(m).__name__} {user}"
+    if is_spiking_module(m):
+        adapter, why = neuron_support(m)
+        if adapter is None:
+            return bn, bn_name, None, None, f"neuron {user} not fused: {why}"
+        c_out = an.first(bn_name or conv_name).out_shape
+        n_in = an.first(user).in_shape
+        conv_in = an.first(conv_name).in_shape
+        shape_ok = (n_in == c_out) or (len(conv_in) == 4 and len(n_in) == 5 and n_in[0] * n_in[1] == c_out[0]
+                                      and tuple(n_in[2:]) == tuple(c_out[1:]))
+        if not shape_ok:
+            return bn, bn_name, None, None, f"neuron {user} sees a reshaped view {n_in} of {c_out}"
+        if conv.dilation != (1, 1):
+            return bn, bn_name, None, None, "neuron not fused: dilated convolution"
+        neuron, neuron_name = m, user
+    return bn, bn_name, neuron, neuron_name, ""
+
+
+def optimize(
+    model: nn.Module,
+    example_inputs=None,
+    *,
+    block_size=None,
+    mode: str = "auto",
+    dtype: torch.dtype | None = None,
+    fuse: bool = True,
+    neurons: bool = True,
+    filter_fn=None,
+    inplace: bool = True,
+    cuda_graph: bool = False,
+    write_occupancy: bool = False,
+    return_report: bool = False,
+):
+    """Swap the layers of ``model`` that consume spikes for SparseFlow's sparse / fused modules.
+
+    ``example_inputs``: a tensor or a tuple of positional arguments for one forward (any batch size; the
+    analysis runs on a copy). None: the model is optimized on its first call, with that call's input.
+    ``block_size``: None for the default rule by input height (>= 56: 16, 14-55: 8, <= 7: dense), an int,
+    ``"dense"``, or a dict {layer name: size}. ``mode``: ``"auto"`` (measure each layer's paths on its first
+    CUDA call and keep the fastest), ``"sparse"``, ``"dense"`` (SparseFlow's kernels without skipping) or
+    ``"torch"``. ``dtype``: convert the model's parameters and buffers (e.g. ``torch.float16``) first.
+    ``fuse``: fuse conv -> BatchNorm -> neuron chains; ``neurons``: run the remaining neurons on the kernel.
+    ``filter_fn(module, fqn) -> bool``: only layers it accepts are touched.
+    ``write_occupancy``: fused layers write the occupancy of their spikes for sparse consumers (otherwise
+    each sparse consumer runs its own one-pass prescan).
+    ``cuda_graph``: return a :class:`~sparseflow_core.cuda_graph.CudaGraphModel` around the model, which
+    captures the forward once per input shape and replays it (every call then starts from reset neuron
+    state; see its docstring).
+    Returns the model (and the :class:`OptimizeReport` when ``return_report``).
+    """
+    if cuda_graph:
+        model, rep = optimize(model, example_inputs, block_size=block_size, mode=mode, dtype=dtype, fuse=fuse,
+                              neurons=neurons, filter_fn=filter_fn, inplace=inplace,
+                              write_occupancy=write_occupancy, return_report=True)
+        from .cuda_graph import CudaGraphModel
+
+        wrapped = CudaGraphModel(model)
+        wrapped.__dict__[REPORT_ATTR] = rep
+        return (wrapped, rep) if return_report else wrapped
+    if not inplace:
+        model = copy.deepcopy(model)
+    if dtype is not None:
+        model.to(dtype)
+    if is_optimized(model):
+        rep = get_report(model) or OptimizeReport()
+        if "already optimized: left unchanged" not in rep.notes:
+            rep.notes.append("already optimized: left unchanged")
+        return (model, rep) if return_report else model
+    opts = dict(block_size=block_size, mode=mode, fuse=fuse, neurons=neurons, filter_fn=filter_fn,
+                write_occupancy=write_occupancy)
+    if example_inputs is None:
+        _LazyOptimize.install(model, opts, dtype)
+        rep = OptimizeReport(notes=["pending: optimized on the first forward call"])
+        model.__dict__[REPORT_ATTR] = rep
+        return (model, rep) if return_report else model
+    if dtype is not None:
+        example_inputs = _cast(example_inputs, dtype)
+    rep = _optimize_now(model, example_inputs, **opts)
+    return (model, rep) if return_report else model
+
+
+def _cast(inputs, dtype):
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(dtype) if inputs.is_floating_point() else inputs
+    if isinstance(inputs, tuple):
+        return tuple(_cast(i, dtype) for i in inputs)
+    return inputs
+
+
+class _LazyOptimize:
+    """Forward pre-hook that optimizes the model with its first real input, then removes itself."""
+
+    def __init__(self, opts, dtype):
+        self.opts = opts
+        self.dtype = dtype
+        self.hook_id = None
+
+    @classmethod
+    def install(cls, model, opts, dtype):
+        hook = cls(opts, dtype)
+        handle = model.register_forward_pre_hook(hook)
+        hook.hook_id = handle.id
+
+    def __call__(self, model, args):
+        model._forward_pre_hooks.pop(self.hook_id, None)
+        model.__dict__.pop(REPORT_ATTR, None)
+        inputs = _cast(args, self.dtype) if self.dtype is not None else args
+        _optimize_now(model, inputs, **self.opts)
+        return inputs if self.dtype is not None else None
+
+
+def _block_for(block_size, name, in_shape):
+    if isinstance(block_size, dict):
+        if name in block_size:
+            return block_size[name]
+        block_size = None
+    if block_size is None:
+        return select_block_size(in_shape[-2])
+    return block_size
+
+
+def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, filter_fn,
+                  write_occupancy=False) -> OptimizeReport:
+    an = analyze(model, example_inputs)
+    rep = OptimizeReport()
+    fused_neurons: set[str] = set()
+    replaced: dict[str, SparseConv2d] = {}
+    deferred: list = []
+    named = dict(model.named_modules())
+    for name, m in named.items():
+        if not isinstance(m, nn.Conv2d) or isinstance(m, SparseConv2d):
+            continue
+        info = an.first(name)
+        entry = LayerEntry(name=name, type=type(m).__name__, action="left",
+                           in_shape=info.in_shape if info else None,
+                           elem_density=info.elem_density if info else None)
+        rep.add(entry)
+        if filter_fn is not None and not filter_fn(m, name):
+            entry.reason = "excluded by filter_fn"
+            continue
+        ok, why = an.spike_fed(name)
+        if not ok:
+            entry.reason = why
+            continue
+        problem = _conv_problem(m)
+        if problem:
+            entry.reason = problem
+            continue
+        bs = _block_for(block_size, name, info.in_shape)
+        entry.block_size = bs
+        if info.block_density:
+            entry.block_density = info.block_density.get(bs if isinstance(bs, int) else 8)
+        bn = bn_name = neuron = neuron_name = None
+        note = ""
+        if fuse:
+            bn, bn_name, neuron, neuron_name, note = _chain(an, model, name, m)
+            if bn is not None and neuron is None and "batchnorm output" in note:
+                deferred.append((name, m, bn, bn_name, bs, entry, note))  # maybe a residual chain
+                continue
+        if neuron is None and bs == "dense":
+            entry.reason = "feature map <= 7 px: the dense op is faster" + (f"; {note}" if note else "")
+            entry.block_size = None
+            continue
+        time_steps = None
+        if neuron is not None and len(info.in_shape) == 4 and len(an.first(neuron_name).in_shape) == 5:
+            time_steps = an.first(neuron_name).in_shape[0]
+        new = SparseConv2d.from_dense(m, bn, neuron, block_size=bs, mode=mode, time_steps=time_steps)
+        parent, child = _parent(model, name)
+        setattr(parent, child, new)
+        replaced[name] = new
+        if bn is not None:
+            rep.folded.append((bn_name, name))
+        if neuron is not None:
+            fused_neurons.add(neuron_name)
+            entry.action = "fused"
+            entry.detail = f"{new.kind()} ({', '.join(n for n in (bn_name, neuron_name) if n)})"
+        else:
+            entry.action = "sparse"
+            entry.detail = new.kind() + (f" ({bn_name})" if bn_name else "")
+        entry.reason = note
+    if deferred:
+        _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode)
+        named = dict(model.named_modules())
+    # neurons that are not fused: the multi-step kernel, in place
+    for name, m in named.items():
+        if not is_spiking_module(m) or name in fused_neurons:
+            continue
+        entry = LayerEntry(name=name, type=type(m).__name__, action="left")
+        rep.add(entry)
+        if not neurons:
+            entry.reason = "neurons=False"
+            continue
+        if filter_fn is not None and not filter_fn(m, name):
+            entry.reason = "excluded by filter_fn"
+            continue
+        if an.first(name) is None:
+            entry.reason = "not called in the example forward"
+            continue
+        adapter, why = neuron_support(m)
+        if adapter is None:
+            entry.reason = why
+            continue
+        if not is_accelerated(m):
+            accelerate_neuron(m)
+        entry.action = "neuron-kernel"
+        entry.detail = "multi-step Triton neuron"
+    # producers of spikes for sparse consumers write the occupancy of their output (opt-in: measured on the
+    # H100, the epilogue write cost more than the consumer's own one-pass prescan; see docs/design.md)
+    for name, new in (replaced.items() if write_occupancy else ()):
+        if new.fused_neuron is None:
+            continue
+        neuron_name = next(n for n, mm in named.items() if mm is new.fused_neuron)
+        info = an.first(neuron_name)
+        consumers = {u.name for u in an.uses.get(info.out_root, []) if u.kind == "module"}
+        if any(c in replaced and replaced[c].block_size not in ("dense", None) and
+               replaced[c].kernel_size in ((3, 3), (1, 1)) for c in consumers):
+            new.write_occupancy = True
+    if not replaced and not rep.by_action("neuron-kernel"):
+        if not any(is_spiking_module(m) for m in named.values()):
+            rep.notes.append("no spiking modules found: model unchanged")
+        else:
+            rep.notes.append("no layer consumes spikes in a supported way: model unchanged")
+    model.__dict__[REPORT_ATTR] = rep
+    _invalidate_reset_cache(model)
+    return rep
+
+
+def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode):
+    """Second pass: ``neuron(bn(conv(x)) + identity)`` chains, fused by rewriting their block with fx."""
+    by_block: dict[str, list] = {}
+    for item in deferred:
+        by_block.setdefault(common_parent(item[0], item[3]), []).append(item)
+    # deepest blocks first: rewriting a block copies its submodule tree into the GraphModule
+    for parent in sorted(by_block, key=lambda p: -p.count(".") - bool(p)):
+        items = by_block[parent]
+        gm = None
+        block = model.get_submodule(parent) if parent else model
+        if parent:
+            gm = trace_block(block)
+        for (name, conv, bn, bn_name, bs, entry, note) in items:
+            why = "residual add in the model's top-level forward" if not parent else ""
+            neuron_rel = _residual_neuron(gm, _rel(name, parent), _rel(bn_name, parent)) if gm else None
+            neuron = block.get_submodule(neuron_rel) if neuron_rel else None
+            neuron_name = f"{parent}.{neuron_rel}" if neuron_rel else None
+            if not why and neuron is None:
+                why = ("block does not trace with torch.fx" if gm is None
+                       else "the batchnorm output does not go through an add into a neuron")
+            if neuron is not None and not why:
+                adapter, w2 = neuron_support(neuron)
+                c_out, n_in = an.first(bn_name).out_shape, (an.first(neuron_name) or an.first(bn_name)).in_shape
+                if adapter is None:
+                    why = w2
+                elif tuple(n_in) != tuple(c_out):
+                    why = f"neuron sees a reshaped view {n_in} of {c_out}"
+                elif conv.dilation != (1, 1):
+                    why = "dilated convolution"
+            if not why:
+                new = SparseConv2d.from_dense(conv, bn, neuron, block_size=bs, mode=mode)
+                sub_parent, child = _parent(gm, _rel(name, parent))
+                setattr(sub_parent, child, new)
+                res_gm, why = fuse_residual(block, gm, _rel(name, parent), _rel(bn_name, parent), neuron_rel)
+                if res_gm is None:
+                    setattr(sub_parent, child, conv)
+                    new.to_dense()
+                else:
+                    replaced[name] = new
+                    fused_neurons.add(neuron_name)
+                    rep.folded.append((bn_name, name))
+                    entry.action, entry.detail = "fused", f"{new.kind()}+residual ({bn_name}, {neuron_name})"
+                    entry.reason = ""
+                    continue
+            # fall back: conv with the batchnorm folded, the add and neuron stay as they are
+            if bs == "dense":
+                entry.reason = f"feature map <= 7 px: the dense op is faster; {note}; residual: {why}"
+                entry.block_size = None
+                continue
+            new = SparseConv2d.from_dense(conv, bn, None, block_size=bs, mode=mode)
+            p, c = _parent(model, name)
+            setattr(p, c, new)
+            replaced[name] = new
+            rep.folded.append((bn_name, name))
+            entry.action, entry.detail, entry.reason = "sparse", f"conv+bn ({bn_name})", f"residual: {why}"
+        if gm is not None and any(e[0] in replaced and replaced[e[0]].fused_neuron is not None for e in items):
+            gm = finalize_block(block, gm)
+            p, c = _parent(model, parent)
+            setattr(p, c, gm)
+
+
+def _rel(name: str, parent: str) -> str:
+    return name[len(parent) + 1:] if parent else name
+
+
+def _residual_neuron(gm, conv_rel, bn_rel):
+    """Name of the module called on ``bn(conv(x)) + identity`` in the traced block, if any."""
+    if gm is None:
+        return None
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    bn = nodes.get(bn_rel)
+    if bn is None or len(bn.users) != 1:
+        return None
+    add = next(iter(bn.users))
+    if not _is_add(add) or len(add.users) != 1:
+        return None
+    nxt = next(iter(add.users))
+    if nxt.op != "call_module":
+        return None
+    m = gm.get_submodule(nxt.target)
+    return nxt.target if is_spiking_module(m) else None
+
+
+def _invalidate_reset_cache(model):
+    try:
+        from spikingjelly.activation_based.functional import net_config
+
+        inv = getattr(net_config, "invalidate_reset_cache", None)
+        if inv is not None:
+            inv(model)
+    except Exception:  # SpikingJelly is optional
+        pass
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo ``optimize``: the original dense modules back in place (same parameter objects), in place."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, SparseConv2d):
+            parent, child = _parent(model, name)
+            setattr(parent, child, m.to_dense())
+    for m in model.modules():
+        if is_accelerated(m):
+            restore_neuron(m)
+    for hid, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, _LazyOptimize):
+            del model._forward_pre_hooks[hid]
+    model.__dict__.pop(REPORT_ATTR, None)
+    _invalidate_reset_cache(model)
+    return model

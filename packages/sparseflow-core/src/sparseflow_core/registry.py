@@ -1,0 +1,96 @@
+"""What SparseFlow knows about module types: which emit spikes, which are leaves of the data-flow graph.
+
+* Spiking modules: SpikingJelly ``neuron.BaseNode`` (and ``SimpleBaseNode``) with every subclass, snnTorch
+  ``SpikingNeuron`` subclasses, and whatever users add with :func:`register_spiking_module`. Their outputs are
+  the spike sources the analyzer follows.
+* Which of those the kernels can *run* is a separate question answered by ``sparseflow_ops.neuron_support``.
+
+The registries are guarded by a lock; lookups walk the class MRO.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from torch import nn
+
+_LOCK = threading.Lock()
+_SPIKING: list[type] = []
+_BUILTIN_LOADED = False
+
+
+def _load_builtin() -> None:
+    global _BUILTIN_LOADED
+    if _BUILTIN_LOADED:
+        return
+    with _LOCK:
+        if _BUILTIN_LOADED:
+            return
+        try:
+            from spikingjelly.activation_based.neuron import base_node
+
+            for name in ("BaseNode", "SimpleBaseNode"):
+                if hasattr(base_node, name):
+                    _SPIKING.append(getattr(base_node, name))
+        except Exception:  # SpikingJelly is optional
+            pass
+        try:
+            from snntorch._neurons.neurons import SpikingNeuron
+
+            _SPIKING.append(SpikingNeuron)
+        except Exception:  # snnTorch is optional
+            pass
+        _BUILTIN_LOADED = True
+
+
+def register_spiking_module(cls: type) -> type:
+    """Declare that instances of ``cls`` (an ``nn.Module`` subclass) output spikes. Usable as a decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_spiking_module expects an nn.Module subclass, got {cls!r}")
+    _load_builtin()
+    with _LOCK:
+        if cls not in _SPIKING:
+            _SPIKING.append(cls)
+    return cls
+
+
+def unregister_spiking_module(cls: type) -> None:
+    with _LOCK:
+        if cls in _SPIKING:
+            _SPIKING.remove(cls)
+
+
+def spiking_types() -> tuple[type, ...]:
+    _load_builtin()
+    with _LOCK:
+        return tuple(_SPIKING)
+
+
+def is_spiking_module(m: nn.Module) -> bool:
+    return isinstance(m, spiking_types())
+
+
+#: module types treated as leaves of the data-flow graph (their internals are not followed)
+LEAF_TYPES: tuple[type, ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear, nn.modules.batchnorm._BatchNorm,
+    nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention,
+)
+
+
+#: leaf modules whose output holds spikes when their input does (pooling by max, reshapes, dropout, padding)
+SPIKE_PRESERVING_TYPES: tuple[type, ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten, nn.Identity,
+    nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.PixelShuffle, nn.PixelUnshuffle,
+    nn.ChannelShuffle,
+)
+
+
+def preserves_spikes(m: nn.Module) -> bool:
+    if isinstance(m, nn.Upsample):
+        return m.mode == "nearest"
+    return isinstance(m, SPIKE_PRESERVING_TYPES)
+
+
+def is_leaf(m: nn.Module) -> bool:
+    return is_spiking_module(m) or isinstance(m, LEAF_TYPES) or next(m.children(), None) is None

@@ -1,0 +1,91 @@
+"""Small helpers shared by the launchers: device checks, dtype maps, argument normalisation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INT32_MAX = 2**31 - 1
+
+TORCH_TO_TL = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+}
+
+SUPPORTED_DTYPES = tuple(TORCH_TO_TL)
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def can_run_triton(t: torch.Tensor) -> bool:
+    """Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter."""
+    return t.is_cuda or (t.device.type == "cpu" and interpreter_active())
+
+
+def require_triton_device(op: str, *tensors: torch.Tensor | None) -> torch.device:
+    """Check that all tensors sit on one device that can run Triton kernels; return it."""
+    present = [t for t in tensors if t is not None]
+    dev = present[0].device
+    for t in present[1:]:
+        if t.device != dev:
+            raise ValueError(f"{op}: all tensors must be on one device, got {dev} and {t.device}")
+    if not can_run_triton(present[0]):
+        raise RuntimeError(
+            f"{op}: Triton kernels need a CUDA tensor (got device '{dev}'); on the CPU set "
+            "TRITON_INTERPRET=1 before importing triton, or use the dense torch op"
+        )
+    return dev
+
+
+def require_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{op}: {name} has dtype {t.dtype}; supported are float32, float16 and bfloat16"
+        )
+
+
+def require_int32_indexable(op: str, *tensors: torch.Tensor | None) -> None:
+    """Offsets inside the kernels are 32-bit: refuse tensors whose largest offset would overflow."""
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+        if span > INT32_MAX:
+            raise ValueError(
+                f"{op}: a tensor of shape {tuple(t.shape)} spans {span} elements, past the int32 index "
+                "range the kernels use; split the batch into smaller calls"
+            )
+
+
+def pair(v, name: str, op: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (int(v[0]), int(v[1]))
+    raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
+    """Tensor-core mode for ``tl.dot``: fp16/bf16 operands ignore it; fp32 uses ``fp32_precision``.
+
+    ``"tf32x3"`` (the default for fp32) splits each operand in two TF32 halves and keeps fp32 accuracy
+    (about 1e-6 relative) on tensor cores; ``"ieee"`` is exact fp32 FMA; ``"tf32"`` is fastest and about 1e-3.
+    """
+    if fp32_precision not in ("tf32x3", "tf32", "ieee"):
+        raise ValueError(f"fp32_precision must be 'tf32x3', 'tf32' or 'ieee', got {fp32_precision!r}")
+    if dtype != torch.float32:
+        return "tf32"
+    if interpreter_active():
+        return "ieee"
+    return fp32_precision

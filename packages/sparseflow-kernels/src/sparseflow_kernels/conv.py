@@ -1,0 +1,407 @@
+"""The convolution kernel: one implicit-GEMM mainloop with a pluggable prologue and epilogue.
+
+* prologue (``SPARSE``): which channel groups of the receptive field hold non-zeros, read from an
+  :class:`~sparseflow_kernels.occupancy.Occupancy` (written by the prescan or by the layer that produced the
+  input). The K loop then visits only those groups: a register bitmask, next group = its lowest set bit.
+* mainloop: for every (group, tap) pair, a ``[pixels, BLOCK_K]`` input tile and a ``[BLOCK_K, BLOCK_N]``
+  weight tile go through ``tl.dot`` on tensor cores, accumulating in fp32.
+* epilogue (``NEURON``): 0 stores ``acc * scale + shift`` (a plain convolution, bias or folded BatchNorm);
+  1 (LIF), 2 (IF) and 3 (snnTorch Leaky) add an optional residual, run the neuron over the time steps with the
+  membrane in registers and store only the spikes; ``WRITE_OCC`` also writes the spikes' occupancy.
+
+Rows of the GEMM are the pixels of one output tile (``TILE_H x TILE_W``). With ``T_IN_M`` they are the pixels
+of every time step (``T x TILE_H x TILE_W``), which gives deep, small layers T times more programs;
+otherwise the program loops over T itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .occupancy import _edge_codes
+
+NEURON_NONE, NEURON_LIF, NEURON_IF, NEURON_LEAKY = 0, 1, 2, 3
+
+
+# --------------------------------------------------------------------------------------------- prologue
+@triton.jit
+def _code_bits(rsel, csel):
+    """Which bit of a neighbour's edge code to test: rsel/csel 0 = all rows/cols, 1 = first, 2 = last."""
+    edge_r = tl.where(rsel == 1, 2, 4)
+    edge_c = tl.where(csel == 1, 8, 16)
+    corner = 32 << tl.maximum((rsel - 1) * 2 + (csel - 1), 0)
+    bits = tl.where(rsel == 0, tl.where(csel == 0, 1, edge_c), tl.where(csel == 0, edge_r, corner))
+    return bits
+
+
+@triton.jit
+def _edge_sel(lo, hi, start, size):
+    """Rows [lo, hi] of a producer tile starting at ``start``: 1 = only its first, 2 = only its last, else 0."""
+    single = (lo == hi) & (size > 1)
+    return tl.where(single & (lo == start), 1, tl.where(single & (hi == start + size - 1), 2, 0))
+
+
+@triton.jit
+def _active_groups(
+    act, occ_ptr, b, th, tw, sob, soh, sow, NG, H, W,
+    PAD_H, PAD_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+    OCC_H: tl.constexpr, OCC_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, NG_P2: tl.constexpr,
+):
+    """OR into ``act`` (int32 [NG_P2]) the groups that are non-zero anywhere in the receptive field of
+    output tile (th, tw) of sample ``b``, from the producer's edge codes."""
+    g = tl.arange(0, NG_P2)
+    r0 = th * (TILE_H * SH) - PAD_H
+    r1 = tl.minimum(r0 + (TILE_H - 1) * SH + (KH - 1) * DH, H - 1)
+    r0 = tl.maximum(r0, 0)
+    c0 = tw * (TILE_W * SW) - PAD_W
+    c1 = tl.minimum(c0 + (TILE_W - 1) * SW + (KW - 1) * DW, W - 1)
+    c0 = tl.maximum(c0, 0)
+    for a in range(r0 // OCC_H, r1 // OCC_H + 1):
+        rsel = _edge_sel(tl.maximum(r0, a * OCC_H), tl.minimum(r1, a * OCC_H + OCC_H - 1), a * OCC_H, OCC_H)
+        for bb in range(c0 // OCC_W, c1 // OCC_W + 1):
+            csel = _edge_sel(tl.maximum(c0, bb * OCC_W), tl.minimum(c1, bb * OCC_W + OCC_W - 1),
+                             bb * OCC_W, OCC_W)
+            bits = _code_bits(rsel, csel)
+            code = tl.load(occ_ptr + b * sob + a * soh + bb * sow + g, mask=g < NG, other=0)
+            act |= ((code.to(tl.int32) & bits) != 0).to(tl.int32)
+    return act
+
+
+@triton.jit
+def _compact(act, NG_P2: tl.constexpr):
+    """int32 [NG_P2] of 0/1 -> (int32 [NG_P2] listing the active group indices first, their count)."""
+    g = tl.arange(0, NG_P2)
+    pos = tl.cumsum(act, axis=0) - 1  # slot of each active group
+    hit = (pos[:, None] == g[None, :]) & (act[:, None] != 0)  # [group, slot]
+    idx = tl.sum(tl.where(hit, g[:, None], 0), axis=0)
+    return idx, tl.sum(act, axis=0)
+
+
+# -------------------------------------------------------------------------------------------- mainloop
+@triton.jit
+def _mainloop(
+    acc, xrow_ptr, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw,
+    w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
+    KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPARSE: tl.constexpr, NG_P2: tl.constexpr, PREC: tl.constexpr,
+):
+    """acc += sum over visited (group, tap) of x[rows, group channels at the tap] @ w[tap, group, co].
+
+    One (group, tap) pair per iteration. Dense (``SPARSE`` false): every group in order. Sparse: the
+    ``n_groups`` groups listed first in ``idx`` (registers); the group of iteration i is read out of ``idx``
+    by its loop index alone, so every address is known ahead and the loop software-pipelines.
+    """
+    KK: tl.constexpr = KH * KW
+    ck = tl.arange(0, BLOCK_K)
+    slots = tl.arange(0, NG_P2)
+    for i in range(n_groups * KK):
+        gi = i // KK
+        tap = i % KK
+        if SPARSE:
+            c0 = tl.sum(tl.where(slots == gi, idx, 0), axis=0) * BLOCK_K
+        else:
+            c0 = gi * BLOCK_K
+        ih = ih0 + (tap // KW) * DH
+        iw = iw0 + (tap % KW) * DW
+        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        cc = c0 + ck
+        a = tl.load(
+            xrow_ptr[:, None] + (ih * sxh + iw * sxw)[:, None] + cc[None, :] * sxc,
+            mask=ok[:, None] & (cc < C)[None, :], other=0.0,
+        )
+        wt = tl.load(w_ptr + ((tap * C_PAD + cc) * CO_PAD)[:, None] + co[None, :])
+        acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PREC)
+    return acc
+
+
+# -------------------------------------------------------------------------------------------- epilogue
+@triton.jit
+def _neuron_step(z, v, decay, v_th, v_reset,
+                 NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr):
+    """One time step of the neuron, fp32. SpikingJelly LIF/IF: charge, fire (h >= v_th), hard/soft reset.
+    snnTorch Leaky (NEURON 3): ``v`` carries the previous membrane; reset from it, fire when mem > v_th."""
+    if NEURON == 3:
+        # snnTorch: reset = H(mem_prev - thr); mem = beta * mem_prev + z - reset * thr ("subtract")
+        # or mem = (beta * mem_prev + z) * (1 - reset) ("zero"); spike = mem > thr.
+        was = v > v_th
+        if HARD_RESET:
+            h = decay * tl.where(was, 0.0, v) + z
+        else:
+            h = decay * v + z - tl.where(was, v_th, 0.0)
+        spike = h > v_th
+        return spike, h
+    else:
+        if NEURON == 1:
+            if DECAY_INPUT:
+                h = v + (z - (v - v_reset)) * decay
+            else:
+                h = v - (v - v_reset) * decay + z
+        else:
+            h = v + z
+        spike = h >= v_th
+        if HARD_RESET:
+            v = tl.where(spike, v_reset, h)
+        else:
+            v = h - tl.where(spike, v_th, 0.0)
+        return spike, v
+
+
+@triton.jit
+def _conv_kernel(
+    # input [B, C, H, W] (B = T * N), weights packed [KH*KW, C_PAD, CO_PAD]
+    x_ptr, sxb, sxc, sxh, sxw,
+    w_ptr, C_PAD, CO_PAD,
+    # output [B, CO, OH, OW]: conv result (NEURON 0) or spikes
+    y_ptr, syb, syc, syh, syw,
+    scale_ptr, shift_ptr,
+    res_ptr, srb, src, srh, srw,
+    v_ptr, svn, svc, svh, svw,
+    vout_ptr, son, soc, soh, sow,
+    occ_ptr, sob, soth, sotw,
+    occo_ptr, sqb, sqh, sqw,
+    T, N, C, H, W, CO, OH, OW, TILES_H, TILES_W, NUM_CB, NG, NG_OUT,
+    PAD_H, PAD_W,
+    decay, v_th, v_reset, v_init,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPARSE: tl.constexpr, OCC_H: tl.constexpr, OCC_W: tl.constexpr, NG_P2: tl.constexpr,
+    NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_V: tl.constexpr, STORE_V: tl.constexpr, WRITE_OCC: tl.constexpr, OCC_GROUP: tl.constexpr,
+    T_IN_M: tl.constexpr, T_P2: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cb = pid % NUM_CB
+    tile = pid // NUM_CB
+    tw = tile % TILES_W
+    th = (tile // TILES_W) % TILES_H
+    n = tile // (TILES_W * TILES_H)
+
+    P: tl.constexpr = TILE_H * TILE_W
+    co = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < CO
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + co, mask=co_ok, other=1.0)
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)
+
+    if T_IN_M:
+        # rows = (t, pixel): all time steps of the tile in one GEMM
+        BM: tl.constexpr = T_P2 * P
+        r = tl.arange(0, BM)
+        tt = r // P
+        p = r % P
+        oh = th * TILE_H + p // TILE_W
+        ow = tw * TILE_W + p % TILE_W
+        row_ok = (oh < OH) & (ow < OW) & (tt < T)
+        b_row = tt * N + n
+        ih0 = oh * SH - PAD_H
+        iw0 = ow * SW - PAD_W
+        if SPARSE:
+            act = tl.zeros([NG_P2], dtype=tl.int32)
+            for t in range(T):
+                act = _active_groups(act, occ_ptr, t * N + n, th, tw, sob, soth, sotw, NG, H, W,
+                                     PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
+            idx, n_groups = _compact(act, NG_P2)
+        else:
+            idx = tl.zeros([NG_P2], dtype=tl.int32)
+            n_groups = NG
+        acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+        acc = _mainloop(acc, x_ptr + b_row * sxb, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw,
+                        w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
+                        KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
+        z = acc
+        if HAS_SCALE:
+            z = z * scale[None, :]
+        if HAS_SHIFT:
+            z = z + shift[None, :]
+        if HAS_RES:
+            rp = res_ptr + b_row[:, None] * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
+            z = z + tl.load(rp, mask=row_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)
+        # per time step: pick its rows out of z (T_P2 x P x BLOCK_N), then the neuron in registers
+        z3 = tl.reshape(z, [T_P2, P, BLOCK_N])
+        t3 = tl.arange(0, T_P2)[:, None, None]
+        q = tl.arange(0, P)
+        qh = th * TILE_H + q // TILE_W
+        qw = tw * TILE_W + q % TILE_W
+        q_ok = (qh < OH) & (qw < OW)
+        out_ok = q_ok[:, None] & co_ok[None, :]
+        v = _initial_v(v_ptr, n, qh, qw, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
+        for t in tl.static_range(T_P2):
+            if t < T:
+                zt = tl.sum(tl.where(t3 == t, z3, 0.0), axis=0)
+                spike, v = _neuron_step(zt, v, decay, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+                _store_step(spike, y_ptr, t * N + n, qh, qw, co, out_ok, syb, syc, syh, syw,
+                            occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
+                            WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP)
+        if STORE_V:
+            vp = vout_ptr + n * son + (qh * soh + qw * sow)[:, None] + co[None, :] * soc
+            tl.store(vp, v, mask=out_ok)
+    else:
+        p = tl.arange(0, P)
+        oh = th * TILE_H + p // TILE_W
+        ow = tw * TILE_W + p % TILE_W
+        row_ok = (oh < OH) & (ow < OW)
+        out_ok = row_ok[:, None] & co_ok[None, :]
+        ih0 = oh * SH - PAD_H
+        iw0 = ow * SW - PAD_W
+        if NEURON != 0:
+            v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
+        for t in range(T):
+            b = t * N + n
+            if SPARSE:
+                act = tl.zeros([NG_P2], dtype=tl.int32)
+                act = _active_groups(act, occ_ptr, b, th, tw, sob, soth, sotw, NG, H, W,
+                                     PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
+                idx, n_groups = _compact(act, NG_P2)
+            else:
+                idx = tl.zeros([NG_P2], dtype=tl.int32)
+                n_groups = NG
+            acc = tl.zeros([P, BLOCK_N], dtype=tl.float32)
+            acc = _mainloop(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
+                            C, H, W, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
+                            KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
+            z = acc
+            if HAS_SCALE:
+                z = z * scale[None, :]
+            if HAS_SHIFT:
+                z = z + shift[None, :]
+            if HAS_RES:
+                rp = res_ptr + b * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
+                z = z + tl.load(rp, mask=out_ok, other=0.0).to(tl.float32)
+            if NEURON == 0:
+                yp = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
+                tl.store(yp, z.to(y_ptr.dtype.element_ty), mask=out_ok)
+            else:
+                spike, v = _neuron_step(z, v, decay, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+                _store_step(spike, y_ptr, b, oh, ow, co, out_ok, syb, syc, syh, syw,
+                            occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
+                            WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP)
+        if STORE_V:
+            vp = vout_ptr + n * son + (oh * soh + ow * sow)[:, None] + co[None, :] * soc
+            tl.store(vp, v, mask=out_ok)
+
+
+@triton.jit
+def _initial_v(v_ptr, n, oh, ow, co, ok, svn, svc, svh, svw, v_init,
+               HAS_V: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr):
+    if HAS_V:
+        vp = v_ptr + n * svn + (oh * svh + ow * svw)[:, None] + co[None, :] * svc
+        v = tl.load(vp, mask=ok, other=0.0).to(tl.float32)
+    else:
+        v = tl.full([P, BLOCK_N], v_init, dtype=tl.float32)
+    return v
+
+
+@triton.jit
+def _store_step(spike, y_ptr, b, oh, ow, co, ok, syb, syc, syh, syw,
+                occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
+                WRITE_OCC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+                BLOCK_N: tl.constexpr, OCC_GROUP: tl.constexpr):
+    yp = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
+    tl.store(yp, spike.to(y_ptr.dtype.element_ty), mask=ok)
+    if WRITE_OCC:
+        GPB: tl.constexpr = BLOCK_N // OCC_GROUP
+        nz = (spike & ok).to(tl.int32)
+        code = _edge_codes(nz, TILE_H, TILE_W, OCC_GROUP, GPB)
+        g = cb * GPB + tl.arange(0, GPB)
+        tl.store(occo_ptr + b * sqb + th * sqh + tw * sqw + g, code.to(tl.int16), mask=g < NG_OUT)
+
+
+def pack_weight(weight: torch.Tensor, block_k: int, block_n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[CO, C, KH, KW]`` -> ``[KH*KW, C_PAD, CO_PAD]`` in ``dtype``, zero-padded so the kernel loads
+    ``[BLOCK_K, BLOCK_N]`` weight tiles without masks, contiguous along the output channels."""
+    CO, C, KH, KW = weight.shape
+    c_pad = triton.cdiv(C, block_k) * block_k
+    co_pad = triton.cdiv(CO, block_n) * block_n
+    packed = torch.zeros((KH * KW, c_pad, co_pad), dtype=dtype, device=weight.device)
+    packed[:, :C, :CO] = weight.detach().permute(2, 3, 1, 0).reshape(KH * KW, C, CO).to(dtype)
+    return packed
+
+
+class ConvConfig:
+    """Tile shape and launch parameters of one kernel instance."""
+
+    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "t_in_m", "tile_h", "tile_w")
+
+    def __init__(self, tile_h=8, tile_w=8, block_n=64, block_k=16, t_in_m=False, num_warps=4, num_stages=3):
+        self.tile_h, self.tile_w = int(tile_h), int(tile_w)
+        self.block_n, self.block_k = int(block_n), int(block_k)
+        self.t_in_m = bool(t_in_m)
+        self.num_warps, self.num_stages = int(num_warps), int(num_stages)
+        for v, name in ((self.tile_h, "tile_h"), (self.tile_w, "tile_w"), (self.block_n, "block_n"),
+                        (self.block_k, "block_k")):
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"ConvConfig: {name} must be a power of two, got {v}")
+        if self.block_k < 16 or self.block_n < 16:
+            raise ValueError("ConvConfig: block_k and block_n must be at least 16 (tensor-core tiles)")
+
+    def key(self):
+        return (self.tile_h, self.tile_w, self.block_n, self.block_k, self.t_in_m, self.num_warps,
+                self.num_stages)
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self):
+        return "ConvConfig(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
+
+
+def launch_conv(
+    x, w_packed, CO, KH, KW, stride, padding, dilation, *, T, N, out, cfg: ConvConfig, prec: str,
+    scale=None, shift=None, residual=None, v=None, v_out=None, occ=None, occ_out=None,
+    occ_group=16, neuron=NEURON_NONE, hard_reset=True, decay_input=True, decay=1.0, v_threshold=1.0,
+    v_reset=0.0, v_init=0.0,
+):
+    """Launch :func:`_conv_kernel`. ``x`` ``[T*N, C, H, W]``, ``out`` ``[T*N, CO, OH, OW]``,
+    ``residual`` like ``out``, ``v``/``v_out`` ``[N, CO, OH, OW]`` fp32, ``occ`` an Occupancy of ``x``
+    (sparse mode) or None (dense), ``occ_out`` codes ``[T*N, tiles_h, tiles_w, groups]`` to fill."""
+    B, C, H, W = x.shape
+    _, _, OH, OW = out.shape
+    tiles_h, tiles_w = triton.cdiv(OH, cfg.tile_h), triton.cdiv(OW, cfg.tile_w)
+    num_cb = triton.cdiv(CO, cfg.block_n)
+    ng = triton.cdiv(C, cfg.block_k)
+    dummy = out
+    if occ is not None:
+        occ_codes, occ_tile = occ.codes, occ.tile
+    else:
+        occ_codes, occ_tile = dummy, (1, 1)
+    ng_out = occ_out.shape[-1] if occ_out is not None else 1
+    if occ_out is not None and cfg.block_n % occ_group:
+        raise ValueError(f"occupancy group {occ_group} must divide block_n {cfg.block_n}")
+    res = residual if residual is not None else dummy
+    vin = v if v is not None else dummy
+    vo = v_out if v_out is not None else dummy
+    oo = occ_out if occ_out is not None else occ_codes
+    grid = (N * tiles_h * tiles_w * num_cb,)
+    rows = cfg.tile_h * cfg.tile_w * (triton.next_power_of_2(T) if cfg.t_in_m else 1)
+    stage_bytes = (rows * cfg.block_k + cfg.block_k * cfg.block_n) * x.element_size()
+    num_stages = max(1, min(cfg.num_stages, (160 * 1024) // max(1, stage_bytes)))
+    _conv_kernel[grid](
+        x, *x.stride(),
+        w_packed, w_packed.shape[1], w_packed.shape[2],
+        out, *out.stride(),
+        scale if scale is not None else dummy, shift if shift is not None else dummy,
+        res, *res.stride(),
+        vin, *vin.stride(),
+        vo, *vo.stride(),
+        occ_codes, *(occ_codes.stride()[:3]),
+        oo, *(oo.stride()[:3]),
+        T, N, C, H, W, CO, OH, OW, tiles_h, tiles_w, num_cb, ng, ng_out,
+        padding[0], padding[1],
+        float(decay), float(v_threshold), float(v_reset), float(v_init),
+        KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+        TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPARSE=occ is not None, OCC_H=occ_tile[0], OCC_W=occ_tile[1], NG_P2=triton.next_power_of_2(ng),
+        NEURON=neuron, HARD_RESET=hard_reset, DECAY_INPUT=decay_input,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
+        HAS_V=v is not None, STORE_V=v_out is not None, WRITE_OCC=occ_out is not None,
+        OCC_GROUP=occ_group,
+        T_IN_M=cfg.t_in_m, T_P2=triton.next_power_of_2(T) if cfg.t_in_m else 1, PREC=prec,
+        num_warps=cfg.num_warps, num_stages=num_stages,
+    )
+    return out

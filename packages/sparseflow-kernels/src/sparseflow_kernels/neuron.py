@@ -1,0 +1,216 @@
+"""Multi-step spiking neurons in one Triton pass over all time steps (membrane in registers).
+
+``multistep_neuron`` computes, for an input sequence ``x`` ``[T, N, ...]``: ``z = x * scale[c] + shift[c]``
+(optional: a folded BatchNorm, channel axis 2) ``+ residual``, then the neuron over t. It is the epilogue of
+the fused spiking layer as a kernel of its own: the neuron modules' replacement, and the second half of the
+"cuDNN conv + fused BatchNorm/neuron" path for layers where the fused conv loses.
+
+Neurons (:class:`NeuronSpec`): SpikingJelly ``LIFNode`` (``tau``, ``decay_input``, hard reset to ``v_reset``
+or soft reset when ``v_reset is None``), ``IFNode``, ``ParametricLIFNode`` (as LIF with decay
+``sigmoid(w)``), and snnTorch ``Leaky`` (``beta``, reset ``"subtract"`` or ``"zero"``, strict ``>``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import require_dtype, require_int32_indexable, require_triton_device
+from .conv import NEURON_IF, NEURON_LEAKY, NEURON_LIF, _neuron_step
+
+_KINDS = {"lif": NEURON_LIF, "plif": NEURON_LIF, "if": NEURON_IF, "leaky": NEURON_LEAKY}
+
+
+@dataclass(frozen=True)
+class NeuronSpec:
+    """Parameters of a neuron, normalised for the kernels.
+
+    ``kind``: ``"lif"``, ``"if"``, ``"plif"`` (LIF with ``decay`` given as ``sigmoid(w)``) or ``"leaky"``.
+    ``decay``: the multiplier of the leak term (``1/tau`` for LIF, ``sigmoid(w)`` for PLIF, ``beta`` for
+    Leaky). ``v_reset``: None = soft reset (Leaky: ``"subtract"``; hard = ``"zero"``).
+    """
+
+    kind: str = "lif"
+    decay: float = 0.5
+    decay_input: bool = True
+    v_threshold: float = 1.0
+    v_reset: float | None = 0.0
+
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ValueError(f"neuron must be one of {sorted(_KINDS)}, got {self.kind!r}")
+
+    @classmethod
+    def make(cls, neuron="lif", tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, beta=None,
+             decay=None) -> NeuronSpec:
+        if isinstance(neuron, NeuronSpec):
+            return neuron
+        if neuron == "leaky":
+            if beta is None:
+                raise ValueError("neuron='leaky' needs beta")
+            return cls("leaky", float(beta), True, float(v_threshold), v_reset)
+        if decay is None:
+            if neuron in ("lif", "plif"):
+                if not tau > 1.0:
+                    raise ValueError(f"LIF needs tau > 1, got {tau}")
+            decay = 1.0 / float(tau)
+        return cls(neuron, float(decay), bool(decay_input), float(v_threshold),
+                   None if v_reset is None else float(v_reset))
+
+    @property
+    def code(self) -> int:
+        return _KINDS[self.kind]
+
+    @property
+    def hard_reset(self) -> bool:
+        return self.v_reset is not None
+
+    @property
+    def v_init(self) -> float:
+        """SpikingJelly starts the membrane at ``v_reset`` (hard) or 0 (soft); snnTorch at 0."""
+        if self.kind == "leaky" or self.v_reset is None:
+            return 0.0
+        return self.v_reset
+
+    def kernel_args(self) -> dict:
+        return dict(neuron=self.code, hard_reset=self.hard_reset, decay_input=self.decay_input,
+                    decay=self.decay, v_threshold=self.v_threshold,
+                    v_reset=0.0 if self.v_reset is None else self.v_reset, v_init=self.v_init)
+
+
+@triton.jit
+def _multistep_kernel(
+    x_ptr, sxt, sxn, sxc, sxs,
+    y_ptr, syt, syn, syc, sys,
+    r_ptr, srt, srn, src, srs,
+    v_ptr, svn, svc, svs,
+    vo_ptr, son, soc, sos,
+    scale_ptr, shift_ptr,
+    T, N, C, S,
+    decay, v_th, v_reset, v_init,
+    NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_V: tl.constexpr, STORE_V: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Tensors are viewed as [T, N, C, S] (S = flattened spatial); a program owns a [BLOCK_S, BLOCK_C]
+    block of one sample (channel-fastest, coalesced for channels_last) and loops over t."""
+    n = tl.program_id(2)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (s < S)[:, None] & (c < C)[None, :]
+    xo = n * sxn + s[:, None] * sxs + c[None, :] * sxc
+    yo = n * syn + s[:, None] * sys + c[None, :] * syc
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + c, mask=c < C, other=1.0)[None, :]
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + c, mask=c < C, other=0.0)[None, :]
+    if HAS_RES:
+        ro = n * srn + s[:, None] * srs + c[None, :] * src
+    if HAS_V:
+        v = tl.load(v_ptr + n * svn + s[:, None] * svs + c[None, :] * svc, mask=ok, other=0.0).to(tl.float32)
+    else:
+        v = tl.full([BLOCK_S, BLOCK_C], v_init, dtype=tl.float32)
+    for t in range(T):
+        z = tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            z = z * scale
+        if HAS_SHIFT:
+            z = z + shift
+        if HAS_RES:
+            z = z + tl.load(r_ptr + t * srt + ro, mask=ok, other=0.0).to(tl.float32)
+        spike, v = _neuron_step(z, v, decay, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+        tl.store(y_ptr + t * syt + yo, spike.to(y_ptr.dtype.element_ty), mask=ok)
+    if STORE_V:
+        tl.store(vo_ptr + n * son + s[:, None] * sos + c[None, :] * soc, v, mask=ok)
+
+
+def _as_tncs(t: torch.Tensor) -> torch.Tensor:
+    """View [T, N, C, *spatial] as [T, N, C, S] without copying when the spatial dims merge."""
+    T, N, C = t.shape[:3]
+    if t.dim() == 3:
+        return t.unsqueeze(-1)
+    try:
+        return t.view(T, N, C, -1)
+    except RuntimeError:
+        # spatial dims do not merge under these strides: go through channels_last-like contiguous
+        return t.permute(0, 1, *range(3, t.dim()), 2).contiguous().movedim(-1, 2).view(T, N, C, -1)
+
+
+def _empty_like_channels_last(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Empty tensor shaped like ``x`` ``[T, N, C, *sp]`` with channels innermost in memory."""
+    perm = (0, 1, *range(3, x.dim()), 2)
+    shape = [x.shape[i] for i in perm]
+    inv = [perm.index(i) for i in range(x.dim())]
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device).permute(*inv)
+
+
+def multistep_neuron(
+    x: torch.Tensor,
+    neuron: NeuronSpec | str = "lif",
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    return_v: bool = False,
+    out_dtype: torch.dtype | None = None,
+    **neuron_kwargs,
+):
+    """Run a neuron over ``x`` ``[T, N, C, ...]`` (or ``[T, N]``) in one kernel; returns spikes (and the
+    final membrane, fp32 ``[N, C, ...]``, when ``return_v``).
+
+    ``scale``/``shift`` (``[C]``) apply ``z = x * scale + shift`` first (BatchNorm in eval mode, folded),
+    ``residual`` (shaped like ``x``) is added after them. ``v``: initial membrane ``[N, C, ...]``; None starts
+    from the neuron's initial value.
+    """
+    op = "multistep_neuron"
+    spec = NeuronSpec.make(neuron, **neuron_kwargs)
+    if x.dim() < 2:
+        raise ValueError(f"{op}: expected [T, N, ...], got shape {tuple(x.shape)}")
+    require_dtype(op, "x", x)
+    require_triton_device(op, x, scale, shift, residual, v)
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"{op}: residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
+    xv = x if x.dim() >= 3 else x.unsqueeze(-1)
+    T, N, C = xv.shape[:3]
+    for name, p in (("scale", scale), ("shift", shift)):
+        if p is not None and (p.dim() != 1 or p.shape[0] != C):
+            raise ValueError(f"{op}: {name} must have shape [{C}], got {tuple(p.shape)}")
+    if v is not None and tuple(v.shape) != tuple(xv.shape[1:]):
+        raise ValueError(f"{op}: v must have shape {tuple(xv.shape[1:])}, got {tuple(v.shape)}")
+    require_int32_indexable(op, x, residual, v)
+    y = _empty_like_channels_last(xv, out_dtype or x.dtype)
+    v_out = torch.empty(xv.shape[1:], dtype=torch.float32, device=x.device) if return_v else None
+    x4, y4 = _as_tncs(xv), _as_tncs(y)
+    r4 = _as_tncs(residual if residual.dim() >= 3 else residual.unsqueeze(-1)) if residual is not None else y4
+    v3 = (v if v.dim() >= 2 else v.unsqueeze(-1)).reshape(N, C, -1) if v is not None else y4[0]
+    vo3 = v_out.view(N, C, -1) if v_out is not None else y4[0]
+    S = x4.shape[3]
+    if T and N and C and S:
+        BLOCK_C = min(64, triton.next_power_of_2(C))
+        BLOCK_S = max(1, min(1024 // BLOCK_C, triton.next_power_of_2(S)))
+        grid = (triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_C), N)
+        ka = spec.kernel_args()
+        _multistep_kernel[grid](
+            x4, x4.stride(0), x4.stride(1), x4.stride(2), x4.stride(3),
+            y4, y4.stride(0), y4.stride(1), y4.stride(2), y4.stride(3),
+            r4, r4.stride(0), r4.stride(1), r4.stride(2), r4.stride(3),
+            v3, v3.stride(0), v3.stride(1), v3.stride(2),
+            vo3, vo3.stride(0), vo3.stride(1), vo3.stride(2),
+            scale.float().contiguous() if scale is not None else y4,
+            shift.float().contiguous() if shift is not None else y4,
+            T, N, C, S,
+            ka["decay"], ka["v_threshold"], ka["v_reset"], ka["v_init"],
+            NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
+            HAS_V=v is not None, STORE_V=return_v, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=4,
+        )
+    if x.dim() == 2:
+        y = y.squeeze(-1)
+        if v_out is not None:
+            v_out = v_out.squeeze(-1)
+    return (y, v_out) if return_v else y

@@ -1,0 +1,146 @@
+"""Block occupancy: which (sample, spatial tile, channel group) blocks of a feature map hold non-zeros.
+
+The map is written either by the prescan kernel below (one light pass over an existing tensor) or by a fused
+spiking layer's epilogue for the spikes it just produced, so that the next layer needs no prescan.
+
+Each entry is a 9-bit *edge code* per (sample, tile, group of ``group`` channels):
+
+=====  ======================================
+bit    set when some element is non-zero in
+=====  ======================================
+0      the whole tile
+1 / 2  its top / bottom row
+3 / 4  its left / right column
+5..8   its top-left, top-right, bottom-left, bottom-right corner
+=====  ======================================
+
+A consumer whose receptive field covers only the edge row of a neighbouring tile (the 3x3 halo) tests that
+edge's bit instead of the whole tile, which keeps the halo exact: OR-ing whole neighbour tiles would mark
+0.73-0.78 of the blocks active where 0.47-0.53 really are (anchors, fused-layer study). NaN and Inf count as
+non-zero, so they reach the compute and propagate as in the dense op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import next_pow2, require_dtype, require_int32_indexable, require_triton_device
+
+CODE_ANY, CODE_TOP, CODE_BOTTOM, CODE_LEFT, CODE_RIGHT = 1, 2, 4, 8, 16
+CODE_TL, CODE_TR, CODE_BL, CODE_BR = 32, 64, 128, 256
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """Edge codes of a feature map ``[B, C, H, W]`` (``B`` may be ``T * N`` flattened).
+
+    ``codes`` is int16 ``[B, tiles_h, tiles_w, groups]``; ``tile`` is the (height, width) of a tile and
+    ``group`` the number of channels one code covers.
+    """
+
+    codes: torch.Tensor
+    shape: tuple[int, int, int, int]
+    tile: tuple[int, int]
+    group: int
+
+    @property
+    def num_groups(self) -> int:
+        return self.codes.shape[-1]
+
+    def block_density(self) -> float:
+        """Fraction of (sample, tile, group) blocks holding any non-zero (no halo)."""
+        return float((self.codes & CODE_ANY).ne(0).float().mean())
+
+    def check_matches(self, op: str, x_shape, group: int) -> None:
+        if tuple(x_shape) != tuple(self.shape):
+            raise ValueError(f"{op}: occupancy describes shape {self.shape}, input has {tuple(x_shape)}")
+        if group != self.group:
+            raise ValueError(f"{op}: occupancy group is {self.group} channels, the kernel needs {group}")
+
+
+def empty_codes(B: int, C: int, H: int, W: int, tile: tuple[int, int], group: int, device) -> torch.Tensor:
+    tiles_h, tiles_w = triton.cdiv(H, tile[0]), triton.cdiv(W, tile[1])
+    return torch.empty((B, tiles_h, tiles_w, triton.cdiv(C, group)), dtype=torch.int16, device=device)
+
+
+@triton.jit
+def _edge_codes(nz, TILE_H: tl.constexpr, TILE_W: tl.constexpr, GROUP: tl.constexpr, NUM_G: tl.constexpr):
+    """Edge codes of one tile. ``nz``: int32 [TILE_H * TILE_W, NUM_G * GROUP], 1 where non-zero
+    (rows outside the map must already be 0). Returns int32 [NUM_G]."""
+    P: tl.constexpr = TILE_H * TILE_W
+    g = tl.max(tl.reshape(nz, [P, NUM_G, GROUP]), axis=2)  # [P, NUM_G]
+    p = tl.arange(0, P)
+    pr = (p // TILE_W)[:, None]
+    pc = (p % TILE_W)[:, None]
+    top = pr == 0
+    bot = pr == TILE_H - 1
+    lef = pc == 0
+    rig = pc == TILE_W - 1
+    code = tl.max(g, axis=0)
+    code |= tl.max(tl.where(top, g, 0), axis=0) << 1
+    code |= tl.max(tl.where(bot, g, 0), axis=0) << 2
+    code |= tl.max(tl.where(lef, g, 0), axis=0) << 3
+    code |= tl.max(tl.where(rig, g, 0), axis=0) << 4
+    code |= tl.max(tl.where(top & lef, g, 0), axis=0) << 5
+    code |= tl.max(tl.where(top & rig, g, 0), axis=0) << 6
+    code |= tl.max(tl.where(bot & lef, g, 0), axis=0) << 7
+    code |= tl.max(tl.where(bot & rig, g, 0), axis=0) << 8
+    return code
+
+
+@triton.jit
+def _prescan_kernel(
+    x_ptr, codes_ptr,
+    C, H, W, TILES_H, TILES_W, NG,
+    sxb, sxc, sxh, sxw,
+    scb, sch, scw,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    gb = tl.program_id(1)
+    tw = pid % TILES_W
+    th = (pid // TILES_W) % TILES_H
+    b = pid // (TILES_W * TILES_H)
+    P: tl.constexpr = TILE_H * TILE_W
+    BC: tl.constexpr = GROUP * GROUPS_PER_PROG
+    p = tl.arange(0, P)
+    oh = th * TILE_H + p // TILE_W
+    ow = tw * TILE_W + p % TILE_W
+    pix_ok = (oh < H) & (ow < W)
+    c = gb * BC + tl.arange(0, BC)
+    ptrs = x_ptr + b * sxb + (oh * sxh + ow * sxw)[:, None] + c[None, :] * sxc
+    x = tl.load(ptrs, mask=pix_ok[:, None] & (c < C)[None, :], other=0.0)
+    nz = (x != 0).to(tl.int32)
+    code = _edge_codes(nz, TILE_H, TILE_W, GROUP, GROUPS_PER_PROG)
+    g = gb * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
+    tl.store(codes_ptr + b * scb + th * sch + tw * scw + g, code.to(tl.int16), mask=g < NG)
+
+
+def prescan(x: torch.Tensor, tile: tuple[int, int] | int = 8, group: int = 16) -> Occupancy:
+    """Occupancy of ``x`` (``[B, C, H, W]``, any strides; channels_last reads fastest) in one Triton pass."""
+    op = "prescan"
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected a 4-D [B, C, H, W] tensor, got shape {tuple(x.shape)}")
+    require_dtype(op, "x", x)
+    require_triton_device(op, x)
+    require_int32_indexable(op, x)
+    tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    for v, name in ((tile[0], "tile height"), (tile[1], "tile width"), (group, "group")):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"{op}: {name} must be a power of two, got {v}")
+    B, C, H, W = x.shape
+    codes = empty_codes(B, C, H, W, tile, group, x.device)
+    NG = codes.shape[-1]
+    if codes.numel():
+        gpp = min(next_pow2(NG), max(1, 64 // group))
+        grid = (B * codes.shape[1] * codes.shape[2], triton.cdiv(NG, gpp))
+        _prescan_kernel[grid](
+            x, codes, C, H, W, codes.shape[1], codes.shape[2], NG,
+            *x.stride(), codes.stride(0), codes.stride(1), codes.stride(2),
+            TILE_H=tile[0], TILE_W=tile[1], GROUP=group, GROUPS_PER_PROG=gpp, num_warps=4,
+        )
+    return Occupancy(codes=codes, shape=(B, C, H, W), tile=tile, group=group)

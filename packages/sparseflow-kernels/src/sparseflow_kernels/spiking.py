@@ -1,0 +1,159 @@
+"""The fused spiking layer: conv + folded BatchNorm (+ residual) + neuron over all T steps in one kernel.
+
+Three ways to run one layer, all exact to the same semantics (see :func:`spiking_conv2d`):
+
+* ``"fused"``: one :func:`~sparseflow_kernels.conv._conv_kernel` launch; the membrane stays in registers
+  across the T steps and only spikes are written (fp32 accumulation and neuron update in any storage dtype).
+  With an :class:`Occupancy` of the input it skips all-zero (time step, tile, channel group) blocks, and with
+  ``write_occupancy`` it writes the occupancy of its own spikes for the next layer (no prescan there).
+* ``"fused"`` with ``ConvConfig(t_in_m=True)``: the GEMM rows hold every time step of a tile, for deep layers
+  whose few pixels would otherwise leave most of the GPU idle.
+* ``"cudnn"``: ``F.conv2d`` over the T*N batch, then :func:`multistep_neuron` (BatchNorm + neuron in one pass).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ._utils import dot_precision, pair, require_dtype, require_int32_indexable, require_triton_device
+from .conv import ConvConfig, launch_conv, pack_weight
+from .neuron import NeuronSpec, multistep_neuron
+from .occupancy import Occupancy, empty_codes, prescan
+from .sparse_conv import MAX_GROUPS, conv_output_size, default_config, fold_affine
+
+PATHS = ("fused", "cudnn")
+
+
+def new_spike_tensor(T, N, C, H, W, dtype, device) -> torch.Tensor:
+    """[T, N, C, H, W] with channels innermost in memory (each x[t] is channels_last)."""
+    return torch.empty((T, N, H, W, C), dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
+
+
+def _flat_tn(t: torch.Tensor, name: str, op: str) -> torch.Tensor:
+    """[T, N, C, H, W] -> [T*N, C, H, W] as a view when T and N merge, else a copy."""
+    T, N = t.shape[:2]
+    try:
+        return t.view(T * N, *t.shape[2:])
+    except RuntimeError:
+        return t.reshape(T * N, *t.shape[2:])
+
+
+def spiking_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    neuron: str | NeuronSpec = "lif",
+    tau: float = 2.0,
+    decay_input: bool = True,
+    v_threshold: float = 1.0,
+    v_reset: float | None = 0.0,
+    beta: float | None = None,
+    v: torch.Tensor | None = None,
+    return_v: bool = False,
+    residual: torch.Tensor | None = None,
+    occupancy: Occupancy | None = None,
+    sparse: bool = False,
+    write_occupancy: bool = False,
+    occupancy_group: int = 16,
+    path: str = "fused",
+    config: ConvConfig | None = None,
+    packed_weight: torch.Tensor | None = None,
+    fp32_precision: str = "tf32x3",
+):
+    """A spiking layer over all time steps: for each t, ``y = conv2d(x[t], weight, bias, stride, padding)``,
+    ``z = y * scale + shift`` (per output channel, when given: BatchNorm folded) ``+ residual[t]``, then the
+    neuron, with its membrane carried from t to t+1.
+
+    ``x``: ``[T, N, C, H, W]``, spikes or any real values, fp32/fp16/bf16. Returns spikes
+    ``[T, N, C_out, H_out, W_out]`` in ``x``'s dtype (each step channels_last), then the final membrane
+    (fp32 ``[N, C_out, H_out, W_out]``) when ``return_v``, then an :class:`Occupancy` of the spikes when
+    ``write_occupancy``.
+
+    Neurons (SpikingJelly semantics): ``"lif"`` (``tau``, ``decay_input``), ``"if"``, ``"plif"`` (pass
+    ``tau = 1 / sigmoid(w)``), hard reset to ``v_reset`` or soft reset when ``v_reset is None``;
+    ``"leaky"`` is snnTorch's ``Leaky`` (``beta``; ``v_reset=None`` for "subtract", 0.0 for "zero").
+    ``v``: initial membrane ``[N, C_out, H_out, W_out]``; None starts at SpikingJelly's initial value.
+
+    Skipping: ``occupancy`` (of ``x`` viewed as ``[T*N, C, H, W]``, e.g. written by the previous layer) or
+    ``sparse=True`` (run the prescan here) skip all-zero blocks; otherwise every block is computed.
+    ``path="cudnn"`` runs ``F.conv2d`` plus one fused BatchNorm/neuron kernel instead.
+    """
+    op = "spiking_conv2d"
+    if x.dim() != 5:
+        raise ValueError(f"{op}: expected x of shape [T, N, C, H, W], got {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: expected weight [C_out, C_in, KH, KW], got {tuple(weight.shape)}")
+    require_dtype(op, "x", x)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: x dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    if path not in PATHS:
+        raise ValueError(f"{op}: path must be one of {PATHS}, got {path!r}")
+    spec = NeuronSpec.make(neuron, tau=tau, decay_input=decay_input, v_threshold=v_threshold,
+                           v_reset=v_reset, beta=beta)
+    T, N, C, H, W = x.shape
+    CO, CI, KH, KW = weight.shape
+    if CI != C:
+        raise ValueError(f"{op}: x has {C} channels, weight expects {CI}")
+    stride, padding = pair(stride, "stride", op), pair(padding, "padding", op)
+    OH = conv_output_size(H, KH, stride[0], padding[0], 1)
+    OW = conv_output_size(W, KW, stride[1], padding[1], 1)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"{op}: kernel {KH}x{KW} is larger than the padded input {(H, W)}")
+    for name, p in (("bias", bias), ("scale", scale), ("shift", shift)):
+        if p is not None and (p.dim() != 1 or p.shape[0] != CO):
+            raise ValueError(f"{op}: {name} must have shape [{CO}], got {tuple(p.shape)}")
+    if residual is not None and tuple(residual.shape) != (T, N, CO, OH, OW):
+        raise ValueError(f"{op}: residual must have shape {(T, N, CO, OH, OW)}, got {tuple(residual.shape)}")
+    if v is not None and tuple(v.shape) != (N, CO, OH, OW):
+        raise ValueError(f"{op}: v must have shape {(N, CO, OH, OW)}, got {tuple(v.shape)}")
+    require_triton_device(op, x, weight, bias, scale, shift, residual, v)
+    require_int32_indexable(op, x, residual)
+
+    sc, sh = fold_affine(bias, scale, shift)
+    out = new_spike_tensor(T, N, CO, OH, OW, x.dtype, x.device)
+    v_out = torch.empty((N, CO, OH, OW), dtype=torch.float32, device=x.device) if return_v else None
+    occ_out = None
+
+    if path == "cudnn":
+        if write_occupancy:
+            raise ValueError(f"{op}: write_occupancy needs path='fused'")
+        y = F.conv2d(_flat_tn(x, "x", op), weight, None, stride, padding)
+        res = multistep_neuron(y.view(T, N, CO, OH, OW), spec, scale=sc, shift=sh, residual=residual,
+                               v=v, return_v=return_v)
+        out, v_out = (res if return_v else (res, None))
+    else:
+        cfg = config or default_config(C, CO)
+        if triton.cdiv(C, cfg.block_k) > MAX_GROUPS:
+            raise ValueError(f"{op}: {C} channels make more than {MAX_GROUPS} groups of {cfg.block_k}")
+        xf = _flat_tn(x, "x", op)
+        occ = None
+        if occupancy is not None:
+            occupancy.check_matches(op, xf.shape, cfg.block_k)
+            occ = occupancy
+        elif sparse:
+            occ = prescan(xf, (cfg.tile_h, cfg.tile_w), cfg.block_k)
+        if write_occupancy:
+            occ_out = empty_codes(T * N, CO, OH, OW, (cfg.tile_h, cfg.tile_w), occupancy_group, x.device)
+        w = packed_weight if packed_weight is not None else pack_weight(weight, cfg.block_k, cfg.block_n,
+                                                                         x.dtype)
+        if T * N:
+            launch_conv(
+                xf, w, CO, KH, KW, stride, padding, (1, 1), T=T, N=N,
+                out=_flat_tn(out, "out", op), cfg=cfg, prec=dot_precision(x.dtype, fp32_precision),
+                scale=sc, shift=sh, residual=_flat_tn(residual, "residual", op) if residual is not None else None,
+                v=v, v_out=v_out, occ=occ, occ_out=occ_out, occ_group=occupancy_group, **spec.kernel_args(),
+            )
+    result = [out]
+    if return_v:
+        result.append(v_out)
+    if write_occupancy:
+        result.append(Occupancy(codes=occ_out, shape=(T * N, CO, OH, OW), tile=(cfg.tile_h, cfg.tile_w),
+                                group=occupancy_group))
+    return result[0] if len(result) == 1 else tuple(result)

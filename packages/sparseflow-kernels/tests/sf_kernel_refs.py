@@ -1,0 +1,183 @@
+"""float64 references of the kernel tests, built from F.conv2d and the SNN frameworks' own neuron modules,
+and the comparison helpers (conv tolerance, spikes equal except at exact threshold ties)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------- conv
+
+
+def conv_ref(x, weight, bias=None, stride=1, padding=0, dilation=1):
+    """F.conv2d in float64 of exactly the values the kernel sees."""
+    return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride, padding,
+                    dilation)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref| (ref float64)."""
+    scale = ref.abs().max().item()
+    return (y.double() - ref).abs().max().item() / max(scale, 1e-30)
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def assert_conv_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert y.shape == ref.shape, (tuple(y.shape), tuple(ref.shape))
+    assert y.dtype == dtype
+    assert torch.isfinite(y).all(), "NaN/Inf in the output of a finite input (unwritten or poisoned element)"
+    err = rel_err(y, ref)
+    assert err < TOL[dtype], f"relative error {err:.3e} >= {TOL[dtype]:.0e}"
+
+
+# --------------------------------------------------------------------------------------------- neurons
+
+#: neuron parameter sets (id -> kwargs understood by ``kernel_neuron_kwargs`` and ``reference_neuron``)
+NEURONS = {
+    "lif-hard": dict(kind="lif", tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0),
+    "lif-soft": dict(kind="lif", tau=2.0, decay_input=True, v_threshold=1.0, v_reset=None),
+    "lif-nodecayinput": dict(kind="lif", tau=3.0, decay_input=False, v_threshold=1.0, v_reset=0.0),
+    "lif-vreset-neg-th0.6": dict(kind="lif", tau=1.5, decay_input=True, v_threshold=0.6, v_reset=-0.25),
+    "if-hard": dict(kind="if", v_threshold=1.0, v_reset=0.0),
+    "if-soft": dict(kind="if", v_threshold=0.8, v_reset=None),
+    "plif-hard": dict(kind="plif", init_tau=2.5, decay_input=True, v_threshold=1.0, v_reset=0.0),
+    "plif-soft-nodecayinput": dict(kind="plif", init_tau=4.0, decay_input=False, v_threshold=1.0, v_reset=None),
+    "leaky-subtract": dict(kind="leaky", beta=0.9, v_threshold=1.0, v_reset=None),
+    "leaky-zero": dict(kind="leaky", beta=0.7, v_threshold=0.8, v_reset=0.0),
+}
+
+
+def plif_decay(init_tau: float) -> float:
+    """sigmoid(w) of a ParametricLIFNode built with ``init_tau`` (w = -log(init_tau - 1)), in float64."""
+    w = torch.tensor(-math.log(init_tau - 1.0), dtype=torch.float64)
+    return float(torch.sigmoid(w))
+
+
+def kernel_neuron_kwargs(p: dict) -> dict:
+    """Keyword arguments of ``spiking_conv2d`` / ``multistep_neuron`` for neuron parameters ``p``."""
+    kind = p["kind"]
+    kw = dict(neuron=kind, v_threshold=p["v_threshold"], v_reset=p["v_reset"])
+    if kind == "lif":
+        kw.update(tau=p["tau"], decay_input=p["decay_input"])
+    elif kind == "plif":
+        kw.update(tau=1.0 / plif_decay(p["init_tau"]), decay_input=p["decay_input"])
+    elif kind == "leaky":
+        kw.update(beta=p["beta"])
+    return kw
+
+
+def make_sj_node(p: dict, step_mode: str = "m"):
+    """The SpikingJelly module for neuron parameters ``p`` (float64)."""
+    from spikingjelly.activation_based import neuron
+
+    kind = p["kind"]
+    if kind == "lif":
+        node = neuron.LIFNode(tau=p["tau"], decay_input=p["decay_input"], v_threshold=p["v_threshold"],
+                              v_reset=p["v_reset"], step_mode=step_mode)
+    elif kind == "if":
+        node = neuron.IFNode(v_threshold=p["v_threshold"], v_reset=p["v_reset"], step_mode=step_mode)
+    elif kind == "plif":
+        node = neuron.ParametricLIFNode(init_tau=p["init_tau"], decay_input=p["decay_input"],
+                                        v_threshold=p["v_threshold"], v_reset=p["v_reset"], step_mode=step_mode)
+    else:
+        raise ValueError(kind)
+    return node.double().eval()
+
+
+def make_leaky(p: dict):
+    import snntorch
+
+    mech = "subtract" if p["v_reset"] is None else "zero"
+    lk = snntorch.Leaky(beta=p["beta"], threshold=p["v_threshold"], init_hidden=True, reset_mechanism=mech)
+    return lk.double().eval()
+
+
+class NeuronReference:
+    """A stateful float64 reference neuron (SpikingJelly module in multi-step mode, or snnTorch ``Leaky``
+    stepped over t) that also reports the charged membrane each step fires from."""
+
+    def __init__(self, p: dict):
+        self.p = p
+        self.leaky = p["kind"] == "leaky"
+        self.node = make_leaky(p) if self.leaky else make_sj_node(p)
+
+    def set_v(self, v: torch.Tensor) -> None:
+        if self.leaky:
+            self.node.mem = v.double().clone()
+        else:
+            self.node.v = v.double().clone()
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.node.mem if self.leaky else self.node.v
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor):
+        """z: float64 [T, N, ...] -> (spikes [T, ...], charged membrane h [T, ...], final v)."""
+        spikes, hs = [], []
+        for t in range(z.shape[0]):
+            if self.leaky:
+                spikes.append(self.node(z[t]))
+                hs.append(self.node.mem.clone())  # snnTorch fires from (and keeps) this membrane
+            else:
+                # the charged membrane: the same module one step further with an unreachable threshold
+                probe = copy.deepcopy(self.node)
+                probe.v_threshold = 1e30
+                probe(z[t:t + 1])
+                hs.append(probe.v.clone())
+                spikes.append(self.node(z[t:t + 1])[0])
+        return torch.stack(spikes), torch.stack(hs), self.v.clone()
+
+
+def reference_neuron(p: dict, z: torch.Tensor, v0: torch.Tensor | None = None):
+    ref = NeuronReference(p)
+    if v0 is not None:
+        ref.set_v(v0)
+    return ref(z)
+
+
+def assert_spikes_match(spikes, ref_spikes, ref_h, v_threshold, v=None, ref_v=None, *, tie_tol=1e-4,
+                        v_rtol=1e-4, max_flip_frac=0.01):
+    """Spikes equal the reference except at exact threshold ties.
+
+    Per neuron, the first step where the spikes differ must be one where the reference's charged membrane
+    is within ``tie_tol`` of the threshold; that neuron's later steps (and final membrane) are not compared.
+    The final membrane of every other neuron is within ``v_rtol`` (relative, with the same absolute floor).
+    """
+    T = ref_spikes.shape[0]
+    assert spikes.shape == ref_spikes.shape, (tuple(spikes.shape), tuple(ref_spikes.shape))
+    s = spikes.double().reshape(T, -1)
+    r = ref_spikes.double().reshape(T, -1)
+    h = ref_h.double().reshape(T, -1)
+    assert not torch.isnan(s).any(), "NaN in the spikes (an output element was not written)"
+    assert ((s == 0) | (s == 1)).all(), "spikes must be 0 or 1"
+    diff = s != r
+    flipped = diff.any(0)
+    n_flip = int(flipped.sum())
+    if n_flip:
+        idx = flipped.nonzero().squeeze(1)
+        first = diff[:, idx].double().argmax(0)
+        dist = (h[first, idx] - v_threshold).abs()
+        assert dist.max() <= tie_tol, (
+            f"{n_flip} neurons differ; worst first difference at |h - v_th| = {dist.max():.3e} (not a tie)"
+        )
+        assert n_flip <= max(2, max_flip_frac * s.shape[1]), f"{n_flip} of {s.shape[1]} neurons flipped"
+    if v is not None:
+        vv = v.double().reshape(-1)
+        rv = ref_v.double().reshape(-1)
+        assert vv.shape == rv.shape
+        keep = ~flipped
+        assert torch.isfinite(vv[keep]).all()
+        torch.testing.assert_close(vv[keep], rv[keep], rtol=v_rtol, atol=v_rtol)
+    return n_flip
+
+
+def assert_fires(ref_spikes, lo=0.02, hi=0.9):
+    """The test is only meaningful when the reference both fires and stays silent often enough."""
+    rate = float(ref_spikes.double().mean())
+    assert lo < rate < hi, f"reference firing rate {rate:.3f} outside ({lo}, {hi}): retune the test inputs"

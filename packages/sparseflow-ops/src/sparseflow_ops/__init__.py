@@ -1,0 +1,29 @@
+"""SparseFlow ops: ``nn.Module`` drop-ins built on ``sparseflow_kernels``.
+
+* :class:`SparseConv2d` - ``nn.Conv2d`` on the sparse / fused kernels (optionally with the BatchNorm it
+  feeds folded in and the spiking neuron after it fused), ``SparseConv2d.from_dense(conv, bn, neuron)``.
+* :func:`accelerate_neuron` - a SpikingJelly / snnTorch neuron on the multi-step Triton kernel, in place.
+* :func:`neuron_support` / :func:`register_neuron_adapter` - which neurons the kernels can run.
+"""
+
+from .conv import Bypass, SparseConv2d, is_bypassed, remove_bypass
+from .neuron import KernelNeuronForward, accelerate_neuron, is_accelerated, restore_neuron
+from .neurons import NeuronAdapter, Unsupported, find_adapter, neuron_support, register_neuron_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bypass",
+    "KernelNeuronForward",
+    "NeuronAdapter",
+    "SparseConv2d",
+    "Unsupported",
+    "accelerate_neuron",
+    "find_adapter",
+    "is_accelerated",
+    "is_bypassed",
+    "neuron_support",
+    "register_neuron_adapter",
+    "remove_bypass",
+    "restore_neuron",
+]

@@ -1,0 +1,107 @@
+"""Helpers shared by the modules: where kernels can run, one-time notices, caches keyed by tensor versions,
+and the occupancy a producer attaches to the spikes it returns."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from sparseflow_kernels import Occupancy
+from sparseflow_kernels._utils import can_run_triton
+
+logger = logging.getLogger("sparseflow")
+_NOTICES: set[str] = set()
+_NOTICE_LOCK = threading.Lock()
+
+OCC_ATTR = "_sparseflow_occupancy"
+
+
+def notice_once(key: str, msg: str) -> None:
+    """Log ``msg`` (warning level) the first time ``key`` is seen in this process."""
+    with _NOTICE_LOCK:
+        if key in _NOTICES:
+            return
+        _NOTICES.add(key)
+    logger.warning(msg)
+
+
+def kernels_can_run(x: torch.Tensor) -> bool:
+    return can_run_triton(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def tensor_version(t: torch.Tensor | None):
+    """``t._version`` (shared by a tensor and its views), or None for inference-mode tensors."""
+    if t is None:
+        return None
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def version_key(*tensors) -> tuple:
+    """A key that changes when any tensor is replaced or modified in place (load_state_dict, .to, ...)."""
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        else:
+            key.append((t.data_ptr(), t.dtype, t.device, tuple(t.shape), tensor_version(t)))
+    return tuple(key)
+
+
+class VersionCache:
+    """One cached value, recomputed when its key changes."""
+
+    __slots__ = ("key", "value")
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def get(self, key, compute):
+        if key != self.key or self.value is None:
+            self.value = compute()
+            self.key = key
+        return self.value
+
+    def __getstate__(self):  # caches are not persisted (device tensors, stale keys)
+        return {}
+
+    def __setstate__(self, state):
+        self.key = None
+        self.value = None
+
+    def __deepcopy__(self, memo):
+        return VersionCache()
+
+
+def attach_occupancy(spikes: torch.Tensor, flat: torch.Tensor, occ: Occupancy) -> None:
+    """Remember ``occ`` (the occupancy of ``flat``, a [T*N, C, H, W] view of ``spikes``) on ``spikes`` and
+    its base, valid while the memory is not modified in place (version counters are shared by views)."""
+    version = tensor_version(spikes)
+    if version is None:
+        return
+    rec = (occ, version, flat.data_ptr(), tuple(flat.shape), tuple(flat.stride()))
+    for t in (spikes, spikes._base):
+        if t is not None:
+            setattr(t, OCC_ATTR, rec)
+
+
+def find_occupancy(x: torch.Tensor, flat: torch.Tensor) -> Occupancy | None:
+    """The occupancy a producer attached to ``x`` (or its base), if ``flat`` (``x`` viewed as
+    [T*N, C, H, W]) is exactly the producer's view: same memory, shape, strides, and no write since."""
+    version = tensor_version(x)
+    if version is None:
+        return None
+    for t in (x, x._base):
+        rec = getattr(t, OCC_ATTR, None) if t is not None else None
+        if rec is None:
+            continue
+        occ, v, ptr, shape, stride = rec
+        if (v == version and ptr == flat.data_ptr() and shape == tuple(flat.shape)
+                and stride == tuple(flat.stride())):
+            return occ
+    return None

@@ -1,0 +1,366 @@
+"""``SparseConv2d``: a drop-in ``nn.Conv2d`` that runs SparseFlow's kernels in inference.
+
+One module covers three jobs, chosen by what :meth:`SparseConv2d.from_dense` is given:
+
+* a convolution alone: :func:`sparse_conv2d` (prescan or the producer's occupancy, then the sparse conv);
+* a convolution with the BatchNorm it feeds folded in (``bn=``): the BatchNorm becomes the kernel's
+  per-channel ``scale``/``shift`` epilogue and the BatchNorm module itself is bypassed;
+* a whole spiking layer (``bn=`` and ``neuron=``): :func:`spiking_conv2d`, conv + BatchNorm + neuron over
+  all T steps in one kernel; the neuron module is bypassed but keeps its state (``v``), which this module
+  reads before and writes after each call, so ``reset_net`` and repeated calls behave as before.
+
+Bypassed modules stay in the model (``state_dict`` keys, parameters, buffers and ``reset()`` unchanged);
+only their instance ``forward`` is replaced by :class:`Bypass`, which hands the input through when the
+fused module upstream did their work in this call, and runs their own ``forward`` otherwise (training
+mode, CPU without Triton). New weights (``load_state_dict``, ``.to``) are picked up automatically: the
+packed weights and the folded BatchNorm are cached under the tensors' version counters.
+
+Each call picks its path per input shape and dtype by measurement (``sparseflow_kernels.dispatch``):
+sparse or dense fused kernels, the time-in-M variant for small deep layers, or cuDNN + one fused
+BatchNorm/neuron kernel; ``mode`` forces one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseflow_kernels import ConvConfig, default_config, sparse_conv2d
+from sparseflow_kernels import dispatch as kdispatch
+from sparseflow_kernels.conv import pack_weight
+from sparseflow_kernels.sparse_conv import MAX_GROUPS
+from sparseflow_kernels.spiking import spiking_conv2d
+
+from ._common import VersionCache, attach_occupancy, find_occupancy, kernels_can_run, notice_once, version_key
+from .neurons import find_adapter, neuron_support
+
+MODES = ("auto", "sparse", "dense", "torch")
+
+
+class Bypass:
+    """Instance ``forward`` of a module whose work a :class:`SparseConv2d` upstream has taken over."""
+
+    def __init__(self, module: nn.Module, owner: SparseConv2d, last: bool):
+        self.module = module
+        self.owner = owner
+        self.last = last  # the neuron closes the handshake
+
+    def __call__(self, x, *args, **kwargs):
+        if self.owner._pending:
+            if self.last:
+                self.owner._pending = False
+            return x
+        return type(self.module).forward(self.module, x, *args, **kwargs)
+
+
+def install_bypass(module: nn.Module, owner: SparseConv2d, last: bool) -> None:
+    module.forward = Bypass(module, owner, last)
+
+
+def remove_bypass(module: nn.Module) -> None:
+    if isinstance(module.__dict__.get("forward"), Bypass):
+        del module.__dict__["forward"]
+
+
+def is_bypassed(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), Bypass)
+
+
+def bn_affine(bn: nn.BatchNorm2d):
+    """Eval-mode BatchNorm as ``y * scale + shift`` (fp32)."""
+    var = bn.running_var.detach().float()
+    mean = bn.running_mean.detach().float()
+    inv = torch.rsqrt(var + bn.eps)
+    w = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(var)
+    b = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(var)
+    scale = w * inv
+    return scale, b - mean * scale
+
+
+class SparseConv2d(nn.Conv2d):
+    """Drop-in ``nn.Conv2d`` (same parameters, ``state_dict`` keys and ``isinstance``) running SparseFlow's
+    kernels in eval mode; see the module docstring. Inputs ``[N, C, H, W]`` or multi-step
+    ``[T, N, C, H, W]`` (SpikingJelly ``step_mode='m'``)."""
+
+    def __init__(self, *args, block_size=None, mode: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block_size = block_size
+        self.mode = mode
+        self.write_occupancy = False
+        self.time_steps: int | None = None
+        self.__dict__["_bn"] = None
+        self.__dict__["_neuron"] = None
+        self._init_runtime()
+
+    def _init_runtime(self):
+        self.__dict__["_pending"] = False
+        self.__dict__["_wcache"] = VersionCache()
+        self.__dict__["_acache"] = VersionCache()
+        self.__dict__["_scache"] = VersionCache()
+        self.last_path: str | None = None
+
+    # -------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, neuron: nn.Module | None = None,
+                   *, block_size=None, mode: str = "auto", time_steps: int | None = None) -> SparseConv2d:
+        """Wrap ``conv`` (sharing its parameters). With ``bn`` (eval-mode BatchNorm fed by ``conv``) it is
+        folded; with ``neuron`` (fed by ``bn``) the whole spiking layer runs fused. The caller puts the new
+        module where ``conv`` was; ``bn`` and ``neuron`` stay where they are and are bypassed."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+        if conv.groups != 1:
+            raise ValueError(f"groups={conv.groups} is not supported yet")
+        if isinstance(conv.padding, str):
+            raise ValueError(f"padding={conv.padding!r} strings are not supported by the fused path")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if neuron is not None and bn is None:
+            pass  # conv -> neuron (no BatchNorm) is fine
+        if neuron is not None:
+            adapter, why = neuron_support(neuron)
+            if adapter is None:
+                raise ValueError(f"neuron {type(neuron).__name__} cannot be fused: {why}")
+            if conv.dilation != (1, 1):
+                raise ValueError("the fused spiking layer supports dilation 1 only")
+        if bn is not None:
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+            if bn.num_features != conv.out_channels:
+                raise ValueError(f"bn has {bn.num_features} features, conv {conv.out_channels} outputs")
+            if not bn.track_running_stats or bn.running_mean is None:
+                raise ValueError("BatchNorm without running statistics cannot be folded")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                  device="meta", block_size=block_size, mode=mode)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.training = conv.training
+        new.time_steps = time_steps
+        if hasattr(conv, "step_mode"):
+            new.step_mode = conv.step_mode
+        new.__dict__["_original_class"] = type(conv)
+        new.__dict__["_bn"] = bn
+        new.__dict__["_neuron"] = neuron
+        if bn is not None:
+            install_bypass(bn, new, last=neuron is None)
+        if neuron is not None:
+            install_bypass(neuron, new, last=True)
+        return new
+
+    def to_dense(self) -> nn.Conv2d:
+        """The plain convolution back (same parameters), and the bypassed modules restored."""
+        for m in (self._bn, self._neuron):
+            if m is not None:
+                remove_bypass(m)
+        klass = self.__dict__.get("_original_class", nn.Conv2d)
+        conv = klass.__new__(klass)
+        nn.Module.__init__(conv)
+        for k, v in self.__dict__.items():
+            if k in ("_bn", "_neuron", "_pending", "_wcache", "_acache", "_scache", "_original_class",
+                     "block_size", "mode", "write_occupancy", "time_steps", "last_path"):
+                continue
+            conv.__dict__[k] = v
+        return conv
+
+    @property
+    def folded_bn(self):
+        return self._bn
+
+    @property
+    def fused_neuron(self):
+        return self._neuron
+
+    def kind(self) -> str:
+        if self._neuron is not None:
+            return "conv+bn+neuron" if self._bn is not None else "conv+neuron"
+        return "conv+bn" if self._bn is not None else "conv"
+
+    def extra_repr(self):
+        return super().extra_repr() + f", fused={self.kind()}, block_size={self.block_size}, mode={self.mode}"
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_pending" not in self.__dict__:
+            self._init_runtime()
+
+    # -------------------------------------------------------------------------------------- running
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        if self.training or (self._bn is not None and self._bn.training):
+            return False
+        if self._neuron is not None and self._neuron.training:
+            return False
+        if not kernels_can_run(x) or x.dtype != self.weight.dtype:
+            if not x.is_cuda:
+                notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
+                            "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
+            return False
+        return self.block_size != "dense" or self._neuron is not None
+
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 5:
+            T, N = x.shape[:2]
+            y = F.conv2d(x.flatten(0, 1), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                         self.groups)
+            return y.view(T, N, *y.shape[1:])
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual`` (only for a fused spiking layer, shaped like the output) is added after the
+        BatchNorm and before the neuron, as in ``sn(bn(conv(x)) + identity)`` of a ResNet block."""
+        if x.dim() not in (4, 5):
+            raise ValueError(f"SparseConv2d expects [N, C, H, W] or [T, N, C, H, W], got {tuple(x.shape)}")
+        if residual is not None and self._neuron is None:
+            raise ValueError("SparseConv2d: residual is only accepted by a fused spiking layer")
+        self._pending = False
+        if not self._use_kernels(x):
+            self.last_path = "torch"
+            if residual is None:
+                return self._dense_forward(x)
+            return self._dense_residual_forward(x, residual)
+        if self._neuron is not None:
+            out = self._spiking_forward(x, residual)
+        else:
+            out = self._conv_forward_kernels(x)
+        self._pending = (self._bn is not None or self._neuron is not None) and residual is None
+        return out
+
+    def _dense_residual_forward(self, x, residual):
+        """conv -> bn -> (+ residual) -> neuron with the original modules (training, CPU)."""
+        y = self._dense_forward(x)
+        bn, neuron = self._bn, self._neuron
+        if bn is not None:
+            y = type(bn).forward(bn, y)
+        y = y + residual
+        return type(neuron).forward(neuron, y)
+
+    def _affine(self):
+        bn = self._bn
+        if bn is None:
+            return None, None
+        key = version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var) + (bn.eps,)
+        return self._acache.get(key, lambda: bn_affine(bn))
+
+    def _config(self, C, CO, H, t_in_m=False):
+        bs = self.block_size if isinstance(self.block_size, int) else 8
+        cfg = default_config(C, CO, bs, t_in_m=t_in_m)
+        return cfg
+
+    def _packed(self, cfg: ConvConfig, dtype):
+        key = version_key(self.weight) + (cfg.block_k, cfg.block_n, dtype)
+        return self._wcache.get(key, lambda: pack_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
+
+    # -- conv (+ folded BN)
+    def _conv_forward_kernels(self, x):
+        five = x.dim() == 5
+        flat = x.flatten(0, 1) if five else x
+        C, H = flat.shape[1], flat.shape[2]
+        cfg = self._config(C, self.out_channels, H)
+        scale, shift = self._affine()
+        occ = find_occupancy(x, flat)
+
+        def run_kernel(dense):
+            return sparse_conv2d(flat, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                 config=cfg, packed_weight=self._packed(cfg, x.dtype), scale=scale,
+                                 shift=shift, occupancy=occ, dense=dense)
+
+        def run_torch():
+            y = F.conv2d(flat, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            if scale is not None:
+                y = torch.addcmul(shift.view(1, -1, 1, 1), y, scale.view(1, -1, 1, 1)).to(y.dtype)
+            return y
+
+        cands = {"dense": lambda: run_kernel(True), "torch": run_torch}
+        if self.block_size != "dense" and triton_groups_ok(C, cfg):
+            cands["sparse"] = lambda: run_kernel(False)
+        key = ("conv", tuple(flat.shape), flat.stride(), x.dtype, self.out_channels, self.kernel_size,
+               self.stride, self.padding, self.dilation, occ is not None, scale is not None,
+               self.block_size)
+        path = self._choose(key, cands, x)
+        self.last_path = path
+        y = cands[path]()
+        return y.view(*x.shape[:2], *y.shape[1:]) if five else y
+
+    def _choose(self, key, cands, x):
+        if self.mode != "auto":
+            return self.mode if self.mode in cands else "dense"
+        return kdispatch.choose(key, cands, fallback="sparse" if "sparse" in cands else "dense",
+                                device=x.device)
+
+    # -- spiking layer
+    def _spiking_forward(self, x, residual=None):
+        neuron = self._neuron
+        adapter = find_adapter(neuron)
+        spec_key = adapter.spec_key(neuron)
+        spec = adapter.spec(neuron) if spec_key is None else self._scache.get(spec_key, lambda: adapter.spec(neuron))
+        if x.dim() == 5:
+            x5 = x
+        elif adapter.is_multistep(neuron):
+            T = self.time_steps
+            if not T or x.shape[0] % T:
+                raise RuntimeError(
+                    f"SparseConv2d: a [T*N, ...] input of batch {x.shape[0]} does not match the T={T} seen "
+                    "when the model was optimized; run sparseflow.optimize again for the new T"
+                )
+            x5 = x.view(T, x.shape[0] // T, *x.shape[1:])
+        else:
+            x5 = x.unsqueeze(0)  # one time step per call (single-step mode, snnTorch)
+        T, N, C, H, W = x5.shape
+        scale, shift = self._affine()
+        cfg = self._config(C, self.out_channels, H)
+        OH = (H + 2 * self.padding[0] - (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        OW = (W + 2 * self.padding[1] - (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        v0 = adapter.get_v(neuron, (N, self.out_channels, OH, OW), x.device)
+        flat = x5.flatten(0, 1)
+        occ = find_occupancy(x, flat) if x5 is x else None
+        res5 = None
+        if residual is not None:
+            OHW = (self.out_channels, OH, OW)
+            if residual.numel() != T * N * self.out_channels * OH * OW:
+                raise ValueError(f"SparseConv2d: residual of shape {tuple(residual.shape)} does not match the "
+                                 f"output [{T}, {N}, {OHW}]")
+            res5 = residual.reshape(T, N, *OHW)
+        common = dict(scale=scale, shift=shift, neuron=spec, v=v0, return_v=True, residual=res5)
+        cfg_tm = ConvConfig(tile_h=4, tile_w=4, block_n=cfg.block_n, block_k=cfg.block_k, t_in_m=True,
+                            num_warps=4) if T <= 8 else None
+        write_occ = self.write_occupancy
+        weight = self.weight
+
+        def fused(c, sparse):
+            return spiking_conv2d(x5, weight, self.bias, self.stride, self.padding, config=c,
+                                  packed_weight=self._packed(c, x.dtype), occupancy=occ if sparse else None,
+                                  sparse=sparse and occ is None, write_occupancy=write_occ, **common)
+
+        def cudnn():
+            return spiking_conv2d(x5, weight, self.bias, self.stride, self.padding, path="cudnn", **common)
+
+        cands = {"fused_dense": lambda: fused(cfg, False)}
+        if self.block_size != "dense" and triton_groups_ok(C, cfg):
+            cands["fused_sparse"] = lambda: fused(cfg, True)
+        if cfg_tm is not None:
+            cands["fused_tm"] = lambda: fused(cfg_tm, False)
+        if not write_occ:
+            cands["cudnn"] = cudnn
+        key = ("spiking", tuple(x5.shape), x.dtype, self.out_channels, self.kernel_size, self.stride,
+               self.padding, occ is not None, write_occ, spec.kind, residual is not None)
+        if self.mode == "auto":
+            path = kdispatch.choose(key, cands, fallback="fused_dense", device=x.device)
+        else:
+            path = {"sparse": "fused_sparse", "dense": "fused_dense", "torch": "cudnn"}[self.mode]
+            if path not in cands:
+                path = "fused_dense"
+        self.last_path = path
+        res = cands[path]()
+        spikes, v = res[0], res[1]
+        if write_occ and len(res) == 3:
+            attach_occupancy(spikes, spikes.flatten(0, 1), res[2])
+        adapter.set_v(neuron, v, x.dtype)
+        if x.dim() == 5:
+            return spikes
+        return spikes.flatten(0, 1) if adapter.is_multistep(neuron) else spikes[0]
+
+
+def triton_groups_ok(C: int, cfg: ConvConfig) -> bool:
+    return -(-C // cfg.block_k) <= MAX_GROUPS

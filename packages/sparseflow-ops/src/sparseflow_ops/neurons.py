@@ -1,0 +1,203 @@
+"""Adapters between neuron modules of SNN frameworks and the kernels' :class:`NeuronSpec`.
+
+An adapter knows, for one neuron class, (1) whether an instance can run in the Triton kernels with exactly
+its own semantics (and if not, why), (2) its parameters as a ``NeuronSpec``, and (3) how to read and write
+its membrane state so that a fused layer continues from, and leaves behind, the same state the module
+would have had (SpikingJelly ``v`` memory reset by ``functional.reset_net``; snnTorch ``mem`` buffer).
+
+Adapters are registered by class (``register_neuron_adapter``); lookup walks the MRO, so subclasses of
+a supported class are accepted only when they do not override the methods that define the dynamics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparseflow_kernels import NeuronSpec
+
+_ADAPTERS: dict[type, NeuronAdapter] = {}
+
+
+class Unsupported(Exception):
+    """Raised by an adapter when a neuron instance cannot run in the kernels; the message says why."""
+
+
+class NeuronAdapter:
+    """Base adapter. Subclasses implement ``spec``, ``get_v`` and ``set_v``."""
+
+    #: names of methods that define the dynamics; a subclass overriding one is not accepted
+    dynamics_methods: tuple[str, ...] = ()
+    time_major_multistep = True
+
+    def check(self, m: nn.Module) -> None:
+        base = self.registered_class
+        for name in self.dynamics_methods:
+            if getattr(type(m), name, None) is not getattr(base, name, None):
+                raise Unsupported(f"{type(m).__name__} overrides {name}() of {base.__name__}")
+
+    def spec(self, m: nn.Module) -> NeuronSpec:
+        raise NotImplementedError
+
+    def spec_key(self, m: nn.Module):
+        """A value that changes when ``spec(m)`` may change (None: recompute every call, it is cheap)."""
+        return None
+
+    def is_multistep(self, m: nn.Module) -> bool:
+        return getattr(m, "step_mode", "s") == "m"
+
+    def get_v(self, m: nn.Module, shape, device) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def set_v(self, m: nn.Module, v: torch.Tensor, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+
+def register_neuron_adapter(cls: type, adapter: NeuronAdapter) -> None:
+    adapter.registered_class = cls
+    _ADAPTERS[cls] = adapter
+
+
+def find_adapter(m: nn.Module) -> NeuronAdapter | None:
+    _register_builtin()
+    for klass in type(m).__mro__:
+        if klass in _ADAPTERS:
+            return _ADAPTERS[klass]
+    return None
+
+
+def neuron_support(m: nn.Module) -> tuple[NeuronAdapter | None, str | None]:
+    """(adapter, None) when ``m`` runs in the kernels, else (None, reason)."""
+    adapter = find_adapter(m)
+    if adapter is None:
+        return None, f"no kernel for neuron type {type(m).__name__}"
+    try:
+        adapter.check(m)
+        adapter.spec(m)
+    except Unsupported as e:
+        return None, str(e)
+    return adapter, None
+
+
+def _float(v) -> float:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().reshape(-1)[0]) if v.numel() == 1 else math.nan
+    return float(v)
+
+
+# ------------------------------------------------------------------------------------------ SpikingJelly
+class _SJAdapter(NeuronAdapter):
+    dynamics_methods = ("single_step_functional_forward", "multi_step_functional_forward",
+                        "multi_step_forward", "single_step_forward", "forward")
+
+    def check(self, m):
+        super().check(m)
+        if getattr(m, "store_v_seq", False):
+            raise Unsupported("store_v_seq=True (the voltage sequence is not produced by the kernels)")
+        if getattr(m, "_neuron_precision", None) is not None:
+            raise Unsupported("an explicit SpikingJelly neuron precision is set")
+        vt = m.v_threshold
+        if not isinstance(vt, float):
+            raise Unsupported("v_threshold is not a float")
+
+    def get_v(self, m, shape, device):
+        v = m.v
+        if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(shape):
+            return v.to(device=device, dtype=torch.float32)
+        return None  # SpikingJelly (re)starts from v_reset / 0 when the shape does not match
+
+    def set_v(self, m, v, dtype):
+        m.v = v.to(dtype)
+
+
+class _SJLIF(_SJAdapter):
+    def spec(self, m):
+        return NeuronSpec.make("lif", tau=float(m.tau), decay_input=bool(m.decay_input),
+                               v_threshold=float(m.v_threshold), v_reset=m.v_reset)
+
+
+class _SJIF(_SJAdapter):
+    def spec(self, m):
+        return NeuronSpec.make("if", v_threshold=float(m.v_threshold), v_reset=m.v_reset)
+
+
+class _SJPLIF(_SJAdapter):
+    def spec(self, m):
+        q = torch.sigmoid(m.w.detach().float()).item()
+        return NeuronSpec.make("plif", decay=q, decay_input=bool(m.decay_input),
+                               v_threshold=float(m.v_threshold), v_reset=m.v_reset)
+
+    def spec_key(self, m):
+        return (m.w._version, m.w.data_ptr())
+
+
+# ------------------------------------------------------------------------------------------ snnTorch
+class _SnnLeaky(NeuronAdapter):
+    dynamics_methods = ("forward", "fire", "mem_reset", "_base_state_function", "_base_sub", "_base_zero")
+
+    def check(self, m):
+        super().check(m)
+        if not getattr(m, "init_hidden", False):
+            raise Unsupported("snnTorch neuron without init_hidden=True returns (spk, mem) tuples")
+        if getattr(m, "output", False):
+            raise Unsupported("snnTorch neuron with output=True returns (spk, mem) tuples")
+        if getattr(m, "inhibition", False):
+            raise Unsupported("inhibition=True")
+        if getattr(m, "state_quant", False):
+            raise Unsupported("state_quant is set")
+        if not getattr(m, "reset_delay", True):
+            raise Unsupported("reset_delay=False")
+        if int(m.reset_mechanism_val) not in (0, 1):
+            raise Unsupported("reset_mechanism='none'")
+        if _float(m.graded_spikes_factor) != 1.0:
+            raise Unsupported("graded_spikes_factor != 1")
+        for name in ("beta", "threshold"):
+            t = getattr(m, name)
+            if isinstance(t, torch.Tensor) and t.numel() != 1:
+                raise Unsupported(f"per-neuron {name} (a tensor of {t.numel()} values)")
+
+    def is_multistep(self, m):
+        return False  # snnTorch modules take one time step per call
+
+    def spec(self, m):
+        beta = min(max(_float(m.beta), 0.0), 1.0)
+        hard = int(m.reset_mechanism_val) == 1
+        return NeuronSpec.make("leaky", beta=beta, v_threshold=_float(m.threshold),
+                               v_reset=0.0 if hard else None)
+
+    def get_v(self, m, shape, device):
+        mem = m.mem
+        if isinstance(mem, torch.Tensor) and tuple(mem.shape) == tuple(shape):
+            return mem.to(device=device, dtype=torch.float32)
+        return None
+
+    def set_v(self, m, v, dtype):
+        m.mem = v.to(dtype)
+
+
+_BUILTIN_DONE = False
+
+
+def _register_builtin() -> None:
+    """Register the adapters of the frameworks that are installed (imported on first use only)."""
+    global _BUILTIN_DONE
+    if _BUILTIN_DONE:
+        return
+    _BUILTIN_DONE = True
+    try:
+        from spikingjelly.activation_based import neuron as sjn
+    except Exception:  # SpikingJelly is optional
+        sjn = None
+    if sjn is not None:
+        register_neuron_adapter(sjn.LIFNode, _SJLIF())
+        register_neuron_adapter(sjn.IFNode, _SJIF())
+        register_neuron_adapter(sjn.ParametricLIFNode, _SJPLIF())
+    try:
+        import snntorch
+    except Exception:
+        snntorch = None
+    if snntorch is not None:
+        register_neuron_adapter(snntorch.Leaky, _SnnLeaky())
+

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The one script the GPU device machine runs, from the repository root of a copy of the
+# working tree:
+#
+#     bash scripts/gpu_check.sh [arguments for sparseflow_bench.gpu_run]
+#
+# That machine has python3 with torch + triton + pytest (+ pytest-timeout) preinstalled,
+# no network and no pip index. Wheels it needs beyond that are carried in .whl/ and
+# installed with --no-index into /tmp/site. Our own five packages are NOT installed:
+# their source trees go on PYTHONPATH.
+#
+# Steps: environment report -> pytest -m gpu -> GPU benchmarks. The benchmarks run even
+# if the tests fail; the exit status is non-zero if either step failed.
+#
+# Environment knobs:
+#   OUT               where results/logs go (the device tool's output folder);
+#                     default for results: benchmarks/results
+#   GPU_TEST_TIMEOUT  per-test timeout in seconds for pytest-timeout (default 120)
+#   SKIP_GPU_TESTS=1  skip the pytest step
+#   SKIP_GPU_BENCH=1  skip the benchmark step
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+ROOT=$(pwd)
+
+# The device runs real kernels: never the CPU interpreter.
+unset TRITON_INTERPRET
+
+log() { printf '\n=== [gpu_check %4ss] %s\n' "$SECONDS" "$*"; }
+
+# 1. carried wheels (only if .whl/ exists and holds any)
+if [ -d .whl ] && compgen -G ".whl/*.whl" >/dev/null; then
+    log "installing carried wheels into /tmp/site: $(cd .whl && echo *.whl)"
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    else
+        echo "WARNING: installing the carried wheels failed; going on without them" >&2
+    fi
+fi
+
+# 2. our source trees first on the path (ahead of anything carried in /tmp/site)
+SRC_PATH="$ROOT/packages/sparseflow-kernels/src:$ROOT/packages/sparseflow-ops/src"
+SRC_PATH="$SRC_PATH:$ROOT/packages/sparseflow-core/src:$ROOT/packages/sparseflow-bench/src:$ROOT/src"
+export PYTHONPATH="$SRC_PATH${PYTHONPATH:+:$PYTHONPATH}"
+
+# 3. environment report
+log "environment"
+echo "PYTHONPATH=$PYTHONPATH"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi || true
+else
+    echo "nvidia-smi: not found"
+fi
+python3 - <<'PY' || true
+import sys
+print("python", sys.version.split()[0], sys.executable)
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+    for i in range(torch.cuda.device_count()):
+        print(f"  cuda:{i}", torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+except Exception as e:  # report and go on: the tests will show the failure
+    print("torch: import failed:", repr(e))
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton: import failed:", repr(e))
+PY
+
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    TEST_LOG="$OUT/gpu_tests.log"
+else
+    TEST_LOG=/dev/null
+fi
+RESULTS_DIR="${OUT:-$ROOT/benchmarks/results}"
+mkdir -p "$RESULTS_DIR"
+
+# 4. GPU tests
+tests_rc=0
+if [ "${SKIP_GPU_TESTS:-0}" = 1 ]; then
+    log "pytest -m gpu: skipped (SKIP_GPU_TESTS=1)"
+else
+    test_dirs=()
+    for d in packages/sparseflow-kernels/tests packages/sparseflow-ops/tests \
+        packages/sparseflow-core/tests packages/sparseflow-bench/tests tests; do
+        [ -d "$d" ] && test_dirs+=("$d")
+    done
+    log "pytest -m gpu on: ${test_dirs[*]} (log: $TEST_LOG)"
+    python3 -m pytest -m gpu -q -x -p no:cacheprovider --timeout="${GPU_TEST_TIMEOUT:-120}" \
+        "${test_dirs[@]}" 2>&1 | tee "$TEST_LOG"
+    tests_rc=${PIPESTATUS[0]}
+    if [ "$tests_rc" -eq 5 ]; then
+        echo "pytest: no test marked gpu was collected (exit 5); counted as a pass"
+        tests_rc=0
+    fi
+    log "pytest -m gpu: exit $tests_rc"
+fi
+
+# 5. GPU benchmarks
+bench_rc=0
+if [ "${SKIP_GPU_BENCH:-0}" = 1 ]; then
+    log "benchmarks: skipped (SKIP_GPU_BENCH=1)"
+else
+    export SPARSEFLOW_RESULTS_DIR="$RESULTS_DIR"
+    log "python3 -m sparseflow_bench.gpu_run --out $RESULTS_DIR $*"
+    python3 -m sparseflow_bench.gpu_run --out "$RESULTS_DIR" "$@"
+    bench_rc=$?
+    log "benchmarks: exit $bench_rc"
+fi
+
+log "summary: tests exit $tests_rc, benchmarks exit $bench_rc, results in $RESULTS_DIR"
+if [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then
+    exit 1
+fi
+exit 0

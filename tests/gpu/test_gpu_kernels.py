@@ -1,0 +1,126 @@
+"""GPU correctness (run on the device machine by scripts/gpu_check.sh): randomized sweeps of every kernel
+path against float64 references, all three storage dtypes, both memory formats."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparseflow_kernels import (
+    ConvConfig,
+    NeuronSpec,
+    multistep_neuron,
+    prescan,
+    sparse_conv2d,
+    spiking_conv2d,
+)
+from sparseflow_kernels.naive import neuron_reference, spiking_conv2d_reference
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def sparse_input(shape, density, g, dtype, channels_last, values="int"):
+    x = (torch.rand(shape, generator=g, device="cuda") < density).float()
+    if values == "int":
+        x = x * torch.randint(1, 3, shape, generator=g, device="cuda").float()
+    else:
+        x = x * torch.randn(shape, generator=g, device="cuda")
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("seed", range(12))
+def test_sparse_conv2d_random_sweep(dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    gc = torch.Generator().manual_seed(seed)
+    pick = lambda opts: opts[int(torch.randint(len(opts), (1,), generator=gc))]
+    N, C, CO = pick([1, 2, 5]), pick([3, 16, 37, 64, 130]), pick([1, 17, 64, 96])
+    H, W = pick([7, 13, 28, 31, 56]), pick([5, 14, 29, 56])
+    k, s = pick([1, 3, 3, 5]), pick([1, 2])
+    p = pick([0, 1, 2]) if k > 1 else pick([0, 1])
+    d = pick([1, 1, 2])
+    if H + 2 * p < d * (k - 1) + 1 or W + 2 * p < d * (k - 1) + 1:
+        d = 1
+    density = pick([0.0, 0.01, 0.05, 0.3, 1.0])
+    x = sparse_input((N, C, H, W), density, g, dtype, bool(seed % 2), pick(["int", "real"]))
+    w = torch.randn(CO, C, k, k, generator=g, device="cuda").to(dtype)
+    b = torch.randn(CO, generator=g, device="cuda").to(dtype) if seed % 3 else None
+    ref = F.conv2d(x.double(), w.double(), None if b is None else b.double(), s, p, d)
+    for bs in (8, 16):
+        y = sparse_conv2d(x, w, b, s, p, d, block_size=bs)
+        assert y.shape == ref.shape and not torch.isnan(y).any()
+        if ref.norm() == 0:
+            assert torch.equal(y.double(), ref)
+        else:
+            assert rel(y, ref) < TOL[dtype], (N, C, H, W, CO, k, s, p, d, density, bs)
+
+
+def test_sparse_conv2d_nan_inf_propagate():
+    x = torch.zeros(2, 16, 20, 20, device="cuda")
+    x[0, 3, 5, 5] = float("nan")
+    x[1, 7, 17, 2] = float("inf")
+    w = torch.randn(8, 16, 3, 3, device="cuda")
+    ref = F.conv2d(x, w, None, 1, 1)
+    y = sparse_conv2d(x, w, None, 1, 1)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+
+
+def _flips(s, rs, rh, v_th, tol=1e-4):
+    """Spike mismatches not explained by a reference membrane within tol of the threshold at the first
+    differing step of that neuron."""
+    diff = (s.double() != rs)
+    if not diff.any():
+        return 0
+    first = diff.float().argmax(0)
+    anyd = diff.any(0)
+    h_at = torch.gather(rh, 0, first.unsqueeze(0))[0]
+    return int((anyd & ((h_at - v_th).abs() > tol)).sum())
+
+
+_DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_COMBOS = [(d, p, n) for p in ("fused", "tm", "sparse", "occ_chain", "cudnn") for d in ("fp32", "fp16")
+           for n in ("lif_hard", "lif_soft", "if", "plif", "leaky")]
+_COMBOS += [("bf16", p, "lif_hard") for p in ("fused", "tm", "sparse", "cudnn")]
+
+
+@pytest.mark.parametrize("dt,path,neuron", _COMBOS, ids=["-".join(c) for c in _COMBOS])
+def test_spiking_conv2d_paths(dt, path, neuron):
+    dtype = _DT[dt]
+    g = torch.Generator(device="cuda").manual_seed(hash((path, neuron)) % 1000)
+    T, N, C, H, W, CO = 3, 2, 48, 21, 19, 40
+    x = sparse_input((T, N, C, H, W), 0.1, g, dtype, False)
+    w = (torch.randn(CO, C, 3, 3, generator=g, device="cuda") * 0.2).to(dtype)
+    sc = torch.rand(CO, generator=g, device="cuda") + 0.5
+    sh = torch.randn(CO, generator=g, device="cuda") * 0.2
+    res = (torch.rand(T, N, CO, H, W, generator=g, device="cuda") < 0.2).to(dtype)
+    kw = {"lif_hard": dict(neuron="lif"), "lif_soft": dict(neuron="lif", v_reset=None),
+          "if": dict(neuron="if"), "plif": dict(neuron="plif", tau=1 / 0.6),
+          "leaky": dict(neuron="leaky", beta=0.8, v_reset=None)}[neuron]
+    spec = NeuronSpec.make(**kw)
+    extra = {"fused": {}, "tm": {"config": ConvConfig(4, 4, 64, 16, t_in_m=True)}, "sparse": {"sparse": True},
+             "occ_chain": {"occupancy": prescan(x.flatten(0, 1), 8, 16)}, "cudnn": {"path": "cudnn"}}[path]
+    s, v = spiking_conv2d(x, w, None, 1, 1, scale=sc, shift=sh, residual=res, return_v=True, **kw, **extra)
+    rs, rh, rv = spiking_conv2d_reference(x.double(), w.double(), None, 1, 1, scale=sc.double(),
+                                          shift=sh.double(), residual=res.double(), spec=spec)
+    # fp32 accumulation everywhere; the cudnn path rounds the conv to the storage dtype before the neuron
+    tol = 1e-4 if (dtype == torch.float32 and path != "cudnn") else 3e-2
+    assert _flips(s, rs, rh, spec.v_threshold, tol) == 0
+    assert s.sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_multistep_neuron_matches_reference(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(4, 3, 33, 7, 5, generator=g, device="cuda") * 1.5).to(dtype)
+    for kw in (dict(neuron="lif"), dict(neuron="if", v_reset=None), dict(neuron="leaky", beta=0.9, v_reset=0.0)):
+        spec = NeuronSpec.make(**kw)
+        s, v = multistep_neuron(x, spec, return_v=True)
+        rs, rh, rv = neuron_reference(x.double(), spec)
+        assert _flips(s, rs, rh, spec.v_threshold, 1e-4 if dtype == torch.float32 else 1e-2) == 0

@@ -1,0 +1,240 @@
+"""Packaging and layering rules of the monorepo.
+
+Layers, bottom to top:
+
+    sparseflow-kernels  ->  sparseflow-ops  ->  sparseflow-core  ->  sparseflow-bench
+
+and the meta-package ``sparseflow`` (root pyproject, ``src/sparseflow``) on top of core.
+A package may depend on (and import) the layers below it only, with a ``>=0.1,<0.2``
+range on our own packages.
+
+These tests read files only: they need neither torch nor the packages installed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (distribution name, import name, project dir), bottom layer first.
+LAYERS = [
+    ("sparseflow-kernels", "sparseflow_kernels", ROOT / "packages" / "sparseflow-kernels"),
+    ("sparseflow-ops", "sparseflow_ops", ROOT / "packages" / "sparseflow-ops"),
+    ("sparseflow-core", "sparseflow_core", ROOT / "packages" / "sparseflow-core"),
+    ("sparseflow-bench", "sparseflow_bench", ROOT / "packages" / "sparseflow-bench"),
+]
+LAYER_INDEX = {dist: i for i, (dist, _, _) in enumerate(LAYERS)}
+IMPORT_LAYER = {imp: i for i, (_, imp, _) in enumerate(LAYERS)}
+META = ("sparseflow", "sparseflow", ROOT)
+
+RANGE = SpecifierSet(">=0.1,<0.2")
+
+
+def _pyproject(project_dir: Path) -> dict:
+    path = project_dir / "pyproject.toml"
+    assert path.is_file(), f"missing {path.relative_to(ROOT)}"
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def _all_requirements(project: dict) -> list[tuple[str, Requirement]]:
+    """(where, requirement) for dependencies and every optional-dependency group."""
+    out = [("dependencies", Requirement(r)) for r in project.get("dependencies", [])]
+    for extra, reqs in project.get("optional-dependencies", {}).items():
+        out += [(f"optional-dependencies.{extra}", Requirement(r)) for r in reqs]
+    return out
+
+
+def _ours(req: Requirement) -> bool:
+    return req.name.lower().replace("_", "-") in {*LAYER_INDEX, "sparseflow"}
+
+
+# --------------------------------------------------------------------------- (a) pyprojects
+
+
+@pytest.mark.parametrize("dist,_imp,project_dir", [*LAYERS, META], ids=[d for d, _, _ in [*LAYERS, META]])
+def test_pyproject_declares_name_and_version(dist: str, _imp: str, project_dir: Path) -> None:
+    project = _pyproject(project_dir)["project"]
+    assert project.get("name") == dist
+    assert "version" in project, f"{dist}: [project].version is not set (dynamic versions are not used here)"
+    version = Version(project["version"])
+    assert version in RANGE, f"{dist} {version} is outside the {RANGE} series the layers pin to each other"
+
+
+@pytest.mark.parametrize("dist,_imp,project_dir", LAYERS, ids=[d for d, _, _ in LAYERS])
+def test_layer_depends_on_layer_below_only(dist: str, _imp: str, project_dir: Path) -> None:
+    project = _pyproject(project_dir)["project"]
+    level = LAYER_INDEX[dist]
+    reqs = _all_requirements(project)
+    ours = [(where, r) for where, r in reqs if _ours(r)]
+
+    for where, req in ours:
+        name = req.name.lower().replace("_", "-")
+        assert name != "sparseflow", f"{dist} must not depend on the meta-package ({where}: {req})"
+        assert LAYER_INDEX[name] < level, f"{dist} depends on a higher or equal layer ({where}: {req})"
+        assert req.specifier == RANGE, f"{dist}: {where}: {req} should pin {name}{RANGE}"
+
+    if level > 0:
+        below = LAYERS[level - 1][0]
+        direct = [r for where, r in ours if where == "dependencies"]
+        assert any(r.name == below for r in direct), f"{dist} does not depend on {below}{RANGE}"
+    else:
+        assert not ours, f"{dist} is the bottom layer; it depends on {[str(r) for _, r in ours]}"
+        names = {r.name.lower() for where, r in reqs if where == "dependencies"}
+        assert names <= {"torch", "triton"}, f"{dist} should depend on torch and triton only, not {names}"
+
+
+def test_meta_package_depends_on_core() -> None:
+    project = _pyproject(ROOT)["project"]
+    direct = [r for r in map(Requirement, project.get("dependencies", [])) if _ours(r)]
+    assert any(r.name == "sparseflow-core" and r.specifier == RANGE for r in direct), (
+        f"the sparseflow meta-package should depend on sparseflow-core{RANGE}, has {[str(r) for r in direct]}"
+    )
+    for where, req in _all_requirements(project):
+        if _ours(req):
+            assert req.specifier == RANGE, f"sparseflow: {where}: {req} should pin {RANGE}"
+
+
+@pytest.mark.parametrize("dist,imp,project_dir", [*LAYERS, META], ids=[d for d, _, _ in [*LAYERS, META]])
+def test_dunder_version_matches_pyproject(dist: str, imp: str, project_dir: Path) -> None:
+    """Where a package's __init__.py spells out __version__, it equals the pyproject version."""
+    init = project_dir / "src" / imp / "__init__.py"
+    if not init.is_file():
+        pytest.skip(f"{init.relative_to(ROOT)} does not exist yet")
+    m = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", init.read_text(encoding="utf-8"), re.M)
+    if m is None:
+        if dist == "sparseflow":
+            pytest.fail("src/sparseflow/__init__.py must define __version__")
+        pytest.skip(f"{imp} does not define __version__ literally")
+    assert m.group(1) == _pyproject(project_dir)["project"]["version"]
+
+
+# --------------------------------------------------------------------------- (b) imports
+
+# `import a, b.c as d` or `from a.b import c` at the start of a line (indented too:
+# function-local imports count). Relative imports (`from . import x`) are not matched.
+_IMPORT_RE = re.compile(r"^\s*import\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)", re.M)
+_FROM_RE = re.compile(r"^\s*from\s+([\w.]+)\s+import\b", re.M)
+_DYNAMIC_RE = re.compile(r"""import_module\(\s*["']([\w.]+)["']""")
+
+
+def _imported_top_modules(text: str) -> list[tuple[int, str]]:
+    """(line number, top-level module) for every absolute import in ``text``."""
+    found: list[tuple[int, str]] = []
+
+    def line_of(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    for m in _IMPORT_RE.finditer(text):
+        for part in m.group(1).split(","):
+            found.append((line_of(m.start()), part.strip().split()[0].split(".")[0]))
+    for rx in (_FROM_RE, _DYNAMIC_RE):
+        for m in rx.finditer(text):
+            if not m.group(1).startswith("."):  # relative import: inside the package
+                found.append((line_of(m.start()), m.group(1).split(".")[0]))
+    return found
+
+
+def test_import_regex_sanity() -> None:
+    text = (
+        "import os, sparseflow_core.x as y\n"
+        "    from sparseflow_bench.cli import main\n"
+        "from . import sibling\n"
+        "x = importlib.import_module('sparseflow_ops')\n"
+    )
+    mods = {m for _, m in _imported_top_modules(text)}
+    assert mods == {"os", "sparseflow_core", "sparseflow_bench", "sparseflow_ops"}
+
+
+@pytest.mark.parametrize("dist,imp,project_dir", LAYERS, ids=[d for d, _, _ in LAYERS])
+def test_source_imports_respect_layers(dist: str, imp: str, project_dir: Path) -> None:
+    src = project_dir / "src"
+    assert src.is_dir(), f"missing {src.relative_to(ROOT)}"
+    level = LAYER_INDEX[dist]
+    forbidden = {name for name, i in IMPORT_LAYER.items() if i > level} | {"sparseflow"}
+    violations = []
+    for path in sorted(src.rglob("*.py")):
+        for lineno, module in _imported_top_modules(path.read_text(encoding="utf-8")):
+            if module in forbidden:
+                violations.append(f"{path.relative_to(ROOT)}:{lineno}: imports {module}")
+    assert not violations, f"{dist} may import only layers below it:\n" + "\n".join(violations)
+
+
+# --------------------------------------------------------------------------- (c) CI runs the README's command
+
+_FENCE_RE = re.compile(r"^(```|~~~)[^\n]*\n(.*?)^\1\s*$", re.M | re.S)
+_NOX_TESTS_RE = re.compile(r"\bnox\b[^\n`;&|#]*?-s\s+tests\b[^\n`;&|#]*")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = ROOT / "README.md"
+    assert readme.is_file(), (
+        "README.md is missing at the repo root: it should show the test command "
+        "(a fenced code block with `nox -s tests`) that .ci/run runs"
+    )
+    blocks = [m.group(2) for m in _FENCE_RE.finditer(readme.read_text(encoding="utf-8"))]
+    commands = sorted({m.group(0).strip() for b in blocks for m in _NOX_TESTS_RE.finditer(b)})
+    assert commands, "README.md has no fenced code block with the test command `nox -s tests`"
+
+    ci = ROOT / ".ci" / "run"
+    assert ci.is_file(), "missing .ci/run"
+    ci_text = ci.read_text(encoding="utf-8")
+    ci_lines = [ln for ln in ci_text.splitlines() if not ln.lstrip().startswith("#")]
+    for cmd in commands:
+        assert any(cmd in ln for ln in ci_lines), f".ci/run does not run the README's test command {cmd!r}"
+
+
+# --------------------------------------------------------------------------- the meta-package
+
+META_EXPORTS = ["optimize", "restore", "profile", "register_spiking_module", "OptimizeReport"]
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_meta_package_imports_lazily() -> None:
+    """`import sparseflow` must not import sparseflow_core (or torch) until a name is used."""
+    proc = _run_python(
+        "import sys, sparseflow\n"
+        "assert 'sparseflow_core' not in sys.modules, 'sparseflow_core imported eagerly'\n"
+        "assert 'torch' not in sys.modules, 'torch imported eagerly'\n"
+        f"expected = sorted({[*META_EXPORTS, '__version__']!r})\n"
+        "assert sorted(sparseflow.__all__) == expected, sparseflow.__all__\n"
+        "try:\n"
+        "    sparseflow.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('unknown name did not raise AttributeError')\n"
+        "assert 'sparseflow_core' not in sys.modules\n"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_meta_package_reexports_core_api() -> None:
+    sparseflow_core = pytest.importorskip("sparseflow_core")
+    sparseflow = pytest.importorskip("sparseflow")
+
+    missing = [n for n in META_EXPORTS if not hasattr(sparseflow_core, n)]
+    assert not missing, f"sparseflow_core does not define {missing}, which sparseflow re-exports"
+    for name in META_EXPORTS:
+        assert getattr(sparseflow, name) is getattr(sparseflow_core, name)
