@@ -323,8 +323,6 @@ class SparseConv2d(nn.Conv2d):
                                  f"output [{T}, {N}, {OHW}]")
             res5 = residual.reshape(T, N, *OHW)
         common = dict(scale=scale, shift=shift, neuron=spec, v=v0, return_v=True, residual=res5)
-        cfg_tm = ConvConfig(tile_h=4, tile_w=4, block_n=cfg.block_n, block_k=cfg.block_k, t_in_m=True,
-                            num_warps=4) if T <= 8 else None
         write_occ = self.write_occupancy
         weight = self.weight
 
@@ -336,11 +334,11 @@ class SparseConv2d(nn.Conv2d):
         def cudnn():
             return spiking_conv2d(x5, weight, self.bias, self.stride, self.padding, path="cudnn", **common)
 
-        cands = {"fused_dense": lambda: fused(cfg, False)}
+        cands = {}
+        for cname, c in spiking_configs(C, self.out_channels, T).items():
+            cands[cname] = (lambda c=c: fused(c, False))
         if self.block_size != "dense" and triton_groups_ok(C, cfg):
             cands["fused_sparse"] = lambda: fused(cfg, True)
-        if cfg_tm is not None:
-            cands["fused_tm"] = lambda: fused(cfg_tm, False)
         if not write_occ:
             cands["cudnn"] = cudnn
         key = ("spiking", tuple(x5.shape), x.dtype, self.out_channels, self.kernel_size, self.stride,
@@ -360,6 +358,18 @@ class SparseConv2d(nn.Conv2d):
         if x.dim() == 5:
             return spikes
         return spikes.flatten(0, 1) if adapter.is_multistep(neuron) else spikes[0]
+
+
+def spiking_configs(C: int, CO: int, T: int) -> dict[str, ConvConfig]:
+    """The dense fused-kernel configurations a spiking layer measures (the best of the H100 sweeps:
+    8x8 output tiles with T looped inside, and 4x4 tiles with T in the GEMM's M for deep layers)."""
+    bk = 32 if C >= 32 else 16
+    cfgs = {"fused_dense": ConvConfig(8, 8, 64, bk, False, 4, 3)}
+    if T <= 8:
+        cfgs["fused_tm"] = ConvConfig(4, 4, 64, bk, True, 4, 3)
+        if CO >= 128:
+            cfgs["fused_tm_n128"] = ConvConfig(4, 4, 128, bk, True, 4, 3)
+    return cfgs
 
 
 def triton_groups_ok(C: int, cfg: ConvConfig) -> bool:

@@ -1,0 +1,20 @@
+"""Shared setup of the ops tests: the Triton interpreter and per-test seeds."""
+
+from __future__ import annotations
+
+import os
+
+# The kernels run on the CPU through Triton's interpreter; it must be chosen before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """A fixed seed per test (from its id): every test draws its own inputs, reproducibly."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
