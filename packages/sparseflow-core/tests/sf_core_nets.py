@@ -122,8 +122,30 @@ def compare_calls(opt, dense, inputs, forward=lambda net, x: net(x)):
         assert_same_state(opt, dense)
 
 
-def deep_twins(net):
-    return net, copy.deepcopy(net)
+def build_small_sj():
+    """(calibrated small SpikingJelly net, three [T, N, 3, 16, 16] inputs), deterministic."""
+    torch.manual_seed(0)
+    net = small_sj_net()
+    xs = [image_input() for _ in range(3)]
+    calibrate_bns(net, xs[0])
+    return net, xs
+
+
+def build_resnet(kind: str):
+    """spiking_resnet18 / sew_resnet18 (ADD) in multi-step mode, BatchNorms calibrated so that every layer
+    fires; three [T=2, N=1, 3, 32, 32] inputs. Deterministic."""
+    from spikingjelly.activation_based.model import sew_resnet, spiking_resnet
+
+    torch.manual_seed(0)
+    if kind == "spiking_resnet18":
+        net = spiking_resnet.spiking_resnet18(spiking_neuron=neuron.LIFNode, num_classes=10)
+    else:
+        net = sew_resnet.sew_resnet18(spiking_neuron=neuron.LIFNode, num_classes=10, cnf="ADD")
+    functional.set_step_mode(net, "m")
+    net.eval()
+    xs = [torch.randn(2, 1, 3, 32, 32) for _ in range(3)]
+    calibrate_bns(net, torch.randn(2, 6, 3, 32, 32))  # a larger batch: deep 1x1 maps need the samples
+    return net, xs
 
 
 class ResidualBlock(nn.Module):

@@ -185,6 +185,7 @@ def test_scale_shift_fp16():
     assert_conv_close(y, ref, torch.float16)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("mode", ["sparse", "dense"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_nan_inf_propagate_like_conv2d(mode, dtype):

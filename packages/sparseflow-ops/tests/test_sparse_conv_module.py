@@ -49,11 +49,11 @@ NEURON_FACTORIES = {
 }
 
 
-def sj_layer(neuron_kind="lif-hard", bn=True, step_mode="m", x=None):
+def sj_layer(neuron_kind="lif-hard", bn=True, step_mode="m", x=None, co=CO):
     """conv -> BatchNorm -> neuron, SpikingJelly layers, eval mode, BatchNorm calibrated on ``x``."""
-    mods = [layer.Conv2d(C, CO, 3, padding=1, bias=False, step_mode=step_mode)]
+    mods = [layer.Conv2d(C, co, 3, padding=1, bias=False, step_mode=step_mode)]
     if bn:
-        mods.append(layer.BatchNorm2d(CO, step_mode=step_mode))
+        mods.append(layer.BatchNorm2d(co, step_mode=step_mode))
     if neuron_kind is not None:
         mods.append(NEURON_FACTORIES[neuron_kind](step_mode))
     seq = nn.Sequential(*mods).eval()
@@ -165,6 +165,30 @@ def test_fused_layer_calls_and_reset(neuron_kind, mode):
     assert all(0.02 < r < 0.9 for r in rates), rates
     assert fused[0].last_path == {"sparse": "fused_sparse", "dense": "fused_dense", "torch": "cudnn",
                                   "auto": "fused_dense"}[mode]
+
+
+@pytest.mark.parametrize("candidate", ["fused_dense", "fused_tm", "fused_tm_n128", "fused_sparse", "cudnn"])
+def test_every_dispatch_candidate(candidate, monkeypatch):
+    """Whatever path the measurement picks (on a GPU), the layer computes the dense model's spikes."""
+    from sparseflow_kernels import dispatch
+
+    co = 128 if candidate == "fused_tm_n128" else CO
+    x1, x2 = spikes(T, N, C, H, W), spikes(T, N, C, H, W)
+    dense = sj_layer("lif-soft", x=x1, co=co)
+    fused = fuse(dense, mode="auto")
+    offered = []
+
+    def choose(key, cands, fallback, device=None):
+        offered.append(sorted(cands))
+        return candidate
+
+    monkeypatch.setattr(dispatch, "choose", choose)
+    for x in (x1, x2):
+        ref = dense(x)
+        assert_same_spikes(fused(x), ref)
+        torch.testing.assert_close(fused[2].v, dense[2].v, rtol=1e-5, atol=1e-5)
+    assert candidate in offered[0], offered[0]
+    assert fused[0].last_path == candidate
 
 
 def test_fused_conv_neuron_without_bn():

@@ -395,6 +395,21 @@ def section_e2e(models, T, N, size, device, out_dir, env, compile_modes=("reduce
                 ref_spk = st.get("s")
                 for h in hs:
                     h.remove()
+                try:  # the same fp32 model with another cuDNN algorithm (channels_last): how much the network
+                    # amplifies a mere change of fp32 summation order
+                    mcl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+                    st, hs = last_spiking_output(mcl)
+                    reset_states(mcl)
+                    lcl = mcl(x.contiguous()).float()
+                    r["dense_fp32_reordered_logits_rel_err"] = float((lcl - ref_logits).norm() / ref_logits.norm())
+                    if st.get("s") is not None and ref_spk is not None:
+                        r["dense_fp32_reordered_last_spike_flip_rate"] = float(
+                            (st["s"].float() != ref_spk.float()).float().mean())
+                    for h in hs:
+                        h.remove()
+                    del mcl
+                except Exception as e:
+                    r["dense_fp32_reordered_error"] = f"{type(e).__name__}: {e}"[:200]
                 # SparseFlow fp32 (exactness) and fp16 (speed)
                 for tag, dt in (("fp16", torch.float16), ("fp32", torch.float32)):
                   try:

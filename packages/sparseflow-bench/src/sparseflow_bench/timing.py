@@ -70,7 +70,7 @@ class Energy:
     def available(self) -> bool:
         return self.handle is not None
 
-    def joules_per_call(self, fn, seconds: float = 1.5) -> float | None:
+    def joules_per_call(self, fn, seconds: float = 1.0) -> float | None:
         if not self.available:
             return None
         fn()

@@ -35,6 +35,7 @@ class CudaGraphModel(nn.Module):
         super().__init__()
         self.model = model
         self.warmup = warmup
+        self.train(model.training)
         self.__dict__["_graphs"] = {}
         self.__dict__["_seen"] = {}
 
@@ -43,7 +44,7 @@ class CudaGraphModel(nn.Module):
         self._seen.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda or self.training:
+        if not x.is_cuda or self.model.training:
             reset_states(self.model)
             return self.model(x)
         key = (tuple(x.shape), x.dtype, x.device)
