@@ -61,7 +61,7 @@ def correctness():
     sc = torch.rand(CO, device=dev) + 0.5
     sh = torch.randn(CO, device=dev) * 0.3
     spec = NeuronSpec.make("lif")
-    rs, rh, rv = spiking_conv2d_reference(x.double(), w.double(), None, 1, 1, scale=sc.double(), shift=sh.double(),
+    rs, _rh, rv = spiking_conv2d_reference(x.double(), w.double(), None, 1, 1, scale=sc.double(), shift=sh.double(),
                                           spec=spec)
     occ = prescan(x.flatten(0, 1), 8, 16)
     for name, kw in [("fused", {}), ("sparse", {"sparse": True}), ("occ", {"occupancy": occ}),

@@ -106,8 +106,8 @@ def test_spiking_conv2d_paths(dt, path, neuron):
     spec = NeuronSpec.make(**kw)
     extra = {"fused": {}, "tm": {"config": ConvConfig(4, 4, 64, 16, t_in_m=True)}, "sparse": {"sparse": True},
              "occ_chain": {"occupancy": prescan(x.flatten(0, 1), 8, 16)}, "cudnn": {"path": "cudnn"}}[path]
-    s, v = spiking_conv2d(x, w, None, 1, 1, scale=sc, shift=sh, residual=res, return_v=True, **kw, **extra)
-    rs, rh, rv = spiking_conv2d_reference(x.double(), w.double(), None, 1, 1, scale=sc.double(),
+    s, _v = spiking_conv2d(x, w, None, 1, 1, scale=sc, shift=sh, residual=res, return_v=True, **kw, **extra)
+    rs, rh, _rv = spiking_conv2d_reference(x.double(), w.double(), None, 1, 1, scale=sc.double(),
                                           shift=sh.double(), residual=res.double(), spec=spec)
     # fp32 accumulation everywhere; the cudnn path rounds the conv to the storage dtype before the neuron
     tol = 1e-4 if (dtype == torch.float32 and path != "cudnn") else 3e-2
@@ -121,6 +121,6 @@ def test_multistep_neuron_matches_reference(dtype):
     x = (torch.randn(4, 3, 33, 7, 5, generator=g, device="cuda") * 1.5).to(dtype)
     for kw in (dict(neuron="lif"), dict(neuron="if", v_reset=None), dict(neuron="leaky", beta=0.9, v_reset=0.0)):
         spec = NeuronSpec.make(**kw)
-        s, v = multistep_neuron(x, spec, return_v=True)
-        rs, rh, rv = neuron_reference(x.double(), spec)
+        s, _v = multistep_neuron(x, spec, return_v=True)
+        rs, rh, _rv = neuron_reference(x.double(), spec)
         assert _flips(s, rs, rh, spec.v_threshold, 1e-4 if dtype == torch.float32 else 1e-2) == 0

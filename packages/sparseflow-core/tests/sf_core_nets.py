@@ -3,8 +3,6 @@ neurons fire in every layer, and helpers that compare an optimized model with it
 
 from __future__ import annotations
 
-import copy
-
 import snntorch
 import torch
 from spikingjelly.activation_based import functional, layer, neuron
@@ -21,7 +19,7 @@ def calibrate_bns(net: nn.Module, example, forward=None) -> None:
         y = inputs[0]
         y = y.flatten(0, 1) if y.dim() == 5 else y
         mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3)) + 1e-3
-        r = lambda: torch.rand(mean.shape, generator=gen)  # noqa: E731
+        r = lambda: torch.rand(mean.shape, generator=gen)
         bn.running_mean.copy_(mean + 0.1 * var.sqrt() * (r() - 0.5))
         bn.running_var.copy_(var * (0.8 + 0.4 * r()))
         bn.weight.copy_(0.8 + 0.7 * r())
@@ -168,11 +166,13 @@ class ResidualBlock(nn.Module):
 
 
 def small_nn_net(residual=False):
-    """torch nn.Conv2d / nn.BatchNorm2d with single-step SpikingJelly neurons: one [N, C, H, W] step per call."""
+    """torch nn.Conv2d / nn.BatchNorm2d with single-step SpikingJelly neurons: one [N, C, H, W] step per
+    call."""
     mods = [nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), neuron.LIFNode(tau=2.0)]
     if residual:
         mods.append(ResidualBlock(16))
     else:
-        mods += [nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), neuron.LIFNode(v_reset=None)]
+        mods += [nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                 neuron.LIFNode(v_reset=None)]
     mods += [nn.Flatten(), nn.Linear(16 * 14 * 14, 10)]
     return nn.Sequential(*mods).eval()

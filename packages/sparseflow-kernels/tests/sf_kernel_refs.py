@@ -46,7 +46,8 @@ NEURONS = {
     "if-hard": dict(kind="if", v_threshold=1.0, v_reset=0.0),
     "if-soft": dict(kind="if", v_threshold=0.8, v_reset=None),
     "plif-hard": dict(kind="plif", init_tau=2.5, decay_input=True, v_threshold=1.0, v_reset=0.0),
-    "plif-soft-nodecayinput": dict(kind="plif", init_tau=4.0, decay_input=False, v_threshold=1.0, v_reset=None),
+    "plif-soft-nodecayinput": dict(kind="plif", init_tau=4.0, decay_input=False, v_threshold=1.0,
+                                   v_reset=None),
     "leaky-subtract": dict(kind="leaky", beta=0.9, v_threshold=1.0, v_reset=None),
     "leaky-zero": dict(kind="leaky", beta=0.7, v_threshold=0.8, v_reset=0.0),
 }
@@ -83,7 +84,8 @@ def make_sj_node(p: dict, step_mode: str = "m"):
         node = neuron.IFNode(v_threshold=p["v_threshold"], v_reset=p["v_reset"], step_mode=step_mode)
     elif kind == "plif":
         node = neuron.ParametricLIFNode(init_tau=p["init_tau"], decay_input=p["decay_input"],
-                                        v_threshold=p["v_threshold"], v_reset=p["v_reset"], step_mode=step_mode)
+                                        v_threshold=p["v_threshold"], v_reset=p["v_reset"],
+                                        step_mode=step_mode)
     else:
         raise ValueError(kind)
     return node.double().eval()

@@ -102,8 +102,11 @@ def test_2d_input_single_call(neuron):
     assert_spikes_match(s, rs, rh, p["v_threshold"], v, rv)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: multistep_neuron rejects, for a [T, N] input, the [N] membrane it "
-                   "returned itself (expects v of shape [N, 1])")
+BUG_2D_V = ("BUG: multistep_neuron rejects, for a [T, N] input, the [N] membrane it returned itself "
+            "(expects v of shape [N, 1])")
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_2D_V)
 def test_2d_input_pass_v_back():
     p = NEURONS["lif-hard"]
     xs = [make_x((3, 32)) for _ in range(2)]

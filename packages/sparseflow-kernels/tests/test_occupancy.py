@@ -127,6 +127,7 @@ SHAPES = {
     "B1-C70-11x7-t16-g16": ((1, 70, 11, 7), 16, 16),
     "B2-C24-12x10-t4x8-g8": ((2, 24, 12, 10), (4, 8), 8),
     "B1-C5-6x6-t2-g32": ((1, 5, 6, 6), 2, 32),
+    "B1-C300-5x6-t4-g16": ((1, 300, 5, 6), 4, 16),  # 19 groups over several programs
 }
 
 
@@ -193,7 +194,8 @@ def border_input(B, C, H, W, tile=8, density=0.15):
     return x
 
 
-HALO_CASES = [(c, pt) for c in CONSUMERS for pt in ("occ8", "occ4", "occ16x8") if pt == "occ8" or c in ("3x3-s1", "3x3-s2")]
+HALO_CASES = [(c, pt) for c in CONSUMERS for pt in ("occ8", "occ4", "occ16x8")
+              if pt == "occ8" or c in ("3x3-s1", "3x3-s2")]
 PRODUCER_TILES = {"occ8": 8, "occ4": 4, "occ16x8": (16, 8)}
 
 

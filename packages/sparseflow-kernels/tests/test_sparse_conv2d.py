@@ -56,6 +56,8 @@ GEOMETRIES = {
     "odd-C37-CO1-H13-W7": (2, 37, 1, 13, 7, (3, 3), 1, 1, 1, True),
     "odd-C3-CO5-H11-W2": (1, 3, 5, 11, 2, (3, 3), 1, 1, 1, True),
     "C40-CO40-3groups": (1, 40, 40, 13, 13, (3, 3), 1, 1, 1, True),
+    "C16-CO16-exact-group": (1, 16, 16, 9, 9, (3, 3), 1, 1, 1, True),
+    "C1-H1-W11": (2, 1, 8, 1, 11, (1, 3), 1, (0, 1), 1, True),
 }
 
 
@@ -132,6 +134,14 @@ def test_unbatched_3d_input():
     y = sparse_conv2d(x, w, b, 1, 1)
     assert y.shape == (24, 11, 9)
     assert_conv_close(y, F.conv2d(x.double(), w.double(), b.double(), 1, 1), torch.float32)
+
+
+@pytest.mark.parametrize("block_size", [4, (4, 16), (16, 8)], ids=["block4", "block4x16", "block16x8"])
+def test_rectangular_and_small_blocks(block_size):
+    x = spikes(2, 20, 13, 11)
+    w, b = weights(24, 20, 3, 3)
+    y = sparse_conv2d(x, w, b, 1, 1, block_size=block_size)
+    assert_conv_close(y, conv_ref(x, w, b, 1, 1), torch.float32)
 
 
 def test_empty_batch():

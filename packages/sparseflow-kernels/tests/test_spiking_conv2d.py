@@ -186,7 +186,8 @@ def test_sparse_equals_fused_bitwise():
 CHAINS = {
     "A-default>B-3x3s1": (dict(), dict(k=3, stride=1, padding=1)),
     "A-t_in_m>B-3x3s2": (dict(config=TM_CONFIG), dict(k=3, stride=2, padding=1)),
-    "A-blockn16>B-1x1": (dict(config=ConvConfig(8, 8, block_n=16, block_k=16)), dict(k=1, stride=1, padding=0)),
+    "A-blockn16>B-1x1": (dict(config=ConvConfig(8, 8, block_n=16, block_k=16)),
+                         dict(k=1, stride=1, padding=0)),
 }
 
 
@@ -299,3 +300,28 @@ def test_error_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA"):
         spiking_conv2d(x, torch.randn(8, 4, 3, 3))
+
+
+@pytest.mark.parametrize("T", [1, 2, 5], ids=["T1", "T2", "T5-pads-to-8"])
+def test_t_in_m_time_steps(T):
+    """Time in the GEMM rows pads T to a power of two; the padded rows must not leak into real steps."""
+    p = NEURONS["if-soft"]
+    layer = make_layer(T=T, N=1, C=16, CO=16, H=6, W=5, residual=True, v0=True)
+    spikes, v = run(layer, p, return_v=True, config=TM_CONFIG, sparse=True)
+    check(layer, p, spikes, v)
+
+
+@pytest.mark.parametrize("CO", [1, 17], ids=["CO1", "CO17"])
+def test_write_occupancy_partial_channel_groups(CO):
+    p = NEURONS["if-hard"]
+    layer = make_layer(T=2, N=2, C=20, CO=CO, H=9, W=10)
+    spikes, v, occ = run(layer, p, return_v=True, write_occupancy=True)
+    check(layer, p, spikes, v)
+    assert occ.codes.shape == (4, 2, 2, -(-CO // 16))
+    assert torch.equal(occ.codes, prescan(spikes.flatten(0, 1), 8, 16).codes)
+
+
+def test_empty_batch():
+    w = torch.randn(8, 4, 3, 3)
+    out, v = spiking_conv2d(torch.zeros(3, 0, 4, 6, 6), w, padding=1, return_v=True)
+    assert out.shape == (3, 0, 8, 6, 6) and v.shape == (0, 8, 6, 6)

@@ -10,7 +10,7 @@ import io
 import pytest
 import snntorch
 import torch
-from spikingjelly.activation_based import functional, layer, neuron
+from spikingjelly.activation_based import functional, layer, neuron, surrogate
 from torch import nn
 
 from sparseflow_ops import (
@@ -46,6 +46,7 @@ NEURON_FACTORIES = {
     "lif-nodecayinput": lambda sm: neuron.LIFNode(tau=3.0, decay_input=False, step_mode=sm),
     "if": lambda sm: neuron.IFNode(v_threshold=1.0, step_mode=sm),
     "plif": lambda sm: neuron.ParametricLIFNode(init_tau=2.5, step_mode=sm),
+    "lif-vreset-neg": lambda sm: neuron.LIFNode(tau=1.7, v_threshold=0.7, v_reset=-0.2, step_mode=sm),
 }
 
 
@@ -310,8 +311,13 @@ def test_to_dense_nn_conv2d():
     assert fused.state_dict().keys() == dense.state_dict().keys()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SparseConv2d.to_dense() of a SpikingJelly layer.Conv2d gives a module "
-                   "without _step_mode (from_dense copies step_mode as a plain attribute): AttributeError on forward")
+BUG_TO_DENSE_SJ = (
+    "BUG: SparseConv2d.to_dense() of a SpikingJelly layer.Conv2d gives a module without _step_mode "
+    "(from_dense copies step_mode as a plain attribute): AttributeError on forward"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_TO_DENSE_SJ)
 def test_to_dense_spikingjelly_conv():
     x = spikes(T, N, C, H, W)
     dense = sj_layer("lif-hard", x=x)
@@ -561,13 +567,19 @@ def test_multistep_neuron_fed_flattened_batch():
     assert y.shape == (T * N, CO, H, W)
     assert_same_spikes(y, dense(x).flatten(0, 1))
     torch.testing.assert_close(lif.v, dense[2].v, rtol=1e-5, atol=1e-5)
-    bad = SparseConv2d.from_dense(copy.deepcopy(conv), copy.deepcopy(bn), copy.deepcopy(lif), mode="sparse").eval()
+    bad = SparseConv2d.from_dense(copy.deepcopy(conv), copy.deepcopy(bn), copy.deepcopy(lif),
+                                  mode="sparse").eval()
     with pytest.raises(RuntimeError, match="T="):
         bad(x.flatten(0, 1))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: multistep_neuron rejects the [N] membrane it returned for a [T, N] "
-                   "input, so an accelerated neuron fed 1-D [N] steps (or [T, N] sequences) fails on its 2nd call")
+BUG_1D_STEPS = (
+    "BUG: multistep_neuron rejects the [N] membrane it returned for a [T, N] input, so an accelerated "
+    "neuron fed 1-D [N] steps (or [T, N] sequences) fails on its 2nd call"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_1D_STEPS)
 def test_accelerated_neuron_one_dimensional_steps():
     orig = neuron.LIFNode(tau=2.0, step_mode="s").eval()
     acc = accelerate_neuron(copy.deepcopy(orig))
@@ -575,3 +587,68 @@ def test_accelerated_neuron_one_dimensional_steps():
         x = torch.randn(32) + 0.6
         assert_same_spikes(acc(x), orig(x))
         torch.testing.assert_close(acc.v, orig.v, rtol=1e-5, atol=1e-5)
+
+
+PLIF_STALE = pytest.mark.xfail(strict=True, reason=(
+    "BUG: the PLIF adapter's spec_key is only (w._version, w.data_ptr()): a changed v_threshold "
+    "(or v_reset/decay_input) is never re-read, the kernels keep the cached NeuronSpec"))
+ATTR_CASES = [
+    pytest.param("lif-hard", "accelerate", id="lif-accelerate"),
+    pytest.param("if", "accelerate", id="if-accelerate"),
+    pytest.param("lif-hard", "fused", id="lif-fused"),
+    pytest.param("plif", "accelerate", id="plif-accelerate", marks=PLIF_STALE),
+    pytest.param("plif", "fused", id="plif-fused", marks=PLIF_STALE),
+]
+
+
+@pytest.mark.parametrize("neuron_kind,where", ATTR_CASES)
+def test_changed_threshold_is_picked_up(neuron_kind, where):
+    """Setting a neuron's v_threshold between calls changes what the kernels compute, as in the module."""
+    if where == "accelerate":
+        orig = NEURON_FACTORIES[neuron_kind]("m").eval()
+        acc = accelerate_neuron(copy.deepcopy(orig))
+        xs = neuron_inputs(True, 2)
+        mods = (orig, acc)
+    else:
+        xs = [spikes(T, N, C, H, W) for _ in range(2)]
+        orig = sj_layer(neuron_kind, x=xs[0])
+        acc = fuse(orig, mode="sparse")
+        mods = (orig[2], acc[2])
+    with torch.no_grad():
+        assert_same_spikes(acc(xs[0]), orig(xs[0]))
+        for m in mods:
+            m.v_threshold = 0.45
+        functional.reset_net(orig)
+        functional.reset_net(acc)
+        ref = orig(xs[1])
+        assert_same_spikes(acc(xs[1]), ref)
+
+
+BUG_NONSPIKING_SURROGATE = (
+    "BUG: neuron_support accepts a SpikingJelly neuron whose surrogate has spiking=False (its forward "
+    "outputs sigmoid(alpha*(h - v_th)), not 0/1 spikes); the kernels then return binary spikes instead of "
+    "the module's analog outputs"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=BUG_NONSPIKING_SURROGATE)
+@pytest.mark.parametrize("where", ["accelerate", "fused"])
+def test_non_spiking_surrogate_rejected_or_exact(where):
+    """A neuron is either refused with a reason, or runs with exactly its own outputs."""
+    def make(sm):
+        return neuron.LIFNode(tau=2.0, surrogate_function=surrogate.Sigmoid(spiking=False), step_mode=sm)
+
+    adapter, why = neuron_support(make("m"))
+    if adapter is None:
+        assert "surrogate" in why or "spiking" in why, why
+        return
+    if where == "accelerate":
+        orig = make("m").eval()
+        acc = accelerate_neuron(copy.deepcopy(orig))
+        x = neuron_inputs(True, 1)[0]
+    else:
+        x = spikes(T, N, C, H, W)
+        orig = nn.Sequential(layer.Conv2d(C, CO, 3, padding=1, step_mode="m"), make("m")).eval()
+        acc = fuse(orig, mode="sparse")
+    with torch.no_grad():
+        torch.testing.assert_close(acc(x), orig(x))

@@ -153,7 +153,7 @@ class _Tracker(TorchFunctionMode):
         """(root id, still-unchanged) following aliases."""
         i, ok = id(t), True
         while i in self.alias:
-            j, ver = self.alias[i]
+            j, _ver = self.alias[i]
             i = j
         if i in self.producer:
             ok = _version(t) == self.producer[i][1] or (_version(t) is None)

@@ -13,6 +13,8 @@ outputs are the captured buffers: the next call overwrites them, so clone what y
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -24,10 +26,8 @@ def reset_states(model: nn.Module) -> None:
             continue
         fn = getattr(m, "reset", None) or getattr(m, "reset_mem", None)
         if callable(fn):
-            try:
+            with contextlib.suppress(TypeError):
                 fn()
-            except TypeError:
-                pass
 
 
 class CudaGraphModel(nn.Module):

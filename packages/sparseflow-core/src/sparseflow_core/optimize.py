@@ -287,7 +287,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
         entry.detail = "multi-step Triton neuron"
     # producers of spikes for sparse consumers write the occupancy of their output (opt-in: measured on the
     # H100, the epilogue write cost more than the consumer's own one-pass prescan; see docs/design.md)
-    for name, new in (replaced.items() if write_occupancy else ()):
+    for new in (replaced.values() if write_occupancy else ()):
         if new.fused_neuron is None:
             continue
         neuron_name = next(n for n, mm in named.items() if mm is new.fused_neuron)

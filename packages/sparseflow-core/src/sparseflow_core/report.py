@@ -67,7 +67,7 @@ class OptimizeReport:
                 e.path or "", e.reason,
             ))
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-        fmt = " | ".join("{:<%d}" % w for w in widths)
+        fmt = " | ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*head), "-+-".join("-" * w for w in widths)]
         lines += [fmt.format(*r) for r in rows]
         n_f, n_s, n_n, n_l = (len(self.by_action(a)) for a in ("fused", "sparse", "neuron-kernel", "left"))

@@ -360,7 +360,7 @@ def launch_conv(
     """Launch :func:`_conv_kernel`. ``x`` ``[T*N, C, H, W]``, ``out`` ``[T*N, CO, OH, OW]``,
     ``residual`` like ``out``, ``v``/``v_out`` ``[N, CO, OH, OW]`` fp32, ``occ`` an Occupancy of ``x``
     (sparse mode) or None (dense), ``occ_out`` codes ``[T*N, tiles_h, tiles_w, groups]`` to fill."""
-    B, C, H, W = x.shape
+    _B, C, H, W = x.shape
     _, _, OH, OW = out.shape
     tiles_h, tiles_w = triton.cdiv(OH, cfg.tile_h), triton.cdiv(OW, cfg.tile_w)
     num_cb = triton.cdiv(CO, cfg.block_n)

@@ -53,9 +53,8 @@ class NeuronSpec:
                 raise ValueError("neuron='leaky' needs beta")
             return cls("leaky", float(beta), True, float(v_threshold), v_reset)
         if decay is None:
-            if neuron in ("lif", "plif"):
-                if not tau > 1.0:
-                    raise ValueError(f"LIF needs tau > 1, got {tau}")
+            if neuron in ("lif", "plif") and not tau > 1.0:
+                raise ValueError(f"LIF needs tau > 1, got {tau}")
             decay = 1.0 / float(tau)
         return cls(neuron, float(decay), bool(decay_input), float(v_threshold),
                    None if v_reset is None else float(v_reset))

@@ -240,7 +240,7 @@ class SparseConv2d(nn.Conv2d):
         bn = self._bn
         if bn is None:
             return None, None
-        key = version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var) + (bn.eps,)
+        key = (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps)
         return self._acache.get(key, lambda: bn_affine(bn))
 
     def _config(self, C, CO, H, t_in_m=False):
@@ -249,7 +249,7 @@ class SparseConv2d(nn.Conv2d):
         return cfg
 
     def _packed(self, cfg: ConvConfig, dtype):
-        key = version_key(self.weight) + (cfg.block_k, cfg.block_n, dtype)
+        key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
         return self._wcache.get(key, lambda: pack_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
 
     # -- conv (+ folded BN)
