@@ -202,7 +202,10 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 # --------------------------------------------------------------------------- the meta-package
 
-META_EXPORTS = ["optimize", "restore", "profile", "register_spiking_module", "OptimizeReport"]
+META_EXPORTS = [
+    "optimize", "restore", "profile", "register_spiking_module", "OptimizeReport", "get_report", "cuda_graph",
+    "analyze",
+]
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess[str]:

@@ -345,17 +345,16 @@ def test_restore_nn_modules():
 
 
 BUG_RESTORE_FX = (
-    "BUG: restore() of a model whose residual block was rewritten with torch.fx puts a plain Conv2d back "
-    "into the GraphModule, whose code still calls conv(x, residual=...) (TypeError); the original block "
+    "Regression (fixed): restore() of a model whose residual block was rewritten with torch.fx puts a plain "
+    "Conv2d back into the GraphModule, whose code still calls conv(x, residual=...) (TypeError); the original block "
     "class is not restored either"
 )
 BUG_RESTORE_SJ = (
-    "BUG: restore() of a SpikingJelly model: SparseConv2d.to_dense() rebuilds layer.Conv2d without its "
+    "Regression (fixed): restore() of a SpikingJelly model: SparseConv2d.to_dense() rebuilds layer.Conv2d without its "
     "_step_mode, so the restored model raises AttributeError"
 )
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_RESTORE_FX)
 def test_restore_residual_block():
     torch.manual_seed(0)
     net = small_nn_net(residual=True)
@@ -368,7 +367,6 @@ def test_restore_residual_block():
     compare_calls(net, dense, [steps, steps[::-1], steps], forward=run_steps)
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_RESTORE_SJ)
 def test_restore_spikingjelly_net(sj_twins):
     net, dense, xs = sj_twins
     optimize(net, xs[0])

@@ -302,6 +302,13 @@ def test_error_bad_padding():
         sparse_conv2d(x, w, None, 2, "same")
 
 
+def test_error_fp32_precision():
+    x = spikes(1, 4, 5, 5)
+    w, _ = weights(4, 4, 3, 3)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        sparse_conv2d(x, w, None, 1, 1, fp32_precision="fp64")
+
+
 def test_error_kernel_larger_than_input():
     with pytest.raises(ValueError, match="larger"):
         sparse_conv2d(spikes(1, 4, 2, 2), torch.randn(4, 4, 3, 3))

@@ -312,12 +312,11 @@ def test_to_dense_nn_conv2d():
 
 
 BUG_TO_DENSE_SJ = (
-    "BUG: SparseConv2d.to_dense() of a SpikingJelly layer.Conv2d gives a module without _step_mode "
+    "Regression (fixed): SparseConv2d.to_dense() of a SpikingJelly layer.Conv2d gives a module without _step_mode "
     "(from_dense copies step_mode as a plain attribute): AttributeError on forward"
 )
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_TO_DENSE_SJ)
 def test_to_dense_spikingjelly_conv():
     x = spikes(T, N, C, H, W)
     dense = sj_layer("lif-hard", x=x)
@@ -574,12 +573,11 @@ def test_multistep_neuron_fed_flattened_batch():
 
 
 BUG_1D_STEPS = (
-    "BUG: multistep_neuron rejects the [N] membrane it returned for a [T, N] input, so an accelerated "
+    "Regression (fixed): multistep_neuron rejects the [N] membrane it returned for a [T, N] input, so an accelerated "
     "neuron fed 1-D [N] steps (or [T, N] sequences) fails on its 2nd call"
 )
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_1D_STEPS)
 def test_accelerated_neuron_one_dimensional_steps():
     orig = neuron.LIFNode(tau=2.0, step_mode="s").eval()
     acc = accelerate_neuron(copy.deepcopy(orig))
@@ -589,15 +587,14 @@ def test_accelerated_neuron_one_dimensional_steps():
         torch.testing.assert_close(acc.v, orig.v, rtol=1e-5, atol=1e-5)
 
 
-PLIF_STALE = pytest.mark.xfail(strict=True, reason=(
-    "BUG: the PLIF adapter's spec_key is only (w._version, w.data_ptr()): a changed v_threshold "
-    "(or v_reset/decay_input) is never re-read, the kernels keep the cached NeuronSpec"))
+# regression (fixed): the PLIF adapter cached its NeuronSpec under (w._version, w.data_ptr()) only, so a
+# changed v_threshold (or v_reset / decay_input) was never re-read
 ATTR_CASES = [
     pytest.param("lif-hard", "accelerate", id="lif-accelerate"),
     pytest.param("if", "accelerate", id="if-accelerate"),
     pytest.param("lif-hard", "fused", id="lif-fused"),
-    pytest.param("plif", "accelerate", id="plif-accelerate", marks=PLIF_STALE),
-    pytest.param("plif", "fused", id="plif-fused", marks=PLIF_STALE),
+    pytest.param("plif", "accelerate", id="plif-accelerate"),
+    pytest.param("plif", "fused", id="plif-fused"),
 ]
 
 
@@ -625,13 +622,12 @@ def test_changed_threshold_is_picked_up(neuron_kind, where):
 
 
 BUG_NONSPIKING_SURROGATE = (
-    "BUG: neuron_support accepts a SpikingJelly neuron whose surrogate has spiking=False (its forward "
+    "Regression (fixed): neuron_support accepts a SpikingJelly neuron whose surrogate has spiking=False (its forward "
     "outputs sigmoid(alpha*(h - v_th)), not 0/1 spikes); the kernels then return binary spikes instead of "
     "the module's analog outputs"
 )
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_NONSPIKING_SURROGATE)
 @pytest.mark.parametrize("where", ["accelerate", "fused"])
 def test_non_spiking_surrogate_rejected_or_exact(where):
     """A neuron is either refused with a reason, or runs with exactly its own outputs."""

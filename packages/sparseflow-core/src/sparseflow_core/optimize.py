@@ -32,6 +32,7 @@ from .registry import is_spiking_module
 from .report import LayerEntry, OptimizeReport
 
 REPORT_ATTR = "_sparseflow_report"
+ORIGINAL_BLOCK_ATTR = "_sparseflow_original_block"
 
 
 def _parent(model: nn.Module, name: str):
@@ -363,6 +364,9 @@ def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mod
             entry.action, entry.detail, entry.reason = "sparse", f"conv+bn ({bn_name})", f"residual: {why}"
         if gm is not None and any(e[0] in replaced and replaced[e[0]].fused_neuron is not None for e in items):
             gm = finalize_block(block, gm)
+            # for restore(): the block's own forward and children; a tuple, so that no copy or unpickling of the
+            # GraphModule registers it as a submodule
+            gm.__dict__[ORIGINAL_BLOCK_ATTR] = (block,)
             p, c = _parent(model, parent)
             setattr(p, c, gm)
 
@@ -402,6 +406,18 @@ def _invalidate_reset_cache(model):
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``optimize``: the original dense modules back in place (same parameter objects), in place."""
+    # blocks rewritten for residual fusion: drop the fused modules living only in the rewrite, put the block back
+    for name, m in list(model.named_modules()):
+        holder = m.__dict__.get(ORIGINAL_BLOCK_ATTR) if name else None
+        if holder is None:
+            continue
+        original = holder[0]
+        kept = {id(x) for x in original.modules()}
+        for sub in m.modules():
+            if isinstance(sub, SparseConv2d) and id(sub) not in kept:
+                sub.to_dense()
+        parent, child = _parent(model, name)
+        setattr(parent, child, original)
     for name, m in list(model.named_modules()):
         if isinstance(m, SparseConv2d):
             parent, child = _parent(model, name)

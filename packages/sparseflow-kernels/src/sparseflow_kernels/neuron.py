@@ -179,8 +179,8 @@ def multistep_neuron(
     for name, p in (("scale", scale), ("shift", shift)):
         if p is not None and (p.dim() != 1 or p.shape[0] != C):
             raise ValueError(f"{op}: {name} must have shape [{C}], got {tuple(p.shape)}")
-    if v is not None and tuple(v.shape) != tuple(xv.shape[1:]):
-        raise ValueError(f"{op}: v must have shape {tuple(xv.shape[1:])}, got {tuple(v.shape)}")
+    if v is not None and tuple(v.shape) != tuple(x.shape[1:]):
+        raise ValueError(f"{op}: v must have shape {tuple(x.shape[1:])}, got {tuple(v.shape)}")
     require_int32_indexable(op, x, residual, v)
     y = _empty_like_channels_last(xv, out_dtype or x.dtype)
     v_out = torch.empty(xv.shape[1:], dtype=torch.float32, device=x.device) if return_v else None

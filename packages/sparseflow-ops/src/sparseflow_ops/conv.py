@@ -50,6 +50,12 @@ class Bypass:
         if self.owner._pending:
             if self.last:
                 self.owner._pending = False
+                T = self.owner.time_steps
+                if T and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] != T:
+                    raise RuntimeError(
+                        f"{type(self.module).__name__}: got {x.shape[0]} time steps, but the fused layer before it "
+                        f"was optimized for T={T} on a flattened [T*N, ...] batch; run sparseflow.optimize again "
+                        "for the new T")
             return x
         return type(self.module).forward(self.module, x, *args, **kwargs)
 
@@ -160,9 +166,11 @@ class SparseConv2d(nn.Conv2d):
         nn.Module.__init__(conv)
         for k, v in self.__dict__.items():
             if k in ("_bn", "_neuron", "_pending", "_wcache", "_acache", "_scache", "_original_class",
-                     "block_size", "mode", "write_occupancy", "time_steps", "last_path"):
+                     "block_size", "mode", "write_occupancy", "time_steps", "last_path", "step_mode"):
                 continue
             conv.__dict__[k] = v
+        if "step_mode" in self.__dict__:
+            conv.step_mode = self.__dict__["step_mode"]  # through the framework's property (SpikingJelly)
         return conv
 
     @property

@@ -101,6 +101,9 @@ class _SJAdapter(NeuronAdapter):
         vt = m.v_threshold
         if not isinstance(vt, float):
             raise Unsupported("v_threshold is not a float")
+        sg = getattr(m, "surrogate_function", None)
+        if sg is not None and getattr(sg, "spiking", True) is False:
+            raise Unsupported("surrogate_function(spiking=False) makes the neuron output analog values, not spikes")
 
     def get_v(self, m, shape, device):
         v = m.v
@@ -130,7 +133,7 @@ class _SJPLIF(_SJAdapter):
                                v_threshold=float(m.v_threshold), v_reset=m.v_reset)
 
     def spec_key(self, m):
-        return (m.w._version, m.w.data_ptr())
+        return (m.w._version, m.w.data_ptr(), m.v_threshold, m.v_reset, m.decay_input)
 
 
 # ------------------------------------------------------------------------------------------ snnTorch
