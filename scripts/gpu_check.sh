@@ -26,6 +26,7 @@ ROOT=$(pwd)
 
 # The device runs real kernels: never the CPU interpreter.
 unset TRITON_INTERPRET
+export SPARSEFLOW_GPU_RUN=1  # the CPU suites' conftests must not turn the interpreter on
 
 log() { printf '\n=== [gpu_check %4ss] %s\n' "$SECONDS" "$*"; }
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 # The kernels run on the CPU through Triton's interpreter; it must be chosen before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("SPARSEFLOW_GPU_RUN") != "1":  # scripts/gpu_check.sh runs the real kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import zlib
 
