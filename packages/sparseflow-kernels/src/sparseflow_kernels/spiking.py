@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from ._utils import dot_precision, pair, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import dot_precision, require_int32_indexable, require_triton_device
 from .conv import ConvConfig, launch_conv, pack_weight
 from .neuron import NeuronSpec, multistep_neuron
 from .occupancy import Occupancy, empty_codes, prescan
-from .sparse_conv import MAX_GROUPS, conv_output_size, default_config, fold_affine
+from .sparse_conv import MAX_GROUPS, conv_output_size, default_config, fold_affine, normalize_conv_args
 
 PATHS = ("fused", "cudnn")
 
@@ -88,25 +88,18 @@ def spiking_conv2d(
     op = "spiking_conv2d"
     if x.dim() != 5:
         raise ValueError(f"{op}: expected x of shape [T, N, C, H, W], got {tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"{op}: expected weight [C_out, C_in, KH, KW], got {tuple(weight.shape)}")
-    require_dtype(op, "x", x)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: x dtype {x.dtype} and weight dtype {weight.dtype} differ")
     if path not in PATHS:
         raise ValueError(f"{op}: path must be one of {PATHS}, got {path!r}")
     spec = NeuronSpec.make(neuron, tau=tau, decay_input=decay_input, v_threshold=v_threshold,
                            v_reset=v_reset, beta=beta)
-    T, N, C, H, W = x.shape
-    CO, CI, KH, KW = weight.shape
-    if CI != C:
-        raise ValueError(f"{op}: x has {C} channels, weight expects {CI}")
-    stride, padding = pair(stride, "stride", op), pair(padding, "padding", op)
+    T, N = x.shape[:2]
+    step = x[0] if T else x.new_empty(x.shape[1:])  # one time step: the checks of F.conv2d's arguments
+    stride, padding, _ = normalize_conv_args(op, step, weight, bias, stride, padding, 1, 1)
+    _, C, H, W = step.shape
+    CO, _, KH, KW = weight.shape
     OH = conv_output_size(H, KH, stride[0], padding[0], 1)
     OW = conv_output_size(W, KW, stride[1], padding[1], 1)
-    if OH < 1 or OW < 1:
-        raise ValueError(f"{op}: kernel {KH}x{KW} is larger than the padded input {(H, W)}")
-    for name, p in (("bias", bias), ("scale", scale), ("shift", shift)):
+    for name, p in (("scale", scale), ("shift", shift)):
         if p is not None and (p.dim() != 1 or p.shape[0] != CO):
             raise ValueError(f"{op}: {name} must have shape [{CO}], got {tuple(p.shape)}")
     if residual is not None and tuple(residual.shape) != (T, N, CO, OH, OW):
