@@ -1,4 +1,4 @@
-"""Shared setup of the ops tests: the Triton interpreter and per-test seeds."""
+"""Shared setup of every CPU test suite: the Triton interpreter and per-test seeds."""
 
 from __future__ import annotations
 
