@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 
 from ._utils import (
@@ -171,7 +170,3 @@ def fold_affine(bias, scale, shift):
         sh = (b * sc if sc is not None else b) + (sh if sh is not None else 0.0)
     return sc, (sh.contiguous() if sh is not None else None)
 
-
-def dense_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """The dense reference path (cuDNN on GPU)."""
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)

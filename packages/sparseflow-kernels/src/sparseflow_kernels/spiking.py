@@ -31,13 +31,13 @@ def new_spike_tensor(T, N, C, H, W, dtype, device) -> torch.Tensor:
     return torch.empty((T, N, H, W, C), dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
 
 
-def _flat_tn(t: torch.Tensor, name: str, op: str) -> torch.Tensor:
-    """[T, N, C, H, W] -> [T*N, C, H, W] as a view when T and N merge, else a copy."""
-    T, N = t.shape[:2]
+def _flat_tn(t: torch.Tensor) -> torch.Tensor:
+    """[T, N, C, H, W] -> [T*N, C, H, W]: a view when T and N merge (always for our own outputs, which the
+    kernels write through it), else a copy (inputs only)."""
     try:
-        return t.view(T * N, *t.shape[2:])
+        return t.view(t.shape[0] * t.shape[1], *t.shape[2:])
     except RuntimeError:
-        return t.reshape(T * N, *t.shape[2:])
+        return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
 def spiking_conv2d(
@@ -117,7 +117,7 @@ def spiking_conv2d(
     if path == "cudnn":
         if write_occupancy:
             raise ValueError(f"{op}: write_occupancy needs path='fused'")
-        y = F.conv2d(_flat_tn(x, "x", op), weight, None, stride, padding)
+        y = F.conv2d(_flat_tn(x), weight, None, stride, padding)
         res = multistep_neuron(y.view(T, N, CO, OH, OW), spec, scale=sc, shift=sh, residual=residual,
                                v=v, return_v=return_v)
         out, v_out = (res if return_v else (res, None))
@@ -125,7 +125,7 @@ def spiking_conv2d(
         cfg = config or default_config(C, CO)
         if triton.cdiv(C, cfg.block_k) > MAX_GROUPS:
             raise ValueError(f"{op}: {C} channels make more than {MAX_GROUPS} groups of {cfg.block_k}")
-        xf = _flat_tn(x, "x", op)
+        xf = _flat_tn(x)
         occ = None
         if occupancy is not None:
             occupancy.check_matches(op, xf.shape, cfg.block_k)
@@ -139,8 +139,8 @@ def spiking_conv2d(
         if T * N:
             launch_conv(
                 xf, w, CO, KH, KW, stride, padding, (1, 1), T=T, N=N,
-                out=_flat_tn(out, "out", op), cfg=cfg, prec=dot_precision(x.dtype, fp32_precision),
-                scale=sc, shift=sh, residual=_flat_tn(residual, "residual", op) if residual is not None else None,
+                out=out.view(T * N, CO, OH, OW), cfg=cfg, prec=dot_precision(x.dtype, fp32_precision),
+                scale=sc, shift=sh, residual=_flat_tn(residual) if residual is not None else None,
                 v=v, v_out=v_out, occ=occ, occ_out=occ_out, occ_group=occupancy_group, **spec.kernel_args(),
             )
     result = [out]
