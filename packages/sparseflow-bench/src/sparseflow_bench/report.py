@@ -32,6 +32,21 @@ def _plt():
     return plt
 
 
+def _plot(d: str, fname: str, alt: str, draw, figsize) -> list[str]:
+    """Draw one figure with ``draw(ax)``, save it as ``d/fname``; the markdown lines that show it (plots are
+    optional: without matplotlib the table says why the plot is missing)."""
+    try:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=figsize)
+        draw(ax)
+        fig.tight_layout()
+        fig.savefig(os.path.join(d, fname), dpi=120)
+        plt.close(fig)
+        return ["", f"![{alt}]({fname})"]
+    except Exception as e:
+        return ["", f"(plot skipped: {e})"]
+
+
 def fused_tables(d: str) -> str | None:
     r = _load(d, "fused_spiking_resnet34.json")
     if r is None:
@@ -57,9 +72,7 @@ def fused_tables(d: str) -> str | None:
             f"| {row['sparseflow_ms']:.4f} | {row['path']} | {row['speedup_vs_compile_graph']:.2f}x "
             f"| {'' if sd is None else f'{sd:.2f}x'} | {row['flip_rate_fp16_vs_fp64']:.1e} / "
             f"{row['flip_rate_fp32_vs_fp64']:.1e} / {row['flip_rate_compile_fp16_vs_fp64']:.1e} |")
-    try:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(12, 4))
+    def draw(ax):
         xs = range(len(r["rows"]))
         ax.bar(xs, [row["speedup_vs_compile_graph"] for row in r["rows"]], color="tab:blue")
         ax.axhline(1.0, color="k", lw=0.8)
@@ -68,12 +81,8 @@ def fused_tables(d: str) -> str | None:
         ax.set_ylabel("speed-up vs torch.compile + CUDA graph (fp16)")
         ax.set_title(f"Fused spiking layers, {s['model']} T={s['T']} N={s['N']} ({r['env'].get('device')})")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(d, "fused_layers.png"), dpi=120)
-        plt.close(fig)
-        lines += ["", "![speed-up per layer](fused_layers.png)"]
-    except Exception as e:  # plots are optional
-        lines += ["", f"(plot skipped: {e})"]
+
+    lines += _plot(d, "fused_layers.png", "speed-up per layer", draw, (12, 4))
     return "\n".join(lines) + "\n"
 
 
@@ -92,9 +101,7 @@ def sweep_tables(d: str) -> str | None:
                      f"{row['waves_1_per_sm']:.1f} | {row['fused_dense_same_cfg_ms']:.3f} | "
                      f"{row['fused_sparse_with_prescan_ms']:.3f} | {row['fused_sparse_kernel_only_ms']:.3f} | "
                      f"{row['prescan_ms']:.4f} | {row['speedup_sparse_vs_dense_same_cfg']:.2f}x |")
-    try:
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(6, 4))
+    def draw(ax):
         for layer in sorted({row["layer"] for row in r["rows"]}):
             rr = [row for row in r["rows"] if row["layer"] == layer]
             ax.plot([row["N"] for row in rr], [row["speedup_sparse_vs_dense_same_cfg"] for row in rr], "o-",
@@ -105,12 +112,8 @@ def sweep_tables(d: str) -> str | None:
         ax.set_xlabel("batch N (T=4)")
         ax.set_ylabel("fused sparse / fused dense speed-up")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(d, "fused_batch_sweep.png"), dpi=120)
-        plt.close(fig)
-        lines += ["", "![sparse vs dense against batch](fused_batch_sweep.png)"]
-    except Exception as e:
-        lines += ["", f"(plot skipped: {e})"]
+
+    lines += _plot(d, "fused_batch_sweep.png", "sparse vs dense against batch", draw, (6, 4))
     return "\n".join(lines) + "\n"
 
 
@@ -149,10 +152,9 @@ def e2e_tables(d: str) -> str | None:
         lines.append(f"- **{name}** ({m.get('device')}): " + ", ".join(
             f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in m.items()
             if k not in ("device",)))
-    try:
-        plt = _plt()
-        models = [k for k, v in r.items() if not k.startswith("_") and isinstance(v, dict)]
-        fig, ax = plt.subplots(figsize=(7, 4))
+    models = [k for k, v in r.items() if not k.startswith("_") and isinstance(v, dict)]
+
+    def draw(ax):
         keys = [("eager_fp32_ms", "SpikingJelly eager fp32"), ("compile_fp16_ms", "torch.compile fp16"),
                 ("sparseflow_ms", "SparseFlow fp16 + graph")]
         w = 0.25
@@ -161,12 +163,8 @@ def e2e_tables(d: str) -> str | None:
         ax.set_xticks([j + w for j in range(len(models))], models)
         ax.set_ylabel("ms per forward")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(d, "e2e.png"), dpi=120)
-        plt.close(fig)
-        lines += ["", "![end to end](e2e.png)"]
-    except Exception as e:
-        lines += ["", f"(plot skipped: {e})"]
+
+    lines += _plot(d, "e2e.png", "end to end", draw, (7, 4))
     return "\n".join(lines) + "\n"
 
 
