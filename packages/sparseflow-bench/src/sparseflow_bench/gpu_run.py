@@ -35,7 +35,7 @@ from sparseflow_kernels import ConvConfig, prescan, sparse_conv2d, spiking_conv2
 from sparseflow_kernels.conv import pack_weight
 from sparseflow_kernels.naive import spiking_conv2d_reference
 from sparseflow_ops import SparseConv2d, find_adapter
-from sparseflow_ops.conv import bn_affine
+from sparseflow_ops.conv import bn_affine, spiking_configs
 
 from .data import natural_images, repeat_time
 from .models import build_model, recalibrate_bn
@@ -137,14 +137,12 @@ def candidates(x5, m, spec, scale, shift, res, dtype):
     rs = res.to(dtype) if res is not None else None
     kw = dict(scale=scale, shift=shift, neuron=spec, residual=rs)
     cands = {}
-    cfgs = {"fused_dense": ConvConfig(8, 8, 64, 32, False, 4, 3),
-            "fused_dense_k16": ConvConfig(8, 8, 64, 16, False, 4, 3),
-            "fused_dense_n128": ConvConfig(8, 8, 128, 32, False, 8, 3),
-            "fused_tm": ConvConfig(4, 4, 64, 32, True, 4, 3),
-            "fused_tm_n128": ConvConfig(4, 4, 128, 32, True, 4, 3)}
+    # what the module's dispatch measures, plus two configurations kept for the tables
+    cfgs = spiking_configs(x5.shape[2], m.out_channels, x5.shape[0])
+    cfgs["fused_dense_k16"] = ConvConfig(8, 8, 64, 16, False, 4, 3)
+    if m.out_channels > 64:
+        cfgs["fused_dense_n128"] = ConvConfig(8, 8, 128, 32, False, 8, 3)
     for name, cfg in cfgs.items():
-        if cfg.block_n > 64 and m.out_channels <= 64:
-            continue
         wp = pack_weight(w, cfg.block_k, cfg.block_n, dtype)
         cands[name] = (lambda cfg=cfg, wp=wp: spiking_conv2d(xs, w, None, m.stride, m.padding, config=cfg,
                                                               packed_weight=wp, **kw))

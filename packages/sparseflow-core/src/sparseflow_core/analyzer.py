@@ -153,8 +153,7 @@ class _Tracker(TorchFunctionMode):
         """(root id, still-unchanged) following aliases."""
         i, ok = id(t), True
         while i in self.alias:
-            j, _ver = self.alias[i]
-            i = j
+            i = self.alias[i][0]
         if i in self.producer:
             ok = _version(t) == self.producer[i][1] or (_version(t) is None)
         return i, ok

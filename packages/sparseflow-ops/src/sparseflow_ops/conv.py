@@ -29,7 +29,7 @@ from torch import nn
 from sparseflow_kernels import ConvConfig, default_config, sparse_conv2d
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_weight
-from sparseflow_kernels.sparse_conv import MAX_GROUPS
+from sparseflow_kernels.sparse_conv import MAX_GROUPS, conv_output_size
 from sparseflow_kernels.spiking import spiking_conv2d
 
 from ._common import VersionCache, attach_occupancy, find_occupancy, kernels_can_run, notice_once, version_key
@@ -251,10 +251,8 @@ class SparseConv2d(nn.Conv2d):
         key = (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps)
         return self._acache.get(key, lambda: bn_affine(bn))
 
-    def _config(self, C, CO, H, t_in_m=False):
-        bs = self.block_size if isinstance(self.block_size, int) else 8
-        cfg = default_config(C, CO, bs, t_in_m=t_in_m)
-        return cfg
+    def _config(self, C, CO):
+        return default_config(C, CO, self.block_size if isinstance(self.block_size, int) else 8)
 
     def _packed(self, cfg: ConvConfig, dtype):
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
@@ -264,8 +262,8 @@ class SparseConv2d(nn.Conv2d):
     def _conv_forward_kernels(self, x):
         five = x.dim() == 5
         flat = x.flatten(0, 1) if five else x
-        C, H = flat.shape[1], flat.shape[2]
-        cfg = self._config(C, self.out_channels, H)
+        C = flat.shape[1]
+        cfg = self._config(C, self.out_channels)
         scale, shift = self._affine()
         occ = find_occupancy(x, flat)
 
@@ -317,9 +315,9 @@ class SparseConv2d(nn.Conv2d):
             x5 = x.unsqueeze(0)  # one time step per call (single-step mode, snnTorch)
         T, N, C, H, W = x5.shape
         scale, shift = self._affine()
-        cfg = self._config(C, self.out_channels, H)
-        OH = (H + 2 * self.padding[0] - (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        OW = (W + 2 * self.padding[1] - (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        cfg = self._config(C, self.out_channels)
+        OH = conv_output_size(H, self.kernel_size[0], self.stride[0], self.padding[0], 1)
+        OW = conv_output_size(W, self.kernel_size[1], self.stride[1], self.padding[1], 1)
         v0 = adapter.get_v(neuron, (N, self.out_channels, OH, OW), x.device)
         flat = x5.flatten(0, 1)
         occ = find_occupancy(x, flat) if x5 is x else None
