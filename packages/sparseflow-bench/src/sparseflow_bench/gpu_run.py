@@ -542,6 +542,13 @@ def main(argv=None):
             elif sec == "e2e":
                 section_e2e(a.models.split(","), a.T, a.N, a.size, device, a.out, env,
                             compile_modes=() if a.dry else ("reduce-overhead",))
+            else:
+                from .sections import SectionContext, find_section
+
+                run = find_section(sec)
+                if run is None:
+                    raise ValueError(f"unknown section {sec!r}")
+                run(SectionContext(a.out, env, device, a.dry, a.T, a.N, a.size, DEADLINE[0], a.models.split(",")))
         except Exception:
             traceback.print_exc()
             status = 1

@@ -23,12 +23,20 @@ import copy
 import torch
 from torch import nn
 
-from sparseflow_ops import SparseConv2d, accelerate_neuron, is_accelerated, neuron_support, restore_neuron
+from sparseflow_ops import (
+    SparseConv2d,
+    SparseModule,
+    accelerate_neuron,
+    is_accelerated,
+    neuron_support,
+    restore_neuron,
+)
 
 from .analyzer import Analysis, analyze
 from .blocks import select_block_size
 from .fx_fusion import _is_add, common_parent, finalize_block, fuse_residual, trace_block
-from .registry import is_spiking_module
+from .handlers import HandlerContext
+from .registry import find_op_handler, is_spiking_module
 from .report import LayerEntry, OptimizeReport
 
 REPORT_ATTR = "_sparseflow_report"
@@ -47,7 +55,7 @@ def get_report(model: nn.Module) -> OptimizeReport | None:
 
 
 def is_optimized(model: nn.Module) -> bool:
-    return REPORT_ATTR in model.__dict__ or any(isinstance(m, SparseConv2d) for m in model.modules())
+    return REPORT_ATTR in model.__dict__ or any(isinstance(m, SparseModule) for m in model.modules())
 
 
 def _conv_problem(conv: nn.Conv2d) -> str | None:
@@ -208,9 +216,10 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
     fused_neurons: set[str] = set()
     replaced: dict[str, SparseConv2d] = {}
     deferred: list = []
+    _run_handlers(model, an, rep, block_size, mode, filter_fn)
     named = dict(model.named_modules())
     for name, m in named.items():
-        if not isinstance(m, nn.Conv2d) or isinstance(m, SparseConv2d):
+        if not isinstance(m, nn.Conv2d) or isinstance(m, SparseModule) or find_op_handler(m) is not None:
             continue
         info = an.first(name)
         entry = LayerEntry(name=name, type=type(m).__name__, action="left",
@@ -305,6 +314,46 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
     model.__dict__[REPORT_ATTR] = rep
     _invalidate_reset_cache(model)
     return rep
+
+
+def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
+    """Modules with a registered op handler (Linear, attention, depthwise conv, ...), outermost first."""
+    done: list[str] = []
+    for name, m in list(model.named_modules()):
+        if not name or isinstance(m, SparseModule) or any(name.startswith(d + ".") for d in done):
+            continue
+        handler = find_op_handler(m)
+        if handler is None:
+            continue
+        info = an.first(name)
+        entry = LayerEntry(name=name, type=type(m).__name__, action="left",
+                           in_shape=info.in_shape if info else None,
+                           elem_density=info.elem_density if info else None)
+        rep.add(entry)
+        if filter_fn is not None and not filter_fn(m, name):
+            entry.reason = "excluded by filter_fn"
+            continue
+        if info is None:
+            entry.reason = "not called in the example forward"
+            continue
+        if handler.needs_spikes:
+            ok, why = an.spike_fed(name)
+            if not ok:
+                entry.reason = why
+                continue
+        bs = _block_for(block_size, name, info.in_shape) if len(info.in_shape or ()) >= 3 else block_size
+        entry.block_size = bs if not isinstance(bs, dict) else None
+        try:
+            new, text = handler.replace(m, HandlerContext(model, an, name, entry.block_size, mode))
+        except (NotImplementedError, ValueError, TypeError) as e:
+            new, text = None, f"{handler.name}: {e}"
+        if new is None:
+            entry.reason, entry.block_size = text, None
+            continue
+        parent, child = _parent(model, name)
+        setattr(parent, child, new)
+        done.append(name)
+        entry.action, entry.detail = "sparse", text or handler.name
 
 
 def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode):
@@ -418,10 +467,12 @@ def restore(model: nn.Module) -> nn.Module:
                 sub.to_dense()
         parent, child = _parent(model, name)
         setattr(parent, child, original)
+    undone: list[str] = []
     for name, m in list(model.named_modules()):
-        if isinstance(m, SparseConv2d):
+        if isinstance(m, SparseModule) and name and not any(name.startswith(u + ".") for u in undone):
             parent, child = _parent(model, name)
             setattr(parent, child, m.to_dense())
+            undone.append(name)
     for m in model.modules():
         if is_accelerated(m):
             restore_neuron(m)

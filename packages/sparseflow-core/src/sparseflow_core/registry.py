@@ -4,6 +4,9 @@
   ``SpikingNeuron`` subclasses, and whatever users add with :func:`register_spiking_module`. Their outputs are
   the spike sources the analyzer follows.
 * Which of those the kernels can *run* is a separate question answered by ``sparseflow_ops.neuron_support``.
+* Op handlers (:func:`register_op_handler`, keyed by module type like torchao's ``quantize_`` handlers): how
+  ``optimize()`` replaces a spike-fed module of a given type (Linear, attention, depthwise or transposed
+  convolution, ...). ``nn.Conv2d`` with ``groups == 1`` has its own built-in path (conv -> BN -> neuron fusion).
 
 The registries are guarded by a lock; lookups walk the class MRO.
 """
@@ -11,6 +14,8 @@ The registries are guarded by a lock; lookups walk the class MRO.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -58,6 +63,56 @@ def unregister_spiking_module(cls: type) -> None:
     with _LOCK:
         if cls in _SPIKING:
             _SPIKING.remove(cls)
+
+
+@dataclass(frozen=True)
+class OpHandler:
+    """How ``optimize()`` replaces a module of a registered type.
+
+    ``replace(module, ctx) -> (new_module | None, text)``: the replacement and a short detail for the
+    report, or None and the reason the module stays as it is. ``ctx`` is a
+    :class:`sparseflow_core.handlers.HandlerContext` (the model, the analysis, the module's name, the block
+    size the default rule or the user chose, the mode). ``accepts(module) -> bool`` narrows the handler to
+    some instances of the type (e.g. ``groups > 1`` convolutions). ``needs_spikes``: only called when the
+    analyzer proved the module's input is spikes (otherwise the report says why it was left).
+    """
+
+    name: str
+    replace: Callable
+    accepts: Callable | None = None
+    needs_spikes: bool = True
+
+
+_HANDLERS: list[tuple[type, OpHandler]] = []
+
+
+def register_op_handler(cls: type, handler: OpHandler) -> OpHandler:
+    """Register ``handler`` for instances of ``cls`` (and subclasses). Later registrations win."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_op_handler expects an nn.Module subclass, got {cls!r}")
+    if not isinstance(handler, OpHandler):
+        raise TypeError(f"register_op_handler expects an OpHandler, got {type(handler).__name__}")
+    with _LOCK:
+        _HANDLERS.append((cls, handler))
+    return handler
+
+
+def unregister_op_handler(handler: OpHandler) -> None:
+    with _LOCK:
+        _HANDLERS[:] = [(c, h) for c, h in _HANDLERS if h is not handler]
+
+
+def find_op_handler(m: nn.Module) -> OpHandler | None:
+    """The handler for ``m``: the most specific registered type in its MRO, latest registration first."""
+    from . import handlers  # noqa: F401  (the built-in handlers register themselves on import)
+
+    with _LOCK:
+        items = list(reversed(_HANDLERS))
+    for klass in type(m).__mro__:
+        for cls, h in items:
+            if cls is klass and (h.accepts is None or h.accepts(m)):
+                return h
+    return None
 
 
 def spiking_types() -> tuple[type, ...]:

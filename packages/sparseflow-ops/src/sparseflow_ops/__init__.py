@@ -6,6 +6,7 @@
 * :func:`neuron_support` / :func:`register_neuron_adapter` - which neurons the kernels can run.
 """
 
+from ._common import SparseModule
 from .conv import Bypass, SparseConv2d, is_bypassed, remove_bypass
 from .neuron import KernelNeuronForward, accelerate_neuron, is_accelerated, restore_neuron
 from .neurons import NeuronAdapter, Unsupported, find_adapter, neuron_support, register_neuron_adapter
@@ -17,6 +18,7 @@ __all__ = [
     "KernelNeuronForward",
     "NeuronAdapter",
     "SparseConv2d",
+    "SparseModule",
     "Unsupported",
     "accelerate_neuron",
     "find_adapter",

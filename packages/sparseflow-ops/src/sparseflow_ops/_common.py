@@ -18,6 +18,18 @@ _NOTICE_LOCK = threading.Lock()
 OCC_ATTR = "_sparseflow_occupancy"
 
 
+class SparseModule:
+    """Marker mixin of every SparseFlow drop-in module (``SparseConv2d``, ``SparseLinear``, ...).
+
+    ``sparseflow_core.optimize`` never replaces a module that is already one, and ``restore`` calls its
+    ``to_dense()``, which must return the original dense module type holding the same parameters (and leave
+    any module it bypassed running on its own again).
+    """
+
+    def to_dense(self):  # pragma: no cover - every subclass implements it
+        raise NotImplementedError(f"{type(self).__name__}.to_dense")
+
+
 def notice_once(key: str, msg: str) -> None:
     """Log ``msg`` (warning level) the first time ``key`` is seen in this process."""
     with _NOTICE_LOCK:

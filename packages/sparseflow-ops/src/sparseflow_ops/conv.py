@@ -32,7 +32,15 @@ from sparseflow_kernels.conv import pack_weight
 from sparseflow_kernels.sparse_conv import MAX_GROUPS, conv_output_size
 from sparseflow_kernels.spiking import spiking_conv2d
 
-from ._common import VersionCache, attach_occupancy, find_occupancy, kernels_can_run, notice_once, version_key
+from ._common import (
+    SparseModule,
+    VersionCache,
+    attach_occupancy,
+    find_occupancy,
+    kernels_can_run,
+    notice_once,
+    version_key,
+)
 from .neurons import find_adapter, neuron_support
 
 MODES = ("auto", "sparse", "dense", "torch")
@@ -84,7 +92,7 @@ def bn_affine(bn: nn.BatchNorm2d):
     return scale, b - mean * scale
 
 
-class SparseConv2d(nn.Conv2d):
+class SparseConv2d(SparseModule, nn.Conv2d):
     """Drop-in ``nn.Conv2d`` (same parameters, ``state_dict`` keys and ``isinstance``) running SparseFlow's
     kernels in eval mode; see the module docstring. Inputs ``[N, C, H, W]`` or multi-step
     ``[T, N, C, H, W]`` (SpikingJelly ``step_mode='m'``)."""
