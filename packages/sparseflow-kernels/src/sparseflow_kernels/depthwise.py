@@ -1,0 +1,349 @@
+"""Depthwise and grouped convolution (``F.conv2d`` with ``groups > 1``) that skips silent tiles.
+
+Depthwise convolution (``groups == C``, channel multiplier ``M = C_out / C``) does a handful of FMAs per input
+element: it is memory-bound, so the gain of sparsity is not *reading* the tiles of the input that hold only
+zeros. The direct kernel below gives each program one output tile (``TILE_H x TILE_W`` pixels) of
+``BLOCK_C`` output channels; its prologue ORs the edge codes of the input tiles under its receptive field (the
+same 9-bit codes and halo rule as :mod:`sparseflow_kernels.conv`, written by :func:`~.occupancy.prescan` with
+one code per ``group`` input channels) and, when none is set, skips the whole tap loop and stores
+``bias`` (``shift``) only. Otherwise it accumulates in fp32 over the ``C/groups`` input channels and
+``KH x KW`` taps of each output channel with CUDA-core FMAs (no tensor cores: a depthwise tap is a per-channel
+scale). Any ``groups`` works here; for ``C/groups >= 16`` input channels per group :func:`grouped_conv2d`
+runs the tensor-core implicit-GEMM kernel of :mod:`~.conv` once per group instead (channel-sliced views of
+the input and output, weights packed per group).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (
+    dot_precision,
+    next_pow2,
+    pair,
+    require_dtype,
+    require_int32_indexable,
+    require_triton_device,
+)
+from .conv import ConvConfig, _code_bits, _edge_sel, launch_conv, pack_weight
+from .occupancy import Occupancy, prescan
+from .sparse_conv import MAX_GROUPS, conv_output_size, empty_like_layout, fold_affine
+
+#: input channels per group from which the tensor-core kernel (one launch per group) replaces the direct one
+TENSOR_CORE_MIN_CG = 16
+
+
+class DepthwiseConfig:
+    """Tile of one program of the direct kernel: ``tile_h x tile_w`` output pixels, ``block_c`` channels."""
+
+    __slots__ = ("block_c", "num_warps", "tile_h", "tile_w")
+
+    def __init__(self, tile_h=8, tile_w=8, block_c=32, num_warps=4):
+        self.tile_h, self.tile_w, self.block_c, self.num_warps = int(tile_h), int(tile_w), int(block_c), int(num_warps)
+        for v, name in ((self.tile_h, "tile_h"), (self.tile_w, "tile_w"), (self.block_c, "block_c")):
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"DepthwiseConfig: {name} must be a power of two, got {v}")
+
+    def key(self):
+        return (self.tile_h, self.tile_w, self.block_c, self.num_warps)
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self):
+        return "DepthwiseConfig(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
+
+
+def default_depthwise_config(CO: int, block_size=None) -> DepthwiseConfig:
+    th, tw = (8, 8) if block_size is None else ((block_size, block_size) if isinstance(block_size, int)
+                                                   else tuple(block_size))
+    block_c = min(32, max(4, next_pow2(CO)))
+    return DepthwiseConfig(th, tw, block_c, 4)
+
+
+def occupancy_group(cfg: DepthwiseConfig, cg: int, cog: int) -> int:
+    """Input channels one occupancy code covers: those a block of ``block_c`` outputs reads, as a power of 2."""
+    span = max(1, (cfg.block_c * cg) // max(1, cog))
+    g = 1
+    while g * 2 <= min(span, 64):
+        g *= 2
+    return g
+
+
+@triton.jit
+def _tile_active(occ_ptr, b, th, tw, sob, soh, sow, g_lo, g_hi, NG, H, W, PAD_H, PAD_W,
+                 TILE_H: tl.constexpr, TILE_W: tl.constexpr, OCC_H: tl.constexpr, OCC_W: tl.constexpr,
+                 KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                 DH: tl.constexpr, DW: tl.constexpr, GSPAN: tl.constexpr):
+    """1 when any of the occupancy groups ``g_lo..g_hi`` is non-zero in the receptive field of output tile
+    (th, tw) of sample ``b`` (edge-exact halo), else 0."""
+    g = g_lo + tl.arange(0, GSPAN)
+    g_ok = (g <= g_hi) & (g < NG)
+    r0 = th * (TILE_H * SH) - PAD_H
+    r1 = tl.minimum(r0 + (TILE_H - 1) * SH + (KH - 1) * DH, H - 1)
+    r0 = tl.maximum(r0, 0)
+    c0 = tw * (TILE_W * SW) - PAD_W
+    c1 = tl.minimum(c0 + (TILE_W - 1) * SW + (KW - 1) * DW, W - 1)
+    c0 = tl.maximum(c0, 0)
+    act = tl.zeros([GSPAN], dtype=tl.int32)
+    for a in range(r0 // OCC_H, r1 // OCC_H + 1):
+        rsel = _edge_sel(tl.maximum(r0, a * OCC_H), tl.minimum(r1, a * OCC_H + OCC_H - 1), a * OCC_H, OCC_H)
+        for bb in range(c0 // OCC_W, c1 // OCC_W + 1):
+            csel = _edge_sel(tl.maximum(c0, bb * OCC_W), tl.minimum(c1, bb * OCC_W + OCC_W - 1),
+                             bb * OCC_W, OCC_W)
+            bits = _code_bits(rsel, csel)
+            code = tl.load(occ_ptr + b * sob + a * soh + bb * sow + g, mask=g_ok, other=0)
+            act |= ((code.to(tl.int32) & bits) != 0).to(tl.int32)
+    return tl.max(act, axis=0)
+
+
+@triton.jit
+def _direct_kernel(
+    x_ptr, sxb, sxc, sxh, sxw,
+    w_ptr, swo, swi, swh, sww,
+    y_ptr, syb, syc, syh, syw,
+    scale_ptr, shift_ptr,
+    occ_ptr, sob, soh, sow,
+    C, H, W, CO, OH, OW, CG, COG, TILES_H, TILES_W, NUM_CB, NG, OCC_GROUP,
+    PAD_H, PAD_W,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPARSE: tl.constexpr, OCC_H: tl.constexpr, OCC_W: tl.constexpr, GSPAN: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cb = pid % NUM_CB
+    tile = pid // NUM_CB
+    tw = tile % TILES_W
+    th = (tile // TILES_W) % TILES_H
+    b = tile // (TILES_W * TILES_H)
+
+    P: tl.constexpr = TILE_H * TILE_W
+    co = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    co_ok = co < CO
+    cin0 = (co // COG) * CG  # first input channel of each output channel's group
+    p = tl.arange(0, P)
+    oh = th * TILE_H + p // TILE_W
+    ow = tw * TILE_W + p % TILE_W
+    row_ok = (oh < OH) & (ow < OW)
+    out_ok = row_ok[:, None] & co_ok[None, :]
+    ih0 = oh * SH - PAD_H
+    iw0 = ow * SW - PAD_W
+
+    n_iter = CG * (KH * KW)
+    if SPARSE:
+        co_last = tl.minimum(cb * BLOCK_C + BLOCK_C, CO) - 1
+        g_lo = ((cb * BLOCK_C) // COG) * CG // OCC_GROUP
+        g_hi = ((co_last // COG) * CG + CG - 1) // OCC_GROUP
+        active = _tile_active(occ_ptr, b, th, tw, sob, soh, sow, g_lo, g_hi, NG, H, W, PAD_H, PAD_W,
+                              TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, GSPAN)
+        n_iter = n_iter * active
+
+    acc = tl.zeros([P, BLOCK_C], dtype=tl.float32)
+    xb = x_ptr + b * sxb
+    for i in range(n_iter):
+        j = i // (KH * KW)
+        tap = i % (KH * KW)
+        kh = tap // KW
+        kw = tap % KW
+        ih = ih0 + kh * DH
+        iw = iw0 + kw * DW
+        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ci = cin0 + j
+        xv = tl.load(xb + (ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
+                     mask=ok[:, None] & co_ok[None, :], other=0.0)
+        wv = tl.load(w_ptr + co * swo + j * swi + kh * swh + kw * sww, mask=co_ok, other=0.0)
+        acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    z = acc
+    if HAS_SCALE:
+        z = z * tl.load(scale_ptr + co, mask=co_ok, other=1.0)[None, :]
+    if HAS_SHIFT:
+        z = z + tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
+    yp = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
+    tl.store(yp, z.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+def normalize_grouped_args(op, x, weight, bias, stride, padding, dilation, groups):
+    """Validate ``F.conv2d``-style arguments with ``groups``; return (stride, padding, dilation) as pairs."""
+    if x.dim() != 4:
+        raise ValueError(f"{op}: expected input of shape [N, C, H, W], got {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"{op}: expected weight of shape [C_out, C_in/groups, KH, KW], got {tuple(weight.shape)}")
+    require_dtype(op, "input", x)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+    C, CO = x.shape[1], weight.shape[0]
+    if C % groups or CO % groups:
+        raise ValueError(f"{op}: in_channels {C} and out_channels {CO} must be divisible by groups={groups}")
+    if weight.shape[1] * groups != C:
+        raise ValueError(f"{op}: input has {C} channels but weight expects {weight.shape[1]} x groups={groups}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != CO:
+            raise ValueError(f"{op}: bias must have shape [{CO}], got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{op}: input dtype {x.dtype} and bias dtype {bias.dtype} differ")
+    stride, dilation = pair(stride, "stride", op), pair(dilation, "dilation", op)
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"{op}: stride and dilation must be >= 1, got {stride} and {dilation}")
+    KH, KW = weight.shape[2:]
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{op}: padding='same' needs stride 1 (as in F.conv2d)")
+            tot = (dilation[0] * (KH - 1), dilation[1] * (KW - 1))
+            if tot[0] % 2 or tot[1] % 2:
+                raise NotImplementedError(f"{op}: padding='same' with an even receptive field (asymmetric)")
+            padding = (tot[0] // 2, tot[1] // 2)
+        else:
+            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
+    else:
+        padding = pair(padding, "padding", op)
+    if min(padding) < 0:
+        raise ValueError(f"{op}: negative padding {padding}")
+    OH = conv_output_size(x.shape[2], KH, stride[0], padding[0], dilation[0])
+    OW = conv_output_size(x.shape[3], KW, stride[1], padding[1], dilation[1])
+    if OH < 1 or OW < 1:
+        raise ValueError(f"{op}: kernel {KH}x{KW} is larger than the padded input {tuple(x.shape[2:])}")
+    return stride, padding, dilation
+
+
+def grouped_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    occupancy: Occupancy | None = None,
+    config: DepthwiseConfig | ConvConfig | None = None,
+    block_size=None,
+    path: str = "auto",
+    fp32_precision: str = "tf32x3",
+    dense: bool = False,
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` skipping the silent tiles of ``x``.
+
+    ``path``: ``"direct"`` (the CUDA-core kernel of this module, any groups; depthwise), ``"gemm"`` (the
+    tensor-core conv kernel once per group) or ``"auto"`` (``gemm`` from ``C/groups >= 16``).
+    ``scale``/``shift`` (``[C_out]``) give ``(conv + bias) * scale + shift`` (a folded eval BatchNorm).
+    ``occupancy``: the input's occupancy from its producer (its group must be the one the kernel needs);
+    ``dense=True`` visits every tile (no prescan). Inputs ``[N, C, H, W]`` or unbatched ``[C, H, W]``, fp32 /
+    fp16 / bf16, any strides; the output keeps the input's layout (channels_last stays channels_last).
+    """
+    op = "grouped_conv2d"
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    stride, padding, dilation = normalize_grouped_args(op, x, weight, bias, stride, padding, dilation, groups)
+    require_triton_device(op, x, weight, bias, scale, shift)
+    require_int32_indexable(op, x)
+    N, _, H, W = x.shape
+    CO, CG, KH, KW = weight.shape
+    COG = CO // groups
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != CO):
+            raise ValueError(f"{op}: {name} must have shape [{CO}], got {tuple(t.shape)}")
+    if path not in ("auto", "direct", "gemm"):
+        raise ValueError(f"{op}: path must be 'auto', 'direct' or 'gemm', got {path!r}")
+    if path == "auto":
+        path = "gemm" if CG >= TENSOR_CORE_MIN_CG and groups > 1 else "direct"
+    if isinstance(config, ConvConfig):
+        path = "gemm"
+    elif isinstance(config, DepthwiseConfig):
+        path = "direct"
+    OH = conv_output_size(H, KH, stride[0], padding[0], dilation[0])
+    OW = conv_output_size(W, KW, stride[1], padding[1], dilation[1])
+    out = empty_like_layout(x, (N, CO, OH, OW))
+    require_int32_indexable(op, out)
+    if N == 0 or CO == 0:
+        return out.squeeze(0) if unbatched else out
+    sc, sh = fold_affine(bias, scale, shift)
+    if path == "gemm":
+        _grouped_gemm(op, x, weight, groups, stride, padding, dilation, out, sc, sh, config, block_size,
+                      dot_precision(x.dtype, fp32_precision), dense)
+    else:
+        cfg = config or default_depthwise_config(CO, block_size)
+        occ = None
+        gspan = 1
+        og = occupancy_group(cfg, CG, COG)
+        if not dense:
+            if occupancy is not None:
+                occupancy.check_matches(op, x.shape, occupancy.group)
+                occ = occupancy
+            else:
+                occ = prescan(x, (cfg.tile_h, cfg.tile_w), og)
+            og = occ.group
+            # occupancy groups one block of outputs can touch
+            span_in = (cfg.block_c // max(1, COG) + 2) * CG
+            gspan = next_pow2(span_in // og + 2)
+        launch_direct(x, weight, out, stride, padding, dilation, CG, COG, cfg, sc, sh, occ, og, gspan)
+    return out.squeeze(0) if unbatched else out
+
+
+def launch_direct(x, weight, out, stride, padding, dilation, CG, COG, cfg: DepthwiseConfig, scale, shift,
+                  occ: Occupancy | None, occ_group: int, gspan: int):
+    N, C, H, W = x.shape
+    _, CO, OH, OW = out.shape
+    KH, KW = weight.shape[2:]
+    tiles_h, tiles_w = triton.cdiv(OH, cfg.tile_h), triton.cdiv(OW, cfg.tile_w)
+    num_cb = triton.cdiv(CO, cfg.block_c)
+    if occ is not None:
+        codes, otile, ng = occ.codes, occ.tile, occ.num_groups
+    else:
+        codes, otile, ng = out, (1, 1), 1
+    grid = (N * tiles_h * tiles_w * num_cb,)
+    _direct_kernel[grid](
+        x, *x.stride(),
+        weight, *weight.stride(),
+        out, *out.stride(),
+        scale if scale is not None else out, shift if shift is not None else out,
+        codes, *(codes.stride()[:3]),
+        C, H, W, CO, OH, OW, CG, COG, tiles_h, tiles_w, num_cb, ng, occ_group,
+        padding[0], padding[1],
+        KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
+        TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_C=cfg.block_c,
+        SPARSE=occ is not None, OCC_H=otile[0], OCC_W=otile[1], GSPAN=gspan,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def pack_grouped_weight(weight: torch.Tensor, groups: int, block_k: int, block_n: int, dtype) -> list:
+    """One tensor-core packing (:func:`~.conv.pack_weight`) per group."""
+    COG = weight.shape[0] // groups
+    return [pack_weight(weight[g * COG:(g + 1) * COG], block_k, block_n, dtype) for g in range(groups)]
+
+
+def _grouped_gemm(op, x, weight, groups, stride, padding, dilation, out, sc, sh, config, block_size, prec, dense):
+    """The tensor-core conv kernel once per group, on channel slices (views) of the input and output."""
+    from .sparse_conv import default_config
+
+    N = x.shape[0]
+    CO, CG, KH, KW = weight.shape
+    COG = CO // groups
+    cfg = config if isinstance(config, ConvConfig) else default_config(CG, COG, block_size)
+    if cfg.t_in_m:
+        raise ValueError(f"{op}: t_in_m configs are for spiking_conv2d (no time axis here)")
+    if triton.cdiv(CG, cfg.block_k) > MAX_GROUPS:
+        raise ValueError(f"{op}: {CG} channels per group make more than {MAX_GROUPS} groups of {cfg.block_k}")
+    packed = pack_grouped_weight(weight, groups, cfg.block_k, cfg.block_n, x.dtype)
+    for g in range(groups):
+        xs = x[:, g * CG:(g + 1) * CG]
+        ys = out[:, g * COG:(g + 1) * COG]
+        occ = None if dense else prescan(xs, (cfg.tile_h, cfg.tile_w), cfg.block_k)
+        s = sc[g * COG:(g + 1) * COG] if sc is not None else None
+        t = sh[g * COG:(g + 1) * COG] if sh is not None else None
+        launch_conv(xs, packed[g], COG, KH, KW, stride, padding, dilation, T=1, N=N, out=ys, cfg=cfg,
+                    prec=prec, scale=s, shift=t, occ=occ)
+    return out
