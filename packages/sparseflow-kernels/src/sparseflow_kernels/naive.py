@@ -53,3 +53,32 @@ def spiking_conv2d_reference(x, weight, bias=None, stride=1, padding=0, *, scale
     if residual is not None:
         y = y + residual
     return neuron_reference(y, spec, v)
+
+
+def linear_reference(x, weight, bias=None, scale=None, shift=None):
+    """F.linear, then the optional per-feature affine; in ``x``'s dtype."""
+    y = F.linear(x, weight, bias)
+    if scale is not None:
+        y = y * scale
+    if shift is not None:
+        y = y + shift
+    return y
+
+
+def ssa_reference(q, k, v, scale):
+    """Spikformer SSA product over ``[..., D, L]``: ``(v @ k^T) @ q * scale`` (SpikingJelly's order)."""
+    return ((v @ k.transpose(-2, -1)) @ q) * scale
+
+
+def sdt_attention_reference(q, k, v, num_heads, attn):
+    """Spike-driven Transformer attention over ``[T, N, C, H, W]`` maps, with ``attn`` the callable applied
+    to the per-head token sums (its ``attn_lif``), in the module's own head layout."""
+    T, N, C, H, W = q.shape
+    hd = C // num_heads
+
+    def split(t):
+        return t.flatten(3).transpose(-1, -2).reshape(T, N, H * W, num_heads, hd).permute(0, 1, 3, 2, 4)
+
+    qs, ks, vs = split(q), split(k), split(v)
+    kv = attn((ks * vs).sum(dim=-2, keepdim=True))
+    return (qs * kv).transpose(3, 4).reshape(T, N, C, H, W)

@@ -1,0 +1,179 @@
+"""Spiking self-attention kernels (no softmax): the products of Spikformer's SSA and the Spike-driven
+Transformer's Hadamard attention, skipping blocks whose spikes are all zero.
+
+* :func:`ssa_attention` - SpikingJelly ``SpikingSelfAttention``: per (sample, head), with ``q``, ``k``, ``v``
+  of shape ``[D, L]`` (head channels x tokens), ``out = (v @ k^T) @ q * scale``. One program per (sample,
+  head): pass 1 accumulates the ``[D, D]`` matrix ``v @ k^T`` over token blocks, skipping blocks where ``k`` or
+  ``v`` is all zero; pass 2 writes ``kv @ q * scale`` per token block (zeros, without a product, where ``q``
+  is all zero). Spikes are 0/1, so both products are exact integers in fp32: pass 2 runs in fp32
+  (``tf32x3``, exact for integers below 2^21) whatever the input dtype.
+* :func:`channel_dot` - ``SpikeDrivenSelfAttention``'s ``sum over tokens of k * v`` per (sample, channel), the
+  input of its ``attn_lif``; the output ``q * attn`` is one broadcast multiply in the caller.
+
+NaN and Inf count as non-zero (never skipped), so they propagate as in the dense op.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import dot_precision, next_pow2, require_dtype, require_int32_indexable, require_triton_device
+
+
+@triton.jit
+def _ssa_kernel(
+    q_ptr, sqb, sqh, sqd, sql,
+    k_ptr, skb, skh, skd, skl,
+    v_ptr, svb, svh, svd, svl,
+    y_ptr, syb, syh, syd, syl,
+    H, D, L, scale,
+    D_P2: tl.constexpr, BLOCK_L: tl.constexpr, SPARSE: tl.constexpr,
+    PREC: tl.constexpr, PREC32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = pid % H
+    b = pid // H
+    d = tl.arange(0, D_P2)
+    d_ok = d < D
+    lo = tl.arange(0, BLOCK_L)
+    qb = q_ptr + b * sqb + h * sqh
+    kb = k_ptr + b * skb + h * skh
+    vb = v_ptr + b * svb + h * svh
+    yb = y_ptr + b * syb + h * syh
+    kv = tl.zeros([D_P2, D_P2], dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        ll = l0 + lo
+        m = d_ok[:, None] & (ll < L)[None, :]
+        vt = tl.load(vb + d[:, None] * svd + ll[None, :] * svl, mask=m, other=0.0)  # [D, BL]
+        kt = tl.load(kb + ll[:, None] * skl + d[None, :] * skd,
+                     mask=(ll < L)[:, None] & d_ok[None, :], other=0.0)  # [BL, D]
+        if SPARSE:
+            hit = (tl.max(tl.max((vt != 0).to(tl.int32), axis=1), axis=0)
+                   * tl.max(tl.max((kt != 0).to(tl.int32), axis=1), axis=0))
+            if hit != 0:
+                kv = tl.dot(vt, kt, kv, input_precision=PREC)
+        else:
+            kv = tl.dot(vt, kt, kv, input_precision=PREC)
+    for l0 in range(0, L, BLOCK_L):
+        ll = l0 + lo
+        m = d_ok[:, None] & (ll < L)[None, :]
+        qt = tl.load(qb + d[:, None] * sqd + ll[None, :] * sql, mask=m, other=0.0)  # [D, BL]
+        out = tl.zeros([D_P2, BLOCK_L], dtype=tl.float32)
+        if SPARSE:
+            if tl.max(tl.max((qt != 0).to(tl.int32), axis=1), axis=0) != 0:
+                out = tl.dot(kv, qt.to(tl.float32), out, input_precision=PREC32)
+        else:
+            out = tl.dot(kv, qt.to(tl.float32), out, input_precision=PREC32)
+        out = out * scale
+        tl.store(yb + d[:, None] * syd + ll[None, :] * syl, out.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _as_bhdl(t: torch.Tensor) -> torch.Tensor:
+    """``[..., H, D, L]`` -> ``[B, H, D, L]`` (a view when the leading dims merge, else a copy)."""
+    if t.dim() == 3:
+        return t.unsqueeze(0)
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def ssa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    block_l: int = 32,
+    fp32_precision: str = "tf32x3",
+    dense: bool = False,
+) -> torch.Tensor:
+    """Spikformer's spiking self-attention ``(v @ k^T) @ q * scale`` over ``[..., H, D, L]`` tensors
+    (``D`` = head channels, ``L`` = tokens; any strides, e.g. the q/k/v slices of one qkv tensor), as
+    SpikingJelly's ``SpikingSelfAttention._ssa_kernel_torch``. Returns ``[..., H, D, L]`` contiguous (or
+    fills ``out``). Skips token blocks where the spikes are all zero (``dense=True``: never)."""
+    op = "ssa_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        require_dtype(op, name, t)
+        if t.dim() < 3:
+            raise ValueError(f"{op}: {name} must be [..., H, D, L], got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{op}: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{op}: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if block_l < 16 or block_l & (block_l - 1):
+        raise ValueError(f"{op}: block_l must be a power of two >= 16, got {block_l}")
+    require_triton_device(op, q, k, v, out)
+    shape = q.shape
+    if out is None:
+        out = torch.empty(shape, dtype=q.dtype, device=q.device)
+    elif tuple(out.shape) != tuple(shape) or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"{op}: out must be a contiguous {tuple(shape)} {q.dtype} tensor, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+    H, D, L = shape[-3:]
+    q4, k4, v4 = _as_bhdl(q), _as_bhdl(k), _as_bhdl(v)
+    y4 = out.view(-1, H, D, L)
+    require_int32_indexable(op, q4, k4, v4, y4)
+    B = q4.shape[0]
+    if B * H == 0 or D == 0 or L == 0:
+        return out.zero_() if out.numel() else out
+    prec = dot_precision(q.dtype, fp32_precision)
+    prec32 = dot_precision(torch.float32, "tf32x3" if fp32_precision == "tf32" else fp32_precision)
+    d_p2 = max(16, next_pow2(D))
+    _ssa_kernel[(B * H,)](
+        q4, *q4.stride(), k4, *k4.stride(), v4, *v4.stride(), y4, *y4.stride(),
+        H, D, L, float(scale),
+        D_P2=d_p2, BLOCK_L=block_l, SPARSE=not dense, PREC=prec, PREC32=prec32,
+        num_warps=4 if d_p2 <= 64 else 8,
+    )
+    return out
+
+
+@triton.jit
+def _channel_dot_kernel(
+    a_ptr, sab, sac, sal, b_ptr, sbb, sbc, sbl, y_ptr, syb, syc,
+    C, L, NUM_CB,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cb = pid % NUM_CB
+    bi = pid // NUM_CB
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    lo = tl.arange(0, BLOCK_L)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        ll = l0 + lo
+        m = c_ok[:, None] & (ll < L)[None, :]
+        a = tl.load(a_ptr + bi * sab + c[:, None] * sac + ll[None, :] * sal, mask=m, other=0.0)
+        bb = tl.load(b_ptr + bi * sbb + c[:, None] * sbc + ll[None, :] * sbl, mask=m, other=0.0)
+        acc += tl.sum(a.to(tl.float32) * bb.to(tl.float32), axis=1)
+    tl.store(y_ptr + bi * syb + c * syc, acc.to(y_ptr.dtype.element_ty), mask=c_ok)
+
+
+def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a * b)`` summed over all dims after the second: ``[B, C, ...]`` -> ``[B, C]`` in ``a``'s dtype,
+    accumulated in fp32 (exact for spike counts below 2^24). The Spike-driven Transformer's
+    ``(k * v).sum(tokens)`` per (sample, channel), read straight from the ``[T*N, C, H, W]`` maps."""
+    op = "channel_dot"
+    require_dtype(op, "a", a)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"{op}: a and b must match, got {tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+    if a.dim() < 2:
+        raise ValueError(f"{op}: expected [B, C, ...], got {tuple(a.shape)}")
+    require_triton_device(op, a, b)
+    B, C = a.shape[:2]
+    a3, b3 = a.reshape(B, C, -1), b.reshape(B, C, -1)
+    require_int32_indexable(op, a3, b3)
+    L = a3.shape[2]
+    y = torch.empty((B, C), dtype=a.dtype, device=a.device)
+    if y.numel() == 0:
+        return y
+    block_c = min(64, max(16, next_pow2(C)))
+    block_l = min(128, max(16, next_pow2(L)))
+    num_cb = triton.cdiv(C, block_c)
+    _channel_dot_kernel[(B * num_cb,)](
+        a3, *a3.stride(), b3, *b3.stride(), y, *y.stride(), C, L, num_cb,
+        BLOCK_C=block_c, BLOCK_L=block_l, num_warps=4,
+    )
+    return y
