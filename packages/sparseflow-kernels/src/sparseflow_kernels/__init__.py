@@ -3,7 +3,9 @@
 Depends only on torch and triton. Kernels run on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``.
 """
 
+from .attention import channel_dot, ssa_attention
 from .conv import ConvConfig
+from .linear import LinearConfig, linear_block_flags, sparse_conv1x1, sparse_linear
 from .neuron import NeuronSpec, multistep_neuron
 from .occupancy import Occupancy, prescan
 from .sparse_conv import default_config, sparse_conv2d
@@ -13,11 +15,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvConfig",
+    "LinearConfig",
     "NeuronSpec",
     "Occupancy",
+    "channel_dot",
     "default_config",
+    "linear_block_flags",
     "multistep_neuron",
     "prescan",
+    "sparse_conv1x1",
     "sparse_conv2d",
+    "sparse_linear",
     "spiking_conv2d",
+    "ssa_attention",
 ]
