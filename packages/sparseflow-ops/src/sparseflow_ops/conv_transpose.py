@@ -1,0 +1,97 @@
+"""``SparseConvTranspose2d``: a drop-in ``nn.ConvTranspose2d`` on
+:func:`sparseflow_kernels.conv_transpose.sparse_conv_transpose2d` (groups 1, dilation 1, any stride, kernel,
+padding and output_padding; ``output_size=`` as in torch).
+
+The decoder of a spiking U-Net upsamples spikes: the kernel gathers, per output phase and tile, only the
+non-zero (tile, channel group) blocks of the input. An eval-mode BatchNorm fed only by the transposed
+convolution can be folded in (``bn=``) and is then bypassed. Each call picks the fastest of the sparse kernel,
+the same kernel without skipping and cuDNN by measurement (``mode`` forces one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseflow_kernels.conv_transpose import pack_transpose_weight, sparse_conv_transpose2d
+from sparseflow_kernels.sparse_conv import default_config
+
+from ._common import SparseModule, VersionCache, version_key
+from .depthwise import FoldedBNMixin, check_foldable_bn
+
+
+class SparseConvTranspose2d(FoldedBNMixin, SparseModule, nn.ConvTranspose2d):
+    """Drop-in ``nn.ConvTranspose2d`` (same parameters, ``state_dict`` keys and ``isinstance``); inputs
+    ``[N, C, H, W]`` or multi-step ``[T, N, C, H, W]``."""
+
+    _kind_name = "conv_transpose"
+
+    def __init__(self, *args, block_size=None, mode: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block_size = block_size
+        self.mode = mode
+        self.time_steps: int | None = None
+        self.__dict__["_bn"] = None
+        self._init_runtime()
+
+    def _init_runtime(self):
+        super()._init_runtime()
+        self.__dict__["_wcache"] = VersionCache()
+
+    @classmethod
+    def from_dense(cls, conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d | None = None, *, block_size=None,
+                   mode: str = "auto") -> SparseConvTranspose2d:
+        """Wrap ``conv`` (sharing its parameters); with ``bn`` (an eval BatchNorm fed only by ``conv``) it is
+        folded and bypassed. The caller puts the new module where ``conv`` was."""
+        if not isinstance(conv, nn.ConvTranspose2d):
+            raise TypeError(f"from_dense expects an nn.ConvTranspose2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"groups={conv.groups} is not supported (only 1)")
+        if tuple(conv.dilation) != (1, 1):
+            raise ValueError(f"dilation={conv.dilation} is not supported (only 1)")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+        if bn is not None:
+            check_foldable_bn(bn, conv.out_channels)
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.output_padding, conv.groups, conv.bias is not None, conv.dilation, conv.padding_mode,
+                  device="meta", block_size=block_size, mode=mode)
+        new._attach(conv, bn, block_size, mode)
+        return new
+
+    def to_dense(self) -> nn.ConvTranspose2d:
+        """The plain transposed convolution back (same parameters); a folded BatchNorm runs on its own again."""
+        m = self._dense_copy(nn.ConvTranspose2d)
+        m.__dict__.pop("_wcache", None)
+        return m
+
+    def extra_repr(self):
+        return super().extra_repr() + f", fused={self.kind()}, block_size={self.block_size}, mode={self.mode}"
+
+    def _packed(self, cfg, dtype):
+        key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
+        return self._wcache.get(key, lambda: pack_transpose_weight(self.weight, self.stride, self.padding,
+                                                                   cfg.block_k, cfg.block_n, dtype))
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        flat_probe = x.flatten(0, 1) if x.dim() == 5 else x
+        out_pad = self._output_padding(flat_probe, output_size, self.stride, self.padding, self.kernel_size, 2,
+                                       self.dilation)
+        out_pad = tuple(int(v) for v in out_pad)
+        bs = self.block_size if isinstance(self.block_size, int) else None
+        cfg = default_config(self.in_channels, self.out_channels, bs)
+
+        def dense_fn(flat):
+            return F.conv_transpose2d(flat, self.weight, self.bias, self.stride, self.padding, out_pad, self.groups,
+                                      self.dilation)
+
+        def kernel_fn(flat, occ, dense, scale, shift):
+            if occ is not None and occ.group != cfg.block_k:
+                occ = None
+            return sparse_conv_transpose2d(flat, self.weight, self.bias, self.stride, self.padding, out_pad,
+                                           scale=scale, shift=shift, occupancy=occ, config=cfg,
+                                           packed_weight=self._packed(cfg, flat.dtype), dense=dense)
+
+        key = ("conv_transpose", self.out_channels, self.kernel_size, self.stride, self.padding, out_pad)
+        return self._run(x, dense_fn, kernel_fn, key)
