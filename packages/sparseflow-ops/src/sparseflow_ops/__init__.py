@@ -2,12 +2,18 @@
 
 * :class:`SparseConv2d` - ``nn.Conv2d`` on the sparse / fused kernels (optionally with the BatchNorm it
   feeds folded in and the spiking neuron after it fused), ``SparseConv2d.from_dense(conv, bn, neuron)``.
+* :class:`SparseLinear` / :class:`SparseConv1d` - ``nn.Linear`` / ``nn.Conv1d(k=1)`` on the sparse GEMM
+  (optionally with a BatchNorm1d folded in).
+* :class:`SparseSpikingSelfAttention`, :class:`SparseSpikeDrivenSelfAttention`, :class:`SparseMultiheadAttention` -
+  Spikformer / Spike-driven Transformer attention and ``nn.MultiheadAttention`` on the sparse kernels.
 * :func:`accelerate_neuron` - a SpikingJelly / snnTorch neuron on the multi-step Triton kernel, in place.
 * :func:`neuron_support` / :func:`register_neuron_adapter` - which neurons the kernels can run.
 """
 
 from ._common import SparseModule
+from .attention import SparseMultiheadAttention, SparseSpikeDrivenSelfAttention, SparseSpikingSelfAttention
 from .conv import Bypass, SparseConv2d, is_bypassed, remove_bypass
+from .linear import SparseConv1d, SparseLinear
 from .neuron import KernelNeuronForward, accelerate_neuron, is_accelerated, restore_neuron
 from .neurons import NeuronAdapter, Unsupported, find_adapter, neuron_support, register_neuron_adapter
 
@@ -17,8 +23,13 @@ __all__ = [
     "Bypass",
     "KernelNeuronForward",
     "NeuronAdapter",
+    "SparseConv1d",
     "SparseConv2d",
+    "SparseLinear",
     "SparseModule",
+    "SparseMultiheadAttention",
+    "SparseSpikeDrivenSelfAttention",
+    "SparseSpikingSelfAttention",
     "Unsupported",
     "accelerate_neuron",
     "find_adapter",

@@ -1,0 +1,300 @@
+"""Attention drop-ins: SpikingJelly's spiking self-attention modules and ``nn.MultiheadAttention``.
+
+* :class:`SparseSpikingSelfAttention` - Spikformer's ``SpikingSelfAttention``: the q/k/v and output
+  ``Conv1d(k=1) + BatchNorm1d`` projections become :class:`SparseConv1d` with the BatchNorm folded (bypassed,
+  kept in the model), and the product ``(v @ k^T) @ q * scale`` runs on :func:`ssa_attention`, skipping zero
+  token blocks. The neurons (``qkv_lif``, ``attn_lif``, ``proj_lif``) are the module's own, called exactly as
+  before, so their state, ``reset_net`` and ``state_dict`` keys are unchanged.
+* :class:`SparseSpikeDrivenSelfAttention` - the Spike-driven Transformer's ``SpikeDrivenSelfAttention``: the
+  per-head token sums ``(k * v).sum(tokens)`` run on :func:`channel_dot` straight from the ``[T, N, C, H, W]``
+  maps and ``q * attn_lif(...)`` is one broadcast multiply, without the module's head split/merge copies. Its
+  1x1 convolutions stay ordinary children (``optimize`` fuses them with their BatchNorm and neuron).
+* :class:`SparseMultiheadAttention` - ``nn.MultiheadAttention`` (same ``state_dict``) whose input and output
+  projections run on :func:`sparse_linear` and whose softmax attention is
+  ``F.scaled_dot_product_attention``; arguments it does not cover fall back to the module's own forward
+  (the reason is logged once).
+
+All of them run their own torch forward in training mode or where the kernels cannot run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseflow_kernels import channel_dot, sparse_linear, ssa_attention
+from sparseflow_kernels import dispatch as kdispatch
+from sparseflow_kernels.linear import default_linear_config, pack_linear_weight
+
+from ._common import SparseModule, VersionCache, kernels_can_run, notice_once, version_key
+from .linear import SparseConv1d
+
+_RUNTIME = ("_original_class", "mode", "last_path", "_wcache")
+
+
+def _spikingjelly_attention():
+    try:
+        from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
+    except Exception:  # SpikingJelly is optional
+        return None, None
+    return SpikingSelfAttention, SpikeDrivenSelfAttention
+
+
+SpikingSelfAttention, SpikeDrivenSelfAttention = _spikingjelly_attention()
+
+
+def _wrap(cls, module, mode):
+    """A new instance of ``cls`` sharing ``module``'s attributes (children, parameters, hooks)."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    new.__dict__["_modules"] = dict(module._modules)
+    new.__dict__["_original_class"] = type(module)
+    new.mode = mode
+    new.last_path = None
+    return new
+
+
+def _unwrap(module):
+    klass = module.__dict__.get("_original_class")
+    old = klass.__new__(klass)
+    old.__dict__.update({k: v for k, v in module.__dict__.items() if k not in _RUNTIME})
+    old.__dict__["_modules"] = dict(module._modules)
+    return old
+
+
+def _use_kernels(module, x) -> bool:
+    if module.training or module.mode == "torch" or not kernels_can_run(x):
+        if not x.is_cuda and not kernels_can_run(x):
+            notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
+                        "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
+        return False
+    return True
+
+
+def _choose(module, key, cands, x):
+    if module.mode != "auto":
+        return "sparse" if module.mode in ("sparse", "dense") else "torch"
+    return kdispatch.choose(key, cands, fallback="sparse", device=x.device)
+
+
+def _fold_projection(container: nn.Module, block_size, mode) -> bool:
+    """``SeqToANNContainer(Conv1d, BatchNorm1d)`` -> its conv becomes a SparseConv1d with the BN folded."""
+    conv = container[0] if len(container) else None
+    if not isinstance(conv, nn.Conv1d) or isinstance(conv, SparseModule) or SparseConv1d.problem(conv):
+        return False
+    bn = container[1] if len(container) > 1 and isinstance(container[1], nn.BatchNorm1d) else None
+    if bn is not None and (bn.training or not bn.track_running_stats or bn.num_features != conv.out_channels):
+        bn = None
+    container[0] = SparseConv1d.from_dense(conv, bn, block_size=block_size, mode=mode)
+    return True
+
+
+def _unfold_projection(container: nn.Module) -> None:
+    if len(container) and isinstance(container[0], SparseConv1d):
+        container[0] = container[0].to_dense()
+
+
+# --------------------------------------------------------------------------------------------- Spikformer
+if SpikingSelfAttention is not None:
+
+    class SparseSpikingSelfAttention(SparseModule, SpikingSelfAttention):
+        """Spikformer's ``SpikingSelfAttention`` with sparse projections and the SSA product on
+        :func:`ssa_attention`; same children, ``state_dict`` keys and neuron state."""
+
+        @classmethod
+        def from_dense(cls, attn, *, block_size=None, mode: str = "auto", projections: bool = True):
+            if not isinstance(attn, SpikingSelfAttention):
+                raise TypeError(f"from_dense expects a SpikingSelfAttention, got {type(attn).__name__}")
+            if type(attn).forward is not SpikingSelfAttention.forward or (
+                    type(attn)._ssa_kernel_torch is not SpikingSelfAttention._ssa_kernel_torch):
+                raise ValueError(f"{type(attn).__name__} overrides the attention math; left as it is")
+            new = _wrap(cls, attn, mode)
+            new.projections = []
+            if projections:
+                for pname in ("qkv_conv_bn", "proj_conv_bn"):
+                    if _fold_projection(getattr(new, pname), block_size, mode):
+                        new.projections.append(pname)
+            return new
+
+        def to_dense(self):
+            for pname in ("qkv_conv_bn", "proj_conv_bn"):
+                _unfold_projection(getattr(self, pname))
+            self.__dict__.pop("projections", None)
+            return _unwrap(self)
+
+        def kind(self) -> str:
+            return "ssa" + "".join(f"+{p}" for p in self.projections)
+
+        def forward(self, x_seq: torch.Tensor):
+            if x_seq.ndim != 4:
+                raise ValueError(f"expected 4D input with shape [T, N, C, L], but got input with shape {x_seq.shape}")
+            T, N, _, L = x_seq.shape
+            qkv = self.qkv_lif(self.qkv_conv_bn(x_seq))  # [T, N, 3C, L]
+            local_dim = qkv.shape[2] // 3
+            if local_dim % self.num_heads != 0:
+                raise ValueError(f"local qkv dim {local_dim} is not divisible by num_heads={self.num_heads}.")
+            qkv = qkv.reshape(T, N, 3, self.num_heads, local_dim // self.num_heads, L)
+            if _use_kernels(self, qkv):
+                q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+                cands = {"sparse": lambda: ssa_attention(q, k, v, self.scale, dense=self.mode == "dense"),
+                         "torch": lambda: self._ssa_kernel_torch(qkv, self.scale)}
+                path = _choose(self, ("ssa", tuple(qkv.shape), qkv.stride(), qkv.dtype), cands, qkv)
+                self.last_path = path
+                x_seq = cands[path]()
+            else:
+                self.last_path = "torch"
+                x_seq = self._ssa_kernel_torch(qkv, self.scale)
+            x_seq = self.attn_lif(x_seq).reshape(T, N, local_dim, L)
+            return self.proj_lif(self.proj_conv_bn(x_seq))
+
+    class SparseSpikeDrivenSelfAttention(SparseModule, SpikeDrivenSelfAttention):
+        """The Spike-driven Transformer's ``SpikeDrivenSelfAttention`` with its Hadamard attention on
+        :func:`channel_dot` (no head split/merge copies); same children, ``state_dict`` keys and neuron
+        state (``attn_lif`` sees the module's ``[T, N, heads, 1, head_dim]`` tensor)."""
+
+        @classmethod
+        def from_dense(cls, attn, *, mode: str = "auto"):
+            if not isinstance(attn, SpikeDrivenSelfAttention):
+                raise TypeError(f"from_dense expects a SpikeDrivenSelfAttention, got {type(attn).__name__}")
+            if type(attn).forward is not SpikeDrivenSelfAttention.forward:
+                raise ValueError(f"{type(attn).__name__} overrides the attention math; left as it is")
+            return _wrap(cls, attn, mode)
+
+        def to_dense(self):
+            return _unwrap(self)
+
+        def kind(self) -> str:
+            return "sdsa"
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.ndim != 5:
+                raise ValueError(f"expected 5D input [T, N, C, H, W], but got {x.shape}")
+            T, N, C, H, W = x.shape
+            identity = x
+            x = self.shortcut_lif(x)
+            q = self.q_lif(self.q_bn(self.q_conv(x)))
+            k = self.k_lif(self.k_bn(self.k_conv(x)))
+            v = self.v_lif(self.v_bn(self.v_conv(x)))
+            kf, vf = k.reshape(T * N, C, H * W), v.reshape(T * N, C, H * W)
+            if _use_kernels(self, kf) and kf.dtype == vf.dtype:
+                cands = {"sparse": lambda: channel_dot(kf, vf),
+                         "torch": lambda: (kf * vf).sum(dim=-1)}
+                path = _choose(self, ("sdsa", tuple(kf.shape), kf.stride(), kf.dtype), cands, kf)
+            else:
+                cands = {"torch": lambda: (kf * vf).sum(dim=-1)}
+                path = "torch"
+            self.last_path = path
+            s = cands[path]()  # [T*N, C]: channel c = head * head_dim + j, as the module's head split
+            kv = self.attn_lif(s.reshape(T, N, self.num_heads, 1, self.head_dim))
+            x = q * kv.reshape(T, N, C, 1, 1).to(q.dtype)
+            return self.proj_bn(self.proj_conv(x)) + identity
+
+else:  # pragma: no cover - without SpikingJelly
+    SparseSpikingSelfAttention = SparseSpikeDrivenSelfAttention = None
+
+
+# ------------------------------------------------------------------------------------- MultiheadAttention
+def _float_mask(mask, dtype, name):
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool or floating point, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+class SparseMultiheadAttention(SparseModule, nn.MultiheadAttention):
+    """Drop-in ``nn.MultiheadAttention`` (same parameters and ``state_dict``): in eval mode with
+    ``need_weights=False``, the input projections (and the output projection) run on :func:`sparse_linear`
+    and the attention on ``F.scaled_dot_product_attention``. Separate q/k/v weights, ``bias_k``/``bias_v``,
+    ``add_zero_attn``, ``is_causal`` without a mask and ``need_weights=True`` run the module's own forward."""
+
+    @classmethod
+    def from_dense(cls, mha: nn.MultiheadAttention, *, mode: str = "auto") -> SparseMultiheadAttention:
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"from_dense expects an nn.MultiheadAttention, got {type(mha).__name__}")
+        new = _wrap(cls, mha, mode)
+        new.__dict__["_wcache"] = {}
+        return new
+
+    def to_dense(self) -> nn.MultiheadAttention:
+        return _unwrap(self)
+
+    def kind(self) -> str:
+        return "mha"
+
+    def unsupported(self, need_weights=False, is_causal=False, attn_mask=None) -> str | None:
+        """Why a call with these arguments runs the module's own forward, or None."""
+        if need_weights:
+            return "need_weights=True (pass need_weights=False for the sparse path)"
+        if not self._qkv_same_embed_dim or self.in_proj_weight is None:
+            return "separate kdim/vdim projections"
+        if self.bias_k is not None or self.add_zero_attn:
+            return "bias_k/bias_v or add_zero_attn"
+        if is_causal and attn_mask is None:
+            return "is_causal without an attn_mask"
+        return None
+
+    def _proj(self, x, weight, bias, tag):
+        """``F.linear`` on the sparse GEMM (or torch, by measurement)."""
+        K, N = weight.shape[1], weight.shape[0]
+        cfg = default_linear_config(K, N)
+        cache = self.__dict__["_wcache"].setdefault(tag, VersionCache())
+        key = (*version_key(weight), weight.data_ptr(), x.dtype)
+        w = cache.get(key, lambda: pack_linear_weight(weight, cfg.block_k, cfg.block_n, x.dtype))
+        cands = {"sparse": lambda: sparse_linear(x, weight, bias, config=cfg, packed_weight=w,
+                                                 dense=self.mode == "dense"),
+                 "torch": lambda: F.linear(x, weight, bias)}
+        path = _choose(self, ("mha-proj", tag, tuple(x.shape), x.dtype), cands, x)
+        return cands[path]()
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        why = self.unsupported(need_weights, is_causal, attn_mask)
+        if why is None and (self.training or not _use_kernels(self, query)):
+            why = "training mode or tensors the kernels cannot run"
+        if why is None and not (query.dtype == key.dtype == value.dtype == self.in_proj_weight.dtype):
+            why = "input and weight dtypes differ"
+        if why is not None:
+            if not self.training and need_weights is False:
+                notice_once(f"mha-fallback:{why}", f"SparseMultiheadAttention: the module's own forward ({why})")
+            self.last_path = "torch"
+            return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask=key_padding_mask,
+                                                 need_weights=need_weights, attn_mask=attn_mask,
+                                                 average_attn_weights=average_attn_weights, is_causal=is_causal)
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        L, B, E = query.shape
+        S = key.shape[0]
+        H, hd = self.num_heads, self.head_dim
+        w, b = self.in_proj_weight, self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
+        if query is key and key is value:
+            q, k, v = self._proj(query, w, b, "qkv").chunk(3, dim=-1)
+        else:
+            wq, wk, wv = w.chunk(3)
+            q, k, v = self._proj(query, wq, bq, "q"), self._proj(key, wk, bk, "k"), self._proj(value, wv, bv, "v")
+        q = q.reshape(L, B, H, hd).permute(1, 2, 0, 3)
+        k = k.reshape(S, B, H, hd).permute(1, 2, 0, 3)
+        v = v.reshape(S, B, H, hd).permute(1, 2, 0, 3)
+        mask = _float_mask(attn_mask, q.dtype, "attn_mask")
+        if mask is not None:
+            mask = mask.view(1, 1, L, S) if mask.dim() == 2 else mask.view(B, H, L, S)
+        kpm = _float_mask(key_padding_mask, q.dtype, "key_padding_mask")
+        if kpm is not None:
+            kpm = kpm.view(B, 1, 1, S)
+            mask = kpm if mask is None else mask + kpm
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, L, hd]
+        o = o.permute(2, 0, 1, 3).reshape(L, B, E)
+        o = self._proj(o, self.out_proj.weight, self.out_proj.bias, "out")
+        self.last_path = "sparse"
+        if unbatched:
+            return o.squeeze(1), None
+        return (o.transpose(0, 1) if self.batch_first else o), None

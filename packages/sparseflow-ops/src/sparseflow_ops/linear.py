@@ -1,0 +1,308 @@
+"""``SparseLinear`` and ``SparseConv1d``: drop-in ``nn.Linear`` / ``nn.Conv1d(kernel_size=1)`` on the sparse GEMM.
+
+Both run :func:`sparseflow_kernels.sparse_linear` (a prescan of non-zero (row tile, K block) blocks, then a
+tensor-core GEMM over those only) in eval mode on CUDA (or the CPU under the Triton interpreter), and the
+module's own torch forward otherwise (training, plain CPU, other dtypes).
+
+* ``SparseLinear`` takes any leading shape (``[M, K]``, SpikingJelly multi-step ``[T, N, K]``, tokens
+  ``[T, N, L, K]``); ``step_mode`` is kept, as the GEMM treats every leading dim alike.
+* ``SparseConv1d`` is a ``kernel_size=1`` projection over ``[N, C, L]`` (or multi-step ``[T, N, C, L]``, as
+  SpikingJelly's ``layer.Conv1d`` and Spikformer's ``SeqToANNContainer(Conv1d, BatchNorm1d)`` run it), read in
+  place without a transpose. ``from_dense(conv, bn=...)`` folds the eval-mode ``BatchNorm1d`` it feeds into the
+  GEMM's epilogue; the BatchNorm stays in the model, bypassed (same ``state_dict``), and runs itself again
+  in training mode or after ``to_dense()``.
+
+Each call picks the sparse kernel, the same kernel over every block, or the torch op by measurement per
+input shape (``sparseflow_kernels.dispatch``); ``mode`` forces one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseflow_kernels import dispatch as kdispatch
+from sparseflow_kernels.linear import (
+    MAX_K_BLOCKS,
+    LinearConfig,
+    default_linear_config,
+    pack_linear_weight,
+    sparse_conv1x1,
+    sparse_linear,
+)
+
+from ._common import SparseModule, VersionCache, kernels_can_run, notice_once, version_key
+from .conv import MODES, bn_affine, install_bypass, remove_bypass
+
+_RUNTIME = ("_pending", "_wcache", "_acache", "_bn", "_original_class", "block_size", "mode", "time_steps",
+            "last_path", "step_mode", "config")
+
+
+class _GemmMixin:
+    """What SparseLinear and SparseConv1d share: caches, the dispatch between kernels and torch."""
+
+    def _init_runtime(self):
+        self.__dict__["_pending"] = False
+        self.__dict__["_wcache"] = VersionCache()
+        self.__dict__["_acache"] = VersionCache()
+        self.last_path: str | None = None
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_pending" not in self.__dict__:
+            self._init_runtime()
+
+    def _use_kernels(self, x: torch.Tensor) -> bool:
+        bn = self.__dict__.get("_bn")
+        if self.training or (bn is not None and bn.training) or self.mode == "torch":
+            return False
+        if not kernels_can_run(x) or x.dtype != self.weight.dtype:
+            if not x.is_cuda:
+                notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
+                            "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
+            return False
+        return True
+
+    def _cfg(self, K: int, N: int) -> LinearConfig:
+        if self.config is not None:
+            return self.config
+        bm = self.block_size if isinstance(self.block_size, int) and self.block_size >= 16 else None
+        return default_linear_config(K, N, bm)
+
+    def _packed(self, cfg: LinearConfig, dtype):
+        key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
+        return self._wcache.get(key, lambda: pack_linear_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
+
+    def _affine(self):
+        bn = self.__dict__.get("_bn")
+        if bn is None:
+            return None, None
+        key = (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps)
+        return self._acache.get(key, lambda: bn_affine(bn))
+
+    def _run(self, key, x, kernel, torch_op, K, N):
+        cfg = self._cfg(K, N)
+        scale, shift = self._affine()
+        w = self._packed(cfg, x.dtype)
+
+        def run_torch():
+            y = torch_op()
+            if scale is not None:
+                shp = [1] * y.dim()
+                shp[self._feature_dim(y)] = -1
+                y = torch.addcmul(shift.view(shp), y, scale.view(shp)).to(y.dtype)
+            return y
+
+        def run_kernel(dense):
+            return kernel(cfg, w, scale, shift, dense)
+
+        cands = {"dense": lambda: run_kernel(True), "torch": run_torch}
+        if self.block_size != "dense" and -(-K // cfg.block_k) <= MAX_K_BLOCKS:
+            cands["sparse"] = lambda: run_kernel(False)
+        if self.mode != "auto":
+            path = self.mode if self.mode in cands else "dense"
+        else:
+            key = (*key, cfg.key(), scale is not None, self.block_size)
+            path = kdispatch.choose(key, cands, fallback="sparse" if "sparse" in cands else "dense",
+                                    device=x.device)
+        self.last_path = path
+        return cands[path]()
+
+    def kind(self) -> str:
+        return self._kind + ("+bn" if self.__dict__.get("_bn") is not None else "")
+
+    @property
+    def folded_bn(self):
+        return self.__dict__.get("_bn")
+
+    def extra_repr(self):
+        return super().extra_repr() + f", fused={self.kind()}, block_size={self.block_size}, mode={self.mode}"
+
+    def _to_dense_common(self, klass, module):
+        bn = self.__dict__.get("_bn")
+        if bn is not None:
+            remove_bypass(bn)
+        nn.Module.__init__(module)
+        for k, v in self.__dict__.items():
+            if k in _RUNTIME:
+                continue
+            module.__dict__[k] = v
+        if "step_mode" in self.__dict__:
+            module.step_mode = self.__dict__["step_mode"]
+        return module
+
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_bn(bn, features: int):
+    if bn is None:
+        return
+    if not isinstance(bn, nn.BatchNorm1d):
+        raise TypeError(f"bn must be an nn.BatchNorm1d, got {type(bn).__name__}")
+    if bn.num_features != features:
+        raise ValueError(f"bn has {bn.num_features} features, the projection {features} outputs")
+    if not bn.track_running_stats or bn.running_mean is None:
+        raise ValueError("BatchNorm without running statistics cannot be folded")
+
+
+class SparseLinear(_GemmMixin, SparseModule, nn.Linear):
+    """Drop-in ``nn.Linear`` (same parameters, ``state_dict`` keys and ``isinstance``) on the sparse GEMM
+    in eval mode; see the module docstring. ``from_dense(linear, bn=...)`` folds a ``BatchNorm1d`` over the
+    output features (inputs ``[M, K]``)."""
+
+    _kind = "linear"
+
+    def __init__(self, in_features, out_features, bias=True, *, block_size=None, mode: str = "auto",
+                 config: LinearConfig | None = None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        _check_mode(mode)
+        self.block_size = block_size
+        self.mode = mode
+        self.config = config
+        self.time_steps = None
+        self.__dict__["_bn"] = None
+        self._init_runtime()
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, bn: nn.BatchNorm1d | None = None, *, block_size=None,
+                   mode: str = "auto", config: LinearConfig | None = None) -> SparseLinear:
+        """Wrap ``linear`` (sharing its parameters); the caller puts the new module where it was."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"weight dtype {linear.weight.dtype} is not supported")
+        _check_bn(bn, linear.out_features)
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+                  block_size=block_size, mode=mode, config=config)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.training = linear.training
+        if hasattr(linear, "step_mode"):
+            new.step_mode = linear.step_mode
+        new.__dict__["_original_class"] = type(linear)
+        new.__dict__["_bn"] = bn
+        if bn is not None:
+            install_bypass(bn, new, last=True)
+        return new
+
+    def to_dense(self) -> nn.Linear:
+        """The plain ``nn.Linear`` (or the SpikingJelly class it was) back, same parameters."""
+        klass = self.__dict__.get("_original_class", nn.Linear)
+        return self._to_dense_common(klass, klass.__new__(klass))
+
+    @staticmethod
+    def _feature_dim(y):
+        return y.dim() - 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._pending = False
+        bn = self._bn
+        if not self._use_kernels(x):
+            self.last_path = "torch"
+            return F.linear(x, self.weight, self.bias)
+        if bn is not None and x.dim() != 2:
+            raise ValueError(f"SparseLinear with a folded BatchNorm1d expects [M, K] inputs, got {tuple(x.shape)}")
+        K, N = self.in_features, self.out_features
+
+        def kernel(cfg, w, scale, shift, dense):
+            return sparse_linear(x, self.weight, self.bias, config=cfg, packed_weight=w, scale=scale, shift=shift,
+                                 dense=dense)
+
+        key = ("linear", tuple(x.shape), x.stride(), x.dtype, N)
+        y = self._run(key, x, kernel, lambda: F.linear(x, self.weight, self.bias), K, N)
+        self._pending = bn is not None
+        return y
+
+
+class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
+    """Drop-in ``nn.Conv1d`` with ``kernel_size=1`` (stride 1, no padding, groups 1) on the sparse GEMM;
+    inputs ``[N, C, L]``, ``[C, L]`` or multi-step ``[T, N, C, L]``. See the module docstring."""
+
+    _kind = "conv1x1"
+
+    def __init__(self, in_channels, out_channels, bias=True, *, block_size=None, mode: str = "auto",
+                 config: LinearConfig | None = None, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
+        _check_mode(mode)
+        self.block_size = block_size
+        self.mode = mode
+        self.config = config
+        self.time_steps = None
+        self.__dict__["_bn"] = None
+        self._init_runtime()
+
+    @staticmethod
+    def problem(conv: nn.Conv1d) -> str | None:
+        """Why ``conv`` cannot run on the GEMM, or None."""
+        if conv.kernel_size != (1,):
+            return f"kernel_size={conv.kernel_size[0]} (only 1 runs on the GEMM)"
+        if conv.stride != (1,) or conv.dilation != (1,):
+            return f"stride={conv.stride[0]}, dilation={conv.dilation[0]} (only 1)"
+        if conv.groups != 1:
+            return f"groups={conv.groups} (only 1)"
+        if isinstance(conv.padding, str) and conv.padding not in ("valid", "same"):
+            return f"padding={conv.padding!r}"
+        if not isinstance(conv.padding, str) and conv.padding != (0,):
+            return f"padding={conv.padding[0]} (only 0)"
+        if conv.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"weight dtype {conv.weight.dtype}"
+        return None
+
+    @classmethod
+    def from_dense(cls, conv: nn.Conv1d, bn: nn.BatchNorm1d | None = None, *, block_size=None,
+                   mode: str = "auto", config: LinearConfig | None = None) -> SparseConv1d:
+        """Wrap ``conv`` (sharing its parameters); with ``bn`` (the eval-mode BatchNorm1d it feeds) the
+        BatchNorm is folded and bypassed. The caller puts the new module where ``conv`` was."""
+        if not isinstance(conv, nn.Conv1d):
+            raise TypeError(f"from_dense expects an nn.Conv1d, got {type(conv).__name__}")
+        why = cls.problem(conv)
+        if why:
+            raise ValueError(why)
+        _check_bn(bn, conv.out_channels)
+        new = cls(conv.in_channels, conv.out_channels, conv.bias is not None, device="meta",
+                  block_size=block_size, mode=mode, config=config)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.padding = conv.padding
+        new.padding_mode = conv.padding_mode
+        new.training = conv.training
+        if hasattr(conv, "step_mode"):
+            new.step_mode = conv.step_mode
+        new.__dict__["_original_class"] = type(conv)
+        new.__dict__["_bn"] = bn
+        if bn is not None:
+            install_bypass(bn, new, last=True)
+        return new
+
+    def to_dense(self) -> nn.Conv1d:
+        klass = self.__dict__.get("_original_class", nn.Conv1d)
+        return self._to_dense_common(klass, klass.__new__(klass))
+
+    @staticmethod
+    def _feature_dim(y):
+        return 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(f"SparseConv1d expects [C, L], [N, C, L] or [T, N, C, L], got {tuple(x.shape)}")
+        self._pending = False
+        four = x.dim() == 4
+        flat = x.flatten(0, 1) if four else x
+        if not self._use_kernels(x):
+            self.last_path = "torch"
+            y = F.conv1d(flat, self.weight, self.bias)
+        else:
+            K, N = self.in_channels, self.out_channels
+
+            def kernel(cfg, w, scale, shift, dense):
+                return sparse_conv1x1(flat, self.weight, self.bias, config=cfg, packed_weight=w, scale=scale,
+                                      shift=shift, dense=dense)
+
+            key = ("conv1x1", tuple(flat.shape), flat.stride(), x.dtype, N)
+            y = self._run(key, flat, kernel, lambda: F.conv1d(flat, self.weight, self.bias), K, N)
+            self._pending = self._bn is not None
+        return y.view(*x.shape[:2], *y.shape[1:]) if four else y
