@@ -1,26 +1,52 @@
 """``profile(model, inputs)``: per-layer latency and sparsity of any model, optimized or not.
 
-For every convolution, linear layer and spiking neuron (leaf modules) it records, over ``reps`` forwards:
-the latency of its calls (CUDA events on a GPU, wall clock on the CPU), the element density of its input,
-for convolutions the block density at ``tile`` x ``tile`` x 16 channels with the receptive-field halo (the
-fraction of work a sparse kernel must still do; skipped = 1 - that), and for SparseFlow modules the kernel
-path they took. On a GPU it also reads NVML's energy counter around the timed forwards.
+For every convolution, linear layer and spiking neuron (leaf modules) it records:
+
+* ``ms``: the latency of the layer's calls in one forward (mean over ``reps`` forwards; CUDA events on a GPU,
+  wall clock on the CPU), and for SparseFlow modules (``SparseModule``) ``dense_ms``, the same calls run by
+  the layer's dense op (``to_dense()`` of a copy, plus the BatchNorm and neuron it fused) on the same
+  inputs, hence ``speedup = dense_ms / ms``;
+* ``elem_density``: the fraction of non-zero elements of its input (over all its calls in one forward);
+* ``block_density``: the fraction of blocks that hold any non-zero, at ``block_size`` (the layer's own when
+  it has one, else the rule of :func:`select_block_size`, else 8). A block is, for a convolution,
+  (sample, ``block_size`` x ``block_size`` output tile, ``group`` input channels) counting every input pixel in
+  the tile's receptive field (the halo), with partial tiles at the edge of odd-sized maps counted as
+  blocks; for ``Conv1d`` the same with ``block_size`` output positions; for ``Linear``, (``block_size`` rows
+  x ``group`` input features) of the input flattened to ``[rows, features]``;
+* ``skippable = 1 - block_density`` (the work a block-skipping kernel could drop) and ``skipped`` (what this
+  layer's path does drop: ``skippable`` on a sparse path, 0 on a dense path or a dense module);
+* ``macs``: multiply-accumulates per forward (convolutions and linear layers), which weighs the model-wide
+  ``skippable_work`` and ``skipped_work`` fractions.
+
+The whole forward is timed again without hooks (``forward_ms``, ``throughput_per_s`` forwards per second and
+``samples_per_s``), and on a GPU NVML's energy counter is read around those forwards. On the CPU the timings
+are those of the CPU ops (SparseFlow modules run the dense torch ops there), the densities and the layer list
+are the same as on a GPU.
+
+``report.table()`` (also ``print(report)``) is the terminal table; ``to_json()``, ``to_csv()`` and ``save(path)``
+(by suffix: .json, .csv, anything else gets the table) write it; ``profile(..., save=path)`` does that directly.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .blocks import select_block_size
 from .cuda_graph import reset_states
 from .registry import is_spiking_module
-from .stats import block_density, element_density
+
+CSV_COLUMNS = ["layer", "type", "calls", "in_shape", "ms", "dense_ms", "speedup", "elem_density", "block_size",
+               "block_density", "skippable", "skipped", "macs", "path"]
 
 
 @dataclass
@@ -32,10 +58,35 @@ class LayerProfile:
     elem_density: float | None = None
     block_density: float | None = None
     path: str | None = None
+    block_size: int | None = None
+    dense_ms: float | None = None
+    macs: int | None = None
+    in_shape: list | None = None
+    sparse_module: bool = False
+
+    @property
+    def skippable(self) -> float | None:
+        """The fraction of blocks that are all zero: the work a block-skipping kernel could drop."""
+        return None if self.block_density is None else 1.0 - self.block_density
 
     @property
     def skipped(self) -> float | None:
-        return None if self.block_density is None else 1.0 - self.block_density
+        """The fraction of the layer's work its path skipped (0 for dense paths and plain dense modules)."""
+        if self.block_density is None:
+            return None
+        return self.skippable if self.path and "sparse" in self.path else 0.0
+
+    @property
+    def speedup(self) -> float | None:
+        if self.dense_ms is None or not self.ms:
+            return None
+        return self.dense_ms / self.ms
+
+
+def _weighted(layers, attr) -> float | None:
+    rows = [(e.macs, getattr(e, attr)) for e in layers if e.macs and getattr(e, attr) is not None]
+    total = sum(m for m, _ in rows)
+    return sum(m * v for m, v in rows) / total if total else None
 
 
 @dataclass
@@ -45,11 +96,27 @@ class ProfileReport:
     throughput_per_s: float = 0.0
     energy_j_per_forward: float | None = None
     device: str = "cpu"
+    samples_per_s: float | None = None
+    batch: int | None = None
+    reps: int = 0
+
+    @property
+    def skippable_work(self) -> float | None:
+        """MAC-weighted fraction of the convolution/linear work in all-zero blocks."""
+        return _weighted(self.layers, "skippable")
+
+    @property
+    def skipped_work(self) -> float | None:
+        """MAC-weighted fraction of the convolution/linear work the chosen paths skipped."""
+        return _weighted(self.layers, "skipped")
 
     def to_dict(self) -> dict:
         return {"device": self.device, "forward_ms": self.forward_ms, "throughput_per_s": self.throughput_per_s,
-                "energy_j_per_forward": self.energy_j_per_forward,
-                "layers": [dict(asdict(e), skipped=e.skipped) for e in self.layers]}
+                "samples_per_s": self.samples_per_s, "batch": self.batch, "reps": self.reps,
+                "energy_j_per_forward": self.energy_j_per_forward, "skippable_work": self.skippable_work,
+                "skipped_work": self.skipped_work,
+                "layers": [dict(asdict(e), skippable=e.skippable, skipped=e.skipped, speedup=e.speedup)
+                           for e in self.layers]}
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -57,55 +124,272 @@ class ProfileReport:
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["layer", "type", "calls", "ms", "elem_density", "block_density", "skipped", "path"])
+        w.writerow(CSV_COLUMNS)
+        num = lambda v, f=".6g": "" if v is None else format(v, f)
         for e in self.layers:
-            w.writerow([e.name, e.type, e.calls, f"{e.ms:.6f}", e.elem_density, e.block_density, e.skipped, e.path])
+            w.writerow([e.name, e.type, e.calls, "x".join(map(str, e.in_shape or [])), f"{e.ms:.6f}",
+                        num(e.dense_ms, ".6f"), num(e.speedup, ".4f"), num(e.elem_density), num(e.block_size, "d"),
+                        num(e.block_density), num(e.skippable), num(e.skipped), num(e.macs, "d"), e.path or ""])
         return buf.getvalue()
 
     def table(self) -> str:
-        head = f"{'layer':<28} {'type':<14} {'calls':>5} {'ms':>9} {'elem':>6} {'blocks':>6} {'skip':>6}  path"
+        head = (f"{'layer':<28} {'type':<14} {'calls':>5} {'ms':>9} {'dense ms':>9} {'speed-up':>8} {'elem':>6} "
+                f"{'bs':>3} {'blocks':>6} {'skip':>6}  path")
         out = [head, "-" * len(head)]
-        fmt = lambda v: "" if v is None else f"{v:.3f}"
+        fmt = lambda v, f=".3f": "" if v is None else format(v, f)
         for e in self.layers:
-            out.append(f"{e.name[:28]:<28} {e.type[:14]:<14} {e.calls:>5} {e.ms:>9.4f} {fmt(e.elem_density):>6} "
-                       f"{fmt(e.block_density):>6} {fmt(e.skipped):>6}  {e.path or ''}")
+            out.append(f"{e.name[-28:]:<28} {e.type[:14]:<14} {e.calls:>5} {e.ms:>9.4f} {fmt(e.dense_ms, '.4f'):>9} "
+                       f"{fmt(e.speedup, '.2f') + ('x' if e.speedup is not None else ''):>8} "
+                       f"{fmt(e.elem_density):>6} {fmt(e.block_size, 'd'):>3} {fmt(e.block_density):>6} "
+                       f"{fmt(e.skipped):>6}  {e.path or ''}")
         en = "" if self.energy_j_per_forward is None else f", {self.energy_j_per_forward:.3f} J/forward"
-        out.append(f"forward {self.forward_ms:.3f} ms ({self.throughput_per_s:.1f} forwards/s) on {self.device}{en}")
+        sps = "" if self.samples_per_s is None else f", {self.samples_per_s:.1f} samples/s"
+        out.append(f"forward {self.forward_ms:.3f} ms ({self.throughput_per_s:.1f} forwards/s{sps}) "
+                   f"on {self.device}{en}")
+        if self.skippable_work is not None:
+            out.append(f"work in all-zero blocks {self.skippable_work:.1%} (MAC-weighted), skipped by the chosen "
+                       f"paths {self.skipped_work:.1%}")
+        if self.device == "cpu":
+            out.append("CPU: latencies are those of the CPU ops (SparseFlow's kernels need a CUDA GPU); the "
+                       "densities and the layer list hold on any device")
         return "\n".join(out)
+
+    def save(self, path: str) -> str:
+        """Write the report to ``path``: JSON for .json, CSV for .csv, the terminal table otherwise."""
+        ext = os.path.splitext(path)[1].lower()
+        text = self.to_json(indent=1) if ext == ".json" else self.to_csv() if ext == ".csv" else self.table() + "\n"
+        d = os.path.dirname(path)
+        if d:
+            os.makedirs(d, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            f.write(text)
+        return path
 
     def __str__(self) -> str:
         return self.table()
 
 
+# ------------------------------------------------------------------------------------------- statistics
+_TIMED = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
+
+
 def _timed_modules(model):
     for name, m in model.named_modules():
-        if name and (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.ConvTranspose2d)) or is_spiking_module(m)):
+        if name and (isinstance(m, _TIMED) or is_spiking_module(m)):
             yield name, m
 
 
-def profile(model: nn.Module, inputs, *, reps: int = 5, tile: int = 8, reset: bool = True) -> ProfileReport:
-    """Profile ``reps`` forwards of ``model`` on ``inputs`` (a tensor or a tuple of arguments)."""
+def _pair(v, n=2):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _tiles_any(nz: torch.Tensor, bs: int, dims: int) -> torch.Tensor:
+    """Any over ``bs``-sized tiles of the last ``dims`` dimensions, partial tiles at the end included."""
+    pads = []
+    for d in range(dims):
+        n = nz.shape[-1 - d]
+        pads += [0, -(-n // bs) * bs - n]
+    nz = F.pad(nz, pads)
+    if dims == 1:
+        return nz.unflatten(-1, (-1, bs)).amax(-1)
+    H, W = nz.shape[-2:]
+    return nz.unflatten(-1, (W // bs, bs)).unflatten(-3, (H // bs, bs)).amax((-1, -3))
+
+
+def _channel_groups(nz: torch.Tensor, group: int) -> torch.Tensor:
+    """``[B, C, ...]`` -> ``[B, ceil(C / group), ...]``: any over each group of ``group`` channels."""
+    C = nz.shape[1]
+    G = -(-C // group)
+    if G * group != C:
+        pad = [0, 0] * (nz.dim() - 2) + [0, G * group - C]
+        nz = F.pad(nz, pad)
+    return nz.unflatten(1, (G, group)).amax(2)
+
+
+def block_counts(mod: nn.Module, x: torch.Tensor, block_size: int, group: int = 16) -> tuple[int, int] | None:
+    """(blocks holding any non-zero, all blocks) of ``mod``'s input ``x`` (see the module docstring), or None
+    where blocks are not defined (neurons, transposed convolutions, unexpected shapes)."""
+    if x.numel() == 0:
+        return None
+    if isinstance(mod, nn.Conv2d) and x.dim() in (4, 5) and not isinstance(mod.padding, str):
+        flat = x.flatten(0, 1) if x.dim() == 5 else x
+        nz = _channel_groups((flat != 0).float(), group)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (_pair(mod.kernel_size), _pair(mod.stride), _pair(mod.padding),
+                                                  _pair(mod.dilation))
+        nz = F.pad(nz, (pw, pw, ph, ph))  # zero padding holds no non-zero
+        rf = F.max_pool2d(nz, (kh, kw), (sh, sw), 0, (dh, dw))  # any non-zero in each output's receptive field
+        tiles = _tiles_any(rf, block_size, 2)
+    elif isinstance(mod, nn.Conv1d) and x.dim() in (3, 4) and not isinstance(mod.padding, str):
+        flat = x.flatten(0, 1) if x.dim() == 4 else x
+        nz = _channel_groups((flat != 0).float(), group)
+        (k,), (s,), (p,), (d,) = (_pair(mod.kernel_size, 1), _pair(mod.stride, 1), _pair(mod.padding, 1),
+                                  _pair(mod.dilation, 1))
+        nz = F.pad(nz, (p, p))
+        rf = F.max_pool1d(nz, k, s, 0, d)
+        tiles = _tiles_any(rf, block_size, 1)
+    elif isinstance(mod, nn.Linear) and x.dim() >= 1:
+        rows = x.reshape(-1, x.shape[-1])
+        nz = (rows != 0).float().t().unsqueeze(0)  # [1, K, M]: features as channels, rows as positions
+        tiles = _tiles_any(_channel_groups(nz, group), block_size, 1)
+    else:
+        return None
+    return int((tiles > 0).sum()), tiles.numel()
+
+
+def _macs(mod: nn.Module, out) -> int | None:
+    if not isinstance(out, torch.Tensor):
+        return None
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+        k = 1
+        for v in _pair(mod.kernel_size, 2 if isinstance(mod, nn.Conv2d) else 1):
+            k *= v
+        return out.numel() * (mod.in_channels // mod.groups) * k
+    if isinstance(mod, nn.Linear):
+        return out.numel() * mod.in_features
+    return None
+
+
+def _layer_block_size(mod: nn.Module, x: torch.Tensor, block_size: int | None) -> int:
+    if block_size is not None:
+        return int(block_size)
+    own = getattr(mod, "block_size", None)
+    if isinstance(own, int) and not isinstance(own, bool):
+        return own
+    if isinstance(mod, nn.Conv2d) and x.dim() in (4, 5):
+        rule = select_block_size(int(x.shape[-2]))
+        if isinstance(rule, int):
+            return rule
+    return 8
+
+
+# ------------------------------------------------------------------------------------------- dense ops
+def _is_sparse_module(m: nn.Module) -> bool:
+    try:
+        from sparseflow_ops._common import SparseModule
+    except ImportError:  # pragma: no cover - sparseflow_ops is a dependency of core
+        return False
+    return isinstance(m, SparseModule)
+
+
+def _is_bypassed(m: nn.Module) -> bool:
+    fwd = m.__dict__.get("forward")
+    return fwd is not None and type(fwd).__name__ == "Bypass"
+
+
+def dense_op(mod: nn.Module, with_fused: bool = True):
+    """A callable with ``mod``'s call signature running its dense equivalent: ``to_dense()`` of a copy, then (with
+    ``with_fused``) the BatchNorm (``folded_bn``), the residual and the neuron (``fused_neuron``, reset first) it
+    fused."""
+    work = copy.deepcopy(mod)
+    bn, neuron = getattr(work, "folded_bn", None), getattr(work, "fused_neuron", None)
+    if not with_fused:
+        bn = neuron = None
+    base = work.to_dense()
+
+    def run(x, *args, residual=None, **kwargs):
+        if x.dim() == 5 and isinstance(base, nn.Conv2d) and getattr(base, "step_mode", "s") != "m":
+            y = base(x.flatten(0, 1), *args, **kwargs)
+            y = y.view(*x.shape[:2], *y.shape[1:])
+        else:
+            y = base(x, *args, **kwargs)
+        if bn is not None:
+            y = bn(y)
+        if residual is not None:
+            y = y + residual
+        if neuron is not None:
+            reset_states(nn.ModuleList([neuron]))
+            y = neuron(y)
+        return y
+
+    return run
+
+
+def _time_calls(fn, calls, reps: int, cuda: bool) -> float:
+    """ms of running ``fn`` on every recorded ``(args, kwargs)`` once (mean over ``reps``, after a warm-up)."""
+    with torch.no_grad():
+        for a, k in calls:
+            fn(*a, **k)
+        total = 0.0
+        for _ in range(reps):
+            for a, k in calls:
+                if cuda:
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    fn(*a, **k)
+                    e.record()
+                    e.synchronize()
+                    total += s.elapsed_time(e)
+                else:
+                    t = time.perf_counter()
+                    fn(*a, **k)
+                    total += (time.perf_counter() - t) * 1e3
+    return total / max(1, reps)
+
+
+def _detach(v):
+    return v.detach().clone() if isinstance(v, torch.Tensor) else v
+
+
+# ------------------------------------------------------------------------------------------- profile
+def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None = None, group: int = 16,
+            reset: bool = True, dense: bool | None = None, batch: int | None = None, save=None,
+            print_table: bool = False, tile: int | None = None) -> ProfileReport:
+    """Profile ``reps`` forwards of ``model`` on ``inputs`` (a tensor or a tuple of arguments).
+
+    ``block_size``: block edge of the block densities (default: each layer's own, else the rule of
+    ``select_block_size``, else 8; ``tile`` is an older name of it); ``group``: input channels per block.
+    ``dense``: also time the dense op of every SparseFlow layer on its recorded inputs (default: on a GPU).
+    ``batch``: samples per forward for ``samples_per_s`` (default: dim 1 of a 5-D ``[T, N, ...]`` input, else
+    dim 0). ``reset``: reset neuron states before every forward. ``save``: a path or a list of paths
+    (.json / .csv / other = table). ``print_table``: print the table.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    if block_size is None:
+        block_size = tile
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     first = next((a for a in args if isinstance(a, torch.Tensor)), None)
     cuda = first is not None and first.is_cuda
+    if dense is None:
+        dense = cuda
+    if batch is None and first is not None and first.dim() >= 1:
+        batch = int(first.shape[1] if first.dim() == 5 else first.shape[0])
     rows: dict[str, LayerProfile] = {}
+    counts: dict[str, list[int]] = {}  # name -> [non-zeros, elements, active blocks, blocks]
+    recorded: dict[str, list] = {}  # name -> [(args, kwargs)] of one forward (SparseFlow modules, for dense_ms)
+    tails: dict[str, bool] = {}  # name -> the SparseFlow layer ran its BatchNorm/neuron itself
     starts: dict[str, list] = {}
     handles = []
-    measuring = [False]
+    phase = ["off"]  # "stats" (the warm-up forward), "time" (the timed forwards) or "off"
 
-    def pre(name, m):
-        def hook(mod, inp):
-            if not measuring[0]:
+    def pre(name):
+        def hook(mod, inp, kwargs):
+            if phase[0] == "off":
                 return
             row = rows.setdefault(name, LayerProfile(name, type(mod).__name__))
-            x = next((t for t in inp if isinstance(t, torch.Tensor)), None)
-            if x is not None and row.elem_density is None:
-                row.elem_density = element_density(x)
-                if isinstance(mod, nn.Conv2d) and x.dim() in (4, 5):
-                    flat = x.flatten(0, 1) if x.dim() == 5 else x
-                    k, s = mod.kernel_size[0], mod.stride[0]
-                    pad = mod.padding[0] if isinstance(mod.padding, tuple) else 0
-                    row.block_density = block_density(flat, tile, 16, k, s, min(pad, k // 2))
+            if phase[0] == "stats":
+                x = next((t for t in inp if isinstance(t, torch.Tensor)), None)
+                if x is not None:
+                    c = counts.setdefault(name, [0, 0, 0, 0])
+                    c[0] += int((x != 0).sum())
+                    c[1] += x.numel()
+                    if row.in_shape is None:
+                        row.in_shape = list(x.shape)
+                    if not _is_bypassed(mod):
+                        bs = _layer_block_size(mod, x, block_size)
+                        bc = block_counts(mod, x, bs, group)
+                        if bc is not None:
+                            row.block_size = bs
+                            c[2] += bc[0]
+                            c[3] += bc[1]
+                if row.sparse_module:
+                    recorded.setdefault(name, []).append((tuple(_detach(a) for a in inp),
+                                                          {k: _detach(v) for k, v in kwargs.items()}))
+                return
             if cuda:
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record()
@@ -115,11 +399,20 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, tile: int = 8, reset: bo
 
         return hook
 
-    def post(name, m):
-        def hook(mod, inp, out):
-            if not measuring[0]:
+    def post(name):
+        def hook(mod, inp, kwargs, out):
+            if phase[0] == "off":
                 return
             row = rows[name]
+            if phase[0] == "stats":
+                macs = _macs(mod, out)
+                if macs is not None:
+                    row.macs = (row.macs or 0) + macs
+                if row.sparse_module:
+                    # did it take over the BatchNorm/neuron after it (they are then skipped), or run the
+                    # conv alone (CPU, training: they run themselves)?
+                    tails[name] = kwargs.get("residual") is not None or bool(mod.__dict__.get("_pending", False))
+                return
             st = starts[name].pop()
             if cuda:
                 ev = torch.cuda.Event(enable_timing=True)
@@ -129,25 +422,33 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, tile: int = 8, reset: bo
             else:
                 row.ms += (time.perf_counter() - st) * 1e3
             row.calls += 1
-            row.path = getattr(mod, "last_path", None)
+            if _is_bypassed(mod):  # a module a SparseFlow layer took over returns its input untouched
+                row.path = "fused" if inp and out is inp[0] else None
+            else:
+                row.path = getattr(mod, "last_path", None)
 
         return hook
 
     for name, m in _timed_modules(model):
-        handles.append(m.register_forward_pre_hook(pre(name, m)))
-        handles.append(m.register_forward_hook(post(name, m)))
-    rep = ProfileReport(device=torch.cuda.get_device_name() if cuda else "cpu")
+        rows[name] = LayerProfile(name, type(m).__name__, sparse_module=_is_sparse_module(m))
+        handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
+        handles.append(m.register_forward_hook(post(name), with_kwargs=True))
+    rep = ProfileReport(device=torch.cuda.get_device_name(first.device) if cuda else "cpu", batch=batch, reps=reps)
+
+    def forward():
+        if reset:
+            reset_states(model)
+        return model(*args)
+
     try:
         with torch.no_grad():
-            if reset:
-                reset_states(model)
-            model(*args)  # warm-up (compiles kernels, lets layers pick their paths)
-            measuring[0] = True
+            forward()  # warm-up: compiles kernels, lets layers pick their paths
+            phase[0] = "stats"
+            forward()  # densities, MACs and the inputs of the SparseFlow layers
+            phase[0] = "time"
             for _ in range(reps):
-                if reset:
-                    reset_states(model)
-                model(*args)
-            measuring[0] = False
+                forward()
+            phase[0] = "off"
             # whole-forward time and energy without the per-layer synchronisation
             if cuda:
                 torch.cuda.synchronize()
@@ -155,23 +456,49 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, tile: int = 8, reset: bo
             e0 = energy() if energy else None
             t0 = time.perf_counter()
             for _ in range(reps):
-                if reset:
-                    reset_states(model)
-                model(*args)
+                forward()
             if cuda:
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / reps
             if energy:
                 rep.energy_j_per_forward = (energy() - e0) / 1e3 / reps
     finally:
+        phase[0] = "off"
         for h in handles:
             h.remove()
-    for row in rows.values():
-        row.ms /= max(1, reps)
-        row.calls //= max(1, reps)
-    rep.layers = list(rows.values())
+    layers = []
+    for name, row in rows.items():
+        if row.calls == 0 and name not in counts:
+            continue  # never called in a forward
+        row.ms /= reps
+        row.calls //= reps
+        c = counts.get(name)
+        if row.path == "fused":
+            c = None  # its "input" was the fused layer's output: no work of its own
+        if c and c[1]:
+            row.elem_density = c[0] / c[1]
+        if c and c[3]:
+            row.block_density = c[2] / c[3]
+        layers.append(row)
+    if dense:
+        mods = dict(model.named_modules())
+        for row in layers:
+            calls = recorded.get(row.name)
+            if not calls:
+                continue
+            try:
+                row.dense_ms = _time_calls(dense_op(mods[row.name], tails.get(row.name, True)), calls, reps, cuda)
+            except Exception as e:  # report the layer without a dense figure rather than fail the profile
+                row.dense_ms = None
+                row.path = f"{row.path or ''} (dense op failed: {type(e).__name__})".strip()
+    rep.layers = layers
     rep.forward_ms = dt * 1e3
     rep.throughput_per_s = 1.0 / dt if dt > 0 else 0.0
+    rep.samples_per_s = rep.throughput_per_s * batch if batch else None
+    for path in [save] if isinstance(save, str) else (save or []):
+        rep.save(path)
+    if print_table:
+        print(rep.table())
     return rep
 
 
@@ -180,7 +507,8 @@ def _nvml_energy():
         import pynvml
 
         pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        idx = torch.cuda.current_device()
+        h = pynvml.nvmlDeviceGetHandleByIndex(idx)
         pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
         return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
     except Exception:
