@@ -114,6 +114,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "spikformer_ti": _transformer_builder("spikformer", "spikformer_ti"),
     "sdt_8_384": _transformer_builder("spike_driven_transformer", "sdt_8_384"),
 }
+MODELS.update(__import__("sparseflow_bench.models_p2", fromlist=["P2_MODELS"]).P2_MODELS)  # P2: MobileNetV2, U-Net
 
 
 def build_model(name: str, T: int = 4, num_classes: int = 1000, **kw: Any) -> nn.Module:
