@@ -316,6 +316,13 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
     return rep
 
 
+def _first_inner_call(an, name):
+    """A container module (an attention block) has no call record of its own: the first recorded call of a
+    leaf inside it stands for its input (handlers of containers check spikes on their own children)."""
+    prefix = name + "."
+    return next((calls[0] for n, calls in an.calls.items() if n.startswith(prefix) and calls), None)
+
+
 def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
     """Modules with a registered op handler (Linear, attention, depthwise conv, ...), outermost first."""
     done: list[str] = []
@@ -325,7 +332,7 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
         handler = find_op_handler(m)
         if handler is None:
             continue
-        info = an.first(name)
+        info = an.first(name) or _first_inner_call(an, name)
         entry = LayerEntry(name=name, type=type(m).__name__, action="left",
                            in_shape=info.in_shape if info else None,
                            elem_density=info.elem_density if info else None)

@@ -56,6 +56,13 @@ def _wrap(cls, module, mode):
 
 
 def _unwrap(module):
+    """The original class back, sharing ``module``'s attributes; SparseFlow modules that ``optimize`` put
+    inside it (the fused 1x1 convolutions of a Spike-driven attention) are made dense again too."""
+    for name, child in list(module.named_modules()):
+        if name and isinstance(child, SparseModule):
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, child.to_dense())
     klass = module.__dict__.get("_original_class")
     old = klass.__new__(klass)
     old.__dict__.update({k: v for k, v in module.__dict__.items() if k not in _RUNTIME})
@@ -103,7 +110,11 @@ if SpikingSelfAttention is not None:
         :func:`ssa_attention`; same children, ``state_dict`` keys and neuron state."""
 
         @classmethod
-        def from_dense(cls, attn, *, block_size=None, mode: str = "auto", projections: bool = True):
+        def from_dense(cls, attn, *, block_size=None, mode: str = "auto",
+                       projections=("qkv_conv_bn", "proj_conv_bn")):
+            """Wrap ``attn`` (sharing its children); the ``projections`` named (their inputs must be spikes
+            for any gain) become SparseConv1d with their BatchNorm folded, in place inside ``attn``'s
+            containers. The caller puts the new module where ``attn`` was."""
             if not isinstance(attn, SpikingSelfAttention):
                 raise TypeError(f"from_dense expects a SpikingSelfAttention, got {type(attn).__name__}")
             if type(attn).forward is not SpikingSelfAttention.forward or (
@@ -111,10 +122,11 @@ if SpikingSelfAttention is not None:
                 raise ValueError(f"{type(attn).__name__} overrides the attention math; left as it is")
             new = _wrap(cls, attn, mode)
             new.projections = []
-            if projections:
-                for pname in ("qkv_conv_bn", "proj_conv_bn"):
-                    if _fold_projection(getattr(new, pname), block_size, mode):
-                        new.projections.append(pname)
+            for pname in projections or ():
+                if pname not in ("qkv_conv_bn", "proj_conv_bn"):
+                    raise ValueError(f"unknown projection {pname!r}")
+                if _fold_projection(getattr(new, pname), block_size, mode):
+                    new.projections.append(pname)
             return new
 
         def to_dense(self):
