@@ -22,6 +22,11 @@ import triton.language as tl
 from ._utils import dot_precision, next_pow2, require_dtype, require_int32_indexable, require_triton_device
 
 
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """The output buffer of the kernels (one place, so that tests can poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 @triton.jit
 def _ssa_kernel(
     q_ptr, sqb, sqh, sqd, sql,
@@ -106,7 +111,7 @@ def ssa_attention(
     require_triton_device(op, q, k, v, out)
     shape = q.shape
     if out is None:
-        out = torch.empty(shape, dtype=q.dtype, device=q.device)
+        out = new_output(shape, q.dtype, q.device)
     elif tuple(out.shape) != tuple(shape) or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"{op}: out must be a contiguous {tuple(shape)} {q.dtype} tensor, got "
                          f"{tuple(out.shape)} {out.dtype}")
@@ -166,7 +171,7 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a3, b3 = a.reshape(B, C, -1), b.reshape(B, C, -1)
     require_int32_indexable(op, a3, b3)
     L = a3.shape[2]
-    y = torch.empty((B, C), dtype=a.dtype, device=a.device)
+    y = new_output((B, C), a.dtype, a.device)
     if y.numel() == 0:
         return y
     block_c = min(64, max(16, next_pow2(C)))

@@ -134,6 +134,11 @@ def pack_linear_weight(weight: torch.Tensor, block_k: int, block_n: int, dtype: 
     return packed
 
 
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """The output buffer of the GEMMs (one place, so that tests can poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _rows_view(x: torch.Tensor, layout: str):
     """(M, K, L, s_b, s_l, s_k) of ``x`` read as GEMM rows: ``"rows"`` = [M, K], ``"ncl"`` = [B, C, L]."""
     if layout == "rows":
@@ -146,7 +151,7 @@ def _rows_view(x: torch.Tensor, layout: str):
 def _block_flags(x, layout, block_m, block_k):
     M, K, L, sb, sl, sk = _rows_view(x, layout)
     mt, nkb = triton.cdiv(M, block_m), triton.cdiv(K, block_k)
-    flags = torch.empty((mt, nkb), dtype=torch.int8, device=x.device)
+    flags = new_output((mt, nkb), torch.int8, x.device)
     if flags.numel():
         kpp = max(1, min(next_pow2(nkb), 128 // block_k))
         grid = (mt, triton.cdiv(nkb, kpp))
@@ -264,7 +269,7 @@ def sparse_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     require_int32_indexable(op, x2)
-    out = torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    out = new_output((x2.shape[0], N), x.dtype, x.device)
     _launch(op, x2, "rows", weight, bias, out, N, config=config, packed_weight=packed_weight, scale=scale,
             shift=shift, fp32_precision=fp32_precision, dense=dense, flags=flags)
     return out.view(*lead, N)
@@ -302,7 +307,7 @@ def sparse_conv1x1(
     _check_common(op, x, weight, bias, K, N)
     require_triton_device(op, x, weight, bias)
     require_int32_indexable(op, x)
-    out = torch.empty((x.shape[0], N, x.shape[2]), dtype=x.dtype, device=x.device)
+    out = new_output((x.shape[0], N, x.shape[2]), x.dtype, x.device)
     require_int32_indexable(op, out)
     _launch(op, x, "ncl", weight, bias, out, N, config=config, packed_weight=packed_weight, scale=scale,
             shift=shift, fp32_precision=fp32_precision, dense=dense, flags=flags)
