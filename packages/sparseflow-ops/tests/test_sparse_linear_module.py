@@ -1,0 +1,173 @@
+"""SparseLinear and SparseConv1d against the dense modules they replace: any leading shape, SpikingJelly
+multi-step layers, the folded BatchNorm1d (bypassed, same state_dict), modes, training and CPU fallbacks,
+new weights, to_dense, deepcopy and pickling."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from spikingjelly.activation_based import layer
+from torch import nn
+
+from sparseflow_ops import SparseConv1d, SparseLinear, is_bypassed
+
+
+def spikes(*shape, density=0.3):
+    return (torch.rand(*shape) < density).float()
+
+
+@torch.no_grad()
+def random_bn(bn):
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.uniform_(0.5, 1.5)
+    bn.bias.uniform_(-0.5, 0.5)
+    return bn.eval()
+
+
+def assert_close(y, ref, tol=1e-5):
+    assert y.shape == ref.shape
+    err = (y.double() - ref.double()).abs().max().item() / max(ref.abs().max().item(), 1.0)
+    assert err <= tol, err
+
+
+@pytest.mark.parametrize("shape", [(1, 37), (2, 3, 37), (2, 3, 5, 37)], ids=["M1", "3d", "4d"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_sparse_linear_matches(shape, bias):
+    lin = nn.Linear(37, 19, bias=bias).eval()
+    ref = copy.deepcopy(lin)
+    m = SparseLinear.from_dense(lin)
+    x = spikes(*shape) * torch.randint(1, 3, shape)  # counts 0/1/2
+    with torch.no_grad():
+        assert_close(m(x), ref(x))
+    assert m.last_path == "sparse"
+    assert isinstance(m, nn.Linear) and m.weight is lin.weight
+    assert list(m.state_dict()) == list(ref.state_dict())
+
+
+def test_spikingjelly_multistep_linear_and_to_dense():
+    lin = layer.Linear(24, 10, step_mode="m").eval()
+    ref = copy.deepcopy(lin)
+    m = SparseLinear.from_dense(lin)
+    x = spikes(3, 2, 24)
+    with torch.no_grad():
+        assert_close(m(x), ref(x))
+    assert m.step_mode == "m"
+    back = m.to_dense()
+    assert type(back) is layer.Linear and back.step_mode == "m" and back.weight is lin.weight
+    assert not hasattr(back, "_wcache") and "block_size" not in back.__dict__
+    with torch.no_grad():
+        assert_close(back(x), ref(x), 0)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense", "torch"])
+def test_modes(mode):
+    lin = nn.Linear(40, 20).eval()
+    m = SparseLinear.from_dense(copy.deepcopy(lin), mode=mode)
+    x = spikes(7, 40)
+    with torch.no_grad():
+        assert_close(m(x), lin(x))
+    assert m.last_path == mode
+
+
+def test_training_runs_torch_with_autograd_and_new_weights_are_used():
+    lin = nn.Linear(16, 8)
+    m = SparseLinear.from_dense(lin)
+    x = spikes(5, 16)
+    y = m(x)
+    assert m.last_path == "torch" and y.requires_grad
+    y.sum().backward()
+    assert lin.weight.grad is not None
+    m.eval()
+    with torch.no_grad():
+        m(x)
+        m.weight.mul_(2.0)  # in place: the packed weight cache must notice
+        assert_close(m(x), nn.functional.linear(x, m.weight, m.bias))
+        m.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
+        assert_close(m(x), nn.functional.linear(x, m.weight, m.bias))
+
+
+def test_deepcopy_and_pickle():
+    m = SparseLinear.from_dense(nn.Linear(16, 8).eval())
+    x = spikes(3, 16)
+    with torch.no_grad():
+        y = m(x)
+        for other in (copy.deepcopy(m), torch.load(_pickled(m), weights_only=False)):
+            assert_close(other(x), y, 0)
+
+
+def _pickled(m):
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("with_bn", [True, False], ids=["bn", "nobn"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_conv1d_seq_to_ann_with_folded_bn(with_bn, bias):
+    """Spikformer's SeqToANNContainer(Conv1d(k=1), BatchNorm1d) over [T, N, C, L] (integer counts)."""
+    conv = nn.Conv1d(40, 24, 1, bias=bias).eval()
+    bn = random_bn(nn.BatchNorm1d(24))
+    block = layer.SeqToANNContainer(conv, bn) if with_bn else layer.SeqToANNContainer(conv)
+    ref = copy.deepcopy(block)
+    keys = list(block.state_dict())
+    block[0] = SparseConv1d.from_dense(conv, bn if with_bn else None)
+    assert is_bypassed(bn) == with_bn
+    assert list(block.state_dict()) == keys
+    x = spikes(2, 3, 40, 29) * 2
+    with torch.no_grad():
+        for _ in range(2):  # the bypass handshake resets after each call
+            assert_close(block(x), ref(x))
+    assert block[0].kind() == ("conv1x1+bn" if with_bn else "conv1x1")
+    block[0] = block[0].to_dense()
+    assert type(block[0]) is nn.Conv1d and not is_bypassed(bn)
+    with torch.no_grad():
+        assert_close(block(x), ref(x))
+
+
+def test_conv1d_multistep_layer_and_training_bn():
+    conv = layer.Conv1d(12, 6, 1, step_mode="m").eval()
+    ref = copy.deepcopy(conv)
+    m = SparseConv1d.from_dense(conv)
+    x = spikes(3, 2, 12, 11)
+    with torch.no_grad():
+        assert_close(m(x), ref(x))
+        assert_close(m(x[0]), nn.functional.conv1d(x[0], ref.weight, ref.bias))
+    # a BatchNorm in training mode runs itself (no fold)
+    conv2, bn = nn.Conv1d(12, 6, 1).eval(), random_bn(nn.BatchNorm1d(6))
+    seq = nn.Sequential(SparseConv1d.from_dense(conv2, bn), bn)
+    bn.train()
+    y = seq(x[0])
+    assert seq[0].last_path == "torch"
+    assert_close(y, nn.functional.batch_norm(conv2(x[0]), None, None, bn.weight, bn.bias, training=True), 1e-4)
+
+
+def test_conv1d_rejects_what_it_cannot_run():
+    for conv, msg in ((nn.Conv1d(4, 4, 3), "kernel_size=3"), (nn.Conv1d(4, 4, 1, stride=2), "stride=2"),
+                      (nn.Conv1d(4, 4, 1, groups=2), "groups=2"), (nn.Conv1d(4, 4, 1, padding=1), "padding=1")):
+        assert msg in SparseConv1d.problem(conv)
+        with pytest.raises(ValueError, match=msg):
+            SparseConv1d.from_dense(conv)
+    with pytest.raises(ValueError, match="features"):
+        SparseConv1d.from_dense(nn.Conv1d(4, 4, 1), nn.BatchNorm1d(5))
+    with pytest.raises(TypeError, match="BatchNorm1d"):
+        SparseLinear.from_dense(nn.Linear(4, 4), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match="mode"):
+        SparseLinear.from_dense(nn.Linear(4, 4), mode="fast")
+    with pytest.raises(ValueError, match="SparseConv1d expects"):
+        SparseConv1d.from_dense(nn.Conv1d(4, 4, 1).eval())(torch.ones(4))
+
+
+def test_fp16_module():
+    lin = nn.Linear(48, 30).half().eval()
+    m = SparseLinear.from_dense(copy.deepcopy(lin))
+    x = spikes(2, 9, 48).half()
+    with torch.no_grad():
+        y = m(x)
+        ref = nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+    assert y.dtype == torch.float16 and m.last_path == "sparse"
+    assert_close(y, ref, 2e-3)
