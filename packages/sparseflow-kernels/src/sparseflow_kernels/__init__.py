@@ -4,6 +4,7 @@ Depends only on torch and triton. Kernels run on CUDA tensors, or on the CPU und
 """
 
 from .attention import channel_dot, ssa_attention
+from .batchnorm import sparse_batch_norm2d
 from .conv import ConvConfig
 from .linear import LinearConfig, linear_block_flags, sparse_conv1x1, sparse_linear
 from .neuron import NeuronSpec, multistep_neuron
@@ -23,6 +24,7 @@ __all__ = [
     "linear_block_flags",
     "multistep_neuron",
     "prescan",
+    "sparse_batch_norm2d",
     "sparse_conv1x1",
     "sparse_conv2d",
     "sparse_linear",
