@@ -2,6 +2,7 @@
 
 * :class:`SparseConv2d` - ``nn.Conv2d`` on the sparse / fused kernels (optionally with the BatchNorm it
   feeds folded in and the spiking neuron after it fused), ``SparseConv2d.from_dense(conv, bn, neuron)``.
+* :class:`SparseBatchNorm2d` - eval ``nn.BatchNorm2d`` fed by spikes: all-zero blocks are written, not read.
 * :class:`SparseLinear` / :class:`SparseConv1d` - ``nn.Linear`` / ``nn.Conv1d(k=1)`` on the sparse GEMM
   (optionally with a BatchNorm1d folded in).
 * :class:`SparseSpikingSelfAttention`, :class:`SparseSpikeDrivenSelfAttention`, :class:`SparseMultiheadAttention` -
@@ -12,6 +13,7 @@
 
 from ._common import SparseModule
 from .attention import SparseMultiheadAttention, SparseSpikeDrivenSelfAttention, SparseSpikingSelfAttention
+from .batchnorm import SparseBatchNorm2d
 from .conv import Bypass, SparseConv2d, is_bypassed, remove_bypass
 from .linear import SparseConv1d, SparseLinear
 from .neuron import KernelNeuronForward, accelerate_neuron, is_accelerated, restore_neuron
@@ -23,6 +25,7 @@ __all__ = [
     "Bypass",
     "KernelNeuronForward",
     "NeuronAdapter",
+    "SparseBatchNorm2d",
     "SparseConv1d",
     "SparseConv2d",
     "SparseLinear",
