@@ -13,6 +13,11 @@ Registered names (see :data:`MODELS`):
 * ``spiking_vgg11`` -- alias of ``spiking_vgg11_bn``: spikingjelly's plain ``spiking_vgg11`` has
   no BatchNorm, so with random weights its activity cannot be calibrated; the BN variant is used.
 * ``spiking_vgg11_bn`` -- ``spiking_vgg.spiking_vgg11_bn``.
+* ``sew_resnet18_iand``, ``sew_resnet18_and``, ``sew_resnet34_iand`` -- SEW ResNets with ``cnf="IAND"`` /
+  ``"AND"`` (binary block outputs; ``"ADD"`` gives 0/1/2 sums).
+* ``ms_resnet18/34`` -- ``ms_resnet.ms_resnetXX`` (MS-ResNet, membrane shortcut: the residual adds are in
+  membrane space, the convolutions consume the spikes of a LIF placed before them; paper-default neurons with
+  the LIF keyword arguments above merged in, as for the transformers). Returns ``[N, num_classes]``.
 * ``spikformer_ti`` -- ``spikformer.spikformer_ti`` (Spikformer-Ti: ``embed_dims=256,
   num_heads=8, depths=4, mlp_ratio=4, patch_size=16``), ``img_size_h``/``img_size_w`` default 224.
   The spatial size must be divisible by 16.
@@ -109,8 +114,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "sew_resnet18": _cnn_builder("sew_resnet", "sew_resnet18", cnf="ADD"),
     "sew_resnet34": _cnn_builder("sew_resnet", "sew_resnet34", cnf="ADD"),
     "sew_resnet50": _cnn_builder("sew_resnet", "sew_resnet50", cnf="ADD"),
+    "sew_resnet18_iand": _cnn_builder("sew_resnet", "sew_resnet18", cnf="IAND"),
+    "sew_resnet18_and": _cnn_builder("sew_resnet", "sew_resnet18", cnf="AND"),
+    "sew_resnet34_iand": _cnn_builder("sew_resnet", "sew_resnet34", cnf="IAND"),
     "spiking_vgg11": _cnn_builder("spiking_vgg", "spiking_vgg11_bn"),
     "spiking_vgg11_bn": _cnn_builder("spiking_vgg", "spiking_vgg11_bn"),
+    "ms_resnet18": _transformer_builder("ms_resnet", "ms_resnet18"),
+    "ms_resnet34": _transformer_builder("ms_resnet", "ms_resnet34"),
     "spikformer_ti": _transformer_builder("spikformer", "spikformer_ti"),
     "sdt_8_384": _transformer_builder("spike_driven_transformer", "sdt_8_384"),
 }
