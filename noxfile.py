@@ -5,7 +5,7 @@
     nox -s tests        CPU test suite under Triton's interpreter (TRITON_INTERPRET=1)
     nox -s lint         ruff check
     nox -s build        build the five wheels into dist/ and smoke-test them in a fresh venv
-    nox -s bench        the benchmark CLI (a small CPU demo when no CUDA GPU is present)
+    nox -s bench        GPU benchmarks + report (results.csv, pytest_benchmark.json, plots); CPU demo without a GPU
     nox -s gpu          scripts/gpu_check.sh (only meaningful on the GPU device machine)
 
 Installing torch into a venv takes minutes (the pinned build is large), so only the
@@ -110,12 +110,22 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(venv_backend="venv", reuse_venv=True)
 def bench(session: nox.Session) -> None:
-    """Benchmark CLI: ``python -m sparseflow_bench.cli [posargs]``.
+    """Benchmarks and their report: ``sparseflow-bench --out benchmarks/results --readme README.md [posargs]``.
 
-    Without a CUDA GPU the CLI says so and runs a small CPU demo.
+    With a CUDA GPU, in one call: the GPU benchmarks of ``scripts/gpu_check.sh`` (``sparseflow_bench.gpu_run``:
+    fused layers, standalone convolutions, batch sweep, end to end, plus ``sparseflow.profile`` of the model),
+    then the report into benchmarks/results: ``results.csv`` (long format), ``pytest_benchmark.json``, markdown
+    tables, PNG plots, and the README's Results block. Without one the CLI says so and runs the CPU demo of
+    ``optimize()`` and the profiler (well under 5 minutes; it writes no files). Extra arguments go to the CLI:
+    ``nox -s bench -- --sections layers,e2e --T 4 --batch 8``; ``nox -s bench -- compare NEW OLD`` runs the
+    regression guard instead.
     """
     install_sparseflow(session)
-    session.run("python", "-m", "sparseflow_bench.cli", *session.posargs)
+    if session.posargs and session.posargs[0] in ("report", "compare", "run"):
+        session.run("python", "-m", "sparseflow_bench.cli", *session.posargs)
+        return
+    session.run("python", "-m", "sparseflow_bench.cli", "--out", str(ROOT / "benchmarks" / "results"),
+                "--readme", str(ROOT / "README.md"), *session.posargs)
 
 
 # triton is not installed explicitly: it must come in as a dependency of the kernels wheel.

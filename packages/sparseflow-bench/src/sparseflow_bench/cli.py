@@ -1,79 +1,275 @@
 """``sparseflow-bench``: the benchmark command (``nox -s bench`` runs it).
 
-With a CUDA GPU it runs :mod:`sparseflow_bench.gpu_run` (per-layer fused and sparse tables, the batch sweep,
-end-to-end models; JSON under ``--out``, then markdown tables and plots). Without one it says so and runs a
-small CPU demo of ``optimize()``: it prints the report (what was fused or replaced, and why not) with the
-element and block densities of every layer's input, and checks that the optimized model's output equals
-the dense one.
+    sparseflow-bench [run options]                       benchmarks (GPU) or the CPU demo, then the report
+    sparseflow-bench report --results DIR [--readme F]   long-format CSV, pytest-benchmark JSON, plots, tables
+    sparseflow-bench compare NEW OLD [--threshold 0.05]  regression guard: exit 1 on a slow-down > threshold
+
+With a CUDA GPU, ``run`` executes the sections of :mod:`sparseflow_bench.gpu_run` (per-layer fused and
+standalone-conv tables, the batch sweep, end-to-end models and every section module given in --sections;
+each against its dense baseline in the same run), profiles --model optimized at --dtype/--block-size with
+``sparseflow.profile`` (per-layer latency against each layer's dense op, densities, energy), then writes the
+report into --out: ``results.csv``, ``pytest_benchmark.json``, markdown tables and PNG plots. A progress bar
+follows the steps. Without a GPU it says so and runs a CPU demo of ``optimize()`` and the profiler: what was
+fused or replaced (and why not), every layer's element and block density, and the check that the optimized
+model's output equals the dense one.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 
 import torch
 
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MODEL_SECTIONS = ("layers", "sweep", "conv")  # share one prepared model inside gpu_run
 
-def cpu_demo(model_name: str, T: int, batch: int, size: int, block_size) -> int:
-    from sparseflow_core import optimize, reset_states
+
+class _Steps:
+    """A progress bar over named steps (tqdm when installed, else one line per step)."""
+
+    def __init__(self, names: list[str], enabled: bool = True):
+        self.names, self.t0, self.bar = names, time.time(), None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=len(names), unit="step", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+        self.i = 0
+
+    def start(self, name: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(name)
+        else:
+            print(f"[{self.i + 1}/{len(self.names)} {time.time() - self.t0:6.1f} s] {name}", flush=True)
+
+    def done(self) -> None:
+        self.i += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _block_size(v: str | None):
+    if v is None or v == "dense":
+        return v
+    try:
+        bs = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"block size must be an integer or 'dense', got {v!r}") from None
+    if bs < 1:
+        raise argparse.ArgumentTypeError(f"block size must be positive, got {bs}")
+    return bs
+
+
+def _prepared(model_name: str, T: int, batch: int, size: int, device, calib: int = 4):
+    from sparseflow_core import reset_states
 
     from .data import natural_images, repeat_time
     from .models import build_model, recalibrate_bn
 
+    model = build_model(model_name, T=T, num_classes=10 if device.type == "cpu" else 1000).to(device)
+    recalibrate_bn(model, natural_images(calib, size, seed=0).to(device), T=T, batches=2)
+    x = repeat_time(natural_images(batch, size, seed=1), T).to(device)
+    reset_states(model)
+    return model.eval(), x
+
+
+def profile_model(model_name: str, T: int, batch: int, size: int, dtype: torch.dtype, block_size, device,
+                  out: str | None, reps: int = 5):
+    """optimize() ``model_name`` (at ``dtype``, ``block_size``), profile it against each layer's dense op; save
+    ``profile_<model>.json``/``.csv`` into ``out`` (with the environment) when given."""
+    from sparseflow_core import optimize, profile
+
+    model, x = _prepared(model_name, T, batch, size, device)
+    if dtype != torch.float32:
+        x = x.to(dtype)
+    opt, report = optimize(model, x, block_size=block_size, dtype=dtype if dtype != torch.float32 else None,
+                           return_report=True)
+    prof = profile(opt, x, reps=reps, block_size=block_size if isinstance(block_size, int) else None,
+                   dense=True)
+    if out:
+        import json
+
+        from .timing import environment
+
+        os.makedirs(out, exist_ok=True)
+        d = prof.to_dict()
+        d.update({"model": model_name, "T": T, "N": batch, "size": size, "dtype": str(dtype).removeprefix("torch."),
+                  "block_size": block_size, "_env": environment()})
+        with open(os.path.join(out, f"profile_{model_name}.json"), "w") as f:
+            json.dump(d, f, indent=1, default=str)
+        prof.save(os.path.join(out, f"profile_{model_name}.csv"))
+    return report, prof
+
+
+def cpu_demo(model_name: str, T: int, batch: int, size: int, block_size, dtype=torch.float32, out=None,
+             progress: bool = True) -> int:
+    from sparseflow_core import optimize, profile, reset_states
+
     t0 = time.time()
     print(f"CPU demo: {model_name}, T={T}, batch={batch}, {size}x{size} natural images from skimage.data, "
-          "BatchNorm statistics recalibrated on them (no trained weights here).")
-    model = build_model(model_name, T=T, num_classes=10)
-    recalibrate_bn(model, natural_images(4, size, seed=0), T=T, batches=2)
-    x = repeat_time(natural_images(batch, size, seed=1), T)
+          "BatchNorm statistics recalibrated on them (no trained weights here).", flush=True)
+    steps = _Steps(["build model", "optimize", "check outputs", "profile"], progress)
+    steps.start("build model")
+    model, x = _prepared(model_name, T, batch, size, torch.device("cpu"))
     dense = copy.deepcopy(model)
+    steps.done()
+    steps.start("optimize")
     opt, report = optimize(model, x, block_size=block_size, return_report=True)
-    print(report.table())
+    steps.done()
+    steps.start("check outputs")
     with torch.no_grad():
         reset_states(dense)
         reset_states(opt)
         a, b = dense(x), opt(x)
     err = float((a - b).abs().max())
+    steps.done()
+    steps.start("profile")
+    prof = profile(opt, x, reps=1, block_size=block_size if isinstance(block_size, int) else None, dense=False)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        for ext in ("json", "csv"):
+            prof.save(os.path.join(out, f"profile_{model_name}_cpu.{ext}"))
+    steps.done()
+    steps.close()
+    print(report.table())
+    print("\nsparseflow.profile (per layer: input element density, block density at the block size, work a "
+          "block-skipping kernel could drop):")
+    print(prof.table())
+    if dtype != torch.float32:
+        print(f"\n(--dtype {str(dtype).removeprefix('torch.')} applies to the GPU run: the CPU demo runs fp32)")
     print(f"\nmax |optimized - dense| over the logits: {err:.3g} (CPU tensors run the dense torch ops; "
           "the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 for the slow CPU interpreter)")
+    results = os.path.join("benchmarks", "results")
+    if os.path.isdir(results):
+        from .report import readme_results
+
+        print(f"\nCommitted GPU results ({results}, regenerate the files with `sparseflow-bench report`):\n")
+        print(readme_results(results, plot=False))
     print(f"demo took {time.time() - t0:.1f} s")
     return 0 if err == 0.0 else 1
 
 
-def main(argv=None) -> int:
+def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparseflow-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model of the per-layer benchmarks (default spiking_resnet34; "
-                   "CPU demo: spiking_resnet18)")
-    p.add_argument("--models", default="spiking_resnet34,sew_resnet34,spikformer_ti", help="end-to-end models")
-    p.add_argument("--T", type=int, default=4, help="time steps")
+    p.add_argument("--model", default=None, help="model of the per-layer benchmarks and of the profile (default "
+                   "spiking_resnet34; CPU demo: spiking_resnet18)")
+    p.add_argument("--models", default="spiking_resnet34,sew_resnet34,spikformer_ti",
+                   help="end-to-end models (comma-separated)")
+    p.add_argument("--T", type=int, default=4, help="time steps (default 4; CPU demo at most 2)")
     p.add_argument("--batch", type=int, default=None, help="batch N (default 8; CPU demo 1)")
     p.add_argument("--size", type=int, default=None, help="image size (default 224; CPU demo 64)")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="storage dtype of the per-layer SparseFlow timings")
-    p.add_argument("--block-size", default=None, help="block size override (int or 'dense')")
-    p.add_argument("--sections", default="layers,conv,e2e,sweep", help="GPU sections to run")
-    p.add_argument("--out", default="benchmarks/results", help="output folder (JSON, markdown, PNG)")
-    p.add_argument("--budget-s", type=float, default=540.0, help="GPU: stop starting new work after this")
-    a = p.parse_args(argv)
-    bs = a.block_size
-    if bs is not None and bs != "dense":
-        bs = int(bs)
-    if not torch.cuda.is_available():
-        print("No CUDA GPU on this machine: SparseFlow's timings need one (run `bash scripts/gpu_check.sh` there). "
-              "Running the CPU demo of optimize() instead.\n")
-        return cpu_demo(a.model or "spiking_resnet18", min(a.T, 2), a.batch or 1, a.size or 64, bs)
+    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
+                   help="storage dtype of the profiled model (the gpu_run sections time fp16 and fp32 themselves)")
+    p.add_argument("--block-size", type=_block_size, default=None,
+                   help="block size of optimize() and of the profile's block densities: an integer or 'dense' "
+                   "(default: per layer, from its feature-map size)")
+    p.add_argument("--sections", default="layers,conv,e2e,sweep",
+                   help="GPU sections, comma-separated: layers, conv, sweep, e2e, any sections/<name>.py, and "
+                   "'profile' (added unless --no-profile)")
+    p.add_argument("--out", default=None, help="output folder: JSON, CSV, markdown, PNG (default benchmarks/results; "
+                   "CPU demo: write nothing unless given)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="GPU: stop starting new work after this many s")
+    p.add_argument("--no-profile", action="store_true", help="GPU: skip the sparseflow.profile step")
+    p.add_argument("--no-report", action="store_true", help="GPU: skip the report step")
+    p.add_argument("--readme", default=None, help="GPU: also regenerate the Results block of this README")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry", action="store_true", help="run the GPU code paths on the CPU on tiny shapes "
+                   "(interpreter; smoke test, no timing claims)")
+    return p
+
+
+def run(argv=None) -> int:
+    a = _run_parser().parse_args(argv)
+    dtype = DTYPES[a.dtype]
+    if a.T < 1 or (a.batch is not None and a.batch < 1) or (a.size is not None and a.size < 8):
+        print("sparseflow-bench: --T and --batch must be >= 1, --size >= 8", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available() and not a.dry:
+        print("No CUDA GPU on this machine: SparseFlow's timings need one (on a GPU machine `nox -s bench` runs "
+              "the benchmarks and writes results.csv, pytest_benchmark.json and the plots; the device machine runs "
+              "`bash scripts/gpu_check.sh`). Running the CPU demo of optimize() and the profiler instead.\n",
+              flush=True)
+        return cpu_demo(a.model or "spiking_resnet18", min(a.T, 2), a.batch or 1, a.size or 64, a.block_size,
+                        dtype, a.out, not a.no_progress)
     from . import gpu_run, report
 
-    args = ["--out", a.out, "--sections", a.sections, "--models", a.models, "--T", str(a.T),
-            "--N", str(a.batch or 8), "--size", str(a.size or 224), "--budget-s", str(a.budget_s),
-            "--model", a.model or "spiking_resnet34"]
-    status = gpu_run.main(args)
-    report.main([a.out])
+    out = a.out or "benchmarks/results"
+    os.makedirs(out, exist_ok=True)
+    model = a.model or "spiking_resnet34"
+    sections = [s for s in a.sections.split(",") if s and s != "profile"]
+    steps: list[tuple[str, list[str]]] = []
+    shared = [s for s in sections if s in MODEL_SECTIONS]
+    if shared:
+        steps.append((",".join(shared), shared))
+    steps += [(s, [s]) for s in sections if s not in MODEL_SECTIONS]
+    if not a.no_profile:
+        steps.append(("profile", []))
+    if not a.no_report:
+        steps.append(("report", []))
+    deadline = time.time() + a.budget_s
+    bar = _Steps([n for n, _ in steps], not a.no_progress)
+    status = 0
+    for name, secs in steps:
+        bar.start(name)
+        left = deadline - time.time()
+        if name == "profile":
+            if left < 30:
+                print("profile: skipped (budget)", flush=True)
+            else:
+                try:
+                    size = a.size or 224
+                    if a.dry:
+                        size = min(size, 32)
+                    _, prof = profile_model(model, a.T if not a.dry else 2, a.batch or (1 if a.dry else 8), size,
+                                            dtype if not a.dry else torch.float32, a.block_size,
+                                            torch.device("cpu" if a.dry else "cuda"), out, reps=1 if a.dry else 5)
+                    print(prof.table(), flush=True)
+                except Exception as e:
+                    import traceback
+
+                    traceback.print_exc()
+                    print(f"profile: {type(e).__name__}: {e}", flush=True)
+                    status = 1
+        elif name == "report":
+            report.main(["--results", out] + (["--readme", a.readme] if a.readme else []))
+        elif left < 20:
+            print(f"{name}: skipped (budget)", flush=True)
+        else:
+            args = ["--out", out, "--sections", ",".join(secs), "--models", a.models, "--T", str(a.T),
+                    "--N", str(a.batch or 8), "--size", str(a.size or 224), "--budget-s", f"{left:.0f}",
+                    "--model", model] + (["--dry"] if a.dry else [])
+            status |= gpu_run.main(args)
+        bar.done()
+    bar.close()
     return status
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        from . import report
+
+        return report.main(argv[1:])
+    if argv and argv[0] == "compare":
+        from . import compare
+
+        return compare.main(argv[1:])
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    if "--dry" in argv:  # the kernels run on the CPU through Triton's interpreter (chosen before triton loads)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return run(argv)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,13 @@ Every figure in the tables is read from the JSON files in DIR; nothing is typed 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import sys
+
+from .records import Record, collect, write_csv, write_pytest_benchmark
 
 
 def _load(d, name):
@@ -168,16 +172,256 @@ def e2e_tables(d: str) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------ long format, plots, README
+#: the results of one run, the only files the plots and the README read (older runs stay in the CSV)
+SUPERSEDED = re.compile(r"^e2e_run\d+.*\.json$|^explore_run\d+\.json$|_dry\.json$")
+
+
+def current(records: list[Record]) -> list[Record]:
+    """Records of the current run's files (not of the kept older runs: ``e2e_run5_graph_bug.json`` ...)."""
+    return [r for r in records if not SUPERSEDED.search(r.source)]
+
+
+def _group(r: Record) -> tuple:
+    return (r.source, r.section, r.model, r.layer, r.op, r.shape)
+
+
+def speedups(records: list[Record], roles=("sparse",)) -> list[dict]:
+    """For each record of ``roles`` with a baseline timing in its group: its speed-up over that baseline."""
+    base = {}
+    for r in records:
+        if r.role == "baseline":
+            base.setdefault(_group(r), r)
+    out = []
+    for r in records:
+        b = base.get(_group(r))
+        if r.role in roles and b is not None and r.median_ms > 0:
+            out.append({"record": r, "baseline": b, "speedup": b.median_ms / r.median_ms})
+    return out
+
+
+def speedup_density_plot(records: list[Record], d: str, fname: str = "speedup_vs_block_density.png") -> str | None:
+    """Speed-up of every block-skipping kernel over its dense baseline against the block density of its input,
+    with the ideal ``1 / density`` (time proportional to the blocks visited)."""
+    pts = [p for p in speedups(records) if p["record"].block_density]
+    if not pts:
+        return None
+    series: dict[str, list] = {}
+    for p in pts:
+        r = p["record"]
+        series.setdefault(f"{r.section}: {r.provider} vs {p['baseline'].provider}", []).append(p)
+    dev = next((r.device for r in records if r.device), "?")
+
+    def draw(ax):
+        import numpy as np
+
+        for label, ps in sorted(series.items()):
+            ax.plot([p["record"].block_density for p in ps], [p["speedup"] for p in ps], "o", ms=4, alpha=0.8,
+                    label=f"{label} ({len(ps)})")
+        lo = max(0.01, min(p["record"].block_density for p in pts) * 0.8)
+        xs = np.linspace(lo, 1.0, 200)
+        ax.plot(xs, 1.0 / xs, "k--", lw=1, label="ideal: 1 / block density")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_yscale("log")
+        from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%gx"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
+        ax.set_xlim(0, 1.02)
+        ax.set_xlabel("block density of the input (blocks holding a non-zero, with the receptive-field halo)")
+        ax.set_ylabel("speed-up over the dense baseline")
+        ax.set_title(f"Block skipping against block density ({dev})", fontsize=10)
+        ax.legend(fontsize=7)
+
+    lines = _plot(d, fname, "speed-up vs block density", draw, (7, 4.5))
+    return fname if lines[-1].startswith("![") else None
+
+
+def layer_plots(records: list[Record], d: str) -> list[str]:
+    """Per model, bars of SparseFlow's speed-up over the dense baseline for every layer (one bar series per
+    section), the block density of each layer's input on a second axis. Files ``layers_<model>.png``."""
+    per_model: dict[str, dict] = {}
+    for p in speedups(records, roles=("sparseflow",)):
+        r = p["record"]
+        if r.layer and r.model:
+            per_model.setdefault(r.model, {}).setdefault(f"{r.section} vs {p['baseline'].provider}", []).append(p)
+    written = []
+    for model, series in sorted(per_model.items()):
+        layers = []
+        for ps in series.values():
+            layers += [p["record"].layer for p in ps if p["record"].layer not in layers]
+        if len(layers) < 2:
+            continue
+        fname = f"layers_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}.png"
+
+        def draw(ax, series=series, layers=layers, model=model):
+            w = 0.8 / len(series)
+            dens = {}
+            for i, (label, ps) in enumerate(sorted(series.items())):
+                by = {p["record"].layer: p for p in ps}
+                xs = [j + i * w for j, name in enumerate(layers) if name in by]
+                ax.bar(xs, [by[name]["speedup"] for name in layers if name in by], w, label=label)
+                for name, p in by.items():
+                    if p["record"].block_density is not None:
+                        dens.setdefault(name, p["record"].block_density)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xticks([j + 0.4 - w / 2 for j in range(len(layers))], layers, rotation=90, fontsize=7)
+            ax.set_ylabel("speed-up over the dense baseline")
+            ax.set_title(f"{model}: per layer", fontsize=10)
+            ax.legend(fontsize=7, loc="lower left", framealpha=0.9)
+            if dens:
+                ax2 = ax.twinx()
+                ax2.plot([j + 0.4 - w / 2 for j, n in enumerate(layers) if n in dens],
+                         [dens[n] for n in layers if n in dens], "k.", label="block density")
+                ax2.set_ylim(0, 1.05)
+                ax2.set_ylabel("block density (dots)")
+
+        if _plot(d, fname, f"{model} per layer", draw, (max(8, 0.3 * len(layers) + 3), 4.5))[-1].startswith("!["):
+            written.append(fname)
+    return written
+
+
+def write_records(d: str, log=print) -> list[Record]:
+    """``results.csv`` (long format) and ``pytest_benchmark.json`` from every results JSON of ``d``."""
+    recs = collect(d, log)
+    if not recs:
+        log(f"no timings found in {d}")
+        return recs
+    write_csv(recs, os.path.join(d, "results.csv"))
+    root = os.path.dirname(os.path.abspath(__file__))
+    write_pytest_benchmark(recs, os.path.join(d, "pytest_benchmark.json"), root)
+    log(f"wrote {os.path.join(d, 'results.csv')} and pytest_benchmark.json ({len(recs)} timings from "
+        f"{len({r.source for r in recs})} files)")
+    return recs
+
+
+def _fx(v, f=".2f"):
+    return "n/a" if v is None else f"{v:{f}}x"
+
+
+def readme_results(d: str, link_dir: str | None = None, plot: bool = True) -> str:
+    """The README's "Results" block: device and versions, the headline table and one plot, all read from the
+    JSON files of ``d`` (``link_dir``: how the README reaches ``d``, for the image link; ``plot``: redraw the
+    plot, else link it only if it exists)."""
+    link_dir = d if link_dir is None else link_dir
+    recs = current(collect(d, log=lambda *_: None))
+    fused = next((_load(d, f) for f in sorted(os.listdir(d)) if f.startswith("fused_") and f.endswith(".json")
+                  and (_load(d, f) or {}).get("summary", {}).get("sum_compile_graph_fp16_ms") is not None), None) \
+        if os.path.isdir(d) else None
+    conv = next((_load(d, f) for f in sorted(os.listdir(d)) if f.startswith("sparse_conv_") and f.endswith(".json")),
+                None) if os.path.isdir(d) else None
+    e2e = _load(d, "e2e.json")
+    env = next((o.get("_env") or o.get("env") for o in (e2e, fused, conv) if o and (o.get("_env") or o.get("env"))),
+               {})
+    lines = [f"Device: {_env_line(env)}. Every figure below is read from `{link_dir}/*.json` by "
+             "`sparseflow-bench report` (`sparseflow_bench.report.readme_results`); each ratio compares timings "
+             "taken in the same run.", "",
+             "| what | baseline | SparseFlow | speed-up |", "| --- | --- | --- | --- |"]
+    if fused:
+        s = fused["summary"]
+        lines.append(f"| {s['layers']} spiking layers of {s['model']} (T={s['T']}, N={s['N']}, {s['size']} px), "
+                     f"sum, fused fp16 | `torch.compile` + CUDA graph fp16: {s['sum_compile_graph_fp16_ms']:.3f} ms "
+                     f"| {s['sum_sparseflow_ms']:.3f} ms | {_fx(s['sum_speedup_vs_compile_graph'])} (slowest layer "
+                     f"{_fx(s['min_layer_speedup_vs_compile_graph'])}) |")
+        lines.append(f"| same layers | SpikingJelly eager fp32: {s['sum_eager_fp32_ms']:.2f} ms | "
+                     f"{s['sum_sparseflow_ms']:.3f} ms | {_fx(s['sum_eager_fp32_ms'] / s['sum_sparseflow_ms'], '.1f')} |")
+    for name, m in (e2e or {}).items():
+        if name.startswith("_") or not isinstance(m, dict):
+            continue
+        ours, eager, comp = m.get("sparseflow_ms"), m.get("eager_fp32_ms"), m.get("compile_fp16_ms")
+        det = m.get("details") or m
+        shape = f" (T={det['T']}, N={det['N']}, {det['size']} px)" if all(k in det for k in ("T", "N", "size")) else ""
+        if not ours:
+            why = m.get("error") or m.get("sparseflow_fp16_error") or "not measured in this run"
+            lines.append(f"| {name} end to end{shape} | {str(why)[:80]} | | |")
+            continue
+        base = [f"eager fp32 {eager:.2f} ms" if eager else None, f"compile fp16 {comp:.2f} ms" if comp else None]
+        ratio = [_fx(eager / ours, ".1f") if eager else None, _fx(comp / ours) if comp else None]
+        lines.append(f"| {name} end to end{shape}, fp16 + CUDA graph | {' / '.join(b for b in base if b)} | "
+                     f"{ours:.2f} ms | {' / '.join(x for x in ratio if x)} |")
+    notes = [f"- {name}: {m['note']}" for name, m in (e2e or {}).items()
+             if not name.startswith("_") and isinstance(m, dict) and m.get("note")]
+    if conv:
+        s = conv["summary"]
+        lines.append(f"| standalone `sparse_conv2d`, {s['layers']} layers | cuDNN fp16 channels_last "
+                     f"{s['sum_cudnn_fp16_cl_ms']:.3f} ms | {s['sum_sparse_fp16_ms']:.3f} ms | "
+                     f"{_fx(s['speedup_sparse_vs_cudnn_fp16'])} (dispatch: {_fx(s['speedup_dispatch_vs_cudnn_fp16'])}) |")
+    known = {"fused_layers", "batch_sweep", "sparse_conv", "e2e"}
+    for section in sorted({r.section for r in recs} - known):
+        sp = speedups([r for r in recs if r.section == section], roles=("sparseflow",))
+        if not sp:
+            sp = speedups([r for r in recs if r.section == section], roles=("sparse",))
+        if not sp:
+            continue
+        b, o = sum(p["baseline"].median_ms for p in sp), sum(p["record"].median_ms for p in sp)
+        provs = sorted({p["record"].provider for p in sp})
+        bases = sorted({p["baseline"].provider for p in sp})
+        lines.append(f"| `{section}`: {len(sp)} timings, sum ({', '.join(provs)}) | {', '.join(bases)}: {b:.3f} ms "
+                     f"| {o:.3f} ms | {_fx(b / o)} |")
+    if notes:
+        lines += ["", "Notes from `e2e.json`:", *notes]
+    pts = [p for p in speedups(recs) if p["record"].block_density is not None]
+    if pts:
+        el = [p["record"].elem_density for p in pts if p["record"].elem_density is not None]
+        bd = [p["record"].block_density for p in pts]
+        sp = [p["speedup"] for p in pts]
+        lines += ["", f"Block-skipping kernels forced on ({len(pts)} timings): inputs with "
+                  + (f"{min(el):.0%}-{max(el):.0%} non-zero elements but " if el else "")
+                  + f"{min(bd):.0%}-{max(bd):.0%} non-zero blocks ran at {min(sp):.2f}-{max(sp):.2f}x of their dense "
+                  "baselines; the dispatch keeps the faster path per layer."]
+    fname = "speedup_vs_block_density.png"
+    if speedup_density_plot(recs, d, fname) if plot else os.path.exists(os.path.join(d, fname)):
+        lines += ["", f"![speed-up vs block density]({link_dir}/{fname})"]
+    return "\n".join(lines) + "\n"
+
+
+BEGIN, END = "<!-- results:begin (generated by sparseflow-bench report) -->", "<!-- results:end -->"
+
+
+def update_readme(readme: str, d: str) -> bool:
+    """Replace the block between the results markers of ``readme`` with :func:`readme_results`; False (and no
+    change) if the markers are missing."""
+    with open(readme) as f:
+        text = f.read()
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < i:
+        return False
+    link = os.path.relpath(os.path.abspath(d), os.path.dirname(os.path.abspath(readme)))
+    new = text[: i + len(BEGIN)] + "\n" + readme_results(d, link) + text[j:]
+    if new != text:
+        with open(readme, "w") as f:
+            f.write(new)
+    return True
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    d = argv[0] if argv else "benchmarks/results"
+    p = argparse.ArgumentParser(prog="sparseflow-bench report", description=__doc__)
+    p.add_argument("dir", nargs="?", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--results", default=None, help="results folder (same as DIR)")
+    p.add_argument("--readme", default=None, help="also regenerate the Results block of this README")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    d = a.results or a.dir or "benchmarks/results"
+    if not os.path.isdir(d):
+        print(f"no results folder {d}")
+        return 2
     for fname, fn in (("fused_spiking_resnet34.md", fused_tables), ("fused_batch_sweep.md", sweep_tables),
                       ("sparse_conv_spiking_resnet34.md", conv_tables), ("e2e.md", e2e_tables)):
-        text = fn(d)
+        try:
+            text = fn(d)
+        except (KeyError, TypeError, ValueError) as e:  # a file of another layout: the long format still has it
+            print(f"{fname}: skipped ({type(e).__name__}: {e})")
+            continue
         if text:
             with open(os.path.join(d, fname), "w") as f:
                 f.write(text)
             print("wrote", os.path.join(d, fname))
+    recs = write_records(d)
+    cur = current(recs)
+    for name in filter(None, [speedup_density_plot(cur, d), *layer_plots(cur, d)]):
+        print("wrote", os.path.join(d, name))
+    if a.readme:
+        print(("updated " if update_readme(a.readme, d) else f"no results markers ({BEGIN}) in ") + a.readme)
     return 0
 
 

@@ -1,0 +1,333 @@
+"""sparseflow_bench.records / compare / report / cli: the long-format CSV, the pytest-benchmark JSON, the
+regression guard (a 6 % slow-down fails, a 4 % one passes), the README block and the CLI's options, on
+crafted results files of every layout gpu_run writes (and on the committed ones)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparseflow_bench import cli, compare, records, report
+from sparseflow_bench.records import CSV_COLUMNS, Record
+
+ENV = {"date": "2026-11-25T21:00:00+00:00", "torch": "2.11.0+cu130", "triton": "3.6.0", "device": "NVIDIA H100",
+       "cuda": "13.0", "driver": "580.1"}
+COMMITTED = Path(__file__).resolve().parents[3] / "benchmarks" / "results"
+
+
+def fused_layers_json(scale=1.0):
+    rows = []
+    for i, (layer, elem, blk) in enumerate([("layer1.0.conv1", 0.2, 0.9), ("layer2.0.conv1", 0.1, 0.6)]):
+        rows.append({"layer": layer, "shape": [4, 8, 64, 56 >> i, 56 >> i], "C_out": 64, "stride": 1,
+                     "residual": False, "elem_density": elem, "block_density_8x8_16ch_halo": blk,
+                     "block_density_16x16_16ch_halo": blk, "compile_graph_fp16_ms": 0.06, "eager_fp32_ms": 1.0,
+                     "sparseflow_ms": 0.03 * scale, "path": "fused_dense",
+                     "candidates_ms": {"fused_dense": 0.03 * scale, "fused_sparse": 0.05 * scale, "cudnn": None}})
+    summary = {"model": "spiking_resnet34", "T": 4, "N": 8, "size": 224, "layers": 2,
+               "sum_compile_graph_fp16_ms": 0.12, "sum_sparseflow_ms": 0.06 * scale, "sum_eager_fp32_ms": 2.0,
+               "sum_speedup_vs_compile_graph": 0.12 / (0.06 * scale), "min_layer_speedup_vs_compile_graph": 2.0 / scale,
+               "paths": {"fused_dense": 2}}
+    return {"env": ENV, "summary": summary, "rows": rows}
+
+
+def sweep_json():
+    return {"env": ENV, "rows": [{"size": 224, "layer": "layer1.1.conv1", "N": 1, "T": 4, "C": 64, "H": 56,
+                                  "work_fraction": 0.5, "elem_density": 0.1, "fused_dense_best_cfg_ms": 0.03,
+                                  "fused_dense_same_cfg_ms": 0.04, "fused_sparse_with_prescan_ms": 0.02,
+                                  "fused_sparse_kernel_only_ms": 0.018, "prescan_ms": 0.002}]}
+
+
+def conv_json():
+    row = {"layer": "layer1.0.conv1", "shape": [32, 64, 56, 56], "elem_density": 0.2,
+           "block_density_8x8_16ch_halo": 0.9, "block_density_16x16_16ch_halo": 0.95, "cudnn_fp16_cl_ms": 0.03,
+           "cudnn_fp32_ms": 0.08, "sparse_fp16_ms": 0.06, "dense_kernel_fp16_ms": 0.04,
+           "sparse_fp32_tf32x3_ms": 0.2, "block_size": 16, "dispatch_fp16_ms": 0.03}
+    summary = {"layers": 1, "sum_cudnn_fp16_cl_ms": 0.03, "sum_cudnn_fp32_ms": 0.08, "sum_sparse_fp16_ms": 0.06,
+               "sum_dispatch_fp16_ms": 0.03, "sum_sparse_fp32_ms": 0.2, "speedup_sparse_vs_cudnn_fp16": 0.5,
+               "speedup_sparse_vs_cudnn_fp32": 4 / 3, "speedup_dispatch_vs_cudnn_fp16": 1.0}
+    return {"env": ENV, "summary": summary, "rows": [row]}
+
+
+def e2e_json():
+    return {"spiking_resnet34": {"eager_fp32_ms": 8.0, "compile_fp16_ms": 1.5, "sparseflow_ms": 2.0, "device": "H",
+                                 "details": {"T": 4, "N": 8, "size": 224, "eager_fp32_ms": 8.0,
+                                             "graph_eager_fp32_ms": 3.5, "sparseflow_fp16_ms": 2.0,
+                                             "sparseflow_fp32_ms": None, "energy_eager_fp32_J": 2.5}},
+            "spikformer_ti": {"eager_fp32_ms": None, "sparseflow_ms": None, "note": "not measured"},
+            "_env": ENV}
+
+
+def section_json():
+    """A new sections/<topic>.py file: ctx.bench dicts, plain *_ms numbers, a nested candidates dict."""
+    return {"rows": [{"op": "sparse_linear", "shape": [256, 512, 1024], "elem_density": 0.1,
+                      "block_density_16x16": 0.4, "cublas_fp16_ms": {"median": 0.02, "p20": 0.019, "p80": 0.021},
+                      "sparse_fp16_ms": {"median": 0.01, "p20": 0.009, "p80": 0.012}, "cublas_fp32_ms": 0.05,
+                      "speedup": 2.0, "exact": True},
+                     {"op": "sparse_linear", "shape": [8, 64], "note": "no timing in this row"}],
+            "summary": {"rows": 1}, "_env": ENV}
+
+
+def write_results(d: Path, scale=1.0, extra=True) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    files = {"fused_spiking_resnet34.json": fused_layers_json(scale), "fused_batch_sweep.json": sweep_json(),
+             "sparse_conv_spiking_resnet34.json": conv_json(), "e2e.json": e2e_json()}
+    if extra:
+        files["linear.json"] = section_json()
+    for name, obj in files.items():
+        (d / name).write_text(json.dumps(obj))
+    return d
+
+
+def by(recs, **kw):
+    return [r for r in recs if all(getattr(r, k) == v for k, v in kw.items())]
+
+
+# ------------------------------------------------------------------------------------------- records
+def test_collect_reads_every_layout(tmp_path):
+    recs = records.collect(str(write_results(tmp_path)))
+    assert {r.source for r in recs} == {"fused_spiking_resnet34.json", "fused_batch_sweep.json",
+                                        "sparse_conv_spiking_resnet34.json", "e2e.json", "linear.json"}
+    fused = by(recs, section="fused_layers", layer="layer2.0.conv1")
+    assert {r.provider for r in fused} == {"compile_graph_fp16", "eager_fp32", "sparseflow", "path:fused_dense",
+                                           "path:fused_sparse"}  # the None candidate is not a timing
+    sf = by(fused, provider="sparseflow")[0]
+    assert (sf.median_ms, sf.elem_density, sf.block_density, sf.block_size) == (0.03, 0.1, 0.6, 8)
+    assert sf.role == "sparseflow" and sf.baseline == "compile_graph_fp16" and sf.shape == "4x8x64x28x28"
+    assert sf.device == "NVIDIA H100" and sf.versions.startswith("torch 2.11.0+cu130; triton 3.6.0")
+    assert by(fused, provider="path:fused_sparse")[0].role == "sparse"
+    sweep = by(recs, section="batch_sweep")
+    assert len(sweep) == 5 and by(sweep, provider="fused_sparse_with_prescan")[0].block_density == 0.5
+    assert by(sweep, role="baseline")[0].provider == "fused_dense_same_cfg"
+    conv = by(recs, section="sparse_conv")
+    assert len(conv) == 6 and all(r.block_density == 0.95 and r.block_size == 16 for r in conv)  # at its block size
+    e2e = by(recs, section="e2e")
+    assert {r.provider for r in e2e} == {"eager_fp32", "graph_eager_fp32", "compile_fp16", "sparseflow_fp16"}
+    assert all(r.model == "spiking_resnet34" and r.shape == "4x8x3x224x224" for r in e2e)
+    lin = by(recs, source="linear.json")
+    assert {r.provider: r.role for r in lin} == {"cublas_fp16": "baseline", "sparse_fp16": "sparse",
+                                                "cublas_fp32": "reference"}
+    sp = by(lin, provider="sparse_fp16")[0]
+    assert (sp.median_ms, sp.p20_ms, sp.p80_ms) == (0.01, 0.009, 0.012)
+    assert (sp.op, sp.shape, sp.elem_density, sp.block_density, sp.block_size) == (
+        "sparse_linear", "256x512x1024", 0.1, 0.4, 16)
+    assert sp.baseline == "cublas_fp16" and sp.dtype == "float16"
+
+
+def test_unknown_files_are_skipped_with_a_message(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "no_timings.json").write_text(json.dumps({"rows": [{"a": 1}], "device": "x"}))
+    (tmp_path / "pytest_benchmark.json").write_text(json.dumps({"benchmarks": []}))  # our own output: ignored
+    (tmp_path / "e2e.json").write_text(json.dumps(e2e_json()))
+    msgs = []
+    recs = records.collect(str(tmp_path), log=msgs.append)
+    assert {r.source for r in recs} == {"e2e.json"}
+    assert sorted(m.split(":")[0] for m in msgs) == ["skipped broken.json", "skipped list.json",
+                                                     "skipped no_timings.json"]
+
+
+def test_csv_long_format_columns_and_round_trip(tmp_path):
+    recs = records.collect(str(write_results(tmp_path / "r")))
+    path = records.write_csv(recs, str(tmp_path / "results.csv"))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    required = {"op", "shape", "elem_density", "block_density", "provider", "median_ms", "p20_ms", "p80_ms", "device",
+                "versions", "date", "source"}
+    assert required <= set(rows[0]) and list(rows[0]) == CSV_COLUMNS
+    assert len(rows) == len(recs)
+    lin = next(r for r in rows if r["provider"] == "sparse_fp16" and r["source"] == "linear.json")
+    assert (float(lin["median_ms"]), float(lin["p20_ms"]), lin["block_density"]) == (0.01, 0.009, "0.4")
+    assert records.read_csv(path) == recs
+
+
+def test_pytest_benchmark_schema(tmp_path):
+    recs = records.collect(str(write_results(tmp_path / "r")))
+    path = str(tmp_path / "pb.json")
+    records.write_pytest_benchmark(recs, path)
+    obj = json.loads(Path(path).read_text())
+    assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= set(obj)
+    assert obj["machine_info"]["gpu"] == "NVIDIA H100"
+    assert len(obj["benchmarks"]) == len(recs)
+    stats_fields = {"min", "max", "mean", "stddev", "rounds", "median", "iqr", "q1", "q3", "iqr_outliers",
+                    "stddev_outliers", "outliers", "ld15iqr", "hd15iqr", "ops", "total", "iterations"}
+    for b in obj["benchmarks"]:
+        assert {"group", "name", "fullname", "params", "param", "extra_info", "options", "stats"} <= set(b)
+        assert set(b["stats"]) == stats_fields
+    names = [b["name"] for b in obj["benchmarks"]]
+    assert len(set(names)) == len(names)  # unique within a file
+    b = next(b for b in obj["benchmarks"] if b["extra_info"]["source"] == "linear.json"
+             and b["params"]["provider"] == "sparse_fp16")
+    assert b["stats"]["median"] == pytest.approx(1e-5) and b["stats"]["q1"] == pytest.approx(9e-6)
+    assert b["stats"]["q3"] == pytest.approx(1.2e-5) and b["stats"]["ops"] == pytest.approx(1e5)
+    back = records.read_pytest_benchmark(path)
+    assert [r.key for r in back] == [r.key for r in recs]
+    assert [r.median_ms for r in back] == pytest.approx([r.median_ms for r in recs])
+    pytest.importorskip("pytest_benchmark")
+    run = subprocess.run([sys.executable, "-m", "pytest_benchmark", "compare", path, "--columns=median"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "sparse_linear" in run.stdout or "linear" in run.stdout
+
+
+def test_profile_json_reader(tmp_path):
+    from sparseflow_core import LayerProfile, ProfileReport
+
+    rep = ProfileReport([LayerProfile("l1", "SparseConv2d", 1, 0.5, 0.2, 0.6, "fused_dense", 8, 1.0, 100,
+                                      [2, 1, 4, 8, 8], True),
+                         LayerProfile("sn", "LIFNode", 1, 0.1, 1.0)], forward_ms=3.0, throughput_per_s=333.3)
+    d = rep.to_dict() | {"model": "m", "T": 2, "N": 1, "size": 8, "dtype": "float16", "_env": ENV}
+    (tmp_path / "profile_m.json").write_text(json.dumps(d))
+    recs = records.collect(str(tmp_path))
+    assert {(r.layer, r.provider, r.role, r.median_ms) for r in recs} == {
+        ("l1", "dense_op", "baseline", 1.0), ("l1", "sparseflow", "sparseflow", 0.5),
+        ("", "sparseflow_profiled", "reference", 3.0)}
+    assert by(recs, layer="l1")[0].block_density == 0.6 and by(recs, layer="l1")[0].block_size == 8
+
+
+def test_committed_results_are_read():
+    if not COMMITTED.is_dir():
+        pytest.skip("no committed results")
+    msgs = []
+    recs = records.collect(str(COMMITTED), log=msgs.append)
+    sections = {r.section for r in recs}
+    assert {"fused_layers", "batch_sweep", "sparse_conv", "e2e"} <= sections
+    assert all(r.median_ms > 0 and r.device for r in recs)
+    assert not [m for m in msgs if "unexpected layout" in m]
+
+
+# ------------------------------------------------------------------------------------------- compare
+def slowed(recs, factor, provider="sparseflow"):
+    return [Record(**{**r.__dict__, "median_ms": r.median_ms * factor}) if r.provider == provider else r
+            for r in recs]
+
+
+@pytest.mark.parametrize("factor,status", [(1.06, 1), (1.04, 0), (0.90, 0)], ids=["slower6pct", "slower4pct",
+                                                                                   "faster10pct"])
+def test_compare_flags_slowdowns_over_threshold(tmp_path, factor, status, capsys):
+    old = records.collect(str(write_results(tmp_path / "old")))
+    new = slowed(old, factor)
+    records.write_csv(old, str(tmp_path / "old.csv"))
+    records.write_csv(new, str(tmp_path / "new.csv"))
+    assert compare.main([str(tmp_path / "new.csv"), str(tmp_path / "old.csv")]) == status
+    out = capsys.readouterr().out
+    n = len(by(old, provider="sparseflow"))
+    if status:
+        assert out.count("SLOWER") == n and "+6.0%" in out and "FAIL" in out
+    else:
+        assert "SLOWER" not in out and "OK: no slow-down" in out
+    cmp = compare.compare_records(new, old)
+    assert len(cmp.changes) == len(old) and not cmp.only_new and not cmp.only_old
+    assert len(cmp.slowdowns) == (n if status else 0)
+
+
+def test_compare_folders_threshold_and_roles(tmp_path, capsys):
+    write_results(tmp_path / "old")
+    write_results(tmp_path / "new", scale=1.06)  # SparseFlow 6 % slower in the fused-layer file only
+    assert compare.main([str(tmp_path / "new"), str(tmp_path / "old")]) == 1
+    out = capsys.readouterr().out
+    assert "fused_spiking_resnet34.json::fused_layers::spiking_resnet34.layer1.0.conv1" in out
+    assert compare.main([str(tmp_path / "new"), str(tmp_path / "old"), "--threshold", "0.07"]) == 0
+    assert compare.main([str(tmp_path / "new"), str(tmp_path / "old"), "--roles", "baseline"]) == 0
+    capsys.readouterr()
+    assert compare.main([str(tmp_path / "new"), str(tmp_path / "old"), "--all"]) == 1
+    assert "compile_graph_fp16" in capsys.readouterr().out  # --all lists unchanged timings too
+    # a pytest-benchmark file against a folder
+    recs = records.collect(str(tmp_path / "new"))
+    records.write_pytest_benchmark(recs, str(tmp_path / "pb.json"))
+    assert compare.main([str(tmp_path / "pb.json"), str(tmp_path / "old")]) == 1
+
+
+def test_compare_nothing_matched_and_bad_arguments(tmp_path, capsys):
+    write_results(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "e2e.json").write_text(json.dumps({"other_model": {"eager_fp32_ms": 1.0}, "_env": ENV}))
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    with pytest.raises(ValueError, match="threshold"):
+        compare.compare_records([], [], threshold=-0.1)
+    with pytest.raises(ValueError, match="unknown roles"):
+        compare.compare_records([], [], roles=("fast",))
+
+
+def test_compare_warns_on_different_devices(tmp_path):
+    old = records.collect(str(write_results(tmp_path / "old")))
+    new = [Record(**{**r.__dict__, "device": "NVIDIA A100"}) for r in old]
+    assert "WARNING: different devices" in compare.compare_records(new, old).table()
+
+
+# ------------------------------------------------------------------------------------------- report
+def test_report_writes_csv_json_plots_and_readme(tmp_path, capsys):
+    d = write_results(tmp_path / "res")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# T\n\n## Results\n\nintro\n\n{report.BEGIN}\nstale\n{report.END}\n\n## Status\nkept\n")
+    assert report.main(["--results", str(d), "--readme", str(readme)]) == 0
+    for f in ("results.csv", "pytest_benchmark.json", "e2e.md", "sparse_conv_spiking_resnet34.md"):
+        assert (d / f).exists(), f
+    # the crafted fused rows lack columns of the markdown table: that table is skipped with a message, the rest
+    # of the report is written
+    assert "fused_spiking_resnet34.md: skipped (KeyError" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert (d / "speedup_vs_block_density.png").stat().st_size > 1000
+    assert (d / "layers_spiking_resnet34.png").stat().st_size > 1000
+    text = readme.read_text()
+    assert "stale" not in text and text.endswith("## Status\nkept\n") and "intro" in text
+    assert "| 0.120 ms" not in text  # sums are formatted from the JSON, checked below
+    assert "`torch.compile` + CUDA graph fp16: 0.120 ms | 0.060 ms | 2.00x (slowest layer 2.00x)" in text
+    assert "eager fp32 8.00 ms / compile fp16 1.50 ms | 2.00 ms | 4.0x / 0.75x" in text
+    assert "cuDNN fp16 channels_last 0.030 ms | 0.060 ms | 0.50x (dispatch: 1.00x)" in text
+    assert "`linear`: 1 timings, sum (sparse_fp16) | cublas_fp16: 0.020 ms | 0.010 ms | 2.00x" in text
+    assert "spikformer_ti: not measured" in text
+    assert "![speed-up vs block density](res/speedup_vs_block_density.png)" in text
+    assert "NVIDIA H100, torch 2.11.0+cu130, triton 3.6.0" in text
+    # regenerating is stable
+    report.update_readme(str(readme), str(d))
+    assert readme.read_text() == text
+    no_markers = tmp_path / "R2.md"
+    no_markers.write_text("nothing\n")
+    assert report.update_readme(str(no_markers), str(d)) is False and no_markers.read_text() == "nothing\n"
+
+
+def test_speedups_pair_each_timing_with_its_baseline(tmp_path):
+    recs = records.collect(str(write_results(tmp_path)))
+    sp = {(p["record"].source, p["record"].provider): p["speedup"] for p in report.speedups(recs)}
+    assert sp[("fused_batch_sweep.json", "fused_sparse_with_prescan")] == pytest.approx(2.0)
+    assert sp[("sparse_conv_spiking_resnet34.json", "sparse_fp16")] == pytest.approx(0.5)
+    assert sp[("linear.json", "sparse_fp16")] == pytest.approx(2.0)
+    assert report.current([Record("e2e_run6.json", "e2e", "o", "", "p", 1.0),
+                           Record("e2e.json", "e2e", "o", "", "p", 1.0)])[0].source == "e2e.json"
+
+
+# ------------------------------------------------------------------------------------------- cli
+def test_cli_help_exposes_the_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--model", "--T", "--batch", "--dtype", "--block-size", "--out", "--sections", "compare", "report"):
+        assert opt in out, opt
+
+
+def test_cli_dispatches_report_and_compare(tmp_path):
+    write_results(tmp_path / "a")
+    assert cli.main(["report", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "results.csv").exists()
+    assert cli.main(["compare", str(tmp_path / "a" / "results.csv"), str(tmp_path / "a" / "results.csv")]) == 0
+
+
+@pytest.mark.parametrize("args,msg", [(["--block-size", "x"], "block size"), (["--block-size", "0"], "positive"),
+                                      (["--dtype", "int8"], "invalid choice")], ids=["bs_text", "bs_zero", "dtype"])
+def test_cli_rejects_bad_options(args, msg, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(args)
+    assert msg in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'sparseflow-bench = "sparseflow_bench.cli:main"' in text
+    assert os.path.exists(cli.__file__)
