@@ -1,0 +1,219 @@
+"""optimize() on spiking Transformer parts: spikes reaching Linear layers through flatten / transpose /
+SeqToANNContainer, Spikformer blocks (SSA + Conv1d(k=1)/BatchNorm1d projections), Spike-driven Transformer
+blocks, and nn.MultiheadAttention fed by spikes. Outputs equal the dense model's over calls and resets,
+the report names what was replaced, restore() gives the original modules back."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from spikingjelly.activation_based import functional, layer, neuron
+from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
+from spikingjelly.activation_based.model.spike_driven_transformer import _Block as SDTBlock
+from spikingjelly.activation_based.model.spikformer import SpikformerBlock
+from torch import nn
+
+from sparseflow_core import get_report, optimize, restore
+from sparseflow_ops import (
+    SparseConv1d,
+    SparseConv2d,
+    SparseLinear,
+    SparseModule,
+    SparseMultiheadAttention,
+    SparseSpikeDrivenSelfAttention,
+    SparseSpikingSelfAttention,
+)
+
+
+@torch.no_grad()
+def firing_bns(module, var=(0.01, 0.05)):
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(*var)
+            m.bias.uniform_(-0.3, 0.6)
+    return module.eval()
+
+
+def entry(rep, name):
+    return next(e for e in rep.layers if e.name == name)
+
+
+def twins(net):
+    functional.set_step_mode(net, "m")
+    net.eval()
+    return net, copy.deepcopy(net)
+
+
+def close(y, r, tol):
+    if tol == 0:
+        return torch.equal(y, r)
+    return (y - r).abs().max().item() <= tol * max(r.abs().max().item(), 1.0)
+
+
+def same_over_calls(net, ref, x, calls=2, tol=0.0):
+    """Equal outputs (exactly, or within ``tol`` relative for real-valued outputs after a BatchNorm) over
+    repeated calls (neuron state carried) and after reset_net; returns one output."""
+    with torch.no_grad():
+        for _ in range(calls):
+            y, r = net(x), ref(x)
+            assert close(y, r, tol), (y - r).abs().max()
+        functional.reset_net(net)
+        functional.reset_net(ref)
+        y, r = net(x), ref(x)
+        assert close(y, r, tol)
+    functional.reset_net(net)
+    functional.reset_net(ref)
+    return r
+
+
+class TokenNet(nn.Module):
+    """LIF -> flatten/transpose -> Linear (3-D and 4-D token inputs), SeqToANNContainer(Linear), and a
+    Linear after a mean (not spikes: left dense)."""
+
+    def __init__(self, C=16, D=12):
+        super().__init__()
+        self.lif = neuron.LIFNode(step_mode="m")
+        self.fc = nn.Linear(C, D)
+        self.lif2 = neuron.LIFNode(step_mode="m")
+        self.seq = layer.SeqToANNContainer(nn.Linear(D, D, bias=False))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):  # x [T, N, C, H, W]
+        s = self.lif(x)
+        tokens = s.flatten(3).transpose(2, 3)  # [T, N, HW, C]
+        y = self.lif2(self.fc(tokens))
+        y = self.seq(y.reshape(y.shape[0], -1, y.shape[-1]))  # [T, N*HW, D]
+        return self.head(y.mean(1))
+
+
+def test_linear_through_views_and_seq_to_ann():
+    net, ref = twins(TokenNet())
+    x = torch.rand(2, 2, 16, 3, 3) * 3
+    net, rep = optimize(net, x, return_report=True)
+    assert isinstance(net.fc, SparseLinear) and isinstance(net.seq[0], SparseLinear)
+    assert not isinstance(net.head, SparseModule)
+    assert entry(rep, "fc").action == "sparse" and entry(rep, "seq.0").action == "sparse"
+    assert "not integer" in entry(rep, "head").reason or "spiking" in entry(rep, "head").reason
+    r = same_over_calls(net, ref, x)
+    assert r.abs().sum() > 0
+    restore(net)
+    assert type(net.fc) is nn.Linear and type(net.seq[0]) is nn.Linear
+
+
+class SpikformerMini(nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.lif = neuron.LIFNode(step_mode="m")
+        self.block = SpikformerBlock(dim, heads, mlp_ratio=2.0, tau=2.0, detach_reset=True)
+
+    def forward(self, x):
+        return self.block(self.lif(x))
+
+
+def test_spikformer_block():
+    net, ref = twins(firing_bns(SpikformerMini()))
+    x = torch.rand(2, 2, 32, 4, 5) * 3
+    keys = list(net.state_dict())
+    net, rep = optimize(net, x, return_report=True)
+    attn = net.block.attn
+    assert isinstance(attn, SparseSpikingSelfAttention) and attn.kind() == "ssa+qkv_conv_bn+proj_conv_bn"
+    assert isinstance(net.block.mlp.fc1[0], SparseConv1d) and net.block.mlp.fc1[0].kind() == "conv1x1+bn"
+    assert isinstance(net.block.mlp.fc2[0], SparseConv1d)
+    assert entry(rep, "block.attn").action == "sparse"
+    assert "conv1x1+bn" in entry(rep, "block.mlp.fc1.0").detail
+    assert list(net.state_dict()) == keys
+    r = same_over_calls(net, ref, x)
+    assert 0 < (r != 0).float().mean() < 1
+    assert attn.last_path == "sparse"
+    restore(net)
+    assert type(net.block.attn) is SpikingSelfAttention
+    assert not any(isinstance(m, SparseModule) for m in net.modules())
+    assert same_over_calls(net, ref, x) is not None
+
+
+def test_spike_driven_block():
+    blk = SDTBlock(32, 2, 2.0, None, {"tau": 2.0, "detach_reset": True})
+    net, ref = twins(firing_bns(nn.Sequential(blk)))
+    x = torch.rand(2, 2, 32, 3, 4) * 3
+    keys = list(net.state_dict())
+    net, rep = optimize(net, x, return_report=True)
+    attn = net[0].attn
+    assert isinstance(attn, SparseSpikeDrivenSelfAttention)
+    assert isinstance(attn.q_conv, SparseConv2d) and attn.q_conv.kind() == "conv+bn+neuron"
+    assert entry(rep, "0.attn").action == "sparse"
+    assert list(net.state_dict()) == keys
+    r = same_over_calls(net, ref, x, tol=1e-5)  # real-valued block output (BatchNorm + identity)
+    assert r.abs().sum() > 0
+    restore(net)
+    assert type(net[0].attn) is SpikeDrivenSelfAttention
+    assert not any(isinstance(m, SparseModule) for m in net.modules())
+
+
+class MHANet(nn.Module):
+    def __init__(self, E=32):
+        super().__init__()
+        self.lif = neuron.LIFNode(step_mode="s")
+        self.mha = nn.MultiheadAttention(E, 4, batch_first=True)
+
+    def forward(self, x):
+        s = self.lif(x)
+        return self.mha(s, s, s, need_weights=False)[0]
+
+
+def test_multihead_attention_fed_by_spikes():
+    net, ref = MHANet().eval(), None
+    ref = copy.deepcopy(net)
+    x = torch.rand(2, 9, 32) * 3
+    net, rep = optimize(net, x, return_report=True)
+    assert isinstance(net.mha, SparseMultiheadAttention)
+    assert entry(rep, "mha").detail == "sparse in/out projections + SDPA"
+    with torch.no_grad():
+        y, r = net(x), ref(x)
+    assert net.mha.last_path == "sparse"
+    assert torch.allclose(y, r, atol=1e-5)
+    restore(net)
+    assert type(net.mha) is nn.MultiheadAttention
+
+
+class CrossNet(MHANet):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(32, 4, kdim=16, vdim=16, batch_first=True)
+
+    def forward(self, x):
+        kv = torch.ones(x.shape[0], x.shape[1], 16)
+        return self.mha(self.lif(x), kv, kv, need_weights=False)[0]
+
+
+def test_mha_with_separate_kv_dims_stays_dense():
+    net = CrossNet().eval()
+    rep = optimize(net, torch.rand(2, 9, 32) * 3, return_report=True)[1]
+    assert type(net.mha) is nn.MultiheadAttention
+    assert "kdim" in entry(rep, "mha").reason
+
+
+def test_attention_module_not_fed_by_spikes_keeps_dense_qkv_projection():
+    """An SSA whose input is an image-like real tensor: only the projection after attn_lif is sparse."""
+    net, ref = twins(firing_bns(nn.Sequential(SpikingSelfAttention(32, num_heads=2))))
+    x = torch.randn(2, 2, 32, 7)
+    rep = optimize(net, x, return_report=True)[1]
+    attn = net[0]
+    assert isinstance(attn, SparseSpikingSelfAttention) and attn.projections == ["proj_conv_bn"]
+    assert "qkv projection dense" in entry(rep, "0").detail
+    same_over_calls(net, ref, x)
+    assert get_report(net) is not None
+    restore(net)
+    assert type(net[0]) is SpikingSelfAttention
+
+
+@pytest.mark.parametrize("mode", ["torch", "dense"])
+def test_modes_reach_the_new_modules(mode):
+    net, ref = twins(firing_bns(SpikformerMini()))
+    x = torch.rand(2, 1, 32, 3, 3) * 3
+    optimize(net, x, mode=mode)
+    same_over_calls(net, ref, x, calls=1)
+    assert net.block.attn.last_path == ("torch" if mode == "torch" else "sparse")
+    assert net.block.mlp.fc1[0].last_path == ("torch" if mode == "torch" else "dense")
