@@ -331,3 +331,39 @@ def test_console_script_entry_point():
     text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert 'sparseflow-bench = "sparseflow_bench.cli:main"' in text
     assert os.path.exists(cli.__file__)
+
+
+def test_cli_gpu_run_steps(tmp_path, monkeypatch, capsys):
+    """The GPU path without a GPU: the model sections go to gpu_run in one call (they share a prepared model),
+    other sections one call each, then the profile and the report; options reach them."""
+    from sparseflow_bench import gpu_run
+
+    calls = []
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_run, "main", lambda args: calls.append(args) or 0)
+
+    def fake_profile(model, T, batch, size, dtype, block_size, device, out, reps=5):
+        calls.append(("profile", model, T, batch, size, dtype, block_size))
+        (Path(out) / "e2e.json").write_text(json.dumps(e2e_json()))
+
+        class P:
+            def table(self):
+                return "profile table"
+
+        return None, P()
+
+    monkeypatch.setattr(cli, "profile_model", fake_profile)
+    out = tmp_path / "out"
+    status = cli.main(["--sections", "e2e,layers,linear,conv", "--out", str(out), "--model", "sew_resnet34",
+                       "--T", "2", "--batch", "4", "--dtype", "bfloat16", "--block-size", "16", "--no-progress"])
+    assert status == 0
+    sections = [a[a.index("--sections") + 1] for a in calls if isinstance(a, list)]
+    assert sections == ["layers,conv", "e2e", "linear"]
+    first = calls[0]
+    assert first[first.index("--T") + 1] == "2" and first[first.index("--N") + 1] == "4"
+    assert first[first.index("--model") + 1] == "sew_resnet34" and first[first.index("--out") + 1] == str(out)
+    assert float(first[first.index("--budget-s") + 1]) <= 540
+    assert calls[-1] == ("profile", "sew_resnet34", 2, 4, 224, cli.torch.bfloat16, 16)
+    assert (out / "results.csv").exists() and (out / "pytest_benchmark.json").exists()
+    text = capsys.readouterr().out
+    assert "profile table" in text and "[5/5" in text  # the step lines when the bar is off
