@@ -97,3 +97,17 @@ def test_cli_profile_step_writes_readable_json(tmp_path, dtype):
     assert all(r.device == torch.cuda.get_device_name() for r in recs)
     assert any(e.dense_ms for e in prof.layers)
     assert report.layers  # the optimize() report of the profiled model
+
+
+def test_profile_cuda_graph_model():
+    """optimize(..., cuda_graph=True): layers profiled on the wrapped model, the whole forward replayed."""
+    import sparseflow
+
+    torch.manual_seed(3)
+    net = spiking_net().cuda()
+    x = torch.randn(4, 2, 3, 32, 32, device="cuda", dtype=torch.float16)
+    g = sparseflow.optimize(copy.deepcopy(net), x, dtype=torch.float16, cuda_graph=True)
+    rep = sparseflow.profile(g, x, reps=3)
+    assert rep.layers and all(e.calls >= 1 for e in rep.layers)
+    assert any(e.sparse_module and e.dense_ms for e in rep.layers)
+    assert rep.forward_ms > 0

@@ -282,3 +282,18 @@ def test_profile_rejects_bad_arguments(kw, msg):
 
 def test_sparseflow_profile_is_core_profile():
     assert sparseflow.profile is profile
+
+
+def test_profile_cuda_graph_wrapper_profiles_the_wrapped_model():
+    """Graph replays run no hooks: the layers come from the wrapped model (on the CPU the wrapper runs eagerly)."""
+    from sparseflow_core import cuda_graph
+
+    net = TwoConvs().eval()
+    x = sparse_input((2, 4, 9, 9), 0.1)
+    plain = profile(net, x, reps=1, block_size=4, group=4)
+    wrapped = profile(cuda_graph(net), x, reps=1, block_size=4, group=4)
+    assert [e.name for e in wrapped.layers] == [e.name for e in plain.layers] == ["conv", "head"]
+    assert [(e.calls, e.elem_density, e.block_density, e.macs) for e in wrapped.layers] == [
+        (e.calls, e.elem_density, e.block_density, e.macs) for e in plain.layers]
+    assert wrapped.forward_ms > 0
+    assert not net.conv._forward_hooks and not net.conv._forward_pre_hooks  # hooks removed

@@ -18,6 +18,9 @@ For every convolution, linear layer and spiking neuron (leaf modules) it records
 * ``macs``: multiply-accumulates per forward (convolutions and linear layers), which weighs the model-wide
   ``skippable_work`` and ``skipped_work`` fractions.
 
+A :class:`CudaGraphModel` (``optimize(..., cuda_graph=True)``) is profiled layer by layer on the model it wraps
+(graph replays run no module hooks); its whole forward is timed replayed.
+
 The whole forward is timed again without hooks (``forward_ms``, ``throughput_per_s`` forwards per second and
 ``samples_per_s``), and on a GPU NVML's energy counter is read around those forwards. On the CPU the timings
 are those of the CPU ops (SparseFlow modules run the dense torch ops there), the densities and the layer list
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import select_block_size
-from .cuda_graph import reset_states
+from .cuda_graph import CudaGraphModel, reset_states
 from .registry import is_spiking_module
 
 CSV_COLUMNS = ["layer", "type", "calls", "in_shape", "ms", "dense_ms", "speedup", "elem_density", "block_size",
@@ -429,6 +432,11 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
 
         return hook
 
+    # a CUDA-graph wrapper replays without running module hooks: the layers are profiled on the wrapped model
+    # (eager), the whole forward on the wrapper (replayed)
+    whole = model
+    if isinstance(model, CudaGraphModel):
+        model = model.model
     for name, m in _timed_modules(model):
         rows[name] = LayerProfile(name, type(m).__name__, sparse_module=_is_sparse_module(m))
         handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
@@ -449,14 +457,25 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
             for _ in range(reps):
                 forward()
             phase[0] = "off"
-            # whole-forward time and energy without the per-layer synchronisation
+            for h in handles:
+                h.remove()
+            handles.clear()
+            # whole-forward time and energy without the hooks and their synchronisation
             if cuda:
                 torch.cuda.synchronize()
+            if whole is not model:
+                for _ in range(whole.warmup + 1):  # until the wrapper has captured its graph
+                    whole(*args)
+                if cuda:
+                    torch.cuda.synchronize()
             energy = _nvml_energy() if cuda else None
             e0 = energy() if energy else None
             t0 = time.perf_counter()
             for _ in range(reps):
-                forward()
+                if whole is model:
+                    forward()
+                else:
+                    whole(*args)  # resets the neurons itself
             if cuda:
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / reps
