@@ -1,0 +1,348 @@
+"""GPU section ``p2``: depthwise, pointwise and transposed convolutions of the P2 models on their real spikes.
+
+Models: ``spiking_mobilenetv2`` (224 px) and ``spiking_unet`` (128 px, then 256 px while time is left), T=4,
+N=8, natural images, recalibrated BatchNorm. One dense forward keeps the input of every spike-fed depthwise
+(``groups == C``), pointwise (1x1) and transposed convolution (stem / first encoder conv see the image and are
+not listed). Then, per layer and on those same inputs:
+
+* cuDNN fp16 channels_last and cuDNN fp32 (``F.conv2d`` / ``F.conv_transpose2d``) - the baselines;
+* SparseFlow fp16 channels_last, prescan included: depthwise ``grouped_conv2d`` (direct kernel, a few tile
+  configs), pointwise ``sparse_conv2d``, transposed ``sparse_conv_transpose2d`` (a few configs); the best config
+  is the row's ``sparse_fp16_ms`` (every config's time is kept), plus the same kernel without skipping
+  (``dense=True``) and the fp32 sparse kernel;
+* densities: element density, and the block density the kernel sees (fraction of its (tile, channel group)
+  blocks with a non-zero in the receptive field, halo included);
+* exactness: relative error (max |y - ref| / max |ref|) of the sparse fp32 and fp16 results against float64.
+
+Per model and kind: summed times and the speed-up of the sparse kernels against cuDNN fp16 channels_last (the
+issue's bar: depthwise layers together and ConvTranspose2d layers together at least 1.5x), and of the
+per-layer dispatch (min of sparse and cuDNN). End to end: ``optimize(mode="sparse")`` on an fp32 copy, model
+output relative error (norm) against the dense model (< 1e-3).
+
+Writes ``p2.json`` and ``p2.md`` into the output folder (``p2_dry.*`` under ``--dry``).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseflow_kernels import ConvConfig, prescan, sparse_conv2d
+from sparseflow_kernels.conv import pack_weight
+from sparseflow_kernels.conv_transpose import pack_transpose_weight, sparse_conv_transpose2d
+from sparseflow_kernels.depthwise import DepthwiseConfig, grouped_conv2d, occupancy_group
+
+SECTION_BUDGET_S = 115.0
+DW_CONFIGS = {
+    "t8x8c32": DepthwiseConfig(8, 8, 32, 4),
+    "t4x8c64": DepthwiseConfig(4, 8, 64, 4),
+    "t8x8c64": DepthwiseConfig(8, 8, 64, 8),
+    "t4x4c64": DepthwiseConfig(4, 4, 64, 2),
+}
+CT_CONFIGS = {
+    "t8x8n64k16": ConvConfig(8, 8, 64, 16, False, 4, 3),
+    "t8x8n64k32": ConvConfig(8, 8, 64, 32, False, 4, 3),
+    "t16x8n64k32": ConvConfig(16, 8, 64, 32, False, 8, 3),
+    "t4x8n128k32": ConvConfig(4, 8, 128, 32, False, 4, 3),
+}
+TOL = {"fp32": 1e-5, "fp16": 2e-3}
+
+
+def _reset(model):
+    from spikingjelly.activation_based import functional
+
+    functional.reset_net(model)
+
+
+def _rel(y, ref) -> float:
+    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _kind(m: nn.Module) -> str | None:
+    if isinstance(m, nn.ConvTranspose2d):
+        return "transposed"
+    if isinstance(m, nn.Conv2d):
+        if m.groups > 1 and m.groups == m.in_channels:
+            return "depthwise"
+        if m.groups == 1 and m.kernel_size == (1, 1):
+            return "pointwise"
+    return None
+
+
+def _capture(model, x):
+    """Inputs ([T*N, C, H, W]) of the spike-fed depthwise / pointwise / transposed convs, one dense forward."""
+    from sparseflow_core.stats import is_integer_valued
+
+    recs, handles = {}, []
+    for name, m in model.named_modules():
+        kind = _kind(m)
+        if kind is None:
+            continue
+
+        def hook(mod, args, name=name, kind=kind):
+            xin = args[0].detach()
+            xin = xin.flatten(0, 1) if xin.dim() == 5 else xin
+            if name not in recs and is_integer_valued(xin):
+                recs[name] = {"x": xin.clone(), "module": mod, "kind": kind}
+
+        handles.append(m.register_forward_pre_hook(hook))
+    _reset(model)
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    _reset(model)
+    return recs
+
+
+def _prepare(name, T, N, size, device, dry, **kw):
+    from ..data import natural_images, repeat_time
+    from ..models import build_model, recalibrate_bn
+
+    model = build_model(name, T=T, **kw).to(device)
+    recalibrate_bn(model, natural_images(4 if dry else 16, size, seed=0).to(device), T=T, batches=2)
+    x = repeat_time(natural_images(N, size, seed=1), T).to(device)
+    _reset(model)
+    return model.eval(), x
+
+
+def _configs(ctx, cfgs: dict) -> dict:
+    return dict(list(cfgs.items())[:1]) if ctx.dry else cfgs
+
+
+def _time_row(ctx, rec, rep):
+    """Timings, densities and errors of one layer on its captured input (one config per kind under dry)."""
+    from sparseflow_core.stats import block_density, element_density
+
+    m, kind = rec["module"], rec["kind"]
+    flat = rec["x"]
+    xh = flat.half().contiguous(memory_format=torch.channels_last)
+    x32 = flat.float().contiguous()
+    x32cl = x32.contiguous(memory_format=torch.channels_last)
+    w32 = m.weight.detach().float()
+    wh = w32.half()
+    bench = lambda fn: ctx.bench(fn, rep=rep)["median"]
+    row = {"layer": rec["name"], "kind": kind, "shape": list(flat.shape), "C_out": m.out_channels,
+           "kernel": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
+           "elem_density": element_density(flat)}
+    if kind == "transposed":
+        op = list(m.output_padding)
+        row["output_padding"] = op
+        ref = F.conv_transpose2d(flat.double(), w32.double(), None, m.stride, m.padding, op)
+        whcl = wh.contiguous(memory_format=torch.channels_last)
+        row["cudnn_fp16_cl_ms"] = bench(lambda: F.conv_transpose2d(xh, whcl, None, m.stride, m.padding, op))
+        row["cudnn_fp32_ms"] = bench(lambda: F.conv_transpose2d(x32, w32, None, m.stride, m.padding, op))
+        cfgs = {}
+        for cname, cfg in _configs(ctx, CT_CONFIGS).items():
+            wp = pack_transpose_weight(wh, m.stride, m.padding, cfg.block_k, cfg.block_n, torch.float16)
+            cfgs[cname] = bench(lambda cfg=cfg, wp=wp: sparse_conv_transpose2d(
+                xh, wh, None, m.stride, m.padding, op, config=cfg, packed_weight=wp))
+        best = min(cfgs, key=cfgs.get)
+        cfg = CT_CONFIGS[best]
+        wp = pack_transpose_weight(wh, m.stride, m.padding, cfg.block_k, cfg.block_n, torch.float16)
+        row["dense_kernel_fp16_ms"] = bench(lambda: sparse_conv_transpose2d(
+            xh, wh, None, m.stride, m.padding, op, config=cfg, packed_weight=wp, dense=True))
+        wp32 = pack_transpose_weight(w32, m.stride, m.padding, cfg.block_k, cfg.block_n, torch.float32)
+        row["sparse_fp32_ms"] = bench(lambda: sparse_conv_transpose2d(
+            x32cl, w32, None, m.stride, m.padding, op, config=cfg, packed_weight=wp32))
+        y32 = sparse_conv_transpose2d(x32cl, w32, None, m.stride, m.padding, op, config=cfg)
+        y16 = sparse_conv_transpose2d(xh, wh, None, m.stride, m.padding, op, config=cfg)
+        occ = prescan(xh, (cfg.tile_h, cfg.tile_w), cfg.block_k)
+        row["block_density_input"] = occ.block_density()
+        kt = -(-m.kernel_size[0] // m.stride[0])
+        row["block_density_halo"] = block_density(flat, cfg.tile_h, cfg.block_k, kt, 1, kt - 1)
+    elif kind == "depthwise":
+        g = m.groups
+        ref = F.conv2d(flat.double(), w32.double(), None, m.stride, m.padding, m.dilation, g)
+        whcl = wh.contiguous(memory_format=torch.channels_last)
+        row["cudnn_fp16_cl_ms"] = bench(lambda: F.conv2d(xh, whcl, None, m.stride, m.padding, m.dilation, g))
+        row["cudnn_fp32_ms"] = bench(lambda: F.conv2d(x32, w32, None, m.stride, m.padding, m.dilation, g))
+        cfgs = {}
+        for cname, cfg in _configs(ctx, DW_CONFIGS).items():
+            cfgs[cname] = bench(lambda cfg=cfg: grouped_conv2d(xh, wh, None, m.stride, m.padding, m.dilation, g,
+                                                               config=cfg))
+        best = min(cfgs, key=cfgs.get)
+        cfg = DW_CONFIGS[best]
+        row["dense_kernel_fp16_ms"] = bench(lambda: grouped_conv2d(xh, wh, None, m.stride, m.padding, m.dilation,
+                                                                   g, config=cfg, dense=True))
+        row["sparse_fp32_ms"] = bench(lambda: grouped_conv2d(x32cl, w32, None, m.stride, m.padding, m.dilation, g,
+                                                             config=cfg))
+        y32 = grouped_conv2d(x32cl, w32, None, m.stride, m.padding, m.dilation, g, config=cfg)
+        y16 = grouped_conv2d(xh, wh, None, m.stride, m.padding, m.dilation, g, config=cfg)
+        og = occupancy_group(cfg, 1, m.out_channels // g)
+        row["block_density_input"] = prescan(xh, (cfg.tile_h, cfg.tile_w), og).block_density()
+        row["block_density_halo"] = block_density(flat, cfg.tile_h, og, m.kernel_size[0], m.stride[0],
+                                                  m.padding[0])
+    else:  # pointwise
+        ref = F.conv2d(flat.double(), w32.double(), None, m.stride, m.padding)
+        whcl = wh.contiguous(memory_format=torch.channels_last)
+        row["cudnn_fp16_cl_ms"] = bench(lambda: F.conv2d(xh, whcl, None, m.stride, m.padding))
+        row["cudnn_fp32_ms"] = bench(lambda: F.conv2d(x32, w32, None, m.stride, m.padding))
+        bs = 16 if flat.shape[2] >= 56 else 8
+        cfgs = {}
+        cands = {f"t{bs}x{bs}n64k16": ConvConfig(bs, bs, 64, 16, False, 8 if bs == 16 else 4, 3),
+                 f"t{bs}x{bs}n64k32": ConvConfig(bs, bs, 64, 32, False, 8 if bs == 16 else 4, 3)}
+        for cname, c in _configs(ctx, cands).items():
+            wp = pack_weight(wh, c.block_k, c.block_n, torch.float16)
+            cfgs[cname] = bench(lambda c=c, wp=wp: sparse_conv2d(xh, wh, None, m.stride, m.padding, config=c,
+                                                                 packed_weight=wp))
+        best = min(cfgs, key=cfgs.get)
+        cfg = cands[best]
+        wp = pack_weight(wh, cfg.block_k, cfg.block_n, torch.float16)
+        row["dense_kernel_fp16_ms"] = bench(lambda: sparse_conv2d(xh, wh, None, m.stride, m.padding, config=cfg,
+                                                                  packed_weight=wp, dense=True))
+        wp32 = pack_weight(w32, cfg.block_k, cfg.block_n, torch.float32)
+        row["sparse_fp32_ms"] = bench(lambda: sparse_conv2d(x32cl, w32, None, m.stride, m.padding, config=cfg,
+                                                            packed_weight=wp32))
+        y32 = sparse_conv2d(x32cl, w32, None, m.stride, m.padding, config=cfg)
+        y16 = sparse_conv2d(xh, wh, None, m.stride, m.padding, config=cfg)
+        row["block_density_input"] = prescan(xh, (cfg.tile_h, cfg.tile_w), cfg.block_k).block_density()
+        row["block_density_halo"] = block_density(flat, cfg.tile_h, cfg.block_k, 1, m.stride[0], 0)
+    row["configs_fp16_ms"] = cfgs
+    row["best_config"] = best
+    row["sparse_fp16_ms"] = cfgs[best]
+    row["dispatch_fp16_ms"] = min(row["sparse_fp16_ms"], row["cudnn_fp16_cl_ms"])
+    row["speedup_vs_cudnn_fp16"] = row["cudnn_fp16_cl_ms"] / row["sparse_fp16_ms"]
+    row["speedup_vs_cudnn_fp32"] = row["cudnn_fp32_ms"] / row["sparse_fp16_ms"]
+    row["rel_err_fp32"] = _rel(y32, ref)
+    row["rel_err_fp16"] = _rel(y16, ref)
+    row["exact"] = row["rel_err_fp32"] < TOL["fp32"] and row["rel_err_fp16"] < TOL["fp16"]
+    return row
+
+
+def _summary(rows):
+    out = {}
+    for kind in ("depthwise", "pointwise", "transposed"):
+        rs = [r for r in rows if r["kind"] == kind]
+        if not rs:
+            continue
+        s = lambda k, rs=rs: sum(r[k] for r in rs)
+        d = {"layers": len(rs), "sum_cudnn_fp16_cl_ms": s("cudnn_fp16_cl_ms"), "sum_cudnn_fp32_ms": s("cudnn_fp32_ms"),
+             "sum_sparse_fp16_ms": s("sparse_fp16_ms"), "sum_dispatch_fp16_ms": s("dispatch_fp16_ms"),
+             "sum_dense_kernel_fp16_ms": s("dense_kernel_fp16_ms"), "sum_sparse_fp32_ms": s("sparse_fp32_ms"),
+             "all_exact": all(r["exact"] for r in rs),
+             "mean_elem_density": sum(r["elem_density"] for r in rs) / len(rs),
+             "mean_block_density_halo": sum(r["block_density_halo"] for r in rs) / len(rs)}
+        d["speedup_sparse_vs_cudnn_fp16"] = d["sum_cudnn_fp16_cl_ms"] / d["sum_sparse_fp16_ms"]
+        d["speedup_sparse_vs_cudnn_fp32"] = d["sum_cudnn_fp32_ms"] / d["sum_sparse_fp16_ms"]
+        d["speedup_dispatch_vs_cudnn_fp16"] = d["sum_cudnn_fp16_cl_ms"] / d["sum_dispatch_fp16_ms"]
+        d["speedup_skipping_vs_dense_kernel"] = d["sum_dense_kernel_fp16_ms"] / d["sum_sparse_fp16_ms"]
+        out[kind] = d
+    return out
+
+
+def _model_exactness(model, x):
+    """optimize(mode="sparse") on an fp32 copy: output relative error (norm) against the dense model."""
+    from sparseflow_core import optimize
+
+    _reset(model)
+    with torch.no_grad():
+        ref = model(x).double()
+    opt, rep = optimize(copy.deepcopy(model), x, mode="sparse", return_report=True)
+    _reset(opt)
+    with torch.no_grad():
+        y = opt(x).double()
+    _reset(opt)
+    replaced = {k: 0 for k in ("SparseGroupedConv2d", "SparseConvTranspose2d", "SparseConv2d")}
+    for mm in opt.modules():
+        if type(mm).__name__ in replaced:
+            replaced[type(mm).__name__] += 1
+    err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+    return {"output_rel_err": err, "ok": err < 1e-3, "replaced": replaced,
+            "report_counts": {a: len(rep.by_action(a)) for a in ("fused", "sparse", "neuron-kernel", "left")}}
+
+
+def _md(results) -> str:
+    lines = ["# P2 operators: depthwise, pointwise and transposed convolutions on real spikes", ""]
+    env = results.get("env", {})
+    lines.append(f"Device: {env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}. "
+                 "Times are medians in ms (CUDA-graph replay); sparse = SparseFlow fp16 channels_last, prescan "
+                 "included, best config; speed-up = cuDNN fp16 channels_last / sparse.")
+    for mres in results["models"]:
+        lines += ["", f"## {mres['model']} ({mres['size']} px, T={mres['T']}, N={mres['N']})", ""]
+        e = mres.get("e2e")
+        if e:
+            lines.append(f"Model output vs dense (fp32, optimize mode='sparse'): relative error "
+                         f"{e['output_rel_err']:.2e} ({'ok' if e['ok'] else 'FAIL'} < 1e-3); replaced {e['replaced']}.")
+            lines.append("")
+        lines.append("| kind | layers | cuDNN fp16 CL | cuDNN fp32 | sparse fp16 | dense kernel fp16 | sparse fp32 "
+                     "| speed-up vs fp16 | vs fp32 | dispatch speed-up | elem dens | block dens | exact |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for kind, d in mres["summary"].items():
+            lines.append(f"| {kind} | {d['layers']} | {d['sum_cudnn_fp16_cl_ms']:.3f} | {d['sum_cudnn_fp32_ms']:.3f} | "
+                         f"{d['sum_sparse_fp16_ms']:.3f} | {d['sum_dense_kernel_fp16_ms']:.3f} | "
+                         f"{d['sum_sparse_fp32_ms']:.3f} | {d['speedup_sparse_vs_cudnn_fp16']:.2f}x | "
+                         f"{d['speedup_sparse_vs_cudnn_fp32']:.2f}x | {d['speedup_dispatch_vs_cudnn_fp16']:.2f}x | "
+                         f"{d['mean_elem_density']:.3f} | {d['mean_block_density_halo']:.3f} | {d['all_exact']} |")
+        lines += ["", "| layer | kind | input [B,C,H,W] | k / s | elem dens | block dens | cuDNN fp16 CL | cuDNN fp32 "
+                  "| sparse fp16 (cfg) | sparse fp32 | speed-up fp16 | err fp32 / fp16 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in mres["rows"]:
+            lines.append(f"| {r['layer']} | {r['kind']} | {r['shape']} | {r['kernel'][0]} / {r['stride'][0]} | "
+                         f"{r['elem_density']:.3f} | {r['block_density_halo']:.3f} | {r['cudnn_fp16_cl_ms']:.4f} | "
+                         f"{r['cudnn_fp32_ms']:.4f} | {r['sparse_fp16_ms']:.4f} ({r['best_config']}) | "
+                         f"{r['sparse_fp32_ms']:.4f} | {r['speedup_vs_cudnn_fp16']:.2f}x | "
+                         f"{r['rel_err_fp32']:.1e} / {r['rel_err_fp16']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(ctx) -> dict:
+    t_start = time.time()
+    deadline = min(ctx.deadline, t_start + SECTION_BUDGET_S)
+    left = lambda: deadline - time.time()
+    dev = ctx.device
+    if ctx.dry:
+        T, N, rep = 2, 1, 1
+        plan = [("spiking_mobilenetv2", 32, dict(width_mult=0.25, last_channels=32,
+                                                 stages=((1, 16, 1, 1, 3), (2, 24, 2, 2, 3), (2, 32, 1, 2, 5)))),
+                ("spiking_unet", 16, dict(base=4, depth=2))]
+    else:
+        T, N, rep = ctx.T, ctx.N, 25
+        plan = [("spiking_mobilenetv2", 224, {}), ("spiking_unet", 128, {}), ("spiking_unet", 256, {})]
+    results = {"env": ctx.env, "T": T, "N": N, "models": []}
+    for name, size, kw in plan:
+        if left() < (5 if ctx.dry else 25):
+            ctx.log(f"p2: skipping {name} {size} px (time)")
+            results.setdefault("skipped", []).append(f"{name}@{size}")
+            continue
+        model, x = _prepare(name, T, N, size, dev, ctx.dry, **kw)
+        mres = {"model": name, "size": size, "T": T, "N": N, "rows": []}
+        try:
+            mres["e2e"] = _model_exactness(model, x)
+            ctx.log(f"p2 {name}@{size}: e2e {mres['e2e']}")
+        except Exception as e:  # report and go on with the per-layer table
+            mres["e2e"] = None
+            mres["e2e_error"] = f"{type(e).__name__}: {e}"
+        recs = _capture(model, x)
+        # transposed and depthwise rows first (the issue's bar), then pointwise while time is left
+        rank = {"transposed": 0, "depthwise": 1, "pointwise": 2}
+        order = sorted(recs, key=lambda n, r=recs: rank[r[n]["kind"]])
+        for lname in order:
+            if left() < (1 if ctx.dry else 6):
+                mres["truncated"] = True
+                break
+            rec = {**recs[lname], "name": lname}
+            row = _time_row(ctx, rec, rep)
+            mres["rows"].append(row)
+            ctx.log(f"p2 {name}@{size} {lname} {row['kind']}: cudnn16 {row['cudnn_fp16_cl_ms']:.4f} "
+                    f"sparse16 {row['sparse_fp16_ms']:.4f} ({row['best_config']}) x{row['speedup_vs_cudnn_fp16']:.2f} "
+                    f"dens {row['elem_density']:.3f}/{row['block_density_halo']:.3f} exact {row['exact']}")
+        mres["summary"] = _summary(mres["rows"])
+        results["models"].append(mres)
+        recs = model = x = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    results["section_s"] = time.time() - t_start
+    stem = "p2_dry" if ctx.dry else "p2"
+    ctx.dump(f"{stem}.json", results)
+    import os
+
+    path = os.path.join(ctx.out_dir, f"{stem}.md")
+    with open(path, "w") as f:
+        f.write(_md(results))
+    ctx.log(f"wrote {path}")
+    return results
