@@ -111,7 +111,7 @@ def test_collect_reads_every_layout(tmp_path):
     assert all(r.model == "spiking_resnet34" and r.shape == "4x8x3x224x224" for r in e2e)
     lin = by(recs, source="linear.json")
     assert {r.provider: r.role for r in lin} == {"cublas_fp16": "baseline", "sparse_fp16": "sparse",
-                                                "cublas_fp32": "reference"}
+                                                "cublas_fp32": "baseline"}  # the baseline of fp32 timings
     sp = by(lin, provider="sparse_fp16")[0]
     assert (sp.median_ms, sp.p20_ms, sp.p80_ms) == (0.01, 0.009, 0.012)
     assert (sp.op, sp.shape, sp.elem_density, sp.block_density, sp.block_size) == (
@@ -280,7 +280,7 @@ def test_report_writes_csv_json_plots_and_readme(tmp_path, capsys):
     assert "`torch.compile` + CUDA graph fp16: 0.120 ms | 0.060 ms | 2.00x (slowest layer 2.00x)" in text
     assert "eager fp32 8.00 ms / compile fp16 1.50 ms | 2.00 ms | 4.0x / 0.75x" in text
     assert "cuDNN fp16 channels_last 0.030 ms | 0.060 ms | 0.50x (dispatch: 1.00x)" in text
-    assert "`linear`: 1 timings, sum (sparse_fp16) | cublas_fp16: 0.020 ms | 0.010 ms | 2.00x" in text
+    assert "`linear`: 1 rows, sum (sparse_fp16) | cublas_fp16: 0.020 ms | 0.010 ms | 2.00x" in text
     assert "spikformer_ti: not measured" in text
     assert "![speed-up vs block density](res/speedup_vs_block_density.png)" in text
     assert "NVIDIA H100, torch 2.11.0+cu130, triton 3.6.0" in text
@@ -367,3 +367,39 @@ def test_cli_gpu_run_steps(tmp_path, monkeypatch, capsys):
     assert (out / "results.csv").exists() and (out / "pytest_benchmark.json").exists()
     text = capsys.readouterr().out
     assert "profile table" in text and "[5/5" in text  # the step lines when the bar is off
+
+
+def test_generic_reader_nested_layouts(tmp_path):
+    """Section files nest their rows: models -> name -> layers with a ``ms`` dict and a ``block_density`` dict
+    (resnet_family), models: [{model, size, rows}] (p2); each timing gets the baseline of its own dtype."""
+    fam = {"models": {"sew_resnet18": {"T": 4, "layers": [
+        {"layer": "layer1.0.conv1", "kernel": "3x3", "C": 64, "H": 56, "batch": 32, "elem_density": 0.2,
+         "block_density": {"tile16_g16": 0.9, "tile8_g16": 0.7, "prescan8_any": 0.6},
+         "ms": {"cudnn_fp16_cl": 0.04, "cudnn_fp32": 0.1, "sparse_fp16_b8": 0.05, "sparse_fp16_b16": 0.02,
+                "sparse_fp32": 0.08, "dense_kernel_fp16": 0.06}, "exact": {"fp32": 1e-7}}],
+        "summary": {"sum_x_ms": 1.0}}}, "_env": ENV}
+    p2 = {"env": ENV, "models": [{"model": "spiking_unet", "size": 128, "rows": [
+        {"name": "up1", "kind": "transposed", "block_density_input": 0.3, "block_density_halo": 0.5,
+         "cudnn_fp16_cl_ms": 0.02, "sparse_fp16_ms": 0.01, "configs_fp16_ms": {"a": 0.01, "b": 0.03}}]},
+        {"model": "spiking_unet", "size": 256, "rows": [{"name": "up1", "kind": "transposed",
+                                                        "cudnn_fp16_cl_ms": 0.08, "sparse_fp16_ms": 0.04}]}]}
+    (tmp_path / "resnet_family.json").write_text(json.dumps(fam))
+    (tmp_path / "p2.json").write_text(json.dumps(p2))
+    recs = records.collect(str(tmp_path))
+    f = by(recs, source="resnet_family.json")
+    assert {r.section for r in f} == {"resnet_family.layers"} and {r.model for r in f} == {"sew_resnet18"}
+    roles = {r.provider: (r.role, r.baseline) for r in f}
+    assert roles == {"cudnn_fp16_cl": ("baseline", "cudnn_fp16_cl"), "cudnn_fp32": ("baseline", "cudnn_fp32"),
+                     "sparse_fp16_b8": ("sparse", "cudnn_fp16_cl"), "sparse_fp16_b16": ("sparse", "cudnn_fp16_cl"),
+                     "sparse_fp32": ("sparse", "cudnn_fp32"), "dense_kernel_fp16": ("reference", "cudnn_fp16_cl")}
+    assert all((r.block_density, r.block_size, r.elem_density) == (0.7, 8, 0.2) for r in f)
+    assert f[0].shape == "batch32xC64xH56xk3x3" and f[0].op == "layers"
+    q = by(recs, source="p2.json")
+    assert {r.model for r in q} == {"spiking_unet@128", "spiking_unet@256"}
+    assert {r.provider for r in q if r.model.endswith("128")} == {"cudnn_fp16_cl", "sparse_fp16", "configs_fp16:a",
+                                                                  "configs_fp16:b"}
+    assert by(q, model="spiking_unet@128", provider="sparse_fp16")[0].block_density == 0.5  # the halo one
+    best = report.best_per_group(recs)
+    assert {(p["record"].source, p["record"].provider) for p in best} == {
+        ("resnet_family.json", "sparse_fp16_b16"), ("p2.json", "sparse_fp16")}
+    assert sorted(p["speedup"] for p in best) == pytest.approx([2.0, 2.0, 2.0])

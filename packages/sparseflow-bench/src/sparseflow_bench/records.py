@@ -217,8 +217,10 @@ def _read_profile(source, obj):
     return b.out
 
 
-_BASELINE_HINTS = ("cudnn_fp16", "cublas_fp16", "torch_fp16", "dense_fp16", "compile", "cudnn", "cublas",
-                   "dense", "torch", "eager")
+_BASELINE_HINTS = ("cudnn", "cublas", "compile", "module", "torch", "nn_", "dense", "eager")
+_DTYPE_TAG = re.compile(r"(fp16|bf16|fp32|float16|bfloat16|float32)")
+_TIMING_DICTS = ("ms", "times", "timings")
+_SKIP_KEYS = {"env", "_env", "configs", "summary"}
 
 
 def _generic_role(prov: str) -> str:
@@ -230,52 +232,132 @@ def _generic_role(prov: str) -> str:
     return "reference"
 
 
-def _read_generic(source, obj):
-    """Rows-like lists: ``obj["rows"]`` (or every list of dicts in the object)."""
-    env = _env(obj)
-    section = os.path.splitext(source)[0]
-    lists = {"rows": obj["rows"]} if isinstance(obj.get("rows"), list) else {
-        k: v for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
-    out: list[Record] = []
-    for lname, rows in lists.items():
-        b = _Builder(source, section if lname == "rows" else f"{section}.{lname}", env)
-        for r in rows:
-            if not isinstance(r, dict):
-                continue
-            timings = []
-            for k, v in r.items():
-                if k.endswith("_ms") and isinstance(v, dict) and _timing(v) is None:
-                    timings += [(f"{k[:-3]}:{sub}", sv) for sub, sv in v.items()]  # e.g. candidates_ms
-                elif k.endswith("_ms") or (isinstance(v, dict) and _timing(v) is not None):
-                    timings.append((k.removesuffix("_ms"), v))
-            timings = [(p, v) for p, v in timings if _timing(v) is not None]
-            if not timings:
-                continue
-            provs = [p for p, _ in timings]
-            base = r.get("baseline") if isinstance(r.get("baseline"), str) else None
-            if base is None:
-                base = next((p for hint in _BASELINE_HINTS for p in provs if hint in p.lower()
-                             and _generic_role(p) == "reference"), "")
-            bkey = next((k for k in r if k.startswith("block_density") and _num(r[k]) is not None), None)
-            bs = r.get("block_size") if isinstance(r.get("block_size"), int) else (
-                _block_size_of_key(bkey) if bkey else None)
-            elem = r.get("elem_density", r.get("density"))
-            op = str(r.get("op") or r.get("kind") or section)
-            layer = str(r.get("layer") or r.get("name") or "")
-            shape = r.get("shape")
-            if shape is None:
-                shape = "x".join(f"{k}{r[k]}" for k in ("T", "N", "B", "M", "C", "K", "H", "W", "L")
-                                 if isinstance(r.get(k), int))
-            model = str(r.get("model") or "")
-            dtype = str(r.get("dtype") or "")
-            for prov, v in timings:
-                role = "baseline" if prov == base else _generic_role(prov)
-                b.add(prov, v, op=op, shape=_shape(shape), elem_density=_num(elem),
-                      block_density=_num(r.get(bkey)) if bkey else None, block_size=bs, model=model, layer=layer,
-                      dtype=dtype or ("float16" if "fp16" in prov else "float32" if "fp32" in prov else ""),
-                      role=role, baseline=base)
-        out += b.out
+def _row_timings(r: dict) -> list[tuple[str, object]]:
+    """(provider, timing) of one row: ``*_ms`` numbers or ``ctx.bench`` dicts, ``*_ms`` dicts of them
+    (``candidates_ms``), a ``ms`` dict of them, any ``ctx.bench`` dict."""
+    out = []
+    for k, v in r.items():
+        if k.startswith("sum_"):
+            continue
+        if k in _TIMING_DICTS and isinstance(v, dict):
+            out += [(str(sub), sv) for sub, sv in v.items()]
+        elif k.endswith("_ms") and isinstance(v, dict) and _timing(v) is None:
+            out += [(f"{k[:-3]}:{sub}", sv) for sub, sv in v.items()]
+        elif k.endswith("_ms") or (isinstance(v, dict) and _timing(v) is not None):
+            out.append((k.removesuffix("_ms"), v))
+    return [(p, v) for p, v in out if _timing(v) is not None]
+
+
+def _tag(prov: str) -> str:
+    m = _DTYPE_TAG.search(prov.lower())
+    return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(m.group(1), m.group(1)) if m else ""
+
+
+def _baselines(provs: list[str], given: str | None) -> dict[str, str]:
+    """Each provider's dense baseline: ``given`` (the row's ``baseline``) or the first provider (hint order) that
+    is no SparseFlow timing, preferring the provider's own dtype, then fp16."""
+    if given:
+        return {p: given for p in provs}
+    dense = [p for p in provs if _generic_role(p) == "reference"]
+    out = {}
+    for p in provs:
+        tag = _tag(p)
+        for hint in _BASELINE_HINTS:
+            cands = [q for q in dense if hint in q.lower()]
+            if cands:
+                same = [q for q in cands if _tag(q) == tag] or [q for q in cands if _tag(q) == "fp16"] or cands
+                out[p] = same[0]
+                break
+        else:
+            out[p] = ""
     return out
+
+
+def _block_density(r: dict) -> tuple[float | None, int | None]:
+    """(block density, block size) of a row: the scalar ``block_density*`` keys (those with the halo first) or
+    the entries of a ``block_density`` dict (an 8-wide tile first)."""
+    cands = [(k, _num(v)) for k, v in r.items() if k.startswith("block_density") and _num(v) is not None]
+    if isinstance(r.get("block_density"), dict):
+        cands += [(str(k), _num(v)) for k, v in r["block_density"].items() if _num(v) is not None]
+    if not cands:
+        return None, None
+    rank = lambda kv: (0 if "halo" in kv[0] else 1, 0 if re.search(r"(tile8|8x8)(?!\d)", kv[0]) else 1)
+    key, val = sorted(cands, key=rank)[0]
+    bs = r.get("block_size") if isinstance(r.get("block_size"), int) else None
+    if bs is None:
+        m = re.search(r"(\d+)x\1|tile(\d+)", key)
+        bs = int(m.group(1) or m.group(2)) if m else None
+    return val, bs
+
+
+_SHAPE_KEYS = ("T", "N", "batch", "B", "M", "C", "K", "CO", "H", "W", "L")
+
+
+def _read_rows(b: _Builder, rows: list, op_default: str, model: str) -> None:
+    for r in rows:
+        if not isinstance(r, dict):
+            continue
+        timings = _row_timings(r)
+        if not timings:
+            continue
+        base = _baselines([p for p, _ in timings], r.get("baseline") if isinstance(r.get("baseline"), str) else None)
+        block, bs = _block_density(r)
+        elem = _num(r.get("elem_density", r.get("density")))
+        shape = r.get("shape") or r.get("input_shape")
+        if shape is None:
+            shape = "x".join(f"{k}{r[k]}" for k in _SHAPE_KEYS if isinstance(r.get(k), int))
+            if isinstance(r.get("kernel"), str):
+                shape += f"xk{r['kernel']}"
+        op = str(r.get("op") or r.get("kind") or op_default)
+        layer = str(r.get("layer") or r.get("name") or "")
+        dtype = str(r.get("dtype") or "")
+        for prov, v in timings:
+            tag = _tag(prov)
+            b.add(prov, v, op=op, shape=_shape(shape), elem_density=elem, block_density=block, block_size=bs,
+                  model=str(r.get("model") or model), layer=layer,
+                  dtype=dtype or {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(tag, ""),
+                  role="baseline" if prov == base[prov] and prov in set(base.values()) else _generic_role(prov),
+                  baseline=base[prov])
+
+
+def _is_rows(v) -> bool:
+    return isinstance(v, list) and any(isinstance(r, dict) and _row_timings(r) for r in v)
+
+
+def _read_generic(source, obj):
+    """Rows-like lists anywhere in the object (``rows``, ``models -> name -> layers``, ``models: [{model, rows}]``):
+    one section per file (``<stem>.<list name>`` for lists not called ``rows``), the model from the key under
+    ``models`` or the ``model`` field (with ``@size``) of the object holding the list."""
+    env = _env(obj)
+    stem = os.path.splitext(source)[0]
+    builders: dict[str, _Builder] = {}
+
+    def walk(o, model: str, depth: int):
+        if depth > 6 or not isinstance(o, dict):
+            return
+        if isinstance(o.get("model"), str):
+            model = o["model"] + (f"@{o['size']}" if isinstance(o.get("size"), int) else "")
+        for k, v in o.items():
+            if k in _SKIP_KEYS:
+                continue
+            if _is_rows(v):
+                section = stem if k == "rows" else f"{stem}.{k}"
+                _read_rows(builders.setdefault(section, _Builder(source, section, env)), v,
+                           stem if k == "rows" else k, model)
+            elif isinstance(v, dict) and k in ("models", "results"):
+                for name, sub in v.items():  # one model's results under its name
+                    if _is_rows(sub):
+                        _read_rows(builders.setdefault(stem, _Builder(source, stem, env)), sub, stem, str(name))
+                    else:
+                        walk(sub, str(name), depth + 1)
+            elif isinstance(v, dict):
+                walk(v, model, depth + 1)
+            elif isinstance(v, list):
+                for item in v:
+                    walk(item, model, depth + 1)
+
+    walk(obj, "", 0)
+    return [r for b in builders.values() for r in b.out]
 
 
 def _reader(source: str, obj):
