@@ -84,16 +84,16 @@ def _prepared(model_name: str, T: int, batch: int, size: int, device, calib: int
 
 
 def profile_model(model_name: str, T: int, batch: int, size: int, dtype: torch.dtype, block_size, device,
-                  out: str | None, reps: int = 5):
-    """optimize() ``model_name`` (at ``dtype``, ``block_size``), profile it against each layer's dense op; save
-    ``profile_<model>.json``/``.csv`` into ``out`` (with the environment) when given."""
+                  out: str | None, reps: int = 5, mode: str = "auto"):
+    """optimize() ``model_name`` (at ``dtype``, ``block_size``, ``mode``), profile it against each layer's dense
+    op; save ``profile_<model>.json``/``.csv`` into ``out`` (with the environment) when given."""
     from sparseflow_core import optimize, profile
 
     model, x = _prepared(model_name, T, batch, size, device)
     if dtype != torch.float32:
         x = x.to(dtype)
     opt, report = optimize(model, x, block_size=block_size, dtype=dtype if dtype != torch.float32 else None,
-                           return_report=True)
+                           mode=mode, return_report=True)
     prof = profile(opt, x, reps=reps, block_size=block_size if isinstance(block_size, int) else None,
                    dense=True)
     if out:
@@ -233,7 +233,8 @@ def run(argv=None) -> int:
                         size = min(size, 32)
                     _, prof = profile_model(model, a.T if not a.dry else 2, a.batch or (1 if a.dry else 8), size,
                                             dtype if not a.dry else torch.float32, a.block_size,
-                                            torch.device("cpu" if a.dry else "cuda"), out, reps=1 if a.dry else 5)
+                                            torch.device("cpu" if a.dry else "cuda"), out, reps=1 if a.dry else 5,
+                                            mode="torch" if a.dry else "auto")  # dry: no interpreter kernels
                     print(prof.table(), flush=True)
                 except Exception as e:
                     import traceback
