@@ -342,8 +342,8 @@ def test_cli_gpu_run_steps(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_run, "main", lambda args: calls.append(args) or 0)
 
-    def fake_profile(model, T, batch, size, dtype, block_size, device, out, reps=5):
-        calls.append(("profile", model, T, batch, size, dtype, block_size))
+    def fake_profile(model, T, batch, size, dtype, block_size, device, out, reps=5, mode="auto"):
+        calls.append(("profile", model, T, batch, size, dtype, block_size, mode))
         (Path(out) / "e2e.json").write_text(json.dumps(e2e_json()))
 
         class P:
@@ -363,7 +363,7 @@ def test_cli_gpu_run_steps(tmp_path, monkeypatch, capsys):
     assert first[first.index("--T") + 1] == "2" and first[first.index("--N") + 1] == "4"
     assert first[first.index("--model") + 1] == "sew_resnet34" and first[first.index("--out") + 1] == str(out)
     assert float(first[first.index("--budget-s") + 1]) <= 540
-    assert calls[-1] == ("profile", "sew_resnet34", 2, 4, 224, cli.torch.bfloat16, 16)
+    assert calls[-1] == ("profile", "sew_resnet34", 2, 4, 224, cli.torch.bfloat16, 16, "auto")
     assert (out / "results.csv").exists() and (out / "pytest_benchmark.json").exists()
     text = capsys.readouterr().out
     assert "profile table" in text and "[5/5" in text  # the step lines when the bar is off
