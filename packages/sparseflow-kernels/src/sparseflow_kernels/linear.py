@@ -153,7 +153,7 @@ def _block_flags(x, layout, block_m, block_k):
     mt, nkb = triton.cdiv(M, block_m), triton.cdiv(K, block_k)
     flags = new_output((mt, nkb), torch.int8, x.device)
     if flags.numel():
-        kpp = max(1, min(next_pow2(nkb), 128 // block_k))
+        kpp = max(1, min(next_pow2(nkb), 64 // block_k))  # a [block_m, 64] tile per program
         grid = (mt, triton.cdiv(nkb, kpp))
         _linear_prescan_kernel[grid](x, flags, M, K, L, sb, sl, sk, nkb,
                                      BLOCK_M=block_m, BLOCK_K=block_k, KB_PER_PROG=kpp, num_warps=4)
