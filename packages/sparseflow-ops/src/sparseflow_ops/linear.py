@@ -94,12 +94,15 @@ class _GemmMixin:
                 y = torch.addcmul(shift.view(shp), y, scale.view(shp)).to(y.dtype)
             return y
 
-        def run_kernel(dense):
-            return kernel(cfg, w, scale, shift, dense)
+        def run_kernel(dense, c=cfg):
+            return kernel(c, w, scale, shift, dense)
 
         cands = {"dense": lambda: run_kernel(True), "torch": run_torch}
         if self.block_size != "dense" and -(-K // cfg.block_k) <= MAX_K_BLOCKS:
             cands["sparse"] = lambda: run_kernel(False)
+            if self.mode == "auto" and self.config is None and cfg.block_m == 64 and cfg.block_n == 128:
+                big = LinearConfig(128, 128, cfg.block_k, 8, 3)  # same packed weight, taller row tiles
+                cands["sparse_m128"] = lambda: run_kernel(False, big)
         if self.mode != "auto":
             path = self.mode if self.mode in cands else "dense"
         else:
