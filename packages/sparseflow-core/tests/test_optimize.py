@@ -99,18 +99,18 @@ def test_small_net_report(sj_twins):
     opt, rep = optimize(net, xs[0], return_report=True)
     assert get_report(opt) is rep
     e = entries(rep)
-    assert e["0"].action == "left" and "image" in e["0"].reason
+    # the stem sees the image, not spikes: fused (conv + BN + neuron in one kernel) but nothing skipped
+    assert e["0"].action == "fused" and "image" in e["0"].reason and e["0"].detail.endswith("dense input")
     assert e["3"].action == "fused" and e["3"].detail.startswith("conv+bn+neuron")
     assert e["6"].action == "sparse" and e["6"].detail == "conv+bn (7)"
     assert e["10"].action == "fused" and e["13"].action == "fused"
-    assert e["2"].action == "neuron-kernel" and e["9"].action == "neuron-kernel"
-    assert sorted(rep.folded) == sorted([("4", "3"), ("7", "6"), ("11", "10"), ("14", "13")])
+    assert "2" not in e and e["9"].action == "neuron-kernel"
+    assert sorted(rep.folded) == sorted([("1", "0"), ("4", "3"), ("7", "6"), ("11", "10"), ("14", "13")])
     assert e["3"].block_size == 8 and e["10"].block_size == "dense"
     assert 0 < e["3"].elem_density < 1
     assert_report_covers(rep, dense)
-    assert isinstance(opt[3], SparseConv2d) and isinstance(opt[0], layer.Conv2d)
-    assert not isinstance(opt[0], SparseConv2d)
-    assert is_bypassed(opt[4]) and is_bypassed(opt[5]) and is_accelerated(opt[2])
+    assert isinstance(opt[3], SparseConv2d) and isinstance(opt[0], SparseConv2d) and opt[0].block_size == "dense"
+    assert is_bypassed(opt[4]) and is_bypassed(opt[5]) and is_bypassed(opt[1]) and is_bypassed(opt[2])
     with torch.no_grad():
         opt(xs[0])
     paths = {x.name: x.path for x in get_report(opt).layers}
@@ -128,7 +128,9 @@ def test_bypassed_modules_do_not_run(sj_twins, monkeypatch):
     ran_names = {n for n, m in opt.named_modules() if any(m is r for r in ran)}
     folded = {bn for bn, _ in rep.folded}
     assert folded and not (folded & ran_names), f"folded BatchNorms ran: {folded & ran_names}"
-    assert "1" in ran_names  # the image conv's BatchNorm is not folded and runs (the spy works)
+    with torch.no_grad():
+        dense(xs[0])
+    assert any(m is dense[1] for m in ran)  # the spy sees BatchNorms that do run (the dense twin's)
     neurons = set(spiking_modules(opt))
     assert not (neurons & ran_names), f"neurons ran their own forward: {neurons & ran_names}"
 
@@ -181,7 +183,7 @@ def test_filter_fn_respected(sj_twins):
         assert e[name].action == "left" and e[name].reason == "excluded by filter_fn"
     assert not isinstance(opt[10], SparseConv2d) and not is_accelerated(opt[9])
     assert e["3"].action == "fused" and e["13"].action == "fused"
-    assert {"3", "6", "10", "13", "9", "2"} <= set(seen)
+    assert {"0", "3", "6", "10", "13", "9"} <= set(seen)
     compare_calls(opt, dense, xs)
 
 
@@ -200,7 +202,7 @@ def test_options(sj_twins, option):
         assert e["3"].action == "sparse" and e["3"].detail == "conv"
         assert e["5"].action == "neuron-kernel"
     elif option == "neurons=False":
-        assert e["2"].action == "left" and e["2"].reason == "neurons=False" and not is_accelerated(opt[2])
+        assert e["9"].action == "left" and e["9"].reason == "neurons=False" and not is_accelerated(opt[9])
         assert e["3"].action == "fused"
     elif option == "block_size=16":
         assert e["3"].block_size == 16 and opt[3].block_size == 16
@@ -273,7 +275,8 @@ def test_seq_to_ann_container_flattened_time():
     dense = copy.deepcopy(net)
     opt, rep = optimize(net, xs[0], return_report=True)
     e = entries(rep)
-    assert e["2.0"].action == "fused" and e["4.0"].action == "fused" and e["0.0"].action == "left"
+    assert e["2.0"].action == "fused" and e["4.0"].action == "fused"
+    assert e["0.0"].action == "fused" and "no skipping" in e["0.0"].reason  # image input: fused, dense
     assert opt[2][0].time_steps == 2
     compare_calls(opt, dense, xs)
     compare_calls(opt, dense, [x[:, :1] for x in xs])  # N = 1
@@ -448,7 +451,8 @@ def test_non_integer_spike_path_left():
     dense = copy.deepcopy(net)
     opt, rep = optimize(net, x, return_report=True)
     e = entries(rep)
-    assert e["conv1"].action == "left" and "integer" in e["conv1"].reason
+    # not spikes: no skipping, but conv -> neuron still runs as one fused (dense) layer
+    assert e["conv1"].action == "fused" and "integer" in e["conv1"].reason and opt.conv1.block_size == "dense"
     compare_calls(opt, dense, [x, x, x])
 
 
@@ -463,9 +467,9 @@ def test_snntorch_sequential():
     dense = copy.deepcopy(net)
     opt, rep = optimize(net, steps[0], return_report=True)
     e = entries(rep)
-    assert e["0"].action == "left"
+    assert e["0"].action == "fused" and e["0"].detail.endswith("dense input")  # image stem: fused, no skipping
     assert e["3"].action == "fused" and e["6"].action == "fused"
-    assert e["2"].action == "neuron-kernel"
+    assert "2" not in e
     assert all(is_bypassed(opt[i]) for i in (4, 5, 7, 8))
     assert_report_covers(rep, dense)
     compare_calls(opt, dense, [steps, steps[::-1], steps], forward=run_steps)

@@ -33,7 +33,7 @@ from sparseflow_ops import (
 )
 
 from .analyzer import Analysis, analyze
-from .blocks import select_block_size
+from .blocks import AUTO_CANDIDATES, install_auto_block_size, remove_auto_block_size, select_block_size
 from .fx_fusion import _is_add, common_parent, finalize_block, fuse_residual, trace_block
 from .handlers import HandlerContext
 from .registry import find_op_handler, is_spiking_module
@@ -126,7 +126,8 @@ def optimize(
     ``example_inputs``: a tensor or a tuple of positional arguments for one forward (any batch size; the
     analysis runs on a copy). None: the model is optimized on its first call, with that call's input.
     ``block_size``: None for the default rule by input height (>= 56: 16, 14-55: 8, <= 7: dense), an int,
-    ``"dense"``, or a dict {layer name: size}. ``mode``: ``"auto"`` (measure each layer's paths on its first
+    ``"dense"``, ``"auto"`` (time the candidates on each layer's first CUDA call per shape, cached; the default
+    rule on the CPU), or a dict {layer name: size}. ``mode``: ``"auto"`` (measure each layer's paths on its first
     CUDA call and keep the fastest), ``"sparse"``, ``"dense"`` (SparseFlow's kernels without skipping) or
     ``"torch"``. ``dtype``: convert the model's parameters and buffers (e.g. ``torch.float16``) first.
     ``fuse``: fuse conv -> BatchNorm -> neuron chains; ``neurons``: run the remaining neurons on the kernel.
@@ -216,6 +217,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
     fused_neurons: set[str] = set()
     replaced: dict[str, SparseConv2d] = {}
     deferred: list = []
+    auto_names: set[str] = set()
     _run_handlers(model, an, rep, block_size, mode, filter_fn)
     named = dict(model.named_modules())
     for name, m in named.items():
@@ -230,14 +232,37 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
             entry.reason = "excluded by filter_fn"
             continue
         ok, why = an.spike_fed(name)
+        problem = _conv_problem(m)
         if not ok:
+            # not fed by spikes (e.g. the stem on the image): nothing to skip, but a conv -> BN -> neuron chain
+            # still runs as one fused spiking layer (no BatchNorm pass, no membrane round trips)
+            if fuse and not problem and info is not None and (mode != "torch"):
+                bn, bn_name, neuron, neuron_name, _note = _chain(an, model, name, m)
+                if neuron is not None:
+                    time_steps = None
+                    if len(info.in_shape) == 4 and len(an.first(neuron_name).in_shape) == 5:
+                        time_steps = an.first(neuron_name).in_shape[0]
+                    new = SparseConv2d.from_dense(m, bn, neuron, block_size="dense", mode=mode,
+                                                  time_steps=time_steps)
+                    parent, child = _parent(model, name)
+                    setattr(parent, child, new)
+                    replaced[name] = new
+                    if bn is not None:
+                        rep.folded.append((bn_name, name))
+                    fused_neurons.add(neuron_name)
+                    entry.action = "fused"
+                    entry.detail = f"{new.kind()} ({', '.join(n for n in (bn_name, neuron_name) if n)}), dense input"
+                    entry.reason = f"no skipping: {why}"
+                    continue
             entry.reason = why
             continue
-        problem = _conv_problem(m)
         if problem:
             entry.reason = problem
             continue
         bs = _block_for(block_size, name, info.in_shape)
+        if bs == "auto":  # measured on the first CUDA call (blocks.AutoBlockSize); start from the default rule
+            bs = select_block_size(info.in_shape[-2])
+            auto_names.add(name)
         entry.block_size = bs
         if info.block_density:
             entry.block_density = info.block_density.get(bs if isinstance(bs, int) else 8)
@@ -248,7 +273,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
             if bn is not None and neuron is None and "batchnorm output" in note:
                 deferred.append((name, m, bn, bn_name, bs, entry, note))  # maybe a residual chain
                 continue
-        if neuron is None and bs == "dense":
+        if neuron is None and bs == "dense" and name not in auto_names:
             entry.reason = "feature map <= 7 px: the dense op is faster" + (f"; {note}" if note else "")
             entry.block_size = None
             continue
@@ -272,6 +297,17 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
     if deferred:
         _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode)
         named = dict(model.named_modules())
+    # BatchNorms folded into a convolution: listed in rep.folded, not as layers the BatchNorm handler declined
+    folded_bns = {b for b, _ in rep.folded}
+    rep.layers[:] = [e for e in rep.layers if not (e.action == "left" and e.name in folded_bns)]
+    for name in sorted(auto_names & set(replaced)):
+        install_auto_block_size(replaced[name], replaced[name].block_size)
+        entry = next(e for e in rep.layers if e.name == name)
+        entry.block_size = f"auto (default {entry.block_size})"
+    if auto_names:
+        rep.notes.append("block_size='auto': each replaced convolution times block sizes "
+                         f"{', '.join(map(str, AUTO_CANDIDATES))} on its first CUDA call per input shape and keeps "
+                         "the fastest; on the CPU (and during CUDA graph capture) the default rule is used")
     # neurons that are not fused: the multi-step kernel, in place
     for name, m in named.items():
         if not is_spiking_module(m) or name in fused_neurons:
@@ -349,6 +385,8 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
                 entry.reason = why
                 continue
         bs = _block_for(block_size, name, info.in_shape) if len(info.in_shape or ()) >= 3 else block_size
+        if bs == "auto":  # handlers get the default rule (block_size="auto" is measured for convolutions)
+            bs = _block_for(None, name, info.in_shape) if len(info.in_shape or ()) >= 3 else None
         entry.block_size = bs if not isinstance(bs, dict) else None
         try:
             new, text = handler.replace(m, HandlerContext(model, an, name, entry.block_size, mode))
@@ -478,6 +516,7 @@ def restore(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, SparseModule) and name and not any(name.startswith(u + ".") for u in undone):
             parent, child = _parent(model, name)
+            remove_auto_block_size(m)
             setattr(parent, child, m.to_dense())
             undone.append(name)
     for m in model.modules():

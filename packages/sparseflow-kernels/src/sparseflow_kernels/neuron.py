@@ -156,11 +156,12 @@ def multistep_neuron(
     residual: torch.Tensor | None = None,
     v: torch.Tensor | None = None,
     return_v: bool = False,
+    v_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None,
     **neuron_kwargs,
 ):
     """Run a neuron over ``x`` ``[T, N, C, ...]`` (or ``[T, N]``) in one kernel; returns spikes (and the
-    final membrane, fp32 ``[N, C, ...]``, when ``return_v``).
+    final membrane ``[N, C, ...]`` in ``v_dtype`` (fp32 by default), when ``return_v``).
 
     ``scale``/``shift`` (``[C]``) apply ``z = x * scale + shift`` first (BatchNorm in eval mode, folded),
     ``residual`` (shaped like ``x``) is added after them. ``v``: initial membrane ``[N, C, ...]``; None starts
@@ -183,7 +184,9 @@ def multistep_neuron(
         raise ValueError(f"{op}: v must have shape {tuple(x.shape[1:])}, got {tuple(v.shape)}")
     require_int32_indexable(op, x, residual, v)
     y = _empty_like_channels_last(xv, out_dtype or x.dtype)
-    v_out = torch.empty(xv.shape[1:], dtype=torch.float32, device=x.device) if return_v else None
+    if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"multistep_neuron: v_dtype must be float32, float16 or bfloat16, got {v_dtype}")
+    v_out = torch.empty(xv.shape[1:], dtype=v_dtype, device=x.device) if return_v else None
     x4, y4 = _as_tncs(xv), _as_tncs(y)
     r4 = _as_tncs(residual if residual.dim() >= 3 else residual.unsqueeze(-1)) if residual is not None else y4
     v3 = (v if v.dim() >= 2 else v.unsqueeze(-1)).reshape(N, C, -1) if v is not None else y4[0]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from ._utils import dot_precision, require_int32_indexable, require_triton_device
+from ._utils import dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
 from .conv import ConvConfig, launch_conv, pack_weight
 from .neuron import NeuronSpec, multistep_neuron
 from .occupancy import Occupancy, empty_codes, prescan
@@ -57,6 +57,7 @@ def spiking_conv2d(
     beta: float | None = None,
     v: torch.Tensor | None = None,
     return_v: bool = False,
+    v_dtype: torch.dtype = torch.float32,
     residual: torch.Tensor | None = None,
     occupancy: Occupancy | None = None,
     sparse: bool = False,
@@ -73,7 +74,8 @@ def spiking_conv2d(
 
     ``x``: ``[T, N, C, H, W]``, spikes or any real values, fp32/fp16/bf16. Returns spikes
     ``[T, N, C_out, H_out, W_out]`` in ``x``'s dtype (each step channels_last), then the final membrane
-    (fp32 ``[N, C_out, H_out, W_out]``) when ``return_v``, then an :class:`Occupancy` of the spikes when
+    (``[N, C_out, H_out, W_out]`` in ``v_dtype``, fp32 by default; the update itself is always fp32) when
+    ``return_v``, then an :class:`Occupancy` of the spikes when
     ``write_occupancy``.
 
     Neurons (SpikingJelly semantics): ``"lif"`` (``tau``, ``decay_input``), ``"if"``, ``"plif"`` (pass
@@ -108,10 +110,13 @@ def spiking_conv2d(
         raise ValueError(f"{op}: v must have shape {(N, CO, OH, OW)}, got {tuple(v.shape)}")
     require_triton_device(op, x, weight, bias, scale, shift, residual, v)
     require_int32_indexable(op, x, residual)
+    require_int32_numel(op, "output", (T, N, CO, OH, OW))
 
     sc, sh = fold_affine(bias, scale, shift)
     out = new_spike_tensor(T, N, CO, OH, OW, x.dtype, x.device)
-    v_out = torch.empty((N, CO, OH, OW), dtype=torch.float32, device=x.device) if return_v else None
+    if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{op}: v_dtype must be float32, float16 or bfloat16, got {v_dtype}")
+    v_out = torch.empty((N, CO, OH, OW), dtype=v_dtype, device=x.device) if return_v else None
     occ_out = None
 
     if path == "cudnn":
@@ -119,7 +124,7 @@ def spiking_conv2d(
             raise ValueError(f"{op}: write_occupancy needs path='fused'")
         y = F.conv2d(_flat_tn(x), weight, None, stride, padding)
         res = multistep_neuron(y.view(T, N, CO, OH, OW), spec, scale=sc, shift=sh, residual=residual,
-                               v=v, return_v=return_v)
+                               v=v, return_v=return_v, v_dtype=v_dtype)
         out, v_out = (res if return_v else (res, None))
     else:
         cfg = config or default_config(C, CO)

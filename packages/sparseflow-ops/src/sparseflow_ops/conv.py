@@ -112,6 +112,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         self.__dict__["_wcache"] = VersionCache()
         self.__dict__["_acache"] = VersionCache()
         self.__dict__["_scache"] = VersionCache()
+        self.__dict__["_tcache"] = VersionCache()
         self.last_path: str | None = None
 
     # -------------------------------------------------------------------------------------- building
@@ -173,7 +174,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         conv = klass.__new__(klass)
         nn.Module.__init__(conv)
         for k, v in self.__dict__.items():
-            if k in ("_bn", "_neuron", "_pending", "_wcache", "_acache", "_scache", "_original_class",
+            if k in ("_bn", "_neuron", "_pending", "_wcache", "_acache", "_scache", "_tcache", "_original_class",
                      "block_size", "mode", "write_occupancy", "time_steps", "last_path", "step_mode"):
                 continue
             conv.__dict__[k] = v
@@ -266,6 +267,27 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
         return self._wcache.get(key, lambda: pack_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
 
+    def _torch_weights(self, x: torch.Tensor, fold: bool):
+        """(weight, bias) for the cuDNN paths: in ``x``'s memory format (a channels_last input with an NCHW weight
+        makes cuDNN convert the activations on every call), with the BatchNorm folded in when ``fold``
+        (``w * scale``, ``b * scale + shift``: no separate BatchNorm pass)."""
+        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        bn = self._bn if fold else None
+        key = (*version_key(self.weight, self.bias), cl, x.dtype,
+               (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps) if bn is not None else None)
+
+        def compute():
+            w, b = self.weight, self.bias
+            if bn is not None:
+                scale, shift = bn_affine(bn)
+                w = (w.float() * scale.view(-1, 1, 1, 1)).to(w.dtype)
+                b = ((b.float() * scale + shift) if b is not None else shift).to(w.dtype)
+            if cl:
+                w = w.contiguous(memory_format=torch.channels_last)
+            return w.detach(), None if b is None else b.detach()
+
+        return self._tcache.get(key, compute)
+
     # -- conv (+ folded BN)
     def _conv_forward_kernels(self, x):
         five = x.dim() == 5
@@ -281,10 +303,8 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                                  shift=shift, occupancy=occ, dense=dense)
 
         def run_torch():
-            y = F.conv2d(flat, self.weight, self.bias, self.stride, self.padding, self.dilation)
-            if scale is not None:
-                y = torch.addcmul(shift.view(1, -1, 1, 1), y, scale.view(1, -1, 1, 1)).to(y.dtype)
-            return y
+            w, b = self._torch_weights(flat, fold=True)
+            return F.conv2d(flat, w, b, self.stride, self.padding, self.dilation)
 
         cands = {"dense": lambda: run_kernel(True), "torch": run_torch}
         if self.block_size != "dense" and triton_groups_ok(C, cfg):
@@ -341,12 +361,13 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         weight = self.weight
 
         def fused(c, sparse):
-            return spiking_conv2d(x5, weight, self.bias, self.stride, self.padding, config=c,
+            return spiking_conv2d(x5, weight, self.bias, self.stride, self.padding, config=c, v_dtype=x.dtype,
                                   packed_weight=self._packed(c, x.dtype), occupancy=occ if sparse else None,
                                   sparse=sparse and occ is None, write_occupancy=write_occ, **common)
 
         def cudnn():
-            return spiking_conv2d(x5, weight, self.bias, self.stride, self.padding, path="cudnn", **common)
+            w, b = self._torch_weights(flat, fold=False)
+            return spiking_conv2d(x5, w, b, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **common)
 
         cands = {}
         for cname, c in spiking_configs(C, self.out_channels, T).items():

@@ -1,0 +1,18 @@
+"""Max pools over spikes run on a one-pass Triton kernel that keeps the spikes' channels_last layout."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sparseflow_ops.pool import TritonMaxPool2d
+
+from ..registry import OpHandler, register_op_handler
+
+
+def _replace(m: nn.MaxPool2d, ctx):
+    if ctx.mode == "torch":
+        return None, "mode='torch'"
+    return TritonMaxPool2d.from_dense(m), "max pool (Triton, layout kept)"
+
+
+register_op_handler(nn.MaxPool2d, OpHandler("maxpool2d", _replace, accepts=lambda m: not m.return_indices))

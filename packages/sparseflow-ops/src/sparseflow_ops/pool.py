@@ -1,0 +1,48 @@
+"""``TritonMaxPool2d``: ``nn.MaxPool2d`` on one Triton pass that keeps the input's memory format.
+
+Used by ``optimize()`` for max pools over spikes (the spiking ResNet stem): the spikes are channels_last there,
+where PyTorch's max pool is slow (see ``sparseflow_kernels.pool``). Exactly ``F.max_pool2d``'s result.
+SpikingJelly multi-step layers (``step_mode='m'``, ``[T, N, C, H, W]``) pool each step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseflow_kernels.pool import max_pool2d
+
+from ._common import SparseModule, kernels_can_run
+
+
+class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
+    """Drop-in ``nn.MaxPool2d`` (no ``return_indices``) running :func:`sparseflow_kernels.pool.max_pool2d`
+    in eval and inference; training-mode calls that need autograd run ``F.max_pool2d``."""
+
+    @classmethod
+    def from_dense(cls, m: nn.MaxPool2d) -> TritonMaxPool2d:
+        if not isinstance(m, nn.MaxPool2d):
+            raise TypeError(f"from_dense expects an nn.MaxPool2d, got {type(m).__name__}")
+        if m.return_indices:
+            raise ValueError("return_indices=True is not supported")
+        new = cls(m.kernel_size, m.stride, m.padding, m.dilation, False, m.ceil_mode)
+        new.training = m.training
+        new.__dict__["_original"] = m
+        new.multi_step = getattr(m, "step_mode", "s") == "m"
+        return new
+
+    def to_dense(self) -> nn.Module:
+        return self.__dict__.get("_original") or nn.MaxPool2d(self.kernel_size, self.stride, self.padding,
+                                                               self.dilation, False, self.ceil_mode)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels_can_run(x) and not (torch.is_grad_enabled() and x.requires_grad) and x.dim() in (3, 4):
+            return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "multi_step", False) and x.dim() == 5:
+            y = self._pool(x.flatten(0, 1))
+            return y.view(*x.shape[:2], *y.shape[1:])
+        return self._pool(x)

@@ -1,0 +1,91 @@
+"""Where the GPU time of one optimized forward goes (kernel by kernel), next to the dense compiled model.
+
+    python scripts/profile_e2e.py [--models spiking_resnet34] [--out DIR]
+
+Runs on a CUDA machine: builds each model (T=4, N=8, 224 px natural images, recalibrated BatchNorm), optimizes a
+copy in fp16, and records torch.profiler kernel times over 5 forwards of (a) the optimized model, (b) the dense
+fp16 channels_last model under torch.compile (default mode: same kernels as reduce-overhead, without graphs).
+Writes profile_<model>.txt (top kernels by CUDA time) and profile_<model>.json (per-forward totals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+
+import torch
+
+
+def kernel_table(fn, steps=5):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append((e.key, t / steps / 1e3, e.count // steps))
+    rows.sort(key=lambda r: -r[1])
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="spiking_resnet34")
+    p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    a = p.parse_args(argv)
+    from sparseflow_bench.gpu_run import prepared_model
+    from sparseflow_core import optimize, reset_states
+
+    for name in a.models.split(","):
+        model, x = prepared_model(name, 4, 8, 224, torch.device("cuda"))
+        out = {}
+        lines = []
+        with torch.no_grad():
+            opt = optimize(copy.deepcopy(model), x.half(), dtype=torch.float16)
+            x16 = x.half()
+            for _ in range(3):
+                reset_states(opt)
+                opt(x16)
+
+            def f_opt():
+                reset_states(opt)
+                return opt(x16)
+
+            m16 = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
+            cm = torch.compile(m16)
+
+            def f_c():
+                reset_states(m16)
+                return cm(x16)
+
+            for _ in range(3):
+                f_c()
+            for tag, fn in (("sparseflow_fp16", f_opt), ("compile_fp16", f_c)):
+                rows = kernel_table(fn)
+                tot = sum(r[1] for r in rows)
+                n = sum(r[2] for r in rows)
+                out[tag] = {"gpu_ms_per_forward": tot, "kernels_per_forward": n,
+                            "top": [{"kernel": k[:160], "ms": ms, "calls": c} for k, ms, c in rows[:40]]}
+                lines.append(f"== {name} {tag}: {tot:.3f} ms GPU per forward, {n} kernels")
+                for k, ms, c in rows[:40]:
+                    lines.append(f"{ms:8.4f} ms {c:5d}x  {k[:150]}")
+        txt = "\n".join(lines)
+        print(txt, flush=True)
+        with open(os.path.join(a.out, f"profile_{name}.txt"), "w") as f:
+            f.write(txt + "\n")
+        with open(os.path.join(a.out, f"profile_{name}.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
