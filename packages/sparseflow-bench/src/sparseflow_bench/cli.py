@@ -113,6 +113,7 @@ def profile_model(model_name: str, T: int, batch: int, size: int, dtype: torch.d
 
 def cpu_demo(model_name: str, T: int, batch: int, size: int, block_size, dtype=torch.float32, out=None,
              progress: bool = True) -> int:
+    """The CPU demo; ``out``: a folder for the profile's JSON/CSV (``--demo-out``; never the GPU results folder)."""
     from sparseflow_core import optimize, profile, reset_states
 
     t0 = time.time()
@@ -134,11 +135,9 @@ def cpu_demo(model_name: str, T: int, batch: int, size: int, block_size, dtype=t
     err = float((a - b).abs().max())
     steps.done()
     steps.start("profile")
-    prof = profile(opt, x, reps=1, block_size=block_size if isinstance(block_size, int) else None, dense=False)
-    if out:
-        os.makedirs(out, exist_ok=True)
-        for ext in ("json", "csv"):
-            prof.save(os.path.join(out, f"profile_{model_name}_cpu.{ext}"))
+    save = [os.path.join(out, f"profile_{model_name}_cpu.{ext}") for ext in ("json", "csv")] if out else None
+    prof = profile(opt, x, reps=1, block_size=block_size if isinstance(block_size, int) else None, dense=False,
+                   save=save)
     steps.done()
     steps.close()
     print(report.table())
@@ -177,8 +176,10 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", default="layers,conv,e2e,sweep",
                    help="GPU sections, comma-separated: layers, conv, sweep, e2e, any sections/<name>.py, and "
                    "'profile' (added unless --no-profile)")
-    p.add_argument("--out", default=None, help="output folder: JSON, CSV, markdown, PNG (default benchmarks/results; "
-                   "CPU demo: write nothing unless given)")
+    p.add_argument("--out", default=None, help="output folder of the GPU run: JSON, CSV, markdown, PNG (default "
+                   "benchmarks/results)")
+    p.add_argument("--demo-out", default=None, help="CPU demo: write its profile (JSON, CSV) here (default: nothing "
+                   "is written)")
     p.add_argument("--budget-s", type=float, default=540.0, help="GPU: stop starting new work after this many s")
     p.add_argument("--no-profile", action="store_true", help="GPU: skip the sparseflow.profile step")
     p.add_argument("--no-report", action="store_true", help="GPU: skip the report step")
@@ -201,7 +202,7 @@ def run(argv=None) -> int:
               "`bash scripts/gpu_check.sh`). Running the CPU demo of optimize() and the profiler instead.\n",
               flush=True)
         return cpu_demo(a.model or "spiking_resnet18", min(a.T, 2), a.batch or 1, a.size or 64, a.block_size,
-                        dtype, a.out, not a.no_progress)
+                        dtype, a.demo_out, not a.no_progress)
     from . import gpu_run, report
 
     out = a.out or "benchmarks/results"
