@@ -52,16 +52,31 @@ def require_dtype(op: str, name: str, t: torch.Tensor) -> None:
 
 
 def require_int32_indexable(op: str, *tensors: torch.Tensor | None) -> None:
-    """Offsets inside the kernels are 32-bit: refuse tensors whose largest offset would overflow."""
+    """Offsets inside the kernels are 32-bit: refuse tensors whose largest offset would overflow, either in
+    the tensor itself or in a contiguous tensor of its shape (an output the kernel allocates like it; this
+    also catches broadcast inputs made by ``expand``, whose own offsets are small)."""
     for t in tensors:
         if t is None or t.numel() == 0:
             continue
         span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+        span = max(span, t.numel() - 1)
         if span > INT32_MAX:
             raise ValueError(
                 f"{op}: a tensor of shape {tuple(t.shape)} spans {span} elements, past the int32 index "
                 "range the kernels use; split the batch into smaller calls"
             )
+
+
+def require_int32_numel(op: str, name: str, shape) -> None:
+    """Refuse, before allocating it, a kernel output of ``shape`` with offsets past the int32 range."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    if numel - 1 > INT32_MAX:
+        raise ValueError(
+            f"{op}: the {name} of shape {tuple(int(s) for s in shape)} would hold {numel} elements, past the "
+            "int32 index range the kernels use; split the batch into smaller calls"
+        )
 
 
 def pair(v, name: str, op: str) -> tuple[int, int]:
@@ -89,3 +104,4 @@ def dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
     if interpreter_active():
         return "ieee"
     return fp32_precision
+

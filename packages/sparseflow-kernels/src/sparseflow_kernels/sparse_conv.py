@@ -11,6 +11,7 @@ from ._utils import (
     pair,
     require_dtype,
     require_int32_indexable,
+    require_int32_numel,
     require_triton_device,
 )
 from .conv import ConvConfig, launch_conv, pack_weight
@@ -58,6 +59,8 @@ def normalize_conv_args(op, x, weight, bias, stride, padding, dilation, groups):
         raise ValueError(
             f"{op}: input has {x.shape[1]} channels but weight expects {weight.shape[1]} (groups=1)"
         )
+    if x.shape[1] == 0 or weight.shape[0] == 0:
+        raise ValueError(f"{op}: input channels and output channels must be >= 1, got weight {tuple(weight.shape)}")
     stride, dilation = pair(stride, "stride", op), pair(dilation, "dilation", op)
     if min(stride) < 1 or min(dilation) < 1:
         raise ValueError(f"{op}: stride and dilation must be >= 1, got {stride} and {dilation}")
@@ -140,8 +143,8 @@ def sparse_conv2d(
         raise ValueError(f"{op}: t_in_m configs are for spiking_conv2d (no time axis here)")
     if triton.cdiv(C, cfg.block_k) > MAX_GROUPS:
         raise ValueError(f"{op}: {C} channels make more than {MAX_GROUPS} groups of {cfg.block_k}")
+    require_int32_numel(op, "output", (N, CO, OH, OW))
     out = empty_like_layout(x, (N, CO, OH, OW))
-    require_int32_indexable(op, out)
     if N == 0:
         return out.squeeze(0) if unbatched else out
     w = packed_weight if packed_weight is not None else pack_weight(weight, cfg.block_k, cfg.block_n, x.dtype)
