@@ -3,6 +3,7 @@
 Depends only on torch and triton. Kernels run on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1``.
 """
 
+from . import library  # noqa: F401  (registers the torch.ops.sparseflow operators)
 from .attention import channel_dot, ssa_attention
 from .batchnorm import sparse_batch_norm2d
 from .conv import ConvConfig

@@ -105,3 +105,13 @@ def dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
         return "ieee"
     return fp32_precision
 
+
+def launch(kernel):
+    """``kernel`` wrapped with ``torch.library.wrap_triton`` so that ``torch.compile`` traces its launches
+    (inside the ``sparseflow::`` triton ops); the bare kernel under the CPU interpreter, whose interpreted
+    kernels ``wrap_triton`` does not accept."""
+    if interpreter_active():
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)

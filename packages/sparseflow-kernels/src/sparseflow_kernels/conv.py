@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import launch
 from .occupancy import _edge_codes
 
 NEURON_NONE, NEURON_LIF, NEURON_IF, NEURON_LEAKY = 0, 1, 2, 3
@@ -381,7 +382,7 @@ def launch_conv(
     rows = cfg.tile_h * cfg.tile_w * (triton.next_power_of_2(T) if cfg.t_in_m else 1)
     stage_bytes = (rows * cfg.block_k + cfg.block_k * cfg.block_n) * x.element_size()
     num_stages = max(1, min(cfg.num_stages, (160 * 1024) // max(1, stage_bytes)))
-    _conv_kernel[grid](
+    launch(_conv_kernel)[grid](
         x, *x.stride(),
         w_packed, w_packed.shape[1], w_packed.shape[2],
         out, *out.stride(),

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import require_dtype, require_int32_indexable, require_triton_device
+from ._utils import launch, require_dtype, require_int32_indexable, require_triton_device
 from .conv import NEURON_IF, NEURON_LEAKY, NEURON_LIF, _neuron_step
 
 _KINDS = {"lif": NEURON_LIF, "plif": NEURON_LIF, "if": NEURON_IF, "leaky": NEURON_LEAKY}
@@ -197,7 +197,7 @@ def multistep_neuron(
         BLOCK_S = max(1, min(1024 // BLOCK_C, triton.next_power_of_2(S)))
         grid = (triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_C), N)
         ka = spec.kernel_args()
-        _multistep_kernel[grid](
+        launch(_multistep_kernel)[grid](
             x4, x4.stride(0), x4.stride(1), x4.stride(2), x4.stride(3),
             y4, y4.stride(0), y4.stride(1), y4.stride(2), y4.stride(3),
             r4, r4.stride(0), r4.stride(1), r4.stride(2), r4.stride(3),

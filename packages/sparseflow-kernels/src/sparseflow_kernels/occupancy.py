@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
 
 CODE_ANY, CODE_TOP, CODE_BOTTOM, CODE_LEFT, CODE_RIGHT = 1, 2, 4, 8, 16
 CODE_TL, CODE_TR, CODE_BL, CODE_BR = 32, 64, 128, 256
@@ -138,7 +138,7 @@ def prescan(x: torch.Tensor, tile: tuple[int, int] | int = 8, group: int = 16) -
     if codes.numel():
         gpp = min(next_pow2(NG), max(1, 64 // group))
         grid = (B * codes.shape[1] * codes.shape[2], triton.cdiv(NG, gpp))
-        _prescan_kernel[grid](
+        launch(_prescan_kernel)[grid](
             x, codes, C, H, W, codes.shape[1], codes.shape[2], NG,
             *x.stride(), codes.stride(0), codes.stride(1), codes.stride(2),
             TILE_H=tile[0], TILE_W=tile[1], GROUP=group, GROUPS_PER_PROG=gpp, num_warps=4,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import pair, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import launch, pair, require_dtype, require_int32_indexable, require_triton_device
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
             BLOCK_C = 1
             BLOCK_P = min(1024, triton.next_power_of_2(OH * OW))
         grid = (triton.cdiv(OH * OW, BLOCK_P), triton.cdiv(C, BLOCK_C), N)
-        _max_pool2d_kernel[grid](
+        launch(_max_pool2d_kernel)[grid](
             x4, *x4.stride(), y, *y.stride(), C, H, W, OH, OW,
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
             num_warps=4,

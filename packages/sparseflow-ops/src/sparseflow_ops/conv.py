@@ -29,6 +29,7 @@ from torch import nn
 from sparseflow_kernels import ConvConfig, default_config, sparse_conv2d
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_weight
+from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.sparse_conv import MAX_GROUPS, conv_output_size
 from sparseflow_kernels.spiking import spiking_conv2d
 
@@ -237,7 +238,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             if residual is None:
                 return self._dense_forward(x)
             return self._dense_residual_forward(x, residual)
-        if self._neuron is not None:
+        if compiling():
+            out = self._compiled_forward(x, residual)
+        elif self._neuron is not None:
             out = self._spiking_forward(x, residual)
         else:
             out = self._conv_forward_kernels(x)
@@ -316,6 +319,51 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         self.last_path = path
         y = cands[path]()
         return y.view(*x.shape[:2], *y.shape[1:]) if five else y
+
+    # -- under torch.compile: the registered ops (torch.ops.sparseflow.*), with the path the eager dispatch chose
+    def _compiled_forward(self, x, residual=None):
+        """The forward as Dynamo traces it: no timing, no version caches, no occupancy hand-over. The path is the
+        one the eager dispatch measured for this shape (run the model once eagerly before compiling), else the
+        dense fused kernel; BatchNorm folding and weight packing are part of the graph unless already cached."""
+        bn = self._bn
+        scale, shift = bn_affine(bn) if bn is not None else (None, None)
+        if self._neuron is None:
+            flat = x.flatten(0, 1) if x.dim() == 5 else x
+            path = self.last_path or "torch"
+            if path not in ("sparse", "dense"):
+                y = F.conv2d(flat, self.weight, self.bias, self.stride, self.padding, self.dilation)
+                if scale is not None:
+                    y = (y.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(y.dtype)
+            else:
+                y = torch.ops.sparseflow.conv2d(flat, self.weight, self.bias, list(self.stride), list(self.padding),
+                                                list(self.dilation), scale, shift, None, [], path == "dense")
+            return y.view(*x.shape[:2], *y.shape[1:]) if x.dim() == 5 else y
+        neuron = self._neuron
+        adapter = find_adapter(neuron)
+        spec = adapter.spec(neuron)
+        if x.dim() == 5:
+            x5 = x
+        elif adapter.is_multistep(neuron):
+            T = self.time_steps
+            x5 = x.view(T, x.shape[0] // T, *x.shape[1:])
+        else:
+            x5 = x.unsqueeze(0)
+        T, N, C, H, W = x5.shape
+        OH = conv_output_size(H, self.kernel_size[0], self.stride[0], self.padding[0], 1)
+        OW = conv_output_size(W, self.kernel_size[1], self.stride[1], self.padding[1], 1)
+        v0 = adapter.get_v(neuron, (N, self.out_channels, OH, OW), x.device)
+        res5 = residual.reshape(T, N, self.out_channels, OH, OW) if residual is not None else None
+        path = self.last_path or "fused_dense"
+        cfgs = spiking_configs(C, self.out_channels, T)
+        cfg = cfgs.get(path) or (self._config(C, self.out_channels) if path == "fused_sparse" else None)
+        spikes, v = torch.ops.sparseflow.spiking_conv2d(
+            x5, self.weight, self.bias, list(self.stride), list(self.padding), scale, shift, res5, v0, None,
+            *neuron_args(spec), list(cfg.key()) if cfg is not None else [], path == "cudnn", path == "fused_sparse",
+            x.dtype)
+        adapter.set_v(neuron, v, x.dtype)
+        if x.dim() == 5:
+            return spikes
+        return spikes.flatten(0, 1) if adapter.is_multistep(neuron) else spikes[0]
 
     def _choose(self, key, cands, x):
         if self.mode != "auto":

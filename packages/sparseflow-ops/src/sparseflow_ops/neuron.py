@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sparseflow_kernels import multistep_neuron
+from sparseflow_kernels.library import compiling, neuron_args
 
 from ._common import kernels_can_run, notice_once
 from .neurons import find_adapter, neuron_support
@@ -42,7 +43,11 @@ class KernelNeuronForward:
             raise ValueError(f"{type(m).__name__} in multi-step mode expects [T, N, ...], got {tuple(x.shape)}")
         x5 = x if multistep else x.unsqueeze(0)
         v0 = adapter.get_v(m, x5.shape[1:], x.device)
-        spikes, v = multistep_neuron(x5, self._spec, v=v0, return_v=True)
+        if compiling():  # the registered op: torch.compile keeps it in its graph
+            spikes, v = torch.ops.sparseflow.multistep_neuron(x5, None, None, None, v0, *neuron_args(self._spec),
+                                                              x.dtype)
+        else:
+            spikes, v = multistep_neuron(x5, self._spec, v=v0, return_v=True, v_dtype=x.dtype)
         adapter.set_v(m, v, x.dtype)
         return spikes if multistep else spikes[0]
 

@@ -11,9 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseflow_kernels.library import compiling
 from sparseflow_kernels.pool import max_pool2d
 
 from ._common import SparseModule, kernels_can_run
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
@@ -38,6 +43,10 @@ class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if kernels_can_run(x) and not (torch.is_grad_enabled() and x.requires_grad) and x.dim() in (3, 4):
+            if compiling():
+                return torch.ops.sparseflow.max_pool2d(x, list(_pair(self.kernel_size)), list(_pair(
+                    self.stride or self.kernel_size)), list(_pair(self.padding)), list(_pair(self.dilation)),
+                    self.ceil_mode)
             return max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
         return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 

@@ -1,0 +1,98 @@
+"""The kernels as PyTorch operators (``torch.ops.sparseflow.*``), registered with ``torch.library.triton_op``.
+
+``torch.compile`` sees through these: their bodies launch the Triton kernels through
+``torch.library.wrap_triton`` (``_utils.launch``), so a compiled model keeps them in its graph without graph
+breaks, and Inductor can schedule the kernels like its own. Eagerly they run the same Python launchers as the
+functional API (``spiking_conv2d``, ``sparse_conv2d``, ``multistep_neuron``, ``max_pool2d``).
+
+The schemas are flat (tensors, ints, floats, bools): a neuron is ``(kind, decay, decay_input, v_threshold,
+v_reset, hard_reset)``, a kernel configuration the 7 ints of :meth:`ConvConfig.key` (an empty list: the
+default). Skipping inside a compiled graph runs the one-pass prescan (``sparse=True``); occupancy maps written
+by a producer are an eager-mode optimization.
+
+===================================  ==========================================================
+op                                   equals
+===================================  ==========================================================
+``sparseflow::spiking_conv2d``       :func:`sparseflow_kernels.spiking_conv2d` (spikes, membrane)
+``sparseflow::conv2d``               :func:`sparseflow_kernels.sparse_conv2d`
+``sparseflow::multistep_neuron``     :func:`sparseflow_kernels.multistep_neuron` (spikes, membrane)
+``sparseflow::max_pool2d``           :func:`sparseflow_kernels.pool.max_pool2d`
+===================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op
+
+from .conv import ConvConfig
+from .neuron import NeuronSpec, multistep_neuron
+from .pool import max_pool2d
+from .sparse_conv import sparse_conv2d
+from .spiking import spiking_conv2d
+
+_KIND_NAMES = ("lif", "if", "plif", "leaky")
+
+
+def neuron_args(spec: NeuronSpec) -> tuple:
+    """The flat neuron arguments of the ops for ``spec``."""
+    return (_KIND_NAMES.index(spec.kind), float(spec.decay), bool(spec.decay_input), float(spec.v_threshold),
+            0.0 if spec.v_reset is None else float(spec.v_reset), spec.v_reset is not None)
+
+
+def _spec(kind: int, decay: float, decay_input: bool, v_threshold: float, v_reset: float,
+          hard_reset: bool) -> NeuronSpec:
+    return NeuronSpec(_KIND_NAMES[kind], decay, decay_input, v_threshold, v_reset if hard_reset else None)
+
+
+def _config(cfg: list[int]) -> ConvConfig | None:
+    return ConvConfig(*cfg) if cfg else None
+
+
+@triton_op("sparseflow::spiking_conv2d", mutates_args={})
+def _spiking_conv2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
+    scale: torch.Tensor | None, shift: torch.Tensor | None, residual: torch.Tensor | None,
+    v: torch.Tensor | None, packed_weight: torch.Tensor | None,
+    kind: int, decay: float, decay_input: bool, v_threshold: float, v_reset: float, hard_reset: bool,
+    config: list[int], cudnn: bool, sparse: bool, v_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return spiking_conv2d(
+        x, weight, bias, stride, padding, scale=scale, shift=shift, residual=residual, v=v, return_v=True,
+        v_dtype=v_dtype, neuron=_spec(kind, decay, decay_input, v_threshold, v_reset, hard_reset),
+        path="cudnn" if cudnn else "fused", config=_config(config), packed_weight=packed_weight,
+        sparse=sparse)
+
+
+@triton_op("sparseflow::conv2d", mutates_args={})
+def _conv2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
+    dilation: list[int], scale: torch.Tensor | None, shift: torch.Tensor | None,
+    packed_weight: torch.Tensor | None, config: list[int], dense: bool,
+) -> torch.Tensor:
+    return sparse_conv2d(x, weight, bias, stride, padding, dilation, scale=scale, shift=shift,
+                         config=_config(config), packed_weight=packed_weight, dense=dense)
+
+
+@triton_op("sparseflow::multistep_neuron", mutates_args={})
+def _multistep_neuron_op(
+    x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, residual: torch.Tensor | None,
+    v: torch.Tensor | None, kind: int, decay: float, decay_input: bool, v_threshold: float, v_reset: float,
+    hard_reset: bool, v_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return multistep_neuron(x, _spec(kind, decay, decay_input, v_threshold, v_reset, hard_reset), scale=scale,
+                            shift=shift, residual=residual, v=v, return_v=True, v_dtype=v_dtype)
+
+
+@triton_op("sparseflow::max_pool2d", mutates_args={})
+def _max_pool2d_op(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                   dilation: list[int], ceil_mode: bool) -> torch.Tensor:
+    return max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` (Dynamo) traces the caller."""
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # older torch
+        return False
