@@ -58,7 +58,26 @@ def is_optimized(model: nn.Module) -> bool:
     return REPORT_ATTR in model.__dict__ or any(isinstance(m, SparseModule) for m in model.modules())
 
 
+def _hooks(m: nn.Module) -> str:
+    """The kinds of hooks registered on ``m`` (or on every module), '' when none. A replacement module would
+    drop them, and a fused or folded module would hand them other values: such modules are left as they are."""
+    from torch.nn.modules import module as _mm
+
+    kinds = [k for k, d in (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hooks"),
+                            ("backward", "_backward_hooks"), ("backward pre", "_backward_pre_hooks"))
+             if getattr(m, d, None)]
+    kinds += [f"global {k}" for k, d in (("forward", "_global_forward_hooks"),
+                                         ("forward pre", "_global_forward_pre_hooks")) if getattr(_mm, d, None)]
+    # optimize()'s own lazy pre-hook on the model is not the user's
+    if "forward pre" in kinds and all(isinstance(h, _LazyOptimize) for h in m._forward_pre_hooks.values()):
+        kinds.remove("forward pre")
+    return ", ".join(kinds)
+
+
 def _conv_problem(conv: nn.Conv2d) -> str | None:
+    hooks = _hooks(conv)
+    if hooks:
+        return f"has {hooks} hooks, which a replacement module would drop"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only 'zeros' is supported)"
     if conv.groups != 1:
@@ -82,6 +101,8 @@ def _chain(an: Analysis, model: nn.Module, conv_name: str, conv: nn.Conv2d):
     if isinstance(m, nn.BatchNorm2d):
         if m.training:
             return None, None, None, None, f"no fusion: {user} is in training mode"
+        if _hooks(m):
+            return None, None, None, None, f"no fusion: {user} has {_hooks(m)} hooks"
         bn, bn_name = m, user
         user, why = an.sole_user(bn_name)
         if user is None:
@@ -93,6 +114,8 @@ def _chain(an: Analysis, model: nn.Module, conv_name: str, conv: nn.Conv2d):
         adapter, why = neuron_support(m)
         if adapter is None:
             return bn, bn_name, None, None, f"neuron {user} not fused: {why}"
+        if _hooks(m):
+            return bn, bn_name, None, None, f"neuron {user} not fused: it has {_hooks(m)} hooks"
         c_out = an.first(bn_name or conv_name).out_shape
         n_in = an.first(user).in_shape
         conv_in = an.first(conv_name).in_shape
@@ -384,6 +407,9 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
             if not ok:
                 entry.reason = why
                 continue
+        if _hooks(m):
+            entry.reason = f"has {_hooks(m)} hooks, which a replacement module would drop"
+            continue
         bs = _block_for(block_size, name, info.in_shape) if len(info.in_shape or ()) >= 3 else block_size
         if bs == "auto":  # handlers get the default rule (block_size="auto" is measured for convolutions)
             bs = _block_for(None, name, info.in_shape) if len(info.in_shape or ()) >= 3 else None
@@ -426,6 +452,8 @@ def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mod
                 c_out, n_in = an.first(bn_name).out_shape, (an.first(neuron_name) or an.first(bn_name)).in_shape
                 if adapter is None:
                     why = w2
+                elif _hooks(neuron):
+                    why = f"neuron has {_hooks(neuron)} hooks"
                 elif tuple(n_in) != tuple(c_out):
                     why = f"neuron sees a reshaped view {n_in} of {c_out}"
                 elif conv.dilation != (1, 1):
