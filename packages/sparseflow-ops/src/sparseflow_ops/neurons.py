@@ -12,6 +12,7 @@ a supported class are accepted only when they do not override the methods that d
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 from torch import nn
@@ -180,27 +181,57 @@ class _SnnLeaky(NeuronAdapter):
         m.mem = v.to(dtype)
 
 
+class _SnnUnsupported(NeuronAdapter):
+    """snnTorch neurons whose dynamics the kernels do not implement: the reason, for the report."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def check(self, m):
+        raise Unsupported(f"snnTorch {type(m).__name__}: {self.reason}")
+
+
+_SNN_UNSUPPORTED = {
+    "Synaptic": "two state variables (synaptic current and membrane); the kernels run one-state neurons "
+                "(snnTorch Leaky)",
+    "Alpha": "two coupled state variables (excitatory and inhibitory currents); the kernels run one-state "
+             "neurons (snnTorch Leaky)",
+    "Lapicque": "RC-circuit dynamics (R, C, time_step); the kernels run snnTorch Leaky",
+    "RLeaky": "recurrent weights feed the spikes back; the kernels run feed-forward neurons",
+    "RSynaptic": "recurrent, with two state variables",
+    "SConv2dLSTM": "a convolutional LSTM cell, not a point neuron",
+    "SLSTM": "an LSTM cell, not a point neuron",
+}
+
 _BUILTIN_DONE = False
+_BUILTIN_LOCK = threading.Lock()
 
 
 def _register_builtin() -> None:
-    """Register the adapters of the frameworks that are installed (imported on first use only)."""
+    """Register the adapters of the frameworks that are installed (imported on first use only). Thread-safe:
+    no thread sees the registry before the built-in adapters are all in it."""
     global _BUILTIN_DONE
     if _BUILTIN_DONE:
         return
-    _BUILTIN_DONE = True
-    try:
-        from spikingjelly.activation_based import neuron as sjn
-    except Exception:  # SpikingJelly is optional
-        sjn = None
-    if sjn is not None:
-        register_neuron_adapter(sjn.LIFNode, _SJLIF())
-        register_neuron_adapter(sjn.IFNode, _SJIF())
-        register_neuron_adapter(sjn.ParametricLIFNode, _SJPLIF())
-    try:
-        import snntorch
-    except Exception:
-        snntorch = None
-    if snntorch is not None:
-        register_neuron_adapter(snntorch.Leaky, _SnnLeaky())
-
+    with _BUILTIN_LOCK:
+        if _BUILTIN_DONE:
+            return
+        try:
+            from spikingjelly.activation_based import neuron as sjn
+        except Exception:  # SpikingJelly is optional
+            sjn = None
+        if sjn is not None:
+            register_neuron_adapter(sjn.LIFNode, _SJLIF())
+            register_neuron_adapter(sjn.IFNode, _SJIF())
+            register_neuron_adapter(sjn.ParametricLIFNode, _SJPLIF())
+        try:
+            import snntorch
+        except Exception:
+            snntorch = None
+        if snntorch is not None:
+            register_neuron_adapter(snntorch.Leaky, _SnnLeaky())
+            for name, reason in _SNN_UNSUPPORTED.items():
+                cls = getattr(snntorch, name, None)
+                if isinstance(cls, type) and cls not in _ADAPTERS:
+                    register_neuron_adapter(cls, _SnnUnsupported(reason))
+        _BUILTIN_DONE = True
