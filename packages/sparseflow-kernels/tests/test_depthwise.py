@@ -197,3 +197,19 @@ def test_errors(case):
     with pytest.raises(err) as ei:
         grouped_conv2d(x, w, b, **kw)
     assert "grouped_conv2d" in str(ei.value)
+
+
+def test_silent_channel_groups_masked_within_a_block():
+    """Inside one program (16 channels, two 8-channel occupancy groups) a group marked silent is not read:
+    with an occupancy that (wrongly) marks group 1 silent its channels get the bias only, group 0 is exact."""
+    x = make_input("real-dense", (1, 16, 9, 9))
+    w, b = torch.randn(16, 1, 3, 3), torch.randn(16)
+    cfg = DepthwiseConfig(8, 8, 16, 4)
+    assert kdw.occupancy_group(cfg, 1, 1, x.element_size()) == 8
+    occ = prescan(x, 8, 8)
+    codes = occ.codes.clone()
+    codes[..., 1] = 0
+    half = Occupancy(codes=codes, shape=occ.shape, tile=occ.tile, group=8)
+    y = grouped_conv2d(x, w, b, 1, 1, 1, 16, occupancy=half, config=cfg)
+    assert torch.equal(y[:, 8:], b[8:].view(1, -1, 1, 1).expand_as(y[:, 8:]))
+    check(y[:, :8], ref_conv(x, w, b, 1, 1, 1, 16)[:, :8], torch.float32)

@@ -63,11 +63,13 @@ def default_depthwise_config(CO: int, block_size=None) -> DepthwiseConfig:
     return DepthwiseConfig(th, tw, block_c, 4)
 
 
-def occupancy_group(cfg: DepthwiseConfig, cg: int, cog: int) -> int:
-    """Input channels one occupancy code covers: those a block of ``block_c`` outputs reads, as a power of 2."""
+def occupancy_group(cfg: DepthwiseConfig, cg: int, cog: int, element_size: int = 2) -> int:
+    """Input channels one occupancy code covers: a power of two, at most the channels a block of ``block_c``
+    outputs reads and at most one 32-byte memory sector of a channels_last pixel (16 fp16 / 8 fp32 channels),
+    the finest granularity at which masking a load saves memory traffic."""
     span = max(1, (cfg.block_c * cg) // max(1, cog))
     g = 1
-    while g * 2 <= min(span, 64):
+    while g * 2 <= min(span, max(1, 32 // element_size)):
         g *= 2
     return g
 
@@ -77,8 +79,8 @@ def _tile_active(occ_ptr, b, th, tw, sob, soh, sow, g_lo, g_hi, NG, H, W, PAD_H,
                  TILE_H: tl.constexpr, TILE_W: tl.constexpr, OCC_H: tl.constexpr, OCC_W: tl.constexpr,
                  KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                  DH: tl.constexpr, DW: tl.constexpr, GSPAN: tl.constexpr):
-    """1 when any of the occupancy groups ``g_lo..g_hi`` is non-zero in the receptive field of output tile
-    (th, tw) of sample ``b`` (edge-exact halo), else 0."""
+    """int32 [GSPAN]: 1 where occupancy group ``g_lo + i`` (up to ``g_hi``) is non-zero in the receptive field of
+    output tile (th, tw) of sample ``b`` (edge-exact halo), else 0."""
     g = g_lo + tl.arange(0, GSPAN)
     g_ok = (g <= g_hi) & (g < NG)
     r0 = th * (TILE_H * SH) - PAD_H
@@ -96,7 +98,7 @@ def _tile_active(occ_ptr, b, th, tw, sob, soh, sow, g_lo, g_hi, NG, H, W, PAD_H,
             bits = _code_bits(rsel, csel)
             code = tl.load(occ_ptr + b * sob + a * soh + bb * sow + g, mask=g_ok, other=0)
             act |= ((code.to(tl.int32) & bits) != 0).to(tl.int32)
-    return tl.max(act, axis=0)
+    return act
 
 
 @triton.jit
@@ -133,13 +135,20 @@ def _direct_kernel(
     iw0 = ow * SW - PAD_W
 
     n_iter = CG * (KH * KW)
+    ch_ok = co_ok
     if SPARSE:
         co_last = tl.minimum(cb * BLOCK_C + BLOCK_C, CO) - 1
         g_lo = ((cb * BLOCK_C) // COG) * CG // OCC_GROUP
         g_hi = ((co_last // COG) * CG + CG - 1) // OCC_GROUP
         active = _tile_active(occ_ptr, b, th, tw, sob, soh, sow, g_lo, g_hi, NG, H, W, PAD_H, PAD_W,
                               TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, GSPAN)
-        n_iter = n_iter * active
+        # silent tile: no load at all; otherwise the channels of silent groups are masked off the loads (a
+        # masked-off 32-byte sector is not read)
+        n_iter = n_iter * tl.max(active, axis=0)
+        if CG == 1:
+            gsel = cin0 // OCC_GROUP - g_lo  # [BLOCK_C]: the group slot of each output channel's input
+            hit = gsel[:, None] == tl.arange(0, GSPAN)[None, :]
+            ch_ok = co_ok & (tl.sum(tl.where(hit, active[None, :], 0), axis=1) != 0)
 
     acc = tl.zeros([P, BLOCK_C], dtype=tl.float32)
     xb = x_ptr + b * sxb
@@ -153,7 +162,7 @@ def _direct_kernel(
         ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         ci = cin0 + j
         xv = tl.load(xb + (ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
-                     mask=ok[:, None] & co_ok[None, :], other=0.0)
+                     mask=ok[:, None] & ch_ok[None, :], other=0.0)
         wv = tl.load(w_ptr + co * swo + j * swi + kh * swh + kw * sww, mask=co_ok, other=0.0)
         acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     z = acc
@@ -275,7 +284,7 @@ def grouped_conv2d(
         cfg = config or default_depthwise_config(CO, block_size)
         occ = None
         gspan = 1
-        og = occupancy_group(cfg, CG, COG)
+        og = occupancy_group(cfg, CG, COG, x.element_size())
         if not dense:
             if occupancy is not None:
                 occupancy.check_matches(op, x.shape, occupancy.group)
