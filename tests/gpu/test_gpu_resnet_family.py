@@ -20,6 +20,15 @@ BN_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 CONV_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
+@pytest.fixture(autouse=True)
+def _strict_fp32():
+    """fp32 references without TF32 (cuDNN allows it by default): exactness is judged against real fp32."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
@@ -77,18 +86,22 @@ def test_sparse_batchnorm_module_eval_and_train(dtype):
         for t, v in zip((bn.running_mean, bn.running_var, bn.weight, bn.bias), bn_stats(96, g, torch.float32)):
             t.copy_(v)
     bn = bn.to(dtype).eval()
+    ref_bn = copy.deepcopy(bn).float()
+    twin = copy.deepcopy(bn).train()
     sbn = SparseBatchNorm2d.from_dense(copy.deepcopy(bn))
     x = counts((16, 96, 28, 28), 0.1, g, dtype, True)
     attach_occupancy(x, x, prescan(x, 8, 16))
-    y = sbn(x)
-    assert sbn.last_path in ("sparse", "torch")  # auto: the faster of the kernel and nn.BatchNorm2d
-    assert rel(y, bn.float()(x.float())) < BN_TOL[dtype] * 2
-    sbn.mode = "sparse"
-    assert rel(sbn(x), bn.float()(x.float())) < BN_TOL[dtype] * 2 and sbn.last_path == "sparse"
-    twin = copy.deepcopy(bn).train()
-    sbn.train()
-    torch.testing.assert_close(sbn(x), twin(x), rtol=0, atol=0)
-    torch.testing.assert_close(sbn.running_mean, twin.running_mean, rtol=0, atol=0)
+    with torch.no_grad():
+        ref = ref_bn(x.float())
+        y = sbn(x)
+        assert sbn.last_path in ("sparse", "torch")  # auto: the faster of the kernel and nn.BatchNorm2d
+        assert rel(y, ref) < BN_TOL[dtype] * 2
+        sbn.mode = "sparse"
+        assert rel(sbn(x), ref) < BN_TOL[dtype] * 2 and sbn.last_path == "sparse"
+        sbn.train()  # training: nn.BatchNorm2d itself (batch statistics, running statistics updated)
+        torch.testing.assert_close(sbn(x), twin(x))
+        torch.testing.assert_close(sbn.running_mean, twin.running_mean)
+        assert sbn.last_path == "torch"
 
 
 # (N, C, CO, H, W, k, stride, padding)
@@ -179,7 +192,8 @@ def test_block_size_auto_measures_once_per_shape():
         functional.reset_net(opt)
         y = opt(x)
     hooks = [(n, auto_hook(m)) for n, m in opt.named_modules() if auto_hook(m) is not None]
-    assert hooks and all(h.last is not None and h.last[1] == "measured" for _, h in hooks)
+    assert hooks and all(h.last is not None and h.last[1] in ("measured", "cached") for _, h in hooks)
+    assert any(h.last[1] == "measured" for _, h in hooks)  # layers of one geometry share the first measurement
     assert all(h.last[0] in AUTO_CANDIDATES for _, h in hooks)
     assert auto_timings() and all(set(t) == set(AUTO_CANDIDATES) for t in auto_timings().values())
     assert rel(y, ref) < 1e-3

@@ -50,6 +50,17 @@ def _rel(y, ref) -> float:
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
+class _StrictFP32:
+    """No TF32 in cuDNN / cuBLAS inside the block: the exactness checks compare real fp32 results."""
+
+    def __enter__(self):
+        self.old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
 def _capture(model, x):
     """Dense logits and the fp16 input (values are small integers: exact) of every spike-fed Conv2d."""
     from sparseflow_core import analyze
@@ -64,7 +75,7 @@ def _capture(model, x):
                 recs[name] = {"x": (a.flatten(0, 1) if a.dim() == 5 else a).to(torch.float16), "module": mod}
             handles.append(m.register_forward_pre_hook(hook))
     _reset(model)
-    with torch.no_grad():
+    with torch.no_grad(), _StrictFP32():
         logits = model(x)
     _reset(model)
     for h in handles:
@@ -111,7 +122,7 @@ def _layer_row(ctx, name, rec, bench):
                                                                 padding=pd[0])
     occ8 = prescan(x16, 8, 16)
     row["block_density"]["prescan8_any"] = occ8.block_density()
-    ref = F.conv2d(x32.double(), w32.double(), None, st, pd, dl)
+    ref = F.conv2d(x32.double(), w32.double(), None, st, pd, dl)  # float64: no TF32
     ref32 = ref.float()
     ms = row["ms"]
     ms["cudnn_fp16_cl"] = bench(lambda: F.conv2d(x16, w16, None, st, pd, dl))
@@ -197,7 +208,10 @@ def _e2e(ctx, model, x, logits):
     with torch.no_grad():
         optimize(opt, x, mode="torch" if ctx.dry else "auto")  # dry: the cuDNN paths (the interpreter is slow)
         _reset(opt)
-        y = opt(x)
+        opt(x)  # the first call measures the paths (TF32 allowed, as in use)
+        _reset(opt)
+        with _StrictFP32():
+            y = opt(x)
         _reset(opt)
     rep = get_report(opt)
     out = {"logits_rel_err_fp32": _rel(y, logits),
