@@ -114,8 +114,8 @@ def test_dtype_layout(dtype, layout):
 
 @pytest.mark.parametrize("cfg", [ConvConfig(4, 4, 16, 16), ConvConfig(8, 2, 32, 32)], ids=["t4x4-n16", "t8x2-n32"])
 def test_configs_dense_mode_and_packed_weight(cfg):
-    x = make_input("spikes", (1, 40, 6, 5))
-    w, b = torch.randn(40, 12, 4, 4) / 6, torch.randn(12)
+    x = make_input("spikes", (1, 20, 5, 4))
+    w, b = torch.randn(20, 12, 4, 4) / 6, torch.randn(12)
     ref = ref_convt(x, w, b, 2, 1, 0)
     check(sparse_conv_transpose2d(x, w, b, 2, 1, config=cfg), ref, torch.float32)
     packed = pack_transpose_weight(w, (2, 2), (1, 1), cfg.block_k, cfg.block_n, torch.float32)

@@ -87,8 +87,10 @@ def test_geometry(geom):
     check(grouped_conv2d(x, w, b, s, p, d, g), ref_conv(x, w, b, s, p, d, g), torch.float32)
 
 
-@pytest.mark.parametrize("kind", ["spikes", "counts012", "real-dense", "ones", "one-spike-at-tile-corner"])
-@pytest.mark.parametrize("path", ["direct", "gemm"])
+KINDS = ["spikes", "counts012", "real-dense", "ones", "one-spike-at-tile-corner"]
+
+
+@pytest.mark.parametrize("kind,path", [(k, "direct") for k in KINDS] + [(k, "gemm") for k in KINDS[1::2]])
 def test_input_kinds(kind, path):
     C, CO, g = (8, 16, 8) if path == "direct" else (32, 32, 2)
     x = make_input(kind, (1, C, 9, 10))
@@ -108,7 +110,7 @@ def test_all_zero_input_gives_bias():
 @pytest.mark.parametrize("path", ["direct", "gemm"])
 def test_dtype_layout(dtype, layout, path):
     C, CO, g = (12, 24, 12) if path == "direct" else (32, 16, 2)
-    x = make_input("counts012", (1, C, 7, 9) if path == "gemm" else (2, C, 9, 11), dtype)
+    x = make_input("counts012", (1, C, 7, 9) if path == "gemm" else (1, C, 9, 11), dtype)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     w, b = (torch.randn(CO, C // g, 3, 3) / 3).to(dtype), torch.randn(CO).to(dtype)
@@ -120,7 +122,7 @@ def test_dtype_layout(dtype, layout, path):
 @pytest.mark.parametrize("cfg", [DepthwiseConfig(4, 4, 8, 1), DepthwiseConfig(8, 16, 16, 4),
                                  DepthwiseConfig(4, 8, 64, 2)], ids=["t4x4-c8", "t8x16-c16", "t4x8-c64"])
 def test_configs_and_dense_mode(cfg):
-    x = make_input("spikes", (1, 5, 9, 10))
+    x = make_input("spikes", (1, 5, 7, 6))
     w, b = torch.randn(10, 1, 3, 3), torch.randn(10)
     ref = ref_conv(x, w, b, 1, 1, 1, 5)
     check(grouped_conv2d(x, w, b, 1, 1, 1, 5, config=cfg), ref, torch.float32)
