@@ -59,13 +59,17 @@ def test_handlers_registered_for_the_right_modules():
     assert find_op_handler(layer.ConvTranspose2d(8, 8, 2, 2)) is TRANSPOSE_HANDLER
 
 
-def test_mobilenet_depthwise_and_pointwise_replaced():
+def test_mobilenet_depthwise_and_pointwise_replaced(monkeypatch):
+    """With write_occupancy the fused layers before the depthwise convs hand over their spikes' occupancy:
+    the depthwise kernels run no prescan of their own."""
+    from sparseflow_kernels import depthwise as kdw
+
     stages = ((1, 16, 1, 1, 3), (2, 24, 1, 2, 5))
     model = calibrated("spiking_mobilenetv2", 16, width_mult=0.5, stages=stages, last_channels=32)
     x = images(1, 16)
     ref = run(model, x)
     opt, rep = sparseflow_core.optimize(copy.deepcopy(model), x, mode="sparse", block_size=4,
-                                        return_report=True)
+                                        write_occupancy=True, return_report=True)
     mods = dict(opt.named_modules())
     dw = [n for n, m in mods.items() if isinstance(m, SparseGroupedConv2d)]
     pw = [n for n, m in mods.items() if isinstance(m, SparseConv2d) and m.kernel_size == (1, 1)]
@@ -73,9 +77,12 @@ def test_mobilenet_depthwise_and_pointwise_replaced():
     assert len(pw) >= 3  # expand / project 1x1 convs of the blocks and the head
     convs = entries(rep, "Conv2d")
     assert all(convs[n].action == "sparse" and "depthwise" in convs[n].detail for n in dw)
+    assert all(mods[n].accepts_occupancy for n in dw)
+    prescans = []
+    monkeypatch.setattr(kdw, "prescan", lambda *a, **k: prescans.append(a) or pytest.fail("depthwise prescan"))
     y = run(opt, x)
     assert y.shape == ref.shape and rel(y, ref) < 1e-5
-    assert all(mods[n].last_path == "sparse" for n in dw)
+    assert all(mods[n].last_path == "sparse" for n in dw) and not prescans
     sparseflow_core.restore(opt)
     assert not any(isinstance(m, (SparseGroupedConv2d, SparseConv2d)) for m in opt.modules())
     assert rel(run(opt, x), ref) == 0

@@ -362,8 +362,10 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
         neuron_name = next(n for n, mm in named.items() if mm is new.fused_neuron)
         info = an.first(neuron_name)
         consumers = {u.name for u in an.uses.get(info.out_root, []) if u.kind == "module"}
-        if any(c in replaced and replaced[c].block_size not in ("dense", None) and
-               replaced[c].kernel_size in ((3, 3), (1, 1)) for c in consumers):
+        # (handler-made consumers such as depthwise / transposed convolutions say so with accepts_occupancy)
+        if any((c in replaced and replaced[c].block_size not in ("dense", None) and
+                replaced[c].kernel_size in ((3, 3), (1, 1))) or getattr(named.get(c), "accepts_occupancy", False)
+               for c in consumers):
             new.write_occupancy = True
     if not replaced and not rep.by_action("neuron-kernel"):
         if not any(is_spiking_module(m) for m in named.values()):

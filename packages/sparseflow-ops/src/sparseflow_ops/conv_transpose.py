@@ -69,6 +69,12 @@ class SparseConvTranspose2d(FoldedBNMixin, SparseModule, nn.ConvTranspose2d):
     def extra_repr(self):
         return super().extra_repr() + f", fused={self.kind()}, block_size={self.block_size}, mode={self.mode}"
 
+    @property
+    def accepts_occupancy(self) -> bool:
+        """The sparse path reads a producer's occupancy of any tile with 16-channel groups (the fused layers'),
+        so ``optimize(..., write_occupancy=True)`` has the layer before it write one."""
+        return self.block_size != "dense" and default_config(self.in_channels, self.out_channels).block_k == 16
+
     def _packed(self, cfg, dtype):
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
         return self._wcache.get(key, lambda: pack_transpose_weight(self.weight, self.stride, self.padding,

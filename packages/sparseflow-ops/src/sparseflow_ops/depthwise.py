@@ -189,6 +189,12 @@ class SparseGroupedConv2d(FoldedBNMixin, SparseModule, nn.Conv2d):
     def extra_repr(self):
         return super().extra_repr() + f", fused={self.kind()}, block_size={self.block_size}, mode={self.mode}"
 
+    @property
+    def accepts_occupancy(self) -> bool:
+        """The sparse path reads a producer's occupancy of any tile and channel group (``optimize(...,
+        write_occupancy=True)`` then has the fused layer before it write one: no prescan here)."""
+        return self.block_size != "dense" and self._path() == "direct"
+
     def _path(self) -> str:
         return "gemm" if self.in_channels // self.groups >= TENSOR_CORE_MIN_CG else "direct"
 
