@@ -12,12 +12,15 @@ not listed). Then, per layer and on those same inputs:
   (``dense=True``) and the fp32 sparse kernel;
 * densities: element density, and the block density the kernel sees (fraction of its (tile, channel group)
   blocks with a non-zero in the receptive field, halo included);
-* exactness: relative error (max |y - ref| / max |ref|) of the sparse fp32 and fp16 results against float64.
+* exactness: relative error (max |y - ref| / max |ref|) of the sparse fp32 and fp16 results against float64;
+* the prescan alone and the sparse kernel given a ready occupancy: what runs when the fused layer that produces
+  the spikes writes their occupancy (``optimize(..., write_occupancy=True)``); a memory-bound depthwise conv
+  pays a full read of its input for its own prescan.
 
 Per model and kind: summed times and the speed-up of the sparse kernels against cuDNN fp16 channels_last (the
 issue's bar: depthwise layers together and ConvTranspose2d layers together at least 1.5x), and of the
 per-layer dispatch (min of sparse and cuDNN). End to end: ``optimize(mode="sparse")`` on an fp32 copy, model
-output relative error (norm) against the dense model (< 1e-3).
+output relative error (norm) against the dense model (< 1e-3), with ``write_occupancy=True``.
 
 Writes ``p2.json`` and ``p2.md`` into the output folder (``p2_dry.*`` under ``--dry``).
 """
@@ -40,14 +43,12 @@ SECTION_BUDGET_S = 115.0
 DW_CONFIGS = {
     "t8x8c32": DepthwiseConfig(8, 8, 32, 4),
     "t4x8c64": DepthwiseConfig(4, 8, 64, 4),
-    "t8x8c64": DepthwiseConfig(8, 8, 64, 8),
     "t4x4c64": DepthwiseConfig(4, 4, 64, 2),
 }
 CT_CONFIGS = {
     "t8x8n64k16": ConvConfig(8, 8, 64, 16, False, 4, 3),
     "t8x8n64k32": ConvConfig(8, 8, 64, 32, False, 4, 3),
     "t16x8n64k32": ConvConfig(16, 8, 64, 32, False, 8, 3),
-    "t4x8n128k32": ConvConfig(4, 8, 128, 32, False, 4, 3),
 }
 TOL = {"fp32": 1e-5, "fp16": 2e-3}
 
@@ -152,6 +153,9 @@ def _time_row(ctx, rec, rep):
         y32 = sparse_conv_transpose2d(x32cl, w32, None, m.stride, m.padding, op, config=cfg)
         y16 = sparse_conv_transpose2d(xh, wh, None, m.stride, m.padding, op, config=cfg)
         occ = prescan(xh, (cfg.tile_h, cfg.tile_w), cfg.block_k)
+        row["prescan_fp16_ms"] = bench(lambda: prescan(xh, (cfg.tile_h, cfg.tile_w), cfg.block_k))
+        row["sparse_fp16_given_occ_ms"] = bench(lambda: sparse_conv_transpose2d(
+            xh, wh, None, m.stride, m.padding, op, config=cfg, packed_weight=wp, occupancy=occ))
         row["block_density_input"] = occ.block_density()
         kt = -(-m.kernel_size[0] // m.stride[0])
         row["block_density_halo"] = block_density(flat, cfg.tile_h, cfg.block_k, kt, 1, kt - 1)
@@ -174,7 +178,11 @@ def _time_row(ctx, rec, rep):
         y32 = grouped_conv2d(x32cl, w32, None, m.stride, m.padding, m.dilation, g, config=cfg)
         y16 = grouped_conv2d(xh, wh, None, m.stride, m.padding, m.dilation, g, config=cfg)
         og = occupancy_group(cfg, 1, m.out_channels // g)
-        row["block_density_input"] = prescan(xh, (cfg.tile_h, cfg.tile_w), og).block_density()
+        occ = prescan(xh, (cfg.tile_h, cfg.tile_w), og)
+        row["prescan_fp16_ms"] = bench(lambda: prescan(xh, (cfg.tile_h, cfg.tile_w), og))
+        row["sparse_fp16_given_occ_ms"] = bench(lambda: grouped_conv2d(
+            xh, wh, None, m.stride, m.padding, m.dilation, g, config=cfg, occupancy=occ))
+        row["block_density_input"] = occ.block_density()
         row["block_density_halo"] = block_density(flat, cfg.tile_h, og, m.kernel_size[0], m.stride[0],
                                                   m.padding[0])
     else:  # pointwise
@@ -200,7 +208,11 @@ def _time_row(ctx, rec, rep):
                                                             packed_weight=wp32))
         y32 = sparse_conv2d(x32cl, w32, None, m.stride, m.padding, config=cfg)
         y16 = sparse_conv2d(xh, wh, None, m.stride, m.padding, config=cfg)
-        row["block_density_input"] = prescan(xh, (cfg.tile_h, cfg.tile_w), cfg.block_k).block_density()
+        occ = prescan(xh, (cfg.tile_h, cfg.tile_w), cfg.block_k)
+        row["prescan_fp16_ms"] = bench(lambda: prescan(xh, (cfg.tile_h, cfg.tile_w), cfg.block_k))
+        row["sparse_fp16_given_occ_ms"] = bench(lambda: sparse_conv2d(xh, wh, None, m.stride, m.padding, config=cfg,
+                                                                      packed_weight=wp, occupancy=occ))
+        row["block_density_input"] = occ.block_density()
         row["block_density_halo"] = block_density(flat, cfg.tile_h, cfg.block_k, 1, m.stride[0], 0)
     row["configs_fp16_ms"] = cfgs
     row["best_config"] = best
@@ -208,6 +220,7 @@ def _time_row(ctx, rec, rep):
     row["dispatch_fp16_ms"] = min(row["sparse_fp16_ms"], row["cudnn_fp16_cl_ms"])
     row["speedup_vs_cudnn_fp16"] = row["cudnn_fp16_cl_ms"] / row["sparse_fp16_ms"]
     row["speedup_vs_cudnn_fp32"] = row["cudnn_fp32_ms"] / row["sparse_fp16_ms"]
+    row["speedup_given_occ_vs_cudnn_fp16"] = row["cudnn_fp16_cl_ms"] / row["sparse_fp16_given_occ_ms"]
     row["rel_err_fp32"] = _rel(y32, ref)
     row["rel_err_fp16"] = _rel(y16, ref)
     row["exact"] = row["rel_err_fp32"] < TOL["fp32"] and row["rel_err_fp16"] < TOL["fp16"]
@@ -224,6 +237,7 @@ def _summary(rows):
         d = {"layers": len(rs), "sum_cudnn_fp16_cl_ms": s("cudnn_fp16_cl_ms"), "sum_cudnn_fp32_ms": s("cudnn_fp32_ms"),
              "sum_sparse_fp16_ms": s("sparse_fp16_ms"), "sum_dispatch_fp16_ms": s("dispatch_fp16_ms"),
              "sum_dense_kernel_fp16_ms": s("dense_kernel_fp16_ms"), "sum_sparse_fp32_ms": s("sparse_fp32_ms"),
+             "sum_sparse_fp16_given_occ_ms": s("sparse_fp16_given_occ_ms"), "sum_prescan_fp16_ms": s("prescan_fp16_ms"),
              "all_exact": all(r["exact"] for r in rs),
              "mean_elem_density": sum(r["elem_density"] for r in rs) / len(rs),
              "mean_block_density_halo": sum(r["block_density_halo"] for r in rs) / len(rs)}
@@ -231,18 +245,21 @@ def _summary(rows):
         d["speedup_sparse_vs_cudnn_fp32"] = d["sum_cudnn_fp32_ms"] / d["sum_sparse_fp16_ms"]
         d["speedup_dispatch_vs_cudnn_fp16"] = d["sum_cudnn_fp16_cl_ms"] / d["sum_dispatch_fp16_ms"]
         d["speedup_skipping_vs_dense_kernel"] = d["sum_dense_kernel_fp16_ms"] / d["sum_sparse_fp16_ms"]
+        # what runs when the producing fused layer writes the occupancy (optimize(write_occupancy=True))
+        d["speedup_given_occ_vs_cudnn_fp16"] = d["sum_cudnn_fp16_cl_ms"] / d["sum_sparse_fp16_given_occ_ms"]
         out[kind] = d
     return out
 
 
 def _model_exactness(model, x):
-    """optimize(mode="sparse") on an fp32 copy: output relative error (norm) against the dense model."""
+    """optimize(mode="sparse", write_occupancy=True) on an fp32 copy: output relative error (norm) against the
+    dense model."""
     from sparseflow_core import optimize
 
     _reset(model)
     with torch.no_grad():
         ref = model(x).double()
-    opt, rep = optimize(copy.deepcopy(model), x, mode="sparse", return_report=True)
+    opt, rep = optimize(copy.deepcopy(model), x, mode="sparse", write_occupancy=True, return_report=True)
     _reset(opt)
     with torch.no_grad():
         y = opt(x).double()
@@ -269,43 +286,66 @@ def _md(results) -> str:
             lines.append(f"Model output vs dense (fp32, optimize mode='sparse'): relative error "
                          f"{e['output_rel_err']:.2e} ({'ok' if e['ok'] else 'FAIL'} < 1e-3); replaced {e['replaced']}.")
             lines.append("")
-        lines.append("| kind | layers | cuDNN fp16 CL | cuDNN fp32 | sparse fp16 | dense kernel fp16 | sparse fp32 "
-                     "| speed-up vs fp16 | vs fp32 | dispatch speed-up | elem dens | block dens | exact |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        lines.append("| kind | layers | cuDNN fp16 CL | cuDNN fp32 | sparse fp16 | of which prescan | sparse fp16, "
+                     "producer's occupancy | dense kernel fp16 | sparse fp32 | speed-up vs fp16 | vs fp32 "
+                     "| with producer's occupancy | dispatch speed-up | elem dens | block dens | exact |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for kind, d in mres["summary"].items():
             lines.append(f"| {kind} | {d['layers']} | {d['sum_cudnn_fp16_cl_ms']:.3f} | {d['sum_cudnn_fp32_ms']:.3f} | "
-                         f"{d['sum_sparse_fp16_ms']:.3f} | {d['sum_dense_kernel_fp16_ms']:.3f} | "
+                         f"{d['sum_sparse_fp16_ms']:.3f} | {d['sum_prescan_fp16_ms']:.3f} | "
+                         f"{d['sum_sparse_fp16_given_occ_ms']:.3f} | {d['sum_dense_kernel_fp16_ms']:.3f} | "
                          f"{d['sum_sparse_fp32_ms']:.3f} | {d['speedup_sparse_vs_cudnn_fp16']:.2f}x | "
-                         f"{d['speedup_sparse_vs_cudnn_fp32']:.2f}x | {d['speedup_dispatch_vs_cudnn_fp16']:.2f}x | "
+                         f"{d['speedup_sparse_vs_cudnn_fp32']:.2f}x | {d['speedup_given_occ_vs_cudnn_fp16']:.2f}x | "
+                         f"{d['speedup_dispatch_vs_cudnn_fp16']:.2f}x | "
                          f"{d['mean_elem_density']:.3f} | {d['mean_block_density_halo']:.3f} | {d['all_exact']} |")
         lines += ["", "| layer | kind | input [B,C,H,W] | k / s | elem dens | block dens | cuDNN fp16 CL | cuDNN fp32 "
-                  "| sparse fp16 (cfg) | sparse fp32 | speed-up fp16 | err fp32 / fp16 |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| sparse fp16 (cfg) | given occ. | sparse fp32 | speed-up fp16 | err fp32 / fp16 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mres["rows"]:
             lines.append(f"| {r['layer']} | {r['kind']} | {r['shape']} | {r['kernel'][0]} / {r['stride'][0]} | "
                          f"{r['elem_density']:.3f} | {r['block_density_halo']:.3f} | {r['cudnn_fp16_cl_ms']:.4f} | "
                          f"{r['cudnn_fp32_ms']:.4f} | {r['sparse_fp16_ms']:.4f} ({r['best_config']}) | "
+                         f"{r['sparse_fp16_given_occ_ms']:.4f} | "
                          f"{r['sparse_fp32_ms']:.4f} | {r['speedup_vs_cudnn_fp16']:.2f}x | "
                          f"{r['rel_err_fp32']:.1e} / {r['rel_err_fp16']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
+def _rows(ctx, mres, recs, names, rep, left, margin):
+    for lname in names:
+        if left() < margin:
+            mres["truncated"] = True
+            return
+        row = _time_row(ctx, {**recs[lname], "name": lname}, rep)
+        mres["rows"].append(row)
+        ctx.log(f"p2 {mres['model']}@{mres['size']} {lname} {row['kind']}: cudnn16 {row['cudnn_fp16_cl_ms']:.4f} "
+                f"sparse16 {row['sparse_fp16_ms']:.4f} ({row['best_config']}) given-occ "
+                f"{row['sparse_fp16_given_occ_ms']:.4f} x{row['speedup_vs_cudnn_fp16']:.2f} "
+                f"dens {row['elem_density']:.3f}/{row['block_density_halo']:.3f} exact {row['exact']}")
+
+
 def run(ctx) -> dict:
+    """Phase 1, per model: exactness of the whole model, then its depthwise and transposed layers (the issue's
+    bar). Phase 2: the pointwise layers of every model while time is left. The 256 px U-Net comes last."""
+    import os
+
     t_start = time.time()
     deadline = min(ctx.deadline, t_start + SECTION_BUDGET_S)
     left = lambda: deadline - time.time()
     dev = ctx.device
     if ctx.dry:
-        T, N, rep = 2, 1, 1
+        T, N, rep, margin = 2, 1, 1, 1
         plan = [("spiking_mobilenetv2", 32, dict(width_mult=0.25, last_channels=32,
                                                  stages=((1, 16, 1, 1, 3), (2, 24, 2, 2, 3), (2, 32, 1, 2, 5)))),
                 ("spiking_unet", 16, dict(base=4, depth=2))]
     else:
-        T, N, rep = ctx.T, ctx.N, 25
+        T, N, rep, margin = ctx.T, ctx.N, 20, 5
         plan = [("spiking_mobilenetv2", 224, {}), ("spiking_unet", 128, {}), ("spiking_unet", 256, {})]
     results = {"env": ctx.env, "T": T, "N": N, "models": []}
-    for name, size, kw in plan:
-        if left() < (5 if ctx.dry else 25):
+    pending = []
+    for i, (name, size, kw) in enumerate(plan):
+        need = (5 if ctx.dry else 25) if i < 2 else (5 if ctx.dry else 45)
+        if left() < need:
             ctx.log(f"p2: skipping {name} {size} px (time)")
             results.setdefault("skipped", []).append(f"{name}@{size}")
             continue
@@ -317,30 +357,30 @@ def run(ctx) -> dict:
         except Exception as e:  # report and go on with the per-layer table
             mres["e2e"] = None
             mres["e2e_error"] = f"{type(e).__name__}: {e}"
+            ctx.log(f"p2 {name}@{size}: e2e failed: {mres['e2e_error']}")
         recs = _capture(model, x)
-        # transposed and depthwise rows first (the issue's bar), then pointwise while time is left
-        rank = {"transposed": 0, "depthwise": 1, "pointwise": 2}
-        order = sorted(recs, key=lambda n, r=recs: rank[r[n]["kind"]])
-        for lname in order:
-            if left() < (1 if ctx.dry else 6):
-                mres["truncated"] = True
-                break
-            rec = {**recs[lname], "name": lname}
-            row = _time_row(ctx, rec, rep)
-            mres["rows"].append(row)
-            ctx.log(f"p2 {name}@{size} {lname} {row['kind']}: cudnn16 {row['cudnn_fp16_cl_ms']:.4f} "
-                    f"sparse16 {row['sparse_fp16_ms']:.4f} ({row['best_config']}) x{row['speedup_vs_cudnn_fp16']:.2f} "
-                    f"dens {row['elem_density']:.3f}/{row['block_density_halo']:.3f} exact {row['exact']}")
-        mres["summary"] = _summary(mres["rows"])
+        model = x = None
+        main = [n for n in recs if recs[n]["kind"] != "pointwise"]
+        _rows(ctx, mres, recs, sorted(main, key=lambda n, r=recs: r[n]["kind"] != "transposed"), rep, left, margin)
+        pw = {n: r for n, r in recs.items() if r["kind"] == "pointwise"}
+        if pw:
+            pending.append((mres, pw))
         results["models"].append(mres)
-        recs = model = x = None
+        recs = main = None
+        if i == 1:  # the pointwise layers of the first two models before the optional 256 px U-Net
+            for mres_p, pw_p in pending:
+                _rows(ctx, mres_p, pw_p, list(pw_p), rep, left, margin)
+            pending = []
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    for mres_p, pw_p in pending:
+        _rows(ctx, mres_p, pw_p, list(pw_p), rep, left, margin)
+    pending = None
+    for mres in results["models"]:
+        mres["summary"] = _summary(mres["rows"])
     results["section_s"] = time.time() - t_start
     stem = "p2_dry" if ctx.dry else "p2"
     ctx.dump(f"{stem}.json", results)
-    import os
-
     path = os.path.join(ctx.out_dir, f"{stem}.md")
     with open(path, "w") as f:
         f.write(_md(results))
