@@ -7,6 +7,8 @@ from . import library  # noqa: F401  (registers the torch.ops.sparseflow operato
 from .attention import channel_dot, ssa_attention
 from .batchnorm import sparse_batch_norm2d
 from .conv import ConvConfig
+from .conv_transpose import sparse_conv_transpose2d
+from .depthwise import DepthwiseConfig, grouped_conv2d
 from .linear import LinearConfig, linear_block_flags, sparse_conv1x1, sparse_linear
 from .neuron import NeuronSpec, multistep_neuron
 from .occupancy import Occupancy, prescan
@@ -17,17 +19,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConvConfig",
+    "DepthwiseConfig",
     "LinearConfig",
     "NeuronSpec",
     "Occupancy",
     "channel_dot",
     "default_config",
+    "grouped_conv2d",
     "linear_block_flags",
     "multistep_neuron",
     "prescan",
     "sparse_batch_norm2d",
     "sparse_conv1x1",
     "sparse_conv2d",
+    "sparse_conv_transpose2d",
     "sparse_linear",
     "spiking_conv2d",
     "ssa_attention",

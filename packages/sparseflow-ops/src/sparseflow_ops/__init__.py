@@ -7,6 +7,8 @@
   (optionally with a BatchNorm1d folded in).
 * :class:`SparseSpikingSelfAttention`, :class:`SparseSpikeDrivenSelfAttention`, :class:`SparseMultiheadAttention` -
   Spikformer / Spike-driven Transformer attention and ``nn.MultiheadAttention`` on the sparse kernels.
+* :class:`SparseGroupedConv2d` / :class:`SparseConvTranspose2d` - depthwise / grouped ``nn.Conv2d`` and
+  ``nn.ConvTranspose2d`` on the tile-skipping kernels (optionally with the BatchNorm they feed folded in).
 * :func:`accelerate_neuron` - a SpikingJelly / snnTorch neuron on the multi-step Triton kernel, in place.
 * :func:`neuron_support` / :func:`register_neuron_adapter` - which neurons the kernels can run.
 """
@@ -15,6 +17,8 @@ from ._common import SparseModule
 from .attention import SparseMultiheadAttention, SparseSpikeDrivenSelfAttention, SparseSpikingSelfAttention
 from .batchnorm import SparseBatchNorm2d
 from .conv import Bypass, SparseConv2d, is_bypassed, remove_bypass
+from .conv_transpose import SparseConvTranspose2d
+from .depthwise import SparseGroupedConv2d
 from .linear import SparseConv1d, SparseLinear
 from .neuron import KernelNeuronForward, accelerate_neuron, is_accelerated, restore_neuron
 from .neurons import NeuronAdapter, Unsupported, find_adapter, neuron_support, register_neuron_adapter
@@ -28,6 +32,8 @@ __all__ = [
     "SparseBatchNorm2d",
     "SparseConv1d",
     "SparseConv2d",
+    "SparseConvTranspose2d",
+    "SparseGroupedConv2d",
     "SparseLinear",
     "SparseModule",
     "SparseMultiheadAttention",
