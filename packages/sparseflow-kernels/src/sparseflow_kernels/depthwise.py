@@ -134,7 +134,7 @@ def _direct_kernel(
     ih0 = oh * SH - PAD_H
     iw0 = ow * SW - PAD_W
 
-    n_iter = CG * (KH * KW)
+    n_iter = CG  # input channels per group (1 for depthwise); each visits the KH x KW taps, unrolled
     ch_ok = co_ok
     if SPARSE:
         co_last = tl.minimum(cb * BLOCK_C + BLOCK_C, CO) - 1
@@ -152,19 +152,18 @@ def _direct_kernel(
 
     acc = tl.zeros([P, BLOCK_C], dtype=tl.float32)
     xb = x_ptr + b * sxb
-    for i in range(n_iter):
-        j = i // (KH * KW)
-        tap = i % (KH * KW)
-        kh = tap // KW
-        kw = tap % KW
-        ih = ih0 + kh * DH
-        iw = iw0 + kw * DW
-        ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        ci = cin0 + j
-        xv = tl.load(xb + (ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
-                     mask=ok[:, None] & ch_ok[None, :], other=0.0)
-        wv = tl.load(w_ptr + co * swo + j * swi + kh * swh + kw * sww, mask=co_ok, other=0.0)
-        acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    for j in range(n_iter):
+        for tap in tl.static_range(KH * KW):
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0 + kh * DH
+            iw = iw0 + kw * DW
+            ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ci = cin0 + j
+            xv = tl.load(xb + (ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
+                         mask=ok[:, None] & ch_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + co * swo + j * swi + kh * swh + kw * sww, mask=co_ok, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     z = acc
     if HAS_SCALE:
         z = z * tl.load(scale_ptr + co, mask=co_ok, other=1.0)[None, :]
