@@ -230,7 +230,7 @@ def analyze(model: nn.Module, example_inputs, *, copy_model: bool = True, collec
                     producer=prod[0] if prod else None, direct=bool(prod) and ok, spike_source=spike,
                     integer=is_integer_valued(x) if spike else False,
                 )
-                if collect_stats and spike and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                if collect_stats and spike and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                     info.elem_density, info.block_density, info.silent_planes = _stats(x, mod)
                 for t in ts:
                     r_t, ok_t = tr.root(t)
