@@ -103,7 +103,9 @@ def _pick(recs, names):
 def _layer_row(ctx, name, rec, bench):
     from sparseflow_core.blocks import measure_block_size, select_block_size
     from sparseflow_core.stats import block_density, element_density, silent_planes
-    from sparseflow_kernels import prescan, sparse_conv2d, sparse_linear
+    from sparseflow_kernels import default_config, prescan, sparse_conv2d, sparse_linear
+    from sparseflow_kernels.conv import pack_weight
+    from sparseflow_kernels.linear import default_linear_config, pack_linear_weight
     from sparseflow_ops import SparseConv2d
 
     m = rec["module"]
@@ -125,24 +127,33 @@ def _layer_row(ctx, name, rec, bench):
     ref = F.conv2d(x32.double(), w32.double(), None, st, pd, dl)  # float64: no TF32
     ref32 = ref.float()
     ms = row["ms"]
+    packed = {}
+
+    def conv(x, w, bs, dense=False):  # weights packed once, outside the timed calls (as SparseConv2d caches them)
+        cfg = default_config(m.in_channels, m.out_channels, bs)
+        key = (bs, x.dtype)
+        if key not in packed:
+            packed[key] = pack_weight(w, cfg.block_k, cfg.block_n, x.dtype)
+        return sparse_conv2d(x, w, None, st, pd, dl, config=cfg, packed_weight=packed[key], dense=dense)
+
     ms["cudnn_fp16_cl"] = bench(lambda: F.conv2d(x16, w16, None, st, pd, dl))
     ms["cudnn_fp32"] = bench(lambda: F.conv2d(x32, w32, None, st, pd, dl))
     for bs in (8, 16):
-        y = sparse_conv2d(x16, w16, None, st, pd, dl, block_size=bs)
-        row["exact"][f"fp16_b{bs}"] = _rel(y, ref32)
-        ms[f"sparse_fp16_b{bs}"] = bench(lambda bs=bs: sparse_conv2d(x16, w16, None, st, pd, dl, block_size=bs))
-    ms["dense_kernel_fp16"] = bench(lambda: sparse_conv2d(x16, w16, None, st, pd, dl, block_size=8, dense=True))
+        row["exact"][f"fp16_b{bs}"] = _rel(conv(x16, w16, bs), ref32)
+        ms[f"sparse_fp16_b{bs}"] = bench(lambda bs=bs: conv(x16, w16, bs))
+    ms["dense_kernel_fp16"] = bench(lambda: conv(x16, w16, 8, dense=True))
     default = select_block_size(H)
     bs32 = default if isinstance(default, int) else 8
-    y = sparse_conv2d(x32, w32, None, st, pd, dl, block_size=bs32)
-    row["exact"]["fp32"] = _rel(y, ref)
-    ms["sparse_fp32"] = bench(lambda: sparse_conv2d(x32, w32, None, st, pd, dl, block_size=bs32))
+    row["exact"]["fp32"] = _rel(conv(x32, w32, bs32), ref)
+    ms["sparse_fp32"] = bench(lambda: conv(x32, w32, bs32))
     if k == 1 and st == (1, 1) and pd == (0, 0):
         rows = x16.permute(0, 2, 3, 1).reshape(-1, m.in_channels)  # a view: channels_last rows
         w2 = w16.reshape(m.out_channels, m.in_channels).contiguous()
-        y = sparse_linear(rows, w2)
+        lcfg = default_linear_config(m.in_channels, m.out_channels)
+        lpw = pack_linear_weight(w2, lcfg.block_k, lcfg.block_n, torch.float16)
+        y = sparse_linear(rows, w2, config=lcfg, packed_weight=lpw)
         row["exact"]["fp16_gemm_rows"] = _rel(y.view(x16.shape[0], H, -1, m.out_channels).permute(0, 3, 1, 2), ref32)
-        ms["sparse_fp16_gemm_rows"] = bench(lambda: sparse_linear(rows, w2))
+        ms["sparse_fp16_gemm_rows"] = bench(lambda: sparse_linear(rows, w2, config=lcfg, packed_weight=lpw))
     sparse16 = {k2: v for k2, v in ms.items() if k2.startswith("sparse_fp16")}
     row["best_sparse_fp16"] = min(sparse16, key=sparse16.get)
     row["speedup_best_vs_cudnn_fp16_cl"] = ms["cudnn_fp16_cl"] / sparse16[row["best_sparse_fp16"]]
@@ -321,10 +332,13 @@ def run(ctx) -> dict:
         model, x = prepared_model(name, T, N, size, ctx.device, calib_images=2 if ctx.dry else 16)
         recs, logits, fed = _capture(model, x)
         names, weight = _pick(recs, fed)
-        if ctx.dry:  # every code path once: one 3x3 and one 1x1 layer (stride 1 if there is one)
-            ones = sorted((n for n in names if recs[n]["module"].kernel_size == (1, 1)),
-                          key=lambda n: recs[n]["module"].stride != (1, 1))
-            names = list(dict.fromkeys([n for n in names if n not in ones][:1] + ones[:1]))
+        if ctx.dry:  # every code path once: the smallest 3x3 and 1x1 layers (a stride-1 1x1 if there is one)
+            def cost(n, recs=recs):
+                mm = recs[n]["module"]
+                return (mm.stride != (1, 1) and mm.kernel_size == (1, 1), mm.in_channels * mm.out_channels)
+            ones = sorted((n for n in names if recs[n]["module"].kernel_size == (1, 1)), key=cost)
+            threes = sorted((n for n in names if n not in ones), key=cost)
+            names = threes[:1] + ones[:1]
         res = {"input_shape": list(x.shape), "T": T, "N": N, "size": size, "spike_fed_convs": len(fed),
                "layers": []}
         share = left() / (len(MODELS) - mi)  # this model's share of what is left
