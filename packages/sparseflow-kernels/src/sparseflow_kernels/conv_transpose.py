@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ._utils import (
     dot_precision,
+    launch,
     pair,
     require_dtype,
     require_int32_indexable,
@@ -253,7 +254,7 @@ def launch_conv_transpose(x, w_packed, out, KH, KW, stride, padding, cfg: ConvCo
     else:
         codes, otile = out, (1, 1)
     grid = (N * SH * SW * tiles_h * tiles_w * num_cb,)
-    _convt_kernel[grid](
+    launch(_convt_kernel)[grid](
         x, *x.stride(),
         w_packed, w_packed.shape[2], w_packed.shape[3],
         out, *out.stride(),

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ._utils import (
     dot_precision,
+    launch,
     next_pow2,
     pair,
     require_dtype,
@@ -310,7 +311,7 @@ def launch_direct(x, weight, out, stride, padding, dilation, CG, COG, cfg: Depth
     else:
         codes, otile, ng = out, (1, 1), 1
     grid = (N * tiles_h * tiles_w * num_cb,)
-    _direct_kernel[grid](
+    launch(_direct_kernel)[grid](
         x, *x.stride(),
         weight, *weight.stride(),
         out, *out.stride(),
