@@ -175,6 +175,11 @@ def _conv_kernel(
     HAS_V: tl.constexpr, STORE_V: tl.constexpr, WRITE_OCC: tl.constexpr, OCC_GROUP: tl.constexpr,
     T_IN_M: tl.constexpr, T_P2: tl.constexpr, PREC: tl.constexpr,
 ):
+    # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
+    decay = tl.cast(decay, tl.float32)
+    v_th = tl.cast(v_th, tl.float32)
+    v_reset = tl.cast(v_reset, tl.float32)
+    v_init = tl.cast(v_init, tl.float32)
     pid = tl.program_id(0)
     cb = pid % NUM_CB
     tile = pid // NUM_CB

@@ -97,6 +97,11 @@ def _multistep_kernel(
 ):
     """Tensors are viewed as [T, N, C, S] (S = flattened spatial); a program owns a [BLOCK_S, BLOCK_C]
     block of one sample (channel-fastest, coalesced for channels_last) and loops over t."""
+    # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
+    decay = tl.cast(decay, tl.float32)
+    v_th = tl.cast(v_th, tl.float32)
+    v_reset = tl.cast(v_reset, tl.float32)
+    v_init = tl.cast(v_init, tl.float32)
     n = tl.program_id(2)
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)

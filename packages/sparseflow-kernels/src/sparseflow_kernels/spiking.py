@@ -122,7 +122,11 @@ def spiking_conv2d(
     if path == "cudnn":
         if write_occupancy:
             raise ValueError(f"{op}: write_occupancy needs path='fused'")
-        y = F.conv2d(_flat_tn(x), weight, None, stride, padding)
+        # channels_last in and out: cuDNN's NHWC kernels without its own layout conversions (an NCHW image into
+        # the stem cost two transposes of the [T*N, 64, 112, 112] output on the H100), and the neuron kernel
+        # reads channels fastest
+        xf = _flat_tn(x).contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(xf, weight.contiguous(memory_format=torch.channels_last), None, stride, padding)
         res = multistep_neuron(y.view(T, N, CO, OH, OW), spec, scale=sc, shift=sh, residual=residual,
                                v=v, return_v=return_v, v_dtype=v_dtype)
         out, v_out = (res if return_v else (res, None))

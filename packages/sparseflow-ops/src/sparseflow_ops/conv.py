@@ -270,11 +270,12 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
         return self._wcache.get(key, lambda: pack_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
 
-    def _torch_weights(self, x: torch.Tensor, fold: bool):
+    def _torch_weights(self, x: torch.Tensor, fold: bool, channels_last: bool | None = None):
         """(weight, bias) for the cuDNN paths: in ``x``'s memory format (a channels_last input with an NCHW weight
         makes cuDNN convert the activations on every call), with the BatchNorm folded in when ``fold``
         (``w * scale``, ``b * scale + shift``: no separate BatchNorm pass)."""
-        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        cl = channels_last if channels_last is not None else (
+            x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
         bn = self._bn if fold else None
         key = (*version_key(self.weight, self.bias), cl, x.dtype,
                (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps) if bn is not None else None)
@@ -414,7 +415,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                                   sparse=sparse and occ is None, write_occupancy=write_occ, **common)
 
         def cudnn():
-            w, b = self._torch_weights(flat, fold=False)
+            w, b = self._torch_weights(flat, fold=False, channels_last=True)  # the cuDNN path runs channels_last
             return spiking_conv2d(x5, w, b, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **common)
 
         cands = {}
