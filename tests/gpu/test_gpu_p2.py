@@ -165,6 +165,25 @@ def test_modules(mode):
         assert rel(m(x).flatten(0, 1), ref) < TOL[torch.float16] and m.last_path in ("sparse", "dense", "torch")
 
 
+def test_modules_under_torch_compile():
+    """After one eager call (dispatch measured), torch.compile keeps torch.ops.sparseflow.* in the graph."""
+    from torch import nn
+
+    from sparseflow_ops.conv_transpose import SparseConvTranspose2d
+    from sparseflow_ops.depthwise import SparseGroupedConv2d
+
+    torch._dynamo.reset()
+    x = (torch.rand(2, 4, 32, 28, 28, device="cuda") < 0.1).half()
+    net = nn.Sequential(SparseGroupedConv2d.from_dense(nn.Conv2d(32, 32, 3, 1, 1, groups=32).cuda().half().eval(),
+                                                       mode="sparse"),
+                        SparseConvTranspose2d.from_dense(nn.ConvTranspose2d(32, 16, 2, 2).cuda().half().eval(),
+                                                         mode="sparse"))
+    with torch.no_grad():
+        ref = net(x)
+        y = torch.compile(net)(x)
+    assert rel(y, ref) < 1e-3
+
+
 @pytest.mark.parametrize("name,size,kw", [
     ("spiking_mobilenetv2", 96, dict(width_mult=0.5)),
     ("spiking_unet", 64, dict(base=16, depth=3)),

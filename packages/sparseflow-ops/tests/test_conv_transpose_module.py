@@ -103,3 +103,18 @@ def test_from_dense_errors(case):
         bn = nn.BatchNorm2d(3).eval()
     with pytest.raises(err):
         SparseConvTranspose2d.from_dense(conv, bn)
+
+
+def test_compiled_path_uses_registered_op(monkeypatch):
+    """The forward torch.compile traces: torch.ops.sparseflow.conv_transpose2d with the eager path."""
+    import sparseflow_ops.conv_transpose as oct_
+    import sparseflow_ops.depthwise as odw
+
+    conv = nn.ConvTranspose2d(16, 8, 3, 2, 1, 1).eval()
+    m = SparseConvTranspose2d.from_dense(conv, mode="sparse")
+    x = spikes(1, 16, 4, 5)
+    with torch.no_grad():
+        m(x)
+        monkeypatch.setattr(odw, "compiling", lambda: True)
+        monkeypatch.setattr(oct_, "sparse_conv_transpose2d", lambda *a, **k: pytest.fail("eager launcher"))
+        assert rel(m(x), conv(x)) < 1e-5 and m.last_path == "sparse"

@@ -128,3 +128,22 @@ def test_from_dense_errors(case):
         kw["mode"] = "fast"
     with pytest.raises(err):
         SparseGroupedConv2d.from_dense(conv, bn, **kw)
+
+
+@pytest.mark.parametrize("path", ["sparse", "dense", "torch"])
+def test_compiled_path_uses_registered_op(monkeypatch, path):
+    """The forward torch.compile traces (the torch.ops.sparseflow operator, path of the eager dispatch), run
+    eagerly here with compiling() forced true; a folded BatchNorm still hands over."""
+    import sparseflow_ops.depthwise as odw
+
+    conv, bn = nn.Conv2d(6, 12, 3, 2, 1, groups=6).eval(), random_bn(12)
+    x = spikes(2, 6, 9, 9)
+    with torch.no_grad():
+        ref = bn(conv(x))
+        m = SparseGroupedConv2d.from_dense(conv, bn, mode=path)
+        m(x)
+        assert m.last_path == path
+        monkeypatch.setattr(odw, "compiling", lambda: True)
+        monkeypatch.setattr(odw, "grouped_conv2d", lambda *a, **k: pytest.fail("eager launcher under compile"))
+        y = bn(m(x))
+        assert rel(y, ref) < 1e-5 and m.last_path == path

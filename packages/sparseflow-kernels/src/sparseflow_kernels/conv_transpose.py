@@ -268,3 +268,18 @@ def launch_conv_transpose(x, w_packed, out, KH, KW, stride, padding, cfg: ConvCo
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+# ------------------------------------------------------------------------------- torch.library operator
+from torch.library import triton_op  # noqa: E402  (after the launcher it wraps)
+
+
+@triton_op("sparseflow::conv_transpose2d", mutates_args={})
+def _conv_transpose2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
+    output_padding: list[int], scale: torch.Tensor | None, shift: torch.Tensor | None, dense: bool,
+) -> torch.Tensor:
+    """``torch.ops.sparseflow.conv_transpose2d``: :func:`sparse_conv_transpose2d` as an operator
+    ``torch.compile`` keeps in its graph; the prescan runs inside (no occupancy hand-over)."""
+    return sparse_conv_transpose2d(x, weight, bias, stride, padding, output_padding, scale=scale, shift=shift,
+                                   dense=dense)

@@ -356,3 +356,19 @@ def _grouped_gemm(op, x, weight, groups, stride, padding, dilation, out, sc, sh,
         launch_conv(xs, packed[g], COG, KH, KW, stride, padding, dilation, T=1, N=N, out=ys, cfg=cfg,
                     prec=prec, scale=s, shift=t, occ=occ)
     return out
+
+
+# ------------------------------------------------------------------------------- torch.library operator
+from torch.library import triton_op  # noqa: E402  (after the launcher it wraps)
+
+
+@triton_op("sparseflow::grouped_conv2d", mutates_args={})
+def _grouped_conv2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
+    dilation: list[int], groups: int, scale: torch.Tensor | None, shift: torch.Tensor | None, path: str,
+    dense: bool,
+) -> torch.Tensor:
+    """``torch.ops.sparseflow.grouped_conv2d``: :func:`grouped_conv2d` as an operator ``torch.compile`` keeps in
+    its graph (the kernels launch through ``wrap_triton``); the prescan runs inside (no occupancy hand-over)."""
+    return grouped_conv2d(x, weight, bias, stride, padding, dilation, groups, scale=scale, shift=shift, path=path,
+                          dense=dense)

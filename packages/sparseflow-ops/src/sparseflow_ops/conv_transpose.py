@@ -99,5 +99,9 @@ class SparseConvTranspose2d(FoldedBNMixin, SparseModule, nn.ConvTranspose2d):
                                            scale=scale, shift=shift, occupancy=occ, config=cfg,
                                            packed_weight=self._packed(cfg, flat.dtype), dense=dense)
 
+        def op_fn(flat, dense, scale, shift):
+            return torch.ops.sparseflow.conv_transpose2d(flat, self.weight, self.bias, list(self.stride),
+                                                         list(self.padding), list(out_pad), scale, shift, dense)
+
         key = ("conv_transpose", self.out_channels, self.kernel_size, self.stride, self.padding, out_pad)
-        return self._run(x, dense_fn, kernel_fn, key)
+        return self._run(x, dense_fn, kernel_fn, key, op_fn)

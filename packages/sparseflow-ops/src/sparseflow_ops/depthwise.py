@@ -17,6 +17,7 @@ from torch import nn
 
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.depthwise import TENSOR_CORE_MIN_CG, default_depthwise_config, grouped_conv2d
+from sparseflow_kernels.library import compiling
 
 from ._common import SparseModule, VersionCache, find_occupancy, kernels_can_run, notice_once, version_key
 from .conv import MODES, bn_affine, install_bypass, remove_bypass
@@ -107,9 +108,11 @@ class FoldedBNMixin:
             return self.mode if self.mode in cands else "dense"
         return kdispatch.choose(key, cands, fallback="sparse" if "sparse" in cands else "dense", device=x.device)
 
-    def _run(self, x: torch.Tensor, dense_fn, kernel_fn, key):
-        """Shared forward: [N, C, H, W] or [T, N, C, H, W]; ``kernel_fn(flat, occ, dense)`` and
-        ``dense_fn(flat)`` (the torch op, without the folded BatchNorm)."""
+    def _run(self, x: torch.Tensor, dense_fn, kernel_fn, key, op_fn=None):
+        """Shared forward: [N, C, H, W] or [T, N, C, H, W]; ``kernel_fn(flat, occ, dense, scale, shift)``,
+        ``dense_fn(flat)`` (the torch op, without the folded BatchNorm) and ``op_fn(flat, dense, scale, shift)``
+        (the registered ``torch.ops.sparseflow`` operator, taken under ``torch.compile`` with the path the eager
+        dispatch chose - run the model once eagerly before compiling - else cuDNN)."""
         if x.dim() not in (4, 5):
             raise ValueError(f"{type(self).__name__} expects [N, C, H, W] or [T, N, C, H, W], got {tuple(x.shape)}")
         five = x.dim() == 5
@@ -118,6 +121,17 @@ class FoldedBNMixin:
         if not self._use_kernels(x):
             self.last_path = "torch"
             y = dense_fn(flat)
+        elif compiling() and op_fn is not None:
+            bn = self.folded_bn
+            scale, shift = bn_affine(bn) if bn is not None else (None, None)
+            path = self.last_path or "torch"
+            if path in ("sparse", "dense"):
+                y = op_fn(flat, path == "dense", scale, shift)
+            else:
+                y = dense_fn(flat)
+                if scale is not None:
+                    y = (y.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(y.dtype)
+            self._pending = bn is not None
         else:
             scale, shift = self._affine()
             occ = find_occupancy(x, flat)
@@ -211,6 +225,11 @@ class SparseGroupedConv2d(FoldedBNMixin, SparseModule, nn.Conv2d):
                                   self.groups, scale=scale, shift=shift, occupancy=occ if path == "direct" else None,
                                   config=cfg, block_size=bs, path=path, dense=dense)
 
+        def op_fn(flat, dense, scale, shift):
+            return torch.ops.sparseflow.grouped_conv2d(flat, self.weight, self.bias, list(self.stride),
+                                                       list(self.padding), list(self.dilation), self.groups, scale,
+                                                       shift, path, dense)
+
         key = ("grouped", self.out_channels, self.groups, self.kernel_size, self.stride, self.padding,
                self.dilation, path)
-        return self._run(x, dense_fn, kernel_fn, key)
+        return self._run(x, dense_fn, kernel_fn, key, op_fn)
