@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import next_pow2, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
 from .occupancy import Occupancy
 from .sparse_conv import empty_like_layout
 
@@ -114,7 +114,7 @@ def batch_norm_affine(
         codes = out
     tiles_h, tiles_w = triton.cdiv(H, th), triton.cdiv(W, tw)
     grid = (B * tiles_h * tiles_w, triton.cdiv(C, block_c))
-    _bn_kernel[grid](
+    launch(_bn_kernel)[grid](
         x, out, mean.contiguous(), scale.contiguous(), bias.contiguous(), codes,
         C, H, W, tiles_h, tiles_w,
         *x.stride(), *out.stride(), *(codes.stride()[:3]),
