@@ -298,6 +298,9 @@ def check_spiking(c: dict, device="cpu") -> None:
     # float64 reference: conv per step of the values the kernel saw, affine, residual, neuron
     d = lambda t: None if t is None else t.double().cpu()
     y = F.conv2d(d(x).flatten(0, 1), d(w), d(b), c["stride"], c["padding"]).view(T, N, CO, OH, OW)
+    cudnn_rounded = run.get("path") == "cudnn" and dtype != torch.float32
+    if cudnn_rounded:  # the cuDNN path stores the conv output in the storage dtype before the neuron
+        y = y.to(dtype).double()
     if scale is not None:
         y = y * d(scale).view(1, 1, -1, 1, 1) + d(shift).view(1, 1, -1, 1, 1)
     if res is not None:
@@ -306,6 +309,8 @@ def check_spiking(c: dict, device="cpu") -> None:
     assert spikes.dtype == dtype and tuple(spikes.shape) == (T, N, CO, OH, OW)
     assert v.dtype == torch.float32
     tie = 2e-3 if dtype == torch.float16 else 1e-4
+    if cudnn_rounded:  # cuDNN (fp32 accumulation) and the float64 reference may round one ulp apart
+        tie = 3e-2 if dtype == torch.bfloat16 else 5e-3
     s, vv = spikes.cpu(), v.cpu()
     if c["special"] == "nan":
         # a NaN membrane never fires and stays NaN (SpikingJelly and snnTorch alike): compare the rest
