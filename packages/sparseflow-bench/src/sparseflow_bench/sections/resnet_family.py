@@ -16,10 +16,12 @@ on those same inputs, in the same run:
 * densities: elements, (sample, tile, 16 channels) blocks with halo at 8 and 16 px, silent (sample, channel) planes;
 * exactness: fp32 against float64, fp16 against the fp32 reference.
 
-3x3 layers repeated with the same geometry (ResNet-34's stages) are sampled (first and last of each geometry);
-every 1x1 layer is measured. Then SparseBatchNorm2d (kernel alone, with the producer's occupancy, and with a prescan)
-against ``nn.BatchNorm2d`` fp16 channels_last / fp32 on spike maps of each resolution, and ``optimize()`` logits
-relative error against the dense fp32 model for each model (< 1e-3).
+Layers repeated with one geometry (ResNet stages) are sampled: the first layer of every geometry is measured
+first, then the last of each, as long as the time budget lasts; the summaries (sum over the 1x1 and over the 3x3
+layers) weight each measured layer by the number of layers of its geometry. Then SparseBatchNorm2d (kernel
+alone, with the producer's occupancy, and with a prescan) against ``nn.BatchNorm2d`` fp16 channels_last / fp32 on
+spike maps of each resolution, and ``optimize()`` logits relative error against the dense fp32 model for each
+model (< 1e-3, TF32 off for that check).
 
 Writes ``resnet_family.json`` and ``resnet_family.md`` into the output folder.
 """
@@ -84,7 +86,9 @@ def _capture(model, x):
 
 
 def _pick(recs, names):
-    """All 1x1 layers; 3x3 layers: first and last of each (C, CO, H, stride) geometry."""
+    """The 1x1 and 3x3 layers to measure, in order: the first layer of every (kernel, C, CO, H, stride) geometry,
+    then the last of each (layers repeated with one geometry, as in ResNet stages, are sampled). Returns the
+    names and {name: (geometry key, number of layers of that geometry)}."""
     groups = {}
     for n in names:
         m = recs[n]["module"]
@@ -92,12 +96,9 @@ def _pick(recs, names):
             continue
         key = (m.kernel_size, m.in_channels, m.out_channels, recs[n]["x"].shape[-1], m.stride)
         groups.setdefault(key, []).append(n)
-    weight = {}  # how many layers of the model each measured layer stands for
-    for key, ns in groups.items():
-        kept = ns if key[0] == (1, 1) else list(dict.fromkeys((ns[0], ns[-1])))
-        for n in kept:
-            weight[n] = len(ns) / len(kept)
-    return [n for n in names if n in weight], weight
+    order = [ns[0] for ns in groups.values()] + [ns[-1] for ns in groups.values() if len(ns) > 1]
+    group = {n: (str(key), len(ns)) for key, ns in groups.items() for n in ns}
+    return order, group
 
 
 def _layer_row(ctx, name, rec, bench):
@@ -250,6 +251,11 @@ def _summary(rows):
         rs = [r for r in rows if r["kernel"] == k]
         if not rs:
             continue
+        measured = {}
+        for r in rs:
+            measured[r["group"]] = measured.get(r["group"], 0) + 1
+        for r in rs:  # each measured layer stands for its share of the layers of its geometry
+            r["weight"] = r["group_size"] / measured[r["group"]]
         cud = sum(r["ms"]["cudnn_fp16_cl"] * r["weight"] for r in rs)
         best = sum(min(v for kk, v in r["ms"].items() if kk.startswith("sparse_fp16")) * r["weight"] for r in rs)
         b8 = sum(r["ms"]["sparse_fp16_b8"] * r["weight"] for r in rs)
@@ -305,7 +311,8 @@ def _md(results) -> str:
         lines.append("")
     lines.append("Times in ms (median of CUDA graph replays, same run and inputs). Sparse conv times include the "
                  "prescan; 'with occupancy' BatchNorm times assume the producer wrote it. Summaries weight each "
-                 "sampled 3x3 layer by the number of layers of its geometry.")
+                 "measured layer by the number of layers of its geometry (the first and last of each geometry are "
+                 "measured, first ones first, as long as the time budget lasts).")
     return "\n".join(lines) + "\n"
 
 
@@ -331,7 +338,7 @@ def run(ctx) -> dict:
         torch.manual_seed(0)
         model, x = prepared_model(name, T, N, size, ctx.device, calib_images=2 if ctx.dry else 16)
         recs, logits, fed = _capture(model, x)
-        names, weight = _pick(recs, fed)
+        names, group = _pick(recs, fed)
         if ctx.dry:  # every code path once: the smallest 3x3 and 1x1 layers (a stride-1 1x1 if there is one)
             def cost(n, recs=recs):
                 mm = recs[n]["module"]
@@ -348,7 +355,7 @@ def run(ctx) -> dict:
                 ctx.log(f"resnet_family: {name}: time share used, {len(res['layers'])} layers measured")
                 break
             row = _layer_row(ctx, n, recs[n], bench)
-            row["weight"] = 1.0 if ctx.dry else weight[n]
+            row["group"], row["group_size"] = group[n] if not ctx.dry else (n, 1)
             res["layers"].append(row)
             ctx.log(f"resnet_family: {name} {n} {row['kernel']} H={row['H']} dens={row['elem_density']:.3f} "
                     f"best={row['best_sparse_fp16']} {row['speedup_best_vs_cudnn_fp16_cl']:.2f}x ok={row['ok']}")
