@@ -18,6 +18,8 @@
 #   GPU_TEST_TIMEOUT  per-test timeout in seconds for pytest-timeout (default 120)
 #   SKIP_GPU_TESTS=1  skip the pytest step
 #   SKIP_GPU_BENCH=1  skip the benchmark step
+#   GPU_TEST_WORKERS  pytest-xdist workers when xdist is installed (default 6)
+#   GPU_TEST_ARGS     extra pytest arguments (e.g. "-k compile")
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -91,8 +93,11 @@ else
         [ -d "$d" ] && test_dirs+=("$d")
     done
     log "pytest -m gpu on: ${test_dirs[*]} (log: $TEST_LOG)"
-    python3 -m pytest -m gpu -q -x -p no:cacheprovider --timeout="${GPU_TEST_TIMEOUT:-120}" \
-        "${test_dirs[@]}" 2>&1 | tee "$TEST_LOG"
+    # several workers when pytest-xdist is there (carried in .whl/): Triton's compiles are CPU-bound
+    par=()
+    if python3 -c "import xdist" 2>/dev/null; then par=(-n "${GPU_TEST_WORKERS:-6}"); fi
+    python3 -m pytest -m gpu -q --maxfail=25 -p no:cacheprovider -p no:logging --timeout="${GPU_TEST_TIMEOUT:-120}" \
+        "${par[@]}" ${GPU_TEST_ARGS:-} "${test_dirs[@]}" 2>&1 | tee "$TEST_LOG"
     tests_rc=${PIPESTATUS[0]}
     if [ "$tests_rc" -eq 5 ]; then
         echo "pytest: no test marked gpu was collected (exit 5); counted as a pass"
