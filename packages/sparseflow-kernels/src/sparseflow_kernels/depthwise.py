@@ -57,7 +57,12 @@ class DepthwiseConfig:
         return "DepthwiseConfig(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
 
 
-def default_depthwise_config(CO: int, block_size=None) -> DepthwiseConfig:
+def default_depthwise_config(CO: int, block_size=None, channels_last: bool = True) -> DepthwiseConfig:
+    """``block_size`` x ``block_size`` output tiles (default 8) of up to 32 channels for channels_last inputs
+    (loads contiguous along channels); NCHW inputs are read along rows, so their tiles are 4 x 32 pixels of up
+    to 8 channels (64-byte row segments per channel) unless ``block_size`` is given."""
+    if not channels_last and block_size is None:
+        return DepthwiseConfig(4, 32, min(8, max(4, next_pow2(CO))), 4)
     th, tw = (8, 8) if block_size is None else ((block_size, block_size) if isinstance(block_size, int)
                                                    else tuple(block_size))
     block_c = min(32, max(4, next_pow2(CO)))
@@ -281,7 +286,7 @@ def grouped_conv2d(
         _grouped_gemm(op, x, weight, groups, stride, padding, dilation, out, sc, sh, config, block_size,
                       dot_precision(x.dtype, fp32_precision), dense)
     else:
-        cfg = config or default_depthwise_config(CO, block_size)
+        cfg = config or default_depthwise_config(CO, block_size, _is_channels_last(x))
         occ = None
         gspan = 1
         og = occupancy_group(cfg, CG, COG, x.element_size())
@@ -297,6 +302,10 @@ def grouped_conv2d(
             gspan = next_pow2(span_in // og + 2)
         launch_direct(x, weight, out, stride, padding, dilation, CG, COG, cfg, sc, sh, occ, og, gspan)
     return out.squeeze(0) if unbatched else out
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def launch_direct(x, weight, out, stride, padding, dilation, CG, COG, cfg: DepthwiseConfig, scale, shift,

@@ -215,7 +215,13 @@ class SparseGroupedConv2d(FoldedBNMixin, SparseModule, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         path = self._path()
         bs = self.block_size if isinstance(self.block_size, int) else None
-        cfg = default_depthwise_config(self.out_channels, bs) if path == "direct" else None
+        def config_for(flat):
+            """``block_size`` tiles for channels_last inputs; NCHW inputs get the row-wise default tiles."""
+            if path != "direct":
+                return None
+            if flat.shape[1] > 1 and flat.is_contiguous(memory_format=torch.channels_last):
+                return default_depthwise_config(self.out_channels, bs, True)
+            return default_depthwise_config(self.out_channels, None, False)
 
         def dense_fn(flat):
             return F.conv2d(flat, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -223,7 +229,7 @@ class SparseGroupedConv2d(FoldedBNMixin, SparseModule, nn.Conv2d):
         def kernel_fn(flat, occ, dense, scale, shift):
             return grouped_conv2d(flat, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                   self.groups, scale=scale, shift=shift, occupancy=occ if path == "direct" else None,
-                                  config=cfg, block_size=bs, path=path, dense=dense)
+                                  config=config_for(flat), block_size=bs, path=path, dense=dense)
 
         def op_fn(flat, dense, scale, shift):
             return torch.ops.sparseflow.grouped_conv2d(flat, self.weight, self.bias, list(self.stride),
