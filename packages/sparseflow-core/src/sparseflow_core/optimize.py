@@ -367,6 +367,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
                 replaced[c].kernel_size in ((3, 3), (1, 1))) or getattr(named.get(c), "accepts_occupancy", False)
                for c in consumers):
             new.write_occupancy = True
+    _account_compute_layers(model, an, rep)
     if not replaced and not rep.by_action("neuron-kernel"):
         if not any(is_spiking_module(m) for m in named.values()):
             rep.notes.append("no spiking modules found: model unchanged")
@@ -382,6 +383,28 @@ def _first_inner_call(an, name):
     leaf inside it stands for its input (handlers of containers check spikes on their own children)."""
     prefix = name + "."
     return next((calls[0] for n, calls in an.calls.items() if n.startswith(prefix) and calls), None)
+
+
+#: layer types the report accounts for even when no pass or handler touched them
+COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                 nn.Linear)
+
+
+def _account_compute_layers(model, an, rep) -> None:
+    """A "left" entry, with the reason, for every convolution / linear layer that no pass or handler
+    reported (Conv3d, ConvTranspose3d, ...): the report accounts for every compute layer of the model."""
+    seen = {e.name for e in rep.layers}
+    for name, m in model.named_modules():
+        if not name or name in seen or not isinstance(m, COMPUTE_TYPES):
+            continue
+        if any(name.startswith(s + ".") for s in seen):
+            continue  # inside a module a handler replaced as a whole
+        info = an.first(name)
+        reason = ("not called in the example forward" if info is None
+                  else f"no sparse op for {type(m).__name__} layers")
+        rep.add(LayerEntry(name=name, type=type(m).__name__, action="left", reason=reason,
+                           in_shape=info.in_shape if info else None,
+                           elem_density=info.elem_density if info else None))
 
 
 def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
