@@ -277,6 +277,18 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
                     entry.detail = f"{new.kind()} ({', '.join(n for n in (bn_name, neuron_name) if n)}), dense input"
                     entry.reason = f"no skipping: {why}"
                     continue
+                if bn is not None:
+                    # conv -> BN (-> e.g. a max pool before the neuron, Spikformer's patch stem): the BN folded
+                    # into the convolution's weights (one channels_last cuDNN call instead of conv + BN passes)
+                    new = SparseConv2d.from_dense(m, bn, None, block_size="dense", mode=mode)
+                    parent, child = _parent(model, name)
+                    setattr(parent, child, new)
+                    replaced[name] = new
+                    rep.folded.append((bn_name, name))
+                    entry.action = "sparse"
+                    entry.detail = f"conv+bn ({bn_name}), dense input"
+                    entry.reason = f"no skipping: {why}" + (f"; {_note}" if _note else "")
+                    continue
             entry.reason = why
             continue
         if problem:

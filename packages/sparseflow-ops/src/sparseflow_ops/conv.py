@@ -215,7 +215,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                 notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
                             "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
             return False
-        return self.block_size != "dense" or self._neuron is not None
+        return self.block_size != "dense" or self._neuron is not None or self._bn is not None
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 5:
@@ -306,9 +306,10 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                                  config=cfg, packed_weight=self._packed(cfg, x.dtype), scale=scale,
                                  shift=shift, occupancy=occ, dense=dense)
 
-        def run_torch():
-            w, b = self._torch_weights(flat, fold=True)
-            return F.conv2d(flat, w, b, self.stride, self.padding, self.dilation)
+        def run_torch():  # cuDNN in channels_last (its NCHW fp16 kernels were 2x slower on the H100)
+            w, b = self._torch_weights(flat, fold=True, channels_last=True)
+            return F.conv2d(flat.contiguous(memory_format=torch.channels_last), w, b, self.stride, self.padding,
+                            self.dilation)
 
         cands = {"dense": lambda: run_kernel(True), "torch": run_torch}
         if self.block_size != "dense" and triton_groups_ok(C, cfg):

@@ -1,4 +1,5 @@
-"""Max pools over spikes run on a one-pass Triton kernel that keeps the spikes' channels_last layout."""
+"""Max pools run on a one-pass Triton kernel that keeps the input's layout (channels_last spikes, and the
+channels_last conv outputs that Spikformer's patch stem pools before its neurons). Exact for any input."""
 
 from __future__ import annotations
 
@@ -15,4 +16,5 @@ def _replace(m: nn.MaxPool2d, ctx):
     return TritonMaxPool2d.from_dense(m), "max pool (Triton, layout kept)"
 
 
-register_op_handler(nn.MaxPool2d, OpHandler("maxpool2d", _replace, accepts=lambda m: not m.return_indices))
+register_op_handler(nn.MaxPool2d, OpHandler("maxpool2d", _replace, accepts=lambda m: not m.return_indices,
+                                                needs_spikes=False))
