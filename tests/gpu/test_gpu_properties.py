@@ -91,9 +91,15 @@ def test_gpu_inf_in_fp32_tf32x3_propagates():
 
 
 def _zoo_names():
+    """``SPARSEFLOW_GPU_ZOO``: "all" (default), "fast" (the CPU suite's models) or comma-separated names."""
     import test_model_zoo as zoo
 
-    return [z[0] for z in zoo.ZOO]
+    sel = os.environ.get("SPARSEFLOW_GPU_ZOO", "all")
+    if sel == "all":
+        return [z[0] for z in zoo.ZOO]
+    if sel == "fast":
+        return list(zoo.FAST)
+    return [n for n in sel.split(",") if n]
 
 
 @pytest.mark.parametrize("name", _zoo_names())
