@@ -629,6 +629,45 @@ def test_snntorch_graded_spikes_stay_exact(factor):
         torch.testing.assert_close(run_steps(opt, steps), run_steps(dense, steps), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_norse_model_exact_registered_or_not():
+    """Norse (if installed): its neurons return (spikes, state) tuples. Not registered, nothing is spike-fed
+    and the model is left alone; registered (``register_spiking_module``), the convolution after a neuron
+    runs sparse and the neurons stay Norse's own ("no kernel for neuron type LIF"). Exact both ways."""
+    nt = pytest.importorskip("norse.torch")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0 = SeqConv(3, 8)
+            self.l0 = nt.LIF(nt.LIFParameters(v_th=torch.tensor(0.3)))
+            self.c1 = SeqConv(8, 8)
+            self.l1 = nt.LIF(nt.LIFParameters(v_th=torch.tensor(0.3)))
+
+        def forward(self, x):
+            z, _ = self.l0(self.c0(x) * 5)
+            z, _ = self.l1(self.c1(z) * 5)
+            return z
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.rand(3, 1, 3, 10, 10)
+    with torch.no_grad():
+        ref = net(x)
+    assert 0.01 < ref.mean() < 0.9
+    for registered in (False, True):
+        if registered:
+            register_spiking_module(nt.LIF)
+        try:
+            opt, rep = optimize(copy.deepcopy(net), x, return_report=True, block_size=8)
+            e = entries(rep)
+            assert e["c1"].action == ("sparse" if registered else "left"), e["c1"]
+            with torch.no_grad():
+                torch.testing.assert_close(opt(x), ref)
+        finally:
+            unregister_spiking_module(nt.LIF)
+
+
 class MyIF(nn.Module):
     """A user's own integrate-and-fire neuron (multi-step, hard reset to 0, threshold 1)."""
 
