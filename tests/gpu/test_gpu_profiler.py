@@ -70,7 +70,7 @@ def test_profile_densities_match_cpu(channels_last):
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(24, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1)).eval()
     g = torch.Generator().manual_seed(2)
-    x = (torch.rand(3, 24, 37, 29, generator=g) < 0.03).float() * 2.0
+    x = (torch.rand(3, 24, 37, 29, generator=g) < 0.002).float() * 2.0  # sparse enough for empty 8x8x16 blocks
     rc = sparseflow.profile(net, x, reps=1, block_size=8)
     xg = x.cuda()
     if channels_last:
