@@ -171,3 +171,49 @@ def test_fp16_module():
         ref = nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
     assert y.dtype == torch.float16 and m.last_path == "sparse"
     assert_close(y, ref, 2e-3)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", [(2, 3, 20, 7), (3, 20, 7), (20, 7)], ids=["TNCL", "NCL", "CL"])
+def test_conv1d_torch_path_folds_bn(shape, bias, monkeypatch):
+    """The dispatch's "torch" candidate: one batched matmul with the BatchNorm folded into the weights."""
+    import sparseflow_ops.linear as lin_mod
+
+    monkeypatch.setattr(lin_mod.kdispatch, "choose", lambda key, cands, fallback, device=None: "torch")
+    torch.manual_seed(0)
+    conv, bn = nn.Conv1d(20, 9, 1, bias=bias).eval(), nn.BatchNorm1d(9).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x = (torch.rand(shape) < 0.3).float() * 2.0
+    flat = x.flatten(0, 1) if x.dim() == 4 else x
+    with torch.no_grad():
+        ref = bn(conv(flat)) if flat.dim() == 3 else bn(conv(flat[None]))[0]
+    m = SparseConv1d.from_dense(conv, bn)
+    with torch.no_grad():
+        y = m(x)
+        bn(y)  # bypassed: hands y through
+    y = y.flatten(0, 1) if x.dim() == 4 else y
+    assert m.last_path == "torch"
+    torch.testing.assert_close(y.double(), ref.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_torch_path_folds_bn(monkeypatch):
+    import sparseflow_ops.linear as lin_mod
+
+    monkeypatch.setattr(lin_mod.kdispatch, "choose", lambda key, cands, fallback, device=None: "torch")
+    torch.manual_seed(1)
+    lin, bn = nn.Linear(12, 5).eval(), nn.BatchNorm1d(5).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = (torch.rand(7, 12) < 0.4).float()
+    with torch.no_grad():
+        ref = bn(lin(x))
+        m = SparseLinear.from_dense(lin, bn)
+        y = m(x)
+        bn(y)  # bypassed
+    assert m.last_path == "torch"
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -35,7 +35,7 @@ from sparseflow_kernels.linear import (
 from ._common import SparseModule, VersionCache, kernels_can_run, notice_once, version_key
 from .conv import MODES, bn_affine, install_bypass, remove_bypass
 
-_RUNTIME = ("_pending", "_wcache", "_acache", "_bn", "_original_class", "block_size", "mode", "time_steps",
+_RUNTIME = ("_pending", "_wcache", "_acache", "_tcache", "_bn", "_original_class", "block_size", "mode", "time_steps",
             "last_path", "step_mode", "config")
 
 
@@ -46,6 +46,7 @@ class _GemmMixin:
         self.__dict__["_pending"] = False
         self.__dict__["_wcache"] = VersionCache()
         self.__dict__["_acache"] = VersionCache()
+        self.__dict__["_tcache"] = VersionCache()
         self.last_path: str | None = None
 
     def __setstate__(self, state):
@@ -74,6 +75,23 @@ class _GemmMixin:
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
         return self._wcache.get(key, lambda: pack_linear_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
 
+    def _torch_weights(self, dtype):
+        """(weight [N, K], bias) for the cuBLAS path, the BatchNorm (if any) folded in, cached by version."""
+        bn = self.__dict__.get("_bn")
+        key = (*version_key(self.weight, self.bias), dtype,
+               (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps) if bn is not None else None)
+
+        def compute():
+            w = self.weight.detach().reshape(self.weight.shape[0], -1).float()
+            b = self.bias.detach().float() if self.bias is not None else None
+            if bn is not None:
+                scale, shift = bn_affine(bn)
+                w = w * scale.view(-1, 1)
+                b = b * scale + shift if b is not None else shift
+            return w.to(dtype).contiguous(), None if b is None else b.to(dtype)
+
+        return self.__dict__["_tcache"].get(key, compute)
+
     def _affine(self):
         bn = self.__dict__.get("_bn")
         if bn is None:
@@ -86,13 +104,12 @@ class _GemmMixin:
         scale, shift = self._affine()
         w = self._packed(cfg, x.dtype)
 
-        def run_torch():
-            y = torch_op()
-            if scale is not None:
-                shp = [1] * y.dim()
-                shp[self._feature_dim(y)] = -1
-                y = torch.addcmul(shift.view(shp), y, scale.view(shp)).to(y.dtype)
-            return y
+        def run_torch():  # cuBLAS with the BatchNorm folded into the weights (no separate BN pass)
+            wt, bt = self._torch_weights(x.dtype)
+            if isinstance(self, nn.Conv1d):  # k=1 on [B, K, L]: one batched GEMM, no layout copies
+                y = torch.matmul(wt, x)
+                return y if bt is None else y.add_(bt.view(-1, 1))
+            return F.linear(x, wt, bt)
 
         def run_kernel(dense, c=cfg):
             return kernel(c, w, scale, shift, dense)
