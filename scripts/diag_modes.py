@@ -6,11 +6,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "packages", "sparseflow-core", "tests"))
-import test_model_zoo as zoo  # noqa: E402
-from spikingjelly.activation_based import functional  # noqa: E402
+import test_model_zoo as zoo
+from spikingjelly.activation_based import functional
 
-from sparseflow_core import optimize  # noqa: E402
-from sparseflow_core.registry import is_spiking_module  # noqa: E402
+from sparseflow_core import optimize
+from sparseflow_core.registry import is_spiking_module
 
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -39,7 +39,6 @@ for name in sys.argv[1].split(","):
     for mode in sys.argv[2].split(","):
         kw = {}
         if mode.endswith("-nopool"):
-            from sparseflow_core.handlers import pool
             from sparseflow_core.registry import _HANDLERS
             _HANDLERS[:] = [(c, h) for c, h in _HANDLERS if h.name != "maxpool2d"]
             mode = mode[:-7]
