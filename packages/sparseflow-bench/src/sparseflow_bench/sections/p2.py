@@ -324,7 +324,7 @@ def _rows(ctx, mres, recs, names, rep, left, margin):
                 f"dens {row['elem_density']:.3f}/{row['block_density_halo']:.3f} exact {row['exact']}")
 
 
-def run(ctx) -> dict:
+def _run(ctx) -> dict:
     """Phase 1, per model: exactness of the whole model, then its depthwise and transposed layers (the issue's
     bar). Phase 2: the pointwise layers of every model while time is left. The 256 px U-Net comes last."""
     import os
@@ -387,3 +387,15 @@ def run(ctx) -> dict:
         f.write(_md(results))
     ctx.log(f"wrote {path}")
     return results
+
+
+def run(ctx):
+    """The section with TF32 off throughout: the model-level exactness checks compare against a true-fp32 dense model
+    (cuDNN's default TF32 convolutions flip spikes at threshold; measured on the H200: the spiking U-Net's output
+    differs by 0.9 from a TF32 reference and by 2.4e-8 from a true-fp32 one), and the fp32 baselines are IEEE fp32."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _run(ctx)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

@@ -261,7 +261,7 @@ def _md(results) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(ctx) -> dict:
+def _run(ctx) -> dict:
     from ..gpu_run import prepared_model
 
     T, N, size = (2, 1, 32) if ctx.dry else (ctx.T, ctx.N, ctx.size)
@@ -307,3 +307,15 @@ def run(ctx) -> dict:
         f.write(_md(results))
     ctx.log(f"wrote {os.path.join(ctx.out_dir, 'transformer.md')}")
     return results
+
+
+def run(ctx):
+    """The section with TF32 off throughout: the model-level exactness checks compare against a true-fp32 dense model
+    (cuDNN's default TF32 convolutions flip spikes at threshold; measured on the H200: the spiking U-Net's output
+    differs by 0.9 from a TF32 reference and by 2.4e-8 from a true-fp32 one), and the fp32 baselines are IEEE fp32."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _run(ctx)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
