@@ -247,12 +247,8 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
         if not isinstance(m, nn.Conv2d) or isinstance(m, SparseModule) or find_op_handler(m) is not None:
             continue
         info = an.first(name)
-        entry = LayerEntry(name=name, type=type(m).__name__, action="left",
-                           in_shape=info.in_shape if info else None,
-                           elem_density=info.elem_density if info else None)
-        rep.add(entry)
-        if filter_fn is not None and not filter_fn(m, name):
-            entry.reason = "excluded by filter_fn"
+        entry = _entry(rep, name, m, info, filter_fn)
+        if entry.reason:
             continue
         ok, why = an.spike_fed(name)
         problem = _conv_problem(m)
@@ -419,6 +415,17 @@ def _account_compute_layers(model, an, rep) -> None:
                            elem_density=info.elem_density if info else None))
 
 
+def _entry(rep, name, m, info, filter_fn) -> LayerEntry:
+    """The report entry of a module about to be considered ("left" until replaced); its reason is set already
+    when ``filter_fn`` excludes the module."""
+    entry = LayerEntry(name=name, type=type(m).__name__, action="left", in_shape=info.in_shape if info else None,
+                       elem_density=info.elem_density if info else None)
+    rep.add(entry)
+    if filter_fn is not None and not filter_fn(m, name):
+        entry.reason = "excluded by filter_fn"
+    return entry
+
+
 def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
     """Modules with a registered op handler (Linear, attention, depthwise conv, ...), outermost first."""
     done: list[str] = []
@@ -429,12 +436,8 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
         if handler is None:
             continue
         info = an.first(name) or _first_inner_call(an, name)
-        entry = LayerEntry(name=name, type=type(m).__name__, action="left",
-                           in_shape=info.in_shape if info else None,
-                           elem_density=info.elem_density if info else None)
-        rep.add(entry)
-        if filter_fn is not None and not filter_fn(m, name):
-            entry.reason = "excluded by filter_fn"
+        entry = _entry(rep, name, m, info, filter_fn)
+        if entry.reason:
             continue
         if info is None:
             entry.reason = "not called in the example forward"

@@ -23,14 +23,12 @@ from ._utils import (
     dot_precision,
     launch,
     next_pow2,
-    pair,
-    require_dtype,
     require_int32_indexable,
     require_triton_device,
 )
 from .conv import ConvConfig, _code_bits, _edge_sel, launch_conv, pack_weight
 from .occupancy import Occupancy, prescan
-from .sparse_conv import MAX_GROUPS, conv_output_size, empty_like_layout, fold_affine
+from .sparse_conv import MAX_GROUPS, conv_output_size, empty_like_layout, fold_affine, normalize_conv_args
 
 #: input channels per group from which the tensor-core kernel (one launch per group) replaces the direct one
 TENSOR_CORE_MIN_CG = 16
@@ -181,50 +179,7 @@ def _direct_kernel(
 
 def normalize_grouped_args(op, x, weight, bias, stride, padding, dilation, groups):
     """Validate ``F.conv2d``-style arguments with ``groups``; return (stride, padding, dilation) as pairs."""
-    if x.dim() != 4:
-        raise ValueError(f"{op}: expected input of shape [N, C, H, W], got {tuple(x.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"{op}: expected weight of shape [C_out, C_in/groups, KH, KW], got {tuple(weight.shape)}")
-    require_dtype(op, "input", x)
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
-    C, CO = x.shape[1], weight.shape[0]
-    if C % groups or CO % groups:
-        raise ValueError(f"{op}: in_channels {C} and out_channels {CO} must be divisible by groups={groups}")
-    if weight.shape[1] * groups != C:
-        raise ValueError(f"{op}: input has {C} channels but weight expects {weight.shape[1]} x groups={groups}")
-    if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != CO:
-            raise ValueError(f"{op}: bias must have shape [{CO}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: input dtype {x.dtype} and bias dtype {bias.dtype} differ")
-    stride, dilation = pair(stride, "stride", op), pair(dilation, "dilation", op)
-    if min(stride) < 1 or min(dilation) < 1:
-        raise ValueError(f"{op}: stride and dilation must be >= 1, got {stride} and {dilation}")
-    KH, KW = weight.shape[2:]
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        elif padding == "same":
-            if stride != (1, 1):
-                raise ValueError(f"{op}: padding='same' needs stride 1 (as in F.conv2d)")
-            tot = (dilation[0] * (KH - 1), dilation[1] * (KW - 1))
-            if tot[0] % 2 or tot[1] % 2:
-                raise NotImplementedError(f"{op}: padding='same' with an even receptive field (asymmetric)")
-            padding = (tot[0] // 2, tot[1] // 2)
-        else:
-            raise ValueError(f"{op}: padding must be 'same', 'valid', an int or a pair, got {padding!r}")
-    else:
-        padding = pair(padding, "padding", op)
-    if min(padding) < 0:
-        raise ValueError(f"{op}: negative padding {padding}")
-    OH = conv_output_size(x.shape[2], KH, stride[0], padding[0], dilation[0])
-    OW = conv_output_size(x.shape[3], KW, stride[1], padding[1], dilation[1])
-    if OH < 1 or OW < 1:
-        raise ValueError(f"{op}: kernel {KH}x{KW} is larger than the padded input {tuple(x.shape[2:])}")
-    return stride, padding, dilation
+    return normalize_conv_args(op, x, weight, bias, stride, padding, dilation, groups, allow_groups=True)
 
 
 def grouped_conv2d(

@@ -39,26 +39,37 @@ def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def normalize_conv_args(op, x, weight, bias, stride, padding, dilation, groups):
-    """Validate ``F.conv2d``-style arguments; return (stride, padding, dilation) as pairs."""
+def normalize_conv_args(op, x, weight, bias, stride, padding, dilation, groups, allow_groups: bool = False):
+    """Validate ``F.conv2d``-style arguments; return (stride, padding, dilation) as pairs. ``allow_groups``: the
+    caller implements ``groups > 1`` (grouped / depthwise convolutions), otherwise only ``groups=1`` is accepted."""
     if x.dim() != 4:
         raise ValueError(f"{op}: expected input of shape [N, C, H, W], got {tuple(x.shape)}")
     if weight.dim() != 4:
-        raise ValueError(f"{op}: expected weight of shape [C_out, C_in, KH, KW], got {tuple(weight.shape)}")
+        what = "C_in/groups" if allow_groups else "C_in"
+        raise ValueError(f"{op}: expected weight of shape [C_out, {what}, KH, KW], got {tuple(weight.shape)}")
     require_dtype(op, "input", x)
     if weight.dtype != x.dtype:
         raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
+    if allow_groups:
+        if not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"{op}: groups must be a positive int, got {groups!r}")
+        C, CO = x.shape[1], weight.shape[0]
+        if C % groups or CO % groups:
+            raise ValueError(f"{op}: in_channels {C} and out_channels {CO} must be divisible by groups={groups}")
+        if weight.shape[1] * groups != C:
+            raise ValueError(f"{op}: input has {C} channels but weight expects {weight.shape[1]} x groups={groups}")
     if bias is not None:
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
             raise ValueError(f"{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
             raise TypeError(f"{op}: input dtype {x.dtype} and bias dtype {bias.dtype} differ")
-    if groups != 1:
-        raise NotImplementedError(f"{op}: groups={groups} is not supported yet (only groups=1)")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"{op}: input has {x.shape[1]} channels but weight expects {weight.shape[1]} (groups=1)"
-        )
+    if not allow_groups:
+        if groups != 1:
+            raise NotImplementedError(f"{op}: groups={groups} is not supported yet (only groups=1)")
+        if x.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"{op}: input has {x.shape[1]} channels but weight expects {weight.shape[1]} (groups=1)"
+            )
     if x.shape[1] == 0 or weight.shape[0] == 0:
         raise ValueError(f"{op}: input channels and output channels must be >= 1, got weight {tuple(weight.shape)}")
     stride, dilation = pair(stride, "stride", op), pair(dilation, "dilation", op)

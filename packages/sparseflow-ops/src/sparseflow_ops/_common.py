@@ -43,6 +43,17 @@ def kernels_can_run(x: torch.Tensor) -> bool:
     return can_run_triton(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
+def kernels_take(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a module's Triton kernels can run on ``x`` with ``weight``: a device they run on, a supported dtype,
+    and the weight's dtype. CPU tensors without the interpreter run the dense torch op (said once per process)."""
+    if kernels_can_run(x) and x.dtype == weight.dtype:
+        return True
+    if not x.is_cuda:
+        notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
+                    "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    return False
+
+
 def tensor_version(t: torch.Tensor | None):
     """``t._version`` (shared by a tensor and its views), or None for inference-mode tensors."""
     if t is None:

@@ -38,8 +38,7 @@ from ._common import (
     VersionCache,
     attach_occupancy,
     find_occupancy,
-    kernels_can_run,
-    notice_once,
+    kernels_take,
     version_key,
 )
 from .neurons import find_adapter, neuron_support
@@ -210,10 +209,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             return False
         if self._neuron is not None and self._neuron.training:
             return False
-        if not kernels_can_run(x) or x.dtype != self.weight.dtype:
-            if not x.is_cuda:
-                notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
-                            "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
+        if not kernels_take(x, self.weight):
             return False
         return self.block_size != "dense" or self._neuron is not None or self._bn is not None
 

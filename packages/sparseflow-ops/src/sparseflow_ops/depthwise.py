@@ -19,7 +19,7 @@ from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.depthwise import TENSOR_CORE_MIN_CG, default_depthwise_config, grouped_conv2d
 from sparseflow_kernels.library import compiling
 
-from ._common import SparseModule, VersionCache, find_occupancy, kernels_can_run, notice_once, version_key
+from ._common import SparseModule, VersionCache, find_occupancy, kernels_take, version_key
 from .conv import MODES, bn_affine, install_bypass, remove_bypass
 
 _RUNTIME = ("_bn", "_pending", "_acache", "_wcache", "_original_class", "block_size", "mode", "time_steps", "last_path",
@@ -96,12 +96,7 @@ class FoldedBNMixin:
         bn = self.folded_bn
         if self.training or (bn is not None and bn.training):
             return False
-        if not kernels_can_run(x) or x.dtype != self.weight.dtype:
-            if not x.is_cuda:
-                notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
-                            "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
-            return False
-        return True
+        return kernels_take(x, self.weight)
 
     def _choose(self, key, cands, x):
         if self.mode != "auto":

@@ -32,7 +32,7 @@ from sparseflow_kernels.linear import (
     sparse_linear,
 )
 
-from ._common import SparseModule, VersionCache, kernels_can_run, notice_once, version_key
+from ._common import SparseModule, VersionCache, kernels_take, version_key
 from .conv import MODES, bn_affine, install_bypass, remove_bypass
 
 _RUNTIME = ("_pending", "_wcache", "_acache", "_tcache", "_bn", "_original_class", "block_size", "mode", "time_steps",
@@ -58,12 +58,7 @@ class _GemmMixin:
         bn = self.__dict__.get("_bn")
         if self.training or (bn is not None and bn.training) or self.mode == "torch":
             return False
-        if not kernels_can_run(x) or x.dtype != self.weight.dtype:
-            if not x.is_cuda:
-                notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
-                            "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
-            return False
-        return True
+        return kernels_take(x, self.weight)
 
     def _cfg(self, K: int, N: int) -> LinearConfig:
         if self.config is not None:
