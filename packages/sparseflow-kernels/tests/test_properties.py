@@ -262,7 +262,7 @@ def draw_spiking(pick) -> dict:
         neuron=pick(range(len(NEURON_CHOICES))), dtype=pick([torch.float32, torch.float16]),
         layout=pick(["contiguous", "channels_last"]), density=pick(DENSITIES),
         values=pick(["spike", "count", "real"]),
-        special=pick(["none", "none", "nan"]),  # +-Inf: see test_inf_reset_differs_from_spikingjelly
+        special=pick(["none", "none", "nan"]),  # +-Inf: test_inf_membrane_matches_spikingjelly
         skip=pick(["prescan", "dense", "t_in_m", "cudnn"]), seed=pick(range(1 << 16)),
     )
     if c["K"] > min(c["H"], c["W"]) + 2 * c["padding"]:
@@ -429,14 +429,19 @@ def test_fp16_huge_case_really_overflows():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_inf_reset_differs_from_spikingjelly():
-    """Documented difference (docs/robustness.md): an infinite membrane fires and the kernels' hard reset
-    *selects* ``v_reset``, where SpikingJelly's ``v = s * v_reset + (1 - s) * h`` gives ``0 * inf = NaN``.
-    The spikes of the step with the Inf are the same; only what follows differs. This test pins the
-    current behaviour so that a change is deliberate."""
-    x = torch.zeros(2, 1, 1, 1, 1)
+@pytest.mark.parametrize("kind", ["if", "lif"])
+def test_inf_membrane_matches_spikingjelly(kind):
+    """An infinite membrane fires, and the hard reset ``v = (1 - s) * h + s * v_reset`` gives ``0 * inf = NaN``
+    exactly as in SpikingJelly (the kernels once selected ``v_reset`` instead): the spikes of every step and the
+    final membrane equal SpikingJelly's own module."""
+    from spikingjelly.activation_based import neuron as sj_neuron
+
+    x = torch.zeros(3, 1, 2, 1, 1)
     x[0, 0, 0, 0, 0] = math.inf
-    spikes, v = multistep_neuron(x, "if", v_reset=0.0, return_v=True)
-    ref_s, _, ref_v = neuron_reference(x.double(), NeuronSpec.make("if", v_reset=0.0))
-    assert spikes[0].item() == ref_s[0].item() == 1.0
-    assert v.item() == 0.0 and math.isnan(ref_v.item())
+    x[1:, 0, 1] = 2.0
+    spikes, v = multistep_neuron(x, kind, v_reset=0.0, return_v=True)
+    m = (sj_neuron.IFNode if kind == "if" else sj_neuron.LIFNode)(step_mode="m", v_reset=0.0)
+    ref_s = m(x.double())
+    assert torch.equal(spikes.double(), ref_s)
+    assert math.isnan(v[0, 0, 0, 0].item()) and math.isnan(float(m.v[0, 0, 0, 0]))
+    torch.testing.assert_close(v[0, 1].double(), m.v[0, 1], rtol=0, atol=0)

@@ -143,8 +143,9 @@ def _neuron_step(z, v, decay, v_th, v_reset,
         else:
             h = v + z
         spike = h >= v_th
-        if HARD_RESET:
-            v = tl.where(spike, v_reset, h)
+        if HARD_RESET:  # SpikingJelly's arithmetic form: the same for finite h, and 0 * inf = NaN as there
+            s = spike.to(tl.float32)
+            v = (1.0 - s) * h + s * v_reset
         else:
             v = h - tl.where(spike, v_th, 0.0)
         return spike, v
