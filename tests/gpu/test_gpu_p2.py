@@ -174,8 +174,6 @@ def test_modules(mode):
         assert rel(m(x).flatten(0, 1), ref) < TOL[torch.float16] and m.last_path in ("sparse", "dense", "torch")
 
 
-@pytest.mark.xfail(strict=False, reason="first GPU run of the P2 operators under torch.compile (not yet verified); "
-                   "an XFAIL here does not stop the -x suite")
 def test_modules_under_torch_compile():
     """After one eager call (dispatch measured), torch.compile keeps torch.ops.sparseflow.* in the graph."""
     from torch import nn
