@@ -156,7 +156,7 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
     dup = {n for n in names if names.count(n) > 1}
     assert not dup, f"{name}: several report entries for {sorted(dup)[:8]}"
     for e in rep.layers:
-        assert e.action in ("fused", "sparse", "neuron-kernel", "left"), e
+        assert e.action in ("fused", "sparse", "kernel", "neuron-kernel", "left"), e
         assert e.action != "left" or e.reason, f"{name}: {e.name} left without a reason"
     for call in range(2):  # the second call continues from the neuron state of the first
         ref = dense(x)

@@ -78,7 +78,7 @@ def assert_report_covers(rep, dense):
         assert name in own or f"{name})" in fused_details or f"{name}," in fused_details, name
         assert name in table
     for e in rep.layers:
-        assert e.action in ("fused", "sparse", "neuron-kernel", "left")
+        assert e.action in ("fused", "sparse", "kernel", "neuron-kernel", "left")
         if e.action == "left":
             assert e.reason, f"{e.name} left without a reason"
 
@@ -532,3 +532,24 @@ def test_resnet_kernels_front_layers(resnet):
     compare_calls(opt, dense, xs)
     paths = {x.name: x.path for x in get_report(opt).layers if x.action == "fused"}
     assert paths and all(p in ("fused_dense", "fused_sparse") for p in paths.values()), paths
+
+
+def test_plain_cnn_with_pool_is_left_unchanged():
+    """No spiking neuron anywhere: not even the handlers that need no spikes (max pools) touch the model."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(8 * 4 * 4, 3)).eval()
+    before = [(n, type(m)) for n, m in net.named_modules()]
+    opt, rep = optimize(net, torch.randn(2, 3, 8, 8), return_report=True)
+    assert [(n, type(m)) for n, m in opt.named_modules()] == before
+    assert "no spiking modules found: model unchanged" in rep.notes
+    assert not rep.replaced and {e.name: e.action for e in rep.layers} == {"0": "left", "2": "left", "4": "left"}
+
+
+def test_max_pool_after_neurons_is_reported_as_kernel(sj_twins):
+    net, dense, xs = sj_twins
+    net = nn.Sequential(net, nn.MaxPool2d(2))  # pools the spikes of the net's last neuron
+    dense = nn.Sequential(dense, nn.MaxPool2d(2))
+    opt, rep = optimize(net, xs[0], return_report=True)
+    e = {x.name: x for x in rep.layers}["1"]
+    assert e.action == "kernel" and e.block_size is None and "max pool" in e.detail
+    compare_calls(opt, dense, xs)

@@ -41,7 +41,8 @@ def test_table_contains_everything():
         for text in (e.name, e.type, e.action, e.detail, e.reason):
             assert text in table
     assert "0.123" in table and "0.500" in table and "dense" in table
-    assert "1 fused spiking layers, 1 sparse convolutions, 1 neurons on the kernel, 1 layers left" in table
+    assert ("1 fused spiking layers, 1 sparse layers, 0 other layers on SparseFlow kernels, 1 neurons on the kernel, "
+            "1 layers left") in table
     assert "2 BatchNorms folded" in table
     assert "note: a note" in table
     lines = table.splitlines()

@@ -376,7 +376,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
                for c in consumers):
             new.write_occupancy = True
     _account_compute_layers(model, an, rep)
-    if not replaced and not rep.by_action("neuron-kernel"):
+    if not rep.replaced and not rep.by_action("neuron-kernel"):
         if not any(is_spiking_module(m) for m in named.values()):
             rep.notes.append("no spiking modules found: model unchanged")
         else:
@@ -429,6 +429,7 @@ def _entry(rep, name, m, info, filter_fn) -> LayerEntry:
 def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
     """Modules with a registered op handler (Linear, attention, depthwise conv, ...), outermost first."""
     done: list[str] = []
+    snn = any(is_spiking_module(m) for m in model.modules())
     for name, m in list(model.named_modules()):
         if not name or isinstance(m, SparseModule) or any(name.startswith(d + ".") for d in done):
             continue
@@ -441,6 +442,9 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
             continue
         if info is None:
             entry.reason = "not called in the example forward"
+            continue
+        if not snn:  # a model without spiking neurons is left exactly as it is
+            entry.reason = "no spiking modules in the model"
             continue
         if handler.needs_spikes:
             ok, why = an.spike_fed(name)
@@ -464,7 +468,9 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
         parent, child = _parent(model, name)
         setattr(parent, child, new)
         done.append(name)
-        entry.action, entry.detail = "sparse", text or handler.name
+        entry.action, entry.detail = handler.action, text or handler.name
+        if not handler.uses_blocks:
+            entry.block_size = None
 
 
 def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode):

@@ -74,13 +74,17 @@ class OpHandler:
     :class:`sparseflow_core.handlers.HandlerContext` (the model, the analysis, the module's name, the block
     size the default rule or the user chose, the mode). ``accepts(module) -> bool`` narrows the handler to
     some instances of the type (e.g. ``groups > 1`` convolutions). ``needs_spikes``: only called when the
-    analyzer proved the module's input is spikes (otherwise the report says why it was left).
+    analyzer proved the module's input is spikes (otherwise the report says why it was left). ``action`` is
+    what the report calls a replacement (``"kernel"`` for ops that only run on SparseFlow's kernels, such as
+    max pools, without skipping anything), ``uses_blocks`` whether the report shows a block size for it.
     """
 
     name: str
     replace: Callable
     accepts: Callable | None = None
     needs_spikes: bool = True
+    action: str = "sparse"  # the report's word for a replacement: "sparse" (skips zeros) or "kernel" (no skipping)
+    uses_blocks: bool = True  # whether the block size (default rule / user's) means anything for this op
 
 
 _HANDLERS: list[tuple[type, OpHandler]] = []

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 class LayerEntry:
     name: str
     type: str
-    action: str  # "fused", "sparse", "neuron-kernel", "left"
+    action: str  # "fused", "sparse", "kernel" (SparseFlow kernel, nothing skipped), "neuron-kernel", "left"
     detail: str = ""
     block_size: object = None
     reason: str = ""
@@ -34,7 +34,7 @@ class OptimizeReport:
 
     @property
     def replaced(self) -> list[LayerEntry]:
-        return [e for e in self.layers if e.action in ("fused", "sparse")]
+        return [e for e in self.layers if e.action in ("fused", "sparse", "kernel")]
 
     @property
     def skipped(self) -> list[LayerEntry]:
@@ -70,9 +70,11 @@ class OptimizeReport:
         fmt = " | ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*head), "-+-".join("-" * w for w in widths)]
         lines += [fmt.format(*r) for r in rows]
-        n_f, n_s, n_n, n_l = (len(self.by_action(a)) for a in ("fused", "sparse", "neuron-kernel", "left"))
-        lines.append(f"{n_f} fused spiking layers, {n_s} sparse convolutions, {n_n} neurons on the kernel, "
-                     f"{n_l} layers left as they were; {len(self.folded)} BatchNorms folded")
+        n_f, n_s, n_k, n_n, n_l = (len(self.by_action(a)) for a in ("fused", "sparse", "kernel", "neuron-kernel",
+                                                                     "left"))
+        lines.append(f"{n_f} fused spiking layers, {n_s} sparse layers, {n_k} other layers on SparseFlow kernels, "
+                     f"{n_n} neurons on the kernel, {n_l} layers left as they were; "
+                     f"{len(self.folded)} BatchNorms folded")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -270,7 +270,7 @@ def _model_exactness(model, x):
             replaced[type(mm).__name__] += 1
     err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
     return {"output_rel_err": err, "ok": err < 1e-3, "replaced": replaced,
-            "report_counts": {a: len(rep.by_action(a)) for a in ("fused", "sparse", "neuron-kernel", "left")}}
+            "report_counts": {a: len(rep.by_action(a)) for a in ("fused", "sparse", "kernel", "neuron-kernel", "left")}}
 
 
 def _md(results) -> str:
