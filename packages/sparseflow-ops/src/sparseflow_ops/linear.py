@@ -70,6 +70,19 @@ class _GemmMixin:
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
         return self._wcache.get(key, lambda: pack_linear_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
 
+    def _adopt(self, dense: nn.Module, bn):
+        """Take over ``dense``'s parameters, mode and SpikingJelly step mode; fold and bypass ``bn``."""
+        self.weight = dense.weight
+        self.bias = dense.bias
+        self.training = dense.training
+        if hasattr(dense, "step_mode"):
+            self.step_mode = dense.step_mode
+        self.__dict__["_original_class"] = type(dense)
+        self.__dict__["_bn"] = bn
+        if bn is not None:
+            install_bypass(bn, self, last=True)
+        return self
+
     def _torch_weights(self, dtype):
         """(weight [N, K], bias) for the cuBLAS path, the BatchNorm (if any) folded in, cached by version."""
         bn = self.__dict__.get("_bn")
@@ -193,16 +206,7 @@ class SparseLinear(_GemmMixin, SparseModule, nn.Linear):
         _check_bn(bn, linear.out_features)
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
                   block_size=block_size, mode=mode, config=config)
-        new.weight = linear.weight
-        new.bias = linear.bias
-        new.training = linear.training
-        if hasattr(linear, "step_mode"):
-            new.step_mode = linear.step_mode
-        new.__dict__["_original_class"] = type(linear)
-        new.__dict__["_bn"] = bn
-        if bn is not None:
-            install_bypass(bn, new, last=True)
-        return new
+        return new._adopt(linear, bn)
 
     def to_dense(self) -> nn.Linear:
         """The plain ``nn.Linear`` (or the SpikingJelly class it was) back, same parameters."""
@@ -280,18 +284,9 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         _check_bn(bn, conv.out_channels)
         new = cls(conv.in_channels, conv.out_channels, conv.bias is not None, device="meta",
                   block_size=block_size, mode=mode, config=config)
-        new.weight = conv.weight
-        new.bias = conv.bias
         new.padding = conv.padding
         new.padding_mode = conv.padding_mode
-        new.training = conv.training
-        if hasattr(conv, "step_mode"):
-            new.step_mode = conv.step_mode
-        new.__dict__["_original_class"] = type(conv)
-        new.__dict__["_bn"] = bn
-        if bn is not None:
-            install_bypass(bn, new, last=True)
-        return new
+        return new._adopt(conv, bn)
 
     def to_dense(self) -> nn.Conv1d:
         klass = self.__dict__.get("_original_class", nn.Conv1d)
