@@ -92,6 +92,24 @@ def bn_affine(bn: nn.BatchNorm2d):
     return scale, b - mean * scale
 
 
+def bn_key(bn: nn.BatchNorm2d | None):
+    """Cache key of a BatchNorm's folded form: changes with its parameters, statistics and eps."""
+    if bn is None:
+        return None
+    return (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps)
+
+
+def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight * scale, bias * scale + shift)`` per output channel (dim 0) for an eval-mode BatchNorm ``bn``
+    (None: unchanged), computed in fp32 and returned in ``weight``'s dtype."""
+    if bn is None:
+        return weight, bias
+    scale, shift = bn_affine(bn)
+    w = (weight.float() * scale.view(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
+    b = (bias.float() * scale + shift) if bias is not None else shift
+    return w, b.to(weight.dtype)
+
+
 class SparseConv2d(SparseModule, nn.Conv2d):
     """Drop-in ``nn.Conv2d`` (same parameters, ``state_dict`` keys and ``isinstance``) running SparseFlow's
     kernels in eval mode; see the module docstring. Inputs ``[N, C, H, W]`` or multi-step
@@ -256,8 +274,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         bn = self._bn
         if bn is None:
             return None, None
-        key = (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps)
-        return self._acache.get(key, lambda: bn_affine(bn))
+        return self._acache.get(bn_key(bn), lambda: bn_affine(bn))
 
     def _config(self, C, CO):
         return default_config(C, CO, self.block_size if isinstance(self.block_size, int) else 8)
@@ -266,25 +283,16 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
         return self._wcache.get(key, lambda: pack_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
 
-    def _torch_weights(self, x: torch.Tensor, fold: bool, channels_last: bool | None = None):
-        """(weight, bias) for the cuDNN paths: in ``x``'s memory format (a channels_last input with an NCHW weight
-        makes cuDNN convert the activations on every call), with the BatchNorm folded in when ``fold``
-        (``w * scale``, ``b * scale + shift``: no separate BatchNorm pass)."""
-        cl = channels_last if channels_last is not None else (
-            x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    def _torch_weights(self, fold: bool):
+        """(weight, bias) for the cuDNN paths, which run channels_last: the weight channels_last too (with an NCHW
+        weight cuDNN converts the activations on every call), the BatchNorm folded in when ``fold`` (no separate
+        BatchNorm pass)."""
         bn = self._bn if fold else None
-        key = (*version_key(self.weight, self.bias), cl, x.dtype,
-               (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps) if bn is not None else None)
+        key = (*version_key(self.weight, self.bias), bn_key(bn))
 
         def compute():
-            w, b = self.weight, self.bias
-            if bn is not None:
-                scale, shift = bn_affine(bn)
-                w = (w.float() * scale.view(-1, 1, 1, 1)).to(w.dtype)
-                b = ((b.float() * scale + shift) if b is not None else shift).to(w.dtype)
-            if cl:
-                w = w.contiguous(memory_format=torch.channels_last)
-            return w.detach(), None if b is None else b.detach()
+            w, b = fold_bn(self.weight.detach(), None if self.bias is None else self.bias.detach(), bn)
+            return w.contiguous(memory_format=torch.channels_last), b
 
         return self._tcache.get(key, compute)
 
@@ -303,7 +311,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                                  shift=shift, occupancy=occ, dense=dense)
 
         def run_torch():  # cuDNN in channels_last (its NCHW fp16 kernels were 2x slower on the H100)
-            w, b = self._torch_weights(flat, fold=True, channels_last=True)
+            w, b = self._torch_weights(fold=True)
             return F.conv2d(flat.contiguous(memory_format=torch.channels_last), w, b, self.stride, self.padding,
                             self.dilation)
 
@@ -412,7 +420,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                                   sparse=sparse and occ is None, write_occupancy=write_occ, **common)
 
         def cudnn():
-            w, b = self._torch_weights(flat, fold=False, channels_last=True)  # the cuDNN path runs channels_last
+            w, b = self._torch_weights(fold=False)
             return spiking_conv2d(x5, w, b, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **common)
 
         cands = {}

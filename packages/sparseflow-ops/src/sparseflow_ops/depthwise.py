@@ -19,8 +19,8 @@ from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.depthwise import TENSOR_CORE_MIN_CG, default_depthwise_config, grouped_conv2d
 from sparseflow_kernels.library import compiling
 
-from ._common import SparseModule, VersionCache, find_occupancy, kernels_take, version_key
-from .conv import MODES, bn_affine, install_bypass, remove_bypass
+from ._common import SparseModule, VersionCache, find_occupancy, kernels_take
+from .conv import MODES, bn_affine, bn_key, install_bypass, remove_bypass
 
 _RUNTIME = ("_bn", "_pending", "_acache", "_wcache", "_original_class", "block_size", "mode", "time_steps", "last_path",
             "step_mode")
@@ -47,8 +47,7 @@ class FoldedBNMixin:
         bn = self.__dict__.get("_bn")
         if bn is None:
             return None, None
-        key = (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps)
-        return self._acache.get(key, lambda: bn_affine(bn))
+        return self._acache.get(bn_key(bn), lambda: bn_affine(bn))
 
     @property
     def folded_bn(self):

@@ -33,7 +33,7 @@ from sparseflow_kernels.linear import (
 )
 
 from ._common import SparseModule, VersionCache, kernels_take, version_key
-from .conv import MODES, bn_affine, install_bypass, remove_bypass
+from .conv import MODES, bn_affine, bn_key, fold_bn, install_bypass, remove_bypass
 
 _RUNTIME = ("_pending", "_wcache", "_acache", "_tcache", "_bn", "_original_class", "block_size", "mode", "time_steps",
             "last_path", "step_mode", "config")
@@ -86,16 +86,11 @@ class _GemmMixin:
     def _torch_weights(self, dtype):
         """(weight [N, K], bias) for the cuBLAS path, the BatchNorm (if any) folded in, cached by version."""
         bn = self.__dict__.get("_bn")
-        key = (*version_key(self.weight, self.bias), dtype,
-               (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps) if bn is not None else None)
+        key = (*version_key(self.weight, self.bias), dtype, bn_key(bn))
 
         def compute():
-            w = self.weight.detach().reshape(self.weight.shape[0], -1).float()
-            b = self.bias.detach().float() if self.bias is not None else None
-            if bn is not None:
-                scale, shift = bn_affine(bn)
-                w = w * scale.view(-1, 1)
-                b = b * scale + shift if b is not None else shift
+            w = self.weight.detach()
+            w, b = fold_bn(w.reshape(w.shape[0], -1), None if self.bias is None else self.bias.detach(), bn)
             return w.to(dtype).contiguous(), None if b is None else b.to(dtype)
 
         return self.__dict__["_tcache"].get(key, compute)
@@ -104,8 +99,7 @@ class _GemmMixin:
         bn = self.__dict__.get("_bn")
         if bn is None:
             return None, None
-        key = (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps)
-        return self._acache.get(key, lambda: bn_affine(bn))
+        return self._acache.get(bn_key(bn), lambda: bn_affine(bn))
 
     def _run(self, key, x, kernel, torch_op, K, N):
         cfg = self._cfg(K, N)

@@ -9,6 +9,7 @@ code path once on tiny shapes without timing claims.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -47,6 +48,18 @@ class SectionContext:
         from ..timing import bench_ms
 
         return bench_ms(fn, **kw)
+
+
+@contextlib.contextmanager
+def strict_fp32():
+    """No TF32 in cuDNN / cuBLAS inside the block: exactness checks compare against a true-fp32 dense model (cuDNN's
+    default TF32 convolutions flip spikes at threshold by themselves), and fp32 baselines are IEEE fp32."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def find_section(name: str):

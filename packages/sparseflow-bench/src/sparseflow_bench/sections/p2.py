@@ -390,12 +390,9 @@ def _run(ctx) -> dict:
 
 
 def run(ctx):
-    """The section with TF32 off throughout: the model-level exactness checks compare against a true-fp32 dense model
-    (cuDNN's default TF32 convolutions flip spikes at threshold; measured on the H200: the spiking U-Net's output
-    differs by 0.9 from a TF32 reference and by 2.4e-8 from a true-fp32 one), and the fp32 baselines are IEEE fp32."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    """The section with TF32 off throughout (``strict_fp32``): measured on the H200, the spiking U-Net's output
+    differs by 0.9 from a TF32 reference and by 2.4e-8 from a true-fp32 one."""
+    from . import strict_fp32
+
+    with strict_fp32():
         return _run(ctx)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import strict_fp32
+
 MODELS = ("sew_resnet34", "spiking_resnet50", "spiking_vgg11")
 BUDGET_S = 140.0  # the whole section
 
@@ -50,17 +52,6 @@ def _reset(model):
 def _rel(y, ref) -> float:
     y, ref = y.detach().double(), ref.detach().double()
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-class _StrictFP32:
-    """No TF32 in cuDNN / cuBLAS inside the block: the exactness checks compare real fp32 results."""
-
-    def __enter__(self):
-        self.old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.old
 
 
 def _capture(model, x):
@@ -77,7 +68,7 @@ def _capture(model, x):
                 recs[name] = {"x": (a.flatten(0, 1) if a.dim() == 5 else a).to(torch.float16), "module": mod}
             handles.append(m.register_forward_pre_hook(hook))
     _reset(model)
-    with torch.no_grad(), _StrictFP32():
+    with torch.no_grad(), strict_fp32():
         logits = model(x)
     _reset(model)
     for h in handles:
@@ -222,7 +213,7 @@ def _e2e(ctx, model, x, logits):
         _reset(opt)
         opt(x)  # the first call measures the paths (TF32 allowed, as in use)
         _reset(opt)
-        with _StrictFP32():
+        with strict_fp32():
             y = opt(x)
         _reset(opt)
     rep = get_report(opt)
