@@ -1,9 +1,11 @@
 """GPU run of the property suite (``packages/sparseflow-kernels/tests/test_properties.py``) and of the model
 zoo (``packages/sparseflow-core/tests/test_model_zoo.py``), on the real kernels (scripts/gpu_check.sh).
 
-* The same checkers as the CPU suite, on CUDA, with bf16 added to fp32/fp16 (fp32 through the default
-  ``tf32x3``), larger maps (31, 56 px) and every special value (NaN, +-Inf, fp16 overflow). Cases come from
-  a seeded sampler (the GPU machine may lack hypothesis; ``SPARSEFLOW_GPU_EXAMPLES`` scales the count).
+* The same checkers as the CPU suites (``test_properties.py``; ``test_properties_ops.py``: linear, 1x1 conv,
+  SSA, channel_dot, grouped/depthwise conv, transposed conv, BatchNorm, max-pool), on CUDA, with bf16 added
+  to fp32/fp16 (fp32 through the default ``tf32x3``), larger maps (31, 56 px) and every special value (NaN,
+  +-Inf, fp16 overflow). Cases come from a seeded sampler (the GPU machine may lack hypothesis;
+  ``SPARSEFLOW_GPU_EXAMPLES`` scales the count).
 * Every buildable zoo model optimized with the kernels forced on (``mode="sparse"``): no crash, logits equal
   the dense model's, the report has an entry per conv / linear layer.
 * Resource safety: 1,000 forwards with changing sparsity do not grow ``torch.cuda.memory_allocated``.
@@ -75,6 +77,78 @@ def test_gpu_spiking_conv2d_property(seed):
 def test_gpu_multistep_neuron_property(seed):
     tp = _props()
     tp.check_neuron(_gpu_case(tp.draw_neuron, seed, {"C": [64, 256], "T": [4, 8]}), device="cuda")
+
+
+# the other kernels (packages/sparseflow-kernels/tests/test_properties_ops.py), one property each
+
+
+def _ops():
+    import test_properties_ops as tpo
+
+    return tpo
+
+
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_gpu_sparse_linear_property(seed):
+    tpo = _ops()
+    tpo.check_linear(_gpu_case(tpo.draw_linear, seed, {"K": [256, 1000], "N": [64, 384], "lead": [(8, 197)]}),
+                     device="cuda")
+
+
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_gpu_sparse_conv1x1_property(seed):
+    tpo = _ops()
+    tpo.check_conv1x1(_gpu_case(tpo.draw_conv1x1, seed, {"C": [64, 256], "CO": [64, 384], "L": [196]}),
+                      device="cuda")
+
+
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_gpu_ssa_attention_property(seed):
+    tpo = _ops()
+    tpo.check_ssa(_gpu_case(tpo.draw_ssa, seed, {"H": [8], "D": [32, 64], "L": [64, 196]}), device="cuda")
+
+
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_gpu_channel_dot_property(seed):
+    tpo = _ops()
+    tpo.check_channel_dot(_gpu_case(tpo.draw_channel_dot, seed, {"C": [64, 256], "spatial": [(14, 14), (196,)]}),
+                          device="cuda")
+
+
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_gpu_grouped_conv2d_property(seed):
+    tpo = _ops()
+    c = _gpu_case(tpo.draw_grouped, seed, {"H": [31, 56], "W": [29, 56], "groups": [32, 64]})
+    tpo.check_grouped(c, device="cuda")
+
+
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_gpu_conv_transpose2d_property(seed):
+    tpo = _ops()
+    c = _gpu_case(tpo.draw_conv_transpose, seed, {"H": [16, 29], "W": [16, 31], "C": [37, 64], "CO": [64, 96]})
+    tpo.check_conv_transpose(c, device="cuda")
+
+
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_gpu_sparse_batch_norm2d_property(seed):
+    tpo = _ops()
+    c = _gpu_case(tpo.draw_batchnorm, seed, {"C": [64, 130], "H": [31, 56], "W": [29, 56]})
+    tpo.check_batchnorm(c, device="cuda")
+
+
+@pytest.mark.parametrize("seed", range(N_CASES))
+def test_gpu_max_pool2d_property(seed):
+    tpo = _ops()
+    tpo.check_pool(_gpu_case(tpo.draw_pool, seed, {"C": [64, 130], "H": [31, 56], "W": [33, 56]}), device="cuda")
+
+
+@pytest.mark.parametrize("name", ["ssa-nan-in-k-v-silent", "ssa-inf-in-k-v-silent", "ssa-inf-in-v-head-padding",
+                                  "linear-fp16-huge-overflows", "grouped-17ch-gemm-inf",
+                                  "convt-inf-meets-minus-inf", "batchnorm-occupancy-nan-70ch"])
+def test_gpu_op_regressions(name):
+    """The CPU suite's regression cases of these kernels, on the real kernels."""
+    c, check = _ops().regression_case(name)
+    check(c, device="cuda")
 
 
 def _inf_cases():

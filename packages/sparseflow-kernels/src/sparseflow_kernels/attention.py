@@ -10,7 +10,9 @@ Transformer's Hadamard attention, skipping blocks whose spikes are all zero.
 * :func:`channel_dot` - ``SpikeDrivenSelfAttention``'s ``sum over tokens of k * v`` per (sample, channel), the
   input of its ``attn_lif``; the output ``q * attn`` is one broadcast multiply in the caller.
 
-NaN and Inf count as non-zero (never skipped), so they propagate as in the dense op.
+NaN and Inf count as non-zero (never skipped), so they propagate as in the dense op; a zero block is skipped only
+when the dense product with it is zero too (``0 * Inf = NaN``: a zero ``k`` block next to an Inf or NaN in ``v``,
+or a zero ``q`` block when ``v @ k^T`` is not finite, is computed).
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ from ._utils import dot_precision, next_pow2, require_dtype, require_int32_index
 def new_output(shape, dtype, device) -> torch.Tensor:
     """The output buffer of the kernels (one place, so that tests can poison it)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _any_nonzero(x):
+    return tl.max(tl.max((x != 0).to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit
+def _any_nonfinite(x):
+    return tl.max(tl.max(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=1), axis=0)
 
 
 @triton.jit
@@ -55,19 +67,23 @@ def _ssa_kernel(
         kt = tl.load(kb + ll[:, None] * skl + d[None, :] * skd,
                      mask=(ll < L)[:, None] & d_ok[None, :], other=0.0)  # [BL, D]
         if SPARSE:
-            hit = (tl.max(tl.max((vt != 0).to(tl.int32), axis=1), axis=0)
-                   * tl.max(tl.max((kt != 0).to(tl.int32), axis=1), axis=0))
+            # skipped only where the dense product is exactly zero: v all zero and k finite, or the reverse
+            hit = ((_any_nonzero(vt) | _any_nonfinite(kt))
+                   & (_any_nonzero(kt) | _any_nonfinite(vt)))
             if hit != 0:
                 kv = tl.dot(vt, kt, kv, input_precision=PREC)
         else:
             kv = tl.dot(vt, kt, kv, input_precision=PREC)
+    # the padding rows / columns (d >= D) are 0 * v or k * 0: NaN next to an Inf, which pass 2 would spread
+    kv = tl.where(d_ok[:, None] & d_ok[None, :], kv, 0.0)
+    kv_bad = _any_nonfinite(kv)  # a zero q block then gives NaN (0 * Inf) in the dense op: not skipped
     for l0 in range(0, L, BLOCK_L):
         ll = l0 + lo
         m = d_ok[:, None] & (ll < L)[None, :]
         qt = tl.load(qb + d[:, None] * sqd + ll[None, :] * sql, mask=m, other=0.0)  # [D, BL]
         out = tl.zeros([D_P2, BLOCK_L], dtype=tl.float32)
         if SPARSE:
-            if tl.max(tl.max((qt != 0).to(tl.int32), axis=1), axis=0) != 0:
+            if (_any_nonzero(qt) | kv_bad) != 0:
                 out = tl.dot(kv, qt.to(tl.float32), out, input_precision=PREC32)
         else:
             out = tl.dot(kv, qt.to(tl.float32), out, input_precision=PREC32)
