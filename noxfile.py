@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import nox
+from nox.virtualenv import PassthroughEnv
 
 nox.options.sessions = ["lint", "tests"]
 
@@ -112,20 +114,26 @@ def tests(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks and their report: ``sparseflow-bench --out benchmarks/results --readme README.md [posargs]``.
 
-    With a CUDA GPU, in one call: the GPU benchmarks of ``scripts/gpu_check.sh`` (``sparseflow_bench.gpu_run``:
-    fused layers, standalone convolutions, batch sweep, end to end, plus ``sparseflow.profile`` of the model),
-    then the report into benchmarks/results: ``results.csv`` (long format), ``pytest_benchmark.json``, markdown
+    With a CUDA GPU, in one call: the per-op density sweep on synthetic spikes (i.i.d., clustered, silent
+    channels), the end-to-end models against eager fp32 and ``torch.compile``, ``sparseflow.profile`` of every
+    benchmark model (per-layer latency against each layer's dense op), each against its dense baseline in the same
+    run (``--sections`` adds the per-issue sections of ``sparseflow_bench.gpu_run``), then the report
+    into benchmarks/results: ``results.csv`` (long format), ``pytest_benchmark.json``, markdown
     tables, PNG plots, and the README's Results block. Without one the CLI says so and runs the CPU demo of
     ``optimize()`` and the profiler (well under 5 minutes; it writes no files). Extra arguments go to the CLI:
     ``nox -s bench -- --sections layers,e2e --T 4 --batch 8``; ``nox -s bench -- compare NEW OLD`` runs the
-    regression guard instead.
+    regression guard instead. On a machine whose python already has every dependency (the GPU device machine:
+    ``GPU_BENCH=nox bash scripts/gpu_check.sh``), ``nox --no-venv --no-install -s bench`` runs it in that python.
     """
     install_sparseflow(session)
+    # ``nox --no-venv --no-install -s bench`` (a machine whose python already has torch, triton and the
+    # dependencies, e.g. the GPU device machine; our packages on PYTHONPATH): the python running nox
+    python = sys.executable if isinstance(session.virtualenv, PassthroughEnv) else "python"
     if session.posargs and session.posargs[0] in ("report", "compare", "run"):
-        session.run("python", "-m", "sparseflow_bench.cli", *session.posargs)
+        session.run(python, "-m", "sparseflow_bench.cli", *session.posargs, external=True)
         return
-    session.run("python", "-m", "sparseflow_bench.cli", "--out", str(ROOT / "benchmarks" / "results"),
-                "--readme", str(ROOT / "README.md"), *session.posargs)
+    session.run(python, "-m", "sparseflow_bench.cli", "--out", str(ROOT / "benchmarks" / "results"),
+                "--readme", str(ROOT / "README.md"), *session.posargs, external=True)
 
 
 # triton is not installed explicitly: it must come in as a dependency of the kernels wheel.

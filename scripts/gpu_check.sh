@@ -20,6 +20,9 @@
 #   SKIP_GPU_BENCH=1  skip the benchmark step
 #   GPU_TEST_WORKERS  pytest-xdist workers when xdist is installed (default 6)
 #   GPU_TEST_ARGS     extra pytest arguments (e.g. "-k compile")
+#   GPU_BENCH=nox     run the benchmarks as `nox -s bench` (nox from .whl/nox/, in this machine's python:
+#                     --no-venv --no-install, our packages on PYTHONPATH) with the arguments given to this
+#                     script going to the sparseflow-bench CLI; default: python3 -m sparseflow_bench.gpu_run
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
@@ -112,8 +115,17 @@ if [ "${SKIP_GPU_BENCH:-0}" = 1 ]; then
     log "benchmarks: skipped (SKIP_GPU_BENCH=1)"
 else
     export SPARSEFLOW_RESULTS_DIR="$RESULTS_DIR"
-    log "python3 -m sparseflow_bench.gpu_run --out $RESULTS_DIR $*"
-    python3 -m sparseflow_bench.gpu_run --out "$RESULTS_DIR" "$@"
+    if [ "${GPU_BENCH:-}" = nox ]; then
+        # nox and its pure-Python dependencies in their own folder: only the nox command sees them
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/noxsite \
+            .whl/nox/*.whl || echo "WARNING: installing nox from .whl/nox failed" >&2
+        log "nox -s bench -- --out $RESULTS_DIR $* (no venv, no install: this machine's python3)"
+        PYTHONPATH="/tmp/noxsite:$PYTHONPATH" python3 -m nox --no-venv --no-install -s bench -- \
+            --out "$RESULTS_DIR" "$@"
+    else
+        log "python3 -m sparseflow_bench.gpu_run --out $RESULTS_DIR $*"
+        python3 -m sparseflow_bench.gpu_run --out "$RESULTS_DIR" "$@"
+    fi
     bench_rc=$?
     log "benchmarks: exit $bench_rc"
 fi

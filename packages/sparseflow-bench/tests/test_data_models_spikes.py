@@ -144,6 +144,22 @@ def test_clustered_is_clustered_and_not_tile_aligned() -> None:
     assert starts.numel() > 0 and (starts % 8 != 0).any()
 
 
+def test_clustered_share_channels_follows_one_mask_per_sample() -> None:
+    """share_channels: every channel of a sample fires only inside the same regions, so the 16-channel blocks
+    of a conv see about the covered fraction of tiles, far fewer than with patches drawn per channel."""
+    shape, density = (4, 32, 32, 32), 0.05
+    x = spikes.clustered_spikes(shape, density, blob=8, seed=0, fill=0.5, share_channels=True)
+    assert abs(x.mean().item() - density) < 0.3 * density
+    # where any of the 32 channels fired: the shared regions (coverage density / fill = 0.1); with patches drawn
+    # per channel the union would cover 1 - 0.9 ** 32 = 97 % of the plane
+    union = x.amax(dim=1).mean().item()
+    assert 0.05 < union < 0.2
+    per_chan = spikes.clustered_spikes(shape, density, blob=8, seed=0, fill=0.5)
+    assert spikes.spike_stats(x)["tile8_g16_halo"] < 0.6 * spikes.spike_stats(per_chan)["tile8_g16_halo"]
+    with pytest.raises(ValueError):
+        spikes.clustered_spikes((8, 8), 0.1, share_channels=True)
+
+
 def test_silent_channel_spikes_planes() -> None:
     shape = (4, 50, 16, 16)
     x = spikes.silent_channel_spikes(shape, 0.3, silent_frac=0.4, seed=2)

@@ -280,16 +280,44 @@ def test_report_writes_csv_json_plots_and_readme(tmp_path, capsys):
     assert "`torch.compile` + CUDA graph fp16: 0.120 ms | 0.060 ms | 2.00x (slowest layer 2.00x)" in text
     assert "eager fp32 8.00 ms / compile fp16 1.50 ms | 2.00 ms | 4.0x / 0.75x" in text
     assert "cuDNN fp16 channels_last 0.030 ms | 0.060 ms | 0.50x (dispatch: 1.00x)" in text
-    assert "`linear`: 1 rows, sum (sparse_fp16) | cublas_fp16: 0.020 ms | 0.010 ms | 2.00x" in text
+    assert "`linear`: 1 rows, sum (sparse_fp16), `linear.json` | cublas_fp16: 0.020 ms | 0.010 ms | 2.00x" in text
     assert "spikformer_ti: not measured" in text
     assert "![speed-up vs block density](res/speedup_vs_block_density.png)" in text
-    assert "NVIDIA H100, torch 2.11.0+cu130, triton 3.6.0" in text
+    # every file a row reads is listed with its device and versions
+    for f in ("e2e.json", "fused_spiking_resnet34.json", "sparse_conv_spiking_resnet34.json", "linear.json"):
+        assert f"`{f}`: NVIDIA H100, torch 2.11.0+cu130, triton 3.6.0" in text, f
     # regenerating is stable
     report.update_readme(str(readme), str(d))
     assert readme.read_text() == text
     no_markers = tmp_path / "R2.md"
     no_markers.write_text("nothing\n")
     assert report.update_readme(str(no_markers), str(d)) is False and no_markers.read_text() == "nothing\n"
+
+
+def test_readme_rows_of_density_sweep_and_profiles(tmp_path):
+    """The density sweep gets one row (per op: speed-up at the sparsest and densest block density) and every
+    profiled model one row (sum over its SparseFlow layers against their dense ops), both read from the JSON."""
+    rows = [{"op": "conv3x3", "pattern": p, "elem_density": e, "block_density": b, "rel_err": 0.0, "sparse_ms": s,
+             "dense_kernel_ms": 0.2, "baseline_ms": 0.1, "speedup_sparse_vs_baseline": 0.1 / s,
+             "speedup_sparse_vs_dense_kernel": 0.2 / s}
+            for p, e, b, s in (("iid", 0.5, 1.0, 0.2), ("iid", 0.005, 0.25, 0.05), ("clustered", 0.02, 0.5, 0.1))]
+    (tmp_path / "density.json").write_text(json.dumps({"baseline": "cuDNN fp16", "rows": rows, "_env": ENV}))
+    layers = [{"name": "sn1", "type": "LIFNode", "ms": 0.01, "dense_ms": None},
+              {"name": "layer1.0.conv1", "type": "SparseConv2d", "ms": 0.02, "dense_ms": 0.05,
+               "elem_density": 0.1, "block_density": 0.5, "block_size": 8, "in_shape": [4, 8, 64, 56, 56]},
+              {"name": "layer1.0.conv2", "type": "SparseConv2d", "ms": 0.03, "dense_ms": 0.04,
+               "elem_density": 0.1, "block_density": 0.6, "block_size": 8, "in_shape": [4, 8, 64, 56, 56]}]
+    (tmp_path / "profile_sew_resnet34.json").write_text(json.dumps(
+        {"model": "sew_resnet34", "T": 4, "N": 8, "size": 224, "dtype": "float16", "forward_ms": 1.0,
+         "layers": layers, "_env": ENV}))
+    text = report.readme_results(str(tmp_path), plot=False)
+    assert ("| per-op density sweep, synthetic spikes (clustered, iid; 3 rows), fp16, `density.json` | cuDNN fp16 | "
+            "sparse kernel, prescan included | conv3x3 2.00x at 25% of blocks (0.5% of elements) .. 0.50x at 100% |"
+            ) in text
+    assert ("| `sparseflow.profile` of sew_resnet34 (input 4x8x3x224x224, float16): 2 SparseFlow layers, each timed "
+            "alone, sum, `profile_sew_resnet34.json` | each layer's dense op: 0.090 ms | 0.050 ms | 1.80x |") in text
+    assert "`density.json`: NVIDIA H100" in text and "`profile_sew_resnet34.json`: NVIDIA H100" in text
+    assert "`density`:" not in text and "`profile`:" not in text  # not also summed as generic sections
 
 
 def test_speedups_pair_each_timing_with_its_baseline(tmp_path):
@@ -367,6 +395,31 @@ def test_cli_gpu_run_steps(tmp_path, monkeypatch, capsys):
     assert (out / "results.csv").exists() and (out / "pytest_benchmark.json").exists()
     text = capsys.readouterr().out
     assert "profile table" in text and "[5/5" in text  # the step lines when the bar is off
+
+
+def test_cli_default_run_is_density_e2e_and_every_model_profiled(tmp_path, monkeypatch):
+    """``nox -s bench`` with no arguments: the density sweep, then the end-to-end models, then sparseflow.profile
+    of each end-to-end model and each other benchmark model (the U-Net at its own size), then the report."""
+    from sparseflow_bench import gpu_run
+
+    calls = []
+    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_run, "main", lambda args: calls.append(args[args.index("--sections") + 1]) or 0)
+
+    def fake_profile(model, T, batch, size, dtype, block_size, device, out, reps=5, mode="auto"):
+        calls.append((model, size))
+
+        class P:
+            def table(self):
+                return ""
+
+        return None, P()
+
+    monkeypatch.setattr(cli, "profile_model", fake_profile)
+    assert cli.main(["--out", str(tmp_path), "--no-progress", "--no-report"]) == 0
+    assert calls == ["density", "e2e", ("spiking_resnet34", 224), ("sew_resnet34", 224), ("spikformer_ti", 224),
+                     ("spiking_resnet50", 224), ("sdt_8_384", 224), ("spiking_unet", 128),
+                     ("spiking_mobilenetv2", 224)]
 
 
 def test_generic_reader_nested_layouts(tmp_path):

@@ -26,6 +26,10 @@ import torch
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MODEL_SECTIONS = ("layers", "sweep", "conv")  # share one prepared model inside gpu_run
+E2E_MODELS = "spiking_resnet34,sew_resnet34,spikformer_ti"
+# Profiled after the end-to-end models in the default run: the other benchmark models (per-layer tables and bars)
+OTHER_MODELS = ("spiking_resnet50", "sdt_8_384", "spiking_unet", "spiking_mobilenetv2")
+PROFILE_SIZE = {"spiking_unet": 128}  # the U-Net's default input (224 px gives it 4 levels of mostly empty maps)
 
 
 class _Steps:
@@ -163,8 +167,10 @@ def _run_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model of the per-layer benchmarks and of the profile (default "
                    "spiking_resnet34; CPU demo: spiking_resnet18)")
-    p.add_argument("--models", default="spiking_resnet34,sew_resnet34,spikformer_ti",
-                   help="end-to-end models (comma-separated)")
+    p.add_argument("--models", default=E2E_MODELS, help="end-to-end models (comma-separated)")
+    p.add_argument("--profile-models", default=None,
+                   help="models profiled with sparseflow.profile (comma-separated; default: --model if given, else "
+                   f"the end-to-end models then {', '.join(OTHER_MODELS)})")
     p.add_argument("--T", type=int, default=4, help="time steps (default 4; CPU demo at most 2)")
     p.add_argument("--batch", type=int, default=None, help="batch N (default 8; CPU demo 1)")
     p.add_argument("--size", type=int, default=None, help="image size (default 224; CPU demo 64)")
@@ -173,9 +179,11 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=_block_size, default=None,
                    help="block size of optimize() and of the profile's block densities: an integer or 'dense' "
                    "(default: per layer, from its feature-map size)")
-    p.add_argument("--sections", default="layers,conv,e2e,sweep",
-                   help="GPU sections, comma-separated: layers, conv, sweep, e2e, any sections/<name>.py, and "
-                   "'profile' (added unless --no-profile)")
+    p.add_argument("--sections", default="density,e2e",
+                   help="GPU sections, comma-separated (default: the per-op density sweep and the end-to-end "
+                   "models; then the profile of every --profile-models model unless --no-profile): layers, conv, "
+                   "sweep (issue 10's per-layer fused tables, standalone convs, batch sweep of --model), e2e, "
+                   "density, resnet_family, transformer, p2 (any sections/<name>.py)")
     p.add_argument("--out", default=None, help="output folder of the GPU run: JSON, CSV, markdown, PNG (default "
                    "benchmarks/results)")
     p.add_argument("--demo-out", default=None, help="CPU demo: write its profile (JSON, CSV) here (default: nothing "
@@ -208,6 +216,12 @@ def run(argv=None) -> int:
     out = a.out or "benchmarks/results"
     os.makedirs(out, exist_ok=True)
     model = a.model or "spiking_resnet34"
+    if a.profile_models is not None:
+        profile_models = [m for m in a.profile_models.split(",") if m]
+    elif a.model:
+        profile_models = [a.model]
+    else:
+        profile_models = list(dict.fromkeys([m for m in a.models.split(",") if m] + list(OTHER_MODELS)))
     sections = [s for s in a.sections.split(",") if s and s != "profile"]
     steps: list[tuple[str, list[str]]] = []
     shared = [s for s in sections if s in MODEL_SECTIONS]
@@ -225,26 +239,31 @@ def run(argv=None) -> int:
         bar.start(name)
         left = deadline - time.time()
         if name == "profile":
-            if left < 30:
-                print("profile: skipped (budget)", flush=True)
-            else:
+            for pm in profile_models:
+                if deadline - time.time() < (10 if a.dry else 40):
+                    print(f"profile {pm}: skipped (budget)", flush=True)
+                    status = 1
+                    continue
                 try:
-                    size = a.size or 224
+                    size = a.size or PROFILE_SIZE.get(pm, 224)
                     if a.dry:
                         size = min(size, 32)
-                    _, prof = profile_model(model, a.T if not a.dry else 2, a.batch or (1 if a.dry else 8), size,
+                    _, prof = profile_model(pm, a.T if not a.dry else 2, a.batch or (1 if a.dry else 8), size,
                                             dtype if not a.dry else torch.float32, a.block_size,
                                             torch.device("cpu" if a.dry else "cuda"), out, reps=1 if a.dry else 5,
                                             mode="torch" if a.dry else "auto")  # dry: no interpreter kernels
+                    print(f"sparseflow.profile of {pm} ({size} px):", flush=True)
                     print(prof.table(), flush=True)
                 except Exception as e:
                     import traceback
 
                     traceback.print_exc()
-                    print(f"profile: {type(e).__name__}: {e}", flush=True)
+                    print(f"profile {pm}: {type(e).__name__}: {e}", flush=True)
                     status = 1
         elif name == "report":
-            report.main(["--results", out] + (["--readme", a.readme] if a.readme else []))
+            if a.readme and a.dry:
+                print(f"report: {a.readme} left as it is (a --dry run has no timings to show)", flush=True)
+            report.main(["--results", out] + (["--readme", a.readme] if a.readme and not a.dry else []))
         elif left < 20:
             print(f"{name}: skipped (budget)", flush=True)
         else:

@@ -328,32 +328,64 @@ def _fx(v, f=".2f"):
     return "n/a" if v is None else f"{v:{f}}x"
 
 
+def _short_env(env: dict) -> str:
+    return (f"{env.get('device', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}, "
+            f"{str(env.get('date', '?'))[:10]}")
+
+
+def density_line(d: str) -> str | None:
+    """The README row of the per-op density sweep (``density.json``): per op, SparseFlow's sparse kernel (prescan
+    included) over the dense baseline at the sparsest and the densest block density of the sweep."""
+    obj = _load(d, "density.json")
+    rows = [r for r in (obj or {}).get("rows", []) if r.get("speedup_sparse_vs_baseline")]
+    if not rows:
+        return None
+    parts, ops = [], list(dict.fromkeys(r["op"] for r in rows))
+    for op in ops:
+        rs = sorted((r for r in rows if r["op"] == op), key=lambda r: r["block_density"])
+        lo, hi = rs[0], rs[-1]
+        parts.append(f"{op} {lo['speedup_sparse_vs_baseline']:.2f}x at {lo['block_density']:.0%} of blocks "
+                     f"({lo['elem_density']:.1%} of elements) .. {hi['speedup_sparse_vs_baseline']:.2f}x at "
+                     f"{hi['block_density']:.0%}")
+    pats = sorted({r["pattern"] for r in rows})
+    return (f"| per-op density sweep, synthetic spikes ({', '.join(pats)}; {len(rows)} rows), fp16, `density.json` "
+            f"| {obj.get('baseline', 'dense')} | sparse kernel, prescan included | {'; '.join(parts)} |")
+
+
+def profile_lines(recs: list[Record]) -> list[str]:
+    """README rows of ``sparseflow.profile`` per model: the sum over its SparseFlow layers, each timed alone with
+    CUDA events, against the sum of each layer's dense op on the same recorded inputs."""
+    lines = []
+    for model in sorted({r.model for r in recs if r.section == "profile"}):
+        sp = best_per_group([r for r in recs if r.section == "profile" and r.model == model], ("sparseflow",))
+        if not sp:
+            continue
+        b, o = sum(p["baseline"].median_ms for p in sp), sum(p["record"].median_ms for p in sp)
+        fwd = next((r for r in recs if r.section == "profile" and r.model == model and r.op == "model_forward"), None)
+        shape = f" (input {fwd.shape}, {fwd.dtype})" if fwd and fwd.shape else ""
+        lines.append(f"| `sparseflow.profile` of {model}{shape}: {len(sp)} SparseFlow layers, each timed alone, sum, "
+                     f"`{sp[0]['record'].source}` | each layer's dense op: {b:.3f} ms | {o:.3f} ms | {_fx(b / o)} |")
+    return lines
+
+
 def readme_results(d: str, link_dir: str | None = None, plot: bool = True) -> str:
-    """The README's "Results" block: device and versions, the headline table and one plot, all read from the
-    JSON files of ``d`` (``link_dir``: how the README reaches ``d``, for the image link; ``plot``: redraw the
-    plot, else link it only if it exists)."""
+    """The README's "Results" block: the headline table (each row names its results file), the device and
+    versions of every file it reads, and one plot, all read from the JSON files of ``d`` (``link_dir``: how the
+    README reaches ``d``, for the image link; ``plot``: redraw the plot, else link it only if it exists)."""
     link_dir = d if link_dir is None else link_dir
     recs = current(collect(d, log=lambda *_: None))
-    fused = next((_load(d, f) for f in sorted(os.listdir(d)) if f.startswith("fused_") and f.endswith(".json")
-                  and (_load(d, f) or {}).get("summary", {}).get("sum_compile_graph_fp16_ms") is not None), None) \
-        if os.path.isdir(d) else None
-    conv = next((_load(d, f) for f in sorted(os.listdir(d)) if f.startswith("sparse_conv_") and f.endswith(".json")),
-                None) if os.path.isdir(d) else None
+    names = sorted(os.listdir(d)) if os.path.isdir(d) else []
+    fused_name = next((f for f in names if f.startswith("fused_") and f.endswith(".json")
+                       and (_load(d, f) or {}).get("summary", {}).get("sum_compile_graph_fp16_ms") is not None), None)
+    conv_name = next((f for f in names if f.startswith("sparse_conv_") and f.endswith(".json")), None)
+    fused = _load(d, fused_name) if fused_name else None
+    conv = _load(d, conv_name) if conv_name else None
     e2e = _load(d, "e2e.json")
-    env = next((o.get("_env") or o.get("env") for o in (e2e, fused, conv) if o and (o.get("_env") or o.get("env"))),
-               {})
-    lines = [f"Device: {_env_line(env)}. Every figure below is read from `{link_dir}/*.json` by "
-             "`sparseflow-bench report` (`sparseflow_bench.report.readme_results`); each ratio compares timings "
-             "taken in the same run.", "",
+    lines = [f"Every figure below is read from `{link_dir}/*.json` by `sparseflow-bench report` "
+             "(`sparseflow_bench.report.readme_results`); each ratio compares timings taken in the same run, and "
+             "each row names its file (device and versions of each file below the table).", "",
              "| what | baseline | SparseFlow | speed-up |", "| --- | --- | --- | --- |"]
-    if fused:
-        s = fused["summary"]
-        lines.append(f"| {s['layers']} spiking layers of {s['model']} (T={s['T']}, N={s['N']}, {s['size']} px), "
-                     f"sum, fused fp16 | `torch.compile` + CUDA graph fp16: {s['sum_compile_graph_fp16_ms']:.3f} ms "
-                     f"| {s['sum_sparseflow_ms']:.3f} ms | {_fx(s['sum_speedup_vs_compile_graph'])} (slowest layer "
-                     f"{_fx(s['min_layer_speedup_vs_compile_graph'])}) |")
-        lines.append(f"| same layers | SpikingJelly eager fp32: {s['sum_eager_fp32_ms']:.2f} ms | "
-                     f"{s['sum_sparseflow_ms']:.3f} ms | {_fx(s['sum_eager_fp32_ms'] / s['sum_sparseflow_ms'], '.1f')} |")
+    used: list[str] = []
     for name, m in (e2e or {}).items():
         if name.startswith("_") or not isinstance(m, dict):
             continue
@@ -362,20 +394,37 @@ def readme_results(d: str, link_dir: str | None = None, plot: bool = True) -> st
         shape = f" (T={det['T']}, N={det['N']}, {det['size']} px)" if all(k in det for k in ("T", "N", "size")) else ""
         if not ours:
             why = m.get("error") or m.get("sparseflow_fp16_error") or "not measured in this run"
-            lines.append(f"| {name} end to end{shape} | {str(why)[:80]} | | |")
+            lines.append(f"| {name} end to end{shape}, `e2e.json` | {str(why)[:80]} | | |")
             continue
         base = [f"eager fp32 {eager:.2f} ms" if eager else None, f"compile fp16 {comp:.2f} ms" if comp else None]
         ratio = [_fx(eager / ours, ".1f") if eager else None, _fx(comp / ours) if comp else None]
-        lines.append(f"| {name} end to end{shape}, fp16 + CUDA graph | {' / '.join(b for b in base if b)} | "
-                     f"{ours:.2f} ms | {' / '.join(x for x in ratio if x)} |")
-    notes = [f"- {name}: {m['note']}" for name, m in (e2e or {}).items()
-             if not name.startswith("_") and isinstance(m, dict) and m.get("note")]
+        lines.append(f"| {name} end to end{shape}, fp16 + CUDA graph, `e2e.json` | "
+                     f"{' / '.join(b for b in base if b)} | {ours:.2f} ms | {' / '.join(x for x in ratio if x)} |")
+    if e2e:
+        used.append("e2e.json")
+    if fused:
+        s = fused["summary"]
+        lines.append(f"| {s['layers']} spiking layers of {s['model']} (T={s['T']}, N={s['N']}, {s['size']} px), "
+                     f"sum, fused fp16, `{fused_name}` | `torch.compile` + CUDA graph fp16: "
+                     f"{s['sum_compile_graph_fp16_ms']:.3f} ms | {s['sum_sparseflow_ms']:.3f} ms | "
+                     f"{_fx(s['sum_speedup_vs_compile_graph'])} (slowest layer "
+                     f"{_fx(s['min_layer_speedup_vs_compile_graph'])}) |")
+        lines.append(f"| same layers | SpikingJelly eager fp32: {s['sum_eager_fp32_ms']:.2f} ms | "
+                     f"{s['sum_sparseflow_ms']:.3f} ms | {_fx(s['sum_eager_fp32_ms'] / s['sum_sparseflow_ms'], '.1f')} |")
+        used.append(fused_name)
+    dl = density_line(d)
+    if dl:
+        lines.append(dl)
+        used.append("density.json")
+    pl = profile_lines(recs)
+    lines += pl
     if conv:
         s = conv["summary"]
-        lines.append(f"| standalone `sparse_conv2d`, {s['layers']} layers | cuDNN fp16 channels_last "
+        lines.append(f"| standalone `sparse_conv2d`, {s['layers']} layers, `{conv_name}` | cuDNN fp16 channels_last "
                      f"{s['sum_cudnn_fp16_cl_ms']:.3f} ms | {s['sum_sparse_fp16_ms']:.3f} ms | "
                      f"{_fx(s['speedup_sparse_vs_cudnn_fp16'])} (dispatch: {_fx(s['speedup_dispatch_vs_cudnn_fp16'])}) |")
-    known = {"fused_layers", "batch_sweep", "sparse_conv", "e2e"}
+        used.append(conv_name)
+    known = {"fused_layers", "batch_sweep", "sparse_conv", "e2e", "density", "profile"}
     for section in sorted({r.section for r in recs} - known):
         sp = best_per_group([r for r in recs if r.section == section], roles=("sparseflow", "sparse"))
         if not sp:
@@ -383,9 +432,14 @@ def readme_results(d: str, link_dir: str | None = None, plot: bool = True) -> st
         b, o = sum(p["baseline"].median_ms for p in sp), sum(p["record"].median_ms for p in sp)
         provs = sorted({p["record"].provider for p in sp})
         bases = sorted({p["baseline"].provider for p in sp})
+        srcs = sorted({p["record"].source for p in sp})
         what = provs[0] if len(provs) == 1 else "fastest SparseFlow timing of each"
-        lines.append(f"| `{section}`: {len(sp)} rows, sum ({what}) | {', '.join(bases)}: {b:.3f} ms "
-                     f"| {o:.3f} ms | {_fx(b / o)} |")
+        lines.append(f"| `{section}`: {len(sp)} rows, sum ({what}), {', '.join(f'`{x}`' for x in srcs)} | "
+                     f"{', '.join(bases)}: {b:.3f} ms | {o:.3f} ms | {_fx(b / o)} |")
+        used += srcs
+    used += sorted({r.source for r in recs if r.section == "profile"})
+    notes = [f"- {name}: {m['note']}" for name, m in (e2e or {}).items()
+             if not name.startswith("_") and isinstance(m, dict) and m.get("note")]
     if notes:
         lines += ["", "Notes from `e2e.json`:", *notes]
     pts = [p for p in best_per_group(recs) if p["record"].block_density is not None]
@@ -397,6 +451,14 @@ def readme_results(d: str, link_dir: str | None = None, plot: bool = True) -> st
                   + (f"{min(el):.0%}-{max(el):.0%} non-zero elements but " if el else "")
                   + f"{min(bd):.0%}-{max(bd):.0%} non-zero blocks ran at {min(sp):.2f}-{max(sp):.2f}x of their dense "
                   "baselines; the dispatch keeps the faster path per layer."]
+    envs = []
+    for f in dict.fromkeys(used):
+        obj = _load(d, f)
+        env = (obj.get("_env") or obj.get("env")) if isinstance(obj, dict) else None
+        if isinstance(env, dict):
+            envs.append(f"`{f}`: {_short_env(env)}")
+    if envs:
+        lines += ["", "Devices and versions: " + "; ".join(envs) + "."]
     fname = "speedup_vs_block_density.png"
     if speedup_density_plot(recs, d, fname) if plot else os.path.exists(os.path.join(d, fname)):
         lines += ["", f"![speed-up vs block density]({link_dir}/{fname})"]

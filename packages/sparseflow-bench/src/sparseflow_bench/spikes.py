@@ -80,6 +80,7 @@ def clustered_spikes(
     value: float = 1.0,
     fill: float = 0.5,
     dtype: torch.dtype = torch.float32,
+    share_channels: bool = False,
 ) -> torch.Tensor:
     """Spatially clustered spikes: random ``blob x blob`` patches of activity in each ``H x W`` plane.
 
@@ -98,8 +99,11 @@ def clustered_spikes(
         value: value of the non-zero elements.
         fill: firing probability inside covered patches (``1.0`` gives solid patches).
         dtype: output dtype.
+        share_channels: the patches are drawn once per sample and shared by all its channels (dim -3), as the
+            active regions of a real feature map follow the objects in the image; each channel still fires
+            i.i.d. with ``fill`` inside them. Needs at least 3 dims.
     """
-    shape = _check(shape, density, 2)
+    shape = _check(shape, density, 3 if share_channels else 2)
     if blob < 1:
         raise ValueError(f"blob must be >= 1, got {blob}")
     if not 0.0 < fill <= 1.0:
@@ -112,8 +116,10 @@ def clustered_spikes(
     p = 1.0 - (1.0 - coverage) ** (1.0 / (blob * blob)) if coverage < 1.0 else 1.0
     if n_planes * h * w == 0:
         return torch.zeros(shape, dtype=dtype)
-    centres = torch.rand((n_planes, 1, h + blob - 1, w + blob - 1), generator=g) < p
-    covered = F.max_pool2d(centres.float(), kernel_size=blob, stride=1) > 0  # [n_planes, 1, h, w]
+    channels = shape[-3] if share_channels else 1
+    centres = torch.rand((n_planes // max(channels, 1), 1, h + blob - 1, w + blob - 1), generator=g) < p
+    covered = F.max_pool2d(centres.float(), kernel_size=blob, stride=1) > 0  # [planes / channels, 1, h, w]
+    covered = covered.repeat_interleave(channels, dim=0)  # [n_planes, 1, h, w]
     active = covered & (torch.rand(covered.shape, generator=g) < fill_eff)
     return active.reshape(shape).to(dtype) * value
 
