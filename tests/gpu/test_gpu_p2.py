@@ -201,7 +201,14 @@ def test_modules_under_torch_compile():
 @pytest.mark.parametrize("mode", ["sparse"])
 def test_models_match_dense(name, size, kw, mode, monkeypatch):
     """optimize(mode="sparse") on fp32 models (a reduced MobileNetV2: every kernel variant compiles within the
-    per-test timeout): outputs equal the dense model's (relative error < 1e-3)."""
+    per-test timeout): outputs equal the float64 dense model's (relative error < 1e-3).
+
+    The weights are seeded: a random, recalibrated spiking network may amplify rounding (a spike flips at an exact
+    threshold tie and the change grows through the layers). ``scripts/diag_unet.py`` on the H100 (8 seeds): the
+    optimized U-Net is within 2e-8 of the dense fp32 model for 6 seeds; for 2 of them the dense fp32 model is
+    itself 2.5e-3 and 5.7e-3 away from float64 and the optimized one 2.5e-3 and 9.4e-3 from dense fp32, at the
+    last time step only. The test asserts that premise (dense fp32 within 1e-5 of float64 for its seed) so that
+    the 1e-3 bound measures the kernels, not the network's sensitivity."""
     from spikingjelly.activation_based import functional
 
     from sparseflow_bench.data import natural_images, repeat_time
@@ -215,17 +222,21 @@ def test_models_match_dense(name, size, kw, mode, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     T = 4
-    torch.manual_seed(0)  # the same random network whatever ran before in this worker (scripts/diag_unet.py)
+    torch.manual_seed(1)  # the same network whatever ran before in this worker
     model = build_model(name, T=T, num_classes=10, **kw).cuda()
     recalibrate_bn(model, natural_images(8, size).cuda(), T)
     x = repeat_time(natural_images(4, size, seed=1), T).cuda()
-    functional.reset_net(model)
-    with torch.no_grad():
-        ref = model(x)
+
+    def run(m, inp):
+        functional.reset_net(m)
+        with torch.no_grad():
+            return m(inp).double()
+
+    ref32 = run(model, x)
+    ref = run(copy.deepcopy(model).double(), x.double())
+    assert rel(ref32, ref) < 1e-5, "premise: this seed's dense fp32 model does not amplify rounding"
     opt = optimize(copy.deepcopy(model), x, mode=mode)
     kinds = {type(m) for m in opt.modules()}
     assert (SparseGroupedConv2d if name == "spiking_mobilenetv2" else SparseConvTranspose2d) in kinds
-    functional.reset_net(opt)
-    with torch.no_grad():
-        y = opt(x)
+    y = run(opt, x)
     assert rel(y, ref) < 1e-3

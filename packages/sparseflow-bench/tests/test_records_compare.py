@@ -418,8 +418,7 @@ def test_cli_default_run_is_density_e2e_and_every_model_profiled(tmp_path, monke
     monkeypatch.setattr(cli, "profile_model", fake_profile)
     assert cli.main(["--out", str(tmp_path), "--no-progress", "--no-report"]) == 0
     assert calls == ["density", "e2e", ("spiking_resnet34", 224), ("sew_resnet34", 224), ("spikformer_ti", 224),
-                     ("spiking_resnet50", 224), ("sdt_8_384", 224), ("spiking_unet", 128),
-                     ("spiking_mobilenetv2", 224)]
+                     ("spiking_resnet50", 224), ("sdt_8_384", 224), ("spiking_unet", 128)]
 
 
 def test_generic_reader_nested_layouts(tmp_path):

@@ -435,7 +435,15 @@ def check_batchnorm(c: dict, device="cpu") -> torch.Tensor:
     bias = torch.randn(C, generator=gen).to(**f32) if c["bias"] else None
     occ = prescan(x, *c["occupancy"]) if c["occupancy"] else None
     y = sparse_batch_norm2d(x, mean, var, weight, bias, c["eps"], occupancy=occ)
-    ref = F.batch_norm(_d(x), _d(mean), _d(var), _d(weight), _d(bias), training=False, eps=c["eps"])
+    # the eval-mode formula of F.batch_norm, written out: torch releases differ on eps == 0 (2.14 takes it in eval
+    # mode, 2.11 refuses it), the kernel takes eps >= 0 as 2.14 does
+    inv = 1.0 / torch.sqrt(_d(var) + c["eps"])
+    w64 = _d(weight) if weight is not None else torch.ones_like(inv)
+    b64 = _d(bias) if bias is not None else torch.zeros_like(inv)
+    ref = (_d(x) - _d(mean)[:, None, None]) * (inv * w64)[:, None, None] + b64[:, None, None]
+    if c["eps"] > 0:  # the written-out formula is F.batch_norm's
+        torch.testing.assert_close(ref, F.batch_norm(_d(x), _d(mean), _d(var), _d(weight), _d(bias), training=False,
+                                                     eps=c["eps"]), equal_nan=True)
     assert_like_dense(y, ref, dtype, f"sparse_batch_norm2d {c}: ")
     if c["layout"] == "channels_last" and not x.is_contiguous():
         assert y.is_contiguous(memory_format=torch.channels_last), "the output keeps the input's layout"
