@@ -132,11 +132,12 @@ def compute_layers(net: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torch.float32, rtol=1e-4,
-                 metric: str = "max"):
+                 metric: str = "max", errors: list | None = None):
     """Build ``name``, calibrate it, optimize a copy, compare two calls; returns the report.
 
     ``metric``: "max" (max |y - ref| / max |ref|) or "norm" (||y - ref|| / ||ref||, for the GPU, where the
-    kernels' fp32 sums are ordered differently from cuDNN's and a spike at an exact threshold tie may flip)."""
+    kernels' fp32 sums are ordered differently from cuDNN's and a spike at an exact threshold tie may flip).
+    ``errors``: a list that receives the relative error of each call."""
     from spikingjelly.activation_based import functional
 
     torch.manual_seed(0)
@@ -167,6 +168,8 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
             err = float((d.norm() / ref.double().norm().clamp_min(1e-6)).cpu())
         else:
             err = float((d.abs().max() / ref.double().abs().max().clamp_min(1e-6)).cpu())
+        if errors is not None:
+            errors.append(err)
         assert err <= rtol, f"{name}: call {call}: relative error {err:.2e}"
     functional.reset_net(opt)
     return rep
