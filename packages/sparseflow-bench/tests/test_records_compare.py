@@ -297,7 +297,8 @@ def test_report_writes_csv_json_plots_and_readme(tmp_path, capsys):
 def test_readme_rows_of_density_sweep_and_profiles(tmp_path):
     """The density sweep gets one row (per op: speed-up at the sparsest and densest block density) and every
     profiled model one row (sum over its SparseFlow layers against their dense ops), both read from the JSON."""
-    rows = [{"op": "conv3x3", "pattern": p, "elem_density": e, "block_density": b, "rel_err": 0.0, "sparse_ms": s,
+    rows = [{"op": "conv3x3", "pattern": p, "target_density": e, "elem_density": e, "block_density": b,
+             "shape": [32, 64, 56, 56], "rel_err": 0.0, "sparse_ms": s,
              "dense_kernel_ms": 0.2, "baseline_ms": 0.1, "speedup_sparse_vs_baseline": 0.1 / s,
              "speedup_sparse_vs_dense_kernel": 0.2 / s}
             for p, e, b, s in (("iid", 0.5, 1.0, 0.2), ("iid", 0.005, 0.25, 0.05), ("clustered", 0.02, 0.5, 0.1))]
@@ -310,12 +311,20 @@ def test_readme_rows_of_density_sweep_and_profiles(tmp_path):
     (tmp_path / "profile_sew_resnet34.json").write_text(json.dumps(
         {"model": "sew_resnet34", "T": 4, "N": 8, "size": 224, "dtype": "float16", "forward_ms": 1.0,
          "layers": layers, "_env": ENV}))
+    recs = records.collect(str(tmp_path))
+    dens = by(recs, section="density")
+    assert {r.layer for r in dens} == {"iid@0.5", "iid@0.005", "clustered@0.02"}  # one row per pattern and density
+    assert {(r.provider, r.role) for r in dens} == {("cudnn_fp16_cl", "baseline"), ("sparse_fp16", "sparse"),
+                                                   ("dense_kernel_fp16", "reference")}
+    sp = {p["record"].layer: p["speedup"] for p in report.speedups(dens)}
+    assert sp == pytest.approx({"iid@0.5": 0.5, "iid@0.005": 2.0, "clustered@0.02": 1.0})  # over cuDNN, same row
     text = report.readme_results(str(tmp_path), plot=False)
     assert ("| per-op density sweep, synthetic spikes (clustered, iid; 3 rows), fp16, `density.json` | cuDNN fp16 | "
             "sparse kernel, prescan included | conv3x3 2.00x at 25% of blocks (0.5% of elements) .. 0.50x at 100% |"
             ) in text
     assert ("| `sparseflow.profile` of sew_resnet34 (input 4x8x3x224x224, float16): 2 SparseFlow layers, each timed "
-            "alone, sum, `profile_sew_resnet34.json` | each layer's dense op: 0.090 ms | 0.050 ms | 1.80x |") in text
+            "alone in eager mode (CUDA events, launch-bound), sum, `profile_sew_resnet34.json` | "
+            "each layer's dense op: 0.090 ms | 0.050 ms | 1.80x |") in text
     assert "`density.json`: NVIDIA H100" in text and "`profile_sew_resnet34.json`: NVIDIA H100" in text
     assert "`density`:" not in text and "`profile`:" not in text  # not also summed as generic sections
 
@@ -326,8 +335,9 @@ def test_speedups_pair_each_timing_with_its_baseline(tmp_path):
     assert sp[("fused_batch_sweep.json", "fused_sparse_with_prescan")] == pytest.approx(2.0)
     assert sp[("sparse_conv_spiking_resnet34.json", "sparse_fp16")] == pytest.approx(0.5)
     assert sp[("linear.json", "sparse_fp16")] == pytest.approx(2.0)
-    assert report.current([Record("e2e_run6.json", "e2e", "o", "", "p", 1.0),
-                           Record("e2e.json", "e2e", "o", "", "p", 1.0)])[0].source == "e2e.json"
+    kept = [Record(f, "e2e", "o", "", "p", 1.0) for f in ("e2e_run6.json", "e2e_h200_run11.json", "e2e.json",
+                                                          "explore_run1.json", "density.json")]
+    assert [r.source for r in report.current(kept)] == ["e2e.json", "density.json"]  # older runs are kept, not read
 
 
 # ------------------------------------------------------------------------------------------- cli

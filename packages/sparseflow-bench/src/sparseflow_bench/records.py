@@ -1,8 +1,9 @@
 """Every results JSON of ``gpu_run`` as one long table: one record per (file, op, shape, provider) timing.
 
 ``collect(results_dir)`` reads every ``*.json`` in the folder (not recursively) and turns what it recognizes
-into :class:`Record` rows: the four files of the original sections (``fused_<model>.json``,
-``fused_batch_sweep.json``, ``sparse_conv_<model>.json``, ``e2e*.json``) through their own readers, and any
+into :class:`Record` rows: the files of the original sections (``fused_<model>.json``,
+``fused_batch_sweep.json``, ``sparse_conv_<model>.json``, ``e2e*.json``, ``density.json``, ``profile_<model>.json``)
+through their own readers, and any
 other file (a new ``sections/<topic>.py``) through a generic reader of ``rows``-like lists: each row's
 ``*_ms`` numbers (or ``{"median", "p20", "p80"}`` dicts from ``ctx.bench``) become providers, ``op`` /
 ``layer`` / ``name`` its op, ``shape`` its shape, ``elem_density`` (or ``density``) and the first
@@ -148,6 +149,23 @@ def _read_batch_sweep(source, obj):
         b.add("fused_sparse_with_prescan", r.get("fused_sparse_with_prescan_ms"), role="sparse", **common)
         b.add("fused_sparse_kernel_only", r.get("fused_sparse_kernel_only_ms"), **common)
         b.add("prescan", r.get("prescan_ms"), **common)
+    return b.out
+
+
+def _read_density(source, obj):
+    """``density.json`` (``sections/density.py``): per op and spike pattern the sparse kernel (prescan included),
+    the same kernel over every block, and the dense baseline (cuDNN fp16 channels_last for convs, cuBLAS fp16 for
+    the GEMM); each (pattern, density) is its own row (``layer``), so speed-ups stay apart by density."""
+    b = _Builder(source, "density", _env(obj))
+    for r in obj["rows"]:
+        base = "cublas_fp16" if r.get("op") == "linear" else "cudnn_fp16_cl"
+        common = dict(op=str(r.get("op", "")), shape=_shape(r.get("shape")), elem_density=_num(r.get("elem_density")),
+                      block_density=_num(r.get("block_density")), block_size=8 if r.get("op") != "linear" else None,
+                      model="synthetic", layer=f"{r.get('pattern')}@{r.get('target_density')}", dtype="float16",
+                      baseline=base)
+        b.add(base, r.get("baseline_ms"), role="baseline", **common)
+        b.add("sparse_fp16", r.get("sparse_ms"), role="sparse", **common)
+        b.add("dense_kernel_fp16", r.get("dense_kernel_ms"), **common)
     return b.out
 
 
@@ -373,6 +391,9 @@ def _reader(source: str, obj):
         return _read_batch_sweep
     if isinstance(obj.get("layers"), list) and "forward_ms" in obj:
         return _read_profile
+    if isinstance(obj.get("rows"), list) and obj["rows"] and isinstance(obj["rows"][0], dict) and {
+            "pattern", "dense_kernel_ms", "baseline_ms"} <= set(obj["rows"][0]):
+        return _read_density
     models = [v for k, v in obj.items() if not k.startswith("_") and isinstance(v, dict)]
     if models and source.startswith("e2e") and all(isinstance(m, dict) for m in models):
         return _read_e2e

@@ -174,7 +174,7 @@ def e2e_tables(d: str) -> str | None:
 
 # ------------------------------------------------------------------------ long format, plots, README
 #: the results of one run, the only files the plots and the README read (older runs stay in the CSV)
-SUPERSEDED = re.compile(r"^e2e_run\d+.*\.json$|^explore_run\d+\.json$|_dry\.json$")
+SUPERSEDED = re.compile(r"^e2e_.+\.json$|^explore_run\d+\.json$|_dry\.json$")  # older e2e runs: kept for the record
 
 
 def current(records: list[Record]) -> list[Record]:
@@ -261,7 +261,7 @@ def layer_plots(records: list[Record], d: str) -> list[str]:
     """Per model, bars of SparseFlow's speed-up over the dense baseline for every layer (one bar series per
     section and baseline), the block density of each layer's input on a second axis. Files ``layers_<model>.png``."""
     per_model: dict[str, dict] = {}
-    for section in sorted({r.section for r in records}):
+    for section in sorted({r.section for r in records} - {"density"}):  # the density sweep has its own plot
         recs = [r for r in records if r.section == section]
         shapes: dict[tuple, set] = {}
         for r in recs:
@@ -333,6 +333,11 @@ def _short_env(env: dict) -> str:
             f"{str(env.get('date', '?'))[:10]}")
 
 
+def _pct(v: float) -> str:
+    """A fraction as a percentage with two significant digits below 1 % (0.02 %, 0.5 %), else one decimal."""
+    return f"{v * 100:.2g}%" if v < 0.01 else f"{v:.1%}"
+
+
 def density_line(d: str) -> str | None:
     """The README row of the per-op density sweep (``density.json``): per op, SparseFlow's sparse kernel (prescan
     included) over the dense baseline at the sparsest and the densest block density of the sweep."""
@@ -345,7 +350,7 @@ def density_line(d: str) -> str | None:
         rs = sorted((r for r in rows if r["op"] == op), key=lambda r: r["block_density"])
         lo, hi = rs[0], rs[-1]
         parts.append(f"{op} {lo['speedup_sparse_vs_baseline']:.2f}x at {lo['block_density']:.0%} of blocks "
-                     f"({lo['elem_density']:.1%} of elements) .. {hi['speedup_sparse_vs_baseline']:.2f}x at "
+                     f"({_pct(lo['elem_density'])} of elements) .. {hi['speedup_sparse_vs_baseline']:.2f}x at "
                      f"{hi['block_density']:.0%}")
     pats = sorted({r["pattern"] for r in rows})
     return (f"| per-op density sweep, synthetic spikes ({', '.join(pats)}; {len(rows)} rows), fp16, `density.json` "
@@ -363,8 +368,9 @@ def profile_lines(recs: list[Record]) -> list[str]:
         b, o = sum(p["baseline"].median_ms for p in sp), sum(p["record"].median_ms for p in sp)
         fwd = next((r for r in recs if r.section == "profile" and r.model == model and r.op == "model_forward"), None)
         shape = f" (input {fwd.shape}, {fwd.dtype})" if fwd and fwd.shape else ""
-        lines.append(f"| `sparseflow.profile` of {model}{shape}: {len(sp)} SparseFlow layers, each timed alone, sum, "
-                     f"`{sp[0]['record'].source}` | each layer's dense op: {b:.3f} ms | {o:.3f} ms | {_fx(b / o)} |")
+        lines.append(f"| `sparseflow.profile` of {model}{shape}: {len(sp)} SparseFlow layers, each timed alone in eager "
+                     f"mode (CUDA events, launch-bound), sum, `{sp[0]['record'].source}` | each layer's dense op: "
+                     f"{b:.3f} ms | {o:.3f} ms | {_fx(b / o)} |")
     return lines
 
 
