@@ -30,5 +30,5 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(kspk, "new_spike_tensor", nan_fill(kspk.new_spike_tensor))
     monkeypatch.setattr(kspk, "empty_codes", nan_fill(kspk.empty_codes))
     monkeypatch.setattr(kocc, "empty_codes", nan_fill(kocc.empty_codes))
-    monkeypatch.setattr(kneuron, "_new_spikes", nan_fill(kneuron._new_spikes))
+    monkeypatch.setattr(kneuron, "_empty_like_channels_last", nan_fill(kneuron._empty_like_channels_last))
     yield

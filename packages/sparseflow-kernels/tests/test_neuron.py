@@ -218,20 +218,3 @@ def test_library_torch_reference_agrees_with_frameworks(neuron):
     # decay constants differ in the last bits (the frameworks keep beta / w in float32): ~1e-7 relative
     assert_spikes_match(s, rs, rh, p["v_threshold"], v, rv, tie_tol=1e-6, v_rtol=1e-6, max_flip_frac=0)
     torch.testing.assert_close(h, rh, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "strided"])
-def test_output_keeps_a_dense_input_layout(layout):
-    """Spikes come back in the input's memory layout where that is dense and its spatial dims merge (contiguous
-    [T, N, C, L] after a Conv1d projection: the residual add after it then reads one layout), else channels
-    innermost; the values equal the float64 reference either way."""
-    p = NEURONS["lif-hard"]
-    x = make_x((3, 2, 6, 4, 5), layout)
-    y = multistep_neuron(x, **kernel_neuron_kwargs(p))
-    rs, rh, _ = NeuronReference(p)(x.double())
-    assert_fires(rs)
-    assert_spikes_match(y, rs, rh, p["v_threshold"])
-    if layout in ("contiguous", "channels_last"):
-        assert y.stride() == x.stride()
-    else:  # transposed spatial dims do not merge, a strided view is not dense: channels innermost
-        assert y.movedim(2, -1).is_contiguous()

@@ -96,8 +96,7 @@ def _multistep_kernel(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Tensors are viewed as [T, N, C, S] (S = flattened spatial); a program owns a [BLOCK_S, BLOCK_C]
-    block of one sample (shaped by the launcher for the input's layout: wide along the contiguous dim) and loops
-    over t."""
+    block of one sample (channel-fastest, coalesced for channels_last) and loops over t."""
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     decay = tl.cast(decay, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
@@ -145,39 +144,12 @@ def _as_tncs(t: torch.Tensor) -> torch.Tensor:
         return t.permute(0, 1, *range(3, t.dim()), 2).contiguous().movedim(-1, 2).view(T, N, C, -1)
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """Whether ``t``'s elements fill one block of memory without gaps or overlaps (in any dim order)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _merges(t: torch.Tensor) -> bool:
-    """Whether the spatial dims of ``t`` ``[T, N, C, *spatial]`` merge into one without a copy."""
-    try:
-        t.view(*t.shape[:3], -1)
-        return True
-    except RuntimeError:
-        return False
-
-
-def _new_spikes(x: torch.Tensor, dtype=None) -> torch.Tensor:
-    """Empty tensor shaped like ``x`` ``[T, N, C, *sp]`` in ``x``'s memory layout where ``x`` is dense (channels
-    innermost after cuDNN's channels_last convs; ``[T, N, C, L]`` contiguous after a Conv1d projection, so that the
-    residual add that follows and the next projection read both operands in one layout, as in the dense model);
-    channels innermost for a view with gaps."""
-    dtype = dtype or x.dtype
-    if _dense(x):
-        y = torch.empty_like(x, dtype=dtype, memory_format=torch.preserve_format)
-        if y.dim() <= 4 or _merges(y):  # the kernel writes through a [T, N, C, S] view of it
-            return y
+def _empty_like_channels_last(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Empty tensor shaped like ``x`` ``[T, N, C, *sp]`` with channels innermost in memory."""
     perm = (0, 1, *range(3, x.dim()), 2)
     shape = [x.shape[i] for i in perm]
     inv = [perm.index(i) for i in range(x.dim())]
-    return torch.empty(shape, dtype=dtype, device=x.device).permute(*inv)
+    return torch.empty(shape, dtype=dtype or x.dtype, device=x.device).permute(*inv)
 
 
 def multistep_neuron(
@@ -216,7 +188,7 @@ def multistep_neuron(
     if v is not None and tuple(v.shape) != tuple(x.shape[1:]):
         raise ValueError(f"{op}: v must have shape {tuple(x.shape[1:])}, got {tuple(v.shape)}")
     require_int32_indexable(op, x, residual, v)
-    y = _new_spikes(xv, out_dtype or x.dtype)
+    y = _empty_like_channels_last(xv, out_dtype or x.dtype)
     if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"multistep_neuron: v_dtype must be float32, float16 or bfloat16, got {v_dtype}")
     v_out = torch.empty(xv.shape[1:], dtype=v_dtype, device=x.device) if return_v else None
@@ -226,12 +198,8 @@ def multistep_neuron(
     vo3 = v_out.view(N, C, -1) if v_out is not None else y4[0]
     S = x4.shape[3]
     if T and N and C and S:
-        if x4.stride(3) == 1 and x4.stride(2) != 1 and S > 1:  # spatial positions contiguous: coalesce along S
-            BLOCK_S = min(256, triton.next_power_of_2(S))
-            BLOCK_C = max(1, min(1024 // BLOCK_S, triton.next_power_of_2(C)))
-        else:  # channels innermost (channels_last)
-            BLOCK_C = min(64, triton.next_power_of_2(C))
-            BLOCK_S = max(1, min(1024 // BLOCK_C, triton.next_power_of_2(S)))
+        BLOCK_C = min(64, triton.next_power_of_2(C))
+        BLOCK_S = max(1, min(1024 // BLOCK_C, triton.next_power_of_2(S)))
         grid = (triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_C), N)
         ka = spec.kernel_args()
         launch(_multistep_kernel)[grid](
