@@ -48,6 +48,12 @@ from sparseflow_core import (
 from sparseflow_core.registry import OpHandler, find_op_handler, is_spiking_module
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels import multistep_neuron, prescan, sparse_conv2d, spiking_conv2d
+from sparseflow_kernels.attention import channel_dot, ssa_attention
+from sparseflow_kernels.batchnorm import sparse_batch_norm2d
+from sparseflow_kernels.conv_transpose import sparse_conv_transpose2d
+from sparseflow_kernels.depthwise import grouped_conv2d
+from sparseflow_kernels.linear import sparse_conv1x1, sparse_linear
+from sparseflow_kernels.pool import max_pool2d
 from sparseflow_ops import (
     NeuronAdapter,
     SparseConv2d,
@@ -193,6 +199,68 @@ BAD_INPUTS = [
      "left dense, report: padding_mode='reflect' (only 'zeros' is supported)"),
     ("optimize", "conv with a forward hook", lambda: _reason_of(_hooked_net(), "3"), None,
      "left dense, report: has forward hooks, which a replacement module would drop"),
+    # the kernels of the other ops: the same checks, each op's own shapes
+    ("sparse_linear", "input not ending in in_features", lambda: sparse_linear(_x(4, 8), _x(5, 7)), ValueError,
+     "does not end in in_features=7"),
+    ("sparse_linear", "weight of rank 3", lambda: sparse_linear(_x(4, 8), _x(5, 8, 1)), ValueError,
+     "weight must be 2-D [out_features, in_features]"),
+    ("sparse_linear", "fp32 input, fp16 weight", lambda: sparse_linear(_x(4, 8), _x(5, 8, dtype=torch.float16)),
+     TypeError, "input dtype torch.float32 and weight dtype torch.float16 differ"),
+    ("sparse_linear", "input and weight on different devices", lambda: sparse_linear(_x(4, 8), _meta(_x(5, 8))),
+     ValueError, "all tensors must be on one device"),
+    ("sparse_linear", "bias of the wrong length", lambda: sparse_linear(_x(4, 8), _x(5, 8), _x(4)), ValueError,
+     "bias must have shape [5]"),
+    ("sparse_linear", "input [T, B, L, D] of any leading shape", lambda: sparse_linear(_x(2, 3, 5, 8), _x(4, 8)),
+     None, "accepted: F.linear semantics"),
+    ("sparse_conv1x1", "input of rank 4", lambda: sparse_conv1x1(_x(2, 8, 4, 4), _x(5, 8)), ValueError,
+     "expected input [B, 8, L] (or [8, L])"),
+    ("sparse_conv1x1", "kernel size 3", lambda: sparse_conv1x1(_x(2, 8, 4), _x(5, 8, 3)), ValueError,
+     "kernel size must be 1"),
+    ("ssa_attention", "q of rank 2", lambda: ssa_attention(_x(8, 4), _x(8, 4), _x(8, 4), 0.125), ValueError,
+     "q must be [..., H, D, L]"),
+    ("ssa_attention", "q, k, v of different shapes",
+     lambda: ssa_attention(_x(1, 2, 8, 4), _x(1, 2, 8, 5), _x(1, 2, 8, 4), 0.125), ValueError,
+     "q, k, v shapes differ"),
+    ("ssa_attention", "q, k, v of different dtypes",
+     lambda: ssa_attention(_x(1, 2, 8, 4), _x(1, 2, 8, 4, dtype=torch.float16), _x(1, 2, 8, 4), 0.125), TypeError,
+     "q, k, v dtypes differ"),
+    ("ssa_attention", "q, k, v on different devices",
+     lambda: ssa_attention(_x(1, 2, 8, 4), _meta(_x(1, 2, 8, 4)), _x(1, 2, 8, 4), 0.125), ValueError,
+     "all tensors must be on one device"),
+    ("channel_dot", "operands of different shapes", lambda: channel_dot(_x(2, 3, 5), _x(2, 3, 6)), ValueError,
+     "a and b must match"),
+    ("channel_dot", "operands of different dtypes", lambda: channel_dot(_x(2, 3, 5), _x(2, 3, 5, dtype=torch.float16)),
+     ValueError, "a and b must match"),
+    ("grouped_conv2d", "channels not divisible by groups",
+     lambda: grouped_conv2d(_x(1, 6, 8, 8), _x(6, 1, 3, 3), groups=4), ValueError, "must be divisible by groups=4"),
+    ("grouped_conv2d", "input of rank 2", lambda: grouped_conv2d(_x(6, 8), _x(6, 1, 3, 3), groups=6), ValueError,
+     "expected input of shape [N, C, H, W]"),
+    ("grouped_conv2d", "fp32 input, fp16 weight",
+     lambda: grouped_conv2d(_x(1, 6, 8, 8), _x(6, 1, 3, 3, dtype=torch.float16), groups=6), TypeError,
+     "input dtype torch.float32 and weight dtype torch.float16 differ"),
+    ("sparse_conv_transpose2d", "input of rank 2", lambda: sparse_conv_transpose2d(_x(3, 8), _x(3, 4, 2, 2)),
+     ValueError, "expected input of shape [N, C, H, W]"),
+    ("sparse_conv_transpose2d", "output_padding not below the stride",
+     lambda: sparse_conv_transpose2d(_x(1, 3, 8, 8), _x(3, 4, 2, 2), stride=2, output_padding=2), ValueError,
+     "must be smaller than the stride"),
+    ("sparse_conv_transpose2d", "channels of input and weight differ",
+     lambda: sparse_conv_transpose2d(_x(1, 5, 8, 8), _x(3, 4, 2, 2), stride=2), ValueError,
+     "input has 5 channels but weight expects 3"),
+    ("sparse_conv_transpose2d", "fp32 input, fp16 weight",
+     lambda: sparse_conv_transpose2d(_x(1, 3, 8, 8), _x(3, 4, 2, 2, dtype=torch.float16), stride=2), TypeError,
+     "input dtype torch.float32 and weight dtype torch.float16 differ"),
+    ("sparse_batch_norm2d", "statistics of the wrong length",
+     lambda: sparse_batch_norm2d(_x(1, 3, 4, 4), _x(4), _x(4)), ValueError, "running_mean must have shape [3]"),
+    ("sparse_batch_norm2d", "negative eps", lambda: sparse_batch_norm2d(_x(1, 3, 4, 4), _x(3), _x(3), eps=-1.0),
+     ValueError, "eps must be >= 0"),
+    ("sparse_batch_norm2d", "input of rank 2", lambda: sparse_batch_norm2d(_x(3, 4), _x(3), _x(3)), ValueError,
+     "expected input of shape [N, C, H, W]"),
+    ("max_pool2d", "padding over half the kernel", lambda: max_pool2d(_x(1, 3, 8, 8), 2, 2, 2), ValueError,
+     "must be at most half the kernel size"),
+    ("max_pool2d", "input of rank 2", lambda: max_pool2d(_x(8, 8), 2), ValueError,
+     "expected [N, C, H, W] or [C, H, W]"),
+    ("max_pool2d", "float64 input", lambda: max_pool2d(_x(1, 3, 8, 8).double(), 2), TypeError,
+     "supported are float32, float16 and bfloat16"),
 ]
 
 
