@@ -88,58 +88,26 @@ def _ops():
     return tpo
 
 
-@pytest.mark.parametrize("seed", range(N_CASES))
-def test_gpu_sparse_linear_property(seed):
-    tpo = _ops()
-    tpo.check_linear(_gpu_case(tpo.draw_linear, seed, {"K": [256, 1000], "N": [64, 384], "lead": [(8, 197)]}),
-                     device="cuda")
+# op -> (drawer, checker) names in test_properties_ops.py, and the larger GPU sizes each draw may take instead
+OPS = {
+    "sparse_linear": ("draw_linear", "check_linear", {"K": [256, 1000], "N": [64, 384], "lead": [(8, 197)]}),
+    "sparse_conv1x1": ("draw_conv1x1", "check_conv1x1", {"C": [64, 256], "CO": [64, 384], "L": [196]}),
+    "ssa_attention": ("draw_ssa", "check_ssa", {"H": [8], "D": [32, 64], "L": [64, 196]}),
+    "channel_dot": ("draw_channel_dot", "check_channel_dot", {"C": [64, 256], "spatial": [(14, 14), (196,)]}),
+    "grouped_conv2d": ("draw_grouped", "check_grouped", {"H": [31, 56], "W": [29, 56], "groups": [32, 64]}),
+    "conv_transpose2d": ("draw_conv_transpose", "check_conv_transpose",
+                         {"H": [16, 29], "W": [16, 31], "C": [37, 64], "CO": [64, 96]}),
+    "sparse_batch_norm2d": ("draw_batchnorm", "check_batchnorm", {"C": [64, 130], "H": [31, 56], "W": [29, 56]}),
+    "max_pool2d": ("draw_pool", "check_pool", {"C": [64, 130], "H": [31, 56], "W": [33, 56]}),
+}
 
 
 @pytest.mark.parametrize("seed", range(N_CASES))
-def test_gpu_sparse_conv1x1_property(seed):
+@pytest.mark.parametrize("op", list(OPS))
+def test_gpu_op_property(op, seed):
     tpo = _ops()
-    tpo.check_conv1x1(_gpu_case(tpo.draw_conv1x1, seed, {"C": [64, 256], "CO": [64, 384], "L": [196]}),
-                      device="cuda")
-
-
-@pytest.mark.parametrize("seed", range(N_CASES))
-def test_gpu_ssa_attention_property(seed):
-    tpo = _ops()
-    tpo.check_ssa(_gpu_case(tpo.draw_ssa, seed, {"H": [8], "D": [32, 64], "L": [64, 196]}), device="cuda")
-
-
-@pytest.mark.parametrize("seed", range(N_CASES))
-def test_gpu_channel_dot_property(seed):
-    tpo = _ops()
-    tpo.check_channel_dot(_gpu_case(tpo.draw_channel_dot, seed, {"C": [64, 256], "spatial": [(14, 14), (196,)]}),
-                          device="cuda")
-
-
-@pytest.mark.parametrize("seed", range(N_CASES))
-def test_gpu_grouped_conv2d_property(seed):
-    tpo = _ops()
-    c = _gpu_case(tpo.draw_grouped, seed, {"H": [31, 56], "W": [29, 56], "groups": [32, 64]})
-    tpo.check_grouped(c, device="cuda")
-
-
-@pytest.mark.parametrize("seed", range(N_CASES))
-def test_gpu_conv_transpose2d_property(seed):
-    tpo = _ops()
-    c = _gpu_case(tpo.draw_conv_transpose, seed, {"H": [16, 29], "W": [16, 31], "C": [37, 64], "CO": [64, 96]})
-    tpo.check_conv_transpose(c, device="cuda")
-
-
-@pytest.mark.parametrize("seed", range(N_CASES))
-def test_gpu_sparse_batch_norm2d_property(seed):
-    tpo = _ops()
-    c = _gpu_case(tpo.draw_batchnorm, seed, {"C": [64, 130], "H": [31, 56], "W": [29, 56]})
-    tpo.check_batchnorm(c, device="cuda")
-
-
-@pytest.mark.parametrize("seed", range(N_CASES))
-def test_gpu_max_pool2d_property(seed):
-    tpo = _ops()
-    tpo.check_pool(_gpu_case(tpo.draw_pool, seed, {"C": [64, 130], "H": [31, 56], "W": [33, 56]}), device="cuda")
+    draw, check, bigger = OPS[op]
+    getattr(tpo, check)(_gpu_case(getattr(tpo, draw), seed, bigger), device="cuda")
 
 
 @pytest.mark.parametrize("name", ["ssa-nan-in-k-v-silent", "ssa-inf-in-k-v-silent", "ssa-inf-in-v-head-padding",

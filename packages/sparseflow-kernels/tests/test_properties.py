@@ -182,6 +182,12 @@ def draw_conv(pick) -> dict:
     return c
 
 
+def assert_keeps_layout(y: torch.Tensor, x: torch.Tensor, c: dict) -> None:
+    """A channels_last input (that is not also contiguous, as 1x1 maps are) gives a channels_last output."""
+    if c["layout"] == "channels_last" and not x.is_contiguous():
+        assert y.is_contiguous(memory_format=torch.channels_last), "the output keeps the input's layout"
+
+
 def check_sparse_conv(c: dict, device="cpu") -> None:
     gen = torch.Generator().manual_seed(c["seed"])
     dtype = c["dtype"]
@@ -202,8 +208,7 @@ def check_sparse_conv(c: dict, device="cpu") -> None:
                       dense=c["dense"], fp32_precision=precision)
     tc_split = x.is_cuda and dtype == torch.float32 and precision == "tf32x3"
     assert_like_dense(y, ref, dtype, f"sparse_conv2d {c}: ", inf_may_be_nan=tc_split)
-    if c["layout"] == "channels_last" and not x.is_contiguous():  # (1x1 maps are both)
-        assert y.is_contiguous(memory_format=torch.channels_last), "the output keeps the input's layout"
+    assert_keeps_layout(y, x, c)
 
 
 @prop(14)

@@ -29,6 +29,7 @@ from test_properties import (
     SIZES,
     SPECIALS,
     add_specials,
+    assert_keeps_layout,
     assert_like_dense,
     draw_conv,
     hyp_pick,
@@ -343,8 +344,7 @@ def check_grouped(c: dict, device="cpu") -> torch.Tensor:
     ref = _apply_affine(ref, scale, shift, dim=1)
     gemm = c["path"] == "gemm" or (c["path"] == "auto" and C // g >= 16 and g > 1)
     assert_like_dense(y, ref, dtype, f"grouped_conv2d {c}: ", inf_may_be_nan=gemm and _tc_split(x))
-    if c["layout"] == "channels_last" and not x.is_contiguous():
-        assert y.is_contiguous(memory_format=torch.channels_last), "the output keeps the input's layout"
+    assert_keeps_layout(y, x, c)
     return ref
 
 
@@ -396,8 +396,7 @@ def check_conv_transpose(c: dict, device="cpu") -> torch.Tensor:
     ref = F.conv_transpose2d(_d(x), _d(w), _d(b), c["stride"], c["padding"], c["output_padding"])
     ref = _apply_affine(ref, scale, shift, dim=1)
     assert_like_dense(y, ref, dtype, f"sparse_conv_transpose2d {c}: ", inf_may_be_nan=_tc_split(x))
-    if c["layout"] == "channels_last" and not x.is_contiguous():
-        assert y.is_contiguous(memory_format=torch.channels_last), "the output keeps the input's layout"
+    assert_keeps_layout(y, x, c)
     return ref
 
 
@@ -445,8 +444,7 @@ def check_batchnorm(c: dict, device="cpu") -> torch.Tensor:
         torch.testing.assert_close(ref, F.batch_norm(_d(x), _d(mean), _d(var), _d(weight), _d(bias), training=False,
                                                      eps=c["eps"]), equal_nan=True)
     assert_like_dense(y, ref, dtype, f"sparse_batch_norm2d {c}: ")
-    if c["layout"] == "channels_last" and not x.is_contiguous():
-        assert y.is_contiguous(memory_format=torch.channels_last), "the output keeps the input's layout"
+    assert_keeps_layout(y, x, c)
     return ref
 
 
