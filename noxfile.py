@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 import nox
-from nox.virtualenv import PassthroughEnv
 
 nox.options.sessions = ["lint", "tests"]
 
@@ -128,7 +127,7 @@ def bench(session: nox.Session) -> None:
     install_sparseflow(session)
     # ``nox --no-venv --no-install -s bench`` (a machine whose python already has torch, triton and the
     # dependencies, e.g. the GPU device machine; our packages on PYTHONPATH): the python running nox
-    python = sys.executable if isinstance(session.virtualenv, PassthroughEnv) else "python"
+    python = sys.executable if session.venv_backend == "none" else "python"
     if session.posargs and session.posargs[0] in ("report", "compare", "run"):
         session.run(python, "-m", "sparseflow_bench.cli", *session.posargs, external=True)
         return
