@@ -81,6 +81,37 @@ def is_bypassed(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("forward"), Bypass)
 
 
+def adopt_dense(new: nn.Module, dense: nn.Module, bn: nn.Module | None) -> None:
+    """Let the drop-in ``new`` take over ``dense``'s parameters, train/eval mode, SpikingJelly step mode and class
+    (for ``to_dense``); fold ``bn`` (kept as ``_bn``) and bypass it."""
+    new.weight = dense.weight
+    new.bias = dense.bias
+    new.training = dense.training
+    if hasattr(dense, "step_mode"):
+        new.step_mode = dense.step_mode
+    new.__dict__["_original_class"] = type(dense)
+    new.__dict__["_bn"] = bn
+    if bn is not None:
+        install_bypass(bn, new, last=True)
+
+
+def dense_copy(module: nn.Module, default_cls: type, runtime: tuple) -> nn.Module:
+    """The dense module ``module`` took over (its original class, else ``default_cls``) with the same parameters
+    and state, without the drop-in's ``runtime`` attributes; the folded BatchNorm runs on its own again."""
+    bn = module.__dict__.get("_bn")
+    if bn is not None:
+        remove_bypass(bn)
+    klass = module.__dict__.get("_original_class", default_cls)
+    m = klass.__new__(klass)
+    nn.Module.__init__(m)
+    for k, v in module.__dict__.items():
+        if k not in runtime:
+            m.__dict__[k] = v
+    if "step_mode" in module.__dict__:
+        m.step_mode = module.__dict__["step_mode"]  # through the framework's property (SpikingJelly)
+    return m
+
+
 def bn_affine(bn: nn.BatchNorm2d):
     """Eval-mode BatchNorm as ``y * scale + shift`` (fp32)."""
     var = bn.running_var.detach().float()

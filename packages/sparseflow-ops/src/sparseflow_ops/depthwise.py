@@ -20,7 +20,7 @@ from sparseflow_kernels.depthwise import TENSOR_CORE_MIN_CG, default_depthwise_c
 from sparseflow_kernels.library import compiling
 
 from ._common import SparseModule, VersionCache, find_occupancy, kernels_take
-from .conv import MODES, bn_affine, bn_key, install_bypass, remove_bypass
+from .conv import MODES, adopt_dense, bn_affine, bn_key, dense_copy
 
 _RUNTIME = ("_bn", "_pending", "_acache", "_wcache", "_original_class", "block_size", "mode", "time_steps", "last_path",
             "step_mode")
@@ -59,32 +59,13 @@ class FoldedBNMixin:
     def _attach(self, src: nn.Module, bn, block_size, mode):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.weight = src.weight
-        self.bias = src.bias
-        self.training = src.training
         self.block_size = block_size
         self.mode = mode
         self.time_steps = None
-        if hasattr(src, "step_mode"):
-            self.step_mode = src.step_mode
-        self.__dict__["_original_class"] = type(src)
-        self.__dict__["_bn"] = bn
-        if bn is not None:
-            install_bypass(bn, self, last=True)
+        adopt_dense(self, src, bn)
 
     def _dense_copy(self, default_cls):
-        bn = self.__dict__.get("_bn")
-        if bn is not None:
-            remove_bypass(bn)
-        klass = self.__dict__.get("_original_class", default_cls)
-        m = klass.__new__(klass)
-        nn.Module.__init__(m)
-        for k, v in self.__dict__.items():
-            if k not in _RUNTIME:
-                m.__dict__[k] = v
-        if "step_mode" in self.__dict__:
-            m.step_mode = self.__dict__["step_mode"]  # through the framework's property (SpikingJelly)
-        return m
+        return dense_copy(self, default_cls, _RUNTIME)
 
     def __setstate__(self, state):
         super().__setstate__(state)

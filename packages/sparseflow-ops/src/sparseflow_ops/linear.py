@@ -33,7 +33,7 @@ from sparseflow_kernels.linear import (
 )
 
 from ._common import SparseModule, VersionCache, kernels_take, version_key
-from .conv import MODES, bn_affine, bn_key, fold_bn, install_bypass, remove_bypass
+from .conv import MODES, adopt_dense, bn_affine, bn_key, dense_copy, fold_bn
 
 _RUNTIME = ("_pending", "_wcache", "_acache", "_tcache", "_bn", "_original_class", "block_size", "mode", "time_steps",
             "last_path", "step_mode", "config")
@@ -71,16 +71,7 @@ class _GemmMixin:
         return self._wcache.get(key, lambda: pack_linear_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
 
     def _adopt(self, dense: nn.Module, bn):
-        """Take over ``dense``'s parameters, mode and SpikingJelly step mode; fold and bypass ``bn``."""
-        self.weight = dense.weight
-        self.bias = dense.bias
-        self.training = dense.training
-        if hasattr(dense, "step_mode"):
-            self.step_mode = dense.step_mode
-        self.__dict__["_original_class"] = type(dense)
-        self.__dict__["_bn"] = bn
-        if bn is not None:
-            install_bypass(bn, self, last=True)
+        adopt_dense(self, dense, bn)
         return self
 
     def _torch_weights(self, dtype):
@@ -141,18 +132,6 @@ class _GemmMixin:
     def extra_repr(self):
         return super().extra_repr() + f", fused={self.kind()}, block_size={self.block_size}, mode={self.mode}"
 
-    def _to_dense_common(self, klass, module):
-        bn = self.__dict__.get("_bn")
-        if bn is not None:
-            remove_bypass(bn)
-        nn.Module.__init__(module)
-        for k, v in self.__dict__.items():
-            if k in _RUNTIME:
-                continue
-            module.__dict__[k] = v
-        if "step_mode" in self.__dict__:
-            module.step_mode = self.__dict__["step_mode"]
-        return module
 
 
 def _check_mode(mode):
@@ -204,8 +183,7 @@ class SparseLinear(_GemmMixin, SparseModule, nn.Linear):
 
     def to_dense(self) -> nn.Linear:
         """The plain ``nn.Linear`` (or the SpikingJelly class it was) back, same parameters."""
-        klass = self.__dict__.get("_original_class", nn.Linear)
-        return self._to_dense_common(klass, klass.__new__(klass))
+        return dense_copy(self, nn.Linear, _RUNTIME)
 
     @staticmethod
     def _feature_dim(y):
@@ -283,8 +261,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         return new._adopt(conv, bn)
 
     def to_dense(self) -> nn.Conv1d:
-        klass = self.__dict__.get("_original_class", nn.Conv1d)
-        return self._to_dense_common(klass, klass.__new__(klass))
+        return dense_copy(self, nn.Conv1d, _RUNTIME)
 
     @staticmethod
     def _feature_dim(y):
