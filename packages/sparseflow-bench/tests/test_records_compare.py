@@ -465,3 +465,29 @@ def test_generic_reader_nested_layouts(tmp_path):
     assert {(p["record"].source, p["record"].provider) for p in best} == {
         ("resnet_family.json", "sparse_fp16_b16"), ("p2.json", "sparse_fp16")}
     assert sorted(p["speedup"] for p in best) == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_section_context_time_forwards_and_write_text(tmp_path, monkeypatch):
+    """The sections' shared helpers: each model's forward is timed with its neurons reset just before it, without
+    autograd and without a CUDA graph; the markdown lands in the output folder."""
+    import torch
+
+    from sparseflow_bench import sections
+
+    ctx = sections.SectionContext(str(tmp_path), {}, torch.device("cpu"), dry=False)
+    events = []
+    monkeypatch.setattr(sections, "reset", lambda m: events.append(("reset", m)))
+
+    def fake_bench(fn, **kw):
+        y = fn()
+        events.append(("timed", kw, y.requires_grad))
+        return {"median": float(len(events))}
+
+    monkeypatch.setattr(ctx, "bench", fake_bench)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    out = ctx.time_forwards(torch.ones(2, 3), dense=a, optimized=b)
+    assert out == {"ms_dense": 2.0, "ms_optimized": 4.0}
+    assert events == [("reset", a), ("timed", {"graph": False, "rep": 20}, False),
+                      ("reset", b), ("timed", {"graph": False, "rep": 20}, False)]
+    path = ctx.write_text("t.md", "# t\n")
+    assert path == str(tmp_path / "t.md") and (tmp_path / "t.md").read_text() == "# t\n"

@@ -49,6 +49,34 @@ class SectionContext:
 
         return bench_ms(fn, **kw)
 
+    def write_text(self, name: str, text: str) -> str:
+        """Write ``text`` (a section's markdown table) to ``out_dir/name``."""
+        path = os.path.join(self.out_dir, name)
+        with open(path, "w") as f:
+            f.write(text)
+        self.log(f"wrote {path}")
+        return path
+
+    def time_forwards(self, x, **models) -> dict:
+        """``{"ms_<name>": median ms}`` of a no-grad forward of each model on ``x``, neurons reset before each
+        forward (eager, no CUDA graph: what a user's plain call costs)."""
+        out = {}
+        for name, model in models.items():
+            def forward(model=model):
+                reset(model)
+                with torch.no_grad():
+                    return model(x)
+
+            out[f"ms_{name}"] = self.bench(forward, graph=False, rep=20)["median"]
+        return out
+
+
+def reset(model) -> None:
+    """SpikingJelly's ``functional.reset_net``: every neuron back to its initial state."""
+    from spikingjelly.activation_based import functional
+
+    functional.reset_net(model)
+
 
 @contextlib.contextmanager
 def strict_fp32():

@@ -112,6 +112,5 @@ def run(ctx):
                      f"{f(r.get('sparse_ms'))} | {f(r.get('dense_kernel_ms'))} | {f(r.get('baseline_ms'))} | "
                      f"{'' if sp is None else f'{sp:.2f}x'} | {'' if sd is None else f'{sd:.2f}x'} | "
                      f"{r['rel_err']:.1e} |")
-    with open(f"{ctx.out_dir}/density.md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    ctx.write_text("density.md", "\n".join(lines) + "\n")
     return {"rows": rows}

@@ -30,23 +30,17 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import reset as _reset
 from . import strict_fp32
 
 MODELS = ("sew_resnet34", "spiking_resnet50", "spiking_vgg11")
 BUDGET_S = 140.0  # the whole section
-
-
-def _reset(model):
-    from spikingjelly.activation_based import functional
-
-    functional.reset_net(model)
 
 
 def _rel(y, ref) -> float:
@@ -223,15 +217,7 @@ def _e2e(ctx, model, x, logits):
            "folded": [list(f) for f in rep.folded] if rep else []}
     out["ok"] = out["logits_rel_err_fp32"] < 1e-3
     if not ctx.dry and ctx.left() > 30:
-        def run(mdl):
-            def f():
-                _reset(mdl)
-                with torch.no_grad():
-                    return mdl(x)
-            return f
-
-        out["ms_dense_fp32"] = ctx.bench(run(model), graph=False, rep=20)["median"]
-        out["ms_optimized_fp32"] = ctx.bench(run(opt), graph=False, rep=20)["median"]
+        out.update(ctx.time_forwards(x, dense_fp32=model, optimized_fp32=opt))
     del opt
     return out
 
@@ -358,7 +344,5 @@ def run(ctx) -> dict:
         model = recs = None  # free the captured maps before the next model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    with open(os.path.join(ctx.out_dir, "resnet_family.md"), "w") as f:
-        f.write(_md(results))
-    ctx.log(f"wrote {os.path.join(ctx.out_dir, 'resnet_family.md')}")
+    ctx.write_text("resnet_family.md", _md(results))
     return results
