@@ -19,7 +19,9 @@
 #   SKIP_GPU_TESTS=1  skip the pytest step
 #   SKIP_GPU_BENCH=1  skip the benchmark step
 #   GPU_TEST_WORKERS  pytest-xdist workers when xdist is installed (default 6)
-#   GPU_TEST_ARGS     extra pytest arguments (e.g. "-k compile")
+#   GPU_TEST_ARGS     extra pytest arguments (e.g. "--junitxml=$OUT/junit.xml"; split on spaces)
+#   GPU_TEST_SELECT   a pytest -k expression (may hold spaces: "compile or spikformer")
+#   PROFILE_MODELS    after the benchmarks, scripts/profile_e2e.py on these models (comma-separated)
 #   GPU_BENCH=nox     run the benchmarks as `nox -s bench` (nox from .whl/nox/, in this machine's python:
 #                     --no-venv --no-install, our packages on PYTHONPATH) with the arguments given to this
 #                     script going to the sparseflow-bench CLI; default: python3 -m sparseflow_bench.gpu_run
@@ -100,7 +102,8 @@ else
     par=()
     if python3 -c "import xdist" 2>/dev/null; then par=(-n "${GPU_TEST_WORKERS:-6}"); fi
     python3 -m pytest -m gpu -q --maxfail=25 -p no:cacheprovider -p no:logging --timeout="${GPU_TEST_TIMEOUT:-120}" \
-        "${par[@]}" ${GPU_TEST_ARGS:-} "${test_dirs[@]}" 2>&1 | tee "$TEST_LOG"
+        "${par[@]}" ${GPU_TEST_ARGS:-} ${GPU_TEST_SELECT:+-k "$GPU_TEST_SELECT"} "${test_dirs[@]}" 2>&1 \
+        | tee "$TEST_LOG"
     tests_rc=${PIPESTATUS[0]}
     if [ "$tests_rc" -eq 5 ]; then
         echo "pytest: no test marked gpu was collected (exit 5); counted as a pass"
@@ -128,6 +131,12 @@ else
     fi
     bench_rc=$?
     log "benchmarks: exit $bench_rc"
+fi
+
+# 6. kernel profiles (optional)
+if [ -n "${PROFILE_MODELS:-}" ]; then
+    log "profile_e2e.py --models $PROFILE_MODELS"
+    python3 scripts/profile_e2e.py --models "$PROFILE_MODELS" --out "$RESULTS_DIR" || bench_rc=1
 fi
 
 log "summary: tests exit $tests_rc, benchmarks exit $bench_rc, results in $RESULTS_DIR"

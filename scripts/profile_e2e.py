@@ -37,6 +37,26 @@ def kernel_table(fn, steps=5):
     return rows
 
 
+def copy_add_table(fn, steps=3):
+    """The elementwise adds and copies of one forward, by input shapes (which layer left a layout change)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in ("aten::add", "aten::add_", "aten::copy_"):
+            t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if t > 0:
+                rows.append((e.key, str(e.input_shapes)[:120], t / steps / 1e3, e.count // steps))
+    rows.sort(key=lambda r: -r[2])
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="spiking_resnet34")
@@ -60,6 +80,20 @@ def main(argv=None):
                 reset_states(opt)
                 return opt(x16)
 
+            from sparseflow_kernels import dispatch as kdispatch
+            from sparseflow_ops import SparseModule
+
+            out["paths"] = [{"module": n, "type": type(m).__name__, "kind": m.kind() if hasattr(m, "kind") else "",
+                             "path": getattr(m, "last_path", None)}
+                            for n, m in opt.named_modules() if isinstance(m, SparseModule)]
+            out["dispatch_ms"] = [{"key": str(k)[:300], "ms": v} for k, v in kdispatch.timings().items()]
+            lines.append(f"== {name}: paths the dispatch chose")
+            lines += [f"  {r['module']:40s} {r['kind']:38s} {r['path']}" for r in out["paths"]]
+            lines.append(f"== {name}: dispatch timings (ms, in a CUDA graph)")
+            lines += [f"  {r['key'][:150]}\n      " + ", ".join(f"{c}={t:.4f}" for c, t in r["ms"].items())
+                      for r in out["dispatch_ms"]]
+            lines.append(f"== {name}: adds and copies of the optimized fp16 forward (ms per forward)")
+            lines += [f"  {ms:8.4f} ms {c:4d}x {k} {shapes}" for k, shapes, ms, c in copy_add_table(f_opt)]
             m16 = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
             cm = torch.compile(m16)
 

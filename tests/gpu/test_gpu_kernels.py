@@ -115,6 +115,37 @@ def test_spiking_conv2d_paths(dt, path, neuron):
     assert s.sum() > 0
 
 
+_TOKEN_PATHS = {"fused": {"config": ConvConfig(1, 64, 64, 64)},
+                "tm": {"config": ConvConfig(1, 32, 64, 64, t_in_m=True)},
+                "tm_n128": {"config": ConvConfig(1, 32, 128, 64, t_in_m=True, num_warps=8)},
+                "sparse": {"config": ConvConfig(1, 64, 64, 64), "sparse": True}, "cudnn": {"path": "cudnn"}}
+
+
+@pytest.mark.parametrize("dt", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("path", list(_TOKEN_PATHS))
+def test_spiking_projection_tokens_residual_after(dt, path):
+    """Spikformer's fused projections: a 1x1 spiking layer over [T, N, C, 1, L] tokens with the skip connection
+    added after the neuron (residual_after), in the configurations SparseConv1d measures."""
+    dtype = _DT[dt]
+    g = torch.Generator(device="cuda").manual_seed(7)
+    T, N, C, L, CO = 4, 3, 256, 197, 384
+    x = sparse_input((T, N, C, 1, L), 0.15, g, dtype, False)
+    w = (torch.randn(CO, C, 1, 1, generator=g, device="cuda") * 0.15).to(dtype)
+    sc = torch.rand(CO, generator=g, device="cuda") + 0.5
+    sh = torch.randn(CO, generator=g, device="cuda") * 0.2
+    res = torch.randint(0, 3, (T, N, CO, 1, L), generator=g, device="cuda").to(dtype)  # sums of spikes
+    out, _v = spiking_conv2d(x, w, None, 1, 0, scale=sc, shift=sh, residual=res, residual_after=True,
+                             return_v=True, v_dtype=dtype, **_TOKEN_PATHS[path])
+    spec = NeuronSpec.make("lif")
+    rs, rh, _rv = spiking_conv2d_reference(x.double(), w.double(), None, 1, 0, scale=sc.double(),
+                                          shift=sh.double(), spec=spec)
+    s = out - res  # exact: small integers
+    assert torch.equal(out, res + s) and bool(((s == 0) | (s == 1)).all())
+    tol = 1e-4 if (dtype == torch.float32 and path != "cudnn") else 3e-2
+    assert _flips(s, rs, rh, spec.v_threshold, tol) == 0
+    assert s.sum() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_multistep_neuron_matches_reference(dtype):
     g = torch.Generator(device="cuda").manual_seed(0)

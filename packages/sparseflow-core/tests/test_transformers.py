@@ -23,7 +23,9 @@ from sparseflow_ops import (
     SparseModule,
     SparseMultiheadAttention,
     SparseSpikeDrivenSelfAttention,
+    SparseSpikformerBlock,
     SparseSpikingSelfAttention,
+    is_bypassed,
 )
 
 
@@ -119,16 +121,25 @@ def test_spikformer_block():
     keys = list(net.state_dict())
     net, rep = optimize(net, x, return_report=True)
     attn = net.block.attn
-    assert isinstance(attn, SparseSpikingSelfAttention) and attn.kind() == "ssa+qkv_conv_bn+proj_conv_bn"
-    assert isinstance(net.block.mlp.fc1[0], SparseConv1d) and net.block.mlp.fc1[0].kind() == "conv1x1+bn"
-    assert isinstance(net.block.mlp.fc2[0], SparseConv1d)
+    assert isinstance(net.block, SparseSpikformerBlock)
+    assert "residual adds fused: attn, mlp" in net.block.kind()
+    assert isinstance(attn, SparseSpikingSelfAttention)
+    assert attn.kind() == "ssa+qkv_conv_bn+lif+proj_conv_bn+lif"
+    for fc in (net.block.mlp.fc1[0], net.block.mlp.fc2[0]):
+        assert isinstance(fc, SparseConv1d) and fc.kind() == "conv1x1+bn+neuron"
+    for lif in (attn.qkv_lif, attn.proj_lif, net.block.mlp.neuron1, net.block.mlp.neuron2):
+        assert is_bypassed(lif)
     assert entry(rep, "block.attn").action == "sparse"
-    assert "conv1x1+bn" in entry(rep, "block.mlp.fc1.0").detail
+    assert entry(rep, "block").action == "kernel"
+    assert "conv1x1+bn+neuron (block.mlp.fc1.1, block.mlp.neuron1)" in entry(rep, "block.mlp.fc1.0").detail
+    assert not any(e.name.endswith(("neuron1", "neuron2", "qkv_lif", "proj_lif")) for e in rep.layers)
     assert list(net.state_dict()) == keys
     r = same_over_calls(net, ref, x)
     assert 0 < (r != 0).float().mean() < 1
     assert attn.last_path == "sparse"
+    assert net.block.mlp.fc2[0].last_path != "torch"
     restore(net)
+    assert type(net.block) is SpikformerBlock
     assert type(net.block.attn) is SpikingSelfAttention
     assert not any(isinstance(m, SparseModule) for m in net.modules())
     assert same_over_calls(net, ref, x) is not None
@@ -216,4 +227,4 @@ def test_modes_reach_the_new_modules(mode):
     optimize(net, x, mode=mode)
     same_over_calls(net, ref, x, calls=1)
     assert net.block.attn.last_path == ("torch" if mode == "torch" else "sparse")
-    assert net.block.mlp.fc1[0].last_path == ("torch" if mode == "torch" else "dense")
+    assert net.block.mlp.fc1[0].last_path == ("torch" if mode == "torch" else "fused_dense")

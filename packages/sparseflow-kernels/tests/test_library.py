@@ -30,7 +30,7 @@ def test_spiking_conv2d_op(neuron, cudnn):
                                   path="cudnn" if cudnn else "fused", config=cfg)
     s, vv = torch.ops.sparseflow.spiking_conv2d(x, w, b, [1, 1], [1, 1], scale, shift, None, v, None,
                                                 *lib.neuron_args(neuron), list(cfg.key()), cudnn, False,
-                                                torch.float32)
+                                                torch.float32, False)
     torch.testing.assert_close(s, ref_s, rtol=0, atol=0)
     torch.testing.assert_close(vv, ref_v, rtol=1e-6, atol=1e-6)
 

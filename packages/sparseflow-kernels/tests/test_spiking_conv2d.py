@@ -146,6 +146,58 @@ def test_residual_spikes_channels_last():
     check(layer, p, spikes, v)
 
 
+POST_PATHS = {
+    "fused": dict(),
+    "fused-t_in_m": dict(config=TM_CONFIG),
+    "sparse-prescan": dict(sparse=True),
+    "cudnn": dict(path="cudnn"),
+    "tokens-1x1-tile1x16": dict(config=ConvConfig(tile_h=1, tile_w=16, block_n=16, block_k=16)),
+    "tokens-1x1-tile1x8-t_in_m": dict(config=ConvConfig(tile_h=1, tile_w=8, block_n=32, block_k=16, t_in_m=True)),
+}
+
+
+@pytest.mark.parametrize("neuron", ["lif-hard", "lif-soft", "if-hard"])
+@pytest.mark.parametrize("path", list(POST_PATHS), ids=list(POST_PATHS))
+def test_residual_after_neuron(path, neuron):
+    """``residual_after``: the layer returns ``residual + spikes`` (a Transformer skip connection), the
+    residual in the contiguous layout of a token stream; tokens as [T, N, C, 1, L] for the 1x1 configs."""
+    p = NEURONS[neuron]
+    tokens = path.startswith("tokens")
+    geom = dict(H=1, W=23, k=1, padding=0) if tokens else {}
+    layer = make_layer(v0=True, N=2, T=3, **geom)
+    res = torch.randn(layer["z"].shape) * 0.7
+    out, v = run(dict(layer, res=res), p, return_v=True, residual_after=True, **POST_PATHS[path])
+    spikes = (out != res).float()  # |res| < 2**24: adding a spike always changes it
+    torch.testing.assert_close(out, res + spikes, rtol=0, atol=0)
+    check(layer, p, spikes, v)
+
+
+def test_residual_after_fp16_rounds_once():
+    """fp16 storage: residual + spike rounded once, as the dense fp16 add."""
+    p = NEURONS["lif-hard"]
+    layer = make_layer(N=1, T=2, H=1, W=19, k=1, padding=0, dtype=torch.float16)
+    res = (torch.randn(layer["z"].shape) * 300).half()  # large values: x + 1 rounds in fp16
+    out = run(dict(layer, res=res), p, residual_after=True,
+              config=ConvConfig(tile_h=1, tile_w=16, block_n=16, block_k=16))
+    spikes = spiking_conv2d(layer["x"], layer["w"], layer["b"], 1, 0, scale=layer["scale"], shift=layer["shift"],
+                            config=ConvConfig(tile_h=1, tile_w=16, block_n=16, block_k=16),
+                            **kernel_neuron_kwargs(p))
+    assert spikes.sum() > 0
+    torch.testing.assert_close(out, res + spikes, rtol=0, atol=0)
+
+
+def test_residual_after_errors():
+    layer = make_layer(N=1, T=2)
+    p = NEURONS["lif-hard"]
+    with pytest.raises(ValueError, match="needs a residual"):
+        run(layer, p, residual_after=True)
+    res = torch.randn(layer["z"].shape).double()
+    with pytest.raises(ValueError, match="x's dtype"):
+        run(dict(layer, res=res), p, residual_after=True)
+    with pytest.raises(ValueError, match="write_occupancy"):
+        run(dict(layer, res=res.float()), p, residual_after=True, write_occupancy=True)
+
+
 PATHS = {
     "fused": dict(),
     "fused-t_in_m": dict(config=TM_CONFIG),

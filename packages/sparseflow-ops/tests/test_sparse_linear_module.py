@@ -217,3 +217,97 @@ def test_linear_torch_path_folds_bn(monkeypatch):
         bn(y)  # bypassed
     assert m.last_path == "torch"
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+class _SpikingProjection(nn.Module):
+    """Spikformer's MLP layer: SeqToANNContainer(Conv1d(k=1), BatchNorm1d) -> multi-step neuron, with the
+    block's skip connection ``x + layer(x)`` when ``skip``."""
+
+    def __init__(self, C, CO, neuron_kind="lif", bias=False):
+        super().__init__()
+        from spikingjelly.activation_based import neuron as sjn
+        self.fc = layer.SeqToANNContainer(nn.Conv1d(C, CO, 1, bias=bias), random_bn(nn.BatchNorm1d(CO)))
+        if neuron_kind == "lif":
+            self.lif = sjn.LIFNode(tau=2.0, step_mode="m", detach_reset=True)
+        elif neuron_kind == "lif-soft":
+            self.lif = sjn.LIFNode(tau=1.5, v_reset=None, decay_input=False, step_mode="m")
+        else:
+            self.lif = sjn.IFNode(step_mode="m", v_threshold=0.8)
+
+    def forward(self, x):
+        return self.lif(self.fc(x))
+
+
+def _fuse_projection(net, mode="auto", T=3):
+    conv = net.fc[0]
+    net.fc[0] = SparseConv1d.from_dense(conv, net.fc[1], net.lif, mode=mode, time_steps=T)
+    return net.fc[0]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels-innermost"])
+@pytest.mark.parametrize("neuron_kind", ["lif", "lif-soft", "if"])
+@pytest.mark.parametrize("mode", ["auto", "dense", "sparse"])
+def test_conv1d_fused_neuron_matches_spikingjelly(neuron_kind, mode, layout):
+    """The fused spiking projection gives the SpikingJelly modules' spikes (float64 reference) on a first call,
+    on a second call without reset (membrane carried) and after reset_net; the BN and neuron are bypassed.
+    Channels-innermost tokens (as the kernels write spikes) run with all samples' tokens merged into one map."""
+    from spikingjelly.activation_based import functional
+    torch.manual_seed(3)
+    net = _SpikingProjection(20, 24, neuron_kind, bias=neuron_kind == "if").eval()
+    ref = copy.deepcopy(net).double()
+    keys = list(net.state_dict())
+    m = _fuse_projection(net, mode)
+    assert m.kind() == "conv1x1+bn+neuron" and is_bypassed(net.lif) and is_bypassed(net.fc[1])
+    assert list(net.state_dict()) == keys
+    fired = 0
+    with torch.no_grad():
+        for step in range(3):
+            if step == 2:
+                functional.reset_net(net)
+                functional.reset_net(ref)
+            x = spikes(3, 2, 20, 13) * torch.randint(1, 3, (3, 2, 20, 13))  # counts 0/1/2
+            if layout == "channels-innermost":
+                x = x.transpose(2, 3).contiguous().transpose(2, 3)
+            y = net(x)
+            r = ref(x.double())
+            assert y.dtype == torch.float32 and y.shape == r.shape
+            assert torch.equal(y.double(), r), (y.double() - r).abs().sum()
+            torch.testing.assert_close(net.lif.v.double(), ref.lif.v, rtol=1e-4, atol=1e-5)
+            fired += int(y.sum())
+    assert fired > 0
+    assert m.last_path != "torch"
+    merged = m._tokens_merge(net.lif.v)  # the membrane kept as a view of a [CO, N*L] buffer
+    assert merged == (layout == "channels-innermost")
+
+
+def test_conv1d_fused_neuron_residual_after():
+    """forward(x, residual=r) returns r + spikes (the skip connection in the kernel's epilogue); on the torch
+    path (training) the same through the original modules."""
+    torch.manual_seed(4)
+    net = _SpikingProjection(24, 24).eval()
+    ref = copy.deepcopy(net).double()
+    m = _fuse_projection(net)
+    x = spikes(3, 2, 24, 11) * 2
+    with torch.no_grad():
+        y = m(x.flatten(0, 1), residual=x.flatten(0, 1))
+        r = x.double() + ref(x.double())
+        assert torch.equal(y.view(r.shape).double(), r)
+        assert not m._pending  # nothing downstream to bypass
+        net.train()
+        ref.train()
+        y = m(x.flatten(0, 1), residual=x.flatten(0, 1))
+        assert m.last_path == "torch"
+        r = x.double() + ref(x.double())
+        torch.testing.assert_close(y.view(r.shape).double(), r)
+    with pytest.raises(ValueError, match="only accepted by a fused"):
+        SparseConv1d.from_dense(nn.Conv1d(4, 4, 1))(torch.ones(2, 4, 3), residual=torch.ones(2, 4, 3))
+
+
+def test_conv1d_fused_neuron_to_dense_and_wrong_T():
+    net = _SpikingProjection(8, 8).eval()
+    m = _fuse_projection(net, T=3)
+    with pytest.raises(RuntimeError, match="T=3"):
+        with torch.no_grad():
+            net.fc[0](spikes(4, 8, 5))
+    net.fc[0] = m.to_dense()
+    assert type(net.fc[0]) is nn.Conv1d and not is_bypassed(net.lif) and not is_bypassed(net.fc[1])

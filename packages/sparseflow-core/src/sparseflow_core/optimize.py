@@ -28,6 +28,7 @@ from sparseflow_ops import (
     SparseModule,
     accelerate_neuron,
     is_accelerated,
+    is_bypassed,
     neuron_support,
     restore_neuron,
 )
@@ -341,8 +342,8 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
                          "the fastest; on the CPU (and during CUDA graph capture) the default rule is used")
     # neurons that are not fused: the multi-step kernel, in place
     for name, m in named.items():
-        if not is_spiking_module(m) or name in fused_neurons:
-            continue
+        if not is_spiking_module(m) or name in fused_neurons or is_bypassed(m):
+            continue  # (bypassed: fused into a layer a handler made, which reports it)
         entry = LayerEntry(name=name, type=type(m).__name__, action="left")
         rep.add(entry)
         if not neurons:
@@ -467,7 +468,8 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
             continue
         parent, child = _parent(model, name)
         setattr(parent, child, new)
-        done.append(name)
+        if not handler.descend:
+            done.append(name)
         entry.action, entry.detail = handler.action, text or handler.name
         if not handler.uses_blocks:
             entry.block_size = None

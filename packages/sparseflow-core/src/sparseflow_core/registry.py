@@ -77,6 +77,9 @@ class OpHandler:
     analyzer proved the module's input is spikes (otherwise the report says why it was left). ``action`` is
     what the report calls a replacement (``"kernel"`` for ops that only run on SparseFlow's kernels, such as
     max pools, without skipping anything), ``uses_blocks`` whether the report shows a block size for it.
+    ``descend``: the replacement keeps the module's children and only changes how they are wired (a
+    Transformer block fusing its skip connections into its layers), so the children still go to their own
+    handlers afterwards.
     """
 
     name: str
@@ -85,6 +88,7 @@ class OpHandler:
     needs_spikes: bool = True
     action: str = "sparse"  # the report's word for a replacement: "sparse" (skips zeros) or "kernel" (no skipping)
     uses_blocks: bool = True  # whether the block size (default rule / user's) means anything for this op
+    descend: bool = False  # children still handled after the module is replaced
 
 
 _HANDLERS: list[tuple[type, OpHandler]] = []

@@ -8,6 +8,8 @@
 * epilogue (``NEURON``): 0 stores ``acc * scale + shift`` (a plain convolution, bias or folded BatchNorm);
   1 (LIF), 2 (IF) and 3 (snnTorch Leaky) add an optional residual, run the neuron over the time steps with the
   membrane in registers and store only the spikes; ``WRITE_OCC`` also writes the spikes' occupancy.
+  ``RES_POST`` adds the residual to the spikes instead (``residual + neuron(...)``: a Transformer block's
+  skip connection around a spiking projection), so that sum is what is stored.
 
 Rows of the GEMM are the pixels of one output tile (``TILE_H x TILE_W``). With ``T_IN_M`` they are the pixels
 of every time step (``T x TILE_H x TILE_W``), which gives deep, small layers T times more programs;
@@ -174,7 +176,7 @@ def _conv_kernel(
     NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_V: tl.constexpr, STORE_V: tl.constexpr, WRITE_OCC: tl.constexpr, OCC_GROUP: tl.constexpr,
-    T_IN_M: tl.constexpr, T_P2: tl.constexpr, PREC: tl.constexpr,
+    T_IN_M: tl.constexpr, T_P2: tl.constexpr, PREC: tl.constexpr, RES_POST: tl.constexpr = False,
 ):
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     decay = tl.cast(decay, tl.float32)
@@ -244,7 +246,8 @@ def _conv_kernel(
                 spike, v = _neuron_step(zt, v, decay, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
                 _store_step(spike, y_ptr, t * N + n, qh, qw, co, out_ok, syb, syc, syh, syw,
                             occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
-                            WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP)
+                            WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
+                            res_ptr, srb, src, srh, srw, RES_POST)
         if STORE_V:
             vp = vout_ptr + n * son + (qh * soh + qw * sow)[:, None] + co[None, :] * soc
             tl.store(vp, v, mask=out_ok)
@@ -287,7 +290,8 @@ def _conv_kernel(
                 spike, v = _neuron_step(z, v, decay, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
                 _store_step(spike, y_ptr, b, oh, ow, co, out_ok, syb, syc, syh, syw,
                             occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
-                            WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP)
+                            WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
+                            res_ptr, srb, src, srh, srw, RES_POST)
         if STORE_V:
             vp = vout_ptr + n * son + (oh * soh + ow * sow)[:, None] + co[None, :] * soc
             tl.store(vp, v, mask=out_ok)
@@ -308,9 +312,15 @@ def _initial_v(v_ptr, n, oh, ow, co, ok, svn, svc, svh, svw, v_init,
 def _store_step(spike, y_ptr, b, oh, ow, co, ok, syb, syc, syh, syw,
                 occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
                 WRITE_OCC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-                BLOCK_N: tl.constexpr, OCC_GROUP: tl.constexpr):
+                BLOCK_N: tl.constexpr, OCC_GROUP: tl.constexpr,
+                res_ptr, srb, src, srh, srw, RES_POST: tl.constexpr):
     yp = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
-    tl.store(yp, spike.to(y_ptr.dtype.element_ty), mask=ok)
+    if RES_POST:  # residual + spikes: one rounding of the exact sum, as the dense add
+        rp = res_ptr + b * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
+        val = tl.load(rp, mask=ok, other=0.0).to(tl.float32) + spike.to(tl.float32)
+        tl.store(yp, val.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(yp, spike.to(y_ptr.dtype.element_ty), mask=ok)
     if WRITE_OCC:
         GPB: tl.constexpr = BLOCK_N // OCC_GROUP
         nz = (spike & ok).to(tl.int32)
@@ -362,11 +372,12 @@ def launch_conv(
     x, w_packed, CO, KH, KW, stride, padding, dilation, *, T, N, out, cfg: ConvConfig, prec: str,
     scale=None, shift=None, residual=None, v=None, v_out=None, occ=None, occ_out=None,
     occ_group=16, neuron=NEURON_NONE, hard_reset=True, decay_input=True, decay=1.0, v_threshold=1.0,
-    v_reset=0.0, v_init=0.0,
+    v_reset=0.0, v_init=0.0, residual_post=False,
 ):
     """Launch :func:`_conv_kernel`. ``x`` ``[T*N, C, H, W]``, ``out`` ``[T*N, CO, OH, OW]``,
     ``residual`` like ``out``, ``v``/``v_out`` ``[N, CO, OH, OW]`` fp32, ``occ`` an Occupancy of ``x``
-    (sparse mode) or None (dense), ``occ_out`` codes ``[T*N, tiles_h, tiles_w, groups]`` to fill."""
+    (sparse mode) or None (dense), ``occ_out`` codes ``[T*N, tiles_h, tiles_w, groups]`` to fill.
+    ``residual_post``: the residual is added to the neuron's spikes (stored sum) instead of before the neuron."""
     _B, C, H, W = x.shape
     _, _, OH, OW = out.shape
     tiles_h, tiles_w = triton.cdiv(OH, cfg.tile_h), triton.cdiv(OW, cfg.tile_w)
@@ -378,6 +389,8 @@ def launch_conv(
     else:
         occ_codes, occ_tile = dummy, (1, 1)
     ng_out = occ_out.shape[-1] if occ_out is not None else 1
+    if residual_post and (residual is None or neuron == NEURON_NONE or occ_out is not None):
+        raise ValueError("residual_post needs a residual and a neuron, and no occupancy output")
     if occ_out is not None and cfg.block_n % occ_group:
         raise ValueError(f"occupancy group {occ_group} must divide block_n {cfg.block_n}")
     res = residual if residual is not None else dummy
@@ -405,7 +418,8 @@ def launch_conv(
         TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPARSE=occ is not None, OCC_H=occ_tile[0], OCC_W=occ_tile[1], NG_P2=triton.next_power_of_2(ng),
         NEURON=neuron, HARD_RESET=hard_reset, DECAY_INPUT=decay_input,
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
+        HAS_RES=residual is not None and not residual_post, RES_POST=bool(residual_post),
         HAS_V=v is not None, STORE_V=v_out is not None, WRITE_OCC=occ_out is not None,
         OCC_GROUP=occ_group,
         T_IN_M=cfg.t_in_m, T_P2=triton.next_power_of_2(T) if cfg.t_in_m else 1, PREC=prec,

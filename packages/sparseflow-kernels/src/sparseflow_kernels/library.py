@@ -55,10 +55,11 @@ def _spiking_conv2d_op(
     scale: torch.Tensor | None, shift: torch.Tensor | None, residual: torch.Tensor | None,
     v: torch.Tensor | None, packed_weight: torch.Tensor | None,
     kind: int, decay: float, decay_input: bool, v_threshold: float, v_reset: float, hard_reset: bool,
-    config: list[int], cudnn: bool, sparse: bool, v_dtype: torch.dtype,
+    config: list[int], cudnn: bool, sparse: bool, v_dtype: torch.dtype, residual_after: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return spiking_conv2d(
-        x, weight, bias, stride, padding, scale=scale, shift=shift, residual=residual, v=v, return_v=True,
+        x, weight, bias, stride, padding, scale=scale, shift=shift, residual=residual,
+        residual_after=residual_after, v=v, return_v=True,
         v_dtype=v_dtype, neuron=_spec(kind, decay, decay_input, v_threshold, v_reset, hard_reset),
         path="cudnn" if cudnn else "fused", config=_config(config), packed_weight=packed_weight,
         sparse=sparse)

@@ -59,6 +59,7 @@ def spiking_conv2d(
     return_v: bool = False,
     v_dtype: torch.dtype = torch.float32,
     residual: torch.Tensor | None = None,
+    residual_after: bool = False,
     occupancy: Occupancy | None = None,
     sparse: bool = False,
     write_occupancy: bool = False,
@@ -83,6 +84,11 @@ def spiking_conv2d(
     ``"leaky"`` is snnTorch's ``Leaky`` (``beta``; ``v_reset=None`` for "subtract", 0.0 for "zero").
     ``v``: initial membrane ``[N, C_out, H_out, W_out]``; None starts at SpikingJelly's initial value.
 
+    ``residual`` (shaped like the output) is added before the neuron (``neuron(bn(conv(x)) + residual)``, a
+    ResNet block); with ``residual_after=True`` it is added to the spikes instead and the layer returns
+    ``residual + spikes`` (a Transformer block's skip connection around a spiking projection); it must then
+    have ``x``'s dtype, the sum's dtype.
+
     Skipping: ``occupancy`` (of ``x`` viewed as ``[T*N, C, H, W]``, e.g. written by the previous layer) or
     ``sparse=True`` (run the prescan here) skip all-zero blocks; otherwise every block is computed.
     ``path="cudnn"`` runs ``F.conv2d`` plus one fused BatchNorm/neuron kernel instead.
@@ -106,6 +112,14 @@ def spiking_conv2d(
             raise ValueError(f"{op}: {name} must have shape [{CO}], got {tuple(p.shape)}")
     if residual is not None and tuple(residual.shape) != (T, N, CO, OH, OW):
         raise ValueError(f"{op}: residual must have shape {(T, N, CO, OH, OW)}, got {tuple(residual.shape)}")
+    if residual_after:
+        if residual is None:
+            raise ValueError(f"{op}: residual_after=True needs a residual")
+        if residual.dtype != x.dtype:
+            raise ValueError(f"{op}: a residual added after the neuron must have x's dtype {x.dtype}, "
+                             f"got {residual.dtype}")
+        if write_occupancy:
+            raise ValueError(f"{op}: write_occupancy describes spikes; not available with residual_after")
     if v is not None and tuple(v.shape) != (N, CO, OH, OW):
         raise ValueError(f"{op}: v must have shape {(N, CO, OH, OW)}, got {tuple(v.shape)}")
     require_triton_device(op, x, weight, bias, scale, shift, residual, v)
@@ -127,9 +141,12 @@ def spiking_conv2d(
         # reads channels fastest
         xf = _flat_tn(x).contiguous(memory_format=torch.channels_last)
         y = F.conv2d(xf, weight.contiguous(memory_format=torch.channels_last), None, stride, padding)
-        res = multistep_neuron(y.view(T, N, CO, OH, OW), spec, scale=sc, shift=sh, residual=residual,
+        res = multistep_neuron(y.view(T, N, CO, OH, OW), spec, scale=sc, shift=sh,
+                               residual=None if residual_after else residual,
                                v=v, return_v=return_v, v_dtype=v_dtype)
         out, v_out = (res if return_v else (res, None))
+        if residual_after:
+            out = out.add_(residual)  # in the spikes' layout; fp16/bf16 addition is commutative
     else:
         cfg = config or default_config(C, CO)
         if triton.cdiv(C, cfg.block_k) > MAX_GROUPS:
@@ -150,7 +167,8 @@ def spiking_conv2d(
                 xf, w, CO, KH, KW, stride, padding, (1, 1), T=T, N=N,
                 out=out.view(T * N, CO, OH, OW), cfg=cfg, prec=dot_precision(x.dtype, fp32_precision),
                 scale=sc, shift=sh, residual=_flat_tn(residual) if residual is not None else None,
-                v=v, v_out=v_out, occ=occ, occ_out=occ_out, occ_group=occupancy_group, **spec.kernel_args(),
+                v=v, v_out=v_out, occ=occ, occ_out=occ_out, occ_group=occupancy_group,
+                residual_post=residual_after, **spec.kernel_args(),
             )
     result = [out]
     if return_v:

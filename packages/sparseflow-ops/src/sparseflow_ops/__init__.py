@@ -4,9 +4,10 @@
   feeds folded in and the spiking neuron after it fused), ``SparseConv2d.from_dense(conv, bn, neuron)``.
 * :class:`SparseBatchNorm2d` - eval ``nn.BatchNorm2d`` fed by spikes: all-zero blocks are written, not read.
 * :class:`SparseLinear` / :class:`SparseConv1d` - ``nn.Linear`` / ``nn.Conv1d(k=1)`` on the sparse GEMM
-  (optionally with a BatchNorm1d folded in).
+  (optionally with a BatchNorm1d folded in; a Conv1d also with the spiking neuron after it fused).
 * :class:`SparseSpikingSelfAttention`, :class:`SparseSpikeDrivenSelfAttention`, :class:`SparseMultiheadAttention` -
-  Spikformer / Spike-driven Transformer attention and ``nn.MultiheadAttention`` on the sparse kernels.
+  Spikformer / Spike-driven Transformer attention and ``nn.MultiheadAttention`` on the sparse kernels;
+  :class:`SparseSpikformerBlock` - Spikformer's block with its skip connections in the fused projections.
 * :class:`SparseGroupedConv2d` / :class:`SparseConvTranspose2d` - depthwise / grouped ``nn.Conv2d`` and
   ``nn.ConvTranspose2d`` on the tile-skipping kernels (optionally with the BatchNorm they feed folded in).
 * :func:`accelerate_neuron` - a SpikingJelly / snnTorch neuron on the multi-step Triton kernel, in place.
@@ -14,7 +15,12 @@
 """
 
 from ._common import SparseModule
-from .attention import SparseMultiheadAttention, SparseSpikeDrivenSelfAttention, SparseSpikingSelfAttention
+from .attention import (
+    SparseMultiheadAttention,
+    SparseSpikeDrivenSelfAttention,
+    SparseSpikformerBlock,
+    SparseSpikingSelfAttention,
+)
 from .batchnorm import SparseBatchNorm2d
 from .conv import Bypass, SparseConv2d, is_bypassed, remove_bypass
 from .conv_transpose import SparseConvTranspose2d
@@ -38,6 +44,7 @@ __all__ = [
     "SparseModule",
     "SparseMultiheadAttention",
     "SparseSpikeDrivenSelfAttention",
+    "SparseSpikformerBlock",
     "SparseSpikingSelfAttention",
     "Unsupported",
     "accelerate_neuron",

@@ -37,11 +37,15 @@ def _spikingjelly_attention():
     try:
         from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
     except Exception:  # SpikingJelly is optional
-        return None, None
-    return SpikingSelfAttention, SpikeDrivenSelfAttention
+        return None, None, None, None
+    try:
+        from spikingjelly.activation_based.model.spikformer import SpikformerBlock, SpikformerMLP
+    except Exception:  # a SpikingJelly without the model zoo's Spikformer
+        SpikformerBlock = SpikformerMLP = None
+    return SpikingSelfAttention, SpikeDrivenSelfAttention, SpikformerBlock, SpikformerMLP
 
 
-SpikingSelfAttention, SpikeDrivenSelfAttention = _spikingjelly_attention()
+SpikingSelfAttention, SpikeDrivenSelfAttention, SpikformerBlock, SpikformerMLP = _spikingjelly_attention()
 
 
 def _wrap(cls, module, mode):
@@ -85,16 +89,32 @@ def _choose(module, key, cands, x):
     return kdispatch.choose(key, cands, fallback="sparse", device=x.device)
 
 
-def _fold_projection(container: nn.Module, block_size, mode) -> bool:
-    """``SeqToANNContainer(Conv1d, BatchNorm1d)`` -> its conv becomes a SparseConv1d with the BN folded."""
+def _fold_projection(container: nn.Module, block_size, mode, neuron=None, time_steps=None) -> bool:
+    """``SeqToANNContainer(Conv1d, BatchNorm1d)`` -> its conv becomes a SparseConv1d with the BN folded, and
+    with ``neuron`` (the neuron the container feeds) fused too when the container is exactly conv -> BN."""
     conv = container[0] if len(container) else None
     if not isinstance(conv, nn.Conv1d) or isinstance(conv, SparseModule) or SparseConv1d.problem(conv):
         return False
     bn = container[1] if len(container) > 1 and isinstance(container[1], nn.BatchNorm1d) else None
     if bn is not None and (bn.training or not bn.track_running_stats or bn.num_features != conv.out_channels):
         bn = None
-    container[0] = SparseConv1d.from_dense(conv, bn, block_size=block_size, mode=mode)
+    if len(container) != (1 if bn is None else 2):
+        neuron = None  # something else runs between the projection and the neuron
+    container[0] = SparseConv1d.from_dense(conv, bn, neuron, block_size=block_size, mode=mode,
+                                           time_steps=time_steps)
     return True
+
+
+def _fused_projection(container: nn.Module, neuron: nn.Module):
+    """The container's SparseConv1d when it runs ``neuron`` fused (so a residual can go into its epilogue)."""
+    conv = container[0] if len(container) else None
+    if isinstance(conv, SparseConv1d) and conv.fused_neuron is neuron and not _hooked(neuron, container, conv):
+        return conv
+    return None
+
+
+def _hooked(*modules) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _unfold_projection(container: nn.Module) -> None:
@@ -111,10 +131,11 @@ if SpikingSelfAttention is not None:
 
         @classmethod
         def from_dense(cls, attn, *, block_size=None, mode: str = "auto",
-                       projections=("qkv_conv_bn", "proj_conv_bn")):
+                       projections=("qkv_conv_bn", "proj_conv_bn"), neurons=None):
             """Wrap ``attn`` (sharing its children); the ``projections`` named (their inputs must be spikes
             for any gain) become SparseConv1d with their BatchNorm folded, in place inside ``attn``'s
-            containers. The caller puts the new module where ``attn`` was."""
+            containers. ``neurons``: ``{projection: time_steps}`` for the projections whose neuron
+            (``qkv_lif``, ``proj_lif``) runs fused with them. The caller puts the new module where ``attn`` was."""
             if not isinstance(attn, SpikingSelfAttention):
                 raise TypeError(f"from_dense expects a SpikingSelfAttention, got {type(attn).__name__}")
             if type(attn).forward is not SpikingSelfAttention.forward or (
@@ -125,7 +146,10 @@ if SpikingSelfAttention is not None:
             for pname in projections or ():
                 if pname not in ("qkv_conv_bn", "proj_conv_bn"):
                     raise ValueError(f"unknown projection {pname!r}")
-                if _fold_projection(getattr(new, pname), block_size, mode):
+                lif = getattr(new, _PROJECTION_NEURON[pname])
+                fuse = neurons is not None and pname in neurons
+                if _fold_projection(getattr(new, pname), block_size, mode, lif if fuse else None,
+                                    neurons.get(pname) if fuse else None):
                     new.projections.append(pname)
             return new
 
@@ -136,9 +160,13 @@ if SpikingSelfAttention is not None:
             return _unwrap(self)
 
         def kind(self) -> str:
-            return "ssa" + "".join(f"+{p}" for p in self.projections)
+            return "ssa" + "".join(
+                f"+{p}" + ("+lif" if _fused_projection(getattr(self, p), getattr(self, _PROJECTION_NEURON[p]))
+                           else "") for p in self.projections)
 
-        def forward(self, x_seq: torch.Tensor):
+        def forward(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None):
+            """``residual`` (SparseFlow's addition, ``[T, N, C, L]``): returns ``residual + attn(x_seq)``, the add
+            in the fused output projection's epilogue where it runs fused with ``proj_lif``."""
             if x_seq.ndim != 4:
                 raise ValueError(f"expected 4D input with shape [T, N, C, L], but got input with shape {x_seq.shape}")
             T, N, _, L = x_seq.shape
@@ -158,7 +186,67 @@ if SpikingSelfAttention is not None:
                 self.last_path = "torch"
                 x_seq = self._ssa_kernel_torch(qkv, self.scale)
             x_seq = self.attn_lif(x_seq).reshape(T, N, local_dim, L)
-            return self.proj_lif(self.proj_conv_bn(x_seq))
+            if residual is None:
+                return self.proj_lif(self.proj_conv_bn(x_seq))
+            proj = _fused_projection(self.proj_conv_bn, self.proj_lif)
+            if proj is None:
+                return residual + self.proj_lif(self.proj_conv_bn(x_seq))
+            y = proj(x_seq.flatten(0, 1), residual=residual.reshape(T * N, *residual.shape[2:]))
+            return y.view(T, N, *y.shape[1:])
+
+    _PROJECTION_NEURON = {"qkv_conv_bn": "qkv_lif", "proj_conv_bn": "proj_lif"}
+
+    if SpikformerBlock is not None:
+        class SparseSpikformerBlock(SparseModule, SpikformerBlock):
+            """Spikformer's ``SpikformerBlock`` with both skip connections (``x + attn(x)``, ``x + mlp(x)``) added in
+            the epilogue of the fused spiking projection that ends each branch (``proj_conv_bn -> proj_lif``,
+            ``fc2 -> neuron2``), where ``optimize`` fused them; elsewhere the adds run as before. Same children,
+            ``state_dict`` keys and neuron state. Its output keeps the fused kernels' layout (channels innermost
+            per token) instead of the original's ``.contiguous()`` copy: the same values."""
+
+            @classmethod
+            def from_dense(cls, block, *, mode: str = "auto"):
+                if not isinstance(block, SpikformerBlock):
+                    raise TypeError(f"from_dense expects a SpikformerBlock, got {type(block).__name__}")
+                if type(block).forward is not SpikformerBlock.forward:
+                    raise ValueError(f"{type(block).__name__} overrides the block's forward; left as it is")
+                return _wrap(cls, block, mode)
+
+            def to_dense(self):
+                return _unwrap(self)
+
+            def kind(self) -> str:
+                attn = isinstance(self.attn, SparseSpikingSelfAttention) and self._attn_proj() is not None
+                return "spikformer block" + (" (residual adds fused: " + ", ".join(
+                    n for n, ok in (("attn", attn), ("mlp", self._mlp_fc2() is not None)) if ok) + ")")
+
+            def _attn_proj(self):
+                return _fused_projection(self.attn.proj_conv_bn, self.attn.proj_lif)
+
+            def _mlp_fc2(self):
+                mlp = self.mlp
+                if not isinstance(mlp, SpikformerMLP) or type(mlp).forward is not SpikformerMLP.forward or _hooked(mlp):
+                    return None
+                return _fused_projection(mlp.fc2, mlp.neuron2)
+
+            def forward(self, x_seq: torch.Tensor):
+                if x_seq.ndim != 5:
+                    raise ValueError(f"expected 5D input with shape [T, N, C, H, W], but got {x_seq.shape}")
+                T, N, C, H, W = x_seq.shape
+                x = x_seq.flatten(3)
+                if isinstance(self.attn, SparseSpikingSelfAttention) and self._attn_proj() is not None:
+                    x = self.attn(x, residual=x)
+                else:
+                    x = x + self.attn(x)
+                fc2 = self._mlp_fc2()
+                if fc2 is None:
+                    x = x + self.mlp(x)
+                else:
+                    h = self.mlp.neuron1(self.mlp.fc1(x))
+                    x = fc2(h.flatten(0, 1), residual=x.reshape(T * N, *x.shape[2:])).view(T, N, *x.shape[2:])
+                return x.reshape(T, N, C, H, W)
+    else:  # pragma: no cover - a SpikingJelly without Spikformer
+        SparseSpikformerBlock = None
 
     class SparseSpikeDrivenSelfAttention(SparseModule, SpikeDrivenSelfAttention):
         """The Spike-driven Transformer's ``SpikeDrivenSelfAttention`` with its Hadamard attention on
@@ -203,7 +291,7 @@ if SpikingSelfAttention is not None:
             return self.proj_bn(self.proj_conv(x)) + identity
 
 else:  # pragma: no cover - without SpikingJelly
-    SparseSpikingSelfAttention = SparseSpikeDrivenSelfAttention = None
+    SparseSpikingSelfAttention = SparseSpikeDrivenSelfAttention = SparseSpikformerBlock = None
 
 
 # ------------------------------------------------------------------------------------- MultiheadAttention

@@ -10,7 +10,11 @@ module's own torch forward otherwise (training, plain CPU, other dtypes).
   SpikingJelly's ``layer.Conv1d`` and Spikformer's ``SeqToANNContainer(Conv1d, BatchNorm1d)`` run it), read in
   place without a transpose. ``from_dense(conv, bn=...)`` folds the eval-mode ``BatchNorm1d`` it feeds into the
   GEMM's epilogue; the BatchNorm stays in the model, bypassed (same ``state_dict``), and runs itself again
-  in training mode or after ``to_dense()``.
+  in training mode or after ``to_dense()``. With ``neuron=`` (the spiking neuron the BatchNorm feeds) the
+  whole spiking projection runs as one fused spiking layer (:func:`spiking_conv2d` on the tokens viewed as a
+  ``[T, N, C, 1, L]`` map: GEMM + BatchNorm + neuron over all T steps, membrane in registers), the neuron
+  bypassed as in :class:`~sparseflow_ops.SparseConv2d`; ``forward(x, residual=r)`` then returns
+  ``r + spikes`` with the add in the kernel's epilogue (a Transformer block's skip connection).
 
 Each call picks the sparse kernel, the same kernel over every block, or the torch op by measurement per
 input shape (``sparseflow_kernels.dispatch``); ``mode`` forces one.
@@ -22,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseflow_kernels import ConvConfig
 from sparseflow_kernels import dispatch as kdispatch
+from sparseflow_kernels.conv import pack_weight
+from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.linear import (
     MAX_K_BLOCKS,
     LinearConfig,
@@ -32,11 +39,15 @@ from sparseflow_kernels.linear import (
     sparse_linear,
 )
 
-from ._common import SparseModule, VersionCache, kernels_take, version_key
-from .conv import MODES, adopt_dense, bn_affine, bn_key, dense_copy, fold_bn
+from sparseflow_kernels.sparse_conv import MAX_GROUPS
+from sparseflow_kernels.spiking import spiking_conv2d
 
-_RUNTIME = ("_pending", "_wcache", "_acache", "_tcache", "_bn", "_original_class", "block_size", "mode", "time_steps",
-            "last_path", "step_mode", "config")
+from ._common import SparseModule, VersionCache, kernels_take, version_key
+from .conv import MODES, adopt_dense, bn_affine, bn_key, dense_copy, fold_bn, install_bypass, remove_bypass
+from .neurons import find_adapter, neuron_support
+
+_RUNTIME = ("_pending", "_wcache", "_acache", "_tcache", "_bn", "_neuron", "_original_class", "block_size", "mode",
+            "time_steps", "last_path", "step_mode", "config")
 
 
 class _GemmMixin:
@@ -56,7 +67,10 @@ class _GemmMixin:
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
         bn = self.__dict__.get("_bn")
+        neuron = self.__dict__.get("_neuron")
         if self.training or (bn is not None and bn.training) or self.mode == "torch":
+            return False
+        if neuron is not None and neuron.training:
             return False
         return kernels_take(x, self.weight)
 
@@ -123,11 +137,16 @@ class _GemmMixin:
         return cands[path]()
 
     def kind(self) -> str:
-        return self._kind + ("+bn" if self.__dict__.get("_bn") is not None else "")
+        return (self._kind + ("+bn" if self.__dict__.get("_bn") is not None else "")
+                + ("+neuron" if self.__dict__.get("_neuron") is not None else ""))
 
     @property
     def folded_bn(self):
         return self.__dict__.get("_bn")
+
+    @property
+    def fused_neuron(self):
+        return self.__dict__.get("_neuron")
 
     def extra_repr(self):
         return super().extra_repr() + f", fused={self.kind()}, block_size={self.block_size}, mode={self.mode}"
@@ -224,6 +243,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         self.config = config
         self.time_steps = None
         self.__dict__["_bn"] = None
+        self.__dict__["_neuron"] = None
         self._init_runtime()
 
     @staticmethod
@@ -244,35 +264,67 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         return None
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv1d, bn: nn.BatchNorm1d | None = None, *, block_size=None,
-                   mode: str = "auto", config: LinearConfig | None = None) -> SparseConv1d:
+    def from_dense(cls, conv: nn.Conv1d, bn: nn.BatchNorm1d | None = None, neuron: nn.Module | None = None, *,
+                   block_size=None, mode: str = "auto", config: LinearConfig | None = None,
+                   time_steps: int | None = None) -> SparseConv1d:
         """Wrap ``conv`` (sharing its parameters); with ``bn`` (the eval-mode BatchNorm1d it feeds) the
-        BatchNorm is folded and bypassed. The caller puts the new module where ``conv`` was."""
+        BatchNorm is folded and bypassed; with ``neuron`` (the spiking neuron fed by ``bn``, or by ``conv``) the
+        neuron runs fused too. ``time_steps``: T of a multi-step neuron whose input the model flattens to
+        ``[T*N, C, L]`` before the projection (``SeqToANNContainer``). The caller puts the new module where
+        ``conv`` was."""
         if not isinstance(conv, nn.Conv1d):
             raise TypeError(f"from_dense expects an nn.Conv1d, got {type(conv).__name__}")
         why = cls.problem(conv)
         if why:
             raise ValueError(why)
         _check_bn(bn, conv.out_channels)
+        if neuron is not None:
+            adapter, why = neuron_support(neuron)
+            if adapter is None:
+                raise ValueError(f"neuron {type(neuron).__name__} cannot be fused: {why}")
         new = cls(conv.in_channels, conv.out_channels, conv.bias is not None, device="meta",
                   block_size=block_size, mode=mode, config=config)
         new.padding = conv.padding
         new.padding_mode = conv.padding_mode
-        return new._adopt(conv, bn)
+        new._adopt(conv, bn)
+        if neuron is not None:
+            new.__dict__["_neuron"] = neuron
+            new.time_steps = time_steps
+            if bn is not None:
+                install_bypass(bn, new, last=False)
+            install_bypass(neuron, new, last=True)
+        return new
 
     def to_dense(self) -> nn.Conv1d:
+        neuron = self.__dict__.get("_neuron")
+        if neuron is not None:
+            remove_bypass(neuron)
         return dense_copy(self, nn.Conv1d, _RUNTIME)
 
     @staticmethod
     def _feature_dim(y):
         return 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``residual`` (only with a fused neuron; shaped like the output): returns ``residual + spikes``."""
         if x.dim() not in (2, 3, 4):
             raise ValueError(f"SparseConv1d expects [C, L], [N, C, L] or [T, N, C, L], got {tuple(x.shape)}")
+        neuron = self.__dict__.get("_neuron")
+        if residual is not None and neuron is None:
+            raise ValueError("SparseConv1d: residual is only accepted by a fused spiking projection")
         self._pending = False
         four = x.dim() == 4
         flat = x.flatten(0, 1) if four else x
+        if neuron is not None:
+            x4 = self._steps(x, neuron)
+            if x4 is not None and self._use_kernels(x):
+                out = self._spiking_forward(x, x4, neuron, residual)
+                self._pending = residual is None
+                return out
+            self.last_path = "torch"
+            y = F.conv1d(flat, self.weight, self.bias)
+            y = y.view(*x.shape[:2], *y.shape[1:]) if four else y
+            return y if residual is None else self._dense_chain(y, neuron, residual)
         if not self._use_kernels(x):
             self.last_path = "torch"
             y = F.conv1d(flat, self.weight, self.bias)
@@ -287,3 +339,126 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
             y = self._run(key, flat, kernel, lambda: F.conv1d(flat, self.weight, self.bias), K, N)
             self._pending = self._bn is not None
         return y.view(*x.shape[:2], *y.shape[1:]) if four else y
+
+    # -- the fused spiking projection
+    def _steps(self, x, neuron):
+        """``x`` as ``[T, N, C, L]`` (a view) for the fused layer, or None where it cannot run fused."""
+        if x.dim() == 4:
+            return x
+        if x.dim() != 3:
+            return None
+        if find_adapter(neuron).is_multistep(neuron):
+            T = self.time_steps
+            if not T or x.shape[0] % T:
+                raise RuntimeError(
+                    f"SparseConv1d: a [T*N, C, L] input of batch {x.shape[0]} does not match the T={T} seen when "
+                    "the model was optimized; run sparseflow.optimize again for the new T")
+            return x.view(T, x.shape[0] // T, *x.shape[1:])
+        return x.unsqueeze(0)  # one time step per call (single-step neuron)
+
+    def _dense_chain(self, y, neuron, residual):
+        """BatchNorm, neuron and the residual add with the original modules (training mode, CPU)."""
+        bn = self.__dict__.get("_bn")
+        if bn is not None:
+            y = type(bn).forward(bn, y)
+        T = self.time_steps
+        if T and y.dim() == 3 and find_adapter(neuron).is_multistep(neuron):
+            s = type(neuron).forward(neuron, y.view(T, y.shape[0] // T, *y.shape[1:])).view(y.shape)
+        else:
+            s = type(neuron).forward(neuron, y)
+        return residual + s
+
+    def _spiking_configs(self, C, CO, T):
+        """Token tiles of the fused kernel: 64 or 128 tokens with T looped inside, or 32 tokens x T in the GEMM's
+        M."""
+        bk = 64 if C >= 64 else (32 if C >= 32 else 16)
+        cfgs = {"fused_dense": ConvConfig(1, 64, 64, bk, False, 4, 3),
+                "fused_m128": ConvConfig(1, 128, 64, bk, False, 8, 3)}
+        if T <= 8:
+            cfgs["fused_tm"] = ConvConfig(1, 32, 64, bk, True, 4, 3)
+            if CO >= 128:
+                cfgs["fused_tm_n128"] = ConvConfig(1, 32, 128, bk, True, 8, 3)
+        return cfgs
+
+    def _packed4(self, cfg: ConvConfig, dtype):
+        key = (*version_key(self.weight), "conv", cfg.block_k, cfg.block_n, dtype)
+        return self._wcache.get(key, lambda: pack_weight(self.weight.unsqueeze(-1), cfg.block_k, cfg.block_n, dtype))
+
+    @staticmethod
+    def _tokens_merge(t: torch.Tensor | None) -> bool:
+        """Whether the (sample, token) dims of ``[..., N, C, L]`` merge into one of N*L tokens (a view)."""
+        return t is None or t.shape[-3] == 1 or t.stride(-3) == t.shape[-1] * t.stride(-1)
+
+    def _spiking_forward(self, x, x4, neuron, residual):
+        """The fused layer over ``x4`` ``[T, N, C, L]``. Where the layouts allow (channels innermost, as the
+        kernels write spikes), every sample's tokens form one ``1 x N*L`` map, so the GEMM's row tiles run over
+        all N*L tokens instead of each sample's L (Spikformer-Ti: 1568 tokens in 25 tiles of 64, not 8 x 4 tiles
+        with 60 of every 256 rows empty); the membrane is then kept as a ``[N, CO, L]`` view of a
+        ``[CO, N*L]`` buffer."""
+        adapter = find_adapter(neuron)
+        spec = adapter.spec(neuron)
+        T, N, C, L = x4.shape
+        CO = self.out_channels
+        w4 = self.weight.unsqueeze(-1)
+        v0 = adapter.get_v(neuron, (N, CO, L), x.device)
+        res4 = None
+        if residual is not None:
+            if residual.numel() != T * N * CO * L:
+                raise ValueError(f"SparseConv1d: residual of shape {tuple(residual.shape)} does not match the "
+                                 f"output [{T}, {N}, {CO}, {L}]")
+            res4 = residual.reshape(T, N, CO, L)
+        merge = not compiling() and all(self._tokens_merge(t) for t in (x4, v0, res4))
+
+        def tokens(t, lead):  # [..., N, C, L] -> [..., 1, C, 1, N*L] (merged) or [..., N, C, 1, L]
+            if t is None:
+                return None
+            if not merge:
+                return t.unsqueeze(-2)
+            m = t.movedim(-3, -2).reshape(*t.shape[:-3], t.shape[-2], N * L)  # a view: checked above
+            return m.view(*lead, 1, t.shape[-2], 1, N * L)
+
+        x5, v05, res5 = tokens(x4, (T,)), tokens(v0, ()), tokens(res4, (T,))
+        scale, shift = self._affine()
+        cfgs = self._spiking_configs(C, CO, T)
+        if compiling():
+            path = self.last_path if self.last_path in (*cfgs, "cudnn", "fused_sparse") else "fused_dense"
+            cfg = cfgs.get(path) or cfgs["fused_dense"]
+            spikes, v = torch.ops.sparseflow.spiking_conv2d(
+                x5, w4, self.bias, [1, 1], [0, 0], scale, shift, res5, v05, None, *neuron_args(spec),
+                list(cfg.key()), path == "cudnn", path == "fused_sparse", x.dtype, residual is not None)
+        else:
+            common = dict(scale=scale, shift=shift, neuron=spec, v=v05, return_v=True, residual=res5,
+                          residual_after=residual is not None, v_dtype=x.dtype)
+
+            def fused(c, sparse):
+                return spiking_conv2d(x5, w4, self.bias, 1, 0, config=c, packed_weight=self._packed4(c, x.dtype),
+                                      sparse=sparse, **common)
+
+            def cudnn():
+                key = (*version_key(self.weight), "cl")
+                wcl = self._tcache.get(key, lambda: w4.detach().contiguous(memory_format=torch.channels_last))
+                return spiking_conv2d(x5, wcl, self.bias, 1, 0, path="cudnn", **common)
+
+            cands = {name: (lambda c=c: fused(c, False)) for name, c in cfgs.items()}
+            if self.block_size != "dense" and -(-C // cfgs["fused_dense"].block_k) <= MAX_GROUPS:
+                cands["fused_sparse"] = lambda: fused(cfgs["fused_dense"], True)
+            cands["cudnn"] = cudnn
+            if self.mode == "auto":
+                key = ("spiking1d", tuple(x5.shape), x5.stride(), x.dtype, CO, spec.kind, residual is not None,
+                       None if res5 is None else res5.stride(), scale is not None, self.block_size)
+                path = kdispatch.choose(key, cands, fallback="fused_dense", device=x.device)
+            else:
+                path = {"sparse": "fused_sparse", "dense": "fused_dense"}.get(self.mode, "fused_dense")
+                path = path if path in cands else "fused_dense"
+            self.last_path = path
+            spikes, v = cands[path]()
+        if merge:  # [T, 1, CO, 1, N*L] -> [T, N, CO, L]; the membrane [1, CO, 1, N*L] -> [N, CO, L]
+            spikes = spikes.reshape(T, CO, N, L).movedim(2, 1)
+            v = v.reshape(CO, N, L).movedim(1, 0)
+        else:
+            spikes = spikes.squeeze(3)
+            v = v.view(N, CO, L)
+        adapter.set_v(neuron, v, x.dtype)
+        # as the input's shape: [T, N, CO, L] or the flat [T*N, CO, L]
+        return spikes if x.dim() == 4 else spikes.reshape(T * N, CO, L)
+

@@ -17,10 +17,13 @@ from sparseflow_ops import (
     SparseLinear,
     SparseMultiheadAttention,
     SparseSpikeDrivenSelfAttention,
+    SparseSpikformerBlock,
     SparseSpikingSelfAttention,
+    neuron_support,
 )
+from sparseflow_ops.neurons import find_adapter
 
-from ..registry import OpHandler, register_op_handler
+from ..registry import OpHandler, is_spiking_module, register_op_handler
 
 
 def _mode(ctx) -> str:
@@ -40,6 +43,31 @@ def _folded_bn(ctx, features: int):
     return bn, user
 
 
+def _fusible_neuron(ctx, src: str, conv_name: str):
+    """(neuron, its name, time_steps, note): the spiking neuron that alone takes ``src``'s whole output (the
+    BatchNorm after a projection, or the projection itself), if it can run fused; else (None, None, None, why)."""
+    an = ctx.analysis
+    user, why = an.sole_user(src)
+    if user is None:
+        return None, None, None, f"no neuron fused: output {why}"
+    m = ctx.model.get_submodule(user)
+    if not is_spiking_module(m):
+        return None, None, None, ""
+    adapter, why = neuron_support(m)
+    if adapter is None:
+        return None, None, None, f"neuron {user} not fused: {why}"
+    if m._forward_hooks or m._forward_pre_hooks:
+        return None, None, None, f"neuron {user} not fused: it has hooks"
+    n_in, out, conv_in = an.first(user).in_shape, an.first(src).out_shape, an.first(conv_name).in_shape
+    multistep = find_adapter(m).is_multistep(m)
+    if multistep and len(n_in) == 4 and len(conv_in) == 3 and n_in[0] * n_in[1] == out[0] and \
+            tuple(n_in[2:]) == tuple(out[1:]):
+        return m, user, n_in[0], ""  # SeqToANNContainer: [T*N, C, L] in the projection, [T, N, C, L] in the neuron
+    if tuple(n_in) == tuple(out) and (len(n_in) == 4 if multistep else len(n_in) == 3):
+        return m, user, None, ""
+    return None, None, None, f"neuron {user} not fused: it sees a reshaped view {n_in} of {out}"
+
+
 def _replace_linear(m: nn.Linear, ctx):
     new = SparseLinear.from_dense(m, mode=_mode(ctx))
     return new, "sparse linear"
@@ -53,10 +81,15 @@ def _replace_conv1d(m: nn.Conv1d, ctx):
     info = ctx.info
     if bn is not None and info is not None and info.out_shape is not None and len(info.out_shape) != 3:
         bn, bn_name = None, "BatchNorm not folded: output is not [N, C, L]"
-    new = SparseConv1d.from_dense(m, bn, mode=_mode(ctx))
-    if bn is not None:
-        return new, f"sparse conv1x1+bn ({bn_name})"
-    return new, "sparse conv1x1" + (f"; {bn_name}" if bn_name else "")
+    neuron = neuron_name = steps = None
+    note = ""
+    if bn is not None or not bn_name:  # BatchNorm folded, or no BatchNorm after the projection
+        neuron, neuron_name, steps, note = _fusible_neuron(ctx, bn_name if bn is not None else ctx.name, ctx.name)
+    new = SparseConv1d.from_dense(m, bn, neuron, mode=_mode(ctx), time_steps=steps)
+    fused = ", ".join(n for n in ((bn_name if bn is not None else None), neuron_name) if n)
+    text = f"sparse {new.kind()}" + (f" ({fused})" if fused else "")
+    notes = [n for n in ((bn_name if bn is None else ""), note) if n]
+    return new, text + "".join(f"; {n}" for n in notes)
 
 
 def _replace_ssa(m, ctx):
@@ -65,8 +98,26 @@ def _replace_ssa(m, ctx):
     ok, why = an.spike_fed(f"{ctx.name}.qkv_conv_bn.0")
     if ok:
         projections.insert(0, "qkv_conv_bn")
-    new = SparseSpikingSelfAttention.from_dense(m, mode=_mode(ctx), projections=projections)
-    return new, f"{new.kind()}" + ("" if ok else f" (qkv projection dense: {why})")
+    neurons, notes = {}, []
+    for pname, lif in (("qkv_conv_bn", "qkv_lif"), ("proj_conv_bn", "proj_lif")):
+        neuron = getattr(m, lif, None)
+        info = an.first(f"{ctx.name}.{lif}")
+        adapter, nwhy = neuron_support(neuron) if neuron is not None else (None, "missing")
+        if adapter is None or info is None or len(info.in_shape) != 4 or not adapter.is_multistep(neuron):
+            notes.append(f"{lif} not fused: {nwhy or 'not a multi-step [T, N, C, L] neuron'}")
+        elif neuron._forward_hooks or neuron._forward_pre_hooks:
+            notes.append(f"{lif} not fused: it has hooks")
+        else:
+            neurons[pname] = info.in_shape[0]
+    new = SparseSpikingSelfAttention.from_dense(m, mode=_mode(ctx), projections=projections, neurons=neurons)
+    if not ok:
+        notes.insert(0, f"qkv projection dense: {why}")
+    return new, new.kind() + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _replace_spikformer_block(m, ctx):
+    new = SparseSpikformerBlock.from_dense(m, mode=_mode(ctx))
+    return new, "skip connections added in the epilogues of the fused projections that end attn and mlp"
 
 
 def _replace_sdsa(m, ctx):
@@ -89,3 +140,9 @@ if SparseSpikingSelfAttention is not None:
 
     register_op_handler(SpikingSelfAttention, OpHandler("ssa", _replace_ssa, needs_spikes=False))
     register_op_handler(SpikeDrivenSelfAttention, OpHandler("sdsa", _replace_sdsa, needs_spikes=False))
+if SparseSpikformerBlock is not None:
+    from sparseflow_ops.attention import SpikformerBlock
+
+    register_op_handler(SpikformerBlock, OpHandler("spikformer-block", _replace_spikformer_block,
+                                                   needs_spikes=False, action="kernel", uses_blocks=False,
+                                                   descend=True))
