@@ -306,8 +306,7 @@ def test_conv1d_fused_neuron_residual_after():
 def test_conv1d_fused_neuron_to_dense_and_wrong_T():
     net = _SpikingProjection(8, 8).eval()
     m = _fuse_projection(net, T=3)
-    with pytest.raises(RuntimeError, match="T=3"):
-        with torch.no_grad():
-            net.fc[0](spikes(4, 8, 5))
+    with pytest.raises(RuntimeError, match="T=3"), torch.no_grad():
+        net.fc[0](spikes(4, 8, 5))
     net.fc[0] = m.to_dense()
     assert type(net.fc[0]) is nn.Conv1d and not is_bypassed(net.lif) and not is_bypassed(net.fc[1])

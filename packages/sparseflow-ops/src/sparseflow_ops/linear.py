@@ -38,7 +38,6 @@ from sparseflow_kernels.linear import (
     sparse_conv1x1,
     sparse_linear,
 )
-
 from sparseflow_kernels.sparse_conv import MAX_GROUPS
 from sparseflow_kernels.spiking import spiking_conv2d
 
