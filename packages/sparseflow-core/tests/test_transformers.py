@@ -228,3 +228,23 @@ def test_modes_reach_the_new_modules(mode):
     same_over_calls(net, ref, x, calls=1)
     assert net.block.attn.last_path == ("torch" if mode == "torch" else "sparse")
     assert net.block.mlp.fc1[0].last_path == ("torch" if mode == "torch" else "fused_dense")
+
+
+def test_spikformer_patch_stem_defers_bias_to_pools():
+    """Spikformer's patch stem (conv -> BN -> max pool -> LIF, 4 stages): each BatchNorm is folded, and the folded
+    bias is left to the max pool after the convolution (the report says so); outputs equal the dense stem's."""
+    from spikingjelly.activation_based.model.spikformer import SpikformerPatchStem
+
+    from sparseflow_ops.pool import TritonMaxPool2d
+
+    stem = SpikformerPatchStem(64, 64, patch_size=16, in_channels=3, embed_dims=32)
+    net, ref = twins(firing_bns(stem))
+    x = torch.rand(2, 1, 3, 64, 64) * 3
+    net, rep = optimize(net, x, return_report=True)
+    for i in range(3):  # (the 4th stage's 8 px map stays dense)
+        conv = net.stages[i].conv_bn.block[0]
+        assert isinstance(conv, SparseConv2d) and conv.defer_shift
+        assert isinstance(net.stages[i].conv_bn.block[2], TritonMaxPool2d)
+        assert "bias added after the max pool" in entry(rep, f"stages.{i}.conv_bn.block.0").detail
+    r = same_over_calls(net, ref, x, calls=1, tol=0)
+    assert 0 < (r != 0).float().mean() < 1

@@ -61,3 +61,22 @@ def test_max_pool2d_bad_input(bad, match):
     kw = {"kernel_size": 2, **bad}
     with pytest.raises((ValueError, TypeError), match=match):
         max_pool2d(kw.pop("x"), **kw)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_max_pool2d_shift_equals_pool_of_shifted(layout, dtype):
+    """``shift``: max_pool2d(x) + shift[c] is exactly max_pool2d(x + shift[c]) (a folded bias added after the
+    pool), NaN and infinities included."""
+    x = torch.randn(2, 70, 11, 9).to(dtype)
+    x[0, 1, 3, 3] = float("nan")
+    x[1, 2, 0, 0] = float("-inf")
+    x[1, 3, 5, 5] = float("inf")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    shift = (torch.randn(70) * 3).to(dtype)
+    ref = F.max_pool2d(x + shift.view(-1, 1, 1), 3, 2, 1)  # the bias added in the storage dtype, then pooled
+    y = max_pool2d(x, 3, 2, 1, shift=shift)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ValueError, match="shift must have shape"):
+        max_pool2d(x, 3, 2, 1, shift=shift[:5])

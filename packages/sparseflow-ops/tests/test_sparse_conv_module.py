@@ -648,3 +648,41 @@ def test_non_spiking_surrogate_rejected_or_exact(where):
         acc = fuse(orig, mode="sparse")
     with torch.no_grad():
         torch.testing.assert_close(acc(x), orig(x))
+
+
+@pytest.mark.parametrize("path", ["torch", "torch_pad8"])
+@pytest.mark.parametrize("defer", [False, True], ids=["bias-in-conv", "bias-after-pool"])
+def test_conv_bn_pool_stem_cudnn_paths(path, defer, monkeypatch):
+    """Spikformer's patch stem, conv -> BN -> max pool on a 3-channel image: the cuDNN candidates (channels_last,
+    and the image zero-padded to 8 channels), the folded bias added by the conv or, deferred, by the max pool
+    after the max; all give the dense modules' result."""
+    import sparseflow_ops.conv as conv_mod
+    from sparseflow_ops._common import take_shift
+    from sparseflow_ops.pool import TritonMaxPool2d
+
+    monkeypatch.setattr(conv_mod.kdispatch, "choose", lambda key, cands, fallback, device=None: path)
+    torch.manual_seed(0)
+    conv, bn, pool = nn.Conv2d(3, 16, 3, padding=1, bias=False).eval(), nn.BatchNorm2d(16).eval(), nn.MaxPool2d(3, 2, 1)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-2, 2)
+    seq = nn.Sequential(conv, bn, pool)
+    x = torch.rand(2, 3, 13, 11)
+    with torch.no_grad():
+        ref = seq.double()(x.double())
+        seq.float()
+        seq[0] = SparseConv2d.from_dense(conv, bn)
+        seq[0].defer_shift = defer
+        seq[2] = TritonMaxPool2d.from_dense(pool)
+        y = seq(x)
+        assert seq[0].last_path == path
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+        z = seq[0](x)
+        owed = take_shift(z)  # the conv's own output still owes the bias when deferred; the pool adds it
+        assert (owed is not None) == defer
+        if defer:
+            torch.testing.assert_close(seq[2](z).double(), ref, rtol=1e-5, atol=1e-5)
+            z.add_(1.0)  # modified in place: the record no longer applies
+            assert take_shift(z) is None

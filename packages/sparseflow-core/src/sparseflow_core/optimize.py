@@ -32,6 +32,7 @@ from sparseflow_ops import (
     neuron_support,
     restore_neuron,
 )
+from sparseflow_ops.pool import TritonMaxPool2d
 
 from .analyzer import Analysis, analyze
 from .blocks import AUTO_CANDIDATES, install_auto_block_size, remove_auto_block_size, select_block_size
@@ -376,6 +377,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
                 replaced[c].kernel_size in ((3, 3), (1, 1))) or getattr(named.get(c), "accepts_occupancy", False)
                for c in consumers):
             new.write_occupancy = True
+    _defer_shifts_to_pools(an, named, replaced, rep)
     _account_compute_layers(model, an, rep)
     if not rep.replaced and not rep.by_action("neuron-kernel"):
         if not any(is_spiking_module(m) for m in named.values()):
@@ -385,6 +387,22 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
     model.__dict__[REPORT_ATTR] = rep
     _invalidate_reset_cache(model)
     return rep
+
+
+def _defer_shifts_to_pools(an, named, replaced, rep) -> None:
+    """conv -> BN (folded) -> max pool: on its cuDNN paths the convolution leaves the folded bias to the pool,
+    which adds it after the max (the same value; Spikformer's patch stem: no separate bias pass over the
+    4x larger conv output)."""
+    for bn_name, conv_name in rep.folded:
+        conv = replaced.get(conv_name)
+        if conv is None or conv.fused_neuron is not None:
+            continue
+        user, _ = an.sole_user(bn_name)
+        if user is not None and isinstance(named.get(user), TritonMaxPool2d):
+            conv.defer_shift = True
+            entry = next((e for e in rep.layers if e.name == conv_name), None)
+            if entry is not None:
+                entry.detail = (entry.detail or "") + f"; bias added after the max pool {user}"
 
 
 def _first_inner_call(an, name):

@@ -22,10 +22,11 @@ from ._utils import launch, pair, require_dtype, require_int32_indexable, requir
 def _max_pool2d_kernel(
     x_ptr, sxn, sxc, sxh, sxw,
     y_ptr, syn, syc, syh, syw,
+    shift_ptr,
     C, H, W, OH, OW,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -49,6 +50,8 @@ def _max_pool2d_kernel(
                         other=float("-inf")).to(tl.float32)
             nan = nan | (v != v)
             acc = tl.maximum(acc, v)
+    if HAS_SHIFT:  # a per-channel constant commutes with max (rounding is monotone): max(x) + shift
+        acc = acc + tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     acc = tl.where(nan, float("nan"), acc)
     yp = y_ptr + n * syn + c[None, :] * syc + (oh * syh + ow * syw)[:, None]
     tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
@@ -62,9 +65,13 @@ def _out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int
     return out
 
 
-def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False):
+def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False,
+               shift: torch.Tensor | None = None):
     """``F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)`` for ``[N, C, H, W]`` or
-    ``[C, H, W]`` inputs; the output keeps the input's memory format (channels_last or contiguous)."""
+    ``[C, H, W]`` inputs; the output keeps the input's memory format (channels_last or contiguous).
+
+    ``shift`` (``[C]``): returns ``max_pool2d(x + shift[c])``, computed as ``max_pool2d(x) + shift[c]`` (the same
+    value: rounding is monotone) so a convolution's bias can be added after the pool, on 4x fewer values."""
     op = "max_pool2d"
     if x.dim() not in (3, 4):
         raise ValueError(f"{op}: expected [N, C, H, W] or [C, H, W], got shape {tuple(x.shape)}")
@@ -81,6 +88,10 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
         raise ValueError(f"{op}: padding ({ph}, {pw}) must be at most half the kernel size ({kh}, {kw})")
     x4 = x if x.dim() == 4 else x.unsqueeze(0)
     N, C, H, W = x4.shape
+    if shift is not None:
+        if shift.dim() != 1 or shift.shape[0] != C:
+            raise ValueError(f"{op}: shift must have shape [{C}], got {tuple(shift.shape)}")
+        require_triton_device(op, shift)
     OH = _out_size(H, kh, sh, ph, dh, ceil_mode)
     OW = _out_size(W, kw, sw, pw, dw, ceil_mode)
     if OH <= 0 or OW <= 0:
@@ -97,8 +108,9 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
             BLOCK_P = min(1024, triton.next_power_of_2(OH * OW))
         grid = (triton.cdiv(OH * OW, BLOCK_P), triton.cdiv(C, BLOCK_C), N)
         launch(_max_pool2d_kernel)[grid](
-            x4, *x4.stride(), y, *y.stride(), C, H, W, OH, OW,
+            x4, *x4.stride(), y, *y.stride(), shift if shift is not None else y, C, H, W, OH, OW,
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+            HAS_SHIFT=shift is not None,
             num_warps=4,
         )
     return y if x.dim() == 4 else y[0]

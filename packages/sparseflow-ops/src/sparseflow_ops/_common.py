@@ -128,3 +128,35 @@ def find_occupancy(x: torch.Tensor, flat: torch.Tensor) -> Occupancy | None:
                 and stride == tuple(flat.stride())):
             return occ
     return None
+
+
+SHIFT_ATTR = "_sparseflow_pending_shift"
+
+
+def attach_shift(y: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Mark ``y`` as still owing a per-channel ``shift`` (a folded bias) that the max pool consuming it adds after
+    pooling; valid while ``y``'s memory is not modified in place. False (nothing attached) for tensors without
+    a version counter (inference mode): the caller adds the shift itself."""
+    version = tensor_version(y)
+    if version is None:
+        return False
+    rec = (shift, version, y.data_ptr(), y.shape[-3])
+    for t in (y, y._base):
+        if t is not None:
+            setattr(t, SHIFT_ATTR, rec)
+    return True
+
+
+def take_shift(x: torch.Tensor) -> torch.Tensor | None:
+    """The shift a producer attached to ``x`` (or its base) for the same memory, unmodified since; None if none."""
+    version = tensor_version(x)
+    if version is None:
+        return None
+    for t in (x, x._base):
+        rec = getattr(t, SHIFT_ATTR, None) if t is not None else None
+        if rec is not None:
+            shift, v, ptr, channels = rec
+            if v == version and ptr == x.data_ptr() and x.dim() >= 3 and x.shape[-3] == channels:
+                return shift
+    return None
+

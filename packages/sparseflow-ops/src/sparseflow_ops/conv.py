@@ -37,6 +37,7 @@ from ._common import (
     SparseModule,
     VersionCache,
     attach_occupancy,
+    attach_shift,
     find_occupancy,
     kernels_take,
     version_key,
@@ -151,6 +152,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         self.block_size = block_size
         self.mode = mode
         self.write_occupancy = False
+        self.defer_shift = False  # cuDNN paths: the bias left to the max pool that alone consumes the output
         self.time_steps: int | None = None
         self.__dict__["_bn"] = None
         self.__dict__["_neuron"] = None
@@ -224,7 +226,8 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         nn.Module.__init__(conv)
         for k, v in self.__dict__.items():
             if k in ("_bn", "_neuron", "_pending", "_wcache", "_acache", "_scache", "_tcache", "_original_class",
-                     "block_size", "mode", "write_occupancy", "time_steps", "last_path", "step_mode"):
+                     "block_size", "mode", "write_occupancy", "defer_shift", "time_steps", "last_path",
+                     "step_mode"):
                 continue
             conv.__dict__[k] = v
         if "step_mode" in self.__dict__:
@@ -314,18 +317,27 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
         return self._wcache.get(key, lambda: pack_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
 
-    def _torch_weights(self, fold: bool, channels_last: bool = True):
+    def _torch_weights(self, fold: bool, pad_to: int | None = None):
         """(weight, bias) for the cuDNN paths, which run channels_last: the weight channels_last too (with an NCHW
         weight cuDNN converts the activations on every call), the BatchNorm folded in when ``fold`` (no separate
-        BatchNorm pass). ``channels_last=False``: an NCHW weight, for the NCHW route of NCHW inputs."""
+        BatchNorm pass). ``pad_to``: input channels zero-padded to that many (see ``_conv_forward_kernels``)."""
         bn = self._bn if fold else None
-        key = (*version_key(self.weight, self.bias), bn_key(bn), channels_last)
+        key = (*version_key(self.weight, self.bias), bn_key(bn), pad_to)
 
         def compute():
             w, b = fold_bn(self.weight.detach(), None if self.bias is None else self.bias.detach(), bn)
-            return w.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), b
+            if pad_to is not None and pad_to > w.shape[1]:
+                w = F.pad(w, (0, 0, 0, 0, 0, pad_to - w.shape[1]))
+            return w.contiguous(memory_format=torch.channels_last), b
 
         return self._tcache.get(key, compute)
+
+    def _bias_out(self, y, b, defer: bool):
+        """cuDNN's output without its bias: left to the max pool that consumes it (``defer_shift``, attached to
+        ``y``), else added here."""
+        if b is not None and defer and not attach_shift(y, b):
+            y.add_(b.view(1, -1, 1, 1).to(y.dtype))
+        return y
 
     # -- conv (+ folded BN)
     def _conv_forward_kernels(self, x):
@@ -341,25 +353,33 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                                  config=cfg, packed_weight=self._packed(cfg, x.dtype), scale=scale,
                                  shift=shift, occupancy=occ, dense=dense)
 
+        defer = getattr(self, "defer_shift", False)
+
         def run_torch():  # cuDNN in channels_last (its NCHW fp16 kernels were 2x slower on the H100)
             w, b = self._torch_weights(fold=True)
-            return F.conv2d(flat.contiguous(memory_format=torch.channels_last), w, b, self.stride, self.padding,
-                            self.dilation)
+            y = F.conv2d(flat.contiguous(memory_format=torch.channels_last), w, None if defer else b, self.stride,
+                         self.padding, self.dilation)
+            return self._bias_out(y, b, defer)
 
-        def run_torch_nchw():  # an NCHW input as it is (an image into the stem): no layout copy of it
-            w, b = self._torch_weights(fold=True, channels_last=False)
-            return F.conv2d(flat, w, b, self.stride, self.padding, self.dilation)
+        def run_torch_pad8():
+            # an image (3 channels) zero-padded to 8: cuDNN's kernels for aligned channels (Spikformer's stem on
+            # [32, 3, 224, 224] fp16, H100: 0.27 ms with 3 channels); the zero channels add exact zeros
+            w, b = self._torch_weights(fold=True, pad_to=8)
+            B, _, H, W = flat.shape
+            xp = torch.empty((B, 8, H, W), dtype=flat.dtype, device=flat.device, memory_format=torch.channels_last)
+            xp[:, C:].zero_()
+            xp[:, :C].copy_(flat)
+            y = F.conv2d(xp, w, None if defer else b, self.stride, self.padding, self.dilation)
+            return self._bias_out(y, b, defer)
 
         cands = {"dense": lambda: run_kernel(True), "torch": run_torch}
-        if flat.is_contiguous() and C < 8:
-            # measured on the H100: cuDNN's channels_last kernels took 0.27 ms on the [32, 3, 224, 224] fp16
-            # image of Spikformer's stem, its NCHW kernel about 0.1 ms
-            cands["torch_nchw"] = run_torch_nchw
+        if C < 8 and self.dilation == (1, 1):
+            cands["torch_pad8"] = run_torch_pad8
         if self.block_size != "dense" and triton_groups_ok(C, cfg):
             cands["sparse"] = lambda: run_kernel(False)
         key = ("conv", tuple(flat.shape), flat.stride(), x.dtype, self.out_channels, self.kernel_size,
                self.stride, self.padding, self.dilation, occ is not None, scale is not None,
-               self.block_size)
+               self.block_size, defer)
         path = self._choose(key, cands, x)
         self.last_path = path
         y = cands[path]()
