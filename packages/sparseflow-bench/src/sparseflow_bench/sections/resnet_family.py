@@ -2,7 +2,8 @@
 block size default vs auto, and ``optimize()`` end to end.
 
 For ``sew_resnet34`` (cnf ADD: block outputs are 0/1/2 sums), ``spiking_resnet50`` (1x1 bottlenecks and
-downsamples) and ``spiking_vgg11`` (T=4, N=8, 224 px natural images, recalibrated BatchNorm; ``ctx.T/N/size``) one
+downsamples) and ``spiking_vgg11`` (T=4, N=8, 224 px natural images, recalibrated BatchNorm; ``ctx.T/N/size``;
+``SPARSEFLOW_FAMILY_MODELS=a,b`` picks some of them) one
 dense forward records the input of every convolution the analyzer proves spike-fed. Then, per 1x1 / 3x3 layer and
 on those same inputs, in the same run:
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 
 import torch
@@ -307,8 +309,9 @@ def run(ctx) -> dict:
     def bench(fn):
         return ctx.bench(fn, rep=reps)["median"]
 
+    models = tuple(m for m in os.environ.get("SPARSEFLOW_FAMILY_MODELS", ",".join(MODELS)).split(",") if m)
     results = {}
-    for mi, name in enumerate(MODELS):
+    for mi, name in enumerate(models):
         if left() < 15 and not ctx.dry:
             ctx.log(f"resnet_family: skipping {name}, {left():.0f} s left")
             continue
@@ -325,7 +328,7 @@ def run(ctx) -> dict:
             names = threes[:1] + ones[:1]
         res = {"input_shape": list(x.shape), "T": T, "N": N, "size": size, "spike_fed_convs": len(fed),
                "layers": []}
-        share = left() / (len(MODELS) - mi)  # this model's share of what is left
+        share = left() / (len(models) - mi)  # this model's share of what is left
         t_model = time.time()
         for n in names:
             if not ctx.dry and (time.time() - t_model > share * 0.65 or left() < 10):
