@@ -243,7 +243,8 @@ def section_layers(model, x, out_dir, env, model_name="spiking_resnet34"):
 
 def section_sweep(model_224, recs_224, out_dir, env, T, device, model_name="spiking_resnet34", size=224):
     """Skipping inside the fused kernel: sparse vs dense, batch 1-128, 224 and 448 px."""
-    pick = ["layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1"]
+    # one layer per stage; layer4 (512 channels: 7x7 at 224 px, 14x14 at 448) is the one at <= 50% block density
+    pick = ["layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1", "layer4.1.conv1"]
     sources = {size: recs_224}
     if left() > 200:
         try:
