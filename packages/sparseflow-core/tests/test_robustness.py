@@ -56,6 +56,7 @@ from sparseflow_kernels.linear import sparse_conv1x1, sparse_linear
 from sparseflow_kernels.pool import max_pool2d
 from sparseflow_ops import (
     NeuronAdapter,
+    SparseConv1d,
     SparseConv2d,
     find_adapter,
     is_accelerated,
@@ -162,6 +163,16 @@ BAD_INPUTS = [
     ("spiking_conv2d", "residual of the wrong shape",
      lambda: spiking_conv2d(_x(2, 1, 3, 8, 8), _w(), residual=torch.zeros(2, 1, 4, 8, 8)), ValueError,
      "residual must have shape (2, 1, 4, 6, 6)"),
+    ("spiking_conv2d", "residual_after=True without a residual",
+     lambda: spiking_conv2d(_x(2, 1, 3, 8, 8), _w(), residual_after=True), ValueError,
+     "residual_after=True needs a residual"),
+    ("spiking_conv2d", "residual added after the neuron in another dtype (fp16 into fp32 spikes)",
+     lambda: spiking_conv2d(_x(2, 1, 3, 8, 8), _w(), residual=_x(2, 1, 4, 6, 6, dtype=torch.float16),
+                            residual_after=True), ValueError,
+     "a residual added after the neuron must have x's dtype torch.float32, got torch.float16"),
+    ("spiking_conv2d", "residual_after with write_occupancy (the output is not spikes)",
+     lambda: spiking_conv2d(_x(2, 1, 3, 8, 8), _w(), residual=_x(2, 1, 4, 6, 6), residual_after=True,
+                            write_occupancy=True), ValueError, "not available with residual_after"),
     ("spiking_conv2d", "output that would pass int32 offsets (T=8, N=1000, 128x64x64)",
      lambda: spiking_conv2d(_huge(8, 1000, 16, 64, 64), _w(128, 16, dtype=torch.float16), padding=1),
      ValueError, "the output of shape (8, 1000, 128, 64, 64) would hold"),
@@ -261,7 +272,21 @@ BAD_INPUTS = [
      "expected [N, C, H, W] or [C, H, W]"),
     ("max_pool2d", "float64 input", lambda: max_pool2d(_x(1, 3, 8, 8).double(), 2), TypeError,
      "supported are float32, float16 and bfloat16"),
+    ("max_pool2d", "shift of the wrong length", lambda: max_pool2d(_x(1, 3, 8, 8), 2, shift=_x(4)), ValueError,
+     "shift must have shape [3]"),
+    ("SparseConv1d", "residual for a projection without a fused neuron",
+     lambda: SparseConv1d.from_dense(nn.Conv1d(4, 4, 1)).eval()(_x(2, 4, 5), residual=_x(2, 4, 5)), ValueError,
+     "residual is only accepted by a fused spiking projection"),
+    ("SparseConv1d", "flattened [T*N, C, L] input whose batch is not a multiple of the T it was fused for",
+     lambda: _fused_conv1d(3)(_x(4, 4, 5)), RuntimeError,
+     "does not match the T=3 seen when the model was optimized"),
 ]
+
+
+def _fused_conv1d(T):
+    """A Spikformer-style projection fused with its multi-step LIF for T time steps (flattened input)."""
+    lif = neuron.LIFNode(step_mode="m")
+    return SparseConv1d.from_dense(nn.Conv1d(4, 4, 1).eval(), None, lif.eval(), time_steps=T).eval()
 
 
 def _spiking_net(padding_mode="zeros"):
