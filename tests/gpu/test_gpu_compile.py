@@ -13,7 +13,7 @@ from sparseflow_core import optimize, reset_states
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.mark.parametrize("name", ["spiking_resnet18", "sew_resnet18"])
+@pytest.mark.parametrize("name", ["spiking_resnet18", "sew_resnet18", "spikformer_ti"])
 def test_compile_optimized_model(name):
     torch.manual_seed(0)
     T, N, S = 2, 2, 64

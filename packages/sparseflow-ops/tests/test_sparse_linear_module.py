@@ -310,3 +310,28 @@ def test_conv1d_fused_neuron_to_dense_and_wrong_T():
         net.fc[0](spikes(4, 8, 5))
     net.fc[0] = m.to_dense()
     assert type(net.fc[0]) is nn.Conv1d and not is_bypassed(net.lif) and not is_bypassed(net.fc[1])
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual_after"])
+def test_conv1d_fused_compiled_path_uses_registered_op(monkeypatch, residual):
+    """The forward torch.compile traces for a fused spiking projection: torch.ops.sparseflow.spiking_conv2d with the
+    eager dispatch's path (run eagerly here with compiling() forced true), the residual added after the neuron;
+    same spikes, same membrane hand-over as the eager kernels."""
+    import sparseflow_ops.linear as lin_mod
+
+    torch.manual_seed(5)
+    net = _SpikingProjection(16, 16).eval()
+    ref = copy.deepcopy(net).double()
+    m = _fuse_projection(net)
+    x = spikes(3, 2, 16, 9) * 2
+    flat = x.flatten(0, 1)
+    with torch.no_grad():
+        m(flat, residual=flat) if residual else net(x)  # eager: the dispatch picks a path
+        from spikingjelly.activation_based import functional
+        functional.reset_net(net)
+        monkeypatch.setattr(lin_mod, "compiling", lambda: True)
+        monkeypatch.setattr(lin_mod, "spiking_conv2d", lambda *a, **k: pytest.fail("eager launcher under compile"))
+        for _ in range(2):  # the membrane carries over as in the eager path
+            y = m(flat, residual=flat).view(x.shape) if residual else net(x)
+            r = ref(x.double()) + (x.double() if residual else 0)
+            assert torch.equal(y.double(), r)
