@@ -504,6 +504,13 @@ def test_resnet_full_model_torch_mode(resnet, monkeypatch):
         assert len(fused) == 16
     else:
         assert len(fused) == 19 and not any("+residual" in x.detail for x in fused)
+        # SEW's ADD connection (identity + sn2(bn2(conv2(x)))) goes into conv2's epilogue, once per block
+        skip = [x for x in fused if "skip connection's add" in x.detail]
+        assert len(skip) == 8 and all(x.name.endswith("conv2") for x in skip), [x.name for x in skip]
+        for lname in ("layer1", "layer2", "layer3", "layer4"):
+            for block in getattr(opt, lname):
+                assert isinstance(block, fx.GraphModule)
+                assert any(n.kwargs.get("residual_after") for n in block.graph.nodes)
     a, b = opt.state_dict(), dense.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     compare_calls(opt, dense, xs)
@@ -517,6 +524,11 @@ def test_resnet_full_model_torch_mode(resnet, monkeypatch):
     assert not (folded & ran_names)
     assert not (set(spiking_modules(opt)) & ran_names)
     assert "bn1" in ran_names
+    restore(opt)  # the rewritten blocks and every drop-in give their original modules back
+    assert [type(m) for m in opt.modules()] == [type(m) for m in dense.modules()]
+    reset(opt)
+    reset(dense)
+    compare_calls(opt, dense, xs[:1])
 
 
 def test_resnet_kernels_front_layers(resnet):

@@ -219,6 +219,26 @@ def test_fused_residual_argument(mode):
         torch.testing.assert_close(fused[2].v, dense[2].v, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["sparse", "dense", "torch"])
+@pytest.mark.parametrize("res_dtype", ["same", "float64"])
+def test_fused_residual_after_argument(mode, res_dtype):
+    """forward(x, residual, residual_after=True) = residual + neuron(bn(conv(x))), as SEW-ResNet's ADD; a
+    residual of another dtype is added outside the kernel with torch's type promotion."""
+    x = spikes(T, N, C, H, W)
+    dense = sj_layer("lif-hard", x=x)
+    fused = fuse(dense, mode=mode)
+    res = spikes(T, N, CO, H, W) * 2
+    if res_dtype == "float64":
+        res = res.double()
+    for _ in range(2):
+        ref = res + dense[2](dense[1](dense[0](x)))
+        y = fused[0](x, residual=res, residual_after=True)
+        assert y.dtype == ref.dtype
+        assert_same_spikes(y - res, ref - res)
+        torch.testing.assert_close(fused[2].v, dense[2].v, rtol=1e-5, atol=1e-5)
+        assert not fused[0]._pending  # nothing downstream to bypass
+
+
 def test_fused_single_step_spikingjelly():
     """step_mode 's': one [N, C, H, W] step per call, the membrane carried by the neuron module."""
     xs = [spikes(N, C, H, W) for _ in range(4)]

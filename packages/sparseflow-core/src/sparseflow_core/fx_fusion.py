@@ -1,4 +1,5 @@
-"""Fusing ``neuron(bn(conv(x)) + identity)``: the residual chains of ResNet blocks.
+"""Fusing ``neuron(bn(conv(x)) + identity)`` (the residual chains of ResNet blocks) and
+``neuron(bn(conv(x))) + identity`` (SEW-ResNet's ADD connection, :func:`fuse_skip_add`).
 
 The residual add sits in the block's own ``forward`` (``out += identity``), between the BatchNorm and the
 neuron, so the chain cannot be fused by swapping modules alone. The block (the innermost module that
@@ -100,6 +101,47 @@ def fuse_residual(block: nn.Module, gm: fx.GraphModule | None, conv_rel: str, bn
         if rel is not None and not _has_submodule(gm, rel):
             gm.add_submodule(rel, block.get_submodule(rel))
     return gm, ""
+
+
+def fuse_skip_add(block: nn.Module, gm: fx.GraphModule, conv_rel: str, neuron_rel: str) -> str:
+    """Rewrite ``gm`` so that the fused spiking layer ``conv_rel`` (whose neuron is ``neuron_rel``) also does the
+    add its spikes go into: ``add(neuron(bn(conv(x))), other)`` -> ``conv(x, residual=other, residual_after=True)``.
+    Returns '' on success (``gm`` recompiled), else the reason (``gm`` unchanged)."""
+    g = gm.graph
+    nodes = {n.target: n for n in g.nodes if n.op == "call_module"}
+    conv, neuron = nodes.get(conv_rel), nodes.get(neuron_rel)
+    if conv is None or neuron is None:
+        return "conv or neuron not called directly in the block's forward"
+    if conv.kwargs or len(conv.args) != 1:
+        return "the fused layer is called with more than its input"
+    chain, cur = [conv], conv
+    while cur is not neuron:  # conv -> (bn ->) neuron, each value used once, by the next module only
+        users = list(cur.users)
+        if len(chain) > 2 or len(users) != 1 or users[0].op != "call_module" or users[0].args != (cur,) \
+                or users[0].kwargs:
+            return "conv -> batchnorm -> neuron is not a chain of single uses in the block"
+        cur = users[0]
+        chain.append(cur)
+    users = list(neuron.users)
+    if len(users) != 1 or not _is_add(users[0]):
+        return "the neuron's spikes do not go only to an add"
+    add = users[0]
+    if add.kwargs or len(add.args) != 2 or add.args.count(neuron) != 1:
+        return "unexpected add signature"
+    other = add.args[1] if add.args[0] is neuron else add.args[0]
+    if not isinstance(other, fx.Node):
+        return "the other operand of the add is not a tensor of the graph"
+    with g.inserting_before(add):
+        fused = g.call_module(conv_rel, args=(conv.args[0],), kwargs={"residual": other, "residual_after": True})
+    add.replace_all_uses_with(fused)
+    for n in [add, *reversed(chain)]:
+        g.erase_node(n)
+    g.lint()
+    gm.recompile()
+    for n in chain[1:]:  # keep the bypassed modules registered: state_dict keys, reset_net
+        if not _has_submodule(gm, n.target):
+            gm.add_submodule(n.target, block.get_submodule(n.target))
+    return ""
 
 
 def _has_submodule(m: nn.Module, rel: str) -> bool:

@@ -36,7 +36,7 @@ from sparseflow_ops.pool import TritonMaxPool2d
 
 from .analyzer import Analysis, analyze
 from .blocks import AUTO_CANDIDATES, install_auto_block_size, remove_auto_block_size, select_block_size
-from .fx_fusion import _is_add, common_parent, finalize_block, fuse_residual, trace_block
+from .fx_fusion import _is_add, common_parent, finalize_block, fuse_residual, fuse_skip_add, trace_block
 from .handlers import HandlerContext
 from .registry import find_op_handler, is_spiking_module
 from .report import LayerEntry, OptimizeReport
@@ -330,6 +330,8 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
     if deferred:
         _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode)
         named = dict(model.named_modules())
+    if fuse and _fuse_skip_adds(model, replaced, rep):
+        named = dict(model.named_modules())
     # BatchNorms folded into a convolution: listed in rep.folded, not as layers the BatchNorm handler declined
     folded_bns = {b for b, _ in rep.folded}
     rep.layers[:] = [e for e in rep.layers if not (e.action == "left" and e.name in folded_bns)]
@@ -557,6 +559,44 @@ def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mod
             gm.__dict__[ORIGINAL_BLOCK_ATTR] = (block,)
             p, c = _parent(model, parent)
             setattr(p, c, gm)
+
+
+def _fuse_skip_adds(model, replaced, rep) -> bool:
+    """Third pass: ``neuron(bn(conv(x))) + identity`` (SEW-ResNet's ADD connection): the add goes into the fused
+    layer's epilogue (``residual_after``), by rewriting the block with fx. True if any block was rewritten."""
+    named = dict(model.named_modules())
+    owner = {id(m): n for n, m in named.items()}
+    by_block: dict[str, list] = {}
+    for name, new in replaced.items():
+        neuron = new.fused_neuron
+        neuron_name = owner.get(id(neuron)) if neuron is not None else None
+        if neuron_name is None or new.write_occupancy:
+            continue
+        parent = common_parent(name, neuron_name)
+        if parent and name in named:
+            by_block.setdefault(parent, []).append((name, neuron_name))
+    changed = False
+    for parent in sorted(by_block, key=lambda p: -p.count(".")):
+        block = model.get_submodule(parent)
+        gm = trace_block(block)
+        if gm is None:
+            continue
+        fused = []
+        for name, neuron_name in by_block[parent]:
+            if not fuse_skip_add(block, gm, _rel(name, parent), _rel(neuron_name, parent)):
+                fused.append(name)
+        if not fused:
+            continue
+        gm = finalize_block(block, gm)
+        gm.__dict__[ORIGINAL_BLOCK_ATTR] = block.__dict__.get(ORIGINAL_BLOCK_ATTR) or (block,)
+        p, c = _parent(model, parent)
+        setattr(p, c, gm)
+        changed = True
+        for name in fused:
+            entry = next((e for e in rep.layers if e.name == name), None)
+            if entry is not None:
+                entry.detail = (entry.detail or "") + "; + the skip connection's add after the neuron (in the epilogue)"
+    return changed
 
 
 def _rel(name: str, parent: str) -> str:

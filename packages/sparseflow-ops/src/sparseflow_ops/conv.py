@@ -273,9 +273,12 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             return y.view(T, N, *y.shape[1:])
         return self._conv_forward(x, self.weight, self.bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                residual_after: bool = False) -> torch.Tensor:
         """``residual`` (only for a fused spiking layer, shaped like the output) is added after the
-        BatchNorm and before the neuron, as in ``sn(bn(conv(x)) + identity)`` of a ResNet block."""
+        BatchNorm and before the neuron, as in ``sn(bn(conv(x)) + identity)`` of a ResNet block; with
+        ``residual_after`` it is added to the neuron's spikes instead and the sum returned, as in
+        ``sn(bn(conv(x))) + identity`` of a SEW-ResNet block (cnf ADD)."""
         if x.dim() not in (4, 5):
             raise ValueError(f"SparseConv2d expects [N, C, H, W] or [T, N, C, H, W], got {tuple(x.shape)}")
         if residual is not None and self._neuron is None:
@@ -285,22 +288,27 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             self.last_path = "torch"
             if residual is None:
                 return self._dense_forward(x)
-            return self._dense_residual_forward(x, residual)
+            return self._dense_residual_forward(x, residual, residual_after)
         if compiling():
-            out = self._compiled_forward(x, residual)
+            out = self._compiled_forward(x, residual, residual_after)
         elif self._neuron is not None:
-            out = self._spiking_forward(x, residual)
+            if residual is not None and residual_after and residual.dtype != x.dtype:
+                out = residual + self._spiking_forward(x)  # the dense add's type promotion
+            else:
+                out = self._spiking_forward(x, residual, residual_after)
         else:
             out = self._conv_forward_kernels(x)
         self._pending = (self._bn is not None or self._neuron is not None) and residual is None
         return out
 
-    def _dense_residual_forward(self, x, residual):
-        """conv -> bn -> (+ residual) -> neuron with the original modules (training, CPU)."""
+    def _dense_residual_forward(self, x, residual, after=False):
+        """conv -> bn -> (+ residual) -> neuron (-> + residual) with the original modules (training, CPU)."""
         y = self._dense_forward(x)
         bn, neuron = self._bn, self._neuron
         if bn is not None:
             y = type(bn).forward(bn, y)
+        if after:
+            return residual + type(neuron).forward(neuron, y)
         y = y + residual
         return type(neuron).forward(neuron, y)
 
@@ -386,10 +394,12 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         return y.view(*x.shape[:2], *y.shape[1:]) if five else y
 
     # -- under torch.compile: the registered ops (torch.ops.sparseflow.*), with the path the eager dispatch chose
-    def _compiled_forward(self, x, residual=None):
+    def _compiled_forward(self, x, residual=None, residual_after=False):
         """The forward as Dynamo traces it: no timing, no version caches, no occupancy hand-over. The path is the
         one the eager dispatch measured for this shape (run the model once eagerly before compiling), else the
         dense fused kernel; BatchNorm folding and weight packing are part of the graph unless already cached."""
+        if residual is not None and residual_after and residual.dtype != x.dtype:
+            return residual + self._compiled_forward(x)  # the dense add's type promotion
         bn = self._bn
         scale, shift = bn_affine(bn) if bn is not None else (None, None)
         if self._neuron is None:
@@ -424,7 +434,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         spikes, v = torch.ops.sparseflow.spiking_conv2d(
             x5, self.weight, self.bias, list(self.stride), list(self.padding), scale, shift, res5, v0, None,
             *neuron_args(spec), list(cfg.key()) if cfg is not None else [], path == "cudnn", path == "fused_sparse",
-            x.dtype, False)
+            x.dtype, residual is not None and residual_after)
         adapter.set_v(neuron, v, x.dtype)
         if x.dim() == 5:
             return spikes
@@ -437,7 +447,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                                 device=x.device)
 
     # -- spiking layer
-    def _spiking_forward(self, x, residual=None):
+    def _spiking_forward(self, x, residual=None, residual_after=False):
         neuron = self._neuron
         adapter = find_adapter(neuron)
         spec_key = adapter.spec_key(neuron)
@@ -469,8 +479,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                 raise ValueError(f"SparseConv2d: residual of shape {tuple(residual.shape)} does not match the "
                                  f"output [{T}, {N}, {OHW}]")
             res5 = residual.reshape(T, N, *OHW)
-        common = dict(scale=scale, shift=shift, neuron=spec, v=v0, return_v=True, residual=res5)
-        write_occ = self.write_occupancy
+        after = res5 is not None and residual_after
+        common = dict(scale=scale, shift=shift, neuron=spec, v=v0, return_v=True, residual=res5, residual_after=after)
+        write_occ = self.write_occupancy and not after  # (the output is not spikes then)
         weight = self.weight
 
         def fused(c, sparse):
@@ -490,7 +501,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         if not write_occ:
             cands["cudnn"] = cudnn
         key = ("spiking", tuple(x5.shape), x.dtype, self.out_channels, self.kernel_size, self.stride,
-               self.padding, occ is not None, write_occ, spec.kind, residual is not None)
+               self.padding, occ is not None, write_occ, spec.kind, residual is not None, after)
         if self.mode == "auto":
             path = kdispatch.choose(key, cands, fallback="fused_dense", device=x.device)
         else:
