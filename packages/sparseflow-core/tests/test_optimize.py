@@ -102,7 +102,7 @@ def test_small_net_report(sj_twins):
     # the stem sees the image, not spikes: fused (conv + BN + neuron in one kernel) but nothing skipped
     assert e["0"].action == "fused" and "image" in e["0"].reason and e["0"].detail.endswith("dense input")
     assert e["3"].action == "fused" and e["3"].detail.startswith("conv+bn+neuron")
-    assert e["6"].action == "sparse" and e["6"].detail == "conv+bn (7)"
+    assert e["6"].action == "sparse" and e["6"].detail == "conv+bn (7); bias added after the max pool 8"
     assert e["10"].action == "fused" and e["13"].action == "fused"
     assert "2" not in e and e["9"].action == "neuron-kernel"
     assert sorted(rep.folded) == sorted([("1", "0"), ("4", "3"), ("7", "6"), ("11", "10"), ("14", "13")])

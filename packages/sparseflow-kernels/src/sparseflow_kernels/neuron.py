@@ -93,7 +93,7 @@ def _multistep_kernel(
     NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_V: tl.constexpr, STORE_V: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, RES_POST: tl.constexpr = False,
 ):
     """Tensors are viewed as [T, N, C, S] (S = flattened spatial); a program owns a [BLOCK_S, BLOCK_C]
     block of one sample (channel-fastest, coalesced for channels_last) and loops over t."""
@@ -125,9 +125,14 @@ def _multistep_kernel(
         if HAS_SHIFT:
             z = z + shift
         if HAS_RES:
-            z = z + tl.load(r_ptr + t * srt + ro, mask=ok, other=0.0).to(tl.float32)
+            r = tl.load(r_ptr + t * srt + ro, mask=ok, other=0.0).to(tl.float32)
+            if not RES_POST:
+                z = z + r
         spike, v = _neuron_step(z, v, decay, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
-        tl.store(y_ptr + t * syt + yo, spike.to(y_ptr.dtype.element_ty), mask=ok)
+        if HAS_RES and RES_POST:  # residual + spikes, rounded once (a skip connection after the neuron)
+            tl.store(y_ptr + t * syt + yo, (r + spike.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(y_ptr + t * syt + yo, spike.to(y_ptr.dtype.element_ty), mask=ok)
     if STORE_V:
         tl.store(vo_ptr + n * son + s[:, None] * sos + c[None, :] * soc, v, mask=ok)
 
@@ -163,14 +168,16 @@ def multistep_neuron(
     return_v: bool = False,
     v_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None,
+    residual_after: bool = False,
     **neuron_kwargs,
 ):
     """Run a neuron over ``x`` ``[T, N, C, ...]`` (or ``[T, N]``) in one kernel; returns spikes (and the
     final membrane ``[N, C, ...]`` in ``v_dtype`` (fp32 by default), when ``return_v``).
 
     ``scale``/``shift`` (``[C]``) apply ``z = x * scale + shift`` first (BatchNorm in eval mode, folded),
-    ``residual`` (shaped like ``x``) is added after them. ``v``: initial membrane ``[N, C, ...]``; None starts
-    from the neuron's initial value.
+    ``residual`` (shaped like ``x``) is added after them; with ``residual_after`` it is added to the spikes
+    instead and ``residual + spikes`` is returned (in the output dtype, rounded once). ``v``: initial membrane
+    ``[N, C, ...]``; None starts from the neuron's initial value.
     """
     op = "multistep_neuron"
     spec = NeuronSpec.make(neuron, **neuron_kwargs)
@@ -180,6 +187,8 @@ def multistep_neuron(
     require_triton_device(op, x, scale, shift, residual, v)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"{op}: residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
+    if residual_after and residual is None:
+        raise ValueError(f"{op}: residual_after=True needs a residual")
     xv = x if x.dim() >= 3 else x.unsqueeze(-1)
     T, N, C = xv.shape[:3]
     for name, p in (("scale", scale), ("shift", shift)):
@@ -214,7 +223,8 @@ def multistep_neuron(
             ka["decay"], ka["v_threshold"], ka["v_reset"], ka["v_init"],
             NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
-            HAS_V=v is not None, STORE_V=return_v, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, num_warps=4,
+            HAS_V=v is not None, STORE_V=return_v, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C,
+            RES_POST=bool(residual_after), num_warps=4,
         )
     if x.dim() == 2:
         y = y.squeeze(-1)

@@ -141,12 +141,10 @@ def spiking_conv2d(
         # reads channels fastest
         xf = _flat_tn(x).contiguous(memory_format=torch.channels_last)
         y = F.conv2d(xf, weight.contiguous(memory_format=torch.channels_last), None, stride, padding)
-        res = multistep_neuron(y.view(T, N, CO, OH, OW), spec, scale=sc, shift=sh,
-                               residual=None if residual_after else residual,
-                               v=v, return_v=return_v, v_dtype=v_dtype)
+        res = multistep_neuron(y.view(T, N, CO, OH, OW), spec, scale=sc, shift=sh, residual=residual,
+                               residual_after=residual_after, v=v, return_v=return_v, v_dtype=v_dtype,
+                               out_dtype=x.dtype)
         out, v_out = (res if return_v else (res, None))
-        if residual_after:
-            out = out.add_(residual)  # in the spikes' layout; fp16/bf16 addition is commutative
     else:
         cfg = config or default_config(C, CO)
         if triton.cdiv(C, cfg.block_k) > MAX_GROUPS:

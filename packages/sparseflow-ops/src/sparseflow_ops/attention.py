@@ -25,6 +25,7 @@ from torch import nn
 
 from sparseflow_kernels import channel_dot, sparse_linear, ssa_attention
 from sparseflow_kernels import dispatch as kdispatch
+from sparseflow_kernels.library import compiling
 from sparseflow_kernels.linear import default_linear_config, pack_linear_weight
 
 from ._common import SparseModule, VersionCache, kernels_can_run, notice_once, version_key
@@ -86,6 +87,8 @@ def _use_kernels(module, x) -> bool:
 def _choose(module, key, cands, x):
     if module.mode != "auto":
         return "sparse" if module.mode in ("sparse", "dense") else "torch"
+    if compiling():  # no timing inside a traced graph: the path the eager dispatch chose (run once eagerly first)
+        return module.last_path if module.last_path in cands else "sparse"
     return kdispatch.choose(key, cands, fallback="sparse", device=x.device)
 
 

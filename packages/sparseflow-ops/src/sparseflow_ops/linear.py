@@ -417,7 +417,11 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
             return m.view(*lead, 1, t.shape[-2], 1, N * L)
 
         x5, v05, res5 = tokens(x4, (T,)), tokens(v0, ()), tokens(res4, (T,))
-        scale, shift = self._affine()
+        bn = self.__dict__.get("_bn")
+        if compiling():  # no version caches in a traced graph: the fold is part of it
+            scale, shift = bn_affine(bn) if bn is not None else (None, None)
+        else:
+            scale, shift = self._affine()
         cfgs = self._spiking_configs(C, CO, T)
         if compiling():
             path = self.last_path if self.last_path in (*cfgs, "cudnn", "fused_sparse") else "fused_dense"

@@ -56,7 +56,7 @@ class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A convolution whose folded bias was left to this pool (``SparseConv2d.defer_shift``, the producer
         attached it to its output) gets it added here, after the max: the same value, on 4x fewer elements."""
-        shift = take_shift(x)
+        shift = None if compiling() else take_shift(x)  # (a traced conv adds its own bias)
         if getattr(self, "multi_step", False) and x.dim() == 5:
             y = self._pool(x.flatten(0, 1), shift)
             return y.view(*x.shape[:2], *y.shape[1:])
