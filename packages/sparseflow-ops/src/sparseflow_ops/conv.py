@@ -406,9 +406,16 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             flat = x.flatten(0, 1) if x.dim() == 5 else x
             path = self.last_path or "torch"
             if path not in ("sparse", "dense"):
-                y = F.conv2d(flat, self.weight, self.bias, self.stride, self.padding, self.dilation)
-                if scale is not None:
-                    y = (y.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(y.dtype)
+                # the eager cuDNN candidates' arithmetic, rounding for rounding: the BatchNorm folded into the
+                # weights, channels_last, the bias added to the rounded conv output (as cuDNN's separate bias pass,
+                # and as the max pool that takes a deferred bias); a scale applied after an fp16 conv rounds
+                # differently, and the network amplifies any spike that flips
+                w, b = fold_bn(self.weight, self.bias, bn)
+                y = F.conv2d(flat.contiguous(memory_format=torch.channels_last),
+                             w.contiguous(memory_format=torch.channels_last), None, self.stride, self.padding,
+                             self.dilation)
+                if b is not None:
+                    y = y + b.view(1, -1, 1, 1)
             else:
                 y = torch.ops.sparseflow.conv2d(flat, self.weight, self.bias, list(self.stride), list(self.padding),
                                                 list(self.dilation), scale, shift, None, [], path == "dense")
