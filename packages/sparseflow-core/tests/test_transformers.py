@@ -262,7 +262,6 @@ def test_compiled_branches_match_eager_on_the_cudnn_paths(monkeypatch):
     import sparseflow_ops.linear as ol
     import sparseflow_ops.neuron as on
     import sparseflow_ops.pool as op
-
     from sparseflow_bench.models import build_model, recalibrate_bn
     from sparseflow_core import reset_states
 
