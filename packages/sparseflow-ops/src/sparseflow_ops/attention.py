@@ -60,6 +60,17 @@ def _wrap(cls, module, mode):
     return new
 
 
+def _wrap_exact(cls, module, base, mode, methods=("forward",)):
+    """:func:`_wrap` after checking that ``module`` is a ``base`` whose ``methods`` (the math the drop-in
+    reimplements) are ``base``'s own; a subclass that overrides one is left as it is (ValueError, for the report)."""
+    if not isinstance(module, base):
+        raise TypeError(f"from_dense expects a {base.__name__}, got {type(module).__name__}")
+    for name in methods:
+        if getattr(type(module), name) is not getattr(base, name):
+            raise ValueError(f"{type(module).__name__} overrides {name}() of {base.__name__}; left as it is")
+    return _wrap(cls, module, mode)
+
+
 def _unwrap(module):
     """The original class back, sharing ``module``'s attributes; SparseFlow modules that ``optimize`` put
     inside it (the fused 1x1 convolutions of a Spike-driven attention) are made dense again too."""
@@ -139,12 +150,7 @@ if SpikingSelfAttention is not None:
             for any gain) become SparseConv1d with their BatchNorm folded, in place inside ``attn``'s
             containers. ``neurons``: ``{projection: time_steps}`` for the projections whose neuron
             (``qkv_lif``, ``proj_lif``) runs fused with them. The caller puts the new module where ``attn`` was."""
-            if not isinstance(attn, SpikingSelfAttention):
-                raise TypeError(f"from_dense expects a SpikingSelfAttention, got {type(attn).__name__}")
-            if type(attn).forward is not SpikingSelfAttention.forward or (
-                    type(attn)._ssa_kernel_torch is not SpikingSelfAttention._ssa_kernel_torch):
-                raise ValueError(f"{type(attn).__name__} overrides the attention math; left as it is")
-            new = _wrap(cls, attn, mode)
+            new = _wrap_exact(cls, attn, SpikingSelfAttention, mode, ("forward", "_ssa_kernel_torch"))
             new.projections = []
             for pname in projections or ():
                 if pname not in ("qkv_conv_bn", "proj_conv_bn"):
@@ -209,11 +215,7 @@ if SpikingSelfAttention is not None:
 
             @classmethod
             def from_dense(cls, block, *, mode: str = "auto"):
-                if not isinstance(block, SpikformerBlock):
-                    raise TypeError(f"from_dense expects a SpikformerBlock, got {type(block).__name__}")
-                if type(block).forward is not SpikformerBlock.forward:
-                    raise ValueError(f"{type(block).__name__} overrides the block's forward; left as it is")
-                return _wrap(cls, block, mode)
+                return _wrap_exact(cls, block, SpikformerBlock, mode)
 
             def to_dense(self):
                 return _unwrap(self)
@@ -258,11 +260,7 @@ if SpikingSelfAttention is not None:
 
         @classmethod
         def from_dense(cls, attn, *, mode: str = "auto"):
-            if not isinstance(attn, SpikeDrivenSelfAttention):
-                raise TypeError(f"from_dense expects a SpikeDrivenSelfAttention, got {type(attn).__name__}")
-            if type(attn).forward is not SpikeDrivenSelfAttention.forward:
-                raise ValueError(f"{type(attn).__name__} overrides the attention math; left as it is")
-            return _wrap(cls, attn, mode)
+            return _wrap_exact(cls, attn, SpikeDrivenSelfAttention, mode)
 
         def to_dense(self):
             return _unwrap(self)
