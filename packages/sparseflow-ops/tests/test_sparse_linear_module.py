@@ -335,3 +335,55 @@ def test_conv1d_fused_compiled_path_uses_registered_op(monkeypatch, residual):
             y = m(flat, residual=flat).view(x.shape) if residual else net(x)
             r = ref(x.double()) + (x.double() if residual else 0)
             assert torch.equal(y.double(), r)
+
+
+def test_conv1d_fused_single_step_neuron():
+    """A single-step neuron (step_mode 's') after the projection: one [N, C, L] step per call, the membrane
+    carried by the neuron module across calls, as SpikingJelly's own."""
+    from spikingjelly.activation_based import functional
+    from spikingjelly.activation_based import neuron as sjn
+
+    torch.manual_seed(6)
+    conv, bn = nn.Conv1d(12, 10, 1, bias=False).eval(), random_bn(nn.BatchNorm1d(10))
+    lif = sjn.LIFNode(tau=2.0, step_mode="s")
+    net = nn.Sequential(conv, bn, lif).eval()
+    ref = copy.deepcopy(net).double()
+    net[0] = SparseConv1d.from_dense(conv, bn, lif)
+    fired = 0
+    with torch.no_grad():
+        for step in range(4):
+            if step == 3:
+                functional.reset_net(net)
+                functional.reset_net(ref)
+            x = spikes(2, 12, 7) * 2
+            y, r = net(x), ref(x.double())
+            assert torch.equal(y.double(), r)
+            fired += int(y.sum())
+    assert fired > 0 and net[0].last_path != "torch"
+
+
+def test_spikformer_block_with_a_hooked_mlp_keeps_its_add():
+    """A forward hook on the MLP: SparseSpikformerBlock calls the MLP as a module (the hook runs) and adds the skip
+    connection itself; the attention branch still adds it in its fused projection. Same output as the dense block."""
+    from spikingjelly.activation_based import functional
+    from spikingjelly.activation_based.model.spikformer import SpikformerBlock
+
+    from sparseflow_ops import SparseSpikformerBlock
+
+    torch.manual_seed(7)
+    block = SpikformerBlock(16, 2, mlp_ratio=2.0, tau=2.0, detach_reset=True).eval()
+    for m in block.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            random_bn(m)
+    functional.set_step_mode(block, "m")
+    ref = copy.deepcopy(block)
+    calls = []
+    block.mlp.register_forward_hook(lambda m, i, o: calls.append(1))
+    new = SparseSpikformerBlock.from_dense(block)
+    for cont, lif in ((new.mlp.fc1, new.mlp.neuron1), (new.mlp.fc2, new.mlp.neuron2)):
+        cont[0] = SparseConv1d.from_dense(cont[0], cont[1], lif, time_steps=2)
+    x = spikes(2, 1, 16, 3, 3) * 2
+    with torch.no_grad():
+        y, r = new(x), ref(x)
+    assert calls == [1] and new._mlp_fc2() is None
+    assert torch.equal(y, r)
