@@ -570,7 +570,7 @@ def _fuse_skip_adds(model, replaced, rep) -> bool:
     for name, new in replaced.items():
         neuron = new.fused_neuron
         neuron_name = owner.get(id(neuron)) if neuron is not None else None
-        if neuron_name is None or new.write_occupancy:
+        if neuron_name is None:
             continue
         parent = common_parent(name, neuron_name)
         if parent and name in named:

@@ -367,7 +367,8 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
             s = type(neuron).forward(neuron, y)
         return residual + s
 
-    def _spiking_configs(self, C, CO, T):
+    @staticmethod
+    def _spiking_configs(C, CO, T):
         """Token tiles of the fused kernel: 64 or 128 tokens with T looped inside, or 32 tokens x T in the GEMM's
         M."""
         bk = 64 if C >= 64 else (32 if C >= 32 else 16)
@@ -406,7 +407,8 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
                 raise ValueError(f"SparseConv1d: residual of shape {tuple(residual.shape)} does not match the "
                                  f"output [{T}, {N}, {CO}, {L}]")
             res4 = residual.reshape(T, N, CO, L)
-        merge = not compiling() and all(self._tokens_merge(t) for t in (x4, v0, res4))
+        traced = compiling()  # under torch.compile: no version caches, no timing, no token merging
+        merge = not traced and all(self._tokens_merge(t) for t in (x4, v0, res4))
 
         def tokens(t, lead):  # [..., N, C, L] -> [..., 1, C, 1, N*L] (merged) or [..., N, C, 1, L]
             if t is None:
@@ -418,12 +420,12 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
 
         x5, v05, res5 = tokens(x4, (T,)), tokens(v0, ()), tokens(res4, (T,))
         bn = self.__dict__.get("_bn")
-        if compiling():  # no version caches in a traced graph: the fold is part of it
+        if traced:  # the fold is part of the traced graph
             scale, shift = bn_affine(bn) if bn is not None else (None, None)
         else:
             scale, shift = self._affine()
         cfgs = self._spiking_configs(C, CO, T)
-        if compiling():
+        if traced:
             path = self.last_path if self.last_path in (*cfgs, "cudnn", "fused_sparse") else "fused_dense"
             cfg = cfgs.get(path) or cfgs["fused_dense"]
             spikes, v = torch.ops.sparseflow.spiking_conv2d(
