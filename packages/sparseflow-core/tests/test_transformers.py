@@ -291,3 +291,19 @@ def test_compiled_branches_match_eager_on_the_cudnn_paths(monkeypatch):
         y = opt(x)
     assert ref.abs().max() > 0
     assert torch.equal(y, ref), (y - ref).abs().max()
+
+
+def test_hooked_projection_neuron_is_not_fused():
+    """A neuron with a forward hook would not see its input if fused: the projection keeps only its BatchNorm
+    folded, the report names the hook, and the outputs (and the hook's calls) are the dense model's."""
+    net, ref = twins(firing_bns(SpikformerMini()))
+    calls = []
+    net.block.mlp.neuron1.register_forward_hook(lambda m, i, o: calls.append(1))
+    x = torch.rand(2, 2, 32, 4, 5) * 3
+    net, rep = optimize(net, x, return_report=True)
+    fc1 = net.block.mlp.fc1[0]
+    assert isinstance(fc1, SparseConv1d) and fc1.kind() == "conv1x1+bn"
+    assert "neuron block.mlp.neuron1 not fused: it has forward hooks" in entry(rep, "block.mlp.fc1.0").detail
+    calls.clear()
+    same_over_calls(net, ref, x, calls=1)
+    assert calls  # the hook still runs on the optimized model

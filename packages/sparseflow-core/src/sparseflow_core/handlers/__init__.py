@@ -30,5 +30,13 @@ class HandlerContext:
         return self.analysis.first(self.name)
 
 
+def module_hooks(m: nn.Module) -> str:
+    """The kinds of hooks on ``m`` that keep it from being fused or replaced ('' when none): ``optimize``'s own
+    check (forward, pre, backward and global hooks), for handlers that fuse a module next to the one they get."""
+    from ..optimize import _hooks  # (optimize imports this package)
+
+    return _hooks(m)
+
+
 for _mod in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_mod.name}")

@@ -24,6 +24,7 @@ from sparseflow_ops import (
 from sparseflow_ops.neurons import find_adapter
 
 from ..registry import OpHandler, is_spiking_module, register_op_handler
+from . import module_hooks
 
 
 def _mode(ctx) -> str:
@@ -56,8 +57,8 @@ def _fusible_neuron(ctx, src: str, conv_name: str):
     adapter, why = neuron_support(m)
     if adapter is None:
         return None, None, None, f"neuron {user} not fused: {why}"
-    if m._forward_hooks or m._forward_pre_hooks:
-        return None, None, None, f"neuron {user} not fused: it has hooks"
+    if module_hooks(m):
+        return None, None, None, f"neuron {user} not fused: it has {module_hooks(m)} hooks"
     n_in, out, conv_in = an.first(user).in_shape, an.first(src).out_shape, an.first(conv_name).in_shape
     multistep = find_adapter(m).is_multistep(m)
     if multistep and len(n_in) == 4 and len(conv_in) == 3 and n_in[0] * n_in[1] == out[0] and \
@@ -105,8 +106,8 @@ def _replace_ssa(m, ctx):
         adapter, nwhy = neuron_support(neuron) if neuron is not None else (None, "missing")
         if adapter is None or info is None or len(info.in_shape) != 4 or not adapter.is_multistep(neuron):
             notes.append(f"{lif} not fused: {nwhy or 'not a multi-step [T, N, C, L] neuron'}")
-        elif neuron._forward_hooks or neuron._forward_pre_hooks:
-            notes.append(f"{lif} not fused: it has hooks")
+        elif module_hooks(neuron):
+            notes.append(f"{lif} not fused: it has {module_hooks(neuron)} hooks")
         else:
             neurons[pname] = info.in_shape[0]
     new = SparseSpikingSelfAttention.from_dense(m, mode=_mode(ctx), projections=projections, neurons=neurons)
