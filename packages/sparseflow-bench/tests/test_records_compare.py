@@ -491,3 +491,25 @@ def test_section_context_time_forwards_and_write_text(tmp_path, monkeypatch):
                       ("reset", b), ("timed", {"graph": False, "rep": 20}, False)]
     path = ctx.write_text("t.md", "# t\n")
     assert path == str(tmp_path / "t.md") and (tmp_path / "t.md").read_text() == "# t\n"
+
+
+def test_exactness_section_dry_run(tmp_path):
+    """``--sections exactness`` on the CPU (interpreter, T=2, 32 px): the faithful model's logits are the dense
+    model's bit for bit on all three calls, and the JSON and markdown are written."""
+    import json
+
+    import torch
+
+    from sparseflow_bench import sections
+    from sparseflow_bench.sections import exactness
+
+    ctx = sections.SectionContext(str(tmp_path), {"device": "cpu"}, torch.device("cpu"), dry=True,
+                                  models=["sew_resnet18"])
+    res = exactness.run(ctx)["sew_resnet18"]
+    assert "error" not in res, res
+    assert res["faithful_bit_identical"] == [True, True, True]
+    assert res["faithful_logits_rel_err"] == [0.0, 0.0, 0.0]
+    assert res["replaced"]["fused"] > 0
+    saved = json.loads((tmp_path / "exactness.json").read_text())
+    assert saved["models"]["sew_resnet18"]["faithful_bit_identical"] == [True, True, True]
+    assert "| sew_resnet18 | 0 / 0 / 0 | yes / yes / yes |" in (tmp_path / "exactness.md").read_text()

@@ -206,6 +206,8 @@ BAD_INPUTS = [
         _x(1, 3, 8, 8, dtype=torch.float16)), RuntimeError, "should be the same"),
     ("optimize", "mode='fast'", lambda: optimize(_spiking_net(), _x(2, 1, 3, 10, 10), mode="fast"), ValueError,
      "mode must be one of"),
+    ("optimize", "numerics='exact'", lambda: optimize(_spiking_net(), _x(2, 1, 3, 10, 10), numerics="exact"),
+     ValueError, "numerics must be one of"),
     ("optimize", "padding_mode='reflect' conv fed by spikes", lambda: _reason_of(_reflect_net(), "3"), None,
      "left dense, report: padding_mode='reflect' (only 'zeros' is supported)"),
     ("optimize", "conv with a forward hook", lambda: _reason_of(_hooked_net(), "3"), None,

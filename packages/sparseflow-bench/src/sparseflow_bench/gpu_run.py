@@ -182,6 +182,9 @@ def section_layers(model, x, out_dir, env, model_name="spiking_resnet34"):
                 spec.decay, spec.v_threshold, spec.v_reset if spec.hard_reset else 0.0, spec.hard_reset, bn.eps)
         base = block(*args)
         row["compile_graph_fp16_ms"] = bench_ms(lambda: block(*args))["median"]
+        # the convolution alone on cuDNN (fp16 channels_last, graph): what a fused layer costs at best when its
+        # conv runs at cuDNN's speed and its BatchNorm/neuron epilogue is free (the bounds in the summary)
+        row["cudnn_conv_fp16_cl_ms"] = bench_ms(lambda: F.conv2d(xh, args[1], None, m.stride, m.padding))["median"]
         # SpikingJelly eager fp32 of the block (the user's code: modules, multi-step)
         neuron = m.fused_neuron
 
@@ -237,6 +240,15 @@ def section_layers(model, x, out_dir, env, model_name="spiking_resnet34"):
         "min_layer_speedup_vs_compile_graph": min((r["speedup_vs_compile_graph"] for r in rows), default=None),
         "paths": {p: sum(r["path"] == p for r in rows) for p in {r["path"] for r in rows}},
     }
+    conv_sum = sum(r["cudnn_conv_fp16_cl_ms"] for r in rows)
+    skip_sum = sum(r["cudnn_conv_fp16_cl_ms"] * r["block_density_8x8_16ch_halo"] for r in rows)
+    summary.update({
+        "sum_cudnn_conv_fp16_cl_ms": conv_sum,
+        # upper bounds of sum_speedup_vs_compile_graph: every layer's conv at cuDNN's speed with a free epilogue,
+        # and that with every block without a spike in its receptive field skipped at no cost
+        "bound_sum_speedup_conv_at_cudnn": base_sum / conv_sum if conv_sum else None,
+        "bound_sum_speedup_perfect_skipping": base_sum / skip_sum if skip_sum else None,
+    })
     dump(out_dir, f"fused_{summary['model']}.json", {"env": env, "summary": summary, "rows": rows})
     return recs
 
@@ -408,11 +420,13 @@ def section_e2e(models, T, N, size, device, out_dir, env, compile_modes=("reduce
                 except Exception as e:
                     r["dense_fp32_reordered_error"] = f"{type(e).__name__}: {e}"[:200]
                 # SparseFlow fp32 (exactness) and fp16 (speed)
-                for tag, dt in (() if os.environ.get("E2E_COMPILE_ONLY") else
-                                (("fp16", torch.float16), ("fp32", torch.float32))):
+                # (fp32_faithful: numerics="faithful", the dense model's fp32 arithmetic bit for bit)
+                for tag, dt, num in (() if os.environ.get("E2E_COMPILE_ONLY") else
+                                     (("fp16", torch.float16, "fast"), ("fp32", torch.float32, "fast"),
+                                      ("fp32_faithful", torch.float32, "faithful"))):
                   try:
                     opt, rep = optimize(copy.deepcopy(model), x.to(dt), dtype=dt if dt != torch.float32 else None,
-                                        return_report=True)
+                                        numerics=num, return_report=True)
                     xs = x.to(dt)
                     reset_states(opt)
                     opt(xs)

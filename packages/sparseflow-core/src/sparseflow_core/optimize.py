@@ -42,6 +42,7 @@ from .registry import find_op_handler, is_spiking_module
 from .report import LayerEntry, OptimizeReport
 
 REPORT_ATTR = "_sparseflow_report"
+NUMERICS = ("fast", "faithful")
 ORIGINAL_BLOCK_ATTR = "_sparseflow_original_block"
 
 
@@ -144,6 +145,7 @@ def optimize(
     inplace: bool = True,
     cuda_graph: bool = False,
     write_occupancy: bool = False,
+    numerics: str = "fast",
     return_report: bool = False,
 ):
     """Swap the layers of ``model`` that consume spikes for SparseFlow's sparse / fused modules.
@@ -159,6 +161,13 @@ def optimize(
     ``filter_fn(module, fqn) -> bool``: only layers it accepts are touched.
     ``write_occupancy``: fused layers write the occupancy of their spikes for sparse consumers (otherwise
     each sparse consumer runs its own one-pass prescan).
+    ``numerics``: ``"fast"`` (default: BatchNorm folded into the weights, layouts and kernels chosen by speed;
+    every layer gives the dense layer's result up to the order of its fp32 sums) or ``"faithful"`` (the dense
+    model's own arithmetic, bit for bit: convolutions and BatchNorm run as the dense modules run them, on their
+    unfolded weights and in their memory layout, and only the neurons, with the residual adds of fused chains,
+    the max pools and Spikformer's attention run on SparseFlow's kernels, whose results are the dense ones exactly;
+    ops whose kernels would sum in another order are left dense and the report says so). Use it to check a model
+    against its dense fp32 outputs; it is slower than ``"fast"`` (no folding, no fused convolutions).
     ``cuda_graph``: return a :class:`~sparseflow_core.cuda_graph.CudaGraphModel` around the model, which
     captures the forward once per input shape and replays it (every call then starts from reset neuron
     state; see its docstring).
@@ -167,12 +176,14 @@ def optimize(
     if cuda_graph:
         model, rep = optimize(model, example_inputs, block_size=block_size, mode=mode, dtype=dtype, fuse=fuse,
                               neurons=neurons, filter_fn=filter_fn, inplace=inplace,
-                              write_occupancy=write_occupancy, return_report=True)
+                              write_occupancy=write_occupancy, numerics=numerics, return_report=True)
         from .cuda_graph import CudaGraphModel
 
         wrapped = CudaGraphModel(model)
         wrapped.__dict__[REPORT_ATTR] = rep
         return (wrapped, rep) if return_report else wrapped
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
     if not inplace:
         model = copy.deepcopy(model)
     if dtype is not None:
@@ -183,7 +194,7 @@ def optimize(
             rep.notes.append("already optimized: left unchanged")
         return (model, rep) if return_report else model
     opts = dict(block_size=block_size, mode=mode, fuse=fuse, neurons=neurons, filter_fn=filter_fn,
-                write_occupancy=write_occupancy)
+                write_occupancy=write_occupancy and numerics == "fast", numerics=numerics)
     if example_inputs is None:
         _LazyOptimize.install(model, opts, dtype)
         rep = OptimizeReport(notes=["pending: optimized on the first forward call"])
@@ -236,14 +247,15 @@ def _block_for(block_size, name, in_shape):
 
 
 def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, filter_fn,
-                  write_occupancy=False) -> OptimizeReport:
+                  write_occupancy=False, numerics="fast") -> OptimizeReport:
     an = analyze(model, example_inputs)
     rep = OptimizeReport()
+    faithful = numerics == "faithful"
     fused_neurons: set[str] = set()
     replaced: dict[str, SparseConv2d] = {}
     deferred: list = []
     auto_names: set[str] = set()
-    _run_handlers(model, an, rep, block_size, mode, filter_fn)
+    _run_handlers(model, an, rep, block_size, mode, filter_fn, faithful)
     named = dict(model.named_modules())
     for name, m in named.items():
         if not isinstance(m, nn.Conv2d) or isinstance(m, SparseModule) or find_op_handler(m) is not None:
@@ -363,7 +375,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
             entry.reason = why
             continue
         if not is_accelerated(m):
-            accelerate_neuron(m)
+            accelerate_neuron(m, preserve_layout=faithful)
         entry.action = "neuron-kernel"
         entry.detail = "multi-step Triton neuron"
     # producers of spikes for sparse consumers write the occupancy of their output (opt-in: measured on the
@@ -379,7 +391,15 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
                 replaced[c].kernel_size in ((3, 3), (1, 1))) or getattr(named.get(c), "accepts_occupancy", False)
                for c in consumers):
             new.write_occupancy = True
-    _defer_shifts_to_pools(an, named, replaced, rep)
+    if faithful:
+        for m in model.modules():
+            if isinstance(m, SparseModule):
+                m.numerics = "faithful"
+        rep.notes.append("numerics='faithful': convolutions and BatchNorms run as in the dense model (unfolded "
+                         "weights, its layouts); neurons, residual adds, max pools and attention products on "
+                         "SparseFlow's kernels, with the dense model's fp32 results bit for bit")
+    else:
+        _defer_shifts_to_pools(an, named, replaced, rep)
     _account_compute_layers(model, an, rep)
     if not rep.replaced and not rep.by_action("neuron-kernel"):
         if not any(is_spiking_module(m) for m in named.values()):
@@ -447,8 +467,9 @@ def _entry(rep, name, m, info, filter_fn) -> LayerEntry:
     return entry
 
 
-def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
-    """Modules with a registered op handler (Linear, attention, depthwise conv, ...), outermost first."""
+def _run_handlers(model, an, rep, block_size, mode, filter_fn, faithful=False) -> None:
+    """Modules with a registered op handler (Linear, attention, depthwise conv, ...), outermost first; with
+    ``faithful`` (numerics="faithful") only the handlers whose modules reproduce the dense result bit for bit."""
     done: list[str] = []
     snn = any(is_spiking_module(m) for m in model.modules())
     for name, m in list(model.named_modules()):
@@ -474,6 +495,10 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn) -> None:
                 continue
         if _hooks(m):
             entry.reason = f"has {_hooks(m)} hooks, which a replacement module would drop"
+            continue
+        if faithful and not handler.faithful:
+            entry.reason = (f"numerics='faithful': left dense ({handler.name}: SparseFlow's kernel would sum in "
+                            "another order than the dense op)")
             continue
         bs = _block_for(block_size, name, info.in_shape) if len(info.in_shape or ()) >= 3 else block_size
         if bs == "auto":  # handlers get the default rule (block_size="auto" is measured for convolutions)

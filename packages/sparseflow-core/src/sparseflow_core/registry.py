@@ -79,7 +79,9 @@ class OpHandler:
     max pools, without skipping anything), ``uses_blocks`` whether the report shows a block size for it.
     ``descend``: the replacement keeps the module's children and only changes how they are wired (a
     Transformer block fusing its skip connections into its layers), so the children still go to their own
-    handlers afterwards.
+    handlers afterwards. ``faithful``: with ``optimize(..., numerics="faithful")`` its replacement gives the dense
+    module's result bit for bit (exact ops, or the dense computation in that mode); other handlers are skipped
+    then.
     """
 
     name: str
@@ -89,6 +91,7 @@ class OpHandler:
     action: str = "sparse"  # the report's word for a replacement: "sparse" (skips zeros) or "kernel" (no skipping)
     uses_blocks: bool = True  # whether the block size (default rule / user's) means anything for this op
     descend: bool = False  # children still handled after the module is replaced
+    faithful: bool = False  # its module gives the dense result bit for bit under numerics="faithful"
 
 
 _HANDLERS: list[tuple[type, OpHandler]] = []

@@ -79,10 +79,11 @@ def _conv2d_op(
 def _multistep_neuron_op(
     x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, residual: torch.Tensor | None,
     v: torch.Tensor | None, kind: int, decay: float, decay_input: bool, v_threshold: float, v_reset: float,
-    hard_reset: bool, v_dtype: torch.dtype,
+    hard_reset: bool, v_dtype: torch.dtype, residual_after: bool = False, preserve_layout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return multistep_neuron(x, _spec(kind, decay, decay_input, v_threshold, v_reset, hard_reset), scale=scale,
-                            shift=shift, residual=residual, v=v, return_v=True, v_dtype=v_dtype)
+                            shift=shift, residual=residual, v=v, return_v=True, v_dtype=v_dtype,
+                            residual_after=residual_after, preserve_layout=preserve_layout)
 
 
 @triton_op("sparseflow::max_pool2d", mutates_args={})

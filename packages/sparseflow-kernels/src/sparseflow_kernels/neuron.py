@@ -169,6 +169,7 @@ def multistep_neuron(
     v_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None,
     residual_after: bool = False,
+    preserve_layout: bool = False,
     **neuron_kwargs,
 ):
     """Run a neuron over ``x`` ``[T, N, C, ...]`` (or ``[T, N]``) in one kernel; returns spikes (and the
@@ -177,7 +178,9 @@ def multistep_neuron(
     ``scale``/``shift`` (``[C]``) apply ``z = x * scale + shift`` first (BatchNorm in eval mode, folded),
     ``residual`` (shaped like ``x``) is added after them; with ``residual_after`` it is added to the spikes
     instead and ``residual + spikes`` is returned (in the output dtype, rounded once). ``v``: initial membrane
-    ``[N, C, ...]``; None starts from the neuron's initial value.
+    ``[N, C, ...]``; None starts from the neuron's initial value. The spikes are written channels innermost
+    (channels_last, what cuDNN's fast fp16 kernels take), or, with ``preserve_layout``, in ``x``'s memory layout
+    (as the dense neuron modules write them, so that a dense op downstream sees the tensor it would see there).
     """
     op = "multistep_neuron"
     spec = NeuronSpec.make(neuron, **neuron_kwargs)
@@ -197,7 +200,10 @@ def multistep_neuron(
     if v is not None and tuple(v.shape) != tuple(x.shape[1:]):
         raise ValueError(f"{op}: v must have shape {tuple(x.shape[1:])}, got {tuple(v.shape)}")
     require_int32_indexable(op, x, residual, v)
-    y = _empty_like_channels_last(xv, out_dtype or x.dtype)
+    if preserve_layout:  # (strides of x when they are dense, else contiguous)
+        y = torch.empty_like(xv, dtype=out_dtype or x.dtype, memory_format=torch.preserve_format)
+    else:
+        y = _empty_like_channels_last(xv, out_dtype or x.dtype)
     if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"multistep_neuron: v_dtype must be float32, float16 or bfloat16, got {v_dtype}")
     v_out = torch.empty(xv.shape[1:], dtype=v_dtype, device=x.device) if return_v else None

@@ -31,7 +31,7 @@ from sparseflow_kernels.linear import default_linear_config, pack_linear_weight
 from ._common import SparseModule, VersionCache, kernels_can_run, notice_once, version_key
 from .linear import SparseConv1d
 
-_RUNTIME = ("_original_class", "mode", "last_path", "_wcache")
+_RUNTIME = ("_original_class", "mode", "last_path", "_wcache", "numerics")
 
 
 def _spikingjelly_attention():
@@ -96,6 +96,8 @@ def _use_kernels(module, x) -> bool:
 
 
 def _choose(module, key, cands, x):
+    if getattr(module, "numerics", "fast") == "faithful" and "torch" in cands:
+        return "torch"  # the module's own arithmetic and output layout (optimize's numerics="faithful")
     if module.mode != "auto":
         return "sparse" if module.mode in ("sparse", "dense") else "torch"
     if compiling():  # no timing inside a traced graph: the path the eager dispatch chose (run once eagerly first)

@@ -42,6 +42,7 @@ from ._common import (
     kernels_take,
     version_key,
 )
+from .neuron import neuron_kernel
 from .neurons import find_adapter, neuron_support
 
 MODES = ("auto", "sparse", "dense", "torch")
@@ -153,6 +154,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         self.mode = mode
         self.write_occupancy = False
         self.defer_shift = False  # cuDNN paths: the bias left to the max pool that alone consumes the output
+        self.numerics = "fast"  # or "faithful": see forward
         self.time_steps: int | None = None
         self.__dict__["_bn"] = None
         self.__dict__["_neuron"] = None
@@ -227,7 +229,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         for k, v in self.__dict__.items():
             if k in ("_bn", "_neuron", "_pending", "_wcache", "_acache", "_scache", "_tcache", "_original_class",
                      "block_size", "mode", "write_occupancy", "defer_shift", "time_steps", "last_path",
-                     "step_mode"):
+                     "step_mode", "numerics"):
                 continue
             conv.__dict__[k] = v
         if "step_mode" in self.__dict__:
@@ -289,7 +291,12 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             if residual is None:
                 return self._dense_forward(x)
             return self._dense_residual_forward(x, residual, residual_after)
-        if compiling():
+        if getattr(self, "numerics", "fast") == "faithful":
+            if residual is not None and residual_after and residual.dtype != x.dtype:
+                out = residual + self._faithful_forward(x)  # the dense add's type promotion
+            else:
+                out = self._faithful_forward(x, residual, residual_after)
+        elif compiling():
             out = self._compiled_forward(x, residual, residual_after)
         elif self._neuron is not None:
             if residual is not None and residual_after and residual.dtype != x.dtype:
@@ -311,6 +318,42 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             return residual + type(neuron).forward(neuron, y)
         y = y + residual
         return type(neuron).forward(neuron, y)
+
+    def _faithful_forward(self, x, residual=None, residual_after=False):
+        """The dense convolution and BatchNorm modules' own computation, then the neuron (and the residual add)
+        on the multi-step kernel with the spikes in the layout the dense neuron writes."""
+        self.last_path = "faithful"
+        y = self._dense_forward(x)
+        bn, neuron = self._bn, self._neuron
+        if bn is not None:
+            y = type(bn).forward(bn, y)
+        if neuron is None:
+            return y
+        adapter = find_adapter(neuron)
+        spec_key = adapter.spec_key(neuron)
+        spec = adapter.spec(neuron) if spec_key is None else self._scache.get(spec_key, lambda: adapter.spec(neuron))
+        if y.dim() == 5:
+            y5 = y
+        elif adapter.is_multistep(neuron):
+            T = self.time_steps
+            if not T or y.shape[0] % T:
+                raise RuntimeError(
+                    f"SparseConv2d: a [T*N, ...] input of batch {y.shape[0]} does not match the T={T} seen "
+                    "when the model was optimized; run sparseflow.optimize again for the new T")
+            y5 = y.view(T, y.shape[0] // T, *y.shape[1:])
+        else:
+            y5 = y.unsqueeze(0)  # one time step per call (single-step mode, snnTorch)
+        res5 = None
+        if residual is not None:
+            if residual.numel() != y5.numel():
+                raise ValueError(f"SparseConv2d: residual of shape {tuple(residual.shape)} does not match the "
+                                 f"output {tuple(y5.shape)}")
+            res5 = residual.reshape(y5.shape)
+        spikes = neuron_kernel(neuron, y5, spec=spec, residual=res5, residual_after=residual_after,
+                               preserve_layout=True)
+        if y.dim() == 5:
+            return spikes
+        return spikes.flatten(0, 1) if adapter.is_multistep(neuron) else spikes[0]
 
     def _affine(self):
         bn = self._bn

@@ -43,10 +43,11 @@ from sparseflow_kernels.spiking import spiking_conv2d
 
 from ._common import SparseModule, VersionCache, kernels_take, version_key
 from .conv import MODES, adopt_dense, bn_affine, bn_key, dense_copy, fold_bn, install_bypass, remove_bypass
+from .neuron import neuron_kernel
 from .neurons import find_adapter, neuron_support
 
 _RUNTIME = ("_pending", "_wcache", "_acache", "_tcache", "_bn", "_neuron", "_original_class", "block_size", "mode",
-            "time_steps", "last_path", "step_mode", "config")
+            "time_steps", "last_path", "step_mode", "config", "numerics")
 
 
 class _GemmMixin:
@@ -241,6 +242,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         self.mode = mode
         self.config = config
         self.time_steps = None
+        self.numerics = "fast"  # or "faithful" (optimize's numerics): see forward
         self.__dict__["_bn"] = None
         self.__dict__["_neuron"] = None
         self._init_runtime()
@@ -305,7 +307,9 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         return 1
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``residual`` (only with a fused neuron; shaped like the output): returns ``residual + spikes``."""
+        """``residual`` (only with a fused neuron; shaped like the output): returns ``residual + spikes``.
+        ``numerics="faithful"``: the convolution and BatchNorm as the dense modules compute them, only the neuron
+        (and the residual add) on the multi-step kernel (see ``SparseConv2d.forward``)."""
         if x.dim() not in (2, 3, 4):
             raise ValueError(f"SparseConv1d expects [C, L], [N, C, L] or [T, N, C, L], got {tuple(x.shape)}")
         neuron = self.__dict__.get("_neuron")
@@ -317,15 +321,18 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         if neuron is not None:
             x4 = self._steps(x, neuron)
             if x4 is not None and self._use_kernels(x):
-                out = self._spiking_forward(x, x4, neuron, residual)
+                if getattr(self, "numerics", "fast") == "faithful":
+                    out = self._faithful_spiking(x, x4, neuron, residual)
+                else:
+                    out = self._spiking_forward(x, x4, neuron, residual)
                 self._pending = residual is None
                 return out
             self.last_path = "torch"
             y = F.conv1d(flat, self.weight, self.bias)
             y = y.view(*x.shape[:2], *y.shape[1:]) if four else y
             return y if residual is None else self._dense_chain(y, neuron, residual)
-        if not self._use_kernels(x):
-            self.last_path = "torch"
+        if not self._use_kernels(x) or getattr(self, "numerics", "fast") == "faithful":
+            self.last_path = "torch"  # (faithful: its BatchNorm runs on its own)
             y = F.conv1d(flat, self.weight, self.bias)
         else:
             K, N = self.in_channels, self.out_channels
@@ -354,6 +361,26 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
                     "the model was optimized; run sparseflow.optimize again for the new T")
             return x.view(T, x.shape[0] // T, *x.shape[1:])
         return x.unsqueeze(0)  # one time step per call (single-step neuron)
+
+    def _faithful_spiking(self, x, x4, neuron, residual):
+        """numerics="faithful": the dense convolution and BatchNorm, then the neuron (+ residual) on the kernel,
+        the spikes in the layout the dense neuron writes."""
+        self.last_path = "faithful"
+        four = x.dim() == 4
+        y = self._conv_forward(x.flatten(0, 1) if four else x, self.weight, self.bias)
+        y = y.view(*x.shape[:2], *y.shape[1:]) if four else y
+        bn = self.__dict__.get("_bn")
+        if bn is not None:
+            y = type(bn).forward(bn, y)
+        y4 = y.view(*x4.shape[:2], *y.shape[-2:])
+        res = None
+        if residual is not None:
+            if residual.numel() != y4.numel():
+                raise ValueError(f"SparseConv1d: residual of shape {tuple(residual.shape)} does not match the "
+                                 f"output {tuple(y4.shape)}")
+            res = residual.reshape(y4.shape)
+        spikes = neuron_kernel(neuron, y4, residual=res, residual_after=True, preserve_layout=True)
+        return spikes.view(y.shape)
 
     def _dense_chain(self, y, neuron, residual):
         """BatchNorm, neuron and the residual add with the original modules (training mode, CPU)."""

@@ -20,11 +20,34 @@ from ._common import kernels_can_run, notice_once
 from .neurons import find_adapter, neuron_support
 
 
-class KernelNeuronForward:
-    """Instance ``forward`` running a neuron module on the multi-step kernel (see module docstring)."""
+def neuron_kernel(neuron: nn.Module, x5: torch.Tensor, *, spec=None, residual: torch.Tensor | None = None,
+                  residual_after: bool = False, preserve_layout: bool = False) -> torch.Tensor:
+    """Run ``neuron`` (a supported neuron module) over ``x5`` ``[T, N, ...]`` on the multi-step kernel, from its
+    stored membrane, and store the final membrane back (as the module itself would); the registered op under
+    ``torch.compile``. ``residual`` is added before the neuron, or to its spikes with ``residual_after``.
+    ``preserve_layout``: spikes in ``x5``'s memory layout (else channels innermost)."""
+    adapter = find_adapter(neuron)
+    spec = spec or adapter.spec(neuron)
+    v0 = adapter.get_v(neuron, tuple(x5.shape[1:]), x5.device)
+    after = residual is not None and residual_after
+    if compiling():  # the registered op: torch.compile keeps it in its graph
+        spikes, v = torch.ops.sparseflow.multistep_neuron(x5, None, None, residual, v0, *neuron_args(spec), x5.dtype,
+                                                          after, preserve_layout)
+    else:
+        spikes, v = multistep_neuron(x5, spec, residual=residual, residual_after=after, v=v0, return_v=True,
+                                     v_dtype=x5.dtype, preserve_layout=preserve_layout)
+    adapter.set_v(neuron, v, x5.dtype)
+    return spikes
 
-    def __init__(self, module: nn.Module):
+
+class KernelNeuronForward:
+    """Instance ``forward`` running a neuron module on the multi-step kernel (see module docstring).
+    ``preserve_layout``: spikes in the input's memory layout, as the module writes them (``optimize``'s
+    ``numerics="faithful"``; otherwise channels innermost, for SparseFlow's and cuDNN's fast kernels)."""
+
+    def __init__(self, module: nn.Module, preserve_layout: bool = False):
         self.module = module
+        self.preserve_layout = preserve_layout
         self._spec = None
         self._spec_key = None
 
@@ -42,31 +65,26 @@ class KernelNeuronForward:
         if multistep and x.dim() < 2:
             raise ValueError(f"{type(m).__name__} in multi-step mode expects [T, N, ...], got {tuple(x.shape)}")
         x5 = x if multistep else x.unsqueeze(0)
-        v0 = adapter.get_v(m, x5.shape[1:], x.device)
-        if compiling():  # the registered op: torch.compile keeps it in its graph
-            spikes, v = torch.ops.sparseflow.multistep_neuron(x5, None, None, None, v0, *neuron_args(self._spec),
-                                                              x.dtype)
-        else:
-            spikes, v = multistep_neuron(x5, self._spec, v=v0, return_v=True, v_dtype=x.dtype)
-        adapter.set_v(m, v, x.dtype)
+        spikes = neuron_kernel(m, x5, spec=self._spec, preserve_layout=self.preserve_layout)
         return spikes if multistep else spikes[0]
 
     def __getstate__(self):
-        return {"module": self.module}
+        return {"module": self.module, "preserve_layout": self.preserve_layout}
 
     def __setstate__(self, state):
         self.module = state["module"]
+        self.preserve_layout = state.get("preserve_layout", False)
         self._spec = None
         self._spec_key = None
 
 
-def accelerate_neuron(module: nn.Module) -> nn.Module:
+def accelerate_neuron(module: nn.Module, *, preserve_layout: bool = False) -> nn.Module:
     """Run ``module`` (a supported neuron) on the kernel from now on; raises ValueError with the reason
-    if it is not supported."""
+    if it is not supported. ``preserve_layout``: see :class:`KernelNeuronForward`."""
     adapter, why = neuron_support(module)
     if adapter is None:
         raise ValueError(f"{type(module).__name__}: {why}")
-    module.forward = KernelNeuronForward(module)
+    module.forward = KernelNeuronForward(module, preserve_layout)
     return module
 
 

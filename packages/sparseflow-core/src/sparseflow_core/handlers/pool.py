@@ -17,4 +17,5 @@ def _replace(m: nn.MaxPool2d, ctx):
 
 
 register_op_handler(nn.MaxPool2d, OpHandler("maxpool2d", _replace, accepts=lambda m: not m.return_indices,
-                                                needs_spikes=False, action="kernel", uses_blocks=False))
+                                                needs_spikes=False, action="kernel", uses_blocks=False,
+                                                faithful=True))

@@ -134,16 +134,17 @@ def _replace_mha(m, ctx):
 
 
 register_op_handler(nn.Linear, OpHandler("linear", _replace_linear))
-register_op_handler(nn.Conv1d, OpHandler("conv1x1", _replace_conv1d, accepts=lambda m: m.kernel_size == (1,)))
+register_op_handler(nn.Conv1d, OpHandler("conv1x1", _replace_conv1d, accepts=lambda m: m.kernel_size == (1,),
+                                                faithful=True))
 register_op_handler(nn.MultiheadAttention, OpHandler("mha", _replace_mha))
 if SparseSpikingSelfAttention is not None:
     from sparseflow_ops.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
 
-    register_op_handler(SpikingSelfAttention, OpHandler("ssa", _replace_ssa, needs_spikes=False))
+    register_op_handler(SpikingSelfAttention, OpHandler("ssa", _replace_ssa, needs_spikes=False, faithful=True))
     register_op_handler(SpikeDrivenSelfAttention, OpHandler("sdsa", _replace_sdsa, needs_spikes=False))
 if SparseSpikformerBlock is not None:
     from sparseflow_ops.attention import SpikformerBlock
 
     register_op_handler(SpikformerBlock, OpHandler("spikformer-block", _replace_spikformer_block,
                                                    needs_spikes=False, action="kernel", uses_blocks=False,
-                                                   descend=True))
+                                                   descend=True, faithful=True))
