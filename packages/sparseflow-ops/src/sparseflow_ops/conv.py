@@ -455,6 +455,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                 # and as the max pool that takes a deferred bias); a scale applied after an fp16 conv rounds
                 # differently, and the network amplifies any spike that flips
                 w, b = fold_bn(self.weight, self.bias, bn)
+                if path == "torch_pad8":  # the image's channels zero-padded to 8, as the eager candidate
+                    pad = (0, 0, 0, 0, 0, 8 - flat.shape[1])
+                    flat, w = F.pad(flat, pad), F.pad(w, pad)
                 y = F.conv2d(flat.contiguous(memory_format=torch.channels_last),
                              w.contiguous(memory_format=torch.channels_last), None, self.stride, self.padding,
                              self.dilation)

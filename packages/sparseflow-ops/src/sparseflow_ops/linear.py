@@ -434,8 +434,10 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
                 raise ValueError(f"SparseConv1d: residual of shape {tuple(residual.shape)} does not match the "
                                  f"output [{T}, {N}, {CO}, {L}]")
             res4 = residual.reshape(T, N, CO, L)
-        traced = compiling()  # under torch.compile: no version caches, no timing, no token merging
-        merge = not traced and all(self._tokens_merge(t) for t in (x4, v0, res4))
+        traced = compiling()  # under torch.compile: no version caches, no timing
+        # (tokens merged under torch.compile too: cuDNN picks its algorithm by shape, and an fp16 1x1 conv over
+        # [T, C, 1, N*L] rounds differently from one over [T*N, C, 1, L]; the compiled model must give eager's spikes)
+        merge = all(self._tokens_merge(t) for t in (x4, v0, res4))
 
         def tokens(t, lead):  # [..., N, C, L] -> [..., 1, C, 1, N*L] (merged) or [..., N, C, 1, L]
             if t is None:
