@@ -114,15 +114,56 @@ def dense_copy(module: nn.Module, default_cls: type, runtime: tuple) -> nn.Modul
     return m
 
 
-def bn_affine(bn: nn.BatchNorm2d):
-    """Eval-mode BatchNorm as ``y * scale + shift`` (fp32)."""
-    var = bn.running_var.detach().float()
-    mean = bn.running_mean.detach().float()
-    inv = torch.rsqrt(var + bn.eps)
-    w = bn.weight.detach().float() if bn.weight is not None else torch.ones_like(var)
-    b = bn.bias.detach().float() if bn.bias is not None else torch.zeros_like(var)
+def _affine_math(mean, var, weight, bias, eps: float):
+    inv = torch.rsqrt(var.float() + eps)
+    w = weight.float() if weight is not None else torch.ones_like(inv)
+    b = bias.float() if bias is not None else torch.zeros_like(inv)
     scale = w * inv
-    return scale, b - mean * scale
+    return scale, b - mean.float() * scale
+
+
+# The BatchNorm fold as operators (torch.library.custom_op): under torch.compile, Inductor would regenerate this
+# arithmetic (its rsqrt and fused multiply-adds round differently from eager's kernels), and a folded scale one
+# ulp off flips spikes that the network then amplifies; as an operator it runs the same eager kernels in both.
+@torch.library.custom_op("sparseflow::bn_affine", mutates_args=())
+def _bn_affine_op(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _affine_math(mean, var, weight, bias, eps)
+
+
+@_bn_affine_op.register_fake
+def _(mean, var, weight, bias, eps):
+    return mean.new_empty(mean.shape, dtype=torch.float32), mean.new_empty(mean.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparseflow::fold_bn", mutates_args=())
+def _fold_bn_op(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
+                weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, shift = _affine_math(mean, var, weight, bias, eps)
+    w = (conv_weight.float() * scale.view(-1, *[1] * (conv_weight.dim() - 1))).to(conv_weight.dtype)
+    b = (conv_bias.float() * scale + shift) if conv_bias is not None else shift
+    return w, b.to(conv_weight.dtype)
+
+
+@_fold_bn_op.register_fake
+def _(conv_weight, conv_bias, mean, var, weight, bias, eps):
+    return torch.empty_like(conv_weight), conv_weight.new_empty(conv_weight.shape[:1])
+
+
+def _detached(t):
+    return None if t is None else t.detach()
+
+
+def _bn_tensors(bn):
+    return (_detached(bn.running_mean), _detached(bn.running_var), _detached(bn.weight), _detached(bn.bias),
+            float(bn.eps))
+
+
+def bn_affine(bn: nn.BatchNorm2d):
+    """Eval-mode BatchNorm as ``y * scale + shift`` (fp32), through the ``sparseflow::bn_affine`` operator (the
+    same kernels eagerly and under ``torch.compile``)."""
+    return torch.ops.sparseflow.bn_affine(*_bn_tensors(bn))
 
 
 def bn_key(bn: nn.BatchNorm2d | None):
@@ -134,13 +175,11 @@ def bn_key(bn: nn.BatchNorm2d | None):
 
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(weight * scale, bias * scale + shift)`` per output channel (dim 0) for an eval-mode BatchNorm ``bn``
-    (None: unchanged), computed in fp32 and returned in ``weight``'s dtype."""
+    (None: unchanged), computed in fp32 and returned in ``weight``'s dtype (the ``sparseflow::fold_bn`` operator:
+    the same kernels eagerly and under ``torch.compile``)."""
     if bn is None:
         return weight, bias
-    scale, shift = bn_affine(bn)
-    w = (weight.float() * scale.view(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
-    b = (bias.float() * scale + shift) if bias is not None else shift
-    return w, b.to(weight.dtype)
+    return torch.ops.sparseflow.fold_bn(weight.detach(), None if bias is None else bias.detach(), *_bn_tensors(bn))
 
 
 class SparseConv2d(SparseModule, nn.Conv2d):
