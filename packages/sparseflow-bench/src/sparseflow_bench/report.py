@@ -406,6 +406,10 @@ def readme_results(d: str, link_dir: str | None = None, plot: bool = True) -> st
         ratio = [_fx(eager / ours, ".1f") if eager else None, _fx(comp / ours) if comp else None]
         lines.append(f"| {name} end to end{shape}, fp16 + CUDA graph, `e2e.json` | "
                      f"{' / '.join(b for b in base if b)} | {ours:.2f} ms | {' / '.join(x for x in ratio if x)} |")
+        err = m.get("logits_rel_err_fp32_faithful")
+        if err is not None:
+            lines.append(f"| {name}, fp32 `numerics=\"faithful\"`: logits relative error against the dense fp32 "
+                         f"model, `e2e.json` | (goal < 1e-3) | {err:.3g} | |")
     if e2e:
         used.append("e2e.json")
     if fused:
