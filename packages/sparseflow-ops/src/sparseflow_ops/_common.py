@@ -54,6 +54,19 @@ def kernels_take(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return False
 
 
+def residual_as(op: str, residual: torch.Tensor | None, shape) -> torch.Tensor | None:
+    """``residual`` reshaped to the output ``shape`` of a fused layer (None stays None); ValueError naming ``op``
+    when it holds another number of elements."""
+    if residual is None:
+        return None
+    n = 1
+    for d in shape:
+        n *= d
+    if residual.numel() != n:
+        raise ValueError(f"{op}: residual of shape {tuple(residual.shape)} does not match the output {tuple(shape)}")
+    return residual.reshape(shape)
+
+
 def tensor_version(t: torch.Tensor | None):
     """``t._version`` (shared by a tensor and its views), or None for inference-mode tensors."""
     if t is None:

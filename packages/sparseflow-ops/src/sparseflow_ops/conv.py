@@ -40,6 +40,7 @@ from ._common import (
     attach_shift,
     find_occupancy,
     kernels_take,
+    residual_as,
     version_key,
 )
 from .neuron import neuron_kernel
@@ -368,26 +369,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             y = type(bn).forward(bn, y)
         if neuron is None:
             return y
-        adapter = find_adapter(neuron)
-        spec_key = adapter.spec_key(neuron)
-        spec = adapter.spec(neuron) if spec_key is None else self._scache.get(spec_key, lambda: adapter.spec(neuron))
-        if y.dim() == 5:
-            y5 = y
-        elif adapter.is_multistep(neuron):
-            T = self.time_steps
-            if not T or y.shape[0] % T:
-                raise RuntimeError(
-                    f"SparseConv2d: a [T*N, ...] input of batch {y.shape[0]} does not match the T={T} seen "
-                    "when the model was optimized; run sparseflow.optimize again for the new T")
-            y5 = y.view(T, y.shape[0] // T, *y.shape[1:])
-        else:
-            y5 = y.unsqueeze(0)  # one time step per call (single-step mode, snnTorch)
-        res5 = None
-        if residual is not None:
-            if residual.numel() != y5.numel():
-                raise ValueError(f"SparseConv2d: residual of shape {tuple(residual.shape)} does not match the "
-                                 f"output {tuple(y5.shape)}")
-            res5 = residual.reshape(y5.shape)
+        adapter, spec = self._neuron_spec()
+        y5 = self._steps(y, adapter)
+        res5 = residual_as("SparseConv2d", residual, y5.shape)
         spikes = neuron_kernel(neuron, y5, spec=spec, residual=res5, residual_after=residual_after,
                                preserve_layout=True)
         if y.dim() == 5:
@@ -540,23 +524,33 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                                 device=x.device)
 
     # -- spiking layer
-    def _spiking_forward(self, x, residual=None, residual_after=False):
+    def _neuron_spec(self):
+        """(adapter, NeuronSpec) of the fused neuron, the spec cached under the neuron's parameters."""
         neuron = self._neuron
         adapter = find_adapter(neuron)
         spec_key = adapter.spec_key(neuron)
         spec = adapter.spec(neuron) if spec_key is None else self._scache.get(spec_key, lambda: adapter.spec(neuron))
+        return adapter, spec
+
+    def _steps(self, x, adapter):
+        """``x`` as ``[T, N, ...]``: as given (5-D), a ``[T*N, ...]`` batch split by the T seen by ``optimize``
+        (multi-step neuron), or one time step (single-step mode, snnTorch)."""
         if x.dim() == 5:
-            x5 = x
-        elif adapter.is_multistep(neuron):
+            return x
+        if adapter.is_multistep(self._neuron):
             T = self.time_steps
             if not T or x.shape[0] % T:
                 raise RuntimeError(
                     f"SparseConv2d: a [T*N, ...] input of batch {x.shape[0]} does not match the T={T} seen "
                     "when the model was optimized; run sparseflow.optimize again for the new T"
                 )
-            x5 = x.view(T, x.shape[0] // T, *x.shape[1:])
-        else:
-            x5 = x.unsqueeze(0)  # one time step per call (single-step mode, snnTorch)
+            return x.view(T, x.shape[0] // T, *x.shape[1:])
+        return x.unsqueeze(0)
+
+    def _spiking_forward(self, x, residual=None, residual_after=False):
+        neuron = self._neuron
+        adapter, spec = self._neuron_spec()
+        x5 = self._steps(x, adapter)
         T, N, C, H, W = x5.shape
         scale, shift = self._affine()
         cfg = self._config(C, self.out_channels)
@@ -565,13 +559,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         v0 = adapter.get_v(neuron, (N, self.out_channels, OH, OW), x.device)
         flat = x5.flatten(0, 1)
         occ = find_occupancy(x, flat) if x5 is x else None
-        res5 = None
-        if residual is not None:
-            OHW = (self.out_channels, OH, OW)
-            if residual.numel() != T * N * self.out_channels * OH * OW:
-                raise ValueError(f"SparseConv2d: residual of shape {tuple(residual.shape)} does not match the "
-                                 f"output [{T}, {N}, {OHW}]")
-            res5 = residual.reshape(T, N, *OHW)
+        res5 = residual_as("SparseConv2d", residual, (T, N, self.out_channels, OH, OW))
         after = res5 is not None and residual_after
         common = dict(scale=scale, shift=shift, neuron=spec, v=v0, return_v=True, residual=res5, residual_after=after)
         write_occ = self.write_occupancy and not after  # (the output is not spikes then)

@@ -41,7 +41,7 @@ from sparseflow_kernels.linear import (
 from sparseflow_kernels.sparse_conv import MAX_GROUPS
 from sparseflow_kernels.spiking import spiking_conv2d
 
-from ._common import SparseModule, VersionCache, kernels_take, version_key
+from ._common import SparseModule, VersionCache, kernels_take, residual_as, version_key
 from .conv import MODES, adopt_dense, bn_affine, bn_key, dense_copy, fold_bn, install_bypass, remove_bypass
 from .neuron import neuron_kernel
 from .neurons import find_adapter, neuron_support
@@ -373,12 +373,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         if bn is not None:
             y = type(bn).forward(bn, y)
         y4 = y.view(*x4.shape[:2], *y.shape[-2:])
-        res = None
-        if residual is not None:
-            if residual.numel() != y4.numel():
-                raise ValueError(f"SparseConv1d: residual of shape {tuple(residual.shape)} does not match the "
-                                 f"output {tuple(y4.shape)}")
-            res = residual.reshape(y4.shape)
+        res = residual_as("SparseConv1d", residual, y4.shape)
         spikes = neuron_kernel(neuron, y4, residual=res, residual_after=True, preserve_layout=True)
         return spikes.view(y.shape)
 
@@ -428,12 +423,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         CO = self.out_channels
         w4 = self.weight.unsqueeze(-1)
         v0 = adapter.get_v(neuron, (N, CO, L), x.device)
-        res4 = None
-        if residual is not None:
-            if residual.numel() != T * N * CO * L:
-                raise ValueError(f"SparseConv1d: residual of shape {tuple(residual.shape)} does not match the "
-                                 f"output [{T}, {N}, {CO}, {L}]")
-            res4 = residual.reshape(T, N, CO, L)
+        res4 = residual_as("SparseConv1d", residual, (T, N, CO, L))
         traced = compiling()  # under torch.compile: no version caches, no timing
         # (tokens merged under torch.compile too: cuDNN picks its algorithm by shape, and an fp16 1x1 conv over
         # [T, C, 1, N*L] rounds differently from one over [T*N, C, 1, L]; the compiled model must give eager's spikes)
