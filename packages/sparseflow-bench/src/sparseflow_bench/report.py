@@ -51,6 +51,16 @@ def _plot(d: str, fname: str, alt: str, draw, figsize) -> list[str]:
         return ["", f"(plot skipped: {e})"]
 
 
+def _bound_lines(s: dict) -> list[str]:
+    """The bounds on the sum (runs that timed each layer's cuDNN conv alone)."""
+    if s.get("bound_sum_speedup_conv_at_cudnn") is None:
+        return []
+    return ["", f"What the sum can reach at best: the convolutions alone on cuDNN take {s['sum_cudnn_conv_fp16_cl_ms']:.3f} "
+            f"ms, so fused layers whose conv ran at cuDNN's speed with a free BatchNorm/neuron epilogue would be "
+            f"{s['bound_sum_speedup_conv_at_cudnn']:.2f}x faster than the baseline; skipping every block without a spike "
+            f"in its receptive field at no cost, at cuDNN's throughput, {s['bound_sum_speedup_perfect_skipping']:.2f}x."]
+
+
 def fused_tables(d: str) -> str | None:
     r = _load(d, "fused_spiking_resnet34.json")
     if r is None:
@@ -64,7 +74,7 @@ def fused_tables(d: str) -> str | None:
              f"**Sum over {s['layers']} layers: {s['sum_sparseflow_ms']:.3f} ms vs {s['sum_compile_graph_fp16_ms']:.3f} ms "
              f"= {s['sum_speedup_vs_compile_graph']:.2f}x** (goal 2x); slowest layer "
              f"{s['min_layer_speedup_vs_compile_graph']:.2f}x; SpikingJelly eager fp32 sum {s['sum_eager_fp32_ms']:.2f} ms. "
-             f"Paths chosen: {s['paths']}.", "",
+             f"Paths chosen: {s['paths']}.", *_bound_lines(s), "",
              "| layer | input [C,H,W] | res | elem dens | block dens (8x8, 16 ch, halo) | eager fp32 ms | compile+graph fp16 ms "
              "| SparseFlow ms | path | speed-up | fused sparse / fused dense (same cfg) | flips fp16 / fp32 / compile vs fp64 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
