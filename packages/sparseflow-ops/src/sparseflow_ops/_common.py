@@ -4,6 +4,7 @@ and the occupancy a producer attaches to the spikes it returns."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import torch
@@ -59,10 +60,7 @@ def residual_as(op: str, residual: torch.Tensor | None, shape) -> torch.Tensor |
     when it holds another number of elements."""
     if residual is None:
         return None
-    n = 1
-    for d in shape:
-        n *= d
-    if residual.numel() != n:
+    if residual.numel() != math.prod(shape):
         raise ValueError(f"{op}: residual of shape {tuple(residual.shape)} does not match the output {tuple(shape)}")
     return residual.reshape(shape)
 

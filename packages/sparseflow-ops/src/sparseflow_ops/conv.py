@@ -331,22 +331,22 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             if residual is None:
                 return self._dense_forward(x)
             return self._dense_residual_forward(x, residual, residual_after)
-        if getattr(self, "numerics", "fast") == "faithful":
-            if residual is not None and residual_after and residual.dtype != x.dtype:
-                out = residual + self._faithful_forward(x)  # the dense add's type promotion
-            else:
-                out = self._faithful_forward(x, residual, residual_after)
-        elif compiling():
-            out = self._compiled_forward(x, residual, residual_after)
-        elif self._neuron is not None:
-            if residual is not None and residual_after and residual.dtype != x.dtype:
-                out = residual + self._spiking_forward(x)  # the dense add's type promotion
-            else:
-                out = self._spiking_forward(x, residual, residual_after)
+        if residual is not None and residual_after and residual.dtype != x.dtype:
+            out = residual + self._kernel_forward(x)  # the dense add's type promotion
         else:
-            out = self._conv_forward_kernels(x)
+            out = self._kernel_forward(x, residual, residual_after)
         self._pending = (self._bn is not None or self._neuron is not None) and residual is None
         return out
+
+    def _kernel_forward(self, x, residual=None, residual_after=False):
+        """The eval-mode forward on the path this call takes: faithful numerics, traced, fused layer or conv."""
+        if getattr(self, "numerics", "fast") == "faithful":
+            return self._faithful_forward(x, residual, residual_after)
+        if compiling():
+            return self._compiled_forward(x, residual, residual_after)
+        if self._neuron is not None:
+            return self._spiking_forward(x, residual, residual_after)
+        return self._conv_forward_kernels(x)
 
     def _dense_residual_forward(self, x, residual, after=False):
         """conv -> bn -> (+ residual) -> neuron (-> + residual) with the original modules (training, CPU)."""
@@ -465,8 +465,6 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         """The forward as Dynamo traces it: no timing, no version caches, no occupancy hand-over. The path is the
         one the eager dispatch measured for this shape (run the model once eagerly before compiling), else the
         dense fused kernel; BatchNorm folding and weight packing are part of the graph unless already cached."""
-        if residual is not None and residual_after and residual.dtype != x.dtype:
-            return residual + self._compiled_forward(x)  # the dense add's type promotion
         bn = self._bn
         scale, shift = bn_affine(bn) if bn is not None else (None, None)
         if self._neuron is None:
