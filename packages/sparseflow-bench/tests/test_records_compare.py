@@ -433,20 +433,21 @@ def test_cli_default_run_is_density_e2e_and_every_model_profiled(tmp_path, monke
 
 def test_generic_reader_nested_layouts(tmp_path):
     """Section files nest their rows: models -> name -> layers with a ``ms`` dict and a ``block_density`` dict
-    (resnet_family), models: [{model, size, rows}] (p2); each timing gets the baseline of its own dtype."""
+    (resnet_family), models: [{model, size, rows}] (depthwise_transposed); each timing gets the baseline of its own
+    dtype."""
     fam = {"models": {"sew_resnet18": {"T": 4, "layers": [
         {"layer": "layer1.0.conv1", "kernel": "3x3", "C": 64, "H": 56, "batch": 32, "elem_density": 0.2,
          "block_density": {"tile16_g16": 0.9, "tile8_g16": 0.7, "prescan8_any": 0.6},
          "ms": {"cudnn_fp16_cl": 0.04, "cudnn_fp32": 0.1, "sparse_fp16_b8": 0.05, "sparse_fp16_b16": 0.02,
                 "sparse_fp32": 0.08, "dense_kernel_fp16": 0.06}, "exact": {"fp32": 1e-7}}],
         "summary": {"sum_x_ms": 1.0}}}, "_env": ENV}
-    p2 = {"env": ENV, "models": [{"model": "spiking_unet", "size": 128, "rows": [
+    dt = {"env": ENV, "models": [{"model": "spiking_unet", "size": 128, "rows": [
         {"name": "up1", "kind": "transposed", "block_density_input": 0.3, "block_density_halo": 0.5,
          "cudnn_fp16_cl_ms": 0.02, "sparse_fp16_ms": 0.01, "configs_fp16_ms": {"a": 0.01, "b": 0.03}}]},
         {"model": "spiking_unet", "size": 256, "rows": [{"name": "up1", "kind": "transposed",
                                                         "cudnn_fp16_cl_ms": 0.08, "sparse_fp16_ms": 0.04}]}]}
     (tmp_path / "resnet_family.json").write_text(json.dumps(fam))
-    (tmp_path / "p2.json").write_text(json.dumps(p2))
+    (tmp_path / "depthwise_transposed.json").write_text(json.dumps(dt))
     recs = records.collect(str(tmp_path))
     f = by(recs, source="resnet_family.json")
     assert {r.section for r in f} == {"resnet_family.layers"} and {r.model for r in f} == {"sew_resnet18"}
@@ -456,14 +457,14 @@ def test_generic_reader_nested_layouts(tmp_path):
                      "sparse_fp32": ("sparse", "cudnn_fp32"), "dense_kernel_fp16": ("reference", "cudnn_fp16_cl")}
     assert all((r.block_density, r.block_size, r.elem_density) == (0.7, 8, 0.2) for r in f)
     assert f[0].shape == "batch32xC64xH56xk3x3" and f[0].op == "layers"
-    q = by(recs, source="p2.json")
+    q = by(recs, source="depthwise_transposed.json")
     assert {r.model for r in q} == {"spiking_unet@128", "spiking_unet@256"}
     assert {r.provider for r in q if r.model.endswith("128")} == {"cudnn_fp16_cl", "sparse_fp16", "configs_fp16:a",
                                                                   "configs_fp16:b"}
     assert by(q, model="spiking_unet@128", provider="sparse_fp16")[0].block_density == 0.5  # the halo one
     best = report.best_per_group(recs)
     assert {(p["record"].source, p["record"].provider) for p in best} == {
-        ("resnet_family.json", "sparse_fp16_b16"), ("p2.json", "sparse_fp16")}
+        ("resnet_family.json", "sparse_fp16_b16"), ("depthwise_transposed.json", "sparse_fp16")}
     assert sorted(p["speedup"] for p in best) == pytest.approx([2.0, 2.0, 2.0])
 
 
