@@ -112,7 +112,7 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(venv_backend="venv", reuse_venv=True)
 def bench(session: nox.Session) -> None:
-    """Benchmarks and their report: ``sparseflow-bench --out benchmarks/results --readme README.md [posargs]``.
+    """Benchmarks and their report: ``sparseflow-bench --results-root benchmarks/results --readme README.md``.
 
     With a CUDA GPU, in one call: the per-op density sweep on synthetic spikes (i.i.d., clustered, silent
     channels), the end-to-end models against eager fp32 and ``torch.compile``, ``sparseflow.profile`` of every
@@ -120,9 +120,9 @@ def bench(session: nox.Session) -> None:
     run (``--sections`` adds the other sections of ``sparseflow_bench.gpu_run``), then the report
     into ``benchmarks/results/<device>/`` (``sparseflow_bench.layout``): ``results.csv`` (long format), markdown
     tables, PNG plots, and the README's Results block. Without one the CLI runs the CPU demo: SparseFlow's kernels
-    through Triton's interpreter on a small spiking CNN (a minute or two; it writes no files). Extra arguments go to the CLI:
-    ``nox -s bench -- --sections layers,e2e --T 4 --batch 8``; ``nox -s bench -- compare NEW OLD`` runs the
-    regression guard instead. On a machine whose python already has every dependency (the GPU device machine:
+    through Triton's interpreter on a small spiking CNN (a minute or two; it writes no files). Extra arguments go
+    to the CLI: ``nox -s bench -- --sections layers,e2e --T 4 --batch 8``; ``nox -s bench -- compare NEW OLD``
+    runs the regression guard instead. On a machine whose python already has every dependency (the GPU device machine:
     ``GPU_BENCH=nox bash scripts/gpu_check.sh``), ``nox --no-venv --no-install -s bench`` runs it in that python.
     """
     install_sparseflow(session)

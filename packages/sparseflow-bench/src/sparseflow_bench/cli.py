@@ -28,8 +28,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 MODEL_SECTIONS = ("layers", "sweep", "conv")  # share one prepared model inside gpu_run
 E2E_MODELS = "spiking_resnet34,sew_resnet34,spikformer_ti"
 # Profiled after the end-to-end models in the default run: the other benchmark models (per-layer tables and bars).
-# The spiking MobileNetV2 is left to `--sections depthwise_transposed` (its per-layer table and bars): its many depthwise shapes
-# compile for over a minute, past what one call of the GPU machine (10 minutes) leaves after the models above.
+# The spiking MobileNetV2 is left to `--sections depthwise_transposed` (its per-layer table and bars): its many
+# depthwise shapes compile for over a minute, past what a 10-minute GPU call leaves after the models above.
 OTHER_MODELS = ("spiking_resnet50", "sdt_8_384", "spiking_unet")
 PROFILE_SIZE = {"spiking_unet": 128}  # the U-Net's default input (224 px gives it 4 levels of mostly empty maps)
 

@@ -32,13 +32,19 @@ def demo_net(size: int = 16, num_classes: int = 10) -> nn.Module:
 
     image conv -> BN -> LIF (fused; its input is an image) -> conv -> BN -> LIF (fused, spike-fed) -> conv -> BN ->
     max pool -> IF (sparse conv with the BatchNorm folded, max pool kernel, neuron kernel) -> flatten -> linear ->
-    LIF (sparse linear) -> linear (readout)."""
+    LIF (sparse linear) -> linear (readout). The linear layers' weights are multiples of 2**-8, so the readout's
+    sums over spikes do not depend on their order and the outputs can be compared with the dense model's bit for
+    bit."""
     from spikingjelly.activation_based import functional, layer, neuron
 
     if size < 2 or size % 2:
         raise ValueError(f"the demo model needs an even image size, got {size}")
-    fc1 = layer.Linear(16 * (size // 2) ** 2, 32)
-    nn.init.normal_(fc1.weight, std=4.0 / fc1.in_features ** 0.5)  # random weights on which its LIF fires
+    fc1, fc2 = layer.Linear(16 * (size // 2) ** 2, 32), layer.Linear(32, num_classes)
+    with torch.no_grad():
+        fc1.weight.normal_(std=4.0 / fc1.in_features ** 0.5)  # random weights on which lif3 fires
+        for lin in (fc1, fc2):  # multiples of 2**-8: sums of spikes times them are exact in any order
+            for p in (lin.weight, lin.bias):
+                p.copy_(torch.round(p * 256) / 256)
     net = nn.Sequential(OrderedDict([
         ("stem_conv", layer.Conv2d(3, 8, 3, padding=1, bias=False)), ("stem_bn", layer.BatchNorm2d(8)),
         ("stem_lif", neuron.LIFNode(tau=2.0)),
@@ -47,7 +53,7 @@ def demo_net(size: int = 16, num_classes: int = 10) -> nn.Module:
         ("conv2", layer.Conv2d(16, 16, 3, padding=1, bias=False)), ("bn2", layer.BatchNorm2d(16)),
         ("pool", layer.MaxPool2d(2)), ("if2", neuron.IFNode()),
         ("flatten", layer.Flatten()), ("fc1", fc1), ("lif3", neuron.LIFNode(tau=2.0)),
-        ("fc2", layer.Linear(32, num_classes)),
+        ("fc2", fc2),
     ]))
     functional.set_step_mode(net, "m")
     return net.eval()

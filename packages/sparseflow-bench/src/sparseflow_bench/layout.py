@@ -25,9 +25,12 @@ def device_slug(name: str) -> str:
     """A short folder name for a GPU: its model number (``h100``, ``h200``, ``a100``, ``l40s``, ``rtx4090``), else
     the lower-case name with every run of other characters turned into ``-``."""
     low = name.lower().replace("nvidia", " ").replace("geforce", " ")
-    m = re.search(r"\b(rtx\s*)?([a-z]{1,2}\d{2,4}[a-z]?)\b", low)
+    m = re.search(r"\brtx\s*(\d{4})\b", low)
     if m:
-        return (("rtx" if m.group(1) else "") + m.group(2)).replace(" ", "")
+        return "rtx" + m.group(1)
+    m = re.search(r"\b([a-z]{1,2}\d{2,4}[a-z]?)\b", low)
+    if m:
+        return m.group(1)
     slug = re.sub(r"[^a-z0-9]+", "-", low).strip("-")
     return slug or "unknown-device"
 
