@@ -203,6 +203,10 @@ def run_demo(T: int = 2, batch: int = 1, size: int = 16, block_size=None, mode: 
     if prof.skippable_work is not None:
         log(f"\nwork in all-zero blocks {prof.skippable_work:.1%} (MAC-weighted), skipped by the paths taken "
             f"{prof.skipped_work:.1%}")
+        if prof.skippable_work < 0.01:
+            log(f"(on {size}x{size} maps nearly every block, with its receptive-field halo, holds a spike, so there is "
+                "little to skip; larger maps and sparser layers leave more: see the block densities of the GPU "
+                "profiles below)")
     src = "SparseFlow's kernels (interpreted)" if kernels else "the dense torch ops (no interpreter)"
     log(f"\nExactness, max |optimized - dense| over the outputs, computed on {src}:")
     for what, v in err.items():
