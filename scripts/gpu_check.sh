@@ -13,7 +13,7 @@
 # if the tests fail; the exit status is non-zero if either step failed.
 #
 # Environment knobs:
-#   OUT               where results/logs go (the device tool's output folder); default for results:
+#   OUT               where results and logs go (e.g. an output folder); default for results:
 #                     benchmarks/results/<device>/ (sparseflow_bench.layout: h200 for an NVIDIA H200)
 #   GPU_TEST_TIMEOUT  per-test timeout in seconds for pytest-timeout (default 120)
 #   SKIP_GPU_TESTS=1  skip the pytest step

@@ -184,12 +184,12 @@ def e2e_tables(d: str) -> str | None:
 
 
 # ------------------------------------------------------------------------ long format, plots, README
-#: the results of one run, the only files the plots and the README read (older runs stay in the CSV)
-SUPERSEDED = re.compile(r"^e2e_.+\.json$|^explore_run\d+\.json$|_dry\.json$")  # older e2e runs: kept for the record
+#: files the plots and the README do not read: the smoke runs of ``--dry`` (no timings worth showing)
+SUPERSEDED = re.compile(r"_dry\.json$")
 
 
 def current(records: list[Record]) -> list[Record]:
-    """Records of the current run's files (not of the kept older runs: ``e2e_run5_graph_bug.json`` ...)."""
+    """Records of the measured files (not of ``--dry`` smoke runs: ``depthwise_transposed_dry.json`` ...)."""
     return [r for r in records if not SUPERSEDED.search(r.source)]
 
 
