@@ -1,8 +1,8 @@
 """GPU correctness of the grouped/depthwise and transposed convolutions (run on the device machine by
-scripts/gpu_check.sh): randomized sweeps of grouped_conv2d (depthwise with channel multiplier 1/2, 3x3/5x5, stride 1/2; grouped through the tensor-core
-path) and sparse_conv_transpose2d (stride 2, kernels 2/3/4, padding, output_padding) against float64 torch,
-fp32/fp16/bf16, contiguous and channels_last, model-sized shapes, NaN/Inf, the modules, and optimize() on the
-spiking MobileNetV2 and U-Net (outputs vs dense < 1e-3)."""
+scripts/gpu_check.sh): randomized sweeps of grouped_conv2d (depthwise with channel multiplier 1/2, 3x3/5x5,
+stride 1/2; grouped through the tensor-core path) and sparse_conv_transpose2d (stride 2, kernels 2/3/4, padding,
+output_padding) against float64 torch, fp32/fp16/bf16, contiguous and channels_last, model-sized shapes, NaN/Inf,
+the modules, and optimize() on the spiking MobileNetV2 and U-Net (outputs vs dense < 1e-3)."""
 
 import copy
 

@@ -1,5 +1,6 @@
 """optimize() on grouped/depthwise and transposed convolutions: their handlers, and the two reference
-models of sparseflow_bench (spiking MobileNetV2, spiking U-Net) at tiny sizes: which layers are replaced, outputs equal to the dense model, report entries, restore()."""
+models of sparseflow_bench (spiking MobileNetV2, spiking U-Net) at tiny sizes: which layers are replaced,
+outputs equal to the dense model, report entries, restore()."""
 
 from __future__ import annotations
 

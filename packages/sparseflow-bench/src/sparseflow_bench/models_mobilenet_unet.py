@@ -1,4 +1,5 @@
-"""Reference models of depthwise and transposed convolutions: a spiking MobileNetV2-style classifier and a spiking U-Net-style encoder-decoder.
+"""Reference models of depthwise and transposed convolutions: a spiking MobileNetV2-style classifier and a spiking
+U-Net-style encoder-decoder.
 
 Both are built from SpikingJelly layers (``layer.Conv2d``, ``layer.BatchNorm2d``, ``layer.ConvTranspose2d``,
 ...) and the benchmark LIF neuron (:func:`sparseflow_bench.models.lif_kwargs`), in multi-step mode

@@ -317,7 +317,8 @@ def _rows(ctx, mres, recs, names, rep, left, margin):
             return
         row = _time_row(ctx, {**recs[lname], "name": lname}, rep)
         mres["rows"].append(row)
-        ctx.log(f"depthwise_transposed {mres['model']}@{mres['size']} {lname} {row['kind']}: cudnn16 {row['cudnn_fp16_cl_ms']:.4f} "
+        ctx.log(f"depthwise_transposed {mres['model']}@{mres['size']} {lname} {row['kind']}: "
+                f"cudnn16 {row['cudnn_fp16_cl_ms']:.4f} "
                 f"sparse16 {row['sparse_fp16_ms']:.4f} ({row['best_config']}) given-occ "
                 f"{row['sparse_fp16_given_occ_ms']:.4f} x{row['speedup_vs_cudnn_fp16']:.2f} "
                 f"dens {row['elem_density']:.3f}/{row['block_density_halo']:.3f} exact {row['exact']}")
