@@ -4,8 +4,9 @@
     nox                 lint + tests (the defaults, what CI runs through .ci/run)
     nox -s tests        CPU test suite under Triton's interpreter (TRITON_INTERPRET=1)
     nox -s lint         ruff check
-    nox -s build        build the five wheels into dist/ and smoke-test them in a fresh venv
-    nox -s bench        GPU benchmarks + report (results.csv, pytest_benchmark.json, plots); CPU demo without a GPU
+    nox -s build        build the five wheels into dist/, install them into a fresh venv (the kernels wheel first,
+                        alone) and run a kernel under Triton's interpreter against torch
+    nox -s bench        GPU benchmarks + report into benchmarks/results/<device>/; the CPU demo without a GPU
     nox -s gpu          scripts/gpu_check.sh (only meaningful on the GPU device machine)
 
 Installing torch into a venv takes minutes (the pinned build is large), so only the
@@ -111,17 +112,17 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(venv_backend="venv", reuse_venv=True)
 def bench(session: nox.Session) -> None:
-    """Benchmarks and their report: ``sparseflow-bench --out benchmarks/results --readme README.md [posargs]``.
+    """Benchmarks and their report: ``sparseflow-bench --results-root benchmarks/results --readme README.md``.
 
     With a CUDA GPU, in one call: the per-op density sweep on synthetic spikes (i.i.d., clustered, silent
     channels), the end-to-end models against eager fp32 and ``torch.compile``, ``sparseflow.profile`` of every
     benchmark model (per-layer latency against each layer's dense op), each against its dense baseline in the same
-    run (``--sections`` adds the per-issue sections of ``sparseflow_bench.gpu_run``), then the report
-    into benchmarks/results: ``results.csv`` (long format), ``pytest_benchmark.json``, markdown
-    tables, PNG plots, and the README's Results block. Without one the CLI says so and runs the CPU demo of
-    ``optimize()`` and the profiler (well under 5 minutes; it writes no files). Extra arguments go to the CLI:
-    ``nox -s bench -- --sections layers,e2e --T 4 --batch 8``; ``nox -s bench -- compare NEW OLD`` runs the
-    regression guard instead. On a machine whose python already has every dependency (the GPU device machine:
+    run (``--sections`` adds the other sections of ``sparseflow_bench.gpu_run``), then the report
+    into ``benchmarks/results/<device>/`` (``sparseflow_bench.layout``): ``results.csv`` (long format), markdown
+    tables, PNG plots, and the README's Results block. Without one the CLI runs the CPU demo: SparseFlow's kernels
+    through Triton's interpreter on a small spiking CNN (a minute or two; it writes no files). Extra arguments go
+    to the CLI: ``nox -s bench -- --sections layers,e2e --T 4 --batch 8``; ``nox -s bench -- compare NEW OLD``
+    runs the regression guard instead. On a machine whose python already has every dependency (the GPU device machine:
     ``GPU_BENCH=nox bash scripts/gpu_check.sh``), ``nox --no-venv --no-install -s bench`` runs it in that python.
     """
     install_sparseflow(session)
@@ -131,16 +132,26 @@ def bench(session: nox.Session) -> None:
     if session.posargs and session.posargs[0] in ("report", "compare", "run"):
         session.run(python, "-m", "sparseflow_bench.cli", *session.posargs, external=True)
         return
-    session.run(python, "-m", "sparseflow_bench.cli", "--out", str(ROOT / "benchmarks" / "results"),
+    session.run(python, "-m", "sparseflow_bench.cli", "--results-root", str(ROOT / "benchmarks" / "results"),
                 "--readme", str(ROOT / "README.md"), *session.posargs, external=True)
 
 
-# triton is not installed explicitly: it must come in as a dependency of the kernels wheel.
-SMOKE_KERNELS = (
-    "import torch, triton, sparseflow_kernels; "
-    "print('sparseflow_kernels OK from', sparseflow_kernels.__file__, "
-    "'| torch', torch.__version__, '| triton', triton.__version__)"
-)
+# triton and numpy are not installed explicitly: they must come in as dependencies of the kernels wheel. The check
+# runs one kernel through Triton's CPU interpreter (TRITON_INTERPRET=1, set by the session) on spikes with
+# all-zero blocks and compares it with torch's conv2d.
+SMOKE_KERNELS = """
+import torch, triton, sparseflow_kernels
+from sparseflow_kernels import sparse_conv2d
+g = torch.Generator().manual_seed(0)
+x = (torch.rand(2, 16, 12, 12, generator=g) < 0.2).float()
+x[:, :, :6] = 0  # all-zero blocks to skip
+w, b = torch.randn(8, 16, 3, 3, generator=g), torch.randn(8, generator=g)
+y = sparse_conv2d(x, w, b, padding=1, block_size=4)
+err = float((y - torch.nn.functional.conv2d(x, w, b, padding=1)).abs().max())
+assert err < 1e-4, f"sparse_conv2d differs from torch's conv2d by {err}"
+print('sparseflow_kernels', sparseflow_kernels.__file__, '| torch', torch.__version__, '| triton', triton.__version__,
+      f'| sparse_conv2d under the interpreter: max |kernel - torch| = {err:.2g}')
+"""
 SMOKE_ALL = (
     "import sparseflow_kernels, sparseflow_ops, sparseflow_core, sparseflow_bench, sparseflow; "
     "print('sparseflow', sparseflow.__version__)"
@@ -149,10 +160,11 @@ SMOKE_ALL = (
 
 @nox.session(venv_backend="venv", reuse_venv=True)
 def build(session: nox.Session) -> None:
-    """Build the five wheels into dist/, then install and import them in a fresh venv.
+    """Build the five wheels into dist/, then install them into a fresh venv.
 
-    The fresh venv first gets sparseflow-kernels alone (with its own deps: torch+triton)
-    and imports it, then the four other wheels, and imports everything.
+    The fresh venv first gets sparseflow-kernels alone (with its own dependencies: torch, triton, numpy) and runs
+    one of its kernels under Triton's interpreter against torch, then the four other wheels, and imports
+    everything.
     """
     session.install("build")
     dist = ROOT / "dist"
@@ -181,7 +193,7 @@ def build(session: nox.Session) -> None:
     with session.chdir(venv_dir):
         # 1. sparseflow-kernels alone: only torch + triton come with it.
         session.run(*pip, *TORCH_ONLY, str(wheels["sparseflow_kernels"]), external=True)
-        session.run(py, "-c", SMOKE_KERNELS, external=True)
+        session.run(py, "-c", SMOKE_KERNELS, external=True, env={"TRITON_INTERPRET": "1"})
         # 2. the rest, with their third-party deps resolved from the wheels' metadata.
         rest = [str(wheels[n]) for n in IMPORT_NAMES if n != "sparseflow_kernels"]
         session.run(*pip, *TORCH_ONLY, *rest, external=True)

@@ -1,4 +1,4 @@
-"""Diagnostic (GPU): the spiking U-Net of ``tests/gpu/test_gpu_p2.py`` against its dense fp32 model (TF32 off).
+"""Diagnostic (GPU): the spiking U-Net of ``tests/gpu/test_gpu_grouped_transposed.py`` against its dense fp32 model (TF32 off).
 
     python scripts/diag_unet.py MODES [SEEDS]      e.g.  sparse,auto,dense  0,1,2,3,4,5,6,7
 

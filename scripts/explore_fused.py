@@ -18,7 +18,7 @@ from sparseflow_kernels import ConvConfig, NeuronSpec, prescan, sparse_conv2d, s
 from sparseflow_kernels.conv import pack_weight
 from sparseflow_kernels.naive import spiking_conv2d_reference
 
-OUT = os.environ.get("OUT", "benchmarks/results")
+OUT = os.environ.get("OUT", "benchmarks/results/explore")  # not a results folder of the report
 dev = os.environ.get("DEV", "cuda")
 torch.backends.cudnn.benchmark = True
 results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,

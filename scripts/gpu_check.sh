@@ -13,8 +13,8 @@
 # if the tests fail; the exit status is non-zero if either step failed.
 #
 # Environment knobs:
-#   OUT               where results/logs go (the device tool's output folder);
-#                     default for results: benchmarks/results
+#   OUT               where results and logs go (e.g. an output folder); default for results:
+#                     benchmarks/results/<device>/ (sparseflow_bench.layout: h200 for an NVIDIA H200)
 #   GPU_TEST_TIMEOUT  per-test timeout in seconds for pytest-timeout (default 120)
 #   SKIP_GPU_TESTS=1  skip the pytest step
 #   SKIP_GPU_BENCH=1  skip the benchmark step
@@ -84,7 +84,7 @@ if [ -n "${OUT:-}" ]; then
 else
     TEST_LOG=/dev/null
 fi
-RESULTS_DIR="${OUT:-$ROOT/benchmarks/results}"
+RESULTS_DIR="${OUT:-$(python3 -m sparseflow_bench.layout "$ROOT/benchmarks/results")}"
 mkdir -p "$RESULTS_DIR"
 
 # 4. GPU tests

@@ -5,7 +5,7 @@
 Runs on a CUDA machine: builds each model (T=4, N=8, 224 px natural images, recalibrated BatchNorm), optimizes a
 copy in fp16, and records torch.profiler kernel times over 5 forwards of (a) the optimized model, (b) the dense
 fp16 channels_last model under torch.compile (default mode: same kernels as reduce-overhead, without graphs).
-Writes profile_<model>.txt (top kernels by CUDA time) and profile_<model>.json (per-forward totals).
+Writes kernels/<model>.txt (top kernels by CUDA time) and kernels/<model>.json (per-forward totals) into DIR.
 """
 
 from __future__ import annotations
@@ -114,9 +114,11 @@ def main(argv=None):
                     lines.append(f"{ms:8.4f} ms {c:5d}x  {k[:150]}")
         txt = "\n".join(lines)
         print(txt, flush=True)
-        with open(os.path.join(a.out, f"profile_{name}.txt"), "w") as f:
+        kdir = os.path.join(a.out, "kernels")  # beside the report's files (profile_<model>.json is the profiler's)
+        os.makedirs(kdir, exist_ok=True)
+        with open(os.path.join(kdir, f"{name}.txt"), "w") as f:
             f.write(txt + "\n")
-        with open(os.path.join(a.out, f"profile_{name}.json"), "w") as f:
+        with open(os.path.join(kdir, f"{name}.json"), "w") as f:
             json.dump(out, f, indent=1)
     return 0
 

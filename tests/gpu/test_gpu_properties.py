@@ -135,7 +135,7 @@ def test_gpu_inf_nan_fp32_ieee_exact():
 
 def test_gpu_inf_fp32_tf32x3_stays_inf():
     """+-Inf stay +-Inf (not NaN) through the default fp32 ``tf32x3`` path: Triton 3.6 masks the ``inf - inf``
-    remainder of the split (passed on the H200, run 12; it was an expected failure before that run)."""
+    remainder of the split (checked on the H200)."""
     tp = _props()
     for c in _inf_cases():
         gen = torch.Generator().manual_seed(c["seed"])

@@ -255,7 +255,7 @@ def test_compiled_branches_match_eager_on_the_cudnn_paths(monkeypatch):
     """What ``torch.compile(optimize(model))`` runs (each module's compiled branch: the registered ops, the path the
     eager dispatch chose) gives the eager optimized model's logits exactly, in fp16, with the dispatch on the cuDNN
     candidates (as the H100 picks them for spikformer_ti's stem and projections): the compiled conv -> BN folds and
-    rounds as the eager cuDNN path does, bias after the conv's rounding (session 5 found 47% of the logits off by
+    rounds as the eager cuDNN path does, bias after the conv's rounding (47% of the logits were off by
     up to 0.17 when the compiled branch applied the BatchNorm after the conv instead)."""
     import sparseflow_kernels.dispatch as kd
     import sparseflow_ops.attention as oa

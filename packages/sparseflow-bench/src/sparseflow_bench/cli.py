@@ -8,16 +8,16 @@ With a CUDA GPU, ``run`` executes the sections of :mod:`sparseflow_bench.gpu_run
 standalone-conv tables, the batch sweep, end-to-end models and every section module given in --sections;
 each against its dense baseline in the same run), profiles --model optimized at --dtype/--block-size with
 ``sparseflow.profile`` (per-layer latency against each layer's dense op, densities, energy), then writes the
-report into --out: ``results.csv``, ``pytest_benchmark.json``, markdown tables and PNG plots. A progress bar
-follows the steps. Without a GPU it says so and runs a CPU demo of ``optimize()`` and the profiler: what was
-fused or replaced (and why not), every layer's element and block density, and the check that the optimized
-model's output equals the dense one.
+report into --out (default ``benchmarks/results/<device>/``, see :mod:`sparseflow_bench.layout`): ``results.csv``,
+markdown tables and PNG plots. A progress bar follows the steps. Without a GPU it runs the CPU demo
+(:mod:`sparseflow_bench.demo`): SparseFlow's kernels through Triton's interpreter on a small spiking CNN, what
+``optimize()`` fused, made sparse or left (and why), firing rates, element and block densities and kernel paths
+per layer, and the optimized model's outputs against the dense model's.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import time
@@ -28,8 +28,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 MODEL_SECTIONS = ("layers", "sweep", "conv")  # share one prepared model inside gpu_run
 E2E_MODELS = "spiking_resnet34,sew_resnet34,spikformer_ti"
 # Profiled after the end-to-end models in the default run: the other benchmark models (per-layer tables and bars).
-# The spiking MobileNetV2 is left to `--sections p2` (its per-layer table and bars): its many depthwise shapes
-# compile for over a minute, past what one call of the GPU machine (10 minutes) leaves after the models above.
+# The spiking MobileNetV2 is left to `--sections depthwise_transposed` (its per-layer table and bars): its many
+# depthwise shapes compile for over a minute, past what a 10-minute GPU call leaves after the models above.
 OTHER_MODELS = ("spiking_resnet50", "sdt_8_384", "spiking_unet")
 PROFILE_SIZE = {"spiking_unet": 128}  # the U-Net's default input (224 px gives it 4 levels of mostly empty maps)
 
@@ -117,77 +117,37 @@ def profile_model(model_name: str, T: int, batch: int, size: int, dtype: torch.d
     return report, prof
 
 
-def cpu_demo(model_name: str, T: int, batch: int, size: int, block_size, dtype=torch.float32, out=None,
-             progress: bool = True) -> int:
-    """The CPU demo; ``out``: a folder for the profile's JSON/CSV (``--demo-out``; never the GPU results folder)."""
-    from sparseflow_core import optimize, profile, reset_states
-
-    t0 = time.time()
-    print(f"CPU demo: {model_name}, T={T}, batch={batch}, {size}x{size} natural images from skimage.data, "
-          "BatchNorm statistics recalibrated on them (no trained weights here).", flush=True)
-    steps = _Steps(["build model", "optimize", "check outputs", "profile"], progress)
-    steps.start("build model")
-    model, x = _prepared(model_name, T, batch, size, torch.device("cpu"))
-    dense = copy.deepcopy(model)
-    steps.done()
-    steps.start("optimize")
-    opt, report = optimize(model, x, block_size=block_size, return_report=True)
-    steps.done()
-    steps.start("check outputs")
-    with torch.no_grad():
-        reset_states(dense)
-        reset_states(opt)
-        a, b = dense(x), opt(x)
-    err = float((a - b).abs().max())
-    steps.done()
-    steps.start("profile")
-    save = [os.path.join(out, f"profile_{model_name}_cpu.{ext}") for ext in ("json", "csv")] if out else None
-    prof = profile(opt, x, reps=1, block_size=block_size if isinstance(block_size, int) else None, dense=False,
-                   save=save)
-    steps.done()
-    steps.close()
-    print(report.table())
-    print("\nsparseflow.profile (per layer: input element density, block density at the block size, work a "
-          "block-skipping kernel could drop):")
-    print(prof.table())
-    if dtype != torch.float32:
-        print(f"\n(--dtype {str(dtype).removeprefix('torch.')} applies to the GPU run: the CPU demo runs fp32)")
-    print(f"\nmax |optimized - dense| over the logits: {err:.3g} (CPU tensors run the dense torch ops; "
-          "the Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 for the slow CPU interpreter)")
-    results = os.path.join("benchmarks", "results")
-    if os.path.isdir(results):
-        from .report import readme_results
-
-        print(f"\nCommitted GPU results ({results}, regenerate the files with `sparseflow-bench report`):\n")
-        print(readme_results(results, plot=False))
-    print(f"demo took {time.time() - t0:.1f} s")
-    return 0 if err == 0.0 else 1
-
-
 def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparseflow-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model of the per-layer benchmarks and of the profile (default "
-                   "spiking_resnet34; CPU demo: spiking_resnet18)")
+                   "spiking_resnet34; CPU demo: demo_cnn, a small spiking CNN)")
     p.add_argument("--models", default=E2E_MODELS, help="end-to-end models (comma-separated)")
     p.add_argument("--profile-models", default=None,
                    help="models profiled with sparseflow.profile (comma-separated; default: --model if given, else "
                    f"the end-to-end models then {', '.join(OTHER_MODELS)})")
-    p.add_argument("--T", type=int, default=4, help="time steps (default 4; CPU demo at most 2)")
+    p.add_argument("--T", type=int, default=None, help="time steps (default 4; CPU demo 2)")
     p.add_argument("--batch", type=int, default=None, help="batch N (default 8; CPU demo 1)")
-    p.add_argument("--size", type=int, default=None, help="image size (default 224; CPU demo 64)")
-    p.add_argument("--dtype", default="float16", choices=list(DTYPES),
-                   help="storage dtype of the profiled model (the gpu_run sections time fp16 and fp32 themselves)")
+    p.add_argument("--size", type=int, default=None, help="image size (default 224; CPU demo 16)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="GPU: storage dtype of the profiled model (default float16; the gpu_run sections time fp16 "
+                   "and fp32 themselves)")
+    p.add_argument("--mode", default=None, choices=["auto", "sparse", "dense", "torch"],
+                   help="optimize()'s mode (default: auto on the GPU, which times each layer's paths; sparse in the "
+                   "CPU demo, whose interpreted kernels give no timings to choose by)")
     p.add_argument("--block-size", type=_block_size, default=None,
                    help="block size of optimize() and of the profile's block densities: an integer or 'dense' "
                    "(default: per layer, from its feature-map size)")
     p.add_argument("--sections", default="density,e2e",
                    help="GPU sections, comma-separated (default: the per-op density sweep and the end-to-end "
                    "models; then the profile of every --profile-models model unless --no-profile): layers, conv, "
-                   "sweep (issue 10's per-layer fused tables, standalone convs, batch sweep of --model), e2e, "
-                   "density, resnet_family, transformer, p2 (any sections/<name>.py)")
+                   "sweep (the fused spiking layers of --model one by one, its standalone sparse convs, the fused "
+                   "layers' batch sweep), e2e, density, exactness, resnet_family, transformer, depthwise_transposed "
+                   "(any sections/<name>.py)")
+    p.add_argument("--results-root", default=None, help="folder of the per-device results folders (default "
+                   "benchmarks/results); the CPU demo shows the newest of them")
     p.add_argument("--out", default=None, help="output folder of the GPU run: JSON, CSV, markdown, PNG (default "
-                   "benchmarks/results)")
+                   "<results root>/<device>, e.g. benchmarks/results/h200)")
     p.add_argument("--demo-out", default=None, help="CPU demo: write its profile (JSON, CSV) here (default: nothing "
                    "is written)")
     p.add_argument("--budget-s", type=float, default=540.0, help="GPU: stop starting new work after this many s")
@@ -202,20 +162,25 @@ def _run_parser() -> argparse.ArgumentParser:
 
 def run(argv=None) -> int:
     a = _run_parser().parse_args(argv)
-    dtype = DTYPES[a.dtype]
-    if a.T < 1 or (a.batch is not None and a.batch < 1) or (a.size is not None and a.size < 8):
+    if (a.T is not None and a.T < 1) or (a.batch is not None and a.batch < 1) or (a.size is not None and a.size < 8):
         print("sparseflow-bench: --T and --batch must be >= 1, --size >= 8", file=sys.stderr)
         return 2
+    from .layout import RESULTS_ROOT, device_results_dir
+
+    root = a.results_root or RESULTS_ROOT
     if not torch.cuda.is_available() and not a.dry:
-        print("No CUDA GPU on this machine: SparseFlow's timings need one (on a GPU machine `nox -s bench` runs "
-              "the benchmarks and writes results.csv, pytest_benchmark.json and the plots; the device machine runs "
-              "`bash scripts/gpu_check.sh`). Running the CPU demo of optimize() and the profiler instead.\n",
+        from .demo import DEMO_MODEL, run_demo
+
+        print("No CUDA GPU on this machine: running the CPU demo (the benchmarks need a GPU; on a GPU machine "
+              "`nox -s bench` runs them and writes the results, plots and the README's results block).\n",
               flush=True)
-        return cpu_demo(a.model or "spiking_resnet18", min(a.T, 2), a.batch or 1, a.size or 64, a.block_size,
-                        dtype, a.demo_out, not a.no_progress)
+        return run_demo(a.T or 2, a.batch or 1, a.size or 16, a.block_size, a.mode or "sparse",
+                        a.model or DEMO_MODEL, a.demo_out, root, log=lambda *x: print(*x, flush=True))
     from . import gpu_run, report
 
-    out = a.out or "benchmarks/results"
+    dtype = DTYPES[a.dtype or "float16"]
+    a.T = a.T or 4
+    out = a.out or device_results_dir(root)
     os.makedirs(out, exist_ok=True)
     model = a.model or "spiking_resnet34"
     if a.profile_models is not None:
@@ -253,7 +218,7 @@ def run(argv=None) -> int:
                     _, prof = profile_model(pm, a.T if not a.dry else 2, a.batch or (1 if a.dry else 8), size,
                                             dtype if not a.dry else torch.float32, a.block_size,
                                             torch.device("cpu" if a.dry else "cuda"), out, reps=1 if a.dry else 5,
-                                            mode="torch" if a.dry else "auto")  # dry: no interpreter kernels
+                                            mode="torch" if a.dry else (a.mode or "auto"))  # dry: torch ops
                     print(f"sparseflow.profile of {pm} ({size} px):", flush=True)
                     print(prof.table(), flush=True)
                 except Exception as e:
@@ -278,7 +243,25 @@ def run(argv=None) -> int:
     return status
 
 
+def _use_interpreter(from_command_line: bool, argv: list[str]) -> None:
+    """Without a CUDA GPU, run SparseFlow's kernels through Triton's CPU interpreter: ``TRITON_INTERPRET=1`` must
+    be set before triton is imported (it decides at each kernel's definition). If triton is already loaded, a
+    command-line call starts itself again with the variable set."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or torch.cuda.is_available():
+        return
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return
+    if from_command_line:
+        os.environ["TRITON_INTERPRET"] = "1"
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "sparseflow_bench.cli", *argv])
+    print("sparseflow-bench: triton was imported before TRITON_INTERPRET=1 was set, so CPU tensors run the dense "
+          "torch ops, not SparseFlow's kernels; set TRITON_INTERPRET=1 before importing triton", file=sys.stderr)
+
+
 def main(argv=None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
         from . import report
@@ -292,6 +275,7 @@ def main(argv=None) -> int:
         argv = argv[1:]
     if "--dry" in argv:  # the kernels run on the CPU through Triton's interpreter (chosen before triton loads)
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    _use_interpreter(from_command_line, argv)
     return run(argv)
 
 

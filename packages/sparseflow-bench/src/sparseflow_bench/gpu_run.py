@@ -515,7 +515,8 @@ def section_e2e(models, T, N, size, device, out_dir, env, compile_modes=("reduce
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("SPARSEFLOW_RESULTS_DIR", "benchmarks/results"))
+    p.add_argument("--out", default=os.environ.get("SPARSEFLOW_RESULTS_DIR"),
+                   help="results folder (default: benchmarks/results/<device>, see sparseflow_bench.layout)")
     p.add_argument("--sections", default="layers,conv,e2e,sweep")
     p.add_argument("--models", default="spiking_resnet34,sew_resnet34,spikformer_ti")
     p.add_argument("--T", type=int, default=4)
@@ -530,6 +531,10 @@ def main(argv=None):
     if not torch.cuda.is_available() and not a.dry:
         print("sparseflow_bench.gpu_run needs a CUDA GPU; on this machine run `nox -s bench` for the CPU demo.")
         return 2
+    if a.out is None:
+        from .layout import device_results_dir
+
+        a.out = device_results_dir()  # benchmarks/results/cpu for a --dry run without a GPU (not committed)
     os.makedirs(a.out, exist_ok=True)
     torch.backends.cudnn.benchmark = True
     env = environment()

@@ -35,6 +35,7 @@ SDT returns ``[N, num_classes]`` (it averages over time itself).
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -124,7 +125,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "spikformer_ti": _transformer_builder("spikformer", "spikformer_ti"),
     "sdt_8_384": _transformer_builder("spike_driven_transformer", "sdt_8_384"),
 }
-MODELS.update(__import__("sparseflow_bench.models_p2", fromlist=["P2_MODELS"]).P2_MODELS)  # P2: MobileNetV2, U-Net
+# the spiking MobileNetV2 and U-Net (imported here, after lif_kwargs, which they use)
+MODELS.update(importlib.import_module("sparseflow_bench.models_mobilenet_unet").MOBILENET_UNET_MODELS)
 
 
 def build_model(name: str, T: int = 4, num_classes: int = 1000, **kw: Any) -> nn.Module:

@@ -6,6 +6,7 @@ Every figure in the tables is read from the JSON files in DIR; nothing is typed 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -183,12 +184,12 @@ def e2e_tables(d: str) -> str | None:
 
 
 # ------------------------------------------------------------------------ long format, plots, README
-#: the results of one run, the only files the plots and the README read (older runs stay in the CSV)
-SUPERSEDED = re.compile(r"^e2e_.+\.json$|^explore_run\d+\.json$|_dry\.json$")  # older e2e runs: kept for the record
+#: files the plots and the README do not read: the smoke runs of ``--dry`` (no timings worth showing)
+SUPERSEDED = re.compile(r"_dry\.json$")
 
 
 def current(records: list[Record]) -> list[Record]:
-    """Records of the current run's files (not of the kept older runs: ``e2e_run5_graph_bug.json`` ...)."""
+    """Records of the measured files (not of ``--dry`` smoke runs: ``depthwise_transposed_dry.json`` ...)."""
     return [r for r in records if not SUPERSEDED.search(r.source)]
 
 
@@ -385,9 +386,18 @@ def profile_lines(recs: list[Record]) -> list[str]:
 
 
 def readme_results(d: str, link_dir: str | None = None, plot: bool = True) -> str:
-    """The README's "Results" block: the headline table (each row names its results file), the device and
-    versions of every file it reads, and one plot, all read from the JSON files of ``d`` (``link_dir``: how the
-    README reaches ``d``, for the image link; ``plot``: redraw the plot, else link it only if it exists)."""
+    """The README's "Results" block: the status lines, the headline table (each row names its results file), the
+    device and versions of every file it reads, and one plot, all read from the JSON files of ``d`` (a device
+    folder, or the results root: then its newest device folder; ``link_dir``: how the README reaches ``d``, for
+    the links; ``plot``: redraw the plot, else link it only if it exists)."""
+    from .layout import current_results_dir
+    from .status import status_lines
+
+    if not glob.glob(os.path.join(d, "*.json")):
+        sub = current_results_dir(d)
+        if sub is not None:
+            link_dir = None if link_dir is None else os.path.join(link_dir, os.path.basename(sub))
+            d = sub
     link_dir = d if link_dir is None else link_dir
     recs = current(collect(d, log=lambda *_: None))
     names = sorted(os.listdir(d)) if os.path.isdir(d) else []
@@ -397,7 +407,8 @@ def readme_results(d: str, link_dir: str | None = None, plot: bool = True) -> st
     fused = _load(d, fused_name) if fused_name else None
     conv = _load(d, conv_name) if conv_name else None
     e2e = _load(d, "e2e.json")
-    lines = [f"Every figure below is read from `{link_dir}/*.json` by `sparseflow-bench report` "
+    lines = [*status_lines(d, link_dir), "",
+             f"Every figure here is read from `{link_dir}/*.json` by `sparseflow-bench report` "
              "(`sparseflow_bench.report.readme_results`); each ratio compares timings taken in the same run, and "
              "each row names its file (device and versions of each file below the table).", "",
              "| what | baseline | SparseFlow | speed-up |", "| --- | --- | --- | --- |"]
@@ -506,11 +517,16 @@ def update_readme(readme: str, d: str) -> bool:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="sparseflow-bench report", description=__doc__)
-    p.add_argument("dir", nargs="?", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("dir", nargs="?", default=None, help="results folder of one device (default: the newest under "
+                   "benchmarks/results)")
     p.add_argument("--results", default=None, help="results folder (same as DIR)")
     p.add_argument("--readme", default=None, help="also regenerate the Results block of this README")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    d = a.results or a.dir or "benchmarks/results"
+    from .layout import RESULTS_ROOT, current_results_dir
+
+    d = a.results or a.dir or current_results_dir(RESULTS_ROOT) or RESULTS_ROOT
+    if os.path.isdir(d) and not glob.glob(os.path.join(d, "*.json")) and current_results_dir(d):
+        d = current_results_dir(d)  # the results root: its newest device folder
     if not os.path.isdir(d):
         print(f"no results folder {d}")
         return 2

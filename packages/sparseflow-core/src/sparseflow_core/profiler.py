@@ -153,8 +153,8 @@ class ProfileReport:
             out.append(f"work in all-zero blocks {self.skippable_work:.1%} (MAC-weighted), skipped by the chosen "
                        f"paths {self.skipped_work:.1%}")
         if self.device == "cpu":
-            out.append("CPU: latencies are those of the CPU ops (SparseFlow's kernels need a CUDA GPU); the "
-                       "densities and the layer list hold on any device")
+            out.append("CPU: no GPU timings (the kernels run interpreted under TRITON_INTERPRET=1, else the torch "
+                       "ops); the densities and the layer list hold on any device")
         return "\n".join(out)
 
     def save(self, path: str) -> str:

@@ -36,7 +36,7 @@ def check_foldable_bn(bn, channels: int) -> None:
 
 
 class FoldedBNMixin:
-    """Shared runtime of the P2 drop-ins: folded BatchNorm (bypassed), dispatch, dense fallback, restore."""
+    """Runtime of the grouped and transposed drop-ins: folded BatchNorm (bypassed), dispatch, fallback, restore."""
 
     def _init_runtime(self):
         self.__dict__["_pending"] = False

@@ -1,4 +1,4 @@
-"""``--sections exactness``: whole models in fp32 against the dense model, ``numerics="faithful"`` (issues 3 and 6).
+"""``--sections exactness``: whole models in fp32 against the dense model, ``numerics="faithful"``.
 
 For each model of ``--models`` (T, N, size of the run; natural images, BatchNorm recalibrated), with TF32 off:
 

@@ -1,0 +1,87 @@
+"""Handlers of grouped / depthwise ``nn.Conv2d`` (``groups > 1``) and ``nn.ConvTranspose2d``.
+
+Both become SparseFlow drop-ins (:class:`~sparseflow_ops.depthwise.SparseGroupedConv2d`,
+:class:`~sparseflow_ops.conv_transpose.SparseConvTranspose2d`). When the convolution's output feeds only an
+eval-mode BatchNorm2d (``fuse``-style chain, checked by the analyzer), the BatchNorm is folded into the
+kernel's scale/shift epilogue and bypassed; the neuron after it runs on its own (multi-step kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparseflow_ops.conv_transpose import SparseConvTranspose2d
+from sparseflow_ops.depthwise import SparseGroupedConv2d
+
+from ..registry import OpHandler, register_op_handler
+
+#: output tile edge of the depthwise kernel: larger tiles (the default rule gives 16 from 56 px) hold a
+#: non-zero somewhere far more often, and the direct kernel gains only from tiles it can skip whole
+DEPTHWISE_MAX_TILE = 8
+
+
+def _weight_problem(m) -> str | None:
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} (only 'zeros' is supported)"
+    if isinstance(m.padding, str):
+        return f"padding={m.padding!r} given as a string"
+    if m.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"weight dtype {m.weight.dtype}"
+    return None
+
+
+def _foldable_bn(m, ctx):
+    """The eval BatchNorm2d that alone consumes ``m``'s output, or None (and why)."""
+    user, why = ctx.analysis.sole_user(ctx.name)
+    if user is None:
+        return None, f"no BatchNorm folded: output {why}"
+    bn = ctx.model.get_submodule(user)
+    if not isinstance(bn, nn.BatchNorm2d):
+        return None, ""
+    if bn.training:
+        return None, f"no BatchNorm folded: {user} is in training mode"
+    if not bn.track_running_stats or bn.running_mean is None or bn.num_features != m.out_channels:
+        return None, f"no BatchNorm folded: {user} has no usable running statistics"
+    return bn, user
+
+
+def _block(ctx, cap=None):
+    bs = ctx.block_size
+    if isinstance(bs, int) and cap is not None:
+        bs = min(bs, cap)
+    return bs
+
+
+def _replace_grouped(m: nn.Conv2d, ctx):
+    problem = _weight_problem(m)
+    if problem:
+        return None, problem
+    bn, bn_name = _foldable_bn(m, ctx)
+    dw = m.groups == m.in_channels
+    cap = DEPTHWISE_MAX_TILE if m.in_channels // m.groups < 16 else None
+    new = SparseGroupedConv2d.from_dense(m, bn, block_size=_block(ctx, cap), mode=ctx.mode)
+    what = ("depthwise" if dw else f"grouped ({m.groups} groups)") + (f" + {bn_name} folded" if bn is not None
+                                                                       else "")
+    if bn is None and bn_name:
+        what += f"; {bn_name}"
+    return new, what
+
+
+def _replace_transpose(m: nn.ConvTranspose2d, ctx):
+    problem = _weight_problem(m)
+    if problem:
+        return None, problem
+    if m.groups != 1:
+        return None, f"groups={m.groups} (sparse transposed convolution supports groups=1)"
+    if tuple(m.dilation) != (1, 1):
+        return None, f"dilation={m.dilation} (sparse transposed convolution supports dilation 1)"
+    bn, bn_name = _foldable_bn(m, ctx)
+    new = SparseConvTranspose2d.from_dense(m, bn, block_size=_block(ctx), mode=ctx.mode)
+    what = f"conv_transpose stride {tuple(m.stride)}" + (f" + {bn_name} folded" if bn is not None else "")
+    return new, what
+
+
+GROUPED_HANDLER = register_op_handler(nn.Conv2d, OpHandler("grouped_conv", _replace_grouped,
+                                                           accepts=lambda m: m.groups > 1))
+TRANSPOSE_HANDLER = register_op_handler(nn.ConvTranspose2d, OpHandler("conv_transpose", _replace_transpose))
