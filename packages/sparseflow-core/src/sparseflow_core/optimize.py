@@ -35,6 +35,7 @@ from sparseflow_ops import (
 )
 from sparseflow_ops.pool import TritonMaxPool2d
 
+from .accounting import account_compute_layers, explain_unfolded_bns, new_entry, unchanged_report
 from .analyzer import Analysis, analyze
 from .arguments import NUMERICS, CastInputs, cast_inputs, check_arguments  # noqa: F401 (NUMERICS: re-export)
 from .blocks import (
@@ -275,7 +276,9 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
                   write_occupancy=False, numerics="fast") -> OptimizeReport:
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     if not any(is_spiking_module(m) for m in model.modules()):
-        return _leave_unchanged(model)
+        rep = unchanged_report(model)
+        model.__dict__[REPORT_ATTR] = rep
+        return rep
     an = analyze(model, example_inputs)
     rep = OptimizeReport()
     if not an.copied:
@@ -297,7 +300,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
         if not isinstance(m, nn.Conv2d) or isinstance(m, SparseModule) or find_op_handler(m) is not None:
             continue
         info = an.first(name)
-        entry = _entry(rep, name, m, info, filter_fn)
+        entry = new_entry(rep, name, m, info, filter_fn)
         if entry.reason:
             continue
         ok, why = an.spike_fed(name)
@@ -436,39 +439,14 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
                          "SparseFlow's kernels, with the dense model's fp32 results bit for bit")
     else:
         _defer_shifts_to_pools(an, named, replaced, rep)
-    _account_compute_layers(model, an, rep)
-    _explain_unfolded_bns(rep)
+    account_compute_layers(model, an, rep)
+    explain_unfolded_bns(rep)
     rep.layers.sort(key=lambda e: order.get(e.name, len(order)))  # model order
     if not rep.replaced and not rep.by_action("neuron-kernel"):
         rep.notes.append("no layer consumes spikes in a supported way: model unchanged")
     model.__dict__[REPORT_ATTR] = rep
     _invalidate_reset_cache(model)
     return rep
-
-
-def _leave_unchanged(model) -> OptimizeReport:
-    """A model without spiking modules: nothing is replaced, folded or fused (not even a stem BatchNorm: the
-    model computes exactly what it did); the report lists its compute layers with the reason."""
-    rep = OptimizeReport(notes=["no spiking modules found: model unchanged"])
-    for name, m in model.named_modules():
-        if name and isinstance(m, COMPUTE_TYPES):
-            rep.add(LayerEntry(name=name, type=user_type(m), action="left", reason="no spiking modules in the model"))
-    model.__dict__[REPORT_ATTR] = rep
-    return rep
-
-
-def _explain_unfolded_bns(rep) -> None:
-    """A BatchNorm fed by a convolution that it was not folded into (the convolution stayed dense, or could not
-    take it): the reason says so, and where to look."""
-    by_name = {e.name: e for e in rep.layers}
-    for e in rep.layers:
-        if e.action != "left" or not e.reason.startswith("fed by convolution "):
-            continue
-        conv = e.reason[len("fed by convolution "):].split(" ")[0]
-        ce = by_name.get(conv)
-        how = ("which stays as it is" if ce is None or ce.action == "left"
-               else f"which runs as {ce.detail or ce.action} without it")
-        e.reason = f"runs as it is: fed by convolution {conv}, {how} (see {conv})"
 
 
 def _defer_shifts_to_pools(an, named, replaced, rep) -> None:
@@ -494,39 +472,6 @@ def _first_inner_call(an, name):
     return next((calls[0] for n, calls in an.calls.items() if n.startswith(prefix) and calls), None)
 
 
-#: layer types the report accounts for even when no pass or handler touched them
-COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                 nn.Linear)
-
-
-def _account_compute_layers(model, an, rep) -> None:
-    """A "left" entry, with the reason, for every convolution / linear layer that no pass or handler
-    reported (Conv3d, ConvTranspose3d, ...): the report accounts for every compute layer of the model."""
-    seen = {e.name for e in rep.layers}
-    for name, m in model.named_modules():
-        if not name or name in seen or not isinstance(m, COMPUTE_TYPES):
-            continue
-        if any(name.startswith(s + ".") for s in seen):
-            continue  # inside a module a handler replaced as a whole
-        info = an.first(name)
-        reason = ("not called in the example forward" if info is None
-                  else f"no sparse op for {type(m).__name__} layers")
-        rep.add(LayerEntry(name=name, type=user_type(m), action="left", reason=reason,
-                           in_shape=info.in_shape if info else None,
-                           elem_density=info.elem_density if info else None))
-
-
-def _entry(rep, name, m, info, filter_fn) -> LayerEntry:
-    """The report entry of a module about to be considered ("left" until replaced); its reason is set already
-    when ``filter_fn`` excludes the module."""
-    entry = LayerEntry(name=name, type=user_type(m), action="left", in_shape=info.in_shape if info else None,
-                       elem_density=info.elem_density if info else None)
-    rep.add(entry)
-    if filter_fn is not None and not filter_fn(m, name):
-        entry.reason = "excluded by filter_fn"
-    return entry
-
-
 def _run_handlers(model, an, rep, block_size, mode, filter_fn, faithful=False) -> None:
     """Modules with a registered op handler (Linear, attention, depthwise conv, ...), outermost first; with
     ``faithful`` (numerics="faithful") only the handlers whose modules reproduce the dense result bit for bit."""
@@ -539,7 +484,7 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn, faithful=False) -
         if handler is None:
             continue
         info = an.first(name) or _first_inner_call(an, name)
-        entry = _entry(rep, name, m, info, filter_fn)
+        entry = new_entry(rep, name, m, info, filter_fn)
         if entry.reason:
             continue
         if info is None:

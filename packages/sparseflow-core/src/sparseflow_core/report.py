@@ -101,14 +101,18 @@ class OptimizeReport:
                 "" if e.block_density is None else f"{e.block_density:.3f}", path, text,
             ))
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head[:-1])]
-        fixed = sum(widths) + 3 * len(widths)
-        last = max(30, width - fixed)
+        # the text column keeps at least 30 characters: long layer names wrap in their own column first
+        widths[0] = max(len(head[0]), min(widths[0], width - 30 - sum(widths[1:]) - 3 * len(widths)))
+        last = max(30, width - sum(widths) - 3 * len(widths))
         fmt = " | ".join(f"{{:<{w}}}" for w in widths) + " | {}"
         lines = [fmt.format(*head).rstrip(), "-+-".join("-" * w for w in [*widths, last])]
         for r in rows:
             parts = textwrap.wrap(r[-1], last, break_long_words=True, break_on_hyphens=False) or [""]
-            lines.append(fmt.format(*r[:-1], parts[0]).rstrip())
-            lines += [fmt.format(*([""] * len(widths)), p).rstrip() for p in parts[1:]]
+            names = [r[0][i:i + widths[0]] for i in range(0, len(r[0]), widths[0])] or [""]
+            lines.append(fmt.format(names[0], *r[1:-1], parts[0]).rstrip())
+            for i in range(1, max(len(parts), len(names))):
+                lines.append(fmt.format(names[i] if i < len(names) else "", *([""] * (len(widths) - 1)),
+                                        parts[i] if i < len(parts) else "").rstrip())
         counts = (f"{_plural(len(self.by_action('fused')), 'fused spiking layer')}, "
                   f"{_plural(len(self.by_action('sparse')), 'sparse layer')}, "
                   f"{_plural(len(self.by_action('kernel')), 'other layer')} on SparseFlow kernels, "
