@@ -203,11 +203,39 @@ BAD_INPUTS = [
     ("SparseConv2d", "from_dense of an nn.Linear", lambda: SparseConv2d.from_dense(nn.Linear(3, 4)), TypeError,
      "from_dense expects an nn.Conv2d"),
     ("SparseConv2d", "fp16 input to an fp32 module", lambda: SparseConv2d.from_dense(nn.Conv2d(3, 4, 3)).eval()(
-        _x(1, 3, 8, 8, dtype=torch.float16)), RuntimeError, "should be the same"),
+        _x(1, 3, 8, 8, dtype=torch.float16)), RuntimeError,
+     "input dtype torch.float16 does not match the weight dtype torch.float32"),
+    ("SparseConv2d", "int64 input to an fp32 module", lambda: SparseConv2d.from_dense(nn.Conv2d(3, 4, 3)).eval()(
+        torch.ones(1, 3, 8, 8, dtype=torch.int64)), RuntimeError,
+     "input dtype torch.int64 does not match the weight dtype torch.float32"),
+    ("SparseConv2d", "4-D input to a multi-step (step_mode='m') layer, as to the dense one",
+     lambda: SparseConv2d.from_dense(SeqConv(3, 4)).eval()(_x(1, 3, 8, 8)), ValueError,
+     "expected x with shape [T, N, C, H, W], got (1, 3, 8, 8)"),
+    ("sparse_conv2d", "bfloat16 on the CPU (the Triton interpreter cannot run bfloat16)",
+     lambda: sparse_conv2d(_x(1, 3, 8, 8, dtype=torch.bfloat16), _w(dtype=torch.bfloat16)), TypeError,
+     "bfloat16 kernels need a CUDA GPU"),
     ("optimize", "mode='fast'", lambda: optimize(_spiking_net(), _x(2, 1, 3, 10, 10), mode="fast"), ValueError,
      "mode must be one of"),
     ("optimize", "numerics='exact'", lambda: optimize(_spiking_net(), _x(2, 1, 3, 10, 10), numerics="exact"),
      ValueError, "numerics must be one of"),
+    ("optimize", "block_size=7", lambda: optimize(_spiking_net(), _x(2, 1, 3, 10, 10), block_size=7), ValueError,
+     "block_size must be None, 'dense', 'auto', one of 4, 8, 16 or a dict of them by layer name; got 7"),
+    ("optimize", "block_size='huge'", lambda: optimize(_spiking_net(), _x(2, 1, 3, 10, 10), block_size="huge"),
+     ValueError, "block_size must be None, 'dense', 'auto', one of 4, 8, 16"),
+    ("optimize", "block_size dict naming no module", lambda: optimize(_spiking_net(), block_size={"conv9": 8}),
+     ValueError, "block_size names 'conv9', which is not a module of the model"),
+    ("optimize", "dtype=torch.int8", lambda: optimize(_spiking_net(), dtype=torch.int8), TypeError,
+     "dtype must be None or one of torch.float32, torch.float16, torch.bfloat16"),
+    ("optimize", "filter_fn that is not callable", lambda: optimize(_spiking_net(), filter_fn="3"), TypeError,
+     "filter_fn must be None or a callable (module, name) -> bool"),
+    ("optimize", "fuse='yes'", lambda: optimize(_spiking_net(), fuse="yes"), TypeError,
+     "fuse must be True or False"),
+    ("optimize", "BatchNorm2d(track_running_stats=False) after a conv fed by spikes",
+     lambda: _reason_of(_spiking_net(track_running_stats=False), "3", left=False), None,
+     "not folded, report: no fusion: 4 has no running statistics (it normalises with each batch's statistics)"),
+    ("optimize", "weight_norm conv fed by spikes", lambda: _reason_of(_weight_norm_net(), "3"), None,
+     "left dense, report: parametrized weight (weight_norm / spectral_norm: computed from other tensors on every "
+     "call)"),
     ("optimize", "padding_mode='reflect' conv fed by spikes", lambda: _reason_of(_reflect_net(), "3"), None,
      "left dense, report: padding_mode='reflect' (only 'zeros' is supported)"),
     ("optimize", "conv with a forward hook", lambda: _reason_of(_hooked_net(), "3"), None,
@@ -291,10 +319,10 @@ def _fused_conv1d(T):
     return SparseConv1d.from_dense(nn.Conv1d(4, 4, 1).eval(), None, lif.eval(), time_steps=T).eval()
 
 
-def _spiking_net(padding_mode="zeros"):
+def _spiking_net(padding_mode="zeros", track_running_stats=True):
     net = nn.Sequential(
         SeqConv(3, 8), layer.BatchNorm2d(8), neuron.LIFNode(),
-        SeqConv(8, 8, padding_mode), layer.BatchNorm2d(8), neuron.IFNode(),
+        SeqConv(8, 8, padding_mode), layer.BatchNorm2d(8, track_running_stats=track_running_stats), neuron.IFNode(),
     )
     functional.set_step_mode(net, "m")
     return net.eval()
@@ -309,16 +337,23 @@ def _reflect_net():
     return _spiking_net("reflect")
 
 
+def _weight_norm_net():
+    net = _spiking_net()
+    net[3] = nn.utils.parametrizations.weight_norm(net[3])
+    return net
+
+
 def _hooked_net():
     net = _spiking_net()
     net[3].register_forward_hook(lambda m, i, o: None)
     return net
 
 
-def _reason_of(net, name):
+def _reason_of(net, name, left=True):
+    """The report's reason for layer ``name`` (left dense; or, ``left=False``, replaced with nothing fused)."""
     _, rep = optimize(net, _x(2, 1, 3, 10, 10), return_report=True, block_size=8)
     e = {e.name: e for e in rep.layers}[name]
-    assert e.action == "left"
+    assert e.action == "left" if left else e.detail == "conv", e
     return e.reason
 
 

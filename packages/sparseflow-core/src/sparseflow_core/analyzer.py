@@ -1,7 +1,8 @@
 """Data-flow analysis: which layers consume spikes, and which conv -> BatchNorm -> neuron chains are pure.
 
 One forward with example inputs runs on a deep copy of the model (the user's model and its neuron state
-are not touched), with
+are not touched; a model that cannot be deep-copied, e.g. one holding a lock, runs itself and its state is put
+back afterwards: every module's tensors, buffers and neuron memories, and the random number generators), with
 
 * forward hooks on the *leaf* modules (registry.is_leaf) recording each call's input and output tensors,
 * a ``TorchFunctionMode`` that follows every torch function called *between* leaf modules (reshapes,
@@ -13,7 +14,10 @@ A layer *consumes spikes* when its input descends from a spiking module's output
 and holds integer values (0/1 spikes, or sums of them as in SEW-ResNet); image inputs and non-spiking
 paths are left alone. A chain ``conv -> bn -> neuron`` is *pure* when each output is used exactly once, by
 the next module, unchanged (no in-place write in between, checked through tensor version counters) and
-only through views, so that one fused kernel can stand for the three.
+only through views, and every call of each module belongs to the chain (a BatchNorm or neuron shared with
+another path is not fused: :meth:`Analysis.chained`), so that one fused kernel can stand for the three.
+Functions between leaf modules are recorded too (:class:`FnCall`), so that a residual add can be checked
+(its operands have the output's shape, no broadcasting).
 """
 
 from __future__ import annotations
@@ -74,6 +78,25 @@ class Use:
     direct: bool = False  # module use of the unchanged value, only through views
 
 
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+@dataclass
+class FnCall:
+    """One torch function called between leaf modules (not a view): its name, the roots and shapes of its tensor
+    inputs, and the ids of its outputs."""
+
+    name: str
+    in_roots: list
+    in_shapes: list
+    out_ids: list
+
+
+#: the functions that add two tensors (residual connections)
+ADD_FUNCTIONS = {"add", "__add__", "__radd__", "__iadd__", "add_"}
+
+
 @dataclass
 class CallInfo:
     """One call of a leaf module in the example forward."""
@@ -87,6 +110,7 @@ class CallInfo:
     spike_source: bool  # first input descends from a spiking module
     integer: bool  # first input holds integer values
     out_root: int | None = None
+    in_root: int | None = None  # root of the first input (following views)
     elem_density: float | None = None
     block_density: dict = field(default_factory=dict)
     silent_planes: float | None = None
@@ -98,6 +122,9 @@ class Analysis:
     uses: dict[int, list[Use]]
     types: dict[str, type]
     output_roots: set[int]
+    fns: list[FnCall] = field(default_factory=list)
+    copied: bool = True  # False: the model could not be deep-copied and was analysed in place
+    copy_error: str = ""
 
     def first(self, name: str) -> CallInfo | None:
         c = self.calls.get(name)
@@ -113,6 +140,49 @@ class Analysis:
                 return False, "input does not come from a spiking module (image or non-spiking path)"
             if not c.integer:
                 return False, "input derived from spikes but not integer-valued (not spikes)"
+        return True, ""
+
+    def chained(self, prev: str, nxt: str) -> tuple[bool, str]:
+        """(True, '') when every call of ``nxt`` takes the whole, unchanged output of a call of ``prev`` and the two
+        are called equally often (with ``sole_user(prev) == nxt`` every call of each belongs to the chain); else
+        (False, reason): a module shared with another path must not be fused into this one."""
+        p, n = self.calls.get(prev) or [], self.calls.get(nxt) or []
+        if any(c.producer != prev or not c.direct for c in n) or len(n) != len(p):
+            others = sorted({c.producer or "a function" for c in n if c.producer != prev})
+            return False, (f"{nxt} is called {_times(len(n))}, {prev} {_times(len(p))}"
+                           + (f" ({nxt} also takes the output of {', '.join(others)})" if others else "")
+                           + f": a module shared with another path is not fused")
+        return True, ""
+
+    def fns_using(self, root: int | None) -> list[FnCall]:
+        return [f for f in self.fns if root in f.in_roots]
+
+    def add_broadcasts(self, roots) -> str:
+        """'' when every add that takes one of ``roots`` adds two tensors of one shape; else the shapes of an add
+        that broadcasts (or adds a number), which a fused layer cannot do in its epilogue."""
+        for f in self.fns:
+            if f.name in ADD_FUNCTIONS and any(r in roots for r in f.in_roots):
+                if len(f.in_shapes) != 2 or f.in_shapes[0] != f.in_shapes[1]:
+                    return " + ".join(str(s) for s in f.in_shapes) if len(f.in_shapes) == 2 else "a number"
+        return ""
+
+    def residual_fed(self, bn: str, neuron: str) -> tuple[bool, str]:
+        """(True, '') when every call of ``neuron`` takes ``bn``'s output of one call plus another tensor of the
+        same shape (``neuron(bn(..) + identity)``, in place or not), and the two are called equally often."""
+        b, n = self.calls.get(bn) or [], self.calls.get(neuron) or []
+        if len(b) != len(n):
+            return False, (f"{neuron} is called {_times(len(n))}, {bn} {_times(len(b))}: a module shared with "
+                           "another path is not fused")
+        roots = {c.out_root for c in b}
+        by_out = {i: f for f in self.fns for i in f.out_ids}
+        for c in n:
+            f = by_out.get(c.in_root) if c.in_root not in roots else next(
+                (f for f in self.fns_using(c.in_root) if f.name in ADD_FUNCTIONS), None)
+            if f is None or f.name not in ADD_FUNCTIONS or not roots & set(f.in_roots):
+                return False, f"{neuron} is also called on other inputs: a module shared with another path is not fused"
+        shapes = self.add_broadcasts(roots)
+        if shapes:
+            return False, f"the residual add broadcasts ({shapes})"
         return True, ""
 
     def sole_user(self, name: str) -> tuple[str | None, str]:
@@ -148,6 +218,7 @@ class _Tracker(TorchFunctionMode):
         self.producer: dict[int, tuple[str, object]] = {}  # root id -> (module, version at output)
         self.spike: set[int] = set()
         self.uses: dict[int, list[Use]] = {}
+        self.fns: list[FnCall] = []
 
     def root(self, t: torch.Tensor) -> tuple[int, bool]:
         """(root id, still-unchanged) following aliases."""
@@ -184,6 +255,8 @@ class _Tracker(TorchFunctionMode):
             return out
         for t in ins:
             self.add_use(t, Use("fn", name))
+        self.fns.append(FnCall(name, [self.root(t)[0] for t in ins], [tuple(t.shape) for t in ins],
+                               [id(o) for o in outs if o is not ins[0]]))
         for o in outs:
             self.keep.append(o)
             if name in _SPIKE_KEEP and src_spike:
@@ -208,7 +281,13 @@ def _stats(x: torch.Tensor, m: nn.Module) -> tuple[float, dict, float]:
 def analyze(model: nn.Module, example_inputs, *, copy_model: bool = True, collect_stats: bool = True) -> Analysis:
     """Run one forward of (a deep copy of) ``model`` on ``example_inputs`` (a tensor or a tuple of
     positional arguments) and record the data flow between its leaf modules."""
-    net = copy.deepcopy(model) if copy_model else model
+    net, copy_error, snapshot = model, "", None
+    if copy_model:
+        try:
+            net = copy.deepcopy(model)
+        except Exception as e:  # (a lock, an open file, a generator...): analyse the model itself, state put back
+            copy_error = f"{type(e).__name__}: {e}"
+            snapshot = ModelState(model)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     tr = _Tracker()
     calls: dict[str, list[CallInfo]] = {}
@@ -228,7 +307,7 @@ def analyze(model: nn.Module, example_inputs, *, copy_model: bool = True, collec
                 info = CallInfo(
                     module=name, in_shape=tuple(x.shape), out_shape=None, in_dtype=x.dtype,
                     producer=prod[0] if prod else None, direct=bool(prod) and ok, spike_source=spike,
-                    integer=is_integer_valued(x) if spike else False,
+                    integer=is_integer_valued(x) if spike else False, in_root=r,
                 )
                 if collect_stats and spike and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                     info.elem_density, info.block_density, info.silent_planes = _stats(x, mod)
@@ -278,4 +357,68 @@ def analyze(model: nn.Module, example_inputs, *, copy_model: bool = True, collec
         for h in handles:
             h.remove()
         net.train(was_training)
-    return Analysis(calls=calls, uses=tr.uses, types=types, output_roots=output_roots)
+        if snapshot is not None:
+            snapshot.restore()
+    return Analysis(calls=calls, uses=tr.uses, types=types, output_roots=output_roots, fns=tr.fns,
+                    copied=not copy_error, copy_error=copy_error)
+
+
+#: nn.Module's own bookkeeping attributes (parameters, buffers, children, hooks): not state a forward changes
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
+
+
+class _Saved:
+    __slots__ = ("tensor", "version", "value")
+
+    def __init__(self, t: torch.Tensor):
+        self.tensor, self.version, self.value = t, _version(t), t.detach().clone()
+
+
+def _saved(v):
+    return _Saved(v) if isinstance(v, torch.Tensor) else v
+
+
+def _put_back(saved):
+    if isinstance(saved, _Saved):
+        if _version(saved.tensor) != saved.version:
+            with torch.no_grad():
+                saved.tensor.copy_(saved.value)
+        return saved.tensor
+    return saved
+
+
+class ModelState:
+    """Everything a forward can change in a model, taken before and put back after one: each module's attributes
+    (tensors by value; SpikingJelly's ``_memories``, one level deep), its buffers (BatchNorm statistics), and the
+    random number generators. Attributes a forward adds are removed again."""
+
+    def __init__(self, model: nn.Module):
+        self.modules = []
+        for m in model.modules():
+            attrs = {}
+            for k, v in vars(m).items():
+                if k in _MODULE_INTERNALS:
+                    continue
+                attrs[k] = {kk: _saved(vv) for kk, vv in v.items()} if k == "_memories" and isinstance(v, dict) \
+                    else _saved(v)
+            buffers = {k: _saved(b) for k, b in m._buffers.items()}
+            self.modules.append((m, attrs, buffers))
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        for m, attrs, buffers in self.modules:
+            for k in [k for k in vars(m) if k not in _MODULE_INTERNALS and k not in attrs]:
+                del m.__dict__[k]
+            for k, v in attrs.items():
+                if k == "_memories" and isinstance(v, dict):
+                    m.__dict__[k] = {kk: _put_back(vv) for kk, vv in v.items()}
+                else:
+                    m.__dict__[k] = _put_back(v)
+            for k in [k for k in m._buffers if k not in buffers]:
+                del m._buffers[k]
+            for k, v in buffers.items():
+                m._buffers[k] = _put_back(v)
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)

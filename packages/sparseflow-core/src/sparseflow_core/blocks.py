@@ -1,6 +1,6 @@
 """Block size selection: the spatial tile edge a sparse layer skips at, from its input feature map.
 
-* :func:`select_block_size` - the default rule by input height (>= 56: 16, 14-55: 8, <= 7: dense).
+* :func:`select_block_size` - the default rule by input height (>= 56: 16, 14-55: 8, < 14: dense).
 * ``block_size="auto"`` in ``optimize()`` - :class:`AutoBlockSize`, a forward pre-hook on each replaced
   ``SparseConv2d``: on the first CUDA call for each input shape it times the layer with every candidate of
   :data:`AUTO_CANDIDATES` (a few runs each, neuron state saved and put back) and keeps the fastest; the choice
@@ -22,13 +22,25 @@ _CHOICES: dict = {}
 _TIMINGS: dict = {}
 
 
+#: the default rule's smallest input height with a sparse block size (smaller maps run the dense op)
+SPARSE_MIN_HEIGHT = 14
+
+
 def select_block_size(height: int) -> int | str:
     """Default rule: H >= 56 -> 16, 14 <= H < 56 -> 8, smaller -> ``"dense"`` (too few blocks to skip)."""
     if height >= 56:
         return 16
-    if height >= 14:
+    if height >= SPARSE_MIN_HEIGHT:
         return 8
     return "dense"
+
+
+def dense_reason(block_size, name: str, height: int) -> str:
+    """Why a layer runs the dense op: the user's ``block_size`` said so, or the default rule (small map)."""
+    if block_size == "dense" or (isinstance(block_size, dict) and block_size.get(name) == "dense"):
+        return "block_size='dense': the dense op"
+    return (f"feature map of {height} px (under {SPARSE_MIN_HEIGHT} px): too few blocks to skip, the dense op is "
+            "faster")
 
 
 def auto_choices() -> dict:

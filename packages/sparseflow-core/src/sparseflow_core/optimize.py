@@ -22,6 +22,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sparseflow_ops import (
     SparseConv2d,
@@ -34,15 +35,22 @@ from sparseflow_ops import (
 )
 from sparseflow_ops.pool import TritonMaxPool2d
 
+from .accounting import account_compute_layers, explain_unfolded_bns, new_entry, unchanged_report
 from .analyzer import Analysis, analyze
-from .blocks import AUTO_CANDIDATES, install_auto_block_size, remove_auto_block_size, select_block_size
+from .arguments import NUMERICS, CastInputs, cast_inputs, check_arguments  # noqa: F401 (NUMERICS: re-export)
+from .blocks import (
+    AUTO_CANDIDATES,
+    dense_reason,
+    install_auto_block_size,
+    remove_auto_block_size,
+    select_block_size,
+)
 from .fx_fusion import _is_add, common_parent, finalize_block, fuse_residual, fuse_skip_add, trace_block
 from .handlers import HandlerContext
 from .registry import find_op_handler, is_spiking_module
-from .report import LayerEntry, OptimizeReport
+from .report import LayerEntry, OptimizeReport, user_type
 
 REPORT_ATTR = "_sparseflow_report"
-NUMERICS = ("fast", "faithful")
 ORIGINAL_BLOCK_ATTR = "_sparseflow_original_block"
 
 
@@ -72,7 +80,8 @@ def _hooks(m: nn.Module) -> str:
     kinds += [f"global {k}" for k, d in (("forward", "_global_forward_hooks"),
                                          ("forward pre", "_global_forward_pre_hooks")) if getattr(_mm, d, None)]
     # optimize()'s own lazy pre-hook on the model is not the user's
-    if "forward pre" in kinds and all(isinstance(h, _LazyOptimize) for h in m._forward_pre_hooks.values()):
+    ours = (_LazyOptimize, CastInputs)
+    if "forward pre" in kinds and all(isinstance(h, ours) for h in m._forward_pre_hooks.values()):
         kinds.remove("forward pre")
     return ", ".join(kinds)
 
@@ -87,6 +96,9 @@ def _conv_problem(conv: nn.Conv2d) -> str | None:
         return f"groups={conv.groups} (grouped/depthwise convolution not supported yet)"
     if isinstance(conv.padding, str):
         return f"padding={conv.padding!r} given as a string"
+    if parametrize.is_parametrized(conv):
+        return (f"parametrized {', '.join(conv.parametrizations)} (weight_norm / spectral_norm: computed from "
+                "other tensors on every call)")
     if conv.weight.is_complex():
         return "complex weights"
     if conv.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -106,6 +118,14 @@ def _chain(an: Analysis, model: nn.Module, conv_name: str, conv: nn.Conv2d):
             return None, None, None, None, f"no fusion: {user} is in training mode"
         if _hooks(m):
             return None, None, None, None, f"no fusion: {user} has {_hooks(m)} hooks"
+        if not m.track_running_stats or m.running_mean is None:
+            return None, None, None, None, (f"no fusion: {user} has no running statistics (it normalises with "
+                                            "each batch's statistics)")
+        if m.num_features != conv.out_channels:
+            return None, None, None, None, f"no fusion: {user} has {m.num_features} features"
+        ok, why = an.chained(conv_name, user)
+        if not ok:
+            return None, None, None, None, f"no fusion: {why}"
         bn, bn_name = m, user
         user, why = an.sole_user(bn_name)
         if user is None:
@@ -119,11 +139,17 @@ def _chain(an: Analysis, model: nn.Module, conv_name: str, conv: nn.Conv2d):
             return bn, bn_name, None, None, f"neuron {user} not fused: {why}"
         if _hooks(m):
             return bn, bn_name, None, None, f"neuron {user} not fused: it has {_hooks(m)} hooks"
+        ok, why = an.chained(bn_name or conv_name, user)
+        if not ok:
+            return bn, bn_name, None, None, f"neuron {user} not fused: {why}"
         c_out = an.first(bn_name or conv_name).out_shape
         n_in = an.first(user).in_shape
         conv_in = an.first(conv_name).in_shape
         shape_ok = (n_in == c_out) or (len(conv_in) == 4 and len(n_in) == 5 and n_in[0] * n_in[1] == c_out[0]
                                       and tuple(n_in[2:]) == tuple(c_out[1:]))
+        calls = zip(an.calls[conv_name], an.calls[bn_name or conv_name], an.calls[user])
+        if shape_ok and any((c.in_shape, b.out_shape, n.in_shape) != (conv_in, c_out, n_in) for c, b, n in calls):
+            return bn, bn_name, None, None, f"neuron {user} not fused: calls of different shapes"
         if not shape_ok:
             return bn, bn_name, None, None, f"neuron {user} sees a reshaped view {n_in} of {c_out}"
         if conv.dilation != (1, 1):
@@ -152,11 +178,14 @@ def optimize(
 
     ``example_inputs``: a tensor or a tuple of positional arguments for one forward (any batch size; the
     analysis runs on a copy). None: the model is optimized on its first call, with that call's input.
-    ``block_size``: None for the default rule by input height (>= 56: 16, 14-55: 8, <= 7: dense), an int,
-    ``"dense"``, ``"auto"`` (time the candidates on each layer's first CUDA call per shape, cached; the default
-    rule on the CPU), or a dict {layer name: size}. ``mode``: ``"auto"`` (measure each layer's paths on its first
-    CUDA call and keep the fastest), ``"sparse"``, ``"dense"`` (SparseFlow's kernels without skipping) or
-    ``"torch"``. ``dtype``: convert the model's parameters and buffers (e.g. ``torch.float16``) first.
+    Every argument is checked first (TypeError / ValueError naming it and its allowed values).
+    ``block_size``: None for the default rule by input height (>= 56: 16, 14-55: 8, < 14: dense), an int (4, 8
+    or 16), ``"dense"``, ``"auto"`` (time the candidates on each layer's first CUDA call per shape, cached; the
+    default rule on the CPU), or a dict {layer name: size}. ``mode``: ``"auto"`` (measure each layer's paths on
+    its first CUDA call and keep the fastest), ``"sparse"``, ``"dense"`` (SparseFlow's kernels without skipping) or
+    ``"torch"``. ``dtype``: convert the model's parameters and buffers (``torch.float16`` or ``torch.bfloat16``)
+    first; its floating-point inputs are then cast to ``dtype`` on every call (the example inputs, the lazy first
+    call and every later call alike; integer and boolean inputs pass as they are); ``restore`` removes the cast.
     ``fuse``: fuse conv -> BatchNorm -> neuron chains; ``neurons``: run the remaining neurons on the kernel.
     ``filter_fn(module, fqn) -> bool``: only layers it accepts are touched.
     ``write_occupancy``: fused layers write the occupancy of their spikes for sparse consumers (otherwise
@@ -173,6 +202,9 @@ def optimize(
     state; see its docstring).
     Returns the model (and the :class:`OptimizeReport` when ``return_report``).
     """
+    check_arguments(model, block_size=block_size, mode=mode, dtype=dtype, fuse=fuse, neurons=neurons,
+                    filter_fn=filter_fn, inplace=inplace, cuda_graph=cuda_graph, write_occupancy=write_occupancy,
+                    numerics=numerics, return_report=return_report)
     if cuda_graph:
         model, rep = optimize(model, example_inputs, block_size=block_size, mode=mode, dtype=dtype, fuse=fuse,
                               neurons=neurons, filter_fn=filter_fn, inplace=inplace,
@@ -182,12 +214,15 @@ def optimize(
         wrapped = CudaGraphModel(model)
         wrapped.__dict__[REPORT_ATTR] = rep
         return (wrapped, rep) if return_report else wrapped
-    if numerics not in NUMERICS:
-        raise ValueError(f"numerics must be one of {NUMERICS}, got {numerics!r}")
     if not inplace:
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except Exception as e:
+            raise TypeError(f"optimize(inplace=False) optimizes a deep copy, but the model cannot be deep-copied "
+                            f"({type(e).__name__}: {e}); use inplace=True") from e
     if dtype is not None:
         model.to(dtype)
+        CastInputs.install(model, dtype)
     if is_optimized(model):
         rep = get_report(model) or OptimizeReport()
         if "already optimized: left unchanged" not in rep.notes:
@@ -196,44 +231,35 @@ def optimize(
     opts = dict(block_size=block_size, mode=mode, fuse=fuse, neurons=neurons, filter_fn=filter_fn,
                 write_occupancy=write_occupancy and numerics == "fast", numerics=numerics)
     if example_inputs is None:
-        _LazyOptimize.install(model, opts, dtype)
+        _LazyOptimize.install(model, opts)
         rep = OptimizeReport(notes=["pending: optimized on the first forward call"])
         model.__dict__[REPORT_ATTR] = rep
         return (model, rep) if return_report else model
     if dtype is not None:
-        example_inputs = _cast(example_inputs, dtype)
+        example_inputs = cast_inputs(example_inputs, dtype)
     rep = _optimize_now(model, example_inputs, **opts)
     return (model, rep) if return_report else model
 
 
-def _cast(inputs, dtype):
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(dtype) if inputs.is_floating_point() else inputs
-    if isinstance(inputs, tuple):
-        return tuple(_cast(i, dtype) for i in inputs)
-    return inputs
-
-
 class _LazyOptimize:
-    """Forward pre-hook that optimizes the model with its first real input, then removes itself."""
+    """Forward pre-hook that optimizes the model with its first real input, then removes itself (the input cast of
+    ``dtype=``, :class:`~sparseflow_core.arguments.CastInputs`, runs before it and stays)."""
 
-    def __init__(self, opts, dtype):
+    def __init__(self, opts):
         self.opts = opts
-        self.dtype = dtype
         self.hook_id = None
 
     @classmethod
-    def install(cls, model, opts, dtype):
-        hook = cls(opts, dtype)
+    def install(cls, model, opts):
+        hook = cls(opts)
         handle = model.register_forward_pre_hook(hook)
         hook.hook_id = handle.id
 
     def __call__(self, model, args):
         model._forward_pre_hooks.pop(self.hook_id, None)
         model.__dict__.pop(REPORT_ATTR, None)
-        inputs = _cast(args, self.dtype) if self.dtype is not None else args
-        _optimize_now(model, inputs, **self.opts)
-        return inputs if self.dtype is not None else None
+        _optimize_now(model, args, **self.opts)
+        return None
 
 
 def _block_for(block_size, name, in_shape):
@@ -248,8 +274,21 @@ def _block_for(block_size, name, in_shape):
 
 def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, filter_fn,
                   write_occupancy=False, numerics="fast") -> OptimizeReport:
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    if not any(is_spiking_module(m) for m in model.modules()):
+        rep = unchanged_report(model)
+        model.__dict__[REPORT_ATTR] = rep
+        return rep
     an = analyze(model, example_inputs)
     rep = OptimizeReport()
+    if not an.copied:
+        rep.notes.append(f"the model could not be deep-copied ({an.copy_error}): it was analysed itself and its "
+                         "state (tensors, buffers, neuron memories, random generators) put back afterwards")
+    if any(t.dtype == torch.bfloat16 and not t.is_cuda
+           for t in (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
+           if isinstance(t, torch.Tensor)):
+        rep.notes.append("bfloat16 on the CPU: the Triton interpreter cannot run bfloat16 kernels, so the layers "
+                         "run their dense torch ops until they get CUDA tensors (bfloat16 kernels need a GPU)")
     faithful = numerics == "faithful"
     fused_neurons: set[str] = set()
     replaced: dict[str, SparseConv2d] = {}
@@ -261,7 +300,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
         if not isinstance(m, nn.Conv2d) or isinstance(m, SparseModule) or find_op_handler(m) is not None:
             continue
         info = an.first(name)
-        entry = _entry(rep, name, m, info, filter_fn)
+        entry = new_entry(rep, name, m, info, filter_fn)
         if entry.reason:
             continue
         ok, why = an.spike_fed(name)
@@ -319,7 +358,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
                 deferred.append((name, m, bn, bn_name, bs, entry, note))  # maybe a residual chain
                 continue
         if neuron is None and bs == "dense" and name not in auto_names:
-            entry.reason = "feature map <= 7 px: the dense op is faster" + (f"; {note}" if note else "")
+            entry.reason = dense_reason(block_size, name, info.in_shape[-2]) + (f"; {note}" if note else "")
             entry.block_size = None
             continue
         time_steps = None
@@ -340,9 +379,9 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
             entry.detail = new.kind() + (f" ({bn_name})" if bn_name else "")
         entry.reason = note
     if deferred:
-        _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode)
+        _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode, block_size)
         named = dict(model.named_modules())
-    if fuse and _fuse_skip_adds(model, replaced, rep):
+    if fuse and _fuse_skip_adds(model, an, replaced, rep):
         named = dict(model.named_modules())
     # BatchNorms folded into a convolution: listed in rep.folded, not as layers the BatchNorm handler declined
     folded_bns = {b for b, _ in rep.folded}
@@ -359,7 +398,7 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
     for name, m in named.items():
         if not is_spiking_module(m) or name in fused_neurons or is_bypassed(m):
             continue  # (bypassed: fused into a layer a handler made, which reports it)
-        entry = LayerEntry(name=name, type=type(m).__name__, action="left")
+        entry = LayerEntry(name=name, type=user_type(m), action="left")
         rep.add(entry)
         if not neurons:
             entry.reason = "neurons=False"
@@ -400,12 +439,11 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
                          "SparseFlow's kernels, with the dense model's fp32 results bit for bit")
     else:
         _defer_shifts_to_pools(an, named, replaced, rep)
-    _account_compute_layers(model, an, rep)
+    account_compute_layers(model, an, rep)
+    explain_unfolded_bns(rep)
+    rep.layers.sort(key=lambda e: order.get(e.name, len(order)))  # model order
     if not rep.replaced and not rep.by_action("neuron-kernel"):
-        if not any(is_spiking_module(m) for m in named.values()):
-            rep.notes.append("no spiking modules found: model unchanged")
-        else:
-            rep.notes.append("no layer consumes spikes in a supported way: model unchanged")
+        rep.notes.append("no layer consumes spikes in a supported way: model unchanged")
     model.__dict__[REPORT_ATTR] = rep
     _invalidate_reset_cache(model)
     return rep
@@ -434,39 +472,6 @@ def _first_inner_call(an, name):
     return next((calls[0] for n, calls in an.calls.items() if n.startswith(prefix) and calls), None)
 
 
-#: layer types the report accounts for even when no pass or handler touched them
-COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                 nn.Linear)
-
-
-def _account_compute_layers(model, an, rep) -> None:
-    """A "left" entry, with the reason, for every convolution / linear layer that no pass or handler
-    reported (Conv3d, ConvTranspose3d, ...): the report accounts for every compute layer of the model."""
-    seen = {e.name for e in rep.layers}
-    for name, m in model.named_modules():
-        if not name or name in seen or not isinstance(m, COMPUTE_TYPES):
-            continue
-        if any(name.startswith(s + ".") for s in seen):
-            continue  # inside a module a handler replaced as a whole
-        info = an.first(name)
-        reason = ("not called in the example forward" if info is None
-                  else f"no sparse op for {type(m).__name__} layers")
-        rep.add(LayerEntry(name=name, type=type(m).__name__, action="left", reason=reason,
-                           in_shape=info.in_shape if info else None,
-                           elem_density=info.elem_density if info else None))
-
-
-def _entry(rep, name, m, info, filter_fn) -> LayerEntry:
-    """The report entry of a module about to be considered ("left" until replaced); its reason is set already
-    when ``filter_fn`` excludes the module."""
-    entry = LayerEntry(name=name, type=type(m).__name__, action="left", in_shape=info.in_shape if info else None,
-                       elem_density=info.elem_density if info else None)
-    rep.add(entry)
-    if filter_fn is not None and not filter_fn(m, name):
-        entry.reason = "excluded by filter_fn"
-    return entry
-
-
 def _run_handlers(model, an, rep, block_size, mode, filter_fn, faithful=False) -> None:
     """Modules with a registered op handler (Linear, attention, depthwise conv, ...), outermost first; with
     ``faithful`` (numerics="faithful") only the handlers whose modules reproduce the dense result bit for bit."""
@@ -479,7 +484,7 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn, faithful=False) -
         if handler is None:
             continue
         info = an.first(name) or _first_inner_call(an, name)
-        entry = _entry(rep, name, m, info, filter_fn)
+        entry = new_entry(rep, name, m, info, filter_fn)
         if entry.reason:
             continue
         if info is None:
@@ -495,6 +500,10 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn, faithful=False) -
                 continue
         if _hooks(m):
             entry.reason = f"has {_hooks(m)} hooks, which a replacement module would drop"
+            continue
+        if any(parametrize.is_parametrized(x) for x in m.modules()):
+            entry.reason = ("parametrized weights (weight_norm / spectral_norm: computed from other tensors on "
+                            "every call)")
             continue
         if faithful and not handler.faithful:
             entry.reason = (f"numerics='faithful': left dense ({handler.name}: SparseFlow's kernel would sum in "
@@ -513,6 +522,10 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn, faithful=False) -
             continue
         parent, child = _parent(model, name)
         setattr(parent, child, new)
+        bn = new.__dict__.get("_bn")
+        bn_name = next((n for n, x in model.named_modules() if x is bn), None) if bn is not None else None
+        if bn_name is not None:
+            rep.folded.append((bn_name, name))
         if not handler.descend:
             done.append(name)
         entry.action, entry.detail = handler.action, text or handler.name
@@ -520,7 +533,7 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn, faithful=False) -
             entry.block_size = None
 
 
-def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode):
+def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode, block_size=None):
     """Second pass: ``neuron(bn(conv(x)) + identity)`` chains, fused by rewriting their block with fx."""
     by_block: dict[str, list] = {}
     for item in deferred:
@@ -551,6 +564,8 @@ def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mod
                     why = f"neuron sees a reshaped view {n_in} of {c_out}"
                 elif conv.dilation != (1, 1):
                     why = "dilated convolution"
+                else:
+                    why = an.residual_fed(bn_name, neuron_name)[1]
             if not why:
                 new = SparseConv2d.from_dense(conv, bn, neuron, block_size=bs, mode=mode)
                 sub_parent, child = _parent(gm, _rel(name, parent))
@@ -568,7 +583,7 @@ def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mod
                     continue
             # fall back: conv with the batchnorm folded, the add and neuron stay as they are
             if bs == "dense":
-                entry.reason = f"feature map <= 7 px: the dense op is faster; {note}; residual: {why}"
+                entry.reason = f"{dense_reason(block_size, name, entry.in_shape[-2])}; {note}; residual: {why}"
                 entry.block_size = None
                 continue
             new = SparseConv2d.from_dense(conv, bn, None, block_size=bs, mode=mode)
@@ -586,9 +601,10 @@ def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mod
             setattr(p, c, gm)
 
 
-def _fuse_skip_adds(model, replaced, rep) -> bool:
+def _fuse_skip_adds(model, an, replaced, rep) -> bool:
     """Third pass: ``neuron(bn(conv(x))) + identity`` (SEW-ResNet's ADD connection): the add goes into the fused
-    layer's epilogue (``residual_after``), by rewriting the block with fx. True if any block was rewritten."""
+    layer's epilogue (``residual_after``), by rewriting the block with fx. True if any block was rewritten.
+    An add that broadcasts (an identity of another shape) stays where it is."""
     named = dict(model.named_modules())
     owner = {id(m): n for n, m in named.items()}
     by_block: dict[str, list] = {}
@@ -596,6 +612,13 @@ def _fuse_skip_adds(model, replaced, rep) -> bool:
         neuron = new.fused_neuron
         neuron_name = owner.get(id(neuron)) if neuron is not None else None
         if neuron_name is None:
+            continue
+        shapes = an.add_broadcasts({c.out_root for c in an.calls.get(neuron_name, [])})
+        if shapes:
+            entry = next((e for e in rep.layers if e.name == name), None)
+            if entry is not None:
+                entry.reason = "; ".join(r for r in (entry.reason, f"the add after {neuron_name} broadcasts "
+                                                     f"({shapes}): it stays a separate add") if r)
             continue
         parent = common_parent(name, neuron_name)
         if parent and name in named:
@@ -684,6 +707,7 @@ def restore(model: nn.Module) -> nn.Module:
     for hid, hook in list(model._forward_pre_hooks.items()):
         if isinstance(hook, _LazyOptimize):
             del model._forward_pre_hooks[hid]
+    CastInputs.remove(model)
     model.__dict__.pop(REPORT_ATTR, None)
     _invalidate_reset_cache(model)
     return model

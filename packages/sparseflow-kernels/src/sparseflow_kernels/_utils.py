@@ -49,6 +49,11 @@ def require_dtype(op: str, name: str, t: torch.Tensor) -> None:
         raise TypeError(
             f"{op}: {name} has dtype {t.dtype}; supported are float32, float16 and bfloat16"
         )
+    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        raise TypeError(
+            f"{op}: bfloat16 kernels need a CUDA GPU (the Triton CPU interpreter cannot run them); "
+            "use float32 or float16 on the CPU"
+        )
 
 
 def require_int32_indexable(op: str, *tensors: torch.Tensor | None) -> None:

@@ -41,17 +41,34 @@ def notice_once(key: str, msg: str) -> None:
 
 
 def kernels_can_run(x: torch.Tensor) -> bool:
-    return can_run_triton(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    """Whether the Triton kernels can run on ``x``: a device they run on (CUDA, or the CPU under the interpreter) and
+    a dtype they compute in. bfloat16 needs a GPU: the interpreter cannot run bfloat16 kernels, so CPU bfloat16
+    tensors run the dense torch ops (said once per process)."""
+    if not can_run_triton(x) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        notice_once("cpu-bf16", "sparseflow: bfloat16 kernels need a GPU (the Triton interpreter cannot run them): "
+                    "CPU bfloat16 tensors run the dense torch ops")
+        return False
+    return True
 
 
-def kernels_take(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def kernels_take(x: torch.Tensor, weight: torch.Tensor, op: str = "sparseflow") -> bool:
     """Whether a module's Triton kernels can run on ``x`` with ``weight``: a device they run on, a supported dtype,
-    and the weight's dtype. CPU tensors without the interpreter run the dense torch op (said once per process)."""
+    and the weight's dtype. An input whose dtype differs from the weight's (outside autocast) is refused with a
+    RuntimeError naming both, as the dense layer refuses it; other inputs the kernels cannot take run the dense
+    torch op (said once per process, with the reason)."""
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise RuntimeError(f"{op}: input dtype {x.dtype} does not match the weight dtype {weight.dtype} (the dense "
+                           f"layer refuses it too): give the model {weight.dtype} inputs")
     if kernels_can_run(x) and x.dtype == weight.dtype:
         return True
-    if not x.is_cuda:
+    if not can_run_triton(x):
         notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
                     "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    elif x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        notice_once(f"dtype-dense-{x.dtype}", f"sparseflow: {x.dtype} inputs run the dense torch ops (the kernels "
+                    "take float32, float16 and bfloat16)")
     return False
 
 

@@ -303,7 +303,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             return False
         if self._neuron is not None and self._neuron.training:
             return False
-        if not kernels_take(x, self.weight):
+        if not kernels_take(x, self.weight, type(self).__name__):
             return False
         return self.block_size != "dense" or self._neuron is not None or self._bn is not None
 
@@ -323,6 +323,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         ``sn(bn(conv(x))) + identity`` of a SEW-ResNet block (cnf ADD)."""
         if x.dim() not in (4, 5):
             raise ValueError(f"SparseConv2d expects [N, C, H, W] or [T, N, C, H, W], got {tuple(x.shape)}")
+        if getattr(self, "step_mode", None) == "m" and x.dim() != 5:  # as the multi-step SpikingJelly layer says
+            raise ValueError(f"SparseConv2d (step_mode='m'): expected x with shape [T, N, C, H, W], got "
+                             f"{tuple(x.shape)}")
         if residual is not None and self._neuron is None:
             raise ValueError("SparseConv2d: residual is only accepted by a fused spiking layer")
         self._pending = False
@@ -537,7 +540,10 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             return x
         if adapter.is_multistep(self._neuron):
             T = self.time_steps
-            if not T or x.shape[0] % T:
+            if not T:
+                raise ValueError(f"SparseConv2d: expected x with shape [T, N, C, H, W] (the shape the model was "
+                                 f"optimized with), got {tuple(x.shape)}")
+            if x.shape[0] % T:
                 raise RuntimeError(
                     f"SparseConv2d: a [T*N, ...] input of batch {x.shape[0]} does not match the T={T} seen "
                     "when the model was optimized; run sparseflow.optimize again for the new T"

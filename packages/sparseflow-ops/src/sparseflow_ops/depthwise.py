@@ -76,7 +76,7 @@ class FoldedBNMixin:
         bn = self.folded_bn
         if self.training or (bn is not None and bn.training):
             return False
-        return kernels_take(x, self.weight)
+        return kernels_take(x, self.weight, type(self).__name__)
 
     def _choose(self, key, cands, x):
         if self.mode != "auto":

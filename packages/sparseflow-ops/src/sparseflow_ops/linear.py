@@ -72,7 +72,7 @@ class _GemmMixin:
             return False
         if neuron is not None and neuron.training:
             return False
-        return kernels_take(x, self.weight)
+        return kernels_take(x, self.weight, type(self).__name__)
 
     def _cfg(self, K: int, N: int) -> LinearConfig:
         if self.config is not None:
@@ -312,6 +312,8 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         (and the residual add) on the multi-step kernel (see ``SparseConv2d.forward``)."""
         if x.dim() not in (2, 3, 4):
             raise ValueError(f"SparseConv1d expects [C, L], [N, C, L] or [T, N, C, L], got {tuple(x.shape)}")
+        if getattr(self, "step_mode", None) == "m" and x.dim() != 4:  # as the multi-step SpikingJelly layer says
+            raise ValueError(f"SparseConv1d (step_mode='m'): expected x with shape [T, N, C, L], got {tuple(x.shape)}")
         neuron = self.__dict__.get("_neuron")
         if residual is not None and neuron is None:
             raise ValueError("SparseConv1d: residual is only accepted by a fused spiking projection")

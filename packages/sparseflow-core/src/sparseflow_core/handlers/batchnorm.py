@@ -22,8 +22,7 @@ def _replace(m: nn.BatchNorm2d, ctx):
     an = ctx.analysis
     prod = info.producer if info is not None else None
     if prod is not None and issubclass(an.types.get(prod, type(None)), nn.Conv2d):
-        return None, (f"fed by convolution {prod} (a BatchNorm after a convolution is folded into it when the "
-                      "convolution is replaced)")
+        return None, f"fed by convolution {prod}"  # folded into it when it is replaced (optimize says which)
     ok, why = an.spike_fed(ctx.name)
     if not ok:
         return None, why

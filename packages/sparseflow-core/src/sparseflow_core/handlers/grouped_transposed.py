@@ -15,6 +15,7 @@ from sparseflow_ops.conv_transpose import SparseConvTranspose2d
 from sparseflow_ops.depthwise import SparseGroupedConv2d
 
 from ..registry import OpHandler, register_op_handler
+from . import module_hooks
 
 #: output tile edge of the depthwise kernel: larger tiles (the default rule gives 16 from 56 px) hold a
 #: non-zero somewhere far more often, and the direct kernel gains only from tiles it can skip whole
@@ -43,6 +44,11 @@ def _foldable_bn(m, ctx):
         return None, f"no BatchNorm folded: {user} is in training mode"
     if not bn.track_running_stats or bn.running_mean is None or bn.num_features != m.out_channels:
         return None, f"no BatchNorm folded: {user} has no usable running statistics"
+    if module_hooks(bn):
+        return None, f"no BatchNorm folded: {user} has {module_hooks(bn)} hooks"
+    ok, why = ctx.analysis.chained(ctx.name, user)
+    if not ok:
+        return None, f"no BatchNorm folded: {why}"
     return bn, user
 
 

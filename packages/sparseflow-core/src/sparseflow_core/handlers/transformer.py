@@ -41,6 +41,11 @@ def _folded_bn(ctx, features: int):
         return None, ""
     if bn.training or not bn.track_running_stats or bn.running_mean is None or bn.num_features != features:
         return None, f"BatchNorm {user} not folded (training mode, no running stats or other features)"
+    if module_hooks(bn):
+        return None, f"BatchNorm {user} not folded: it has {module_hooks(bn)} hooks"
+    ok, why = ctx.analysis.chained(ctx.name, user)
+    if not ok:
+        return None, f"BatchNorm {user} not folded: {why}"
     return bn, user
 
 
@@ -59,6 +64,9 @@ def _fusible_neuron(ctx, src: str, conv_name: str):
         return None, None, None, f"neuron {user} not fused: {why}"
     if module_hooks(m):
         return None, None, None, f"neuron {user} not fused: it has {module_hooks(m)} hooks"
+    ok, why = an.chained(src, user)
+    if not ok:
+        return None, None, None, f"neuron {user} not fused: {why}"
     n_in, out, conv_in = an.first(user).in_shape, an.first(src).out_shape, an.first(conv_name).in_shape
     multistep = find_adapter(m).is_multistep(m)
     if multistep and len(n_in) == 4 and len(conv_in) == 3 and n_in[0] * n_in[1] == out[0] and \
