@@ -27,6 +27,7 @@ def _net():
                         neuron.LIFNode(tau=2.0), layer.Conv2d(4, 4, 3, padding=1), neuron.LIFNode(tau=2.0))
     with torch.no_grad():
         net[0].weight.mul_(4.0)
+        net[3].weight.mul_(12.0)
     functional.set_step_mode(net, "m")
     return net.eval()
 
@@ -35,6 +36,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     info = distributed.init_distributed("cpu")
+    torch.manual_seed(1)
     try:
         assert (info.rank, info.world_size, info.backend, info.initialized_here) == (rank, world, "gloo", True)
         dispatch.clear_cache()
@@ -53,6 +55,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         model = optimize(_net(), x)
         with torch.no_grad():
             model(x)
+        # a loop that is not SparseFlow's: lazily optimized, rank 0's choices taken on the first call
+        key2 = ("batchnorm", (9,), (1,), torch.float32, False)
+        if rank == 0:
+            dispatch.set_choice(key2, "torch")
+        lazy = distributed.broadcast_on_first_call(optimize(_net()))
+        x2 = torch.rand(2, 2, 3, 8, 8) * 2  # the same on both ranks (same seed)
+        with torch.no_grad():
+            y = lazy(x2)
+            dense = _net()(x2)
+        assert dispatch.cached(key2) == "torch"
+        assert not lazy._forward_pre_hooks  # both hooks removed themselves
+        assert y.std() > 0  # spikes
+        torch.testing.assert_close(y, dense)  # rank 0's measuring call left no neuron state behind
         reports = distributed.gather_reports(model)
         thr = distributed.gather_throughput(samples=rank + 1, seconds=0.5 * (rank + 1))
         if rank == 0:

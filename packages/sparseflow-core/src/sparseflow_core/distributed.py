@@ -12,7 +12,9 @@ and captures its own CUDA graphs (a graph belongs to one device). What these hel
   device, so a choice measured on rank 0 applies on every rank. Rank 0 measures (runs the model on the batch
   shapes of the job), :func:`broadcast_dispatch` sends its choices, and the other ranks take the same paths
   before their first call: every rank runs the same kernels, and a sample's logits do not depend on the
-  rank that computed them (paths differ in their order of fp32 sums).
+  rank that computed them (paths differ in their order of fp32 sums). :func:`broadcast_on_first_call` does the
+  same inside a loop that is not SparseFlow's (e.g. SpikingJelly's distributed inference): on the model's
+  first call rank 0 runs the batch once to measure, then every rank takes its choices.
 * :func:`gather_reports` - every rank's ``OptimizeReport`` (with the path each layer took) on rank 0, and
   :func:`path_disagreements` - the layers whose paths differ between ranks (none when the choices were
   broadcast).
@@ -22,6 +24,7 @@ and captures its own CUDA graphs (a graph belongs to one device). What these hel
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +35,7 @@ from . import blocks
 __all__ = [
     "DistInfo",
     "broadcast_dispatch",
+    "broadcast_on_first_call",
     "export_dispatch",
     "gather_reports",
     "gather_throughput",
@@ -133,6 +137,39 @@ def broadcast_dispatch(src: int = 0, group=None) -> int:
     if dist.get_rank() != src:
         return import_dispatch(payload[0])
     return len(payload[0]["kernels"]) + len(payload[0]["block_sizes"])
+
+
+class _BroadcastOnFirstCall:
+    """Forward pre-hook of :func:`broadcast_on_first_call` (removes itself on the first call)."""
+
+    def __init__(self, model, src, group):
+        self.target = weakref.ref(model)  # a deep copy of the model (optimize's analysis) carries an inert copy
+        self.src, self.group, self.hook_id = src, group, None
+
+    def __call__(self, module, args, kwargs):
+        if module is not self.target():
+            return None
+        module._forward_pre_hooks.pop(self.hook_id, None)
+        getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(self.hook_id, None)
+        if is_distributed() and dist.get_rank() == self.src:
+            from .cuda_graph import reset_states
+
+            with torch.no_grad():
+                module(*args, **kwargs)  # measures every layer's paths on this batch
+            reset_states(module)  # the real call starts from reset neurons, as it would have
+        broadcast_dispatch(self.src, self.group)
+        return None
+
+
+def broadcast_on_first_call(model, src: int = 0, group=None):
+    """Make the ranks take rank ``src``'s kernel paths in a loop that is not SparseFlow's: on ``model``'s first
+    call, rank ``src`` runs the batch once (measuring the paths; its neurons are reset after) and
+    :func:`broadcast_dispatch` gives every rank its choices before the call proceeds. Every rank must make its
+    first call at the same time (a collective), as in a data-parallel loop whose ranks get the same number of
+    batches. Install it after ``optimize()`` (a lazy ``optimize()`` then runs first). Returns ``model``."""
+    hook = _BroadcastOnFirstCall(model, src, group)
+    hook.hook_id = model.register_forward_pre_hook(hook, with_kwargs=True).id
+    return model
 
 
 def _report_dict(model_or_report) -> dict:
