@@ -122,6 +122,11 @@ def test_eval_event_frames_match_dense_model(tiny, tmp_path) -> None:
     assert torch.equal(res["prediction"], ref.argmax(1))
     assert summary["throughput"]["samples"] == n and summary["throughput"]["samples_per_s"] > 0
     assert summary["accuracy"] == pytest.approx(float((ref.argmax(1) == labels).float().mean()))
+    base = evaluate.evaluate(["--model", tiny, "--data", str(tmp_path / "events.pt"), "--T", str(T), "--num-classes",
+                              "5", "--batch-size", "2", "--out", str(tmp_path / "dense"), "--no-optimize",
+                              "--no-progress"])
+    assert not base["optimized"] and summary["optimized"]
+    torch.testing.assert_close(torch.load(tmp_path / "dense" / "predictions.pt")["logits"], ref)
     with pytest.raises(ValueError, match="T=2 time steps, the model was asked for T=3"):
         evaluate.evaluate(["--model", tiny, "--data", str(tmp_path / "events.pt"), "--T", "3", "--no-progress"])
 

@@ -1,5 +1,6 @@
 """sparseflow_core.distributed: the dispatch choices broadcast from rank 0, the reports and the throughput
-gathered, on 2 CPU processes (gloo; forked, so that they share the imported modules)."""
+gathered, on 2 CPU processes (gloo, spawned: a forked child of a process that ran torch ops can hang in
+OpenMP)."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def _free_port() -> int:
 
 def test_two_ranks_broadcast_dispatch_gather_reports_and_throughput(tmp_path) -> None:
     out = tmp_path / "rank0.json"
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="fork")
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn")
     res = json.loads(out.read_text())
     reps = res["reports"]
     assert [r["rank"] for r in reps] == [0, 1]

@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--numerics", default="fast", choices=("fast", "faithful"), help="optimize(numerics=...)")
     p.add_argument("--block-size", default=None, help="optimize(block_size=...): an integer, 'dense' or 'auto'")
     p.add_argument("--cuda-graph", action="store_true", help="optimize(cuda_graph=True) (CUDA only)")
+    p.add_argument("--no-optimize", action="store_true", help="the dense model through the same pipeline (the "
+                   "baseline of the throughput and of the predictions; --cuda-graph then captures the dense model)")
     p.add_argument("--dispatch", default="broadcast", choices=("broadcast", "per-rank"),
                    help="broadcast: rank 0 measures the kernel paths, every rank takes its choices (default); "
                    "per-rank: each rank measures its own")
@@ -105,7 +107,7 @@ def _forward(model, x):
     with torch.inference_mode():
         out = logits_of(model(x)).float()
         out = out.clone()  # a CUDA graph's output buffer is overwritten by the next replay
-    reset_states(getattr(model, "model", model))  # the next batch starts from reset neurons
+    reset_states(model)  # the next batch starts from reset neurons (a CUDA graph wrapper's model included)
     return out
 
 
@@ -148,6 +150,9 @@ def _prepare(a, info, dataset):
     cuda_graph = a.cuda_graph and info.device.type == "cuda"
 
     def opt():
+        if a.no_optimize:
+            model.to(dtype)
+            return sparseflow_core.cuda_graph(model) if cuda_graph else model
         example = _batch(dataset, range(sizes[0]), a.T, info.device, dtype)[0]
         return sparseflow_core.optimize(model, example, dtype=dtype, numerics=a.numerics,
                                         block_size=_block_size(a.block_size), cuda_graph=cuda_graph)
@@ -272,13 +277,13 @@ def evaluate(argv=None) -> dict | None:
         model, n_choices, sizes = _prepare(a, info, dataset)
         indices, labels, logits, seconds = _run_shard(a, info, dataset, model)
         thr = gather_throughput(len(indices), seconds, info.device if info.backend == "nccl" else None)
-        reports = gather_reports(model)
+        reports = [] if a.no_optimize else gather_reports(model)
         result = _gather_predictions(info, indices, labels, logits, len(dataset))
         if info.rank != 0:
             return None
         idx, labels, logits = result
         summary = {
-            "model": a.model, "data": str(a.data), "samples": len(dataset), "world_size": info.world_size,
+            "model": a.model, "optimized": not a.no_optimize, "data": str(a.data), "samples": len(dataset), "world_size": info.world_size,
             "backend": info.backend, "device": str(info.device), "T": a.T, "batch_size": a.batch_size,
             "batch_sizes": sizes, "dtype": a.dtype, "numerics": a.numerics, "cuda_graph": a.cuda_graph,
             "dispatch": a.dispatch, "dispatch_choices_broadcast": n_choices,

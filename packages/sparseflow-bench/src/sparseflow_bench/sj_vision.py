@@ -34,7 +34,9 @@ __all__ = [
     "SparseFlowSEWResNet34Config",
     "SparseFlowSpikformerBuilder",
     "SparseFlowSpikformerConfig",
+    "image_folder",
     "sparseflow_artifact",
+    "tensor_file",
 ]
 
 
@@ -84,6 +86,36 @@ class SparseFlowSpikformerConfig(SpikformerConfig):
 
 class SparseFlowSpikformerBuilder(SparseFlowBuilderMixin, SpikformerBuilder):
     pass
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """(input, label) items, as SpikingJelly's loaders take them, of a ``sparseflow_bench.eval_data`` data set."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        x, label, _ = self.dataset[index]
+        return x, label
+
+
+def image_folder(root: str, size: int = 224, normalize: bool = True) -> torch.utils.data.Dataset:
+    """SpikingJelly ``dataset_builder`` (``"sparseflow_bench.sj_vision.image_folder"``): the images of
+    ``sparseflow-bench eval``'s folder data sets, as (image, label) pairs in the same order."""
+    from .eval_data import ImageFolderDataset
+
+    return _Pairs(ImageFolderDataset(root, size=size, normalize=normalize))
+
+
+def tensor_file(path: str) -> torch.utils.data.Dataset:
+    """SpikingJelly ``dataset_builder`` (``"sparseflow_bench.sj_vision.tensor_file"``): a ``.pt`` data set of
+    ``sparseflow-bench eval`` as (input, label) pairs (``input_layout="NTCHW"`` for event frames)."""
+    from .eval_data import TensorFileDataset
+
+    return _Pairs(TensorFileDataset(path))
 
 
 _WITH_SPARSEFLOW = {SEWResNet34Config: SparseFlowSEWResNet34Config, SpikformerConfig: SparseFlowSpikformerConfig}
