@@ -275,7 +275,13 @@ def evaluate(argv=None) -> dict | None:
             error = e
         _sync_error(error, info, "opening the data set")
         model, n_choices, sizes = _prepare(a, info, dataset)
-        indices, labels, logits, seconds = _run_shard(a, info, dataset, model)
+        shard = None
+        try:
+            shard = _run_shard(a, info, dataset, model)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank by _sync_error
+            error = e
+        _sync_error(error, info, "running its shard of the data set")
+        indices, labels, logits, seconds = shard
         thr = gather_throughput(len(indices), seconds, info.device if info.backend == "nccl" else None)
         reports = [] if a.no_optimize else gather_reports(model)
         result = _gather_predictions(info, indices, labels, logits, len(dataset))
@@ -283,10 +289,10 @@ def evaluate(argv=None) -> dict | None:
             return None
         idx, labels, logits = result
         summary = {
-            "model": a.model, "optimized": not a.no_optimize, "data": str(a.data), "samples": len(dataset), "world_size": info.world_size,
-            "backend": info.backend, "device": str(info.device), "T": a.T, "batch_size": a.batch_size,
-            "batch_sizes": sizes, "dtype": a.dtype, "numerics": a.numerics, "cuda_graph": a.cuda_graph,
-            "dispatch": a.dispatch, "dispatch_choices_broadcast": n_choices,
+            "model": a.model, "optimized": not a.no_optimize, "data": str(a.data), "samples": len(dataset),
+            "world_size": info.world_size, "backend": info.backend, "device": str(info.device), "T": a.T,
+            "batch_size": a.batch_size, "batch_sizes": sizes, "dtype": a.dtype, "numerics": a.numerics,
+            "cuda_graph": a.cuda_graph, "dispatch": a.dispatch, "dispatch_choices_broadcast": n_choices,
             "throughput": thr, "path_disagreements": path_disagreements(reports),
         }
         if bool((labels >= 0).all()):
