@@ -3,6 +3,8 @@
     sparseflow-bench [run options]                       benchmarks (GPU) or the CPU demo, then the report
     sparseflow-bench report --results DIR [--readme F]   long-format CSV, pytest-benchmark JSON, plots, tables
     sparseflow-bench compare NEW OLD [--threshold 0.05]  regression guard: exit 1 on a slow-down > threshold
+    sparseflow-bench eval --model M --data D [...]       a data set through the optimized model (torchrun: many
+                                                         GPUs; see docs/distributed.md)
 
 With a CUDA GPU, ``run`` executes the sections of :mod:`sparseflow_bench.gpu_run` (per-layer fused and
 standalone-conv tables, the batch sweep, end-to-end models and every section module given in --sections;
@@ -271,6 +273,10 @@ def main(argv=None) -> int:
         from . import compare
 
         return compare.main(argv[1:])
+    if argv and argv[0] == "eval":
+        from . import evaluate
+
+        return evaluate.main(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     if "--dry" in argv:  # the kernels run on the CPU through Triton's interpreter (chosen before triton loads)

@@ -49,6 +49,13 @@ def auto_choices() -> dict:
         return dict(_CHOICES)
 
 
+def set_auto_choices(choices: dict) -> None:
+    """Put cached winners back ({key: block size}, as :func:`auto_choices` returns them); a key already cached
+    is overwritten."""
+    with _LOCK:
+        _CHOICES.update(choices)
+
+
 def auto_timings() -> dict:
     """The measured medians (ms) per key and candidate."""
     with _LOCK:

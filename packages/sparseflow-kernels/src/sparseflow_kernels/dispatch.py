@@ -28,6 +28,13 @@ def cached(key):
         return _CACHE.get(key)
 
 
+def choices() -> dict:
+    """Every cached choice, {key: candidate name} (a copy): what :func:`set_choice` puts back, e.g. on another
+    process that runs the same model, so that both take the same paths."""
+    with _LOCK:
+        return dict(_CACHE)
+
+
 def timings(key=None):
     """The measured medians (ms) by candidate name, for one key or all of them."""
     with _LOCK:
