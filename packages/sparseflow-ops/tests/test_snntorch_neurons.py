@@ -241,3 +241,30 @@ def test_property_any_parameters(beta, thr, gsf, reset, delay, kind, seed):
     opt.graded_spikes_factor.fill_(gsf)
     xs = inputs(3, shape=(2, 3, 5), seed=seed)
     compare(run_explicit(dense, xs, kind), run_explicit(opt, xs, kind))
+
+
+def test_parameters_read_once_and_again_after_a_change(monkeypatch):
+    """The parameters' values (a device sync on CUDA) are read once per configuration, and again after an in-place
+    change (an optimizer step, load_state_dict): the new beta is used."""
+    from sparseflow_ops import snntorch_neurons
+
+    built = []
+    orig = snntorch_neurons.step_plan
+    monkeypatch.setattr(snntorch_neurons, "step_plan", lambda *a, **k: built.append(1) or orig(*a, **k))
+    dense, opt = twins("leaky")
+    xs = inputs(4, seed=13)
+    compare(run_explicit(dense, xs, "leaky"), run_explicit(opt, xs, "leaky"))
+    assert len(built) == 2  # 4 steps: the first from no state (snnTorch's zeros), then the mem's configuration
+    with torch.no_grad():
+        dense.beta.fill_(0.5)
+        opt.beta.fill_(0.5)
+    compare(run_explicit(dense, xs, "leaky"), run_explicit(opt, xs, "leaky"))
+    assert len(built) == 3  # (init_leaky() now gives a mem of the input's shape: one configuration)
+
+
+def test_reset_mechanism_changed_after_construction_is_left():
+    """snnTorch keeps the constructor's state update when reset_mechanism is assigned later: not the kernel's case."""
+    m = snntorch.Leaky(beta=0.8)
+    m.reset_mechanism = "zero"
+    adapter, why = standalone_neuron_support(m)
+    assert adapter is None and "changed after construction" in why

@@ -179,47 +179,77 @@ def _param(p: torch.Tensor, dtype, ref: torch.Tensor, clamp: bool):
     return _like(q.float(), ref), 0.0
 
 
-def snntorch_step(x: torch.Tensor, mem: torch.Tensor | None, *, beta: torch.Tensor, threshold: torch.Tensor,
-                  graded_spikes_factor: torch.Tensor, reset: str = "subtract", reset_delay: bool = True,
-                  syn: torch.Tensor | None = None, alpha: torch.Tensor | None = None, synaptic: bool = False):
-    """One step of snnTorch ``Leaky`` (or ``Synaptic`` with ``synaptic=True``): returns ``(spk, mem)`` (``(spk, syn,
-    mem)``). ``mem``/``syn``: the previous states shaped like ``x`` (None: zeros in ``x``'s dtype, as snnTorch
-    starts). The parameters are the module's tensors (their dtypes and 0-dim-ness decide the arithmetic's dtypes,
-    see :func:`step_dtypes`); tensors of several values broadcast to ``x``'s shape. Outputs take the memory layout
-    snnTorch's own ops give them (``mem``'s, or ``x``'s without one)."""
+class StepPlan:
+    """What one configuration of the step needs besides the tensors: the dtypes (:func:`step_dtypes`), the kernel's
+    scalar parameters and, for parameters of several values, fp32 arrays laid out like the outputs. Building it
+    reads the parameters' values (a device sync on CUDA): callers cache it per parameter version and layout."""
+
+    def __init__(self, dtypes, scalars, arrays, shape, stride, reset, reset_delay, synaptic):
+        self.dtypes, self.scalars, self.arrays = dtypes, scalars, arrays
+        self.shape, self.stride = tuple(shape), tuple(stride)
+        self.reset, self.reset_delay, self.synaptic = reset, bool(reset_delay), bool(synaptic)
+
+
+def step_plan(x: torch.Tensor, mem: torch.Tensor | None, syn: torch.Tensor | None, *, beta: torch.Tensor,
+              threshold: torch.Tensor, graded_spikes_factor: torch.Tensor, alpha: torch.Tensor | None = None,
+              reset: str = "subtract", reset_delay: bool = True, synaptic: bool = False) -> StepPlan:
+    """The :class:`StepPlan` of :func:`snntorch_step` for these inputs (only their dtypes, shape and the layout of
+    ``mem``, else ``x``, matter). ValueError / TypeError name what the kernel does not take."""
     op = "snntorch_step"
     if reset not in RESETS:
         raise ValueError(f"{op}: reset must be one of {sorted(RESETS)}, got {reset!r}")
     if synaptic and alpha is None:
         raise ValueError(f"{op}: synaptic=True needs alpha")
+    if graded_spikes_factor.numel() != 1:
+        raise ValueError(f"{op}: graded_spikes_factor must hold one value, got shape "
+                         f"{tuple(graded_spikes_factor.shape)}")
+    dts = step_dtypes(x.dtype, mem.dtype if mem is not None else x.dtype,
+                      (syn.dtype if syn is not None else x.dtype) if synaptic else None,
+                      beta, threshold, alpha, graded_spikes_factor, reset, reset_delay, synaptic)
+    # snnTorch's results take the previous membrane's memory layout (it is the first tensor operand of each step's
+    # chain: beta * mem + x), x's where the step starts from zeros
+    ref = torch.empty_like(mem if mem is not None else x, dtype=dts["spk"])
+    pb, b = _param(beta, dts["beta"], ref, True)
+    pr, tr = _param(threshold, dts["reset"], ref, False)
+    pf, tf = _param(threshold, dts["fire"], ref, False)
+    ps, ts = _param(threshold, dts["sub"], ref, False)
+    pa, a = _param(alpha, dts["alpha"], ref, True) if synaptic else (None, 0.0)
+    gsf = float(graded_spikes_factor.detach().to(dts["spk"]))
+    return StepPlan(dts, (b, tr, tf, ts, a, gsf), (pb, pr, pf, ps, pa), ref.shape, ref.stride(), reset, reset_delay,
+                    synaptic)
+
+
+def snntorch_step(x: torch.Tensor, mem: torch.Tensor | None, *, beta: torch.Tensor, threshold: torch.Tensor,
+                  graded_spikes_factor: torch.Tensor, reset: str = "subtract", reset_delay: bool = True,
+                  syn: torch.Tensor | None = None, alpha: torch.Tensor | None = None, synaptic: bool = False,
+                  plan: StepPlan | None = None):
+    """One step of snnTorch ``Leaky`` (or ``Synaptic`` with ``synaptic=True``): returns ``(spk, mem)`` (``(spk, syn,
+    mem)``). ``mem``/``syn``: the previous states shaped like ``x`` (None: zeros in ``x``'s dtype, as snnTorch
+    starts). The parameters are the module's tensors (their dtypes and 0-dim-ness decide the arithmetic's dtypes,
+    see :func:`step_dtypes`); tensors of several values broadcast to ``x``'s shape. Outputs take the memory layout
+    snnTorch's own ops give them (``mem``'s, or ``x``'s without one). ``plan``: a cached :func:`step_plan` of the
+    same configuration (else built here, which reads the parameters: a device sync)."""
+    op = "snntorch_step"
     for name, t in (("mem", mem), ("syn", syn)):
         if t is not None and t.shape != x.shape:
             raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, the input {tuple(x.shape)}")
     require_triton_device(op, x, mem, syn if synaptic else None)
     require_int32_indexable(op, x)
-    dts = step_dtypes(x.dtype, mem.dtype if mem is not None else x.dtype,
-                      (syn.dtype if syn is not None else x.dtype) if synaptic else None,
-                      beta, threshold, alpha, graded_spikes_factor, reset, reset_delay, synaptic)
-    # snnTorch's results take the previous membrane's memory layout (it is the first tensor operand of each step's
-    # chain: beta * mem + x), x's where the step starts from zeros; the synaptic current likewise follows syn
+    if plan is None:
+        plan = step_plan(x, mem, syn, beta=beta, threshold=threshold, graded_spikes_factor=graded_spikes_factor,
+                         alpha=alpha, reset=reset, reset_delay=reset_delay, synaptic=synaptic)
+    dts = plan.dtypes
     ref = new_output(mem if mem is not None else x, dts["spk"])
+    if (tuple(ref.shape), tuple(ref.stride())) != (plan.shape, plan.stride) or plan.synaptic != bool(synaptic):
+        raise ValueError(f"{op}: the plan was made for shape {plan.shape}, strides {plan.stride}")
     xs = _like(x, ref)
     ms = _like(mem, ref) if mem is not None else None
     ss = _like(syn, ref) if (synaptic and syn is not None) else None
     spk = ref
     mem_out = new_output(ref, dts["mem"])
     syn_out = new_output(ref, dts["syn"]) if synaptic else None
-    pb, b = _param(beta, dts["beta"], ref, True)
-    pr, tr = _param(threshold, dts["reset"], ref, False)
-    pf, tf = _param(threshold, dts["fire"], ref, False)
-    ps, ts = _param(threshold, dts["sub"], ref, False)
-    pa, a = _param(alpha, dts["alpha"], ref, True) if synaptic else (None, 0.0)
-    if graded_spikes_factor.numel() != 1:
-        raise ValueError(f"{op}: graded_spikes_factor must hold one value, got shape "
-                         f"{tuple(graded_spikes_factor.shape)}")
-    gsf = float(graded_spikes_factor.detach().to(dts["spk"]))
-    if (pr is None) != (pf is None) or (pr is None) != (ps is None):
-        raise AssertionError("threshold conversions disagree")
+    b, tr, tf, ts, a, gsf = plan.scalars
+    pb, pr, pf, ps, pa = plan.arrays
     E = x.numel()
     if E:
         BLOCK = 1024
@@ -230,7 +260,7 @@ def snntorch_step(x: torch.Tensor, mem: torch.Tensor | None, *, beta: torch.Tens
             pb if pb is not None else dummy, pr if pr is not None else dummy, pf if pf is not None else dummy,
             ps if ps is not None else dummy, pa if pa is not None else dummy,
             b, tr, tf, ts, a, gsf, E,
-            RESET=RESETS[reset], DELAY=bool(reset_delay), SYN=bool(synaptic), HAS_M=ms is not None,
+            RESET=RESETS[plan.reset], DELAY=plan.reset_delay, SYN=plan.synaptic, HAS_M=ms is not None,
             HAS_S=ss is not None, PER_BETA=pb is not None, PER_THR=pr is not None, PER_ALPHA=pa is not None,
             R_SP=_ROUND[dts["alpha"]] if synaptic else 0, R_SB=_ROUND[dts["syn"]] if synaptic else 0,
             R_P=_ROUND[dts["beta"]], R_B=_ROUND[dts["base"]], BLOCK=BLOCK, num_warps=4,
@@ -238,7 +268,7 @@ def snntorch_step(x: torch.Tensor, mem: torch.Tensor | None, *, beta: torch.Tens
         )
     if synaptic:
         syn_ref = syn if syn is not None else x
-        if syn_out.stride() != torch.empty_like(syn_ref, dtype=syn_out.dtype).stride():
+        if syn_ref.stride() != ref.stride():  # (the synaptic current keeps its own layout, as in snnTorch)
             syn_out = torch.empty_like(syn_ref, dtype=syn_out.dtype).copy_(syn_out)
         return spk, syn_out, mem_out
     return spk, mem_out

@@ -17,7 +17,7 @@ from torch import nn
 from sparseflow_kernels import multistep_neuron
 from sparseflow_kernels.library import compiling, neuron_args
 
-from ._common import kernels_can_run, notice_once
+from ._common import VersionCache, kernels_can_run, notice_once
 from .neurons import find_adapter, standalone_neuron_support
 
 
@@ -51,12 +51,13 @@ class KernelNeuronForward:
         self.preserve_layout = preserve_layout
         self._spec = None
         self._spec_key = None
+        self._plan = VersionCache()  # (an adapter's step plan, kept across calls)
 
     def __call__(self, x, *args, **kwargs):
         m = self.module
         adapter = find_adapter(m)
         if adapter.step_forward:  # snnTorch: one step per call, with the framework's own signature
-            return adapter.step(m, x, args, kwargs)
+            return adapter.step(m, x, args, kwargs, cache=self._plan)
         if args or kwargs or m.training or not isinstance(x, torch.Tensor) or not kernels_can_run(x):
             if isinstance(x, torch.Tensor) and not x.is_cuda and not m.training:
                 notice_once("cpu-neuron", "sparseflow: CPU tensors run the neurons' own torch code")
@@ -79,6 +80,7 @@ class KernelNeuronForward:
         self.preserve_layout = state.get("preserve_layout", False)
         self._spec = None
         self._spec_key = None
+        self._plan = VersionCache()
 
 
 def accelerate_neuron(module: nn.Module, *, preserve_layout: bool = False) -> nn.Module:

@@ -26,15 +26,27 @@ from torch import nn
 
 from sparseflow_kernels import NeuronSpec
 from sparseflow_kernels.library import compiling
-from sparseflow_kernels.snntorch_step import snntorch_step, step_dtypes
+from sparseflow_kernels.snntorch_step import snntorch_step, step_plan
 
-from ._common import kernels_can_run
+from ._common import VersionCache, kernels_can_run, version_key
 from .neurons import NeuronAdapter, Unsupported, _float
 
 #: snnTorch surrogate-gradient factories whose forward is the Heaviside step ``(x > 0).float()``
 _HEAVISIDE_FACTORIES = {"straight_through_estimator", "triangular", "fast_sigmoid", "atan", "heaviside", "sigmoid",
                         "spike_rate_escape", "SSO", "SFS", "custom_surrogate"}
 _RESET_NAMES = ("subtract", "zero", "none")
+_STATE_FUNCTIONS = (("_base_sub", "subtract"), ("_base_zero", "zero"), ("_base_int", "none"))
+
+
+def _reset_of(m: nn.Module) -> str | None:
+    """The reset snnTorch's forward applies: its ``state_function``, chosen by the constructor (assigning
+    ``reset_mechanism`` later changes only the ``reset_delay=False`` branch; None when the two disagree). Read
+    without touching the ``reset_mechanism_val`` buffer (a device sync)."""
+    fn = getattr(getattr(m, "state_function", None), "__func__", None)
+    for name, reset in _STATE_FUNCTIONS:
+        if fn is not None and fn is getattr(type(m), name, None):
+            return reset if getattr(m, "_reset_mechanism", reset) == reset else None
+    return None
 
 
 def _heaviside_spike_grad(m: nn.Module) -> bool:
@@ -68,8 +80,10 @@ class _SnnStep(NeuronAdapter):
         if not _heaviside_spike_grad(m):
             raise Unsupported("spike_grad is not one of snnTorch's surrogate functions (its forward may not be the "
                               "Heaviside step)")
-        if int(m.reset_mechanism_val) not in (0, 1, 2):
-            raise Unsupported(f"unknown reset_mechanism_val {int(m.reset_mechanism_val)}")
+        val = int(m.reset_mechanism_val)
+        if val not in (0, 1, 2) or _reset_of(m) != _RESET_NAMES[val]:
+            raise Unsupported(f"reset_mechanism ({m.reset_mechanism!r}) was changed after construction: snnTorch "
+                              "keeps the constructor's state update and uses the new one only with reset_delay=False")
         if not _one_value(m.graded_spikes_factor):
             raise Unsupported("graded_spikes_factor is not one value")
         for name in ("beta", "threshold", "alpha"):
@@ -118,7 +132,10 @@ class _SnnStep(NeuronAdapter):
             states[name] = v
         return states
 
-    def step(self, m, x, args, kwargs):
+    def step(self, m, x, args, kwargs, cache: VersionCache | None = None):
+        """One call of ``m`` (``m(x, *args, **kwargs)``) on the kernel, or snnTorch's own forward where the kernel
+        does not apply. ``cache``: where the parameters' :func:`step_plan` is kept between calls (without one, each
+        call reads the parameters: a device sync)."""
         dense = type(m).forward
         if m.training or compiling() or not isinstance(x, torch.Tensor) or not kernels_can_run(x):
             return dense(m, x, *args, **kwargs)
@@ -141,21 +158,23 @@ class _SnnStep(NeuronAdapter):
             elif v.device != x.device:
                 return dense(m, x, *args, **kwargs)
             cur[name] = v
-        reset = _RESET_NAMES[int(m.reset_mechanism_val)]
+        reset = _reset_of(m)
+        if reset is None:
+            return dense(m, x, *args, **kwargs)
+        mem, syn = cur["mem"], cur.get("syn")
+        like = mem if mem is not None else x
+        key = (version_key(*params), x.dtype, None if mem is None else mem.dtype, None if syn is None else syn.dtype,
+               tuple(like.shape), tuple(like.stride()), like.device, reset, bool(m.reset_delay))
         try:
-            step_dtypes(x.dtype, (cur["mem"] if cur["mem"] is not None else x).dtype,
-                        ((cur["syn"] if cur["syn"] is not None else x).dtype if self.synaptic else None),
-                        m.beta, m.threshold, getattr(m, "alpha", None), m.graded_spikes_factor, reset,
-                        bool(m.reset_delay), self.synaptic)
-            for p in params[:2] + params[3:]:
-                if p.dim() and torch.broadcast_shapes(p.shape, x.shape) != x.shape:
-                    return dense(m, x, *args, **kwargs)
-        except (TypeError, RuntimeError):
+            plan = (cache or VersionCache()).get(key, lambda: step_plan(
+                x, mem, syn, beta=m.beta, threshold=m.threshold, graded_spikes_factor=m.graded_spikes_factor,
+                alpha=getattr(m, "alpha", None), reset=reset, reset_delay=bool(m.reset_delay),
+                synaptic=self.synaptic))
+        except (TypeError, ValueError):  # (dtypes or parameter shapes the kernel does not take)
             return dense(m, x, *args, **kwargs)
         with torch.no_grad():
-            out = snntorch_step(x, cur["mem"], syn=cur.get("syn"), beta=m.beta, threshold=m.threshold,
-                                alpha=getattr(m, "alpha", None), graded_spikes_factor=m.graded_spikes_factor,
-                                reset=reset, reset_delay=bool(m.reset_delay), synaptic=self.synaptic)
+            out = snntorch_step(x, mem, syn=syn, beta=m.beta, threshold=m.threshold, alpha=getattr(m, "alpha", None),
+                                graded_spikes_factor=m.graded_spikes_factor, synaptic=self.synaptic, plan=plan)
         if self.synaptic:
             spk, m.syn, m.mem = out
             full = (spk, m.syn, m.mem)
