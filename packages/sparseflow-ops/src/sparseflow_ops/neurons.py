@@ -183,8 +183,8 @@ class _SnnUnsupported(NeuronAdapter):
 
 
 _SNN_UNSUPPORTED = {
-    "Alpha": "two coupled state variables (excitatory and inhibitory currents); the kernels run one-state "
-             "neurons (snnTorch Leaky, Synaptic)",
+    "Alpha": "two coupled state variables (excitatory and inhibitory currents); the kernels run snnTorch Leaky "
+             "and Synaptic",
     "Lapicque": "RC-circuit dynamics (R, C, time_step); the kernels run snnTorch Leaky",
     "RLeaky": "recurrent weights feed the spikes back; the kernels run feed-forward neurons",
     "RSynaptic": "recurrent, with two state variables",
