@@ -12,6 +12,7 @@ def _poison_outputs(monkeypatch):
     an element a kernel forgets to write shows up in the comparisons instead of passing by luck."""
     from sparseflow_kernels import neuron as kneuron
     from sparseflow_kernels import occupancy as kocc
+    from sparseflow_kernels import snntorch_step as ksnn
     from sparseflow_kernels import sparse_conv as ksc
     from sparseflow_kernels import spiking as kspk
 
@@ -31,4 +32,5 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(kspk, "empty_codes", nan_fill(kspk.empty_codes))
     monkeypatch.setattr(kocc, "empty_codes", nan_fill(kocc.empty_codes))
     monkeypatch.setattr(kneuron, "_empty_like_channels_last", nan_fill(kneuron._empty_like_channels_last))
+    monkeypatch.setattr(ksnn, "new_output", nan_fill(ksnn.new_output))
     yield

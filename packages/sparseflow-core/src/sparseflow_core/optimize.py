@@ -28,10 +28,12 @@ from sparseflow_ops import (
     SparseConv2d,
     SparseModule,
     accelerate_neuron,
+    adopt_neurons,
     is_accelerated,
     is_bypassed,
     neuron_support,
     restore_neuron,
+    standalone_neuron_support,
 )
 from sparseflow_ops.pool import TritonMaxPool2d
 
@@ -220,6 +222,7 @@ def optimize(
         except Exception as e:
             raise TypeError(f"optimize(inplace=False) optimizes a deep copy, but the model cannot be deep-copied "
                             f"({type(e).__name__}: {e}); use inplace=True") from e
+        adopt_neurons(model)  # (snnTorch's utils.reset finds neurons through a list the copies are not in)
     if dtype is not None:
         model.to(dtype)
         CastInputs.install(model, dtype)
@@ -409,14 +412,15 @@ def _optimize_now(model, example_inputs, *, block_size, mode, fuse, neurons, fil
         if an.first(name) is None:
             entry.reason = "not called in the example forward"
             continue
-        adapter, why = neuron_support(m)
+        adapter, why = standalone_neuron_support(m)
         if adapter is None:
             entry.reason = why
             continue
         if not is_accelerated(m):
             accelerate_neuron(m, preserve_layout=faithful)
         entry.action = "neuron-kernel"
-        entry.detail = "multi-step Triton neuron"
+        entry.detail = ("Triton neuron step (snnTorch's arithmetic)" if adapter.step_forward
+                        else "multi-step Triton neuron")
     # producers of spikes for sparse consumers write the occupancy of their output (opt-in: measured on the
     # H100, the epilogue write cost more than the consumer's own one-pass prescan; see docs/design.md)
     for new in (replaced.values() if write_occupancy else ()):

@@ -2,8 +2,10 @@
 
 * Spiking modules: SpikingJelly ``neuron.BaseNode`` (and ``SimpleBaseNode``) with every subclass, snnTorch
   ``SpikingNeuron`` subclasses, and whatever users add with :func:`register_spiking_module`. Their outputs are
-  the spike sources the analyzer follows.
-* Which of those the kernels can *run* is a separate question answered by ``sparseflow_ops.neuron_support``.
+  the spike sources the analyzer follows; a module returning a tuple has its spikes first (snnTorch's
+  ``spk, mem = lif(cur, mem)``, ``spk, syn, mem`` of ``Synaptic``), and only that tensor is followed.
+* Which of those the kernels can *run* is a separate question answered by ``sparseflow_ops.neuron_support`` (fused
+  into the layer before) and ``sparseflow_ops.standalone_neuron_support`` (as a module of its own).
 * Op handlers (:func:`register_op_handler`, keyed by module type like torchao's ``quantize_`` handlers): how
   ``optimize()`` replaces a spike-fed module of a given type (Linear, attention, depthwise or transposed
   convolution, ...). ``nn.Conv2d`` with ``groups == 1`` has its own built-in path (conv -> BN -> neuron fusion).

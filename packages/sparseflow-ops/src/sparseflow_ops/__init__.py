@@ -27,7 +27,15 @@ from .conv_transpose import SparseConvTranspose2d
 from .depthwise import SparseGroupedConv2d
 from .linear import SparseConv1d, SparseLinear
 from .neuron import KernelNeuronForward, accelerate_neuron, is_accelerated, restore_neuron
-from .neurons import NeuronAdapter, Unsupported, find_adapter, neuron_support, register_neuron_adapter
+from .neurons import (
+    NeuronAdapter,
+    Unsupported,
+    adopt_neurons,
+    find_adapter,
+    neuron_support,
+    register_neuron_adapter,
+    standalone_neuron_support,
+)
 
 __version__ = "0.1.0"
 
@@ -48,6 +56,7 @@ __all__ = [
     "SparseSpikingSelfAttention",
     "Unsupported",
     "accelerate_neuron",
+    "adopt_neurons",
     "find_adapter",
     "is_accelerated",
     "is_bypassed",
@@ -55,4 +64,5 @@ __all__ = [
     "register_neuron_adapter",
     "remove_bypass",
     "restore_neuron",
+    "standalone_neuron_support",
 ]

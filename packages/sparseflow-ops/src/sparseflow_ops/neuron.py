@@ -5,7 +5,8 @@
 step per call otherwise) goes through one kernel with the membrane in registers; the module keeps its
 class, parameters and state (``v`` / ``mem``), so ``reset_net``, ``state_dict`` and repeated calls behave as
 before. In training mode, on tensors the kernels can't take, or with extra arguments, the module's own
-``forward`` runs.
+``forward`` runs. snnTorch ``Leaky`` / ``Synaptic`` calls, explicit state included (``spk, mem = lif(cur, mem)``),
+go to their adapter's step kernel (:mod:`sparseflow_ops.snntorch_neurons`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from torch import nn
 from sparseflow_kernels import multistep_neuron
 from sparseflow_kernels.library import compiling, neuron_args
 
-from ._common import kernels_can_run, notice_once
-from .neurons import find_adapter, neuron_support
+from ._common import VersionCache, kernels_can_run, notice_once
+from .neurons import find_adapter, standalone_neuron_support
 
 
 def neuron_kernel(neuron: nn.Module, x5: torch.Tensor, *, spec=None, residual: torch.Tensor | None = None,
@@ -50,14 +51,17 @@ class KernelNeuronForward:
         self.preserve_layout = preserve_layout
         self._spec = None
         self._spec_key = None
+        self._plan = VersionCache()  # (an adapter's step plan, kept across calls)
 
     def __call__(self, x, *args, **kwargs):
         m = self.module
+        adapter = find_adapter(m)
+        if adapter.step_forward:  # snnTorch: one step per call, with the framework's own signature
+            return adapter.step(m, x, args, kwargs, cache=self._plan)
         if args or kwargs or m.training or not isinstance(x, torch.Tensor) or not kernels_can_run(x):
             if isinstance(x, torch.Tensor) and not x.is_cuda and not m.training:
                 notice_once("cpu-neuron", "sparseflow: CPU tensors run the neurons' own torch code")
             return type(m).forward(m, x, *args, **kwargs)
-        adapter = find_adapter(m)
         key = adapter.spec_key(m)
         if key is None or key != self._spec_key or self._spec is None:
             self._spec, self._spec_key = adapter.spec(m), key
@@ -76,12 +80,13 @@ class KernelNeuronForward:
         self.preserve_layout = state.get("preserve_layout", False)
         self._spec = None
         self._spec_key = None
+        self._plan = VersionCache()
 
 
 def accelerate_neuron(module: nn.Module, *, preserve_layout: bool = False) -> nn.Module:
     """Run ``module`` (a supported neuron) on the kernel from now on; raises ValueError with the reason
     if it is not supported. ``preserve_layout``: see :class:`KernelNeuronForward`."""
-    adapter, why = neuron_support(module)
+    adapter, why = standalone_neuron_support(module)
     if adapter is None:
         raise ValueError(f"{type(module).__name__}: {why}")
     module.forward = KernelNeuronForward(module, preserve_layout)

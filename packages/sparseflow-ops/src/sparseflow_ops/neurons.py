@@ -32,6 +32,8 @@ class NeuronAdapter:
     #: names of methods that define the dynamics; a subclass overriding one is not accepted
     dynamics_methods: tuple[str, ...] = ()
     time_major_multistep = True
+    #: the adapter runs each call itself (``step(m, x, args, kwargs)``), not the multi-step kernel
+    step_forward = False
 
     def check(self, m: nn.Module) -> None:
         base = self.registered_class
@@ -52,6 +54,9 @@ class NeuronAdapter:
     def get_v(self, m: nn.Module, shape, device) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def adopt(self, m: nn.Module) -> None:
+        """Make a copied neuron known to its framework's bookkeeping (see :func:`adopt_neurons`)."""
+
     def set_v(self, m: nn.Module, v: torch.Tensor, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
@@ -70,7 +75,9 @@ def find_adapter(m: nn.Module) -> NeuronAdapter | None:
 
 
 def neuron_support(m: nn.Module) -> tuple[NeuronAdapter | None, str | None]:
-    """(adapter, None) when ``m`` runs in the kernels, else (None, reason)."""
+    """(adapter, None) when ``m`` runs in the multi-step kernel, so that it can also be fused into the layer
+    before it, else (None, reason). See :func:`standalone_neuron_support` for the neurons that run on a kernel
+    of their own (snnTorch's explicit-state calls)."""
     adapter = find_adapter(m)
     if adapter is None:
         return None, f"no kernel for neuron type {type(m).__name__}"
@@ -80,6 +87,30 @@ def neuron_support(m: nn.Module) -> tuple[NeuronAdapter | None, str | None]:
     except Unsupported as e:
         return None, str(e)
     return adapter, None
+
+
+def standalone_neuron_support(m: nn.Module) -> tuple[NeuronAdapter | None, str | None]:
+    """(adapter, None) when ``m`` runs on a kernel as a module of its own (``accelerate_neuron``), else (None,
+    reason): the multi-step kernel, or the adapter's own ``step`` (``step_forward``: snnTorch's one-step calls
+    with their explicit ``(spk, mem)`` state, which take more options than the fused kernels)."""
+    adapter = find_adapter(m)
+    if adapter is None or not adapter.step_forward:
+        return neuron_support(m)
+    try:
+        adapter.check(m)
+    except Unsupported as e:
+        return None, str(e)
+    return adapter, None
+
+
+def adopt_neurons(model: nn.Module) -> None:
+    """Let each neuron's framework know the neurons of ``model``, a deep copy: snnTorch resets hidden states
+    (``utils.reset(net)``, ``Leaky.reset_hidden()``) through a class-level list of the neurons its constructors
+    made, which copies are not in; without this, ``utils.reset`` on an optimized copy would reset the original."""
+    for m in model.modules():
+        adapter = find_adapter(m)
+        if adapter is not None:
+            adapter.adopt(m)
 
 
 def _float(v) -> float:
@@ -138,47 +169,7 @@ class _SJPLIF(_SJAdapter):
 
 
 # ------------------------------------------------------------------------------------------ snnTorch
-class _SnnLeaky(NeuronAdapter):
-    dynamics_methods = ("forward", "fire", "mem_reset", "_base_state_function", "_base_sub", "_base_zero")
-
-    def check(self, m):
-        super().check(m)
-        if not getattr(m, "init_hidden", False):
-            raise Unsupported("snnTorch neuron without init_hidden=True returns (spk, mem) tuples")
-        if getattr(m, "output", False):
-            raise Unsupported("snnTorch neuron with output=True returns (spk, mem) tuples")
-        if getattr(m, "inhibition", False):
-            raise Unsupported("inhibition=True")
-        if getattr(m, "state_quant", False):
-            raise Unsupported("state_quant is set")
-        if not getattr(m, "reset_delay", True):
-            raise Unsupported("reset_delay=False")
-        if int(m.reset_mechanism_val) not in (0, 1):
-            raise Unsupported("reset_mechanism='none'")
-        if _float(m.graded_spikes_factor) != 1.0:
-            raise Unsupported("graded_spikes_factor != 1")
-        for name in ("beta", "threshold"):
-            t = getattr(m, name)
-            if isinstance(t, torch.Tensor) and t.numel() != 1:
-                raise Unsupported(f"per-neuron {name} (a tensor of {t.numel()} values)")
-
-    def is_multistep(self, m):
-        return False  # snnTorch modules take one time step per call
-
-    def spec(self, m):
-        beta = min(max(_float(m.beta), 0.0), 1.0)
-        hard = int(m.reset_mechanism_val) == 1
-        return NeuronSpec.make("leaky", beta=beta, v_threshold=_float(m.threshold),
-                               v_reset=0.0 if hard else None)
-
-    def get_v(self, m, shape, device):
-        mem = m.mem
-        if isinstance(mem, torch.Tensor) and tuple(mem.shape) == tuple(shape):
-            return mem.to(device=device, dtype=torch.float32)
-        return None
-
-    def set_v(self, m, v, dtype):
-        m.mem = v.to(dtype)
+# Leaky and Synaptic: sparseflow_ops.snntorch_neurons (their own step kernel, and Leaky's spec for fusion)
 
 
 class _SnnUnsupported(NeuronAdapter):
@@ -192,10 +183,8 @@ class _SnnUnsupported(NeuronAdapter):
 
 
 _SNN_UNSUPPORTED = {
-    "Synaptic": "two state variables (synaptic current and membrane); the kernels run one-state neurons "
-                "(snnTorch Leaky)",
-    "Alpha": "two coupled state variables (excitatory and inhibitory currents); the kernels run one-state "
-             "neurons (snnTorch Leaky)",
+    "Alpha": "two coupled state variables (excitatory and inhibitory currents); the kernels run snnTorch Leaky "
+             "and Synaptic",
     "Lapicque": "RC-circuit dynamics (R, C, time_step); the kernels run snnTorch Leaky",
     "RLeaky": "recurrent weights feed the spikes back; the kernels run feed-forward neurons",
     "RSynaptic": "recurrent, with two state variables",
@@ -229,7 +218,10 @@ def _register_builtin() -> None:
         except Exception:
             snntorch = None
         if snntorch is not None:
+            from .snntorch_neurons import _SnnLeaky, _SnnSynaptic
+
             register_neuron_adapter(snntorch.Leaky, _SnnLeaky())
+            register_neuron_adapter(snntorch.Synaptic, _SnnSynaptic())
             for name, reason in _SNN_UNSUPPORTED.items():
                 cls = getattr(snntorch, name, None)
                 if isinstance(cls, type) and cls not in _ADAPTERS:
