@@ -4,8 +4,8 @@
 :class:`KernelNeuronForward`: in eval mode the whole sequence (``[T, N, ...]`` in multi-step mode, one
 step per call otherwise) goes through one kernel with the membrane in registers; the module keeps its
 class, parameters and state (``v`` / ``mem``), so ``reset_net``, ``state_dict`` and repeated calls behave as
-before. In training mode, on tensors the kernels can't take, or with extra arguments, the module's own
-``forward`` runs.
+before. In training mode, on tensors the kernels can't take, when autograd must record (an input or parameter
+requiring grad under grad mode), or with extra arguments, the module's own ``forward`` runs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from sparseflow_kernels import multistep_neuron
 from sparseflow_kernels.library import compiling, neuron_args
 
-from ._common import kernels_can_run, notice_once
+from ._common import kernels_can_run, needs_autograd, notice_once
 from .neurons import find_adapter, neuron_support
 
 
@@ -53,7 +53,8 @@ class KernelNeuronForward:
 
     def __call__(self, x, *args, **kwargs):
         m = self.module
-        if args or kwargs or m.training or not isinstance(x, torch.Tensor) or not kernels_can_run(x):
+        if (args or kwargs or m.training or not isinstance(x, torch.Tensor) or not kernels_can_run(x)
+                or needs_autograd(x, m)):
             if isinstance(x, torch.Tensor) and not x.is_cuda and not m.training:
                 notice_once("cpu-neuron", "sparseflow: CPU tensors run the neurons' own torch code")
             return type(m).forward(m, x, *args, **kwargs)
