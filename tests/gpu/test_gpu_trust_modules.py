@@ -78,6 +78,7 @@ def test_monitors_eager_compiled_and_cuda_graph(name):
     assert_same_records(rec_g, rec_d)
 
 
+@pytest.mark.autograd
 @pytest.mark.parametrize("name", MODELS)
 def test_backward_and_train_eval(name):
     model, opt, x = twins(name, numerics="fast")

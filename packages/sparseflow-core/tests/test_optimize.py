@@ -236,6 +236,7 @@ def test_write_occupancy_hands_over_without_prescan(sj_twins, monkeypatch):
     assert (4, 20, 16, 16) not in shapes, "conv 6 prescanned spikes whose occupancy conv 3 wrote"
 
 
+@pytest.mark.autograd
 def test_training_mode_after_optimize(sj_twins):
     """In training mode the optimized model runs the original modules: same outputs and gradients."""
     net, dense, xs = sj_twins

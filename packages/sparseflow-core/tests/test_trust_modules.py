@@ -289,6 +289,7 @@ def assert_grads_equal(a, b):
 
 @pytest.mark.parametrize("make", [build_block_net, lambda: optimized("residual"), lambda: optimized("sew")],
                          ids=["dropout-block", "residual", "sew"])
+@pytest.mark.autograd
 def test_train_mode_is_the_dense_model_and_eval_comes_back(make):
     net, dense, xs = make()
     compare_calls(net, dense, xs[:1])
@@ -316,6 +317,7 @@ def test_train_mode_is_the_dense_model_and_eval_comes_back(make):
 # ---------------------------------------------------------------------------------------- autograd
 
 
+@pytest.mark.autograd
 @pytest.mark.parametrize("kind", list(NETS))
 def test_backward_in_eval_mode_gives_the_dense_gradients(kind):
     net, dense, xs = optimized(kind)
@@ -341,6 +343,7 @@ def test_backward_in_eval_mode_gives_the_dense_gradients(kind):
     assert any(m.last_path not in (None, "torch") for m in net.modules() if isinstance(m, SparseConv2d))
 
 
+@pytest.mark.autograd
 def test_input_gradient_with_frozen_parameters():
     """Parameters frozen (an adversarial attack on the input): x.grad is the dense model's."""
     net, dense, xs = optimized("residual")
