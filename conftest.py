@@ -19,3 +19,15 @@ def _seed(request):
     """A fixed seed per test (from its id): every test draws its own inputs, reproducibly."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _inference(request):
+    """Tests run as inference runs, under ``torch.no_grad()``: with autograd recording (grad mode and parameters
+    that require grad) the optimized modules run the dense torch ops, for exact gradients. Tests of autograd and
+    training opt out with ``@pytest.mark.autograd``."""
+    if request.node.get_closest_marker("autograd") is not None:
+        yield
+        return
+    with torch.no_grad():
+        yield

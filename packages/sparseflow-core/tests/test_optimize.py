@@ -11,6 +11,7 @@ import pytest
 import snntorch
 import torch
 from sf_core_nets import (
+    ResidualBlock,
     build_resnet,
     build_small_sj,
     calibrate_bns,
@@ -26,6 +27,7 @@ from spikingjelly.activation_based import functional, layer, neuron
 from torch import fx, nn
 
 from sparseflow_core import CudaGraphModel, get_report, is_optimized, optimize, restore
+from sparseflow_core.fx_fusion import fused_forward
 from sparseflow_ops import SparseConv2d, is_accelerated, is_bypassed
 
 SJ_NEURON_CLASSES = (neuron.LIFNode, neuron.IFNode, neuron.ParametricLIFNode)
@@ -234,6 +236,7 @@ def test_write_occupancy_hands_over_without_prescan(sj_twins, monkeypatch):
     assert (4, 20, 16, 16) not in shapes, "conv 6 prescanned spikes whose occupancy conv 3 wrote"
 
 
+@pytest.mark.autograd
 def test_training_mode_after_optimize(sj_twins):
     """In training mode the optimized model runs the original modules: same outputs and gradients."""
     net, dense, xs = sj_twins
@@ -341,7 +344,7 @@ def test_restore_nn_modules():
     out = restore(net)
     assert out is net and not is_optimized(net)
     for m in net.modules():
-        assert not isinstance(m, (SparseConv2d, fx.GraphModule))
+        assert not isinstance(m, (SparseConv2d, fx.GraphModule)) and fused_forward(m) is None
         assert not is_bypassed(m) and not is_accelerated(m)
     assert [type(m) for m in net.modules()] == [type(m) for m in dense.modules()]
     compare_calls(net, dense, [steps, steps[::-1], steps], forward=run_steps)
@@ -365,8 +368,10 @@ def test_restore_residual_block():
     calibrate_bns(net, steps, forward=lambda s: run_steps(net, s))
     dense = copy.deepcopy(net)
     optimize(net, steps[0])
-    assert isinstance(net[3], fx.GraphModule)
+    block = net[3]
+    assert type(block) is ResidualBlock and fused_forward(block) is not None
     restore(net)
+    assert net[3] is block and fused_forward(block) is None and type(block.conv2) is nn.Conv2d
     compare_calls(net, dense, [steps, steps[::-1], steps], forward=run_steps)
 
 
@@ -389,7 +394,7 @@ def test_residual_block_fused_single_step():
     e = entries(rep)
     assert e["3.conv2"].action == "fused" and "+residual" in e["3.conv2"].detail
     assert e["3.conv1"].action == "fused"
-    assert isinstance(opt[3], fx.GraphModule)
+    assert type(opt[3]) is ResidualBlock and fused_forward(opt[3]) is not None
     assert list(opt.state_dict()) == list(dense.state_dict())
     assert_report_covers(rep, dense)
     compare_calls(opt, dense, [steps, steps[::-1], steps], forward=run_steps)
@@ -500,7 +505,7 @@ def test_resnet_full_model_torch_mode(resnet, monkeypatch):
         assert len(residual) == 8 and all(x.name.endswith("conv2") for x in residual)
         for lname in ("layer1", "layer2", "layer3", "layer4"):
             for block in getattr(opt, lname):
-                assert isinstance(block, fx.GraphModule)
+                assert type(block).__name__ == "BasicBlock" and fused_forward(block) is not None
         assert len(fused) == 16
     else:
         assert len(fused) == 19 and not any("+residual" in x.detail for x in fused)
@@ -509,8 +514,8 @@ def test_resnet_full_model_torch_mode(resnet, monkeypatch):
         assert len(skip) == 8 and all(x.name.endswith("conv2") for x in skip), [x.name for x in skip]
         for lname in ("layer1", "layer2", "layer3", "layer4"):
             for block in getattr(opt, lname):
-                assert isinstance(block, fx.GraphModule)
-                assert any(n.kwargs.get("residual_after") for n in block.graph.nodes)
+                assert type(block).__name__ == "BasicBlock"
+                assert any(n.kwargs.get("residual_after") for n in fused_forward(block).gm.graph.nodes)
     a, b = opt.state_dict(), dense.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     compare_calls(opt, dense, xs)

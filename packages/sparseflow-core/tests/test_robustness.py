@@ -469,6 +469,7 @@ def test_complex_conv_left_with_reason():
     torch.testing.assert_close(opt(x), dense(x))
 
 
+@pytest.mark.autograd
 def test_optimize_in_training_mode_policy():
     """Policy (docs/robustness.md): optimize() of a model in train() mode replaces what it can, and every
     replaced module runs the dense torch op with autograd while training; after eval() the kernels run.

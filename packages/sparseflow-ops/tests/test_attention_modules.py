@@ -94,6 +94,7 @@ def test_spikformer_ssa_only_proj_and_torch_mode():
         SparseSpikingSelfAttention.from_dense(nn.Linear(2, 2))
 
 
+@pytest.mark.autograd
 def test_spikformer_ssa_training_runs_original_math():
     ssa = SpikingSelfAttention(16, num_heads=2)
     functional.set_step_mode(ssa, "m")

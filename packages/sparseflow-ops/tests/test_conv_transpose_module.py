@@ -75,6 +75,7 @@ def test_folded_batchnorm():
     assert list(d.state_dict()) == list(conv.state_dict())
 
 
+@pytest.mark.autograd
 def test_training_new_weights_and_copies():
     conv = nn.ConvTranspose2d(16, 4, 4, 2, 1)
     m = SparseConvTranspose2d.from_dense(conv, mode="sparse")

@@ -81,6 +81,7 @@ def test_folded_batchnorm_bypassed_and_restored():
         assert rel(bn(d(x)), ref) == 0
 
 
+@pytest.mark.autograd
 def test_training_mode_runs_torch_with_autograd():
     conv = nn.Conv2d(4, 4, 3, 1, 1, groups=4)
     m = SparseGroupedConv2d.from_dense(conv).train()

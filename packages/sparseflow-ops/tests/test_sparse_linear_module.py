@@ -73,6 +73,7 @@ def test_modes(mode):
     assert m.last_path == mode
 
 
+@pytest.mark.autograd
 def test_training_runs_torch_with_autograd_and_new_weights_are_used():
     lin = nn.Linear(16, 8)
     m = SparseLinear.from_dense(lin)

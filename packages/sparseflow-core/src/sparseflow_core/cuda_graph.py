@@ -9,6 +9,11 @@ Semantics: every call starts from reset neuron state, as SNN inference over one 
 resets the network's neurons before capturing, and the captured graph never reads the state again). The
 outputs are the captured buffers: the next call overwrites them, so clone what you keep. New weights
 (``load_state_dict``) need a new capture: call :meth:`CudaGraphModel.reset_graphs`.
+
+A replay runs no Python, so no module hook and no autograd: while any module of the model has a hook (a
+SpikingJelly monitor, say; SparseFlow's profiler aside), while autograd must record (an input or parameter requiring
+grad under grad mode), and in training mode, the call runs the model eagerly instead (hooks see the dense model's
+values, gradients are the dense model's). The hook check is one pass over the modules' hook dictionaries.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ import contextlib
 
 import torch
 from torch import nn
+
+from sparseflow_ops import has_hooks, needs_autograd
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def reset_states(model: nn.Module) -> None:
@@ -42,9 +51,19 @@ class CudaGraphModel(nn.Module):
     def reset_graphs(self) -> None:
         self._graphs.clear()
         self._seen.clear()
+        self.__dict__.pop("_hook_dicts", None)
+
+    def _hooked(self) -> bool:
+        """Whether a module of the model has a hook (or a global module hook is registered), SparseFlow's own
+        observers aside; the modules' hook dictionaries are collected once (they live as long as the modules)."""
+        dicts = self.__dict__.get("_hook_dicts")
+        if dicts is None:
+            dicts = self.__dict__["_hook_dicts"] = tuple(getattr(m, n) for m in self.model.modules()
+                                                         for n in _HOOK_DICTS if hasattr(m, n))
+        return (any(dicts) and has_hooks(*self.model.modules())) or has_hooks()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda or self.model.training:
+        if not x.is_cuda or self.model.training or needs_autograd(x, self.model) or self._hooked():
             reset_states(self.model)
             return self.model(x)
         key = (tuple(x.shape), x.dtype, x.device)
@@ -80,6 +99,7 @@ class CudaGraphModel(nn.Module):
         state = dict(state)
         state["_graphs"] = {}
         state["_seen"] = {}
+        state.pop("_hook_dicts", None)
         return state
 
 

@@ -5,10 +5,11 @@ The residual add sits in the block's own ``forward`` (``out += identity``), betw
 neuron, so the chain cannot be fused by swapping modules alone. The block (the innermost module that
 calls all three) is traced with ``torch.fx`` (the analyzer's leaf modules stay leaves); in its graph the
 pattern ``conv -> bn -> add(·, identity) -> neuron``, where each value has that single use, becomes one
-call of the fused module with ``residual=identity``, placed where the add was. The block is replaced by the
-rewritten ``GraphModule``; the BatchNorm and neuron stay registered under their names, so ``state_dict``
-keys and ``reset_net`` are unchanged. Blocks that do not trace, or whose graph does not match, are left
-alone with the reason.
+call of the fused module with ``residual=identity``, placed where the add was. The block stays the user's
+object (class, methods, children, ``state_dict`` keys, ``reset_net``): :class:`FusedBlockForward`, installed as
+its instance ``forward``, runs the rewritten graph with the block as ``self`` while that is exact, and the block's
+own ``forward`` otherwise. Blocks that do not trace, whose forward sets attributes, or whose graph does not match,
+are left alone with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +27,87 @@ _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__ia
 
 class _LeafTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_leaf(m) or super().is_leaf_module(m, qualname)
+        # (a block already rewritten is called as a module: its FusedBlockForward decides at run time)
+        return is_leaf(m) or is_fused_block(m) or super().is_leaf_module(m, qualname)
+
+
+_SIMPLE = (bool, int, float, str, type(None))
+_MISSING = object()
+
+
+class FusedBlockForward:
+    """Instance ``forward`` of a block whose chains run as fused layers (see the module docstring).
+
+    ``gm`` is the block traced with torch.fx, its chains rewritten into calls of the fused layers; its code runs
+    with the block itself as ``self`` (the block's own children, parameters and attributes), only while that is
+    exactly what the block's forward computes:
+
+    * every module of the block is in eval mode (the trace froze ``self.training``; training-mode BatchNorms use
+      batch statistics and update their running ones; dropout is active);
+    * the block's plain attributes (bools, numbers, strings, None) hold their traced values (a forward branching on
+      them was frozen by the trace);
+    * no module of a fused chain has a hook, and no global module hook is registered (the fused call would hand
+      the hooks other values, or skip the modules).
+
+    Otherwise the block's own ``forward`` runs: the fused layers in it then run their convolution alone, and the
+    BatchNorms, adds and neurons run as the block calls them. The checks are a few attribute and dictionary
+    look-ups per call; under ``torch.compile`` they become guards, and a CUDA graph captures the path taken.
+    """
+
+    def __init__(self, block: nn.Module, gm: fx.GraphModule):
+        self.block = block
+        self.gm = gm
+        self.modules = tuple(block.modules())
+        self.state = tuple((k, v) for k, v in block.__dict__.items() if k != "training" and type(v) in _SIMPLE)
+        self.layers: tuple = ()
+
+    def set_layers(self) -> None:
+        """The fused layers the graph calls with a residual (they run the block's chains)."""
+        targets = {n.target for n in self.gm.graph.nodes if n.op == "call_module" and "residual" in n.kwargs}
+        self.layers = tuple(self.block.get_submodule(t) for t in sorted(targets))
+
+    def exact(self) -> bool:
+        """Whether the rewritten graph computes what the block's own forward would, now."""
+        for m in self.modules:
+            if m.training:
+                return False
+        block = self.block
+        for k, v in self.state:
+            cur = getattr(block, k, _MISSING)
+            if cur is not v and cur != v:
+                return False
+        return not any(layer.chain_hooked() for layer in self.layers)
+
+    def __call__(self, *args, **kwargs):
+        block = self.block
+        if self.exact():
+            return type(self.gm).forward(block, *args, **kwargs)
+        return type(block).forward(block, *args, **kwargs)
+
+
+def is_fused_block(m: nn.Module) -> bool:
+    return isinstance(m.__dict__.get("forward"), FusedBlockForward)
+
+
+def fused_forward(m: nn.Module) -> FusedBlockForward | None:
+    """The :class:`FusedBlockForward` installed on ``m``, or None."""
+    fwd = m.__dict__.get("forward")
+    return fwd if isinstance(fwd, FusedBlockForward) else None
+
+
+def install_fused_forward(block: nn.Module, gm: fx.GraphModule) -> FusedBlockForward:
+    """Run ``gm`` (the rewritten trace of ``block``) as ``block``'s forward where exact (see FusedBlockForward)."""
+    fwd = fused_forward(block)
+    if fwd is None or fwd.gm is not gm:
+        fwd = FusedBlockForward(block, gm)
+        block.forward = fwd
+    fwd.set_layers()
+    return fwd
+
+
+def remove_fused_forward(block: nn.Module) -> None:
+    if is_fused_block(block):
+        del block.__dict__["forward"]
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -51,12 +132,34 @@ def _rel(name: str, parent: str) -> str:
     return name[len(parent) + 1:] if parent else name
 
 
-def trace_block(block: nn.Module) -> fx.GraphModule | None:
+def trace_block(block: nn.Module) -> tuple[fx.GraphModule | None, str]:
+    """(the block traced with torch.fx, '') or (None, the reason). Tracing runs the block's forward on proxies; every
+    attribute it sets (``self.feat = y``) is put back, and such a block is not rewritten: a graph would not set
+    it. A block already rewritten gives its graph, to be rewritten further."""
+    fwd = fused_forward(block)
+    if fwd is not None:
+        return fwd.gm, ""
+    snapshot = [(m, dict(m.__dict__)) for m in block.modules()]
     try:
         graph = _LeafTracer().trace(block)
     except Exception:
-        return None
-    return fx.GraphModule(block, graph, class_name=type(block).__name__ + "Fused")
+        graph = None
+    changed = []
+    for m, before in snapshot:
+        after = m.__dict__
+        names = [k for k in after.keys() | before.keys() if after.get(k, _MISSING) is not before.get(k, _MISSING)]
+        if names:
+            changed += names if m is block else [f"{type(m).__name__}.{k}" for k in names]
+            after.clear()
+            after.update(before)
+    if graph is None:
+        return None, "block does not trace with torch.fx"
+    if changed:
+        return None, f"the block's forward sets {', '.join(sorted(changed))} (a rewritten forward would not)"
+    own = [n.target for n in graph.nodes if n.op == "get_attr" and not _has_attr(block, n.target)]
+    if own:
+        return None, f"the traced graph holds constants of its own ({', '.join(own)})"
+    return fx.GraphModule(block, graph, class_name=type(block).__name__ + "Fused"), ""
 
 
 def fuse_residual(block: nn.Module, gm: fx.GraphModule | None, conv_rel: str, bn_rel: str | None,
@@ -144,25 +247,17 @@ def fuse_skip_add(block: nn.Module, gm: fx.GraphModule, conv_rel: str, neuron_re
     return ""
 
 
+def _has_attr(m: nn.Module, target: str) -> bool:
+    for part in target.split("."):
+        if not hasattr(m, part):
+            return False
+        m = getattr(m, part)
+    return True
+
+
 def _has_submodule(m: nn.Module, rel: str) -> bool:
     try:
         m.get_submodule(rel)
         return True
     except AttributeError:
         return False
-
-
-def finalize_block(block: nn.Module, gm: fx.GraphModule) -> fx.GraphModule:
-    """Re-register every submodule and parameter of ``block`` that the graph does not use, so that the
-    rewritten block has the original's ``state_dict`` keys and module tree."""
-    for name, child in block.named_children():
-        if not hasattr(gm, name):
-            gm.add_module(name, child)
-    for name, p in block.named_parameters(recurse=False):
-        if not hasattr(gm, name):
-            gm.register_parameter(name, p)
-    for name, b in block.named_buffers(recurse=False):
-        if not hasattr(gm, name):
-            gm.register_buffer(name, b)
-    gm.training = block.training
-    return gm

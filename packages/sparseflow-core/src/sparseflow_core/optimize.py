@@ -47,7 +47,15 @@ from .blocks import (
     remove_auto_block_size,
     select_block_size,
 )
-from .fx_fusion import _is_add, common_parent, finalize_block, fuse_residual, fuse_skip_add, trace_block
+from .fx_fusion import (
+    _is_add,
+    common_parent,
+    fuse_residual,
+    fuse_skip_add,
+    install_fused_forward,
+    remove_fused_forward,
+    trace_block,
+)
 from .handlers import HandlerContext
 from .registry import find_op_handler, is_spiking_module
 from .report import LayerEntry, OptimizeReport, user_type
@@ -538,25 +546,28 @@ def _run_handlers(model, an, rep, block_size, mode, filter_fn, faithful=False) -
 
 
 def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mode, block_size=None):
-    """Second pass: ``neuron(bn(conv(x)) + identity)`` chains, fused by rewriting their block with fx."""
+    """Second pass: ``neuron(bn(conv(x)) + identity)`` chains, fused by rewriting their block's forward with fx
+    (the block object stays: ``fx_fusion.FusedBlockForward`` runs the rewritten graph where it is exact)."""
     by_block: dict[str, list] = {}
     for item in deferred:
         by_block.setdefault(common_parent(item[0], item[3]), []).append(item)
-    # deepest blocks first: rewriting a block copies its submodule tree into the GraphModule
+    # deepest blocks first: an outer block's trace then calls a rewritten inner block as one module
     for parent in sorted(by_block, key=lambda p: -p.count(".") - bool(p)):
         items = by_block[parent]
         gm = None
         block = model.get_submodule(parent) if parent else model
-        if parent:
-            gm = trace_block(block)
+        trace_why = ""
+        if parent and any(m.training for m in block.modules()):
+            trace_why = "the block is in training mode (its forward is traced in eval mode)"
+        elif parent:
+            gm, trace_why = trace_block(block)
         for (name, conv, bn, bn_name, bs, entry, note) in items:
             why = "residual add in the model's top-level forward" if not parent else ""
             neuron_rel = _residual_neuron(gm, _rel(name, parent), _rel(bn_name, parent)) if gm else None
             neuron = block.get_submodule(neuron_rel) if neuron_rel else None
             neuron_name = f"{parent}.{neuron_rel}" if neuron_rel else None
             if not why and neuron is None:
-                why = ("block does not trace with torch.fx" if gm is None
-                       else "the batchnorm output does not go through an add into a neuron")
+                why = trace_why or "the batchnorm output does not go through an add into a neuron"
             if neuron is not None and not why:
                 adapter, w2 = neuron_support(neuron)
                 c_out, n_in = an.first(bn_name).out_shape, (an.first(neuron_name) or an.first(bn_name)).in_shape
@@ -572,11 +583,14 @@ def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mod
                     why = an.residual_fed(bn_name, neuron_name)[1]
             if not why:
                 new = SparseConv2d.from_dense(conv, bn, neuron, block_size=bs, mode=mode)
-                sub_parent, child = _parent(gm, _rel(name, parent))
-                setattr(sub_parent, child, new)
+                new.residual_chain = True  # called by the block's own forward (no residual): the conv alone
+                holders = (_parent(gm, _rel(name, parent)), _parent(model, name))
+                for sub_parent, child in holders:
+                    setattr(sub_parent, child, new)
                 res_gm, why = fuse_residual(block, gm, _rel(name, parent), _rel(bn_name, parent), neuron_rel)
                 if res_gm is None:
-                    setattr(sub_parent, child, conv)
+                    for sub_parent, child in holders:
+                        setattr(sub_parent, child, conv)
                     new.to_dense()
                 else:
                     replaced[name] = new
@@ -597,12 +611,7 @@ def _fuse_residual_chains(model, an, deferred, replaced, fused_neurons, rep, mod
             rep.folded.append((bn_name, name))
             entry.action, entry.detail, entry.reason = "sparse", f"conv+bn ({bn_name})", f"residual: {why}"
         if gm is not None and any(e[0] in replaced and replaced[e[0]].fused_neuron is not None for e in items):
-            gm = finalize_block(block, gm)
-            # for restore(): the block's own forward and children; a tuple, so that no copy or unpickling of the
-            # GraphModule registers it as a submodule
-            gm.__dict__[ORIGINAL_BLOCK_ATTR] = (block,)
-            p, c = _parent(model, parent)
-            setattr(p, c, gm)
+            install_fused_forward(block, gm)
 
 
 def _fuse_skip_adds(model, an, replaced, rep) -> bool:
@@ -630,7 +639,9 @@ def _fuse_skip_adds(model, an, replaced, rep) -> bool:
     changed = False
     for parent in sorted(by_block, key=lambda p: -p.count(".")):
         block = model.get_submodule(parent)
-        gm = trace_block(block)
+        if any(m.training for m in block.modules()):
+            continue  # (its forward is traced in eval mode only)
+        gm, _why = trace_block(block)  # (a block the residual pass rewrote: its graph)
         if gm is None:
             continue
         fused = []
@@ -639,10 +650,7 @@ def _fuse_skip_adds(model, an, replaced, rep) -> bool:
                 fused.append(name)
         if not fused:
             continue
-        gm = finalize_block(block, gm)
-        gm.__dict__[ORIGINAL_BLOCK_ATTR] = block.__dict__.get(ORIGINAL_BLOCK_ATTR) or (block,)
-        p, c = _parent(model, parent)
-        setattr(p, c, gm)
+        install_fused_forward(block, gm)
         changed = True
         for name in fused:
             entry = next((e for e in rep.layers if e.name == name), None)
@@ -686,7 +694,9 @@ def _invalidate_reset_cache(model):
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``optimize``: the original dense modules back in place (same parameter objects), in place."""
-    # blocks rewritten for residual fusion: drop the fused modules living only in the rewrite, put the block back
+    for m in model.modules():  # blocks whose chains ran fused: their own forward again
+        remove_fused_forward(m)
+    # (a GraphModule in place of a block, from an earlier SparseFlow: the block it saved goes back)
     for name, m in list(model.named_modules()):
         holder = m.__dict__.get(ORIGINAL_BLOCK_ATTR) if name else None
         if holder is None:

@@ -14,7 +14,7 @@
 * :func:`neuron_support` / :func:`register_neuron_adapter` - which neurons the kernels can run.
 """
 
-from ._common import SparseModule
+from ._common import OBSERVER_ATTR, SparseModule, has_hooks, needs_autograd
 from .attention import (
     SparseMultiheadAttention,
     SparseSpikeDrivenSelfAttention,
@@ -40,6 +40,7 @@ from .neurons import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "OBSERVER_ATTR",
     "Bypass",
     "KernelNeuronForward",
     "NeuronAdapter",
@@ -58,8 +59,10 @@ __all__ = [
     "accelerate_neuron",
     "adopt_neurons",
     "find_adapter",
+    "has_hooks",
     "is_accelerated",
     "is_bypassed",
+    "needs_autograd",
     "neuron_support",
     "register_neuron_adapter",
     "remove_bypass",

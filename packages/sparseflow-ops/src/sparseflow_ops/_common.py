@@ -8,6 +8,7 @@ import math
 import threading
 
 import torch
+from torch.nn.modules import module as _mm
 
 from sparseflow_kernels import Occupancy
 from sparseflow_kernels._utils import can_run_triton
@@ -50,7 +51,7 @@ def kernels_can_run(x: torch.Tensor) -> bool:
         notice_once("cpu-bf16", "sparseflow: bfloat16 kernels need a GPU (the Triton interpreter cannot run them): "
                     "CPU bfloat16 tensors run the dense torch ops")
         return False
-    return True
+    return not needs_autograd(x)
 
 
 def kernels_take(x: torch.Tensor, weight: torch.Tensor, op: str = "sparseflow") -> bool:
@@ -62,7 +63,7 @@ def kernels_take(x: torch.Tensor, weight: torch.Tensor, op: str = "sparseflow") 
         raise RuntimeError(f"{op}: input dtype {x.dtype} does not match the weight dtype {weight.dtype} (the dense "
                            f"layer refuses it too): give the model {weight.dtype} inputs")
     if kernels_can_run(x) and x.dtype == weight.dtype:
-        return True
+        return not needs_autograd(x, weight)
     if not can_run_triton(x):
         notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
                     "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
@@ -70,6 +71,55 @@ def kernels_take(x: torch.Tensor, weight: torch.Tensor, op: str = "sparseflow") 
         notice_once(f"dtype-dense-{x.dtype}", f"sparseflow: {x.dtype} inputs run the dense torch ops (the kernels "
                     "take float32, float16 and bfloat16)")
     return False
+
+
+#: attribute that marks a hook as SparseFlow's own observer (the profiler's timing hooks): it sees the values the
+#: optimized model computes, so it does not send a fused chain back to its dense modules
+OBSERVER_ATTR = "_sparseflow_observer"
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                      "_global_backward_pre_hooks")
+
+
+def _user_hooks(hooks) -> bool:
+    return bool(hooks) and any(not getattr(h, OBSERVER_ATTR, False) for h in hooks.values())
+
+
+def has_hooks(*modules) -> bool:
+    """Whether any of ``modules`` (None entries skipped) has a forward, forward-pre, backward or backward-pre hook,
+    or a global module hook is registered (SparseFlow's observer hooks aside). A fused module whose chain has one
+    runs the chain through its dense modules, so that every hook sees what it sees in the dense model. A few
+    dictionary look-ups per call (no iteration when no hook is registered)."""
+    for name in _GLOBAL_HOOK_DICTS:
+        if _user_hooks(getattr(_mm, name, None)):
+            return True
+    for m in modules:
+        if m is None:
+            continue
+        for name in _HOOK_DICTS:
+            if _user_hooks(getattr(m, name, None)):
+                return True
+    return False
+
+
+def _params(source):
+    if source is None:
+        return ()
+    return (source,) if isinstance(source, torch.Tensor) else source.parameters()
+
+
+def needs_autograd(x: torch.Tensor, *sources) -> bool:
+    """Whether this call must record autograd: grad mode is on and ``x``, or a tensor or a module's parameter among
+    ``sources``, requires grad. The kernels are inference-only (their outputs carry no graph), so such a call runs
+    the dense torch ops, whose gradients are the dense model's; said once per process."""
+    if not torch.is_grad_enabled():
+        return False
+    if not (x.requires_grad or any(p.requires_grad for s in sources for p in _params(s))):
+        return False
+    notice_once("autograd-dense", "sparseflow: autograd is recording (an input or parameter requires grad): the "
+                "optimized layers run the dense torch ops, whose gradients are exact; run inference under "
+                "torch.no_grad() or torch.inference_mode() for SparseFlow's kernels")
+    return True
 
 
 def residual_as(op: str, residual: torch.Tensor | None, shape) -> torch.Tensor | None:

@@ -21,7 +21,15 @@ from torch import nn
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.batchnorm import batch_norm_affine, bn_eval_affine
 
-from ._common import SparseModule, VersionCache, find_occupancy, kernels_can_run, notice_once, version_key
+from ._common import (
+    SparseModule,
+    VersionCache,
+    find_occupancy,
+    kernels_can_run,
+    needs_autograd,
+    notice_once,
+    version_key,
+)
 
 
 class SparseBatchNorm2d(SparseModule, nn.BatchNorm2d):
@@ -99,6 +107,8 @@ class SparseBatchNorm2d(SparseModule, nn.BatchNorm2d):
             return False
         if x.dim() != (5 if self._multistep() else 4) or x.shape[-3] != self.num_features:
             return False  # the dense module raises its own error
+        if needs_autograd(x, self):
+            return False
         if not kernels_can_run(x):
             if not x.is_cuda:
                 notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
@@ -108,7 +118,9 @@ class SparseBatchNorm2d(SparseModule, nn.BatchNorm2d):
         return w.device == x.device
 
     def _affine(self):
-        key = (*version_key(self.weight, self.bias, self.running_mean, self.running_var), self.eps)
+        # (num_batches_tracked: a training-mode forward moves the running statistics without bumping their versions)
+        key = (*version_key(self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked),
+               self.eps)
         return self._acache.get(key, lambda: bn_eval_affine(self.running_mean, self.running_var, self.weight,
                                                             self.bias, self.eps))
 

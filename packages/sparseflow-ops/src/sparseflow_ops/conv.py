@@ -39,7 +39,9 @@ from ._common import (
     attach_occupancy,
     attach_shift,
     find_occupancy,
+    has_hooks,
     kernels_take,
+    needs_autograd,
     residual_as,
     version_key,
 )
@@ -168,10 +170,13 @@ def bn_affine(bn: nn.BatchNorm2d):
 
 
 def bn_key(bn: nn.BatchNorm2d | None):
-    """Cache key of a BatchNorm's folded form: changes with its parameters, statistics and eps."""
+    """Cache key of a BatchNorm's folded form: changes with its parameters, statistics and eps. (A training-mode
+    forward updates the running statistics without bumping their version counters; it does bump
+    ``num_batches_tracked``'s.)"""
     if bn is None:
         return None
-    return (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var), bn.eps)
+    return (*version_key(bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                         getattr(bn, "num_batches_tracked", None)), bn.eps)
 
 
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -196,6 +201,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         self.defer_shift = False  # cuDNN paths: the bias left to the max pool that alone consumes the output
         self.numerics = "fast"  # or "faithful": see forward
         self.time_steps: int | None = None
+        # True when the layer runs fused only with its residual (neuron(bn(conv(x)) + identity), optimize's fx pass):
+        # called without one, it is the convolution alone and the BatchNorm and neuron run themselves
+        self.residual_chain = False
         self.__dict__["_bn"] = None
         self.__dict__["_neuron"] = None
         self._init_runtime()
@@ -269,7 +277,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         for k, v in self.__dict__.items():
             if k in ("_bn", "_neuron", "_pending", "_wcache", "_acache", "_scache", "_tcache", "_original_class",
                      "block_size", "mode", "write_occupancy", "defer_shift", "time_steps", "last_path",
-                     "step_mode", "numerics"):
+                     "step_mode", "numerics", "residual_chain"):
                 continue
             conv.__dict__[k] = v
         if "step_mode" in self.__dict__:
@@ -299,13 +307,23 @@ class SparseConv2d(SparseModule, nn.Conv2d):
 
     # -------------------------------------------------------------------------------------- running
     def _use_kernels(self, x: torch.Tensor) -> bool:
-        if self.training or (self._bn is not None and self._bn.training):
+        bn, neuron = self._bn, self._neuron
+        if self.training or (bn is not None and bn.training):
             return False
-        if self._neuron is not None and self._neuron.training:
+        if neuron is not None and neuron.training:
             return False
-        if not kernels_take(x, self.weight, type(self).__name__):
+        if (bn is not None or neuron is not None) and self.chain_hooked():
             return False
-        return self.block_size != "dense" or self._neuron is not None or self._bn is not None
+        if not kernels_take(x, self.weight, type(self).__name__) or needs_autograd(x, self, bn, neuron):
+            return False
+        return self.block_size != "dense" or neuron is not None or bn is not None
+
+    def chain_hooked(self) -> bool:
+        """Whether this layer, its folded BatchNorm or its fused neuron has a hook (or a global module hook is
+        registered). The chain then runs through its modules (the convolution on its own weights, the BatchNorm
+        module, the neuron module from its stored membrane), so that every hook sees what it sees in the dense
+        model."""
+        return has_hooks(self, self._bn, self._neuron)
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 5:
@@ -329,6 +347,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         if residual is not None and self._neuron is None:
             raise ValueError("SparseConv2d: residual is only accepted by a fused spiking layer")
         self._pending = False
+        if residual is None and getattr(self, "residual_chain", False):
+            self.last_path = "torch"  # the block's own forward: its BatchNorm, add and neuron follow
+            return self._dense_forward(x)
         if not self._use_kernels(x):
             self.last_path = "torch"
             if residual is None:
@@ -352,15 +373,16 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         return self._conv_forward_kernels(x)
 
     def _dense_residual_forward(self, x, residual, after=False):
-        """conv -> bn -> (+ residual) -> neuron (-> + residual) with the original modules (training, CPU)."""
+        """conv -> bn -> (+ residual) -> neuron (-> + residual) with the original modules, called as modules (their
+        hooks run; training, CPU, autograd)."""
         y = self._dense_forward(x)
         bn, neuron = self._bn, self._neuron
         if bn is not None:
-            y = type(bn).forward(bn, y)
+            y = bn(y)
         if after:
-            return residual + type(neuron).forward(neuron, y)
+            return residual + neuron(y)
         y = y + residual
-        return type(neuron).forward(neuron, y)
+        return neuron(y)
 
     def _faithful_forward(self, x, residual=None, residual_after=False):
         """The dense convolution and BatchNorm modules' own computation, then the neuron (and the residual add)

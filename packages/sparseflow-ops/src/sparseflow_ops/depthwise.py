@@ -19,7 +19,7 @@ from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.depthwise import TENSOR_CORE_MIN_CG, default_depthwise_config, grouped_conv2d
 from sparseflow_kernels.library import compiling
 
-from ._common import SparseModule, VersionCache, find_occupancy, kernels_take
+from ._common import SparseModule, VersionCache, find_occupancy, has_hooks, kernels_take, needs_autograd
 from .conv import MODES, adopt_dense, bn_affine, bn_key, dense_copy
 
 _RUNTIME = ("_bn", "_pending", "_acache", "_wcache", "_original_class", "block_size", "mode", "time_steps", "last_path",
@@ -76,7 +76,9 @@ class FoldedBNMixin:
         bn = self.folded_bn
         if self.training or (bn is not None and bn.training):
             return False
-        return kernels_take(x, self.weight, type(self).__name__)
+        if bn is not None and has_hooks(self, bn):
+            return False  # conv and BatchNorm run as two modules: each hook sees what it sees in the dense model
+        return kernels_take(x, self.weight, type(self).__name__) and not needs_autograd(x, self, bn)
 
     def _choose(self, key, cands, x):
         if self.mode != "auto":

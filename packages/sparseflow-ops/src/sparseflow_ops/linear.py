@@ -41,7 +41,15 @@ from sparseflow_kernels.linear import (
 from sparseflow_kernels.sparse_conv import MAX_GROUPS
 from sparseflow_kernels.spiking import spiking_conv2d
 
-from ._common import SparseModule, VersionCache, kernels_take, residual_as, version_key
+from ._common import (
+    SparseModule,
+    VersionCache,
+    has_hooks,
+    kernels_take,
+    needs_autograd,
+    residual_as,
+    version_key,
+)
 from .conv import MODES, adopt_dense, bn_affine, bn_key, dense_copy, fold_bn, install_bypass, remove_bypass
 from .neuron import neuron_kernel
 from .neurons import find_adapter, neuron_support
@@ -72,7 +80,9 @@ class _GemmMixin:
             return False
         if neuron is not None and neuron.training:
             return False
-        return kernels_take(x, self.weight, type(self).__name__)
+        if (bn is not None or neuron is not None) and has_hooks(self, bn, neuron):
+            return False  # the chain runs through its modules: each hook sees what it sees in the dense model
+        return kernels_take(x, self.weight, type(self).__name__) and not needs_autograd(x, self, bn, neuron)
 
     def _cfg(self, K: int, N: int) -> LinearConfig:
         if self.config is not None:
@@ -380,15 +390,16 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         return spikes.view(y.shape)
 
     def _dense_chain(self, y, neuron, residual):
-        """BatchNorm, neuron and the residual add with the original modules (training mode, CPU)."""
+        """BatchNorm, neuron and the residual add with the original modules, called as modules (their hooks run;
+        training mode, CPU, autograd, hooks)."""
         bn = self.__dict__.get("_bn")
         if bn is not None:
-            y = type(bn).forward(bn, y)
+            y = bn(y)
         T = self.time_steps
         if T and y.dim() == 3 and find_adapter(neuron).is_multistep(neuron):
-            s = type(neuron).forward(neuron, y.view(T, y.shape[0] // T, *y.shape[1:])).view(y.shape)
+            s = neuron(y.view(T, y.shape[0] // T, *y.shape[1:])).view(y.shape)
         else:
-            s = type(neuron).forward(neuron, y)
+            s = neuron(y)
         return residual + s
 
     @staticmethod

@@ -4,9 +4,10 @@
 :class:`KernelNeuronForward`: in eval mode the whole sequence (``[T, N, ...]`` in multi-step mode, one
 step per call otherwise) goes through one kernel with the membrane in registers; the module keeps its
 class, parameters and state (``v`` / ``mem``), so ``reset_net``, ``state_dict`` and repeated calls behave as
-before. In training mode, on tensors the kernels can't take, or with extra arguments, the module's own
-``forward`` runs. snnTorch ``Leaky`` / ``Synaptic`` calls, explicit state included (``spk, mem = lif(cur, mem)``),
-go to their adapter's step kernel (:mod:`sparseflow_ops.snntorch_neurons`).
+before. In training mode, on tensors the kernels can't take, when autograd must record (an input or parameter
+requiring grad under grad mode), or with extra arguments, the module's own ``forward`` runs. snnTorch
+``Leaky`` / ``Synaptic`` calls, explicit state included (``spk, mem = lif(cur, mem)``), go to their adapter's
+step kernel (:mod:`sparseflow_ops.snntorch_neurons`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from sparseflow_kernels import multistep_neuron
 from sparseflow_kernels.library import compiling, neuron_args
 
-from ._common import VersionCache, kernels_can_run, notice_once
+from ._common import VersionCache, kernels_can_run, needs_autograd, notice_once
 from .neurons import find_adapter, standalone_neuron_support
 
 
@@ -58,7 +59,8 @@ class KernelNeuronForward:
         adapter = find_adapter(m)
         if adapter.step_forward:  # snnTorch: one step per call, with the framework's own signature
             return adapter.step(m, x, args, kwargs, cache=self._plan)
-        if args or kwargs or m.training or not isinstance(x, torch.Tensor) or not kernels_can_run(x):
+        if (args or kwargs or m.training or not isinstance(x, torch.Tensor) or not kernels_can_run(x)
+                or needs_autograd(x, m)):
             if isinstance(x, torch.Tensor) and not x.is_cuda and not m.training:
                 notice_once("cpu-neuron", "sparseflow: CPU tensors run the neurons' own torch code")
             return type(m).forward(m, x, *args, **kwargs)

@@ -1,0 +1,108 @@
+"""GPU checks that hooks, autograd and train()/eval() see the dense model through an optimized model (run on the
+device machine by scripts/gpu_check.sh): SpikingJelly monitors attached after optimize() record the dense model's
+values eagerly, under torch.compile (hook guards recompile) and through a CudaGraphModel (eager while hooked);
+backward in eval mode gives the dense gradients; after train() and eval() the fused path comes back."""
+
+import copy
+
+import pytest
+import torch
+from spikingjelly.activation_based import layer, monitor, neuron
+
+from sparseflow_bench.models import build_model, recalibrate_bn
+from sparseflow_core import CudaGraphModel, optimize, reset_states
+from sparseflow_ops import SparseConv2d
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+MODELS = ["spiking_resnet18", "sew_resnet18"]
+
+
+@pytest.fixture(autouse=True)
+def _strict_fp32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def twins(name, numerics="faithful"):
+    """(dense fp32 model, optimized copy, input): faithful numerics, so that records compare bit for bit."""
+    torch.manual_seed(0)
+    T, N, S = 2, 2, 64
+    model = build_model(name, T=T, num_classes=10).cuda().eval()
+    imgs = torch.rand(4, 3, S, S, device="cuda")
+    recalibrate_bn(model, imgs, T)
+    x = torch.randn(T, N, 3, S, S, device="cuda")
+    opt = optimize(copy.deepcopy(model), x, numerics=numerics)
+    return model, opt, x
+
+
+def records(net, x, fn=None):
+    mons = [monitor.InputMonitor(net, instance=neuron.LIFNode), monitor.OutputMonitor(net, instance=layer.BatchNorm2d)]
+    with torch.no_grad():
+        reset_states(net)
+        out = (fn or net)(x).clone()
+    recs = [[r.clone() for r in m.records] for m in mons]
+    for m in mons:
+        m.remove_hooks()
+    return out, recs
+
+
+def assert_same_records(a, b):
+    assert [len(r) for r in a] == [len(r) for r in b] and all(len(r) for r in b)
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra, rb):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_monitors_eager_compiled_and_cuda_graph(name):
+    model, opt, x = twins(name)
+    ref, rec_d = records(model, x)
+    out, rec_o = records(opt, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_same_records(rec_o, rec_d)
+    # torch.compile: the hooks are seen at trace time (Dynamo guards on them)
+    cm = torch.compile(opt)
+    out_c, rec_c = records(opt, x, fn=cm)
+    torch.testing.assert_close(out_c, ref, rtol=1e-5, atol=1e-5)
+    assert_same_records(rec_c, rec_d)
+    # a CUDA-graph wrapper: captured without hooks, eager while a monitor is attached
+    g = CudaGraphModel(opt)
+    with torch.no_grad():
+        for _ in range(4):
+            g(x)
+    out_g, rec_g = records(g, x)
+    torch.testing.assert_close(out_g, ref, rtol=1e-5, atol=1e-5)
+    assert_same_records(rec_g, rec_d)
+
+
+@pytest.mark.autograd
+@pytest.mark.parametrize("name", MODELS)
+def test_backward_and_train_eval(name):
+    model, opt, x = twins(name, numerics="fast")
+    xd, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    reset_states(model)
+    reset_states(opt)
+    model(xd).square().sum().backward()
+    opt(xo).square().sum().backward()
+    torch.testing.assert_close(xo.grad, xd.grad, rtol=1e-4, atol=1e-5)
+    for (n, p), (_, q) in zip(opt.named_parameters(), model.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    opt.train()
+    model.train()
+    reset_states(model)
+    reset_states(opt)
+    torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+    opt.eval()
+    model.eval()
+    with torch.no_grad():
+        reset_states(model)
+        reset_states(opt)
+        ref = model(x)
+        out = opt(x)
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # fast numerics: fp32 order of sums, amplified
+    assert any(m.last_path not in (None, "torch") for m in opt.modules() if isinstance(m, SparseConv2d))
