@@ -106,3 +106,20 @@ def test_backward_and_train_eval(name):
         out = opt(x)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # fast numerics: fp32 order of sums, amplified
     assert any(m.last_path not in (None, "torch") for m in opt.modules() if isinstance(m, SparseConv2d))
+
+
+@pytest.mark.autograd
+def test_cuda_graph_model_replays_under_grad_mode_and_refuses_backward():
+    """A graph model is for inference: under grad mode (no torch.no_grad()) it still replays its graph, with the
+    dense model's outputs, and a backward() through it raises an error that says what to do."""
+    model, opt, x = twins("spiking_resnet18")
+    g = CudaGraphModel(opt)
+    for _ in range(4):
+        out = g(x)
+    assert g._graphs, "the graph model did not capture under grad mode"
+    with torch.no_grad():
+        reset_states(model)
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="inference only"):
+        out.square().sum().backward()

@@ -10,10 +10,12 @@ resets the network's neurons before capturing, and the captured graph never read
 outputs are the captured buffers: the next call overwrites them, so clone what you keep. New weights
 (``load_state_dict``) need a new capture: call :meth:`CudaGraphModel.reset_graphs`.
 
-A replay runs no Python, so no module hook and no autograd: while any module of the model has a hook (a
-SpikingJelly monitor, say; SparseFlow's profiler aside), while autograd must record (an input or parameter requiring
-grad under grad mode), and in training mode, the call runs the model eagerly instead (hooks see the dense model's
-values, gradients are the dense model's). The hook check is one pass over the modules' hook dictionaries.
+A replay runs no Python, so no module hook and no autograd. While any module of the model has a hook (a
+SpikingJelly monitor, say; SparseFlow's profiler aside), and in training mode, the call runs the model eagerly
+instead (hooks see the dense model's values; training computes as the dense model does). The hook check is one pass
+over the modules' hook dictionaries. A graph model is for inference: in eval mode it replays under grad mode too
+(so that forgetting ``torch.no_grad()`` costs no speed), and a ``backward()`` through its output raises an error
+that says so; for gradients, call the wrapped model (``.model``) or ``sparseflow.restore`` it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import contextlib
 import torch
 from torch import nn
 
-from sparseflow_ops import has_hooks, needs_autograd
+from sparseflow_ops import has_hooks
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -63,9 +65,24 @@ class CudaGraphModel(nn.Module):
         return (any(dicts) and has_hooks(*self.model.modules())) or has_hooks()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda or self.model.training or needs_autograd(x, self.model) or self._hooked():
+        if not x.is_cuda or self.model.training or self._hooked():
             reset_states(self.model)
             return self.model(x)
+        anchor = self._grad_anchor(x)
+        with torch.no_grad():
+            out = self._replay(x)
+        return out if anchor is None else _InferenceOnly.apply(out, anchor)
+
+    def _grad_anchor(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Under grad mode, a tensor that requires grad (the input, or a parameter): the output is tied to it so that
+        a ``backward()`` reaches :class:`_InferenceOnly` and fails with a clear error. None when nothing records."""
+        if not torch.is_grad_enabled():
+            return None
+        if x.requires_grad:
+            return x
+        return next((p for p in self.model.parameters() if p.requires_grad), None)
+
+    def _replay(self, x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype, x.device)
         entry = self._graphs.get(key)
         if entry is None:
@@ -101,6 +118,22 @@ class CudaGraphModel(nn.Module):
         state["_seen"] = {}
         state.pop("_hook_dicts", None)
         return state
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """Identity on a CUDA-graph model's output whose backward raises: a replay records no autograd graph."""
+
+    @staticmethod
+    def forward(ctx, out, anchor):
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "sparseflow: backward() through a CUDA-graph model (optimize(..., cuda_graph=True)): a graph replay is "
+            "inference only and records no gradients. For gradients call the wrapped model (model.model), which "
+            "gives the dense model's gradients, or use sparseflow.restore(model.model); run inference under "
+            "torch.no_grad() or torch.inference_mode()")
 
 
 def cuda_graph(model: nn.Module, warmup: int = 2) -> CudaGraphModel:
