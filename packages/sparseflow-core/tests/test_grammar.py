@@ -12,8 +12,9 @@ records must equal the dense model's too.
 tests (``compare_calls``: 1e-4), except where the dense model has a neuron whose charged membrane lies within
 fp32 rounding (1e-4) of its threshold at some step so far: a spike there may flip, and the example is not judged.
 
-Seed: ``SPARSEFLOW_GRAMMAR_SEED`` if set, else a random one; it is printed (terminal and every failure message) and
-hypothesis prints the ``@reproduce_failure`` blob of a failing example.
+Seed: ``SPARSEFLOW_GRAMMAR_SEED`` if set, else a random one drawn once per run (``conftest.py``); it is shown in the
+report header and in every failure message, and hypothesis prints the ``@reproduce_failure`` blob of a failing
+example.
 """
 
 from __future__ import annotations
@@ -40,15 +41,6 @@ SETTINGS = dict(deadline=None, derandomize=False, print_blob=True,
 pytestmark = pytest.mark.xfail(strict=False, reason="structural defects of optimize() found by the grammar; "
                                                    "see test_grammar_reproducers")
 TOL = 1e-4  # compare_calls' tolerance for fast mode; also the threshold-tie distance (assert_spikes_match's)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _show_seed(request):
-    tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    msg = f"test_grammar: hypothesis seed {SEED} (SPARSEFLOW_GRAMMAR_SEED={SEED} reproduces this run)"
-    if tr is not None:
-        tr.write_line(msg)
-    print(msg)
 
 
 HOOK_KINDS = ("none", "before", "after", "both")
