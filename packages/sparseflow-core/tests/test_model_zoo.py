@@ -1,15 +1,15 @@
 """``optimize()`` on every model of SpikingJelly's model zoo (``spikingjelly.activation_based.model``) that
 builds here at T=2, 32-64 px and ``num_classes=10``: it must not crash, the output must equal the dense
-model's (over two calls, the second without a reset), and the report must hold one entry per Conv2d /
-Conv1d / Linear layer of the dense model.
+model's (over three calls: a first call, a second without a reset and one after ``reset_net``), and the report
+must hold one entry per Conv2d / Conv1d / Linear layer of the dense model.
 
 ``ZOO`` lists every constructor of the zoo: buildable ones with their input, the others with the reason
 they are skipped (``SKIPPED``). The CPU run (Triton interpreter) covers one model per family with the
 kernels in ``mode="sparse"`` only where that stays cheap, the rest with ``mode="torch"`` (same replacement
 and report, torch compute paths); the ``slow`` remainder (skipped unless ``SPARSEFLOW_SLOW=1``: about 20
 minutes on two cores, all passing when last run) runs on the GPU through
-``tests/gpu/test_gpu_properties.py::test_gpu_model_zoo`` (real kernels, ``mode="auto"``), which imports
-``run_zoo_case`` from here.
+``tests/gpu/test_gpu_properties.py::test_gpu_model_zoo`` (real kernels, ``mode="sparse"``) and
+``tests/gpu/test_gpu_zoo_calls.py`` (every numerics mode and dtype, N=2), which import ``run_zoo_case`` from here.
 """
 
 from __future__ import annotations
@@ -130,18 +130,52 @@ def compute_layers(net: nn.Module) -> list[str]:
     return [n for n, m in net.named_modules() if isinstance(m, COMPUTE)]
 
 
+def neuron_states(net: nn.Module) -> dict:
+    """Every neuron's membrane (SpikingJelly ``v``), by module name."""
+    from spikingjelly.activation_based import neuron
+
+    return {n: m.v for n, m in net.named_modules() if isinstance(m, neuron.BaseNode)}
+
+
+def first_state_difference(opt: nn.Module, dense: nn.Module, exact: bool, rtol: float = 1e-3) -> str | None:
+    """The first neuron (in module order) whose membrane differs between ``opt`` and ``dense``, with how: the
+    module whose state was not carried (or was advanced twice) shows up here first."""
+    a, b = neuron_states(opt), neuron_states(dense)
+    for name, vd in b.items():
+        vo = a.get(name)
+        if not isinstance(vd, torch.Tensor) or not isinstance(vo, torch.Tensor):
+            if type(vo) is not type(vd) or (not isinstance(vd, torch.Tensor) and vo != vd):
+                return f"{name}: {type(vo).__name__} {vo if not isinstance(vo, torch.Tensor) else tuple(vo.shape)} " \
+                       f"vs dense {type(vd).__name__} {vd if not isinstance(vd, torch.Tensor) else tuple(vd.shape)}"
+            continue
+        if vo.shape != vd.shape:
+            return f"{name}: shape {tuple(vo.shape)} vs dense {tuple(vd.shape)}"
+        d = (vo.double() - vd.double()).abs()
+        bad = bool((d > 0).any()) if exact else bool((d > rtol * (1 + vd.double().abs())).double().mean() > 1e-3)
+        if bad:
+            frac = float((d > 0).float().mean())
+            return f"{name}: max |v - v_dense| {float(d.max()):.3g}, {frac:.1%} of neurons differ"
+    return None
+
+
 @torch.no_grad()
 def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torch.float32, rtol=1e-4,
-                 metric: str = "max", errors: list | None = None):
-    """Build ``name``, calibrate it, optimize a copy, compare two calls; returns the report.
+                 metric: str = "max", errors: list | None = None, numerics: str = "fast", batch: int | None = None):
+    """Build ``name``, calibrate it, optimize a copy, compare three calls (a first call, a second without reset,
+    the membranes carried over, and one after ``reset_net``); returns the report.
 
-    ``metric``: "max" (max |y - ref| / max |ref|) or "norm" (||y - ref|| / ||ref||, for the GPU, where the
-    kernels' fp32 sums are ordered differently from cuDNN's and a spike at an exact threshold tie may flip).
-    ``errors``: a list that receives the relative error of each call."""
+    ``metric``: "max" (max |y - ref| / max |ref|), "norm" (||y - ref|| / ||ref||, for the GPU, where the
+    kernels' fp32 sums are ordered differently from cuDNN's and a spike at an exact threshold tie may flip) or
+    "exact" (``torch.equal``: ``numerics="faithful"``). ``errors``: a list that receives the relative error of
+    each call. ``batch``: N of the input (default: the ZOO entry's). A failing call names the first neuron whose
+    membrane differs from the dense model's after it."""
     from spikingjelly.activation_based import functional
 
     torch.manual_seed(0)
     net, shape = build(name)
+    if batch is not None:
+        shape = list(shape)
+        shape[1 if len(shape) == 5 else 0] = batch
     x = torch.rand(shape) * 2
     net = net.to(device)
     x = x.to(device)
@@ -150,7 +184,7 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
     x = x.to(dtype)
     dense = copy.deepcopy(net)
     layers = compute_layers(dense)
-    opt, rep = optimize(net, x, mode=mode, return_report=True)
+    opt, rep = optimize(net, x, mode=mode, numerics=numerics, return_report=True)
     names = [e.name for e in rep.layers]
     missing = [n for n in layers if n not in names and not any(n.startswith(e + ".") for e in names)]
     assert not missing, f"{name}: no report entry for {missing[:8]}"
@@ -159,7 +193,12 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
     for e in rep.layers:
         assert e.action in ("fused", "sparse", "kernel", "neuron-kernel", "left"), e
         assert e.action != "left" or e.reason, f"{name}: {e.name} left without a reason"
-    for call in range(2):  # the second call continues from the neuron state of the first
+    functional.reset_net(dense)
+    functional.reset_net(opt)
+    for call in ("first", "second without reset", "after reset_net"):
+        if call == "after reset_net":
+            functional.reset_net(dense)
+            functional.reset_net(opt)
         ref = dense(x)
         y = opt(x)
         assert y.shape == ref.shape and torch.isfinite(y).all()
@@ -170,7 +209,11 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
             err = float((d.abs().max() / ref.double().abs().max().clamp_min(1e-6)).cpu())
         if errors is not None:
             errors.append(err)
-        assert err <= rtol, f"{name}: call {call}: relative error {err:.2e}"
+        ok = torch.equal(y, ref) if metric == "exact" else err <= rtol
+        if not ok:
+            state = first_state_difference(opt, dense, exact=metric == "exact")
+            raise AssertionError(f"{name} ({numerics}, {mode}, {dtype}): {call} call: relative error {err:.2e}; "
+                                 f"first neuron state that differs: {state}")
     functional.reset_net(opt)
     return rep
 
@@ -190,6 +233,13 @@ def test_zoo_model(name):
 def test_zoo_kernels_cpu_smallest():
     """The smallest zoo model through the Triton kernels themselves (interpreter, mode='sparse')."""
     rep = run_zoo_case("plif_mnist", mode="sparse")
+    assert rep.replaced, rep.table()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_zoo_faithful_cpu_smallest():
+    """numerics="faithful" on the smallest zoo model: the dense logits bit for bit on the three calls."""
+    rep = run_zoo_case("plif_mnist", mode="auto", numerics="faithful", metric="exact")
     assert rep.replaced, rep.table()
 
 

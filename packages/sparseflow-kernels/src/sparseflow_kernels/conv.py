@@ -6,7 +6,7 @@
 * mainloop: for every (group, tap) pair, a ``[pixels, BLOCK_K]`` input tile and a ``[BLOCK_K, BLOCK_N]``
   weight tile go through ``tl.dot`` on tensor cores, accumulating in fp32.
 * epilogue (``NEURON``): 0 stores ``acc * scale + shift`` (a plain convolution, bias or folded BatchNorm);
-  1 (LIF), 2 (IF) and 3 (snnTorch Leaky) add an optional residual, run the neuron over the time steps with the
+  1 (LIF), 2 (IF), 3 (snnTorch Leaky) and 4 (PLIF) add an optional residual, run the neuron over the time steps with the
   membrane in registers and store only the spikes; ``WRITE_OCC`` also writes the spikes' occupancy.
   ``RES_POST`` adds the residual to the spikes instead (``residual + neuron(...)``: a Transformer block's
   skip connection around a spiking projection), so that sum is what is stored.
@@ -25,7 +25,7 @@ import triton.language as tl
 from ._utils import launch
 from .occupancy import _edge_codes
 
-NEURON_NONE, NEURON_LIF, NEURON_IF, NEURON_LEAKY = 0, 1, 2, 3
+NEURON_NONE, NEURON_LIF, NEURON_IF, NEURON_LEAKY, NEURON_PLIF = 0, 1, 2, 3, 4
 
 
 # --------------------------------------------------------------------------------------------- prologue
@@ -122,26 +122,34 @@ def _mainloop(
 
 # -------------------------------------------------------------------------------------------- epilogue
 @triton.jit
-def _neuron_step(z, v, decay, v_th, v_reset,
+def _neuron_step(z, v, leak, v_th, v_reset,
                  NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr):
-    """One time step of the neuron, fp32. SpikingJelly LIF/IF: charge, fire (h >= v_th), hard/soft reset.
-    snnTorch Leaky (NEURON 3): ``v`` carries the previous membrane; reset from it, fire when mem > v_th."""
+    """One time step of the neuron, fp32, in the frameworks' own operation order (bit for bit).
+    SpikingJelly LIF (NEURON 1, ``leak`` = tau: divided by, correctly rounded, as SpikingJelly divides),
+    PLIF (NEURON 4, ``leak`` = sigmoid(w): multiplied, as SpikingJelly multiplies), IF (NEURON 2): charge,
+    fire (h >= v_th), hard/soft reset. snnTorch Leaky (NEURON 3, ``leak`` = beta): ``v`` carries the previous
+    membrane; reset from it, fire when mem > v_th."""
     if NEURON == 3:
         # snnTorch: reset = H(mem_prev - thr); mem = beta * mem_prev + z - reset * thr ("subtract")
         # or mem = (beta * mem_prev + z) * (1 - reset) ("zero"); spike = mem > thr.
         was = v > v_th
         if HARD_RESET:
-            h = decay * tl.where(was, 0.0, v) + z
+            h = leak * tl.where(was, 0.0, v) + z
         else:
-            h = decay * v + z - tl.where(was, v_th, 0.0)
+            h = leak * v + z - tl.where(was, v_th, 0.0)
         spike = h > v_th
         return spike, h
     else:
-        if NEURON == 1:
+        if NEURON == 1:  # x / tau, not x * (1 / tau): they differ in the last bit for most tau
             if DECAY_INPUT:
-                h = v + (z - (v - v_reset)) * decay
+                h = v + tl.math.div_rn(z - (v - v_reset), leak)
             else:
-                h = v - (v - v_reset) * decay + z
+                h = v - tl.math.div_rn(v - v_reset, leak) + z
+        elif NEURON == 4:
+            if DECAY_INPUT:
+                h = v + (z - (v - v_reset)) * leak
+            else:
+                h = v - (v - v_reset) * leak + z
         else:
             h = v + z
         spike = h >= v_th
@@ -168,7 +176,7 @@ def _conv_kernel(
     occo_ptr, sqb, sqh, sqw,
     T, N, C, H, W, CO, OH, OW, TILES_H, TILES_W, NUM_CB, NG, NG_OUT,
     PAD_H, PAD_W,
-    decay, v_th, v_reset, v_init,
+    leak, v_th, v_reset, v_init,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -179,7 +187,7 @@ def _conv_kernel(
     T_IN_M: tl.constexpr, T_P2: tl.constexpr, PREC: tl.constexpr, RES_POST: tl.constexpr = False,
 ):
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
-    decay = tl.cast(decay, tl.float32)
+    leak = tl.cast(leak, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_reset = tl.cast(v_reset, tl.float32)
     v_init = tl.cast(v_init, tl.float32)
@@ -243,7 +251,7 @@ def _conv_kernel(
         for t in tl.static_range(T_P2):
             if t < T:
                 zt = tl.sum(tl.where(t3 == t, z3, 0.0), axis=0)
-                spike, v = _neuron_step(zt, v, decay, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+                spike, v = _neuron_step(zt, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
                 _store_step(spike, y_ptr, t * N + n, qh, qw, co, out_ok, syb, syc, syh, syw,
                             occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
                             WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
@@ -287,7 +295,7 @@ def _conv_kernel(
                 yp = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
                 tl.store(yp, z.to(y_ptr.dtype.element_ty), mask=out_ok)
             else:
-                spike, v = _neuron_step(z, v, decay, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+                spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
                 _store_step(spike, y_ptr, b, oh, ow, co, out_ok, syb, syc, syh, syw,
                             occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
                             WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
@@ -371,7 +379,7 @@ class ConvConfig:
 def launch_conv(
     x, w_packed, CO, KH, KW, stride, padding, dilation, *, T, N, out, cfg: ConvConfig, prec: str,
     scale=None, shift=None, residual=None, v=None, v_out=None, occ=None, occ_out=None,
-    occ_group=16, neuron=NEURON_NONE, hard_reset=True, decay_input=True, decay=1.0, v_threshold=1.0,
+    occ_group=16, neuron=NEURON_NONE, hard_reset=True, decay_input=True, leak=1.0, v_threshold=1.0,
     v_reset=0.0, v_init=0.0, residual_post=False,
 ):
     """Launch :func:`_conv_kernel`. ``x`` ``[T*N, C, H, W]``, ``out`` ``[T*N, CO, OH, OW]``,
@@ -413,7 +421,7 @@ def launch_conv(
         oo, *(oo.stride()[:3]),
         T, N, C, H, W, CO, OH, OW, tiles_h, tiles_w, num_cb, ng, ng_out,
         padding[0], padding[1],
-        float(decay), float(v_threshold), float(v_reset), float(v_init),
+        float(leak), float(v_threshold), float(v_reset), float(v_init),
         KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
         TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPARSE=occ is not None, OCC_H=occ_tile[0], OCC_W=occ_tile[1], NG_P2=triton.next_power_of_2(ng),

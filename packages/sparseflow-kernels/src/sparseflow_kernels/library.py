@@ -5,10 +5,10 @@
 breaks, and Inductor can schedule the kernels like its own. Eagerly they run the same Python launchers as the
 functional API (``spiking_conv2d``, ``sparse_conv2d``, ``multistep_neuron``, ``max_pool2d``).
 
-The schemas are flat (tensors, ints, floats, bools): a neuron is ``(kind, decay, decay_input, v_threshold,
-v_reset, hard_reset)``, a kernel configuration the 7 ints of :meth:`ConvConfig.key` (an empty list: the
-default). Skipping inside a compiled graph runs the one-pass prescan (``sparse=True``); occupancy maps written
-by a producer are an eager-mode optimization.
+The schemas are flat (tensors, ints, floats, bools): a neuron is ``(kind, leak, decay_input, v_threshold,
+v_reset, hard_reset)`` (``leak``: :attr:`NeuronSpec.leak`, tau for LIF), a kernel configuration the 7 ints of
+:meth:`ConvConfig.key` (an empty list: the default). Skipping inside a compiled graph runs the one-pass prescan
+(``sparse=True``); occupancy maps written by a producer are an eager-mode optimization.
 
 ===================================  ==========================================================
 op                                   equals
@@ -36,13 +36,13 @@ _KIND_NAMES = ("lif", "if", "plif", "leaky")
 
 def neuron_args(spec: NeuronSpec) -> tuple:
     """The flat neuron arguments of the ops for ``spec``."""
-    return (_KIND_NAMES.index(spec.kind), float(spec.decay), bool(spec.decay_input), float(spec.v_threshold),
+    return (_KIND_NAMES.index(spec.kind), float(spec.leak), bool(spec.decay_input), float(spec.v_threshold),
             0.0 if spec.v_reset is None else float(spec.v_reset), spec.v_reset is not None)
 
 
-def _spec(kind: int, decay: float, decay_input: bool, v_threshold: float, v_reset: float,
+def _spec(kind: int, leak: float, decay_input: bool, v_threshold: float, v_reset: float,
           hard_reset: bool) -> NeuronSpec:
-    return NeuronSpec(_KIND_NAMES[kind], decay, decay_input, v_threshold, v_reset if hard_reset else None)
+    return NeuronSpec.from_leak(_KIND_NAMES[kind], leak, decay_input, v_threshold, v_reset if hard_reset else None)
 
 
 def _config(cfg: list[int]) -> ConvConfig | None:
@@ -54,13 +54,13 @@ def _spiking_conv2d_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
     scale: torch.Tensor | None, shift: torch.Tensor | None, residual: torch.Tensor | None,
     v: torch.Tensor | None, packed_weight: torch.Tensor | None,
-    kind: int, decay: float, decay_input: bool, v_threshold: float, v_reset: float, hard_reset: bool,
+    kind: int, leak: float, decay_input: bool, v_threshold: float, v_reset: float, hard_reset: bool,
     config: list[int], cudnn: bool, sparse: bool, v_dtype: torch.dtype, residual_after: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return spiking_conv2d(
         x, weight, bias, stride, padding, scale=scale, shift=shift, residual=residual,
         residual_after=residual_after, v=v, return_v=True,
-        v_dtype=v_dtype, neuron=_spec(kind, decay, decay_input, v_threshold, v_reset, hard_reset),
+        v_dtype=v_dtype, neuron=_spec(kind, leak, decay_input, v_threshold, v_reset, hard_reset),
         path="cudnn" if cudnn else "fused", config=_config(config), packed_weight=packed_weight,
         sparse=sparse)
 
@@ -78,10 +78,10 @@ def _conv2d_op(
 @triton_op("sparseflow::multistep_neuron", mutates_args={})
 def _multistep_neuron_op(
     x: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None, residual: torch.Tensor | None,
-    v: torch.Tensor | None, kind: int, decay: float, decay_input: bool, v_threshold: float, v_reset: float,
+    v: torch.Tensor | None, kind: int, leak: float, decay_input: bool, v_threshold: float, v_reset: float,
     hard_reset: bool, v_dtype: torch.dtype, residual_after: bool = False, preserve_layout: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return multistep_neuron(x, _spec(kind, decay, decay_input, v_threshold, v_reset, hard_reset), scale=scale,
+    return multistep_neuron(x, _spec(kind, leak, decay_input, v_threshold, v_reset, hard_reset), scale=scale,
                             shift=shift, residual=residual, v=v, return_v=True, v_dtype=v_dtype,
                             residual_after=residual_after, preserve_layout=preserve_layout)
 

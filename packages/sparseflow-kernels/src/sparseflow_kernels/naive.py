@@ -29,6 +29,8 @@ def neuron_reference(z: torch.Tensor, spec: NeuronSpec, v: torch.Tensor | None =
         else:
             if spec.kind == "if":
                 h = v + zt
+            elif spec.kind == "lif":  # divided by tau, as SpikingJelly computes it
+                h = v + (zt - (v - reset)) / spec.tau if spec.decay_input else v - (v - reset) / spec.tau + zt
             elif spec.decay_input:
                 h = v + (zt - (v - reset)) * spec.decay
             else:

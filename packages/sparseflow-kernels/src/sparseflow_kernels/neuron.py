@@ -7,7 +7,9 @@ the fused spiking layer as a kernel of its own: the neuron modules' replacement,
 
 Neurons (:class:`NeuronSpec`): SpikingJelly ``LIFNode`` (``tau``, ``decay_input``, hard reset to ``v_reset``
 or soft reset when ``v_reset is None``), ``IFNode``, ``ParametricLIFNode`` (as LIF with decay
-``sigmoid(w)``), and snnTorch ``Leaky`` (``beta``, reset ``"subtract"`` or ``"zero"``, strict ``>``).
+``sigmoid(w)``), and snnTorch ``Leaky`` (``beta``, reset ``"subtract"`` or ``"zero"``, strict ``>``), each in
+its framework's own fp32 operation order: LIF divides by ``tau``, PLIF multiplies by ``sigmoid(w)``, so the
+membranes and spikes are the framework's bit for bit.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import triton
 import triton.language as tl
 
 from ._utils import launch, require_dtype, require_int32_indexable, require_triton_device
-from .conv import NEURON_IF, NEURON_LEAKY, NEURON_LIF, _neuron_step
+from .conv import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step
 
-_KINDS = {"lif": NEURON_LIF, "plif": NEURON_LIF, "if": NEURON_IF, "leaky": NEURON_LEAKY}
+_KINDS = {"lif": NEURON_LIF, "plif": NEURON_PLIF, "if": NEURON_IF, "leaky": NEURON_LEAKY}
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,9 @@ class NeuronSpec:
 
     ``kind``: ``"lif"``, ``"if"``, ``"plif"`` (LIF with ``decay`` given as ``sigmoid(w)``) or ``"leaky"``.
     ``decay``: the multiplier of the leak term (``1/tau`` for LIF, ``sigmoid(w)`` for PLIF, ``beta`` for
-    Leaky). ``v_reset``: None = soft reset (Leaky: ``"subtract"``; hard = ``"zero"``).
+    Leaky). ``tau`` (LIF): the time constant the kernels divide by, as SpikingJelly does (``x / tau`` and
+    ``x * (1 / tau)`` differ in the last bit for most tau); set from ``decay`` when not given, and ``decay``
+    from it when given. ``v_reset``: None = soft reset (Leaky: ``"subtract"``; hard = ``"zero"``).
     """
 
     kind: str = "lif"
@@ -38,10 +42,18 @@ class NeuronSpec:
     decay_input: bool = True
     v_threshold: float = 1.0
     v_reset: float | None = 0.0
+    tau: float | None = None
 
     def __post_init__(self):
         if self.kind not in _KINDS:
             raise ValueError(f"neuron must be one of {sorted(_KINDS)}, got {self.kind!r}")
+        if self.kind != "lif":
+            object.__setattr__(self, "tau", None)
+        elif self.tau is None:
+            object.__setattr__(self, "tau", 1.0 / float(self.decay))
+        else:
+            object.__setattr__(self, "tau", float(self.tau))
+            object.__setattr__(self, "decay", 1.0 / self.tau)
 
     @classmethod
     def make(cls, neuron="lif", tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, beta=None,
@@ -52,16 +64,31 @@ class NeuronSpec:
             if beta is None:
                 raise ValueError("neuron='leaky' needs beta")
             return cls("leaky", float(beta), True, float(v_threshold), v_reset)
+        lif_tau = None
         if decay is None:
             if neuron in ("lif", "plif") and not tau > 1.0:
                 raise ValueError(f"LIF needs tau > 1, got {tau}")
             decay = 1.0 / float(tau)
+            lif_tau = float(tau) if neuron == "lif" else None
         return cls(neuron, float(decay), bool(decay_input), float(v_threshold),
-                   None if v_reset is None else float(v_reset))
+                   None if v_reset is None else float(v_reset), lif_tau)
 
     @property
     def code(self) -> int:
         return _KINDS[self.kind]
+
+    @property
+    def leak(self) -> float:
+        """The kernels' leak constant: ``tau`` for LIF (divided by), else ``decay`` (multiplied)."""
+        return self.tau if self.kind == "lif" else self.decay
+
+    @classmethod
+    def from_leak(cls, kind: str, leak: float, decay_input: bool, v_threshold: float,
+                  v_reset: float | None) -> NeuronSpec:
+        """The spec whose :attr:`leak` is ``leak`` (the inverse of the flat kernel arguments)."""
+        if kind == "lif":
+            return cls(kind, 1.0 / leak, decay_input, v_threshold, v_reset, leak)
+        return cls(kind, leak, decay_input, v_threshold, v_reset)
 
     @property
     def hard_reset(self) -> bool:
@@ -76,7 +103,7 @@ class NeuronSpec:
 
     def kernel_args(self) -> dict:
         return dict(neuron=self.code, hard_reset=self.hard_reset, decay_input=self.decay_input,
-                    decay=self.decay, v_threshold=self.v_threshold,
+                    leak=self.leak, v_threshold=self.v_threshold,
                     v_reset=0.0 if self.v_reset is None else self.v_reset, v_init=self.v_init)
 
 
@@ -89,7 +116,7 @@ def _multistep_kernel(
     vo_ptr, son, soc, sos,
     scale_ptr, shift_ptr,
     T, N, C, S,
-    decay, v_th, v_reset, v_init,
+    leak, v_th, v_reset, v_init,
     NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_V: tl.constexpr, STORE_V: tl.constexpr,
@@ -98,7 +125,7 @@ def _multistep_kernel(
     """Tensors are viewed as [T, N, C, S] (S = flattened spatial); a program owns a [BLOCK_S, BLOCK_C]
     block of one sample (channel-fastest, coalesced for channels_last) and loops over t."""
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
-    decay = tl.cast(decay, tl.float32)
+    leak = tl.cast(leak, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_reset = tl.cast(v_reset, tl.float32)
     v_init = tl.cast(v_init, tl.float32)
@@ -128,7 +155,7 @@ def _multistep_kernel(
             r = tl.load(r_ptr + t * srt + ro, mask=ok, other=0.0).to(tl.float32)
             if not RES_POST:
                 z = z + r
-        spike, v = _neuron_step(z, v, decay, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+        spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
         if HAS_RES and RES_POST:  # residual + spikes, rounded once (a skip connection after the neuron)
             tl.store(y_ptr + t * syt + yo, (r + spike.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
         else:
@@ -226,7 +253,7 @@ def multistep_neuron(
             scale.float().contiguous() if scale is not None else y4,
             shift.float().contiguous() if shift is not None else y4,
             T, N, C, S,
-            ka["decay"], ka["v_threshold"], ka["v_reset"], ka["v_init"],
+            ka["leak"], ka["v_threshold"], ka["v_reset"], ka["v_init"],
             NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
             HAS_V=v is not None, STORE_V=return_v, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C,

@@ -79,8 +79,9 @@ def spiking_conv2d(
     ``return_v``, then an :class:`Occupancy` of the spikes when
     ``write_occupancy``.
 
-    Neurons (SpikingJelly semantics): ``"lif"`` (``tau``, ``decay_input``), ``"if"``, ``"plif"`` (pass
-    ``tau = 1 / sigmoid(w)``), hard reset to ``v_reset`` or soft reset when ``v_reset is None``;
+    Neurons (SpikingJelly semantics): ``"lif"`` (``tau``, ``decay_input``; divided by tau as SpikingJelly
+    does), ``"if"``, ``"plif"`` (pass ``NeuronSpec.make("plif", decay=sigmoid(w))`` for SpikingJelly's exact
+    arithmetic, or ``tau = 1 / sigmoid(w)``), hard reset to ``v_reset`` or soft reset when ``v_reset is None``;
     ``"leaky"`` is snnTorch's ``Leaky`` (``beta``; ``v_reset=None`` for "subtract", 0.0 for "zero").
     ``v``: initial membrane ``[N, C_out, H_out, W_out]``; None starts at SpikingJelly's initial value.
 

@@ -1,0 +1,69 @@
+"""Every buildable model of SpikingJelly's zoo on the GPU, N=2, in every numerics mode and dtype, over three calls:
+a first call, a second call without ``reset_net`` (the membranes carried over) and a call after ``reset_net``.
+
+* ``faithful-fp32``: ``numerics="faithful"``, the dense fp32 logits bit for bit (``torch.equal``) on every call.
+* ``fast-fp32``: ``numerics="fast"``, ``mode="auto"`` (each layer times its paths on its first call: the timing
+  runs must leave no trace in the neuron state), TF32 off for the dense reference; logits within 2e-2 (norm) of the
+  dense model's, the policy of ``test_gpu_properties.py::test_gpu_model_zoo``: the kernels' fp32 sums are ordered
+  unlike cuDNN's, so a spike at an exact threshold tie may flip somewhere in a deep net; a membrane that is not
+  carried over is far larger (SpikingJelly's QKFormer: 0.10 on the second call).
+* ``fast-fp16``: the model in fp16 against the dense model in fp16, the same bound.
+
+A failing call names the first neuron whose membrane differs from the dense model's after it (the module whose
+state was not carried over, or was advanced twice). ``SPARSEFLOW_GPU_ZOO`` selects models as in
+``test_gpu_properties.py``; the measured errors go to the junit XML (``rel_err``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+for sub in ("packages/sparseflow-kernels/tests", "packages/sparseflow-core/tests"):
+    if str(ROOT / sub) not in sys.path:
+        sys.path.insert(0, str(ROOT / sub))
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
+
+#: mode id -> (numerics, optimize mode, dtype, metric, rtol)
+MODES = {
+    "faithful-fp32": ("faithful", "auto", torch.float32, "exact", 0.0),
+    "fast-fp32": ("fast", "auto", torch.float32, "norm", 2e-2),
+    "fast-fp16": ("fast", "auto", torch.float16, "norm", 2e-2),
+}
+
+
+def _names():
+    from test_gpu_properties import _zoo_names
+
+    return _zoo_names()
+
+
+@pytest.fixture
+def _strict_fp32():
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", _names())
+def test_gpu_zoo_three_calls(name, mode, _strict_fp32, record_property):
+    import test_model_zoo as zoo
+
+    from sparseflow_kernels import dispatch
+
+    numerics, opt_mode, dtype, metric, rtol = MODES[mode]
+    dispatch.clear_cache()  # every model times its own paths on its first call
+    errors: list[float] = []
+    try:
+        zoo.run_zoo_case(name, device="cuda", mode=opt_mode, dtype=dtype, rtol=rtol, metric=metric, errors=errors,
+                         numerics=numerics, batch=2)
+    finally:
+        record_property("rel_err", ",".join(f"{e:.3g}" for e in errors))
