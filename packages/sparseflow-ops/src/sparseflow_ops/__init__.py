@@ -27,7 +27,7 @@ from .conv_transpose import SparseConvTranspose2d
 from .depthwise import SparseGroupedConv2d
 from .linear import SparseConv1d, SparseLinear
 from .neuron import KernelNeuronForward, accelerate_neuron, is_accelerated, restore_neuron
-from .neurons import NeuronAdapter, Unsupported, find_adapter, neuron_support, register_neuron_adapter
+from .neurons import NeuronAdapter, Unsupported, find_adapter, frozen_specs, neuron_support, register_neuron_adapter
 
 __version__ = "0.1.0"
 
@@ -49,6 +49,7 @@ __all__ = [
     "Unsupported",
     "accelerate_neuron",
     "find_adapter",
+    "frozen_specs",
     "is_accelerated",
     "is_bypassed",
     "neuron_support",
