@@ -58,6 +58,7 @@ class ExportedModel:
     ops: dict = field(default_factory=dict)
     max_abs_diff: float | None = None
     meta: dict = field(default_factory=dict)
+    model: nn.Module | None = None  # the optimized model that was exported (its paths frozen for the example)
 
     def load(self):
         """The compiled package, loaded (``torch._inductor.aoti_load_package``): call it with the example's shapes."""
@@ -246,7 +247,7 @@ def export(model: nn.Module, example_inputs, path: str | None, *, dtype: torch.d
         "max_abs_diff_vs_optimized": diff,
         "torch": torch.__version__,
     }
-    res = ExportedModel(None, ep, meta["inputs"], meta["outputs"], ops, diff, meta)
+    res = ExportedModel(None, ep, meta["inputs"], meta["outputs"], ops, diff, meta, model)
     if path is None:
         return res
     d = os.path.dirname(path)
