@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from sf_core_nets import calibrate_bns, image_input, reset, small_sj_net
+from sf_core_nets import build_resnet, calibrate_bns, image_input, reset, small_sj_net
 from torch import nn
 
 from sparseflow_core import export, optimize
@@ -41,6 +41,25 @@ def test_export_program_gives_the_optimized_models_outputs():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         reset(net)
         torch.testing.assert_close(got, net(xi), rtol=1e-4, atol=1e-4)  # and the dense model's
+
+
+def test_export_sew_resnet_with_the_skip_add_in_the_fused_layers():
+    """sew_resnet18 (ADD): the blocks are rewritten FX graphs whose fused conv2 adds the identity to its spikes
+    (``residual_after``); the export traces them into 19 fused spiking layers, and the program gives the optimized
+    model's logits on inputs it was not traced with (the cuDNN paths: fast under the interpreter)."""
+    net, xs = build_resnet("sew_resnet18")
+    res = export(copy.deepcopy(net), xs[0], None, optimize_kw={"mode": "torch"})
+    assert res.max_abs_diff == 0.0
+    assert res.ops["sparseflow::spiking_conv2d"] == 19
+    opt = res.model
+    prog = res.program.module()
+    for x in xs[1:]:
+        reset(opt)
+        reset(net)
+        with torch.no_grad():
+            got = prog(x)
+            torch.testing.assert_close(got, opt(x), rtol=0, atol=0)
+            torch.testing.assert_close(got, net(x), rtol=1e-4, atol=1e-4)
 
 
 def test_export_package_needs_a_cuda_example():
