@@ -73,3 +73,18 @@ def test_sops_agree_with_spikingjelly_on_the_gpu():
     assert rep.energy_source.startswith(("NVML", "not available"))
     if rep.energy_source.startswith("NVML"):
         assert rep.energy_j_per_forward is not None and rep.energy_j_per_forward >= 0
+
+
+def test_dynamic_batch_package(tmp_path):
+    """One package (``dynamic_batch=True``, exported at batch 8) for batches 1, 3 and 8: the exported program's
+    outputs (the paths measured at batch 8, run eagerly) at each batch, bit for bit."""
+    from sparseflow_core import export
+
+    net, x = _net()
+    res = export(copy.deepcopy(net), x.half(), str(tmp_path / "dyn.pt2"), dtype=torch.float16, dynamic_batch=True,
+                 max_batch=64)
+    pkg, prog = res.load(), res.program.module()
+    with torch.no_grad():
+        for n in (1, 3, 8):
+            xi = torch.rand(x.shape[0], n, *x.shape[2:], device="cuda", dtype=torch.float16)
+            torch.testing.assert_close(pkg(xi), prog(xi), rtol=0, atol=0)

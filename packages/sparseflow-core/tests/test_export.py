@@ -43,6 +43,24 @@ def test_export_program_gives_the_optimized_models_outputs():
         torch.testing.assert_close(got, net(xi), rtol=1e-4, atol=1e-4)  # and the dense model's
 
 
+def test_export_with_a_dynamic_batch():
+    """``dynamic_batch=True``: one program for batches 1 to ``max_batch`` (the kernels' launch grids follow the
+    batch), giving the optimized model's logits at batches other than the example's."""
+    net = small_sj_net()
+    x = image_input(T=2, N=2)
+    calibrate_bns(net, x)
+    opt = optimize(copy.deepcopy(net), x)
+    res = export(opt, x, None, dynamic_batch=True, max_batch=64)
+    assert res.max_abs_diff == 0.0 and res.meta["dynamic_batch"]
+    prog = res.program.module()
+    for n in (1, 3):
+        xi = image_input(T=2, N=n) * 2
+        reset(opt)
+        torch.testing.assert_close(prog(xi), opt(xi), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least 2"):
+        export(opt, image_input(T=2, N=1), None, dynamic_batch=True)
+
+
 def test_export_sew_resnet_with_the_skip_add_in_the_fused_layers():
     """sew_resnet18 (ADD): the blocks are rewritten FX graphs whose fused conv2 adds the identity to its spikes
     (``residual_after``); the export traces them into 19 fused spiking layers, and the program gives the optimized

@@ -185,7 +185,24 @@ def _max_diff(a, b) -> float:
     return max(diffs)
 
 
-def trace(model: nn.Module, example_inputs, *, dtype: torch.dtype | None = None, optimize_kw: dict | None = None):
+def _batch_dims(args, max_batch: int):
+    """``dynamic_shapes`` with the batch (dim 1 of a ``[T, N, ...]`` input, else dim 0) of every tensor symbolic."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    specs = []
+    for a in args:
+        if not isinstance(a, torch.Tensor) or a.dim() == 0:
+            specs.append(None)
+            continue
+        d = 1 if a.dim() == 5 else 0
+        if a.shape[d] < 2:
+            raise ValueError(f"export(dynamic_batch=True): the example's batch (dim {d} of {tuple(a.shape)}) must be "
+                             "at least 2 (torch.export specializes sizes 0 and 1)")
+        specs.append({d: batch})
+    return tuple(specs)
+
+
+def trace(model: nn.Module, example_inputs, *, dtype: torch.dtype | None = None, optimize_kw: dict | None = None,
+          dynamic_batch: bool = False, max_batch: int = 1024):
     """(optimized model, ExportedProgram of its reset-state forward with the weight preparation folded, example
     arguments, the optimized model's outputs on them). See :func:`export`."""
     from sparseflow_ops import frozen_specs
@@ -201,6 +218,7 @@ def trace(model: nn.Module, example_inputs, *, dtype: torch.dtype | None = None,
         model = optimize(model, args, dtype=dtype, inplace=False, **(optimize_kw or {}))
     model.eval()
     wrapper = ResetForward(model).eval()
+    dyn = _batch_dims(args, max_batch) if dynamic_batch else None
     with torch.no_grad():
         wrapper(*args)  # each layer measures and keeps its path for these shapes
         ref = wrapper(*args)
@@ -208,11 +226,11 @@ def trace(model: nn.Module, example_inputs, *, dtype: torch.dtype | None = None,
         with frozen_specs(model), warnings.catch_warnings():
             # the neurons' membrane attributes are assigned while tracing (and reset after): no state is exported
             warnings.filterwarnings("ignore", message=".*were assigned during export.*")
-            ep = torch.export.export(wrapper, args, strict=False)
+            ep = torch.export.export(wrapper, args, dynamic_shapes=None if dyn is None else (dyn,), strict=False)
         reset_states(model)
         ep = ep.run_decompositions({})  # functional ATen: the weight packing's in-place copies become values
         folded = fold_constants(ep.module())
-        ep = torch.export.export(folded, args, strict=False)
+        ep = torch.export.export(folded, args, dynamic_shapes=dyn, strict=False)
     left = [name for name in graph_ops(ep.graph_module) if name.startswith(_FOLD_ONLY)]
     if left:
         raise RuntimeError(f"export: {left} still depend on the model's inputs after folding; the package would "
@@ -221,7 +239,8 @@ def trace(model: nn.Module, example_inputs, *, dtype: torch.dtype | None = None,
 
 
 def export(model: nn.Module, example_inputs, path: str | None, *, dtype: torch.dtype | None = None,
-           check: bool = True, optimize_kw: dict | None = None, inductor_configs: dict | None = None) -> ExportedModel:
+           dynamic_batch: bool = False, max_batch: int = 1024, check: bool = True, optimize_kw: dict | None = None,
+           inductor_configs: dict | None = None) -> ExportedModel:
     """Optimize ``model`` (a copy; an optimized model is used as it is), freeze every layer's path for the shapes
     of ``example_inputs`` (a tensor or a tuple of arguments, e.g. ``[T, N, C, H, W]``), export its reset-state
     forward with ``torch.export`` and compile it into the AOTInductor package ``path`` (``.pt2``; None: no
@@ -229,13 +248,16 @@ def export(model: nn.Module, example_inputs, path: str | None, *, dtype: torch.d
     ``torch.float16``). ``check``: run the exported program on the example and record its largest difference
     from the optimized model (``max_abs_diff``; it runs the same kernels, so 0 is expected).
 
-    The package accepts the example's shapes and dtype only (batch size included). AOTInductor compiles the
+    The package accepts the example's shapes and dtype only, batch size included; with ``dynamic_batch`` the batch
+    (dim 1 of ``[T, N, ...]``, else dim 0; the example's must be >= 2) may be anything from 1 to ``max_batch``, each
+    layer keeping the path it measured at the example's batch. AOTInductor compiles the
     Triton kernels for the GPU: packages need a CUDA example; on the CPU (Triton interpreter) ``path=None``
     gives the program. See docs/deploy.md."""
     if path is not None and not any(isinstance(a, torch.Tensor) and a.is_cuda for a in _as_args(example_inputs)):
         raise RuntimeError("export: an AOTInductor package of SparseFlow's Triton kernels needs a CUDA example "
                            "(the kernels are compiled to GPU code); on the CPU pass path=None for the program")
-    model, ep, args, ref = trace(model, example_inputs, dtype=dtype, optimize_kw=optimize_kw)
+    model, ep, args, ref = trace(model, example_inputs, dtype=dtype, optimize_kw=optimize_kw,
+                                 dynamic_batch=dynamic_batch, max_batch=max_batch)
     ops = dict(sorted(graph_ops(ep.graph_module).items()))
     diff = None
     if check:
@@ -244,7 +266,10 @@ def export(model: nn.Module, example_inputs, path: str | None, *, dtype: torch.d
     meta = {
         "format": "AOTInductor package (torch._inductor.aoti_compile_and_package)",
         "semantics": "reset-state forward: every call starts from reset neurons (as optimize(cuda_graph=True))",
-        "frozen_shapes": "the package accepts exactly the input shapes and dtypes below (batch size included)",
+        "frozen_shapes": (f"the batch dimension is dynamic (1 to {max_batch}); every other size and the dtypes are "
+                          "those below" if dynamic_batch else
+                          "the package accepts exactly the input shapes and dtypes below (batch size included)"),
+        "dynamic_batch": bool(dynamic_batch),
         "inputs": [_spec(a) for a in args],
         "outputs": [_spec(t) for t in _flat(ref)],
         "sparseflow_ops": {k: v for k, v in ops.items() if k.startswith("sparseflow::")},

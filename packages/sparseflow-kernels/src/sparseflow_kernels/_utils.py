@@ -71,7 +71,7 @@ def require_int32_numel(op: str, name: str, shape) -> None:
     """Refuse, before allocating it, a kernel output of ``shape`` with offsets past the int32 range."""
     numel = 1
     for s in shape:
-        numel *= int(s)
+        numel = numel * s  # (symbolic sizes stay symbolic: a traced batch is not specialized here)
     if numel - 1 > INT32_MAX:
         raise ValueError(
             f"{op}: the {name} of shape {tuple(int(s) for s in shape)} would hold {numel} elements, past the "
