@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # Public names re-exported from sparseflow_core.
 _CORE_EXPORTS = (
     "optimize", "restore", "profile", "register_spiking_module", "OptimizeReport", "get_report", "cuda_graph",
-    "analyze",
+    "analyze", "export",
 )
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "__version__",
     "analyze",
     "cuda_graph",
+    "export",
     "get_report",
     "optimize",
     "profile",
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         OptimizeReport,
         analyze,
         cuda_graph,
+        export,
         get_report,
         optimize,
         profile,

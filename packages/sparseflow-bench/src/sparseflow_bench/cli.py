@@ -116,6 +116,12 @@ def profile_model(model_name: str, T: int, batch: int, size: int, dtype: torch.d
         with open(os.path.join(out, f"profile_{model_name}.json"), "w") as f:
             json.dump(d, f, indent=1, default=str)
         prof.save(os.path.join(out, f"profile_{model_name}.csv"))
+        try:  # firing rate and SOPs per layer
+            from sparseflow_core.sops import plot_layers
+
+            plot_layers(prof, os.path.join(out, f"profile_{model_name}.png"))
+        except ImportError:
+            pass
     return report, prof
 
 

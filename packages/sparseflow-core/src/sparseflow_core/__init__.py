@@ -3,6 +3,7 @@
 from .analyzer import Analysis, analyze
 from .blocks import select_block_size
 from .cuda_graph import CudaGraphModel, cuda_graph, reset_states
+from .export import ExportedModel, export
 from .handlers import HandlerContext
 from .optimize import get_report, is_optimized, optimize, restore
 from .profiler import LayerProfile, ProfileReport, profile
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis",
     "CudaGraphModel",
+    "ExportedModel",
     "HandlerContext",
     "LayerEntry",
     "LayerProfile",
@@ -31,6 +33,7 @@ __all__ = [
     "ProfileReport",
     "analyze",
     "cuda_graph",
+    "export",
     "find_op_handler",
     "get_report",
     "is_optimized",

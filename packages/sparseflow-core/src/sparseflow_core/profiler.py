@@ -26,6 +26,11 @@ The whole forward is timed again without hooks (``forward_ms``, ``throughput_per
 are those of the CPU ops (SparseFlow modules run the dense torch ops there), the densities and the layer list
 are the same as on a GPU.
 
+Synaptic operations and energy (:mod:`sparseflow_core.sops`): ``sops`` of every Conv/Linear layer whose input is
+spikes or spike counts (``input``: ``binary`` / ``graded`` / ``analog``), ``firing_rate`` of every neuron layer,
+``energy_j`` (``e_ac * sops`` for spike-driven layers, ``e_mac * macs`` for the others) and the totals
+(``theoretical_energy_j``), beside NVML's measured joules (``energy_source`` says whether NVML was read).
+
 ``report.table()`` (also ``print(report)``) is the terminal table; ``to_json()``, ``to_csv()`` and ``save(path)``
 (by suffix: .json, .csv, anything else gets the table) write it; ``profile(..., save=path)`` does that directly.
 """
@@ -49,9 +54,11 @@ from sparseflow_ops import OBSERVER_ATTR
 from .blocks import select_block_size
 from .cuda_graph import CudaGraphModel, reset_states
 from .registry import is_spiking_module
+from .sops import COUNTED, E_AC_J, E_MAC_J, input_kind, layer_sops, theoretical_energy
 
 CSV_COLUMNS = ["layer", "type", "calls", "in_shape", "ms", "dense_ms", "speedup", "elem_density", "block_size",
-               "block_density", "skippable", "skipped", "macs", "path"]
+               "block_density", "skippable", "skipped", "macs", "path", "input", "sops", "firing_rate", "energy_j"]
+_KIND_ORDER = {"binary": 0, "graded": 1, "analog": 2}
 
 
 @dataclass
@@ -68,6 +75,15 @@ class LayerProfile:
     macs: int | None = None
     in_shape: list | None = None
     sparse_module: bool = False
+    input_kind: str | None = None  # "binary", "graded" (spike counts) or "analog" (Conv/Linear layers)
+    sops: int | None = None  # synaptic operations per forward (spike-driven layers)
+    firing_rate: float | None = None  # neuron layers: the fraction of their outputs that are spikes
+    energy_j: float | None = None  # theoretical energy per forward (e_ac * sops or e_mac * macs)
+
+    @property
+    def spiking(self) -> bool:
+        """The layer is spike-driven: its inputs are spikes or spike counts."""
+        return self.input_kind in ("binary", "graded")
 
     @property
     def skippable(self) -> float | None:
@@ -104,6 +120,31 @@ class ProfileReport:
     samples_per_s: float | None = None
     batch: int | None = None
     reps: int = 0
+    e_mac_j: float = E_MAC_J
+    e_ac_j: float = E_AC_J
+    energy_source: str = "not measured"
+
+    @property
+    def total_macs(self) -> int:
+        """Dense MACs per forward of every Conv/Linear layer."""
+        return sum(e.macs or 0 for e in self.layers)
+
+    @property
+    def nonspiking_macs(self) -> int:
+        """MACs per forward of the layers that are not spike-driven (the image stem, analog heads)."""
+        return sum(e.macs or 0 for e in self.layers if e.macs and not e.spiking)
+
+    @property
+    def total_sops(self) -> int:
+        return sum(e.sops or 0 for e in self.layers)
+
+    @property
+    def theoretical_energy_j(self) -> float:
+        """``e_mac * nonspiking_macs + e_ac * total_sops`` per forward."""
+        return theoretical_energy(self.nonspiking_macs, self.total_sops, self.e_mac_j, self.e_ac_j)
+
+    def per_sample(self, value):
+        return None if value is None or not self.batch else value / self.batch
 
     @property
     def skippable_work(self) -> float | None:
@@ -119,9 +160,14 @@ class ProfileReport:
         return {"device": self.device, "forward_ms": self.forward_ms, "throughput_per_s": self.throughput_per_s,
                 "samples_per_s": self.samples_per_s, "batch": self.batch, "reps": self.reps,
                 "energy_j_per_forward": self.energy_j_per_forward, "skippable_work": self.skippable_work,
-                "skipped_work": self.skipped_work,
-                "layers": [dict(asdict(e), skippable=e.skippable, skipped=e.skipped, speedup=e.speedup)
-                           for e in self.layers]}
+                "skipped_work": self.skipped_work, "energy_source": self.energy_source,
+                "energy_j_per_sample": self.per_sample(self.energy_j_per_forward),
+                "total_macs": self.total_macs, "nonspiking_macs": self.nonspiking_macs, "total_sops": self.total_sops,
+                "sops_per_sample": self.per_sample(self.total_sops), "e_mac_j": self.e_mac_j, "e_ac_j": self.e_ac_j,
+                "theoretical_energy_j": self.theoretical_energy_j,
+                "theoretical_energy_j_per_sample": self.per_sample(self.theoretical_energy_j),
+                "layers": [dict(asdict(e), skippable=e.skippable, skipped=e.skipped, speedup=e.speedup,
+                                spiking=e.spiking) for e in self.layers]}
 
     def to_json(self, **kw) -> str:
         return json.dumps(self.to_dict(), **kw)
@@ -134,23 +180,30 @@ class ProfileReport:
         for e in self.layers:
             w.writerow([e.name, e.type, e.calls, "x".join(map(str, e.in_shape or [])), f"{e.ms:.6f}",
                         num(e.dense_ms, ".6f"), num(e.speedup, ".4f"), num(e.elem_density), num(e.block_size, "d"),
-                        num(e.block_density), num(e.skippable), num(e.skipped), num(e.macs, "d"), e.path or ""])
+                        num(e.block_density), num(e.skippable), num(e.skipped), num(e.macs, "d"), e.path or "",
+                        e.input_kind or "", num(e.sops, "d"), num(e.firing_rate), num(e.energy_j)])
         return buf.getvalue()
 
     def table(self) -> str:
         head = (f"{'layer':<28} {'type':<14} {'calls':>5} {'ms':>9} {'dense ms':>9} {'speed-up':>8} {'elem':>6} "
-                f"{'bs':>3} {'blocks':>6} {'skip':>6}  path")
+                f"{'bs':>3} {'blocks':>6} {'skip':>6} {'input':>6} {'SOPs':>9} {'fire':>5}  path")
         out = [head, "-" * len(head)]
         fmt = lambda v, f=".3f": "" if v is None else format(v, f)
         for e in self.layers:
             out.append(f"{e.name[-28:]:<28} {e.type[:14]:<14} {e.calls:>5} {e.ms:>9.4f} {fmt(e.dense_ms, '.4f'):>9} "
                        f"{fmt(e.speedup, '.2f') + ('x' if e.speedup is not None else ''):>8} "
                        f"{fmt(e.elem_density):>6} {fmt(e.block_size, 'd'):>3} {fmt(e.block_density):>6} "
-                       f"{fmt(e.skipped):>6}  {e.path or ''}")
+                       f"{fmt(e.skipped):>6} {(e.input_kind or '')[:6]:>6} {fmt(e.sops, '.3g'):>9} "
+                       f"{fmt(e.firing_rate, '.3f')[1:] if e.firing_rate is not None else '':>5}  {e.path or ''}")
         en = "" if self.energy_j_per_forward is None else f", {self.energy_j_per_forward:.3f} J/forward"
         sps = "" if self.samples_per_s is None else f", {self.samples_per_s:.1f} samples/s"
         out.append(f"forward {self.forward_ms:.3f} ms ({self.throughput_per_s:.1f} forwards/s{sps}) "
                    f"on {self.device}{en}")
+        out.append(f"SOPs {self.total_sops:.4g} + non-spiking MACs {self.nonspiking_macs:.4g} (dense MACs "
+                   f"{self.total_macs:.4g}) per forward: theoretical energy {self.theoretical_energy_j * 1e3:.4g} mJ "
+                   f"(E_AC {self.e_ac_j * 1e12:g} pJ, E_MAC {self.e_mac_j * 1e12:g} pJ); measured: "
+                   + (f"{self.energy_j_per_forward:.4g} J (NVML)" if self.energy_j_per_forward is not None
+                      else self.energy_source))
         if self.skippable_work is not None:
             out.append(f"work in all-zero blocks {self.skippable_work:.1%} (MAC-weighted), skipped by the chosen "
                        f"paths {self.skipped_work:.1%}")
@@ -338,7 +391,8 @@ def _detach(v):
 # ------------------------------------------------------------------------------------------- profile
 def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None = None, group: int = 16,
             reset: bool = True, dense: bool | None = None, batch: int | None = None, save=None,
-            print_table: bool = False, tile: int | None = None) -> ProfileReport:
+            print_table: bool = False, tile: int | None = None, e_mac: float = E_MAC_J, e_ac: float = E_AC_J,
+            plot: str | None = None) -> ProfileReport:
     """Profile ``reps`` forwards of ``model`` on ``inputs`` (a tensor or a tuple of arguments).
 
     ``block_size``: block edge of the block densities (default: each layer's own, else the rule of
@@ -346,8 +400,11 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
     ``dense``: also time the dense op of every SparseFlow layer on its recorded inputs (default: on a GPU).
     ``batch``: samples per forward for ``samples_per_s`` (default: dim 1 of a 5-D ``[T, N, ...]`` input, else
     dim 0). ``reset``: reset neuron states before every forward. ``save``: a path or a list of paths
-    (.json / .csv / other = table). ``print_table``: print the table.
+    (.json / .csv / other = table). ``print_table``: print the table. ``e_mac`` / ``e_ac``: joules per MAC / per
+    synaptic operation of the theoretical energy (default 4.6 pJ / 0.9 pJ, 45 nm). ``plot``: a PNG path for the
+    firing rates and SOPs per layer (matplotlib).
     """
+    theoretical_energy(0, 0, e_mac, e_ac)  # checks the constants
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     if block_size is None:
@@ -368,6 +425,7 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
     recorded: dict[str, list] = {}  # name -> [(args, kwargs)] of one forward (SparseFlow modules, for dense_ms)
     tails: dict[str, bool] = {}  # name -> the SparseFlow layer ran its BatchNorm/neuron itself
     starts: dict[str, list] = {}
+    fires: dict[str, list[int]] = {}  # neuron name -> [spikes, outputs]
     handles = []
     phase = ["off"]  # "stats" (the warm-up forward), "time" (the timed forwards) or "off"
 
@@ -384,6 +442,13 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
                     c[1] += x.numel()
                     if row.in_shape is None:
                         row.in_shape = list(x.shape)
+                    if isinstance(mod, COUNTED) and not _is_bypassed(mod):
+                        kind = input_kind(x)
+                        if _KIND_ORDER[kind] >= _KIND_ORDER.get(row.input_kind, -1):
+                            row.input_kind = kind
+                        n = layer_sops(mod, x) if kind != "analog" else None
+                        if n is not None:
+                            row.sops = (row.sops or 0) + n
                     if not _is_bypassed(mod):
                         bs = _layer_block_size(mod, x, block_size)
                         bc = block_counts(mod, x, bs, group)
@@ -414,6 +479,10 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
                 macs = _macs(mod, out)
                 if macs is not None:
                     row.macs = (row.macs or 0) + macs
+                if is_spiking_module(mod) and isinstance(out, torch.Tensor):
+                    f = fires.setdefault(name, [0, 0])
+                    f[0] += int((out != 0).sum())
+                    f[1] += out.numel()
                 if row.sparse_module:
                     # did it take over the BatchNorm/neuron after it (they are then skipped), or run the
                     # conv alone (CPU, training: they run themselves)?
@@ -445,7 +514,9 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
         rows[name] = LayerProfile(name, type(m).__name__, sparse_module=_is_sparse_module(m))
         handles.append(m.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(m.register_forward_hook(post(name), with_kwargs=True))
-    rep = ProfileReport(device=torch.cuda.get_device_name(first.device) if cuda else "cpu", batch=batch, reps=reps)
+    rep = ProfileReport(device=torch.cuda.get_device_name(first.device) if cuda else "cpu", batch=batch, reps=reps,
+                        e_mac_j=float(e_mac), e_ac_j=float(e_ac),
+                        energy_source="not available: NVML energy is read on CUDA devices only")
 
     def forward():
         if reset:
@@ -472,7 +543,8 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
                     whole(*args)
                 if cuda:
                     torch.cuda.synchronize()
-            energy = _nvml_energy() if cuda else None
+            energy, why = _nvml_energy() if cuda else (None, rep.energy_source)
+            rep.energy_source = "NVML nvmlDeviceGetTotalEnergyConsumption" if energy else why
             e0 = energy() if energy else None
             t0 = time.perf_counter()
             for _ in range(reps):
@@ -502,6 +574,13 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
             row.elem_density = c[0] / c[1]
         if c and c[3]:
             row.block_density = c[2] / c[3]
+        f = fires.get(name)
+        if f and f[1]:  # (a neuron fused upstream hands the fused layer's spikes through: the same rate)
+            row.firing_rate = f[0] / f[1]
+        if row.sops is not None:
+            row.energy_j = e_ac * row.sops
+        elif row.macs:
+            row.energy_j = e_mac * row.macs
         layers.append(row)
     if dense:
         mods = dict(model.named_modules())
@@ -522,17 +601,24 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
         rep.save(path)
     if print_table:
         print(rep.table())
+    if plot:
+        from .sops import plot_layers
+
+        plot_layers(rep, plot)
     return rep
 
 
 def _nvml_energy():
+    """(a reader of the GPU's energy counter in mJ, None) or (None, why not)."""
     try:
         import pynvml
-
+    except ImportError:
+        return None, "not available: pynvml is not installed (pip install nvidia-ml-py)"
+    try:
         pynvml.nvmlInit()
         idx = torch.cuda.current_device()
         h = pynvml.nvmlDeviceGetHandleByIndex(idx)
         pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-        return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-    except Exception:
-        return None
+        return (lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(h)), None
+    except Exception as e:
+        return None, f"not available: NVML energy counter unreadable ({type(e).__name__}: {e})"[:200]

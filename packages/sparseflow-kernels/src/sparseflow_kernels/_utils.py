@@ -76,7 +76,7 @@ def require_int32_numel(op: str, name: str, shape) -> None:
     """Refuse, before allocating it, a kernel output of ``shape`` with offsets past the int32 range."""
     numel = 1
     for s in shape:
-        numel *= int(s)
+        numel = numel * s  # (symbolic sizes stay symbolic: a traced batch is not specialized here)
     if numel - 1 > INT32_MAX:
         raise ValueError(
             f"{op}: the {name} of shape {tuple(int(s) for s in shape)} would hold {numel} elements, past the "
@@ -111,12 +111,40 @@ def dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
     return fp32_precision
 
 
+def _traced(a) -> bool:
+    """A fake or functional tensor: ``torch.compile`` / ``torch.export`` tracing the launcher for shapes."""
+    if not isinstance(a, torch.Tensor):
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(a)
+
+
+class _Interpreted:
+    """An interpreted kernel that, traced with fake tensors (the shape pass of ``torch.export`` over a
+    ``sparseflow::`` operator), launches nothing: the operator's outputs are allocated by the launcher, and the
+    kernel runs when the traced program runs."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            if any(_traced(a) for a in (*args, *kwargs.values())):
+                return None
+            return run(*args, **kwargs)
+
+        return call
+
+
 def launch(kernel):
-    """``kernel`` wrapped with ``torch.library.wrap_triton`` so that ``torch.compile`` traces its launches
-    (inside the ``sparseflow::`` triton ops); the bare kernel under the CPU interpreter, whose interpreted
-    kernels ``wrap_triton`` does not accept."""
+    """``kernel`` wrapped with ``torch.library.wrap_triton`` so that ``torch.compile`` and ``torch.export`` trace
+    its launches (inside the ``sparseflow::`` triton ops); under the CPU interpreter, whose interpreted kernels
+    ``wrap_triton`` does not accept, the bare kernel, skipped while tracing with fake tensors."""
     if interpreter_active():
-        return kernel
+        return _Interpreted(kernel)
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)

@@ -21,7 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision, next_pow2, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import (
+    dot_precision,
+    launch,
+    next_pow2,
+    require_dtype,
+    require_int32_indexable,
+    require_triton_device,
+)
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:
@@ -141,7 +148,7 @@ def ssa_attention(
     prec = dot_precision(q.dtype, fp32_precision)
     prec32 = dot_precision(torch.float32, "tf32x3" if fp32_precision == "tf32" else fp32_precision)
     d_p2 = max(16, next_pow2(D))
-    _ssa_kernel[(B * H,)](
+    launch(_ssa_kernel)[(B * H,)](
         q4, *q4.stride(), k4, *k4.stride(), v4, *v4.stride(), y4, *y4.stride(),
         H, D, L, float(scale),
         D_P2=d_p2, BLOCK_L=block_l, SPARSE=not dense, PREC=prec, PREC32=prec32,
@@ -196,7 +203,7 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     block_c = min(32 if a3.stride(1) == 1 else 16, max(16, next_pow2(C)))
     block_l = min(256, max(16, next_pow2(L)))
     num_cb = triton.cdiv(C, block_c)
-    _channel_dot_kernel[(B * num_cb,)](
+    launch(_channel_dot_kernel)[(B * num_cb,)](
         a3, *a3.stride(), b3, *b3.stride(), y, *y.stride(), C, L, num_cb,
         BLOCK_C=block_c, BLOCK_L=block_l, num_warps=4,
     )

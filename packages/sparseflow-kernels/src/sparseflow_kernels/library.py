@@ -17,6 +17,9 @@ op                                   equals
 ``sparseflow::conv2d``               :func:`sparseflow_kernels.sparse_conv2d`
 ``sparseflow::multistep_neuron``     :func:`sparseflow_kernels.multistep_neuron` (spikes, membrane)
 ``sparseflow::max_pool2d``           :func:`sparseflow_kernels.pool.max_pool2d`
+``sparseflow::linear``               :func:`sparseflow_kernels.sparse_linear` / :func:`sparse_conv1x1`
+``sparseflow::ssa_attention``        :func:`sparseflow_kernels.ssa_attention`
+``sparseflow::channel_dot``          :func:`sparseflow_kernels.channel_dot`
 ===================================  ==========================================================
 """
 
@@ -25,7 +28,9 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op
 
+from .attention import channel_dot, ssa_attention
 from .conv import ConvConfig
+from .linear import LinearConfig, sparse_conv1x1, sparse_linear
 from .neuron import NeuronSpec, multistep_neuron
 from .pool import max_pool2d
 from .sparse_conv import sparse_conv2d
@@ -90,6 +95,27 @@ def _multistep_neuron_op(
 def _max_pool2d_op(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
                    dilation: list[int], ceil_mode: bool) -> torch.Tensor:
     return max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+@triton_op("sparseflow::linear", mutates_args={})
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+               shift: torch.Tensor | None, packed_weight: torch.Tensor | None, config: list[int], dense: bool,
+               conv1x1: bool) -> torch.Tensor:
+    """``config``: the 5 ints of :meth:`LinearConfig.key` (empty: the default); ``conv1x1``: ``x`` is
+    ``[B, C, L]`` (:func:`sparse_conv1x1`), else rows ``[..., K]`` (:func:`sparse_linear`)."""
+    fn = sparse_conv1x1 if conv1x1 else sparse_linear
+    return fn(x, weight, bias, config=LinearConfig(*config) if config else None, packed_weight=packed_weight,
+              scale=scale, shift=shift, dense=dense)
+
+
+@triton_op("sparseflow::ssa_attention", mutates_args={})
+def _ssa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dense: bool) -> torch.Tensor:
+    return ssa_attention(q, k, v, scale, dense=dense)
+
+
+@triton_op("sparseflow::channel_dot", mutates_args={})
+def _channel_dot_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return channel_dot(a, b)
 
 
 def compiling() -> bool:

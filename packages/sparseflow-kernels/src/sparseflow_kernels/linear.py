@@ -20,7 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision, next_pow2, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import (
+    dot_precision,
+    launch,
+    next_pow2,
+    require_dtype,
+    require_int32_indexable,
+    require_triton_device,
+)
 from .conv import _compact
 
 MAX_K_BLOCKS = 256  # K blocks a program can list in registers
@@ -155,7 +162,7 @@ def _block_flags(x, layout, block_m, block_k):
     if flags.numel():
         kpp = max(1, min(next_pow2(nkb), 64 // block_k))  # a [block_m, 64] tile per program
         grid = (mt, triton.cdiv(nkb, kpp))
-        _linear_prescan_kernel[grid](x, flags, M, K, L, sb, sl, sk, nkb,
+        launch(_linear_prescan_kernel)[grid](x, flags, M, K, L, sb, sl, sk, nkb,
                                      BLOCK_M=block_m, BLOCK_K=block_k, KB_PER_PROG=kpp, num_warps=4)
     return flags
 
@@ -224,7 +231,7 @@ def _launch(op, x, layout, weight, bias, out, N, *, config, packed_weight, scale
     grid = (triton.cdiv(M, cfg.block_m) * num_n,)
     stage_bytes = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * x.element_size()
     num_stages = max(1, min(cfg.num_stages, (160 * 1024) // max(1, stage_bytes)))
-    _linear_kernel[grid](
+    launch(_linear_kernel)[grid](
         x, sxb, sxl, sxk, w, w.shape[1], out, syb, syl, syn,
         flags if sparse else out, sc if sc is not None else out, sh if sh is not None else out,
         M, K, N, L, nkb, num_n,

@@ -86,6 +86,18 @@ def _unwrap(module):
     return old
 
 
+def _ssa(q, k, v, scale, dense):
+    """:func:`ssa_attention`, as the registered operator while ``torch.compile`` / ``torch.export`` trace."""
+    if compiling():
+        return torch.ops.sparseflow.ssa_attention(q, k, v, float(scale), bool(dense))
+    return ssa_attention(q, k, v, scale, dense=dense)
+
+
+def _channel_dot(a, b):
+    """:func:`channel_dot`, as the registered operator while ``torch.compile`` / ``torch.export`` trace."""
+    return torch.ops.sparseflow.channel_dot(a, b) if compiling() else channel_dot(a, b)
+
+
 def _use_kernels(module, x) -> bool:
     if module.training or module.mode == "torch" or not kernels_can_run(x):
         if not x.is_cuda and not kernels_can_run(x):
@@ -188,7 +200,7 @@ if SpikingSelfAttention is not None:
             qkv = qkv.reshape(T, N, 3, self.num_heads, local_dim // self.num_heads, L)
             if _use_kernels(self, qkv):
                 q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-                cands = {"sparse": lambda: ssa_attention(q, k, v, self.scale, dense=self.mode == "dense"),
+                cands = {"sparse": lambda: _ssa(q, k, v, self.scale, self.mode == "dense"),
                          "torch": lambda: self._ssa_kernel_torch(qkv, self.scale)}
                 path = _choose(self, ("ssa", tuple(qkv.shape), qkv.stride(), qkv.dtype), cands, qkv)
                 self.last_path = path
@@ -281,7 +293,7 @@ if SpikingSelfAttention is not None:
             v = self.v_lif(self.v_bn(self.v_conv(x)))
             kf, vf = k.reshape(T * N, C, H * W), v.reshape(T * N, C, H * W)
             if _use_kernels(self, kf) and kf.dtype == vf.dtype:
-                cands = {"sparse": lambda: channel_dot(kf, vf),
+                cands = {"sparse": lambda: _channel_dot(kf, vf),
                          "torch": lambda: (kf * vf).sum(dim=-1)}
                 path = _choose(self, ("sdsa", tuple(kf.shape), kf.stride(), kf.dtype), cands, kf)
             else:

@@ -509,9 +509,12 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                              self.dilation)
                 if b is not None:
                     y = y + b.view(1, -1, 1, 1)
-            else:
+            else:  # eager's configuration and packed weight (a constant of the weights: folded by export)
+                cfg = self._config(flat.shape[1], self.out_channels)
+                packed = pack_weight(self.weight, cfg.block_k, cfg.block_n, x.dtype)
                 y = torch.ops.sparseflow.conv2d(flat, self.weight, self.bias, list(self.stride), list(self.padding),
-                                                list(self.dilation), scale, shift, None, [], path == "dense")
+                                                list(self.dilation), scale, shift, packed, list(cfg.key()),
+                                                path == "dense")
             return y.view(*x.shape[:2], *y.shape[1:]) if x.dim() == 5 else y
         neuron = self._neuron
         adapter = find_adapter(neuron)
@@ -531,8 +534,12 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         path = self.last_path or "fused_dense"
         cfgs = spiking_configs(C, self.out_channels, T)
         cfg = cfgs.get(path) or (self._config(C, self.out_channels) if path == "fused_sparse" else None)
+        packed = None if cfg is None or path == "cudnn" else pack_weight(self.weight, cfg.block_k, cfg.block_n,
+                                                                         x.dtype)
+        # the cuDNN path's weight channels_last, as eager's (cuDNN's algorithm, hence its rounding, follows layouts)
+        weight = self.weight.contiguous(memory_format=torch.channels_last) if path == "cudnn" else self.weight
         spikes, v = torch.ops.sparseflow.spiking_conv2d(
-            x5, self.weight, self.bias, list(self.stride), list(self.padding), scale, shift, res5, v0, None,
+            x5, weight, self.bias, list(self.stride), list(self.padding), scale, shift, res5, v0, packed,
             *neuron_args(spec), list(cfg.key()) if cfg is not None else [], path == "cudnn", path == "fused_sparse",
             x.dtype, residual is not None and residual_after)
         adapter.set_v(neuron, v, x.dtype)

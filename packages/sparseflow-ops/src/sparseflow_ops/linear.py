@@ -116,7 +116,33 @@ class _GemmMixin:
             return None, None
         return self._acache.get(bn_key(bn), lambda: bn_affine(bn))
 
+    def _traced_run(self, x, K, N):
+        """The forward as ``torch.compile`` / ``torch.export`` trace it: the path the eager dispatch chose for this
+        module (run the model once eagerly first), as registered operators, without version caches or timing."""
+        bn = self.__dict__.get("_bn")
+        path = self.last_path or "dense"
+        conv1x1 = isinstance(self, nn.Conv1d)
+        if path == "torch":
+            w = self.weight.detach()
+            w, b = fold_bn(w.reshape(w.shape[0], -1), None if self.bias is None else self.bias.detach(), bn)
+            w, b = w.to(x.dtype).contiguous(), None if b is None else b.to(x.dtype)
+            if conv1x1:
+                y = torch.matmul(w, x)
+                return y if b is None else y + b.view(-1, 1)
+            return F.linear(x, w, b)
+        cfg = self._cfg(K, N)
+        if path == "sparse_m128":
+            cfg = LinearConfig(128, 128, cfg.block_k, 8, 3)
+        scale, shift = bn_affine(bn) if bn is not None else (None, None)
+        packed = pack_linear_weight(self.weight, cfg.block_k, cfg.block_n, x.dtype)
+        return torch.ops.sparseflow.linear(x, self.weight, self.bias, scale, shift, packed, list(cfg.key()),
+                                           path == "dense", conv1x1)
+
     def _run(self, key, x, kernel, torch_op, K, N):
+        if compiling():
+            y = self._traced_run(x, K, N)
+            self.last_path = self.last_path or "dense"
+            return y
         cfg = self._cfg(K, N)
         scale, shift = self._affine()
         w = self._packed(cfg, x.dtype)

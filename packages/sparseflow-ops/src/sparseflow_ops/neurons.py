@@ -11,6 +11,7 @@ a supported class are accepted only when they do not override the methods that d
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -66,7 +67,67 @@ def register_neuron_adapter(cls: type, adapter: NeuronAdapter) -> None:
     _ADAPTERS[cls] = adapter
 
 
+class _FrozenSpec(NeuronAdapter):
+    """An adapter whose ``spec`` is fixed (see :func:`frozen_specs`); everything else is the wrapped adapter's."""
+
+    def __init__(self, adapter: NeuronAdapter, spec: NeuronSpec):
+        self.adapter = adapter
+        self.frozen = spec
+
+    def spec(self, m):
+        return self.frozen
+
+    def spec_key(self, m):
+        return ("frozen", self.frozen)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["adapter"], name)
+
+    def check(self, m):
+        return self.adapter.check(m)
+
+    def is_multistep(self, m):
+        return self.adapter.is_multistep(m)
+
+    def get_v(self, m, shape, device):
+        return self.adapter.get_v(m, shape, device)
+
+    def set_v(self, m, v, dtype):
+        return self.adapter.set_v(m, v, dtype)
+
+
+_FROZEN: dict[int, _FrozenSpec] = {}
+
+
+@contextlib.contextmanager
+def frozen_specs(model: nn.Module):
+    """Within the block, every supported neuron of ``model`` reports the ``NeuronSpec`` it has on entry, read
+    from its real parameters: ``torch.export`` traces parameters as fake tensors, whose values (a PLIF's
+    learnt decay) cannot become the kernels' Python scalars. The exported program holds the specs as constants."""
+    added = []
+    for m in model.modules():
+        adapter = find_adapter(m)
+        if adapter is None or id(m) in _FROZEN:
+            continue
+        try:
+            adapter.check(m)
+            spec = adapter.spec(m)
+        except Unsupported:
+            continue
+        _FROZEN[id(m)] = _FrozenSpec(adapter, spec)
+        added.append(id(m))
+    try:
+        yield
+    finally:
+        for k in added:
+            _FROZEN.pop(k, None)
+
+
 def find_adapter(m: nn.Module) -> NeuronAdapter | None:
+    if _FROZEN:
+        frozen = _FROZEN.get(id(m))
+        if frozen is not None:
+            return frozen
     _register_builtin()
     for klass in type(m).__mro__:
         if klass in _ADAPTERS:

@@ -1,0 +1,90 @@
+"""GPU checks of ``sparseflow.export`` (run on the device machine by scripts/gpu_check.sh): the AOTInductor package
+of small optimized SpikingJelly nets (fp16 and fp32, every kernel kind: fused conv/BN/LIF/IF/PLIF, sparse conv +
+max pool, neuron kernel, sparse linear) gives the optimized model's outputs, loaded in this process and in a fresh
+process where sparseflow, SpikingJelly and triton cannot be imported; the dense model's SOPs equal SpikingJelly's
+SynOpCounter's on the GPU (the optimized model's within 1%: its kernels may flip a spike at threshold)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "packages", "sparseflow-core", "tests"))
+
+
+def _net():
+    from sf_core_nets import calibrate_bns, image_input, small_sj_net
+
+    torch.manual_seed(0)
+    net = small_sj_net()
+    x = image_input(T=4, N=8)
+    calibrate_bns(net, x)
+    return net.cuda(), x.cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_package_matches_the_optimized_model(tmp_path, dtype):
+    from sparseflow_bench.sections.deploy import compare_outputs, run_in_fresh_process
+    from sparseflow_core import export, optimize, reset_states
+
+    net, x = _net()
+    res = export(copy.deepcopy(net), x, str(tmp_path / "net.pt2"), dtype=dtype)
+    assert res.max_abs_diff == 0.0
+    assert os.path.exists(tmp_path / "net.json")
+    xd = x.to(dtype)
+    with torch.no_grad():
+        reset_states(res.model)
+        ref = res.model(xd)
+        pkg = res.load()
+        for _ in range(2):  # every call from reset neurons
+            torch.testing.assert_close(pkg(xd), ref, rtol=0, atol=0)
+        x2 = torch.randn_like(xd)
+        reset_states(res.model)
+        d = compare_outputs(pkg(x2), res.model(x2))
+    assert d["within_fp16_rounding"], d
+    graph = optimize(res.model, xd, cuda_graph=True)
+    with torch.no_grad():
+        for _ in range(4):
+            g = graph(xd)
+    torch.testing.assert_close(g, ref, rtol=0, atol=0)
+    info, out = run_in_fresh_process(res.path, xd, str(tmp_path), timeout=120)
+    assert out is not None, info
+    assert info["forbidden_modules"] == [], info
+    torch.testing.assert_close(out["y"], ref.cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(out["y2"], out["y"], rtol=0, atol=0)
+
+
+def test_sops_agree_with_spikingjelly_on_the_gpu():
+    from sparseflow_core import optimize, profile
+    from sparseflow_core.sops import spikingjelly_sops
+
+    net, x = _net()
+    sj = spikingjelly_sops(net, x)
+    rep = profile(net, x, reps=2, dense=False)  # the same dense computation (the optimized one may flip spikes)
+    assert rep.total_sops == sj["total"] > 0
+    opt = profile(optimize(copy.deepcopy(net), x), x, reps=2, dense=False)
+    assert abs(opt.total_sops - sj["total"]) <= 0.01 * sj["total"]
+    assert rep.energy_source.startswith(("NVML", "not available"))
+    if rep.energy_source.startswith("NVML"):
+        assert rep.energy_j_per_forward is not None and rep.energy_j_per_forward >= 0
+
+
+def test_dynamic_batch_package(tmp_path):
+    """One package (``dynamic_batch=True``, exported at batch 8) for batches 1, 3 and 8: the exported program's
+    outputs (the paths measured at batch 8, run eagerly) at each batch, bit for bit."""
+    from sparseflow_core import export
+
+    net, x = _net()
+    res = export(copy.deepcopy(net), x.half(), str(tmp_path / "dyn.pt2"), dtype=torch.float16, dynamic_batch=True,
+                 max_batch=64)
+    pkg, prog = res.load(), res.program.module()
+    with torch.no_grad():
+        for n in (1, 3, 8):
+            xi = torch.rand(x.shape[0], n, *x.shape[2:], device="cuda", dtype=torch.float16)
+            torch.testing.assert_close(pkg(xi), prog(xi), rtol=0, atol=0)
