@@ -55,7 +55,6 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=16)
     a = p.parse_args()
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # bit-for-bit comparison
-    import sparseflow_bench.sj_vision  # noqa: F401 - SpikingJelly decodes only the config classes imported
     from spikingjelly.activation_based.distributed.vision import (
         EvaluationConfig,
         PredictionConfig,
@@ -63,6 +62,8 @@ def main() -> int:
         predict_classification,
     )
     from spikingjelly.activation_based.precision import PrecisionConfig
+
+    import sparseflow_bench.sj_vision  # noqa: F401 - SpikingJelly decodes only the config classes imported
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local)
@@ -93,7 +94,7 @@ def main() -> int:
                                                                timing_warmup_batches=1, **common))
             results[key] = {"images_per_second": metrics["images_per_second"], "accuracy": metrics["accuracy"],
                             "wall_s": time.time() - t0, "h5": str(h5)}
-        except Exception as e:  # noqa: BLE001 - recorded: which SpikingJelly modes a SparseFlow model runs in
+        except Exception as e:
             results[key] = {"error": f"{type(e).__name__}: {e}"}
         if rank == 0:
             print(key, json.dumps(results[key]), flush=True)

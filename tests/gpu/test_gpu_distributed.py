@@ -29,7 +29,7 @@ def _env():
     env.pop("TRITON_INTERPRET", None)
     paths = [str(ROOT / "packages" / p / "src") for p in
              ("sparseflow-kernels", "sparseflow-ops", "sparseflow-core", "sparseflow-bench")] + [str(ROOT / "src")]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
     return env
 
 
@@ -67,7 +67,7 @@ def _eval(data, out, *extra):
 
 @_long
 def test_eval_faithful_equals_dense_and_fp16_cuda_graph_runs(data, tmp_path):
-    dense, sd, _ = _eval(data, tmp_path / "dense", "--no-optimize")
+    dense, _sd, _ = _eval(data, tmp_path / "dense", "--no-optimize")
     faithful, sf, _ = _eval(data, tmp_path / "faithful", "--numerics", "faithful")
     assert torch.equal(dense["index"], torch.arange(13)) and torch.equal(faithful["index"], torch.arange(13))
     assert dense["logits"].std(0).max() > 0  # the logits depend on the sample: the network spikes

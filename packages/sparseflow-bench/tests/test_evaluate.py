@@ -50,7 +50,7 @@ def _env() -> dict:
     paths = [str(ROOT / "packages" / p / "src") for p in
              ("sparseflow-kernels", "sparseflow-ops", "sparseflow-core", "sparseflow-bench")] + [str(ROOT / "src")]
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
     return env
 
 
@@ -176,7 +176,7 @@ def test_eval_bad_inputs_name_the_problem(tiny, tmp_path) -> None:
     torch.save(torch.randn(3, 8, 8), tmp_path / "bad.pt")
     with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
         evaluate.evaluate(["--model", tiny, "--data", str(tmp_path / "bad.pt"), "--no-progress"])
-    with pytest.raises(FileNotFoundError, match="folder of images or a .pt file"):
+    with pytest.raises(FileNotFoundError, match=r"folder of images or a \.pt file"):
         evaluate.evaluate(["--model", tiny, "--data", str(tmp_path / "missing"), "--no-progress"])
     torch.save(torch.randn(2, 3, 8, 8), tmp_path / "ok.pt")
     with pytest.raises(KeyError, match="unknown model 'no_such_model'"):

@@ -225,7 +225,7 @@ def calibrate(net, x) -> None:
         y = inputs[0]
         y = y.flatten(0, 1) if y.dim() == 5 else y
         mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False) + 1e-3
-        r = lambda: torch.rand(mean.shape, generator=gen)  # noqa: E731
+        r = lambda: torch.rand(mean.shape, generator=gen)
         if bn.track_running_stats:
             bn.running_mean.copy_(mean + 0.1 * var.sqrt() * (r() - 0.5))
             bn.running_var.copy_(var * (0.8 + 0.4 * r()))

@@ -11,6 +11,8 @@ multi-step) with ``torch.equal``, over two calls with the membrane carried over.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -91,10 +93,8 @@ def framework_module(p):
         m = neuron.ParametricLIFNode(init_tau=p["init_tau"], decay_input=p["decay_input"], **common)
     else:
         m = neuron.IFNode(**common)
-    try:
+    with contextlib.suppress(Exception):  # backends other than torch are not selectable on this SpikingJelly version
         m.set_backend("torch")
-    except Exception:  # backends other than torch are not selectable on this SpikingJelly version
-        pass
     return m.eval()
 
 
@@ -148,7 +148,7 @@ def _multistep(x, spec, v):
 
 def _fused_conv(x, spec, v):
     """The fused conv kernel's epilogue on a 1x1 identity convolution (exact sums): z = x."""
-    T, N, C, H, W = x.shape
+    C = x.shape[2]
     eye = torch.eye(C).view(C, C, 1, 1)
     return spiking_conv2d(x, eye, None, 1, 0, neuron=spec, v=v, return_v=True, path="fused")
 

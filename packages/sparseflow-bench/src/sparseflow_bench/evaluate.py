@@ -69,7 +69,8 @@ def _block_size(v):
     try:
         return int(v)
     except ValueError:
-        raise SystemExit(f"sparseflow-bench eval: --block-size must be an integer, 'dense' or 'auto', got {v!r}")
+        raise SystemExit(
+            f"sparseflow-bench eval: --block-size must be an integer, 'dense' or 'auto', got {v!r}") from None
 
 
 def _sync_error(error: BaseException | None, info, what: str) -> None:
@@ -136,7 +137,7 @@ def _prepare(a, info, dataset):
         error = result = None
         try:
             result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank by _sync_error
+        except Exception as e:
             error = e
         _sync_error(error, info, what)
         return result
@@ -271,14 +272,14 @@ def evaluate(argv=None) -> dict | None:
         error, dataset = None, None
         try:
             dataset = open_dataset(a.data, size=a.size, normalize=not a.no_normalize)
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank by _sync_error
+        except Exception as e:
             error = e
         _sync_error(error, info, "opening the data set")
         model, n_choices, sizes = _prepare(a, info, dataset)
         shard = None
         try:
             shard = _run_shard(a, info, dataset, model)
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank by _sync_error
+        except Exception as e:
             error = e
         _sync_error(error, info, "running its shard of the data set")
         indices, labels, logits, seconds = shard

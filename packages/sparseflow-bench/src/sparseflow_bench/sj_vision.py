@@ -128,7 +128,7 @@ def sparseflow_artifact(src: str | Path, dst: str | Path, numerics: str = "fast"
 
     from spikingjelly.activation_based.distributed.vision import load_inference_artifact
 
-    config, state, source = load_inference_artifact(Path(src))
+    config, _state, _source = load_inference_artifact(Path(src))
     target = _WITH_SPARSEFLOW.get(type(config))
     if target is None and type(config) not in _WITH_SPARSEFLOW.values():
         raise ValueError(f"no SparseFlow config for {type(config).__name__}: write a config whose builder puts "

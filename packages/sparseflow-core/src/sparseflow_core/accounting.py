@@ -8,7 +8,6 @@ from torch import nn
 
 from .report import LayerEntry, OptimizeReport, user_type
 
-
 #: layer types the report accounts for even when no pass or handler touched them
 COMPUTE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                  nn.Linear)

@@ -151,7 +151,7 @@ class Analysis:
             others = sorted({c.producer or "a function" for c in n if c.producer != prev})
             return False, (f"{nxt} is called {_times(len(n))}, {prev} {_times(len(p))}"
                            + (f" ({nxt} also takes the output of {', '.join(others)})" if others else "")
-                           + f": a module shared with another path is not fused")
+                           + ": a module shared with another path is not fused")
         return True, ""
 
     def fns_using(self, root: int | None) -> list[FnCall]:
@@ -161,9 +161,9 @@ class Analysis:
         """'' when every add that takes one of ``roots`` adds two tensors of one shape; else the shapes of an add
         that broadcasts (or adds a number), which a fused layer cannot do in its epilogue."""
         for f in self.fns:
-            if f.name in ADD_FUNCTIONS and any(r in roots for r in f.in_roots):
-                if len(f.in_shapes) != 2 or f.in_shapes[0] != f.in_shapes[1]:
-                    return " + ".join(str(s) for s in f.in_shapes) if len(f.in_shapes) == 2 else "a number"
+            if (f.name in ADD_FUNCTIONS and any(r in roots for r in f.in_roots)
+                    and (len(f.in_shapes) != 2 or f.in_shapes[0] != f.in_shapes[1])):
+                return " + ".join(str(s) for s in f.in_shapes) if len(f.in_shapes) == 2 else "a number"
         return ""
 
     def residual_fed(self, bn: str, neuron: str) -> tuple[bool, str]:
@@ -368,7 +368,7 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 
 
 class _Saved:
-    __slots__ = ("tensor", "version", "value")
+    __slots__ = ("tensor", "value", "version")
 
     def __init__(self, t: torch.Tensor):
         self.tensor, self.version, self.value = t, _version(t), t.detach().clone()

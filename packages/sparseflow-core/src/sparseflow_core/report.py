@@ -122,8 +122,8 @@ class OptimizeReport:
                   f"{_plural(len(self.folded), 'BatchNorm')} folded")
         notes = [f"note: {n}" for n in self.notes]
         if pending:
-            notes.append(f"note: the path column (the kernel path each layer took on its last call) fills after "
-                         f"the model's first call: get_report(model) then")
+            notes.append("note: the path column (the kernel path each layer took on its last call) fills after "
+                         "the model's first call: get_report(model) then")
         for text in (counts, *notes):
             lines += textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False)
         return "\n".join(lines)

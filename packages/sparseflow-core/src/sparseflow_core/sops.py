@@ -60,7 +60,7 @@ def layer_sops(mod: nn.Module, x: torch.Tensor) -> int | None:
         s = flat.sum(1, keepdim=True)
         ones = torch.ones(1, 1, *_pair(mod.kernel_size, 2), dtype=torch.float64, device=x.device)
         reach = F.conv_transpose2d(s, ones, None, mod.stride, mod.padding, mod.output_padding, 1, mod.dilation)
-        return int(round(float(reach.sum()))) * (mod.out_channels // mod.groups)
+        return round(float(reach.sum())) * (mod.out_channels // mod.groups)
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and not isinstance(mod.padding, str):
         d = 2 if isinstance(mod, nn.Conv2d) else 1
         if x.dim() not in (d + 2, d + 3):
@@ -70,9 +70,9 @@ def layer_sops(mod: nn.Module, x: torch.Tensor) -> int | None:
         ones = torch.ones(1, 1, *_pair(mod.kernel_size, d), dtype=torch.float64, device=x.device)
         conv = F.conv2d if d == 2 else F.conv1d
         reach = conv(s, ones, None, mod.stride, mod.padding, mod.dilation)  # spikes x taps landing on outputs
-        return int(round(float(reach.sum()))) * (mod.out_channels // mod.groups)
+        return round(float(reach.sum())) * (mod.out_channels // mod.groups)
     if isinstance(mod, nn.Linear) and x.dim() >= 1 and x.shape[-1] == mod.in_features:
-        return int(round(float(x.double().sum()))) * mod.out_features
+        return round(float(x.double().sum())) * mod.out_features
     return None
 
 
@@ -91,7 +91,7 @@ def attention_sops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     ``SynOpCounter`` counts ``bmm`` with a binary operand."""
     qk = q.double() @ k.double().transpose(-1, -2)
     L = q.shape[-2]
-    return int(round(float(qk.sum()))) + int((v != 0).sum()) * L
+    return round(float(qk.sum())) + int((v != 0).sum()) * L
 
 
 # ------------------------------------------------------------------------------------ SpikingJelly cross-check
