@@ -103,7 +103,7 @@ class Projections(nn.Module):
         self.share = share
         self.stem = nn.Conv1d(4, 8, 1)
         self.sn0 = neuron.LIFNode(step_mode="m")
-        self.p1, self.p2 = nn.Conv1d(8, 8, 1), nn.Conv1d(8, 8, 1)
+        self.proj_a, self.proj_b = nn.Conv1d(8, 8, 1), nn.Conv1d(8, 8, 1)
         self.bn1, self.bn2 = nn.BatchNorm1d(8), nn.BatchNorm1d(8)
         self.sn1, self.sn2 = neuron.LIFNode(step_mode="m"), neuron.IFNode(step_mode="m")
 
@@ -114,8 +114,8 @@ class Projections(nn.Module):
         s = self.sn0(self.stem(x.flatten(0, 1)).view(*x.shape[:2], 8, -1))
         bn2 = self.bn1 if self.share == "bn" else self.bn2
         sn2 = self.sn1 if self.share == "sn" else self.sn2
-        a = self.proj(self.p1, self.bn1, self.sn1, s)
-        return self.proj(self.p2, bn2, sn2, a)
+        a = self.proj(self.proj_a, self.bn1, self.sn1, s)
+        return self.proj(self.proj_b, bn2, sn2, a)
 
 
 @pytest.mark.parametrize("share", ["bn", "sn"])
@@ -129,11 +129,11 @@ def test_shared_batchnorm1d_or_neuron_after_conv1d_projections(share):
     xs = _xs(T, N, 4, 6)
     dense = copy.deepcopy(net)
     opt, rep = optimize(net, xs[0], return_report=True)
-    assert isinstance(opt.p1, SparseConv1d) and isinstance(opt.p2, SparseConv1d), rep.table()
+    assert isinstance(opt.proj_a, SparseConv1d) and isinstance(opt.proj_b, SparseConv1d), rep.table()
     shared = opt.bn1 if share == "bn" else opt.sn1
     assert len(_fused_into(opt).get(id(shared), [])) == 0 and not is_bypassed(shared), rep.table()
     e = _entries(rep)
-    assert "shared with another path" in e["p1"].detail + e["p2"].detail, rep.table()
+    assert "shared with another path" in e["proj_a"].detail + e["proj_b"].detail, rep.table()
     compare_calls(opt, dense, xs)
 
 

@@ -40,19 +40,19 @@ def weights(CO, C, KH, KW, bias=True, dtype=torch.float32):
 GEOMETRIES = {
     "k1x1": (2, 20, 24, 9, 9, (1, 1), 1, 0, 1, True),
     "k1x1-s2": (2, 20, 24, 9, 10, (1, 1), 2, 0, 1, True),
-    "k3x3-s1-p1": (2, 20, 24, 11, 13, (3, 3), 1, 1, 1, True),
-    "k3x3-s1-p0": (2, 20, 24, 11, 13, (3, 3), 1, 0, 1, True),
-    "k3x3-s2-p1": (2, 20, 24, 13, 12, (3, 3), 2, 1, 1, True),
-    "k3x3-s(1,2)-p1": (1, 20, 24, 11, 13, (3, 3), (1, 2), 1, 1, True),
+    "k3x3-s1-pad1": (2, 20, 24, 11, 13, (3, 3), 1, 1, 1, True),
+    "k3x3-s1-pad0": (2, 20, 24, 11, 13, (3, 3), 1, 0, 1, True),
+    "k3x3-s2-pad1": (2, 20, 24, 13, 12, (3, 3), 2, 1, 1, True),
+    "k3x3-s(1,2)-pad1": (1, 20, 24, 11, 13, (3, 3), (1, 2), 1, 1, True),
     "k3x3-p(2,0)": (1, 20, 24, 11, 9, (3, 3), 1, (2, 0), 1, True),
     "k3x3-p(0,1)-s(2,1)": (1, 20, 24, 11, 9, (3, 3), (2, 1), (0, 1), 1, True),
-    "k3x3-d2-p2": (1, 20, 24, 13, 11, (3, 3), 1, 2, 2, True),
+    "k3x3-d2-pad2": (1, 20, 24, 13, 11, (3, 3), 1, 2, 2, True),
     "k3x3-d(2,1)-p(2,1)": (1, 20, 24, 13, 11, (3, 3), 1, (2, 1), (2, 1), True),
-    "k5x5-s1-p2": (1, 20, 24, 11, 11, (5, 5), 1, 2, 1, True),
-    "k5x5-s2-p2-nobias": (1, 20, 24, 13, 13, (5, 5), 2, 2, 1, False),
+    "k5x5-s1-pad2": (1, 20, 24, 11, 11, (5, 5), 1, 2, 1, True),
+    "k5x5-s2-pad2-nobias": (1, 20, 24, 13, 13, (5, 5), 2, 2, 1, False),
     "k3x3-nobias": (2, 20, 24, 9, 9, (3, 3), 1, 1, 1, False),
     "k3x1-p(1,0)": (1, 20, 24, 9, 9, (3, 1), 1, (1, 0), 1, True),
-    "k1x1-p2(pad-only-output-rim)": (1, 20, 24, 7, 5, (1, 1), 1, 2, 1, True),
+    "k1x1-pad2(pad-only-output-rim)": (1, 20, 24, 7, 5, (1, 1), 1, 2, 1, True),
     "odd-C37-CO1-H13-W7": (2, 37, 1, 13, 7, (3, 3), 1, 1, 1, True),
     "odd-C3-CO5-H11-W2": (1, 3, 5, 11, 2, (3, 3), 1, 1, 1, True),
     "C40-CO40-3groups": (1, 40, 40, 13, 13, (3, 3), 1, 1, 1, True),
@@ -71,7 +71,7 @@ def test_matches_conv2d_fp32(geom, kind):
     assert_conv_close(y, conv_ref(x, w, b, stride, padding, dilation), torch.float32)
 
 
-FP16_GEOMS = ["k1x1", "k3x3-s1-p1", "k3x3-s2-p1", "k5x5-s1-p2", "odd-C37-CO1-H13-W7"]
+FP16_GEOMS = ["k1x1", "k3x3-s1-pad1", "k3x3-s2-pad1", "k5x5-s1-pad2", "odd-C37-CO1-H13-W7"]
 
 
 @pytest.mark.parametrize("name", FP16_GEOMS, ids=FP16_GEOMS)
@@ -159,7 +159,7 @@ def test_padding_strings(padding):
 
 
 @pytest.mark.parametrize("kind", ["spikes", "real-dense"])
-@pytest.mark.parametrize("geom", ["k3x3-s2-p1", "k5x5-s1-p2", "odd-C37-CO1-H13-W7"])
+@pytest.mark.parametrize("geom", ["k3x3-s2-pad1", "k5x5-s1-pad2", "odd-C37-CO1-H13-W7"])
 def test_dense_flag_identical_to_sparse(kind, geom):
     N, C, CO, H, W, k, stride, padding, dilation, bias = GEOMETRIES[geom]
     x = make_input(kind, (N, C, H, W))
