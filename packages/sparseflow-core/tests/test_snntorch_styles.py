@@ -94,7 +94,8 @@ def check_explicit(net, numerics, calls=3, reset=None):
         assert e[name].action == "neuron-kernel", e[name]
         assert "snnTorch" in e[name].detail
     assert e["conv2"].action == "sparse", e["conv2"]
-    assert "not fused" in e["conv2"].reason  # (the neuron returns its state: it runs on its own kernel)
+    # (the neuron returns its state, or the conv output feeds another op too: the neuron runs on its own kernel)
+    assert "not fused" in e["conv2"].reason or "no fusion: conv output used" in e["conv2"].reason, e["conv2"]
     if numerics == "fast":
         assert e["fc"].action == "sparse", e["fc"]
     fired = []
@@ -220,6 +221,7 @@ def test_hooks_on_neurons_see_the_dense_values():
             assert torch.equal(u, v)
 
 
+@pytest.mark.autograd
 def test_training_mode_runs_dense_with_gradients():
     net = ExplicitNet("leaky", learn_beta=True)
     dense = copy.deepcopy(net)

@@ -179,6 +179,7 @@ def test_outputs_are_written_by_the_kernel(monkeypatch):
     compare(ref, run_explicit(opt, xs, "synaptic"))
 
 
+@pytest.mark.autograd
 def test_training_and_gradients_run_snntorch(monkeypatch):
     """Training mode, and eval calls that need gradients, run snnTorch's own forward (autograd intact)."""
     ran = []

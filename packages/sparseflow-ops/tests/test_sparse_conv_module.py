@@ -594,7 +594,10 @@ def test_multistep_neuron_fed_flattened_batch():
     torch.testing.assert_close(lif.v, dense[2].v, rtol=1e-5, atol=1e-5)
     bad = SparseConv2d.from_dense(copy.deepcopy(conv), copy.deepcopy(bn), copy.deepcopy(lif),
                                   mode="sparse").eval()
-    with pytest.raises(RuntimeError, match="T="):
+    with pytest.raises(ValueError, match=r"expected x with shape \[T, N, C, H, W\]"):  # as the dense layer says
+        bad(x.flatten(0, 1))
+    bad.step_mode = "s"  # a single-step conv without time_steps cannot tell T from N
+    with pytest.raises(ValueError, match=r"expected x with shape \[T, N, C, H, W\]"):
         bad(x.flatten(0, 1))
 
 

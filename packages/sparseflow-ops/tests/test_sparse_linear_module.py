@@ -137,7 +137,9 @@ def test_conv1d_multistep_layer_and_training_bn():
     x = spikes(3, 2, 12, 11)
     with torch.no_grad():
         assert_close(m(x), ref(x))
-        assert_close(m(x[0]), nn.functional.conv1d(x[0], ref.weight, ref.bias))
+    for net in (ref, m):  # a [N, C, L] input to a multi-step layer: the dense layer and the drop-in refuse it alike
+        with pytest.raises(ValueError, match=r"expected x with shape \[T, N, C, L\]"):
+            net(x[0])
     # a BatchNorm in training mode runs itself (no fold)
     conv2, bn = nn.Conv1d(12, 6, 1).eval(), random_bn(nn.BatchNorm1d(6))
     seq = nn.Sequential(SparseConv1d.from_dense(conv2, bn), bn)

@@ -341,7 +341,8 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         ``sn(bn(conv(x))) + identity`` of a SEW-ResNet block (cnf ADD)."""
         if x.dim() not in (4, 5):
             raise ValueError(f"SparseConv2d expects [N, C, H, W] or [T, N, C, H, W], got {tuple(x.shape)}")
-        if getattr(self, "step_mode", None) == "m" and x.dim() != 5:  # as the multi-step SpikingJelly layer says
+        # as the multi-step SpikingJelly layer says (a layer made with time_steps takes the [T*N, ...] view)
+        if getattr(self, "step_mode", None) == "m" and x.dim() != 5 and self.time_steps is None:
             raise ValueError(f"SparseConv2d (step_mode='m'): expected x with shape [T, N, C, H, W], got "
                              f"{tuple(x.shape)}")
         if residual is not None and self._neuron is None:
