@@ -5,15 +5,11 @@ bit; ``init_hidden=True`` conv -> Leaky chains fused into the convolution (the m
 checked the same way."""
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "packages", "sparseflow-core", "tests"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -44,12 +40,11 @@ def test_step_kernel_bit_for_bit(kind, reset, delay, dtype):
 
 
 @pytest.mark.parametrize("kind", ["leaky", "synaptic"])
-def test_explicit_state_model_faithful(kind):
+def test_explicit_state_model_faithful(kind, strict_fp32):
     from test_snntorch_styles import ExplicitNet, data
 
     from sparseflow_core import optimize
 
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     net = ExplicitNet(kind).cuda().eval()
     dense = copy.deepcopy(net)
     opt = optimize(net, data(0).cuda(), numerics="faithful")
@@ -60,14 +55,13 @@ def test_explicit_state_model_faithful(kind):
                 assert torch.equal(u, v), (call, (u - v).abs().max())
 
 
-def test_init_hidden_output_model_faithful():
+def test_init_hidden_output_model_faithful(strict_fp32):
     """Includes conv -> Leaky(init_hidden=True) chains fused into one kernel (the multi-step kernel's Leaky step,
     where fma contraction of beta * mem + x would differ from snnTorch's rounded product)."""
     from test_snntorch_styles import data, forward_pass, hidden_net
 
     from sparseflow_core import optimize
 
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     dense, net = hidden_net().cuda(), hidden_net().cuda()
     opt = optimize(net, data(0)[0].cuda(), numerics="faithful")
     with torch.no_grad():
