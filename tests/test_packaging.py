@@ -142,15 +142,14 @@ def test_dunder_version_matches_pyproject(dist: str, imp: str, project_dir: Path
 #    checked against the noxfile) and the reference libraries whose neurons and models the results are
 #    compared with (SpikingJelly, snnTorch). A third-party library a test only `pytest.importorskip`s is
 #    optional: that test is skipped where the library is absent.
-# 2. No package imports another package's private (`_name`) module or name, in src or tests; a package's own
-#    tests may use its own private names.
+# 2. No package imports another package's private (`_name`) module or name, or reads one as an attribute of a
+#    module it imported (`dispatch._CACHE`), in src or tests; a package's own tests may use its own private names.
 
 # import name of a distribution where it is not the distribution name with "-" -> "_"
 IMPORT_NAMES = {"scikit-image": "skimage", "pillow": "PIL", "pyyaml": "yaml"}
 # installed by `nox -s tests` (THIRD_PARTY in noxfile.py); packaging and tomli come with pytest
 TEST_TOOLS = {"pytest", "hypothesis", "numpy", "pytest_benchmark", "packaging", "tomli"}
 REFERENCE_LIBS = {"spikingjelly", "snntorch"}
-_NOX_PROVIDED = {"packaging", "tomli"}
 
 # Known violations in src (file relative to the repository root, imported top-level module or private name),
 # accepted until the packages declare or drop them. Empty it as they are fixed: a stale entry fails the test.
@@ -167,7 +166,8 @@ KNOWN_SRC_VIOLATIONS: set[tuple[str, str]] = {
     # another package's private module or name
     ("packages/sparseflow-ops/src/sparseflow_ops/_common.py", "sparseflow_kernels._utils"),
     ("packages/sparseflow-core/src/sparseflow_core/profiler.py", "sparseflow_ops._common"),
-    ("packages/sparseflow-bench/src/sparseflow_bench/sections/transformer.py", "sparseflow_kernels.linear._block_flags"),
+    ("packages/sparseflow-bench/src/sparseflow_bench/sections/transformer.py",
+     "sparseflow_kernels.linear._block_flags"),
 }
 
 PACKAGES = [*LAYERS, META]
@@ -178,15 +178,12 @@ def _dist_import_name(dist: str) -> str:
     return IMPORT_NAMES.get(dist, dist.replace("-", "_"))
 
 
-def _project_dir(dist: str) -> Path:
-    return next(d for name, _, d in PACKAGES if name == dist)
-
-
 def _installed_with(dist: str) -> set[str]:
     """Import names installing ``dist`` with all its extras installs: its own and, recursively, those of our
     packages it depends on."""
     names = {_dist_import_name(dist)}
-    for _, req in _all_requirements(_pyproject(_project_dir(dist))["project"]):
+    project_dir = next(d for name, _, d in PACKAGES if name == dist)
+    for _, req in _all_requirements(_pyproject(project_dir)["project"]):
         name = req.name.lower().replace("_", "-")
         names |= _installed_with(name) if _ours(req) else {_dist_import_name(name)}
     return names
@@ -224,11 +221,20 @@ def _private(part: str) -> bool:
     return part.startswith("_") and not part.startswith("__")
 
 
-def _package_files(dist: str, imp: str, project_dir: Path) -> list[tuple[Path, bool]]:
-    """(file, is a test) for the package's src and tests."""
-    tests = project_dir / "tests"
-    src = [(p, False) for p in sorted((project_dir / "src" / imp).rglob("*.py"))]
-    return src + [(p, True) for p in sorted(tests.rglob("*.py"))]
+def private_attributes(text: str, packages: set[str]) -> list[tuple[int, str]]:
+    """(line, "module.name._private") for every ``alias._private`` where ``alias`` is bound by an import from one
+    of ``packages``."""
+    tree = ast.parse(text)
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bound.update({a.asname or a.name.split(".")[0]: a.name if a.asname else a.name.split(".")[0]
+                          for a in node.names})
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            bound.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    bound = {k: v for k, v in bound.items() if v.split(".")[0] in packages}
+    return [(n.lineno, f"{bound[n.value.id]}.{n.attr}") for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id in bound and _private(n.attr)]
 
 
 def _test_modules(project_dir: Path) -> set[str]:
@@ -241,10 +247,15 @@ def layering_violations(dist: str, imp: str, project_dir: Path) -> list[tuple[st
     ours = {i for _, i, _ in PACKAGES}
     installed = _installed_with(dist) | set(sys.stdlib_module_names) | {"__future__"}
     for_tests = installed | TEST_TOOLS | REFERENCE_LIBS | _test_modules(project_dir)
+    files = [(p, False) for p in sorted((project_dir / "src" / imp).rglob("*.py"))]
+    files += [(p, True) for p in sorted((project_dir / "tests").rglob("*.py"))]
     out = []
-    for path, is_test in _package_files(dist, imp, project_dir):
+    for path, is_test in files:
         rel = str(path.relative_to(ROOT))
-        for line, module, name, optional in imports_of(path.read_text(encoding="utf-8")):
+        text = path.read_text(encoding="utf-8")
+        for line, used in private_attributes(text, ours - {imp}):
+            out.append((f"{rel}:{line}", used, f"uses {used}, private to {used.split('.')[0]}"))
+        for line, module, name, optional in imports_of(text):
             top = module.split(".")[0]
             where = f"{rel}:{line}"
             if top not in (for_tests if is_test else installed) and not (optional and top not in ours):
@@ -254,7 +265,8 @@ def layering_violations(dist: str, imp: str, project_dir: Path) -> list[tuple[st
             if top in ours and top != imp and first is not None:
                 private = ".".join(parts[: first + 1])
                 out.append((where, private, f"imports {private}, private to {top}"))
-    return list(dict.fromkeys(out))  # one line per `from x import a, b`
+    line_order = lambda v: (v[0].rsplit(":", 1)[0], int(v[0].rsplit(":", 1)[1]))
+    return sorted(dict.fromkeys(out), key=line_order)  # (one line per `from x import a, b`)
 
 
 def test_import_parser_sanity() -> None:
@@ -272,6 +284,9 @@ def test_import_parser_sanity() -> None:
         (5, "sparseflow_ops._common", None, False), (6, "spikingjelly.activation_based.model", None, False),
         (7, "numpy", None, True),
     ]
+    text = "import sparseflow_kernels.dispatch as kd\nfrom sparseflow_ops import neurons\nkd._CACHE, neurons._X, kd.ok"
+    assert private_attributes(text, {"sparseflow_kernels", "sparseflow_ops"}) == [
+        (3, "sparseflow_kernels.dispatch._CACHE"), (3, "sparseflow_ops.neurons._X")]
 
 
 def test_installed_with_follows_our_dependencies() -> None:
@@ -286,7 +301,7 @@ def test_nox_tests_session_installs_the_test_tools() -> None:
     third_party = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                        and any(getattr(t, "id", None) == "THIRD_PARTY" for t in n.targets))
     installed = {_dist_import_name(Requirement(r).name) for r in third_party}
-    assert (TEST_TOOLS | REFERENCE_LIBS) - _NOX_PROVIDED <= installed, sorted(installed)
+    assert (TEST_TOOLS | REFERENCE_LIBS) - {"packaging", "tomli"} <= installed, sorted(installed)
 
 
 @pytest.mark.parametrize("dist,imp,project_dir", PACKAGES, ids=[d for d, _, _ in PACKAGES])

@@ -851,10 +851,7 @@ def test_user_registered_neuron():
                 n[2].reset()
                 n[5].reset()
     finally:
-        unregister_spiking_module(MyIF)
-        from sparseflow_ops import neurons
-
-        neurons._ADAPTERS.pop(MyIF, None)
+        unregister_spiking_module(MyIF)  # (its adapter stays registered: only this test builds a MyIF)
 
 
 # =========================================================================================== resources
@@ -875,7 +872,7 @@ def test_repeated_forwards_do_not_grow(caplog):
     with torch.no_grad():
         for x in xs:
             conv(x)  # warm: every shape seen once
-        cache0 = len(kdispatch._CACHE)
+        cache0 = len(kdispatch.choices())
         caplog.clear()
         base = _python_objects()
         for i in range(60):
@@ -885,7 +882,7 @@ def test_repeated_forwards_do_not_grow(caplog):
                 torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5,
                                            atol=1e-5)
         grown = _python_objects() - base
-    assert len(kdispatch._CACHE) == cache0
+    assert len(kdispatch.choices()) == cache0
     assert not [r for r in caplog.records if r.name.startswith("sparseflow")], caplog.text
     assert conv._wcache.key is not None
     assert grown < 200, f"{grown} Python objects more after 60 forwards"
