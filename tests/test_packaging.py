@@ -129,21 +129,7 @@ def test_dunder_version_matches_pyproject(dist: str, imp: str, project_dir: Path
 
 
 # --------------------------------------------------------------------------- (b) imports: layering, enforced
-#
-# Every .py file of each package's src and tests is parsed with `ast` (function-local imports,
-# `importlib.import_module("x")`, `__import__("x")` and `pytest.importorskip("x")` count; relative imports stay
-# inside the package). Two rules, each reporting every violation as file:line:
-#
-# 1. A package imports only what installing it installs: its own `dependencies` and `optional-dependencies`,
-#    and, through each of our packages it depends on, theirs (sparseflow-core may import sparseflow_kernels,
-#    which sparseflow-ops brings). The meta-package's `bench` extra brings every layer.
-#    Its tests may import the same, plus its own test modules (the files of its tests folder; the root tests
-#    folder may also use the test modules of any package), the test tools `nox -s tests` installs (TEST_TOOLS,
-#    checked against the noxfile) and the reference libraries whose neurons and models the results are
-#    compared with (SpikingJelly, snnTorch). A third-party library a test only `pytest.importorskip`s is
-#    optional: that test is skipped where the library is absent.
-# 2. No package imports another package's private (`_name`) module or name, or reads one as an attribute of a
-#    module it imported (`dispatch._CACHE`), in src or tests; a package's own tests may use its own private names.
+# (the rules: test_imports_respect_layers_and_privacy's docstring)
 
 # import name of a distribution where it is not the distribution name with "-" -> "_"
 IMPORT_NAMES = {"scikit-image": "skimage", "pillow": "PIL", "pyyaml": "yaml"}
@@ -243,7 +229,7 @@ def _test_modules(project_dir: Path) -> set[str]:
 
 
 def layering_violations(dist: str, imp: str, project_dir: Path) -> list[tuple[str, str, str]]:
-    """(file:line, offending module or name, why) for the two rules above."""
+    """(file:line, offending module or name, why) for the two rules of test_imports_respect_layers_and_privacy."""
     ours = {i for _, i, _ in PACKAGES}
     installed = _installed_with(dist) | set(sys.stdlib_module_names) | {"__future__"}
     for_tests = installed | TEST_TOOLS | REFERENCE_LIBS | _test_modules(project_dir)
@@ -306,7 +292,22 @@ def test_nox_tests_session_installs_the_test_tools() -> None:
 
 @pytest.mark.parametrize("dist,imp,project_dir", PACKAGES, ids=[d for d, _, _ in PACKAGES])
 def test_imports_respect_layers_and_privacy(dist: str, imp: str, project_dir: Path) -> None:
-    """Rules 1 and 2 above over the package's src and tests: every violation is listed as file:line."""
+    """Every .py file of the package's src and tests, parsed with ``ast`` (function-local imports,
+    ``importlib.import_module("x")``, ``__import__("x")`` and ``pytest.importorskip("x")`` count; relative imports
+    stay inside the package), keeps two rules; every violation is listed as file:line.
+
+    1. A package imports only what installing it installs: its own ``dependencies`` and ``optional-dependencies``
+       and, through each of our packages it depends on, theirs (sparseflow-core may import sparseflow_kernels,
+       which sparseflow-ops brings; the meta-package's ``bench`` extra brings every layer). Its tests may import the
+       same, plus its own test modules (the files of its tests folder; the root tests may also use those of any
+       package), the test tools ``nox -s tests`` installs (TEST_TOOLS, checked against the noxfile) and the
+       reference libraries whose neurons and models the results are compared with (SpikingJelly, snnTorch). A
+       third-party library a test only ``pytest.importorskip``s is optional: the test is skipped without it.
+    2. No package imports another package's private (``_name``) module or name, or reads one as an attribute of a
+       module it imported (``dispatch._CACHE``), in src or tests; a package's own tests may use its own private
+       names.
+
+    Known src violations are listed in KNOWN_SRC_VIOLATIONS until fixed; an entry that no longer matches fails."""
     found = layering_violations(dist, imp, project_dir)
     new = [f"{w}: {why}" for w, what, why in found if (w.rsplit(":", 1)[0], what) not in KNOWN_SRC_VIOLATIONS]
     mine = {k for k in KNOWN_SRC_VIOLATIONS if (ROOT / k[0]).is_relative_to(project_dir / "src" / imp)}
