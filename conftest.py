@@ -31,3 +31,15 @@ def _inference(request):
         return
     with torch.no_grad():
         yield
+
+
+@pytest.fixture
+def strict_fp32():
+    """fp32 in true fp32 for the test: cuDNN convolutions and CUDA matmuls may use TF32 by default, which would
+    judge exactness against a rounded reference (restored afterwards; no effect on the CPU)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

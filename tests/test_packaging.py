@@ -13,6 +13,7 @@ These tests read files only: they need neither torch nor the packages installed.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -127,55 +128,192 @@ def test_dunder_version_matches_pyproject(dist: str, imp: str, project_dir: Path
     assert m.group(1) == _pyproject(project_dir)["project"]["version"]
 
 
-# --------------------------------------------------------------------------- (b) imports
+# --------------------------------------------------------------------------- (b) imports: layering, enforced
+# (the rules: test_imports_respect_layers_and_privacy's docstring)
 
-# `import a, b.c as d` or `from a.b import c` at the start of a line (indented too:
-# function-local imports count). Relative imports (`from . import x`) are not matched.
-_IMPORT_RE = re.compile(r"^\s*import\s+([\w.]+(?:\s+as\s+\w+)?(?:\s*,\s*[\w.]+(?:\s+as\s+\w+)?)*)", re.M)
-_FROM_RE = re.compile(r"^\s*from\s+([\w.]+)\s+import\b", re.M)
-_DYNAMIC_RE = re.compile(r"""import_module\(\s*["']([\w.]+)["']""")
+# import name of a distribution where it is not the distribution name with "-" -> "_"
+IMPORT_NAMES = {"scikit-image": "skimage", "pillow": "PIL", "pyyaml": "yaml"}
+# installed by `nox -s tests` (THIRD_PARTY in noxfile.py); packaging and tomli come with pytest
+TEST_TOOLS = {"pytest", "hypothesis", "numpy", "pytest_benchmark", "packaging", "tomli"}
+REFERENCE_LIBS = {"spikingjelly", "snntorch"}
+
+# Known violations in src (file relative to the repository root, imported top-level module or private name),
+# accepted until the packages declare or drop them. Empty it as they are fixed: a stale entry fails the test.
+KNOWN_SRC_VIOLATIONS: set[tuple[str, str]] = {
+    # undeclared dependencies
+    ("packages/sparseflow-ops/src/sparseflow_ops/attention.py", "spikingjelly"),
+    ("packages/sparseflow-ops/src/sparseflow_ops/neurons.py", "spikingjelly"),
+    ("packages/sparseflow-ops/src/sparseflow_ops/neurons.py", "snntorch"),
+    ("packages/sparseflow-core/src/sparseflow_core/profiler.py", "pynvml"),
+    ("packages/sparseflow-core/src/sparseflow_core/sops.py", "matplotlib"),
+    ("packages/sparseflow-bench/src/sparseflow_bench/eval_data.py", "PIL"),
+    ("packages/sparseflow-bench/src/sparseflow_bench/eval_data.py", "torchvision"),
+    ("packages/sparseflow-bench/src/sparseflow_bench/timing.py", "pynvml"),
+    # another package's private module or name
+    ("packages/sparseflow-ops/src/sparseflow_ops/_common.py", "sparseflow_kernels._utils"),
+    ("packages/sparseflow-core/src/sparseflow_core/profiler.py", "sparseflow_ops._common"),
+    ("packages/sparseflow-bench/src/sparseflow_bench/sections/transformer.py",
+     "sparseflow_kernels.linear._block_flags"),
+}
+
+PACKAGES = [*LAYERS, META]
 
 
-def _imported_top_modules(text: str) -> list[tuple[int, str]]:
-    """(line number, top-level module) for every absolute import in ``text``."""
-    found: list[tuple[int, str]] = []
+def _dist_import_name(dist: str) -> str:
+    dist = dist.lower().replace("_", "-")
+    return IMPORT_NAMES.get(dist, dist.replace("-", "_"))
 
-    def line_of(pos: int) -> int:
-        return text.count("\n", 0, pos) + 1
 
-    for m in _IMPORT_RE.finditer(text):
-        for part in m.group(1).split(","):
-            found.append((line_of(m.start()), part.strip().split()[0].split(".")[0]))
-    for rx in (_FROM_RE, _DYNAMIC_RE):
-        for m in rx.finditer(text):
-            if not m.group(1).startswith("."):  # relative import: inside the package
-                found.append((line_of(m.start()), m.group(1).split(".")[0]))
+def _installed_with(dist: str) -> set[str]:
+    """Import names installing ``dist`` with all its extras installs: its own and, recursively, those of our
+    packages it depends on."""
+    names = {_dist_import_name(dist)}
+    project_dir = next(d for name, _, d in PACKAGES if name == dist)
+    for _, req in _all_requirements(_pyproject(project_dir)["project"]):
+        name = req.name.lower().replace("_", "-")
+        names |= _installed_with(name) if _ours(req) else {_dist_import_name(name)}
+    return names
+
+
+def _first_string(node: ast.expr) -> str | None:
+    """The module named by a literal (or the literal head of an f-string) argument."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        head = str(node.values[0].value)
+        return head.rsplit(".", 1)[0] if "." in head else None
+    return None
+
+
+def imports_of(text: str) -> list[tuple[int, str, str | None, bool]]:
+    """(line, module, imported name or None, optional) for every absolute import in ``text``."""
+    found: list[tuple[int, str, str | None, bool]] = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name, None, False) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [(node.lineno, node.module, a.name, False) for a in node.names]
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            fname = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if fname in ("import_module", "__import__", "importorskip"):
+                module = _first_string(node.args[0])
+                if module and not module.startswith("."):
+                    found.append((node.lineno, module, None, fname == "importorskip"))
     return found
 
 
-def test_import_regex_sanity() -> None:
+def _private(part: str) -> bool:
+    return part.startswith("_") and not part.startswith("__")
+
+
+def private_attributes(text: str, packages: set[str]) -> list[tuple[int, str]]:
+    """(line, "module.name._private") for every ``alias._private`` where ``alias`` is bound by an import from one
+    of ``packages``."""
+    tree = ast.parse(text)
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bound.update({a.asname or a.name.split(".")[0]: a.name if a.asname else a.name.split(".")[0]
+                          for a in node.names})
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            bound.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    bound = {k: v for k, v in bound.items() if v.split(".")[0] in packages}
+    return [(n.lineno, f"{bound[n.value.id]}.{n.attr}") for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name) and n.value.id in bound and _private(n.attr)]
+
+
+def _test_modules(project_dir: Path) -> set[str]:
+    dirs = [project_dir / "tests"] + ([d / "tests" for _, _, d in LAYERS] if project_dir == ROOT else [])
+    return {p.stem for d in dirs for p in d.rglob("*.py")}
+
+
+def layering_violations(dist: str, imp: str, project_dir: Path) -> list[tuple[str, str, str]]:
+    """(file:line, offending module or name, why) for the two rules of test_imports_respect_layers_and_privacy."""
+    ours = {i for _, i, _ in PACKAGES}
+    installed = _installed_with(dist) | set(sys.stdlib_module_names) | {"__future__"}
+    for_tests = installed | TEST_TOOLS | REFERENCE_LIBS | _test_modules(project_dir)
+    files = [(p, False) for p in sorted((project_dir / "src" / imp).rglob("*.py"))]
+    files += [(p, True) for p in sorted((project_dir / "tests").rglob("*.py"))]
+    out = []
+    for path, is_test in files:
+        rel = str(path.relative_to(ROOT))
+        text = path.read_text(encoding="utf-8")
+        for line, used in private_attributes(text, ours - {imp}):
+            out.append((f"{rel}:{line}", used, f"uses {used}, private to {used.split('.')[0]}"))
+        for line, module, name, optional in imports_of(text):
+            top = module.split(".")[0]
+            where = f"{rel}:{line}"
+            if top not in (for_tests if is_test else installed) and not (optional and top not in ours):
+                out.append((where, top, f"imports {top}, which {dist} does not depend on"))
+            parts = (module if name is None else f"{module}.{name}").split(".")
+            first = next((i for i, part in enumerate(parts) if i and _private(part)), None)
+            if top in ours and top != imp and first is not None:
+                private = ".".join(parts[: first + 1])
+                out.append((where, private, f"imports {private}, private to {top}"))
+    line_order = lambda v: (v[0].rsplit(":", 1)[0], int(v[0].rsplit(":", 1)[1]))
+    return sorted(dict.fromkeys(out), key=line_order)  # (one line per `from x import a, b`)
+
+
+def test_import_parser_sanity() -> None:
     text = (
         "import os, sparseflow_core.x as y\n"
-        "    from sparseflow_bench.cli import main\n"
+        "def f():\n"
+        "    from sparseflow_bench.cli import _main\n"
         "from . import sibling\n"
-        "x = importlib.import_module('sparseflow_ops')\n"
+        "x = importlib.import_module('sparseflow_ops._common')\n"
+        "m = importlib.import_module(f'spikingjelly.activation_based.model.{name}')\n"
+        "np = pytest.importorskip('numpy')\n"
     )
-    mods = {m for _, m in _imported_top_modules(text)}
-    assert mods == {"os", "sparseflow_core", "sparseflow_bench", "sparseflow_ops"}
+    assert imports_of(text) == [
+        (1, "os", None, False), (1, "sparseflow_core.x", None, False), (3, "sparseflow_bench.cli", "_main", False),
+        (5, "sparseflow_ops._common", None, False), (6, "spikingjelly.activation_based.model", None, False),
+        (7, "numpy", None, True),
+    ]
+    text = "import sparseflow_kernels.dispatch as kd\nfrom sparseflow_ops import neurons\nkd._CACHE, neurons._X, kd.ok"
+    assert private_attributes(text, {"sparseflow_kernels", "sparseflow_ops"}) == [
+        (3, "sparseflow_kernels.dispatch._CACHE"), (3, "sparseflow_ops.neurons._X")]
 
 
-@pytest.mark.parametrize("dist,imp,project_dir", LAYERS, ids=[d for d, _, _ in LAYERS])
-def test_source_imports_respect_layers(dist: str, imp: str, project_dir: Path) -> None:
-    src = project_dir / "src"
-    assert src.is_dir(), f"missing {src.relative_to(ROOT)}"
-    level = LAYER_INDEX[dist]
-    forbidden = {name for name, i in IMPORT_LAYER.items() if i > level} | {"sparseflow"}
-    violations = []
-    for path in sorted(src.rglob("*.py")):
-        for lineno, module in _imported_top_modules(path.read_text(encoding="utf-8")):
-            if module in forbidden:
-                violations.append(f"{path.relative_to(ROOT)}:{lineno}: imports {module}")
-    assert not violations, f"{dist} may import only layers below it:\n" + "\n".join(violations)
+def test_installed_with_follows_our_dependencies() -> None:
+    assert {"sparseflow_kernels", "torch", "triton", "numpy"} == _installed_with("sparseflow-kernels")
+    assert {"sparseflow_core", "sparseflow_ops", "sparseflow_kernels", "triton"} <= _installed_with("sparseflow-core")
+    assert "sparseflow_bench" not in _installed_with("sparseflow-core")
+    assert {"sparseflow_bench", "skimage"} <= _installed_with("sparseflow")
+
+
+def test_nox_tests_session_installs_the_test_tools() -> None:
+    tree = ast.parse((ROOT / "noxfile.py").read_text(encoding="utf-8"))
+    third_party = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                       and any(getattr(t, "id", None) == "THIRD_PARTY" for t in n.targets))
+    installed = {_dist_import_name(Requirement(r).name) for r in third_party}
+    assert (TEST_TOOLS | REFERENCE_LIBS) - {"packaging", "tomli"} <= installed, sorted(installed)
+
+
+@pytest.mark.parametrize("dist,imp,project_dir", PACKAGES, ids=[d for d, _, _ in PACKAGES])
+def test_imports_respect_layers_and_privacy(dist: str, imp: str, project_dir: Path) -> None:
+    """Every .py file of the package's src and tests, parsed with ``ast`` (function-local imports,
+    ``importlib.import_module("x")``, ``__import__("x")`` and ``pytest.importorskip("x")`` count; relative imports
+    stay inside the package), keeps two rules; every violation is listed as file:line.
+
+    1. A package imports only what installing it installs: its own ``dependencies`` and ``optional-dependencies``
+       and, through each of our packages it depends on, theirs (sparseflow-core may import sparseflow_kernels,
+       which sparseflow-ops brings; the meta-package's ``bench`` extra brings every layer). Its tests may import the
+       same, plus its own test modules (the files of its tests folder; the root tests may also use those of any
+       package), the test tools ``nox -s tests`` installs (TEST_TOOLS, checked against the noxfile) and the
+       reference libraries whose neurons and models the results are compared with (SpikingJelly, snnTorch). A
+       third-party library a test only ``pytest.importorskip``s is optional: the test is skipped without it.
+    2. No package imports another package's private (``_name``) module or name, or reads one as an attribute of a
+       module it imported (``dispatch._CACHE``), in src or tests; a package's own tests may use its own private
+       names.
+
+    Known src violations are listed in KNOWN_SRC_VIOLATIONS until fixed; an entry that no longer matches fails."""
+    found = layering_violations(dist, imp, project_dir)
+    new = [f"{w}: {why}" for w, what, why in found if (w.rsplit(":", 1)[0], what) not in KNOWN_SRC_VIOLATIONS]
+    mine = {k for k in KNOWN_SRC_VIOLATIONS if (ROOT / k[0]).is_relative_to(project_dir / "src" / imp)}
+    stale = mine - {(w.rsplit(":", 1)[0], what) for w, what, _ in found}
+    assert not new, f"{dist}: imports across the layers:\n" + "\n".join(new)
+    assert not stale, f"{dist}: fixed, remove from KNOWN_SRC_VIOLATIONS: {sorted(stale)}"
 
 
 # --------------------------------------------------------------------------- (c) CI runs the README's command

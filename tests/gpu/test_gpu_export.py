@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 
 import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "packages", "sparseflow-core", "tests"))
 
 
 def _net():

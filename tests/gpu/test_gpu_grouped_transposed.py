@@ -199,7 +199,7 @@ def test_modules_under_torch_compile():
     ("spiking_unet", 64, dict(base=16, depth=3)),
 ], ids=["mobilenetv2-96px", "unet-64px"])
 @pytest.mark.parametrize("mode", ["sparse"])
-def test_models_match_dense(name, size, kw, mode, monkeypatch):
+def test_models_match_dense(name, size, kw, mode, strict_fp32):
     """optimize(mode="sparse") on fp32 models (a reduced MobileNetV2: every kernel variant compiles within the
     per-test timeout): outputs equal the float64 dense model's (relative error < 1e-3).
 
@@ -208,7 +208,9 @@ def test_models_match_dense(name, size, kw, mode, monkeypatch):
     optimized U-Net is within 2e-8 of the dense fp32 model for 6 seeds; for 2 of them the dense fp32 model is
     itself 2.5e-3 and 5.7e-3 away from float64 and the optimized one 2.5e-3 and 9.4e-3 from dense fp32, at the
     last time step only. The test asserts that premise (dense fp32 within 1e-5 of float64 for its seed) so that
-    the 1e-3 bound measures the kernels, not the network's sensitivity."""
+    the 1e-3 bound measures the kernels, not the network's sensitivity. ``strict_fp32``: the dense reference in
+    true fp32 (cuDNN's default TF32 convolutions flip spikes at threshold, and random-weight networks amplify every
+    flip)."""
     from spikingjelly.activation_based import functional
 
     from sparseflow_bench.data import natural_images, repeat_time
@@ -217,10 +219,6 @@ def test_models_match_dense(name, size, kw, mode, monkeypatch):
     from sparseflow_ops.conv_transpose import SparseConvTranspose2d
     from sparseflow_ops.depthwise import SparseGroupedConv2d
 
-    # the dense reference in true fp32: cuDNN's default TF32 convolutions flip spikes at threshold, and random-weight
-    # networks amplify every flip
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     T = 4
     torch.manual_seed(1)  # the same network whatever ran before in this worker
     model = build_model(name, T=T, num_classes=10, **kw).cuda()

@@ -14,16 +14,9 @@ zoo (``packages/sparseflow-core/tests/test_model_zoo.py``), on the real kernels 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-for sub in ("packages/sparseflow-kernels/tests", "packages/sparseflow-core/tests"):
-    if str(ROOT / sub) not in sys.path:
-        sys.path.insert(0, str(ROOT / sub))
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -164,17 +157,8 @@ def _zoo_names():
     return [n for n in sel.split(",") if n]
 
 
-@pytest.fixture
-def _exact_cudnn():
-    """The dense reference in true fp32 (cuDNN may use TF32 for fp32 convolutions by default)."""
-    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
-
-
 @pytest.mark.parametrize("name", _zoo_names())
-def test_gpu_model_zoo(name, _exact_cudnn, record_property):
+def test_gpu_model_zoo(name, strict_fp32, record_property):
     """Logits within 2e-2 (norm) of the dense model: the kernels' fp32 (tf32x3) sums are ordered unlike
     cuDNN's, so a spike at an exact threshold tie may flip somewhere in a deep net; anything wrong beyond
     that (a skipped block that was not zero, a lost residual) is far larger."""

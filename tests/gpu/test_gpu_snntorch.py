@@ -1,19 +1,14 @@
 """snnTorch on the GPU: the step kernel compiled for CUDA (no fma contraction, round-to-nearest fp16/bf16
-conversions) gives snnTorch's spikes and states bit for bit, in every reset mode and dtype; explicit-state and
-``output=True`` models through ``optimize(numerics="faithful")`` give the dense model's spikes and membranes bit for
-bit; ``init_hidden=True`` conv -> Leaky chains fused into the convolution (the multi-step kernel's Leaky step) are
-checked the same way."""
+conversions) gives snnTorch's spikes and states bit for bit, in every reset mode and dtype. (Explicit-state and
+``output=True`` models through ``optimize(numerics="faithful")`` run on CUDA in the core suite's
+``test_snntorch_styles.py``.)"""
 
 import copy
-import os
-import sys
 
 import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "packages", "sparseflow-core", "tests"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -41,39 +36,3 @@ def test_step_kernel_bit_for_bit(kind, reset, delay, dtype):
             for u, v in zip(a, b):
                 assert u.dtype == v.dtype and torch.equal(u, v), (u.float() - v.float()).abs().max()
             sd, so = a[1:], b[1:]
-
-
-@pytest.mark.parametrize("kind", ["leaky", "synaptic"])
-def test_explicit_state_model_faithful(kind):
-    from test_snntorch_styles import ExplicitNet, data
-
-    from sparseflow_core import optimize
-
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    net = ExplicitNet(kind).cuda().eval()
-    dense = copy.deepcopy(net)
-    opt = optimize(net, data(0).cuda(), numerics="faithful")
-    with torch.no_grad():
-        for call in range(3):
-            ref, got = dense(data(call + 1).cuda()), opt(data(call + 1).cuda())
-            for u, v in zip(ref, got):
-                assert torch.equal(u, v), (call, (u - v).abs().max())
-
-
-def test_init_hidden_output_model_faithful():
-    """Includes conv -> Leaky(init_hidden=True) chains fused into one kernel (the multi-step kernel's Leaky step,
-    where fma contraction of beta * mem + x would differ from snnTorch's rounded product)."""
-    from test_snntorch_styles import data, forward_pass, hidden_net
-
-    from sparseflow_core import optimize
-
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    dense, net = hidden_net().cuda(), hidden_net().cuda()
-    opt = optimize(net, data(0)[0].cuda(), numerics="faithful")
-    with torch.no_grad():
-        for call in range(3):
-            x = data(call + 10).cuda()
-            ref = forward_pass(dense, x)
-            got = forward_pass(opt, x)
-            for u, v in zip(ref, got):
-                assert torch.equal(u, v), (call, (u - v).abs().max())

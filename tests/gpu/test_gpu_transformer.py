@@ -109,11 +109,9 @@ def test_channel_dot(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-def test_modules_match(dtype, monkeypatch):
-    # the dense reference in true fp32 (cuDNN's default TF32 1x1 convolutions flip spikes at threshold: 0.1 relative
-    # error on SSA measured on the H200 with TF32 on, 0.0 with it off)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_modules_match(dtype, strict_fp32):
+    # strict_fp32: the dense reference in true fp32 (cuDNN's default TF32 1x1 convolutions flip spikes at threshold:
+    # 0.1 relative error on SSA measured on the H200 with TF32 on, 0.0 with it off)
     from spikingjelly.activation_based import functional
     from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
     from torch import nn

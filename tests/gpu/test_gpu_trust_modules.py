@@ -13,17 +13,11 @@ from sparseflow_bench.models import build_model, recalibrate_bn
 from sparseflow_core import CudaGraphModel, optimize, reset_states
 from sparseflow_ops import SparseConv2d
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# fp32 references without TF32: exactness is judged against real fp32
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("strict_fp32")]
 
 MODELS = ["spiking_resnet18", "sew_resnet18"]
-
-
-@pytest.fixture(autouse=True)
-def _strict_fp32():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def twins(name, numerics="faithful"):

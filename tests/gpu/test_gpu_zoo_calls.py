@@ -16,16 +16,8 @@ state was not carried over, or was advanced twice). ``SPARSEFLOW_GPU_ZOO`` selec
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-for sub in ("packages/sparseflow-kernels/tests", "packages/sparseflow-core/tests"):
-    if str(ROOT / sub) not in sys.path:
-        sys.path.insert(0, str(ROOT / sub))
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -44,17 +36,9 @@ def _names():
     return _zoo_names()
 
 
-@pytest.fixture
-def _strict_fp32():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("name", _names())
-def test_gpu_zoo_three_calls(name, mode, _strict_fp32, record_property):
+def test_gpu_zoo_three_calls(name, mode, strict_fp32, record_property):
     import test_model_zoo as zoo
 
     from sparseflow_kernels import dispatch

@@ -304,7 +304,7 @@ def test_registry_and_errors() -> None:
     expected = {
         "spiking_resnet18", "spiking_resnet34", "spiking_resnet50",
         "sew_resnet18", "sew_resnet34", "sew_resnet50",
-        "spiking_vgg11", "spikformer_ti", "sdt_8_384",
+        "spiking_vgg11", "spikformer_ti", "sdt_8_384", "spiking_mobilenetv2", "spiking_unet",
     }  # fmt: skip
     assert expected <= set(models.MODELS)
     with pytest.raises(KeyError, match="no_such_model"):

@@ -5,7 +5,10 @@ changes the next layers' inputs), so "fast" mode, exact per layer up to the orde
 dense logits. "faithful" runs convolutions and BatchNorm as the dense modules do and only the exact parts (neuron
 arithmetic, residual adds, max pools, spike-product attention) on SparseFlow's kernels: the logits must be equal,
 not close, on the first call, on a second call without reset (the membrane carried over) and after ``reset_net``.
-The models are the benchmark builders' (CPU, interpreter, T=2, 32 px), BatchNorm recalibrated on random images.
+The models are SpikingJelly zoo models with the benchmarks' LIF neuron, BatchNorm recalibrated on random images:
+on the CPU (interpreter) at T=2, 32 px; on CUDA (marked ``gpu``) at T=4, 64 px in true fp32 (no TF32), with
+cuDNN's own convolutions and BatchNorm and SparseFlow's neuron kernels compiled for the GPU, where fma contraction
+and division could differ from SpikingJelly's kernels.
 """
 
 from __future__ import annotations
@@ -14,36 +17,56 @@ import copy
 
 import pytest
 import torch
-from sf_core_nets import build_small_sj
+from sf_core_nets import build_small_sj, calibrate_bns, small_sj_net
+from sf_core_zoo import lif_kwargs, recalibrate_bn, zoo_model
 from torch import nn
 
-from sparseflow_bench.models import build_model, lif_kwargs, recalibrate_bn
 from sparseflow_core import get_report, optimize, reset_states
 from sparseflow_kernels import multistep_neuron
 from sparseflow_ops import SparseConv1d, SparseConv2d
 from sparseflow_ops.neuron import KernelNeuronForward
 
-MODELS = ["spiking_resnet18", "sew_resnet18", "spikformer"]
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# per device: time steps, image size, BatchNorm calibration images, Spikformer width and heads
+SHAPES = {
+    "cpu": dict(T=2, size=32, calibration=3, spikformer=(64, 4)),
+    "cuda": dict(T=4, size=64, calibration=4, spikformer=(128, 8)),
+}
+MODEL_CASES = [
+    *[pytest.param("cpu", name, id=f"cpu-{name}") for name in ("spiking_resnet18", "sew_resnet18", "spikformer")],
+    *[pytest.param("cuda", name, id=f"cuda-{name}", marks=GPU)
+      for name in ("small_sj", "spiking_resnet18", "sew_resnet18", "spikformer")],
+]
 
 
-def _model(name, T=2, size=32, seed=0):
+def _model(name, device="cpu", seed=0):
+    """(dense model, input [T, 2, 3, size, size]) on ``device``, BatchNorm recalibrated so that every layer fires."""
+    shapes = SHAPES[device]
+    T, size = shapes["T"], shapes["size"]
     torch.manual_seed(seed)
-    if name == "spikformer":  # Spikformer-Ti's structure, narrower and shallower (the interpreter is slow)
+    if name == "small_sj":  # LIF hard and soft reset, IF, PLIF (decay sigmoid(w)), max pool, 1x1 conv, Linear
+        net = small_sj_net()
+        x = torch.randn(T, 2, 3, 16, 16)
+        calibrate_bns(net, x)  # (on the CPU: its random affine comes from a CPU generator)
+        return net.to(device).eval(), x.to(device)
+    if name == "spikformer":  # Spikformer-Ti's structure, narrower and shallower
         from spikingjelly.activation_based.model.spikformer import Spikformer
 
-        model = Spikformer(T=T, img_size_h=size, img_size_w=size, num_classes=10, embed_dims=64, num_heads=4,
-                           depths=2, **lif_kwargs()).eval()
+        dims, heads = shapes["spikformer"]
+        model = Spikformer(T=T, img_size_h=size, img_size_w=size, num_classes=10, embed_dims=dims, num_heads=heads,
+                           depths=2, **lif_kwargs())
     else:
-        model = build_model(name, T=T, num_classes=10).eval()
-    imgs = torch.rand(3, 3, size, size)
+        model = zoo_model(name, T=T, num_classes=10)
+    model = model.to(device).eval()
+    imgs = torch.rand(shapes["calibration"], 3, size, size, device=device)
     recalibrate_bn(model, imgs, T)
-    x = torch.rand(T, 2, 3, size, size) * 2
+    x = torch.rand(T, 2, 3, size, size, device=device) * 2
     return model, x
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_faithful_model_gives_dense_logits_bit_for_bit(name):
-    dense, x = _model(name)
+@pytest.mark.parametrize("device,name", MODEL_CASES)
+def test_faithful_model_gives_dense_logits_bit_for_bit(device, name, strict_fp32):
+    dense, x = _model(name, device)
     opt, rep = optimize(copy.deepcopy(dense), x, numerics="faithful", return_report=True)
     with torch.no_grad():
         for call in ("first", "no reset", "after reset"):

@@ -1,6 +1,6 @@
-"""optimize() on grouped/depthwise and transposed convolutions: their handlers, and the two reference
-models of sparseflow_bench (spiking MobileNetV2, spiking U-Net) at tiny sizes: which layers are replaced,
-outputs equal to the dense model, report entries, restore()."""
+"""optimize() on grouped/depthwise and transposed convolutions: their handlers, and a spiking MobileNetV2 and a
+spiking U-Net in miniature: which layers are replaced, outputs equal to the dense model, report entries,
+restore()."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from sf_core_zoo import TinyUNet, recalibrate_bn, repeat_time, smooth_images, tiny_mobilenet
 from spikingjelly.activation_based import functional, layer, neuron
 from torch import nn
 
@@ -26,18 +27,11 @@ def rel(y, ref):
 
 
 def images(n, size):
-    from sparseflow_bench.data import natural_images, repeat_time
-
-    return repeat_time(natural_images(n, size), T)
+    return repeat_time(smooth_images(n, size), T)
 
 
-def calibrated(name, size, **kw):
-    from sparseflow_bench.data import natural_images
-    from sparseflow_bench.models import build_model, recalibrate_bn
-
-    m = build_model(name, T=T, num_classes=3, **kw)
-    recalibrate_bn(m, natural_images(4, size), T)
-    return m
+def calibrated(model, size):
+    return recalibrate_bn(model, smooth_images(4, size), T)
 
 
 def run(model, x):
@@ -64,8 +58,7 @@ def test_mobilenet_depthwise_and_pointwise_replaced(monkeypatch):
     the depthwise kernels run no prescan of their own."""
     from sparseflow_kernels import depthwise as kdw
 
-    stages = ((1, 16, 1, 1, 3), (2, 24, 1, 2, 5))
-    model = calibrated("spiking_mobilenetv2", 16, width_mult=0.5, stages=stages, last_channels=32)
+    model = calibrated(tiny_mobilenet(), 16)
     x = images(1, 16)
     ref = run(model, x)
     opt, rep = sparseflow_core.optimize(copy.deepcopy(model), x, mode="sparse", block_size=4,
@@ -89,7 +82,7 @@ def test_mobilenet_depthwise_and_pointwise_replaced(monkeypatch):
 
 
 def test_unet_transposed_convs_replaced():
-    model = calibrated("spiking_unet", 16, base=4, depth=2)
+    model = calibrated(TinyUNet(), 16)
     x = images(1, 16)
     ref = run(model, x)
     only_grouped_transposed = lambda m, name: isinstance(m, nn.ConvTranspose2d) or not isinstance(m, nn.Conv2d)
@@ -139,10 +132,3 @@ def test_left_modules_and_reasons():
     assert isinstance(opt.grouped, SparseGroupedConv2d)
     assert type(opt.up_g2) is layer.ConvTranspose2d and type(opt.dw_image) is layer.Conv2d
     assert rel(run(opt, x), ref) < 1e-5
-
-
-@pytest.mark.parametrize("name", ["spiking_mobilenetv2", "spiking_unet"])
-def test_models_registered(name):
-    from sparseflow_bench.models import MODELS
-
-    assert name in MODELS

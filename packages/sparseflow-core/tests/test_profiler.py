@@ -14,8 +14,7 @@ import torch
 from sf_core_nets import calibrate_bns, image_input, small_sj_net
 from torch import nn
 
-import sparseflow
-from sparseflow_core import LayerProfile, ProfileReport, profile
+from sparseflow_core import LayerProfile, ProfileReport, optimize, profile
 from sparseflow_core.profiler import CSV_COLUMNS, block_counts, dense_op
 
 
@@ -194,7 +193,7 @@ def test_profile_optimized_net_dense_comparison():
     net = tiny_spiking_net()
     x = image_input(T=2, N=1, H=8, W=8)
     calibrate_bns(net, x)
-    opt = sparseflow.optimize(net, x)
+    opt = optimize(net, x)
     rep = profile(opt, x, reps=1, dense=True)
     sparse = [e for e in rep.layers if e.type == "SparseConv2d"]
     assert len(sparse) >= 2
@@ -278,10 +277,6 @@ def test_profile_save_and_print(tmp_path, capsys):
 def test_profile_rejects_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
         profile(nn.Linear(2, 2), torch.ones(1, 2), **kw)
-
-
-def test_sparseflow_profile_is_core_profile():
-    assert sparseflow.profile is profile
 
 
 def test_profile_cuda_graph_wrapper_profiles_the_wrapped_model():

@@ -63,7 +63,6 @@ from sparseflow_ops import (
     neuron_support,
     register_neuron_adapter,
 )
-from sparseflow_ops._common import _NOTICES
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sf_core_nets import calibrate_bns, compare_calls, reset, run_steps
@@ -411,14 +410,6 @@ def test_errors_doc_is_current():
     assert ERRORS_DOC.exists(), "run: python packages/sparseflow-core/tests/test_robustness.py --write-errors-doc"
     assert ERRORS_DOC.read_text() == errors_markdown(), (
         "docs/errors.md is stale: python packages/sparseflow-core/tests/test_robustness.py --write-errors-doc")
-
-
-def test_cpu_without_interpreter_is_refused(monkeypatch):
-    from sparseflow_kernels import _utils
-
-    monkeypatch.setattr(_utils, "interpreter_active", lambda: False)
-    with pytest.raises(RuntimeError, match="Triton kernels need a CUDA tensor"):
-        sparse_conv2d(_x(1, 3, 8, 8), _w())
 
 
 # =========================================================================================== optimize()
@@ -860,10 +851,7 @@ def test_user_registered_neuron():
                 n[2].reset()
                 n[5].reset()
     finally:
-        unregister_spiking_module(MyIF)
-        from sparseflow_ops import neurons
-
-        neurons._ADAPTERS.pop(MyIF, None)
+        unregister_spiking_module(MyIF)  # (its adapter stays registered: only this test builds a MyIF)
 
 
 # =========================================================================================== resources
@@ -874,9 +862,9 @@ def _python_objects() -> int:
     return len(gc.get_objects())
 
 
-def test_repeated_forwards_do_not_grow():
+def test_repeated_forwards_do_not_grow(caplog):
     """60 forwards of changing sparsity (and a few batch sizes): the dispatch cache holds one entry per
-    shape, the version caches one value, no notice accumulates, and the Python heap does not grow.
+    shape, the version caches one value, no notice is logged, and the Python heap does not grow.
     (The GPU test does 1,000 and watches torch.cuda.memory_allocated.)"""
     torch.manual_seed(0)
     conv = SparseConv2d.from_dense(nn.Conv2d(5, 7, 3, padding=1), mode="sparse").eval()
@@ -884,7 +872,8 @@ def test_repeated_forwards_do_not_grow():
     with torch.no_grad():
         for x in xs:
             conv(x)  # warm: every shape seen once
-        cache0, notices0 = len(kdispatch._CACHE), len(_NOTICES)
+        cache0 = len(kdispatch.choices())
+        caplog.clear()
         base = _python_objects()
         for i in range(60):
             x = xs[i % len(xs)]
@@ -893,7 +882,8 @@ def test_repeated_forwards_do_not_grow():
                 torch.testing.assert_close(y, F.conv2d(x, conv.weight, conv.bias, padding=1), rtol=1e-5,
                                            atol=1e-5)
         grown = _python_objects() - base
-    assert len(kdispatch._CACHE) == cache0 and len(_NOTICES) == notices0
+    assert len(kdispatch.choices()) == cache0
+    assert not [r for r in caplog.records if r.name.startswith("sparseflow")], caplog.text
     assert conv._wcache.key is not None
     assert grown < 200, f"{grown} Python objects more after 60 forwards"
 

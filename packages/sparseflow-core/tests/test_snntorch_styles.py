@@ -9,7 +9,9 @@
 
 With ``numerics="faithful"`` (dense convolutions) the spikes and membranes equal the dense model's bit for bit;
 with the default numerics the sparse layers sum in another order (compared with a tolerance). The report must
-show the neurons on the kernel ("neuron-kernel") and the convolution after a neuron on the sparse path."""
+show the neurons on the kernel ("neuron-kernel") and the convolution after a neuron on the sparse path. The
+bit-for-bit cases also run on CUDA (marked ``gpu``, true fp32): the kernels compiled for the GPU (no fma
+contraction of ``beta * mem + x``) against snnTorch's rounded arithmetic."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from torch import nn
 from sparseflow_core import optimize
 
 T, N, H = 3, 2, 6
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=GPU)]
 
 
 def entries(rep):
@@ -71,9 +75,9 @@ class ExplicitNet(nn.Module):
         return tuple(torch.stack(r) for r in zip(*rec))
 
 
-def data(seed, scale=3.0):
+def data(seed, scale=3.0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(T, N, 2, H, H, generator=g) * scale
+    return (torch.randn(T, N, 2, H, H, generator=g) * scale).to(device)
 
 
 def assert_outputs(got, ref, exact):
@@ -86,9 +90,10 @@ def assert_outputs(got, ref, exact):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"output {i}")
 
 
-def check_explicit(net, numerics, calls=3, reset=None):
+def check_explicit(net, numerics, calls=3, reset=None, device="cpu"):
+    net = net.to(device)
     dense = copy.deepcopy(net)
-    opt, rep = optimize(net, data(0), return_report=True, block_size=8, numerics=numerics)
+    opt, rep = optimize(net, data(0, device=device), return_report=True, block_size=8, numerics=numerics)
     e = entries(rep)
     for name in ("lif1", "lif2", "lif3"):
         assert e[name].action == "neuron-kernel", e[name]
@@ -103,7 +108,7 @@ def check_explicit(net, numerics, calls=3, reset=None):
         if reset is not None and call == calls - 1:
             reset(dense)
             reset(opt)
-        x = data(call + 1)
+        x = data(call + 1, device=device)
         with torch.no_grad():
             ref, got = dense(x), opt(x)
         assert_outputs(got, ref, exact=numerics == "faithful")
@@ -114,8 +119,9 @@ def check_explicit(net, numerics, calls=3, reset=None):
 
 
 @pytest.mark.parametrize("reset", ["subtract", "zero", "none"])
-def test_explicit_state_leaky_every_reset_bit_for_bit(reset):
-    check_explicit(ExplicitNet("leaky", reset_mechanism=reset), "faithful")
+@pytest.mark.parametrize("device", DEVICES)
+def test_explicit_state_leaky_every_reset_bit_for_bit(device, reset, strict_fp32):
+    check_explicit(ExplicitNet("leaky", reset_mechanism=reset), "faithful", device=device)
 
 
 @pytest.mark.parametrize("init", ["reset_mem", "carry"])
@@ -145,8 +151,10 @@ def test_explicit_state_fast_numerics():
 
 
 @pytest.mark.parametrize("reset", ["subtract", "zero", "none"])
-def test_explicit_state_synaptic(reset):
-    check_explicit(ExplicitNet("synaptic", reset_mechanism=reset), "faithful", calls=2)
+@pytest.mark.parametrize("device", DEVICES)
+def test_explicit_state_synaptic(device, reset, strict_fp32):
+    check_explicit(ExplicitNet("synaptic", reset_mechanism=reset), "faithful", calls=2 if device == "cpu" else 3,
+                   device=device)
 
 
 # ------------------------------------------------------------------------- init_hidden=True, output=True layer
@@ -177,14 +185,18 @@ def forward_pass(net, x):
     return torch.stack(spk_rec), torch.stack(mem_rec)
 
 
-@pytest.mark.parametrize("kind,reset,inplace", [("leaky", "subtract", True), ("leaky", "zero", True),
-                                                ("leaky", "none", True), ("synaptic", "subtract", True),
-                                                ("leaky", "subtract", False)])
-def test_init_hidden_with_output_layer(kind, reset, inplace):
+@pytest.mark.parametrize("kind,reset,inplace,device", [
+    ("leaky", "subtract", True, "cpu"), ("leaky", "zero", True, "cpu"), ("leaky", "none", True, "cpu"),
+    ("synaptic", "subtract", True, "cpu"), ("leaky", "subtract", False, "cpu"),
+    pytest.param("leaky", "subtract", True, "cuda", marks=GPU),
+])
+def test_init_hidden_with_output_layer(kind, reset, inplace, device, strict_fp32):
     """Both nets built by snnTorch's constructors (utils.reset knows their neurons); with inplace=False optimize
-    works on a deep copy, whose neurons utils.reset must reset too."""
-    dense, net = hidden_net(kind, reset), hidden_net(kind, reset)
-    opt, rep = optimize(net, data(0)[0], return_report=True, block_size=8, numerics="faithful", inplace=inplace)
+    works on a deep copy, whose neurons utils.reset must reset too. The conv -> Leaky chains are fused into one
+    kernel (the multi-step kernel's Leaky step)."""
+    dense, net = hidden_net(kind, reset).to(device), hidden_net(kind, reset).to(device)
+    opt, rep = optimize(net, data(0, device=device)[0], return_report=True, block_size=8, numerics="faithful",
+                        inplace=inplace)
     assert (opt is net) == inplace
     e = entries(rep)
     assert e["6"].action == "neuron-kernel", e["6"]  # the output=True layer
@@ -194,7 +206,7 @@ def test_init_hidden_with_output_layer(kind, reset, inplace):
         assert e["3"].action == "neuron-kernel", e["3"]
     fired = []
     for call in range(3):  # forward_pass resets through utils.reset: the optimized copy's neurons too
-        x = data(call + 10)
+        x = data(call + 10, device=device)
         with torch.no_grad():
             ref = forward_pass(dense, x)
             states = [dense[i].mem.clone() for i in (1, 3, 6)]  # (utils.reset resets every snnTorch neuron)

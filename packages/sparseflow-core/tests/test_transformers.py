@@ -257,13 +257,14 @@ def test_compiled_branches_match_eager_on_the_cudnn_paths(monkeypatch):
     candidates (as the H100 picks them for spikformer_ti's stem and projections): the compiled conv -> BN folds and
     rounds as the eager cuDNN path does, bias after the conv's rounding (47% of the logits were off by
     up to 0.17 when the compiled branch applied the BatchNorm after the conv instead)."""
+    from sf_core_zoo import recalibrate_bn, zoo_model
+
     import sparseflow_kernels.dispatch as kd
     import sparseflow_ops.attention as oa
     import sparseflow_ops.conv as oc
     import sparseflow_ops.linear as ol
     import sparseflow_ops.neuron as on
     import sparseflow_ops.pool as op
-    from sparseflow_bench.models import build_model, recalibrate_bn
     from sparseflow_core import reset_states
 
     real_choose = kd.choose
@@ -287,7 +288,7 @@ def test_compiled_branches_match_eager_on_the_cudnn_paths(monkeypatch):
 
     monkeypatch.setattr(F, "conv2d", recording_conv2d)
     torch.manual_seed(0)
-    model = build_model("spikformer_ti", T=2, num_classes=10).eval()
+    model = zoo_model("spikformer_ti", T=2, num_classes=10)
     imgs = torch.rand(2, 3, 32, 32)
     recalibrate_bn(model, imgs, 2)
     x = imgs.unsqueeze(0).repeat(2, 1, 1, 1, 1).half()  # N=2: the projections' tokens of both samples merge

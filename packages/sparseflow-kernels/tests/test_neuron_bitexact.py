@@ -193,3 +193,38 @@ def test_membrane_just_below_threshold_does_not_fire():
     ref = framework_calls(p, [x])
     assert ref[0][0].sum() == 0 and (ref[0][1] > 0.99999).any()
     assert_bitexact(_kernel_calls(p, [x], _multistep), ref, p, "multistep_neuron")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("decay_input", [True, False])
+@pytest.mark.parametrize("v_reset", [0.0, None, -0.2])
+@pytest.mark.parametrize("tau", [3.0, 1.7, 100.0, 2.0])
+def test_lif_kernels_divide_like_spikingjelly_on_gpu(tau, v_reset, decay_input):
+    """The compiled kernels (``tl.math.div_rn``; the fused conv epilogue too, on an fp32 IEEE 1x1 identity conv,
+    whose sums are exact) against SpikingJelly's own LIF on CUDA, fp32, two calls: spikes and membranes bit for bit,
+    currents placed at the threshold included."""
+    from spikingjelly.activation_based import neuron
+
+    torch.manual_seed(0)
+    T, N, C, H = 4, 2, 8, 16
+    rest = 0.0 if v_reset is None else v_reset
+    crit = (1.0 - rest) * tau + rest if decay_input else 1.0 - rest
+    x = torch.randn(T, N, C, H, H, device="cuda") * 1.5 + 0.5
+    near = torch.full_like(x, crit)
+    for k in range(1, 4):  # a few ulps either side of the current that charges a neuron at rest to v_th
+        near = torch.where(torch.rand_like(x) < 0.3, torch.nextafter(near, near + (1 if k % 2 else -1)), near)
+    x = torch.where(torch.rand_like(x) < 0.5, near, x)
+    m = neuron.LIFNode(tau=tau, decay_input=decay_input, v_reset=v_reset, step_mode="m").cuda().eval()
+    eye = torch.eye(C, device="cuda").view(C, C, 1, 1)
+    v1 = v2 = None
+    with torch.no_grad():
+        for call in range(2):
+            ref = m(x)
+            s1, v1 = multistep_neuron(x, "lif", tau=tau, decay_input=decay_input, v_reset=v_reset, v=v1,
+                                      return_v=True)
+            s2, v2 = spiking_conv2d(x, eye, None, 1, 0, neuron="lif", tau=tau, decay_input=decay_input,
+                                    v_reset=v_reset, v=v2, return_v=True, path="fused", fp32_precision="ieee")
+            for s, v in ((s1, v1), (s2, v2)):
+                assert torch.equal(s, ref), f"call {call}: spikes differ"
+                assert torch.equal(v, m.v), f"call {call}: membranes differ by {(v - m.v).abs().max():.3g}"

@@ -173,3 +173,43 @@ def test_pickle_and_deepcopy():
     y = sbn(x)
     for clone in (copy.deepcopy(sbn), pickle.loads(pickle.dumps(sbn))):
         torch.testing.assert_close(clone(x), y, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------- on the GPU
+
+GPU_TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_module_eval_and_train_on_gpu(dtype, strict_fp32):
+    """A ResNet-sized BatchNorm on CUDA (16 x 96 x 28 x 28 channels-last 0/1/2 counts with silent planes, the
+    producer's occupancy attached): eval on the path ``auto`` picks and on the kernel within tolerance of the fp32
+    nn.BatchNorm2d, training is nn.BatchNorm2d itself (running statistics included)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    rand = lambda *shape: torch.rand(*shape, generator=g, device="cuda")
+    bn = nn.BatchNorm2d(96).cuda()
+    with torch.no_grad():
+        for t, (lo, hi) in zip((bn.running_mean, bn.running_var, bn.weight, bn.bias),
+                               ((-0.5, 0.5), (0.2, 2.0), (0.5, 1.5), (-0.5, 0.5))):
+            t.copy_(rand(96) * (hi - lo) + lo)
+    bn = bn.to(dtype).eval()
+    ref_bn = copy.deepcopy(bn).float()
+    twin = copy.deepcopy(bn).train()
+    sbn = SparseBatchNorm2d.from_dense(copy.deepcopy(bn))
+    shape = (16, 96, 28, 28)
+    x = (rand(*shape) < 0.1).float() + (rand(*shape) < 0.05).float()
+    x = (x * (rand(16, 96, 1, 1) < 0.6).float()).to(dtype).contiguous(memory_format=torch.channels_last)
+    attach_occupancy(x, x, prescan(x, 8, 16))
+    with torch.no_grad():
+        ref = ref_bn(x.float()).double()
+        y = sbn(x)
+        assert sbn.last_path in ("sparse", "torch")  # auto: the faster of the kernel and nn.BatchNorm2d
+        assert rel(y, ref) < GPU_TOL[dtype] * 2
+        sbn.mode = "sparse"
+        assert rel(sbn(x), ref) < GPU_TOL[dtype] * 2 and sbn.last_path == "sparse"
+        sbn.train()  # training: nn.BatchNorm2d itself (batch statistics, running statistics updated)
+        torch.testing.assert_close(sbn(x), twin(x))
+        torch.testing.assert_close(sbn.running_mean, twin.running_mean)
+        assert sbn.last_path == "torch"
