@@ -21,14 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
-    dot_precision,
-    launch,
-    next_pow2,
-    require_dtype,
-    require_int32_indexable,
-    require_triton_device,
-)
+from ._utils import dot_precision, launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step
 from ._utils import launch, require_dtype, require_int32_indexable, require_triton_device
-from .conv import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step
 
 _KINDS = {"lif": NEURON_LIF, "plif": NEURON_PLIF, "if": NEURON_IF, "leaky": NEURON_LEAKY}
 
