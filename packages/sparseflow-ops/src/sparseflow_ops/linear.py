@@ -31,13 +31,11 @@ from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_weight
 from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.linear import (
-    MAX_K_BLOCKS,
     LinearConfig,
     pack_linear_weight,
     sparse_conv1x1,
     sparse_linear,
 )
-from sparseflow_kernels.sparse_conv import MAX_GROUPS
 from sparseflow_kernels.spiking import spiking_conv2d
 
 from ._common import (
@@ -154,7 +152,7 @@ class _GemmMixin:
             return kernel(c, w, scale, shift, dense)
 
         cands = {"dense": lambda: run_kernel(True), "torch": run_torch}
-        if self.block_size != "dense" and -(-K // cfg.block_k) <= MAX_K_BLOCKS:
+        if self.block_size != "dense" and tiling.linear_blocks_fit(K, cfg):
             cands["sparse"] = lambda: run_kernel(False)
             if self.mode == "auto" and self.config is None and cfg.block_m == 64 and cfg.block_n == 128:
                 big = tiling.wide_linear_config(cfg)  # same packed weight, taller row tiles
@@ -491,7 +489,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
                 return spiking_conv2d(x5, wcl, self.bias, 1, 0, path="cudnn", **common)
 
             cands = {name: (lambda c=c: fused(c, False)) for name, c in cfgs.items()}
-            if self.block_size != "dense" and -(-C // cfgs["fused_dense"].block_k) <= MAX_GROUPS:
+            if self.block_size != "dense" and tiling.conv_groups_fit(C, cfgs["fused_dense"]):
                 cands["fused_sparse"] = lambda: fused(cfgs["fused_dense"], True)
             cands["cudnn"] = cudnn
             if self.mode == "auto":
