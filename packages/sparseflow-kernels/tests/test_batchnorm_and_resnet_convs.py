@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from sf_kernel_refs import assert_conv_close, conv_ref, rel_err
+from kernel_checks import assert_conv_close, rel_err
 
 from sparseflow_kernels import batchnorm as kbn
 from sparseflow_kernels import prescan, sparse_batch_norm2d, sparse_conv2d
 from sparseflow_kernels.batchnorm import batch_norm_affine, bn_eval_affine
+from sparseflow_kernels.naive import as_float64, batch_norm2d_reference, conv2d_reference
 
 BN_TOL = {torch.float32: 1e-6, torch.float16: 1e-3}
 
@@ -55,11 +55,6 @@ def bn_params(C, affine=True, dtype=torch.float32):
     return cast(mean), cast(var), cast(w), cast(b)
 
 
-def bn_ref(x, mean, var, w, b, eps):
-    d = (lambda t: t.double() if t is not None else None)
-    return F.batch_norm(x.double(), d(mean), d(var), d(w), d(b), False, 0.0, eps)
-
-
 def assert_bn_close(y, ref, dtype):
     assert y.dtype == dtype and y.shape == ref.shape
     err = rel_err(y, ref)
@@ -84,7 +79,7 @@ def test_batchnorm_matches_eval_fp32(shape, kind, occ):
     mean, var, w, b = bn_params(shape[1])
     occupancy = prescan(x, 8, 16) if occ == "occupancy" else None
     y = sparse_batch_norm2d(x, mean, var, w, b, 1e-5, occupancy=occupancy)
-    assert_bn_close(y, bn_ref(x, mean, var, w, b, 1e-5), torch.float32)
+    assert_bn_close(y, batch_norm2d_reference(*as_float64(x, mean, var, w, b), 1e-5), torch.float32)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided-view"])
@@ -100,7 +95,7 @@ def test_batchnorm_layouts_kept(layout, occ):
     mean, var, w, b = bn_params(x.shape[1])
     occupancy = prescan(x, 8, 16) if occ == "occupancy" else None
     y = sparse_batch_norm2d(x, mean, var, w, b, 1e-3, occupancy=occupancy)
-    assert_bn_close(y, bn_ref(x, mean, var, w, b, 1e-3), torch.float32)
+    assert_bn_close(y, batch_norm2d_reference(*as_float64(x, mean, var, w, b), 1e-3), torch.float32)
     if layout == "channels_last":
         assert y.is_contiguous(memory_format=torch.channels_last)
 
@@ -110,7 +105,7 @@ def test_batchnorm_fp16_and_fp16_stats(kind):
     x = make_input(kind, (2, 37, 9, 11), torch.float16)
     mean, var, w, b = bn_params(37, dtype=torch.float16)  # a model converted with .half()
     y = sparse_batch_norm2d(x, mean, var, w, b, 1e-5, occupancy=prescan(x, 8, 16))
-    assert_bn_close(y, bn_ref(x, mean, var, w, b, 1e-5), torch.float16)
+    assert_bn_close(y, batch_norm2d_reference(*as_float64(x, mean, var, w, b), 1e-5), torch.float16)
 
 
 def test_batchnorm_no_affine_and_other_tiles():
@@ -118,7 +113,7 @@ def test_batchnorm_no_affine_and_other_tiles():
     mean, var, _, _ = bn_params(40)
     for tile, group in (((16, 16), 16), ((4, 8), 32), ((8, 8), 64)):
         y = sparse_batch_norm2d(x, mean, var, None, None, 1e-5, occupancy=prescan(x, tile, group))
-        assert_bn_close(y, bn_ref(x, mean, var, None, None, 1e-5), torch.float32)
+        assert_bn_close(y, batch_norm2d_reference(*as_float64(x, mean, var, None, None), 1e-5), torch.float32)
 
 
 def test_zero_blocks_are_not_read():
@@ -133,7 +128,7 @@ def test_zero_blocks_are_not_read():
     y = sparse_batch_norm2d(x, mean, var, w, b, 1e-5, occupancy=forged)
     const = b - mean * w / torch.sqrt(var + 1e-5)
     torch.testing.assert_close(y[0, :, 8:16, 0:8], const.view(-1, 1, 1).expand(20, 8, 8), rtol=1e-6, atol=1e-6)
-    ref = bn_ref(x, mean, var, w, b, 1e-5)
+    ref = batch_norm2d_reference(*as_float64(x, mean, var, w, b), 1e-5)
     mask = torch.ones_like(ref, dtype=torch.bool)
     mask[0, :, 8:16, 0:8] = False
     assert rel_err(y[mask], ref[mask]) < 1e-6
@@ -147,7 +142,7 @@ def test_batchnorm_nan_inf_propagate(occ):
     x[1, 5, 4, 4] = -float("inf")
     mean, var, w, b = bn_params(20)
     y = sparse_batch_norm2d(x, mean, var, w, b, 1e-5, occupancy=prescan(x, 8, 16) if occ == "occupancy" else None)
-    ref = F.batch_norm(x, mean, var, w, b, False, 0.0, 1e-5)
+    ref = batch_norm2d_reference(x, mean, var, w, b, 1e-5)
     assert torch.equal(torch.isnan(y), torch.isnan(ref)) and torch.equal(torch.isinf(y), torch.isinf(ref))
     fin = torch.isfinite(ref)
     torch.testing.assert_close(y[fin], ref[fin], rtol=1e-5, atol=1e-5)
@@ -159,7 +154,7 @@ def test_batchnorm_out_buffer_and_empty():
     out = torch.full_like(x, float("nan"))
     y = batch_norm_affine(x, *bn_eval_affine(mean, var, w, b, 1e-5), out=out)
     assert y is out
-    assert_bn_close(y, bn_ref(x, mean, var, w, b, 1e-5), torch.float32)
+    assert_bn_close(y, batch_norm2d_reference(*as_float64(x, mean, var, w, b), 1e-5), torch.float32)
     e = torch.zeros(0, 20, 7, 9)
     assert sparse_batch_norm2d(e, mean, var, w, b).shape == e.shape
 
@@ -205,7 +200,7 @@ def test_resnet_family_convs(geom, kind):
     w = torch.randn(CO, C, *k) / (C * k[0] * k[1]) ** 0.5
     b = torch.randn(CO) if bias else None
     y = sparse_conv2d(x, w, b, stride, padding, dilation)
-    assert_conv_close(y, conv_ref(x, w, b, stride, padding, dilation), torch.float32)
+    assert_conv_close(y, conv2d_reference(*as_float64(x, w, b), stride, padding, dilation), torch.float32)
 
 
 @pytest.mark.parametrize("block_size", [8, 16], ids=["block8", "block16"])
@@ -216,6 +211,7 @@ def test_1x1_downsample_channels_last_with_folded_bn(block_size):
     mean, var, g, beta = bn_params(24)
     scale = g / torch.sqrt(var + 1e-5)
     y = sparse_conv2d(x, w, None, 2, 0, block_size=block_size, scale=scale, shift=beta - mean * scale)
-    ref = bn_ref(conv_ref(x, w, None, 2, 0).float(), mean, var, g, beta, 1e-5)
+    y_conv = conv2d_reference(*as_float64(x, w, None), 2, 0).float()
+    ref = batch_norm2d_reference(*as_float64(y_conv, mean, var, g, beta), 1e-5)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_conv_close(y, ref, torch.float32)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from sf_kernel_refs import TOL, rel_err
+from kernel_checks import TOL, rel_err
 
 from sparseflow_kernels import depthwise as kdw
 from sparseflow_kernels.depthwise import DepthwiseConfig, grouped_conv2d
+from sparseflow_kernels.naive import as_float64, conv2d_reference
 from sparseflow_kernels.occupancy import Occupancy, prescan
 
 
@@ -42,10 +42,6 @@ def make_input(kind, shape, dtype=torch.float32):
     else:
         raise ValueError(kind)
     return x.to(dtype)
-
-
-def ref_conv(x, w, b, stride, padding, dilation, groups):
-    return F.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding, dilation, groups)
 
 
 def check(y, ref, dtype):
@@ -84,7 +80,7 @@ def test_geometry(geom):
     x = make_input("spikes", (N, C, H, W))
     w = torch.randn(CO, C // g, *k)
     b = torch.randn(CO) if bias else None
-    check(grouped_conv2d(x, w, b, s, p, d, g), ref_conv(x, w, b, s, p, d, g), torch.float32)
+    check(grouped_conv2d(x, w, b, s, p, d, g), conv2d_reference(*as_float64(x, w, b), s, p, d, g), torch.float32)
 
 
 KINDS = ["spikes", "counts012", "real-dense", "ones", "one-spike-at-tile-corner"]
@@ -95,7 +91,8 @@ def test_input_kinds(kind, path):
     C, CO, g = (8, 16, 8) if path == "direct" else (32, 32, 2)
     x = make_input(kind, (1, C, 9, 10))
     w, b = torch.randn(CO, C // g, 3, 3), torch.randn(CO)
-    check(grouped_conv2d(x, w, b, 1, 1, 1, g, path=path), ref_conv(x, w, b, 1, 1, 1, g), torch.float32)
+    ref = conv2d_reference(*as_float64(x, w, b), 1, 1, 1, g)
+    check(grouped_conv2d(x, w, b, 1, 1, 1, g, path=path), ref, torch.float32)
 
 
 def test_all_zero_input_gives_bias():
@@ -115,7 +112,7 @@ def test_dtype_layout(dtype, layout, path):
         x = x.to(memory_format=torch.channels_last)
     w, b = (torch.randn(CO, C // g, 3, 3) / 3).to(dtype), torch.randn(CO).to(dtype)
     y = grouped_conv2d(x, w, b, 1, 1, 1, g, path=path)
-    check(y, ref_conv(x, w, b, 1, 1, 1, g), dtype)
+    check(y, conv2d_reference(*as_float64(x, w, b), 1, 1, 1, g), dtype)
     assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
 
 
@@ -124,7 +121,7 @@ def test_dtype_layout(dtype, layout, path):
 def test_configs_and_dense_mode(cfg):
     x = make_input("spikes", (1, 5, 7, 6))
     w, b = torch.randn(10, 1, 3, 3), torch.randn(10)
-    ref = ref_conv(x, w, b, 1, 1, 1, 5)
+    ref = conv2d_reference(*as_float64(x, w, b), 1, 1, 1, 5)
     check(grouped_conv2d(x, w, b, 1, 1, 1, 5, config=cfg), ref, torch.float32)
     check(grouped_conv2d(x, w, b, 1, 1, 1, 5, config=cfg, dense=True), ref, torch.float32)
 
@@ -136,7 +133,7 @@ def test_affine_epilogue(path):
     w, b = torch.randn(CO, C // g, 3, 3), torch.randn(CO)
     scale, shift = torch.rand(CO) + 0.5, torch.randn(CO)
     y = grouped_conv2d(x, w, b, 1, 1, 1, g, scale=scale, shift=shift, path=path)
-    ref = ref_conv(x, w, b, 1, 1, 1, g) * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    ref = conv2d_reference(*as_float64(x, w, b), 1, 1, 1, g, scale=scale.double(), shift=shift.double())
     check(y, ref, torch.float32)
 
 
@@ -147,7 +144,7 @@ def test_nan_inf_propagate_like_dense(special):
     x[0, 2, 0, 11] = -special
     w, b = torch.randn(8, 1, 3, 3), torch.randn(8)
     y = grouped_conv2d(x, w, b, 1, 1, 1, 4)
-    ref = F.conv2d(x, w, b, 1, 1, 1, 4)
+    ref = conv2d_reference(x, w, b, 1, 1, 1, 4)
     assert torch.equal(torch.isnan(y), torch.isnan(ref))
     assert torch.equal(torch.isinf(y), torch.isinf(ref))
     fin = torch.isfinite(ref)
@@ -164,14 +161,16 @@ def test_trusts_given_occupancy():
     cfg = DepthwiseConfig(8, 8, 8, 4)
     y = grouped_conv2d(x, w, b, 1, 1, 1, 8, occupancy=silent, config=cfg)
     assert torch.equal(y, b.view(1, -1, 1, 1).expand_as(y))
-    check(grouped_conv2d(x, w, b, 1, 1, 1, 8, occupancy=occ, config=cfg), ref_conv(x, w, b, 1, 1, 1, 8),
+    check(grouped_conv2d(x, w, b, 1, 1, 1, 8, occupancy=occ, config=cfg),
+          conv2d_reference(*as_float64(x, w, b), 1, 1, 1, 8),
           torch.float32)
 
 
 def test_unbatched_input():
     x = make_input("spikes", (1, 6, 9, 9))[0]
     w = torch.randn(6, 1, 3, 3)
-    check(grouped_conv2d(x, w, None, 1, 1, 1, 6), ref_conv(x[None], w, None, 1, 1, 1, 6)[0], torch.float32)
+    ref = conv2d_reference(*as_float64(x[None], w, None), 1, 1, 1, 6)[0]
+    check(grouped_conv2d(x, w, None, 1, 1, 1, 6), ref, torch.float32)
 
 
 @pytest.mark.parametrize("case", ["groups-not-dividing", "weight-channels", "dtype-mismatch", "bias-shape",
@@ -214,4 +213,4 @@ def test_silent_channel_groups_masked_within_a_block():
     half = Occupancy(codes=codes, shape=occ.shape, tile=occ.tile, group=8)
     y = grouped_conv2d(x, w, b, 1, 1, 1, 16, occupancy=half, config=cfg)
     assert torch.equal(y[:, 8:], b[8:].view(1, -1, 1, 1).expand_as(y[:, 8:]))
-    check(y[:, :8], ref_conv(x, w, b, 1, 1, 1, 16)[:, :8], torch.float32)
+    check(y[:, :8], conv2d_reference(*as_float64(x, w, b), 1, 1, 1, 16)[:, :8], torch.float32)

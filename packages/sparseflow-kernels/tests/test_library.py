@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import sparseflow_kernels.library as lib
 from sparseflow_kernels import NeuronSpec, multistep_neuron, sparse_conv2d, spiking_conv2d
 from sparseflow_kernels.conv import ConvConfig
+from sparseflow_kernels.naive import as_float64, conv2d_reference
 
 
 def _spikes(*shape):
@@ -39,7 +40,7 @@ def test_spiking_conv2d_op(neuron, cudnn):
 def test_conv2d_op(dense):
     x = _spikes(2, 5, 9, 7)
     w = torch.randn(4, 5, 3, 3)
-    ref = F.conv2d(x.double(), w.double(), None, 2, 1).float()
+    ref = conv2d_reference(*as_float64(x, w), None, 2, 1).float()
     y = torch.ops.sparseflow.conv2d(x, w, None, [2, 2], [1, 1], [1, 1], None, None, None, [], dense)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y, sparse_conv2d(x, w, None, 2, 1, dense=dense), rtol=0, atol=0)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sf_kernel_refs import NEURONS, NeuronReference, assert_fires, assert_spikes_match, kernel_neuron_kwargs
+from kernel_checks import NEURONS, NeuronReference, assert_fires, assert_spikes_match, kernel_neuron_kwargs
 
 from sparseflow_kernels import NeuronSpec, multistep_neuron
+from sparseflow_kernels.naive import affine_reference, as_float64
 
 
 def make_x(shape, layout="contiguous"):
@@ -49,12 +50,7 @@ def run_calls(p, xs, *, scale=None, shift=None, residuals=None):
         s, v_new = multistep_neuron(x, scale=scale, shift=shift, residual=res, v=v, return_v=True,
                                     **kernel_neuron_kwargs(p))
         assert torch.equal(x, x_before)
-        z = x.double()
-        bshape = (1, 1, -1) + (1,) * (x.dim() - 3)
-        if scale is not None:
-            z = z * scale.double().view(bshape)
-        if shift is not None:
-            z = z + shift.double().view(bshape)
+        z = affine_reference(*as_float64(x, scale, shift), dim=2)
         if res is not None:
             z = z + res.double()
         rs, rh, rv = ref(z)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sf_kernel_refs import assert_conv_close, conv_ref
+from kernel_checks import assert_conv_close
 
 from sparseflow_kernels import Occupancy, prescan, sparse_conv2d
+from sparseflow_kernels.naive import as_float64, conv2d_reference, prescan_reference
 from sparseflow_kernels.occupancy import (
     CODE_ANY,
     CODE_BL,
@@ -19,30 +20,6 @@ from sparseflow_kernels.occupancy import (
     CODE_TOP,
     CODE_TR,
 )
-
-
-def reference_codes(x: torch.Tensor, tile, group: int) -> torch.Tensor:
-    """Edge codes in plain torch: int16 [B, tiles_h, tiles_w, groups]."""
-    th, tw = (tile, tile) if isinstance(tile, int) else tile
-    B, C, H, W = x.shape
-    TH, TW, G = -(-H // th), -(-W // tw), -(-C // group)
-    nz = torch.zeros(B, G * group, TH * th, TW * tw, dtype=torch.bool)
-    nz[:, :C, :H, :W] = x != 0  # NaN != 0
-    g = nz.view(B, G, group, TH, th, TW, tw).any(2)  # [B, G, TH, th, TW, tw]
-    bits = [
-        (g.any(5).any(3), CODE_ANY),
-        (g[:, :, :, 0].any(-1), CODE_TOP),
-        (g[:, :, :, th - 1].any(-1), CODE_BOTTOM),
-        (g[..., 0].any(3), CODE_LEFT),
-        (g[..., tw - 1].any(3), CODE_RIGHT),
-        (g[:, :, :, 0, :, 0], CODE_TL),
-        (g[:, :, :, 0, :, tw - 1], CODE_TR),
-        (g[:, :, :, th - 1, :, 0], CODE_BL),
-        (g[:, :, :, th - 1, :, tw - 1], CODE_BR),
-    ]
-    code = sum(b.to(torch.int32) * v for b, v in bits)
-    return code.permute(0, 2, 3, 1).to(torch.int16)
-
 
 # -------------------------------------------------------------------------------- crafted single pixels
 
@@ -144,7 +121,7 @@ def test_codes_match_reference(case, layout):
             x = x.to(memory_format=torch.channels_last)
     x[0, 0, 0, 0] = float("nan")
     occ = prescan(x, tile, group)
-    ref = reference_codes(x, tile, group)
+    ref = prescan_reference(x, tile, group)
     assert torch.equal(occ.codes, ref)
     assert 0.0 < occ.block_density() <= 1.0
     assert occ.block_density() == pytest.approx(float((ref & CODE_ANY).ne(0).float().mean()))
@@ -211,7 +188,7 @@ def test_halo_exact_on_tile_borders(consumer, producer):
     ys = sparse_conv2d(x, w, b, stride, padding, dilation, occupancy=occ, block_size=8)
     yd = sparse_conv2d(x, w, b, stride, padding, dilation, dense=True, block_size=8)
     assert torch.equal(ys, yd)
-    assert_conv_close(ys, conv_ref(x, w, b, stride, padding, dilation), torch.float32)
+    assert_conv_close(ys, conv2d_reference(*as_float64(x, w, b), stride, padding, dilation), torch.float32)
 
 
 @pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
@@ -224,7 +201,7 @@ def test_halo_exact_single_border_pixels(stride):
     w = torch.randn(8, 16, 3, 3)
     b = torch.randn(8)
     ys = sparse_conv2d(x, w, b, stride, 1, block_size=8)
-    assert_conv_close(ys, conv_ref(x, w, b, stride, 1), torch.float32)
+    assert_conv_close(ys, conv2d_reference(*as_float64(x, w, b), stride, 1), torch.float32)
 
 
 def _lie(occ: Occupancy, idx, code) -> Occupancy:
@@ -241,7 +218,7 @@ def test_halo_tests_edge_bit_not_whole_tile():
     w, b = torch.randn(4, 16, 3, 3), torch.randn(4)
     occ = prescan(x, 8, 16)
     assert int(occ.codes[0, 0, 1, 0]) == CODE_ANY | CODE_LEFT
-    ref = conv_ref(x, w, b, 1, 1)
+    ref = conv2d_reference(*as_float64(x, w, b), 1, 1)
     y = sparse_conv2d(x, w, b, 1, 1, occupancy=_lie(occ, (0, 0, 1, 0), CODE_ANY), block_size=8)
     bias = b.double().view(1, -1, 1, 1).expand(1, 4, 16, 8)
     torch.testing.assert_close(y[..., :8].double(), bias, rtol=0, atol=0)  # skipped: the left tile
@@ -258,7 +235,7 @@ def test_halo_tests_corner_bit():
     occ = prescan(x, 8, 16)
     full = CODE_ANY | CODE_BOTTOM | CODE_RIGHT | CODE_BR
     assert int(occ.codes[0, 0, 0, 0]) == full
-    ref = conv_ref(x, w, b, 1, 1)
+    ref = conv2d_reference(*as_float64(x, w, b), 1, 1)
     y = sparse_conv2d(x, w, b, 1, 1, occupancy=_lie(occ, (0, 0, 0, 0), full & ~CODE_BR), block_size=8)
     expect = ref.clone()
     expect[..., 8:, 8:] = b.double().view(1, -1, 1, 1)
@@ -273,7 +250,7 @@ def test_halo_stride2_uses_bottom_bit():
     w, b = torch.randn(4, 16, 3, 3), torch.randn(4)
     occ = prescan(x, 8, 16)
     assert int(occ.codes[0, 1, 0, 0]) == CODE_ANY | CODE_BOTTOM
-    ref = conv_ref(x, w, b, 2, 1)
+    ref = conv2d_reference(*as_float64(x, w, b), 2, 1)
     y = sparse_conv2d(x, w, b, 2, 1, occupancy=_lie(occ, (0, 1, 0, 0), CODE_ANY), block_size=8)
     torch.testing.assert_close(y[..., :8, :].double(), ref[..., :8, :], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y[..., 8:, :].double(), b.double().view(1, -1, 1, 1).expand(1, 4, 8, 8),

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from sparseflow_kernels.naive import max_pool2d_reference
 from sparseflow_kernels.pool import max_pool2d
 
 CASES = [  # (N, C, H, W, kernel, stride, padding, dilation, ceil_mode)
@@ -29,7 +29,7 @@ def test_max_pool2d_matches_torch(case, layout, dtype):
     x[torch.rand_like(x, dtype=torch.float32) < 0.3] = 0  # ties and zeros between values
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    ref = F.max_pool2d(x.double(), k, s, p, d, ceil)
+    ref = max_pool2d_reference(x.double(), k, s, p, d, ceil)
     y = max_pool2d(x, k, s, p, d, ceil)
     assert y.dtype == dtype and y.shape == ref.shape
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -43,12 +43,12 @@ def test_max_pool2d_spikes_and_specials():
     x[1, 2, 0, 0] = float("-inf")
     x[1, 3, 5, 5] = float("inf")
     x[1, 0] = 2.0  # non-binary (SEW adds)
-    ref = F.max_pool2d(x, 3, 2, 1)
+    ref = max_pool2d_reference(x, 3, 2, 1)
     y = max_pool2d(x, 3, 2, 1)
     torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(y[0, 1]).any()
     # 3-D input ([C, H, W])
-    torch.testing.assert_close(max_pool2d(x[0], 2), F.max_pool2d(x[0], 2), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(max_pool2d(x[0], 2), max_pool2d_reference(x[0], 2), rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -75,7 +75,7 @@ def test_max_pool2d_shift_equals_pool_of_shifted(layout, dtype):
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     shift = (torch.randn(70) * 3).to(dtype)
-    ref = F.max_pool2d(x + shift.view(-1, 1, 1), 3, 2, 1)  # the bias added in the storage dtype, then pooled
+    ref = max_pool2d_reference(x + shift.view(-1, 1, 1), 3, 2, 1)  # the bias added in the storage dtype, then pooled
     y = max_pool2d(x, 3, 2, 1, shift=shift)
     torch.testing.assert_close(y, ref, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="shift must have shape"):

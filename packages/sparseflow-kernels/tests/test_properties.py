@@ -21,11 +21,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from sf_kernel_refs import assert_spikes_match
-from test_occupancy import reference_codes
+from kernel_checks import assert_spikes_match
 
 from sparseflow_kernels import NeuronSpec, multistep_neuron, prescan, sparse_conv2d, spiking_conv2d
-from sparseflow_kernels.naive import neuron_reference
+from sparseflow_kernels.naive import as_float64, conv2d_reference, neuron_reference, prescan_reference
 
 try:
     from hypothesis import HealthCheck, given, settings
@@ -201,8 +200,8 @@ def check_sparse_conv(c: dict, device="cpu") -> None:
     w = w64.to(device=device, dtype=dtype)
     b = b64.to(device=device, dtype=dtype) if b64 is not None else None
     # the reference sees exactly the rounded values the kernel sees
-    ref = F.conv2d(x.double().cpu(), w.double().cpu(), None if b is None else b.double().cpu(),
-                   c["stride"], c["padding"], c["dilation"])
+    ref = conv2d_reference(*as_float64(x.cpu(), w.cpu(), None if b is None else b.cpu()),
+                           c["stride"], c["padding"], c["dilation"])
     precision = c.get("fp32_precision", "tf32x3")
     y = sparse_conv2d(x, w, b, c["stride"], c["padding"], c["dilation"], block_size=c["block_size"],
                       dense=c["dense"], fp32_precision=precision)
@@ -236,7 +235,7 @@ def check_prescan(c: dict, device="cpu") -> None:
         x64 = add_specials(x64, c["special"], gen)
     x = to_layout(x64, c["dtype"], c["layout"], device)
     occ = prescan(x, c["tile"], c["group"])
-    ref = reference_codes(x.cpu(), c["tile"], c["group"])
+    ref = prescan_reference(x.cpu(), c["tile"], c["group"])
     assert occ.shape == tuple(x.shape) and occ.tile == tuple(c["tile"]) and occ.group == c["group"]
     assert torch.equal(occ.codes.cpu(), ref), f"prescan codes differ for {c}"
     expected_density = float((ref & 1).ne(0).float().mean())

@@ -51,7 +51,16 @@ from sparseflow_kernels import (
     sparse_linear,
     ssa_attention,
 )
-from sparseflow_kernels.naive import linear_reference, ssa_reference
+from sparseflow_kernels.naive import (
+    batch_norm2d_reference,
+    channel_dot_reference,
+    conv1x1_reference,
+    conv2d_reference,
+    conv_transpose2d_reference,
+    linear_reference,
+    max_pool2d_reference,
+    ssa_reference,
+)
 from sparseflow_kernels.pool import max_pool2d
 
 # NaN/Inf cases make numpy (the interpreter's dot) warn: expected here
@@ -125,14 +134,6 @@ def _affine(c: dict, n: int, gen, device):
     scale = (0.5 + torch.rand(n, generator=gen, dtype=torch.float64)).float().to(device)
     shift = (0.3 * torch.randn(n, generator=gen, dtype=torch.float64)).float().to(device)
     return scale, shift
-
-
-def _apply_affine(ref, scale, shift, dim: int):
-    if scale is None:
-        return ref
-    shape = [1] * ref.dim()
-    shape[dim] = -1
-    return ref * _d(scale).view(shape) + _d(shift).view(shape)
 
 
 # -------------------------------------------------------------------------------------- sparse_linear
@@ -214,8 +215,7 @@ def check_conv1x1(c: dict, device="cpu") -> torch.Tensor:
     cfg = LinearConfig(*c["config"]) if c["config"] else None
     y = sparse_conv1x1(x, w if c["w3d"] else w[:, :, 0], b, config=cfg, scale=scale, shift=shift,
                        dense=c["dense"])
-    ref = F.conv1d(_d(x), _d(w), _d(b))
-    ref = _apply_affine(ref, scale, shift, dim=-2)
+    ref = conv1x1_reference(_d(x), _d(w), _d(b), _d(scale), _d(shift))
     assert_like_dense(y, ref, dtype, f"sparse_conv1x1 {c}: ", inf_may_be_nan=_tc_split(x))
     return ref
 
@@ -298,7 +298,7 @@ def check_channel_dot(c: dict, device="cpu") -> torch.Tensor:
         ab.append(to_layout(t, dtype, layout, device))
     a, b = ab
     y = channel_dot(a, b)
-    ref = (_d(a) * _d(b)).reshape(B, C, -1).sum(-1)
+    ref = channel_dot_reference(_d(a), _d(b))
     assert_like_dense(y, ref, dtype, f"channel_dot {c}: ")
     return ref
 
@@ -340,8 +340,8 @@ def check_grouped(c: dict, device="cpu") -> torch.Tensor:
     occ = prescan(x, *c["occupancy"]) if c.get("occupancy") and not c["dense"] else None
     y = grouped_conv2d(x, w, b, c["stride"], c["padding"], c["dilation"], g, scale=scale, shift=shift,
                        occupancy=occ, config=cfg, block_size=block, path=c["path"], dense=c["dense"])
-    ref = F.conv2d(_d(x), _d(w), _d(b), c["stride"], c["padding"], c["dilation"], g)
-    ref = _apply_affine(ref, scale, shift, dim=1)
+    ref = conv2d_reference(_d(x), _d(w), _d(b), c["stride"], c["padding"], c["dilation"], g, scale=_d(scale),
+                           shift=_d(shift))
     gemm = c["path"] == "gemm" or (c["path"] == "auto" and C // g >= 16 and g > 1)
     assert_like_dense(y, ref, dtype, f"grouped_conv2d {c}: ", inf_may_be_nan=gemm and _tc_split(x))
     assert_keeps_layout(y, x, c)
@@ -393,8 +393,8 @@ def check_conv_transpose(c: dict, device="cpu") -> torch.Tensor:
         occ = prescan(x, c["occupancy"], default_config(C, CO, c["block_size"]).block_k)
     y = sparse_conv_transpose2d(x, w, b, c["stride"], c["padding"], c["output_padding"], scale=scale,
                                 shift=shift, occupancy=occ, block_size=c["block_size"], dense=c["dense"])
-    ref = F.conv_transpose2d(_d(x), _d(w), _d(b), c["stride"], c["padding"], c["output_padding"])
-    ref = _apply_affine(ref, scale, shift, dim=1)
+    ref = conv_transpose2d_reference(_d(x), _d(w), _d(b), c["stride"], c["padding"], c["output_padding"],
+                                     scale=_d(scale), shift=_d(shift))
     assert_like_dense(y, ref, dtype, f"sparse_conv_transpose2d {c}: ", inf_may_be_nan=_tc_split(x))
     assert_keeps_layout(y, x, c)
     return ref
@@ -436,10 +436,7 @@ def check_batchnorm(c: dict, device="cpu") -> torch.Tensor:
     y = sparse_batch_norm2d(x, mean, var, weight, bias, c["eps"], occupancy=occ)
     # the eval-mode formula of F.batch_norm, written out: torch releases differ on eps == 0 (2.14 takes it in eval
     # mode, 2.11 refuses it), the kernel takes eps >= 0 as 2.14 does
-    inv = 1.0 / torch.sqrt(_d(var) + c["eps"])
-    w64 = _d(weight) if weight is not None else torch.ones_like(inv)
-    b64 = _d(bias) if bias is not None else torch.zeros_like(inv)
-    ref = (_d(x) - _d(mean)[:, None, None]) * (inv * w64)[:, None, None] + b64[:, None, None]
+    ref = batch_norm2d_reference(_d(x), _d(mean), _d(var), _d(weight), _d(bias), c["eps"])
     if c["eps"] > 0:  # the written-out formula is F.batch_norm's
         torch.testing.assert_close(ref, F.batch_norm(_d(x), _d(mean), _d(var), _d(weight), _d(bias), training=False,
                                                      eps=c["eps"]), equal_nan=True)
@@ -493,7 +490,7 @@ def check_pool(c: dict, device="cpu") -> torch.Tensor:
     x = to_layout(x64, dtype, layout, device)
     args = (c["kernel"], c["stride"], c["padding"], c["dilation"], c["ceil_mode"])
     y = max_pool2d(x, *args)
-    ref = F.max_pool2d(_d(x), *args)
+    ref = max_pool2d_reference(_d(x), *args)
     assert y.dtype == dtype and y.shape == ref.shape, (tuple(y.shape), tuple(ref.shape))
     torch.testing.assert_close(_d(y), ref, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"max_pool2d {c}: {m}")
     if layout == "channels_last" and not x.is_contiguous():

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from sf_kernel_refs import TOL, assert_conv_close, conv_ref, rel_err
+from kernel_checks import TOL, assert_conv_close, rel_err
 
 from sparseflow_kernels import ConvConfig, Occupancy, prescan, sparse_conv2d
+from sparseflow_kernels.naive import as_float64, conv2d_reference
 from sparseflow_kernels.occupancy import CODE_ANY
 
 
@@ -68,7 +68,7 @@ def test_matches_conv2d_fp32(geom, kind):
     x = make_input(kind, (N, C, H, W))
     w, b = weights(CO, C, *k, bias=bias)
     y = sparse_conv2d(x, w, b, stride, padding, dilation)
-    assert_conv_close(y, conv_ref(x, w, b, stride, padding, dilation), torch.float32)
+    assert_conv_close(y, conv2d_reference(*as_float64(x, w, b), stride, padding, dilation), torch.float32)
 
 
 FP16_GEOMS = ["k1x1", "k3x3-s1-pad1", "k3x3-s2-pad1", "k5x5-s1-pad2", "odd-C37-CO1-H13-W7"]
@@ -81,7 +81,7 @@ def test_matches_conv2d_fp16(name, kind):
     x = make_input(kind, (N, C, H, W), torch.float16)
     w, b = weights(CO, C, *k, bias=bias, dtype=torch.float16)
     y = sparse_conv2d(x, w, b, stride, padding, dilation)
-    assert_conv_close(y, conv_ref(x, w, b, stride, padding, dilation), torch.float16)
+    assert_conv_close(y, conv2d_reference(*as_float64(x, w, b), stride, padding, dilation), torch.float16)
 
 
 @pytest.mark.parametrize("kind", ["spikes", "counts012", "real-sparse", "real-dense", "ones"])
@@ -90,7 +90,7 @@ def test_input_kinds_and_block_sizes(kind, block_size):
     x = make_input(kind, (2, 20, 13, 13))
     w, b = weights(16, 20, 3, 3)
     y = sparse_conv2d(x, w, b, 1, 1, block_size=block_size)
-    assert_conv_close(y, conv_ref(x, w, b, 1, 1), torch.float32)
+    assert_conv_close(y, conv2d_reference(*as_float64(x, w, b), 1, 1), torch.float32)
 
 
 def test_all_zero_input_gives_bias():
@@ -117,7 +117,7 @@ def test_layouts(layout):
     else:  # H and W swapped in memory
         x = spikes(2, 20, 13, 11).transpose(2, 3)
     w, b = weights(24, x.shape[1], 3, 3)
-    ref = conv_ref(x, w, b, 1, 1)
+    ref = conv2d_reference(*as_float64(x, w, b), 1, 1)
     y = sparse_conv2d(x, w, b, 1, 1)
     assert_conv_close(y, ref, torch.float32)
     if layout == "channels_last":
@@ -133,7 +133,7 @@ def test_unbatched_3d_input():
     w, b = weights(24, 20, 3, 3)
     y = sparse_conv2d(x, w, b, 1, 1)
     assert y.shape == (24, 11, 9)
-    assert_conv_close(y, F.conv2d(x.double(), w.double(), b.double(), 1, 1), torch.float32)
+    assert_conv_close(y, conv2d_reference(*as_float64(x, w, b), 1, 1), torch.float32)
 
 
 @pytest.mark.parametrize("block_size", [4, (4, 16), (16, 8)], ids=["block4", "block4x16", "block16x8"])
@@ -141,7 +141,7 @@ def test_rectangular_and_small_blocks(block_size):
     x = spikes(2, 20, 13, 11)
     w, b = weights(24, 20, 3, 3)
     y = sparse_conv2d(x, w, b, 1, 1, block_size=block_size)
-    assert_conv_close(y, conv_ref(x, w, b, 1, 1), torch.float32)
+    assert_conv_close(y, conv2d_reference(*as_float64(x, w, b), 1, 1), torch.float32)
 
 
 def test_empty_batch():
@@ -155,7 +155,7 @@ def test_padding_strings(padding):
     x = spikes(1, 20, 9, 11)
     w, b = weights(8, 20, 3, 3)
     y = sparse_conv2d(x, w, b, 1, padding)
-    assert_conv_close(y, F.conv2d(x.double(), w.double(), b.double(), 1, padding), torch.float32)
+    assert_conv_close(y, conv2d_reference(*as_float64(x, w, b), 1, padding), torch.float32)
 
 
 @pytest.mark.parametrize("kind", ["spikes", "real-dense"])
@@ -167,7 +167,7 @@ def test_dense_flag_identical_to_sparse(kind, geom):
     ys = sparse_conv2d(x, w, b, stride, padding, dilation)
     yd = sparse_conv2d(x, w, b, stride, padding, dilation, dense=True)
     assert torch.equal(ys, yd)
-    assert_conv_close(yd, conv_ref(x, w, b, stride, padding, dilation), torch.float32)
+    assert_conv_close(yd, conv2d_reference(*as_float64(x, w, b), stride, padding, dilation), torch.float32)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -178,7 +178,7 @@ def test_scale_shift_epilogue(bias, which):
     scale = torch.rand(24) + 0.5 if "scale" in which else None
     shift = torch.randn(24) if "shift" in which else None
     y = sparse_conv2d(x, w, b, 1, 1, scale=scale, shift=shift)
-    ref = conv_ref(x, w, b, 1, 1)
+    ref = conv2d_reference(*as_float64(x, w, b), 1, 1)
     if scale is not None:
         ref = ref * scale.double().view(1, -1, 1, 1)
     if shift is not None:
@@ -191,7 +191,7 @@ def test_scale_shift_fp16():
     w, b = weights(24, 20, 3, 3, dtype=torch.float16)
     scale, shift = torch.rand(24) + 0.5, torch.randn(24)
     y = sparse_conv2d(x, w, b, 1, 1, scale=scale, shift=shift)
-    ref = conv_ref(x, w, b, 1, 1) * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
+    ref = conv2d_reference(*as_float64(x, w, b), 1, 1, scale=scale.double(), shift=shift.double())
     assert_conv_close(y, ref, torch.float16)
 
 
@@ -207,7 +207,7 @@ def test_nan_inf_propagate_like_conv2d(mode, dtype):
     x = x.to(dtype)
     w, b = weights(24, 20, 3, 3, dtype=dtype)
     y = sparse_conv2d(x, w, b, 1, 1, dense=mode == "dense")
-    ref = conv_ref(x, w, b, 1, 1)
+    ref = conv2d_reference(*as_float64(x, w, b), 1, 1)
     assert torch.isnan(ref).any() and torch.isinf(ref).any()
     assert torch.equal(torch.isnan(y), torch.isnan(ref))
     assert torch.equal(torch.isposinf(y), torch.isposinf(ref))
@@ -227,8 +227,8 @@ def test_kernel_trusts_given_occupancy():
     y = sparse_conv2d(x, w, b, 1, 1, occupancy=empty, block_size=8)
     torch.testing.assert_close(y, b.view(1, -1, 1, 1).expand_as(y), rtol=0, atol=0)
     # with the true occupancy (and without any) the result is the convolution
-    assert_conv_close(sparse_conv2d(x, w, b, 1, 1, occupancy=real, block_size=8), conv_ref(x, w, b, 1, 1),
-                      torch.float32)
+    assert_conv_close(sparse_conv2d(x, w, b, 1, 1, occupancy=real, block_size=8),
+                      conv2d_reference(*as_float64(x, w, b), 1, 1), torch.float32)
 
 
 def test_occupancy_skips_only_the_marked_group():
@@ -241,8 +241,8 @@ def test_occupancy_skips_only_the_marked_group():
     y = sparse_conv2d(x, w, b, 1, 1, occupancy=Occupancy(codes, occ.shape, occ.tile, occ.group), block_size=8)
     x_hidden = x.clone()
     x_hidden[0, 16:32] = 0
-    assert_conv_close(y, conv_ref(x_hidden, w, b, 1, 1), torch.float32)
-    assert rel_err(y, conv_ref(x, w, b, 1, 1)) > 1e-2  # it did make a difference
+    assert_conv_close(y, conv2d_reference(*as_float64(x_hidden, w, b), 1, 1), torch.float32)
+    assert rel_err(y, conv2d_reference(*as_float64(x, w, b), 1, 1)) > 1e-2  # it did make a difference
 
 
 def test_explicit_config_and_packed_weight():
@@ -253,7 +253,7 @@ def test_explicit_config_and_packed_weight():
     cfg = ConvConfig(tile_h=4, tile_w=8, block_n=16, block_k=32)
     packed = pack_weight(w, cfg.block_k, cfg.block_n, x.dtype)
     y = sparse_conv2d(x, w, b, 1, 1, config=cfg, packed_weight=packed)
-    assert_conv_close(y, conv_ref(x, w, b, 1, 1), torch.float32)
+    assert_conv_close(y, conv2d_reference(*as_float64(x, w, b), 1, 1), torch.float32)
 
 
 # ------------------------------------------------------------------------------------------- errors

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from sparseflow_kernels import LinearConfig, linear_block_flags, sparse_conv1x1, sparse_linear
 from sparseflow_kernels import linear as klinear
+from sparseflow_kernels.naive import as_float64, conv1x1_reference, linear_reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -43,10 +44,6 @@ def make_input(kind, shape, dtype=torch.float32):
     raise ValueError(kind)
 
 
-def ref_linear(x, w, b=None):
-    return F.linear(x.double(), w.double(), None if b is None else b.double())
-
-
 def check(y, ref, dtype):
     assert y.shape == ref.shape, (tuple(y.shape), tuple(ref.shape))
     assert y.dtype == dtype
@@ -75,7 +72,7 @@ def test_linear_matches_f_linear(shape, N, kind, bias):
     K = shape[-1]
     x = make_input(kind, shape)
     w, b = torch.randn(N, K) / K**0.5, (torch.randn(N) if bias else None)
-    check(sparse_linear(x, w, b), ref_linear(x, w, b), torch.float32)
+    check(sparse_linear(x, w, b), linear_reference(*as_float64(x, w, b)), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -83,7 +80,7 @@ def test_linear_matches_f_linear(shape, N, kind, bias):
 def test_linear_dtypes(dtype, kind):
     x = make_input(kind, (3, 11, 70), dtype)
     w, b = (torch.randn(45, 70) / 70**0.5).to(dtype), torch.randn(45).to(dtype)
-    check(sparse_linear(x, w, b), ref_linear(x, w, b), dtype)
+    check(sparse_linear(x, w, b), linear_reference(*as_float64(x, w, b)), dtype)
 
 
 @pytest.mark.parametrize("cfg", [LinearConfig(16, 16, 16), LinearConfig(32, 64, 32), LinearConfig(64, 128, 64)],
@@ -91,7 +88,7 @@ def test_linear_dtypes(dtype, kind):
 def test_linear_configs_and_dense(cfg):
     x = make_input("block-sparse", (77, 130))
     w, b = torch.randn(90, 130) / 130**0.5, torch.randn(90)
-    ref = ref_linear(x, w, b)
+    ref = linear_reference(*as_float64(x, w, b))
     check(sparse_linear(x, w, b, config=cfg), ref, torch.float32)
     check(sparse_linear(x, w, b, config=cfg, dense=True), ref, torch.float32)
 
@@ -101,7 +98,7 @@ def test_all_zero_input_gives_bias_and_zeros():
     x[0, 0] = 1.0  # not only zeros: one active block elsewhere
     w, b = torch.randn(20, 40), torch.randn(20)
     y = sparse_linear(x, w, b)
-    check(y, ref_linear(x, w, b), torch.float32)
+    check(y, linear_reference(*as_float64(x, w, b)), torch.float32)
     assert torch.equal(sparse_linear(torch.zeros(3, 40), w, None), torch.zeros(3, 20))
 
 
@@ -109,17 +106,17 @@ def test_strided_inputs():
     base = make_input("counts012", (40, 30))
     x = base.t()  # [30, 40], feature stride 30
     w, b = torch.randn(12, 40), torch.randn(12)
-    check(sparse_linear(x, w, b), ref_linear(x, w, b), torch.float32)
+    check(sparse_linear(x, w, b), linear_reference(*as_float64(x, w, b)), torch.float32)
     x = make_input("spikes", (6, 50))[:, ::2]  # every other feature
     w = torch.randn(9, 25)
-    check(sparse_linear(x, w), ref_linear(x, w), torch.float32)
+    check(sparse_linear(x, w), linear_reference(*as_float64(x, w)), torch.float32)
 
 
 def test_affine_epilogue():
     x = make_input("spikes", (21, 33))
     w, b = torch.randn(18, 33), torch.randn(18)
     scale, shift = torch.rand(18) + 0.5, torch.randn(18)
-    ref = ref_linear(x, w, b) * scale.double() + shift.double()
+    ref = linear_reference(*as_float64(x, w, b, scale, shift))
     check(sparse_linear(x, w, b, scale=scale, shift=shift), ref, torch.float32)
 
 
@@ -135,7 +132,7 @@ def test_flags_match_torch_blocks_and_are_trusted():
     # the GEMM visits only flagged blocks: with every flag cleared the product is skipped entirely
     y = sparse_linear(x, w, config=cfg, flags=torch.zeros_like(flags))
     assert torch.equal(y, torch.zeros_like(y))
-    check(sparse_linear(x, w, config=cfg, flags=flags), ref_linear(x, w), torch.float32)
+    check(sparse_linear(x, w, config=cfg, flags=flags), linear_reference(*as_float64(x, w)), torch.float32)
 
 
 @pytest.mark.parametrize("special", ["nan", "inf", "-inf"])
@@ -164,7 +161,7 @@ def test_conv1x1_matches_f_conv1d(geo, bias):
     B, C, L, CO = geo
     x = make_input("counts012", (B, C, L))
     w, b = torch.randn(CO, C, 1) / C**0.5, (torch.randn(CO) if bias else None)
-    ref = F.conv1d(x.double(), w.double(), None if b is None else b.double())
+    ref = conv1x1_reference(*as_float64(x, w, b))
     check(sparse_conv1x1(x, w, b), ref, torch.float32)
     check(sparse_conv1x1(x[0], w[:, :, 0], b), ref[0], torch.float32)  # unbatched, 2-D weight
 
@@ -172,9 +169,9 @@ def test_conv1x1_matches_f_conv1d(geo, bias):
 def test_conv1x1_strided_and_fp16():
     x = make_input("spikes", (2, 40, 30)).transpose(1, 2).contiguous().transpose(1, 2)  # channels fastest
     w = torch.randn(24, 40, 1)
-    ref = F.conv1d(x.double(), w.double())
+    ref = conv1x1_reference(*as_float64(x, w))
     check(sparse_conv1x1(x, w), ref, torch.float32)
-    check(sparse_conv1x1(x.half(), w.half()), F.conv1d(x.double(), w.half().double()), torch.float16)
+    check(sparse_conv1x1(x.half(), w.half()), conv1x1_reference(*as_float64(x, w.half())), torch.float16)
 
 
 def test_errors_name_the_problem():

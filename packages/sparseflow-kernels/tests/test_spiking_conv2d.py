@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sf_kernel_refs import (
+from kernel_checks import (
     NEURONS,
     assert_fires,
     assert_spikes_match,
-    conv_ref,
     kernel_neuron_kwargs,
     reference_neuron,
 )
 
 from sparseflow_kernels import ConvConfig, Occupancy, prescan, spiking_conv2d
+from sparseflow_kernels.naive import as_float64, conv2d_reference
 
 TM_CONFIG = ConvConfig(tile_h=4, tile_w=4, block_n=32, block_k=16, t_in_m=True)
 
@@ -37,7 +37,7 @@ def make_layer(T=3, N=2, C=20, CO=24, H=9, W=9, k=3, stride=1, padding=1, *, bia
     b = (torch.randn(CO) * 0.3 + 0.4).to(dtype) if bias else None
     scale = torch.rand(CO) * 0.8 + 0.7 if affine else None
     shift = torch.rand(CO) * 0.6 if affine else None
-    y = conv_ref(x.flatten(0, 1), w, b, stride, padding)
+    y = conv2d_reference(*as_float64(x.flatten(0, 1), w, b), stride, padding)
     z = y.view(T, N, *y.shape[1:])
     if scale is not None:
         z = z * scale.double().view(1, 1, -1, 1, 1) + shift.double().view(1, 1, -1, 1, 1)
@@ -268,7 +268,7 @@ def test_occupancy_chain(chain):
     prescanned, v3 = spiking_conv2d(*args, sparse=True, return_v=True, **kb)
     assert torch.equal(with_occ, plain) and torch.equal(with_occ, prescanned)
     assert torch.equal(v1, v2) and torch.equal(v1, v3)
-    y = conv_ref(sa.flatten(0, 1), wb, bb, b_geom["stride"], b_geom["padding"])
+    y = conv2d_reference(*as_float64(sa.flatten(0, 1), wb, bb), b_geom["stride"], b_geom["padding"])
     layer_b = dict(x=sa, z=y.view(2, 2, *y.shape[1:]), v=None)
     check(layer_b, pb, with_occ, v1)
 

@@ -9,11 +9,11 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 from spikingjelly.activation_based import layer
 from torch import nn
 
 from sparseflow_kernels import prescan
+from sparseflow_kernels.naive import as_float64, batch_norm2d_reference
 from sparseflow_ops import SparseBatchNorm2d, SparseModule
 from sparseflow_ops._common import attach_occupancy
 
@@ -38,10 +38,9 @@ def make_bn(C, cls=nn.BatchNorm2d, **kw):
 
 
 def ref_eval(bn, x):
+    """The kernels' float64 reference for ``bn``'s statistics and parameters, over [N, C, H, W] or [T, N, ...]."""
     flat = x.flatten(0, 1) if x.dim() == 5 else x
-    d = (lambda t: t.double() if t is not None else None)
-    y = F.batch_norm(flat.double(), d(bn.running_mean), d(bn.running_var), d(bn.weight), d(bn.bias), False, 0.0,
-                     bn.eps)
+    y = batch_norm2d_reference(*as_float64(flat, bn.running_mean, bn.running_var, bn.weight, bn.bias), bn.eps)
     return y.view(x.shape)
 
 

@@ -12,6 +12,7 @@ import torch
 from spikingjelly.activation_based import layer
 from torch import nn
 
+from sparseflow_kernels.dispatch import force_path
 from sparseflow_ops import SparseConv1d, SparseLinear, is_bypassed
 
 
@@ -178,11 +179,8 @@ def test_fp16_module():
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", [(2, 3, 20, 7), (3, 20, 7), (20, 7)], ids=["TNCL", "NCL", "CL"])
-def test_conv1d_torch_path_folds_bn(shape, bias, monkeypatch):
+def test_conv1d_torch_path_folds_bn(shape, bias):
     """The dispatch's "torch" candidate: one batched matmul with the BatchNorm folded into the weights."""
-    import sparseflow_ops.linear as lin_mod
-
-    monkeypatch.setattr(lin_mod.kdispatch, "choose", lambda key, cands, fallback, device=None: "torch")
     torch.manual_seed(0)
     conv, bn = nn.Conv1d(20, 9, 1, bias=bias).eval(), nn.BatchNorm1d(9).eval()
     with torch.no_grad():
@@ -195,7 +193,7 @@ def test_conv1d_torch_path_folds_bn(shape, bias, monkeypatch):
     with torch.no_grad():
         ref = bn(conv(flat)) if flat.dim() == 3 else bn(conv(flat[None]))[0]
     m = SparseConv1d.from_dense(conv, bn)
-    with torch.no_grad():
+    with torch.no_grad(), force_path("torch"):
         y = m(x)
         bn(y)  # bypassed: hands y through
     y = y.flatten(0, 1) if x.dim() == 4 else y
@@ -203,10 +201,7 @@ def test_conv1d_torch_path_folds_bn(shape, bias, monkeypatch):
     torch.testing.assert_close(y.double(), ref.double(), rtol=1e-5, atol=1e-5)
 
 
-def test_linear_torch_path_folds_bn(monkeypatch):
-    import sparseflow_ops.linear as lin_mod
-
-    monkeypatch.setattr(lin_mod.kdispatch, "choose", lambda key, cands, fallback, device=None: "torch")
+def test_linear_torch_path_folds_bn():
     torch.manual_seed(1)
     lin, bn = nn.Linear(12, 5).eval(), nn.BatchNorm1d(5).eval()
     with torch.no_grad():
@@ -216,8 +211,9 @@ def test_linear_torch_path_folds_bn(monkeypatch):
     with torch.no_grad():
         ref = bn(lin(x))
         m = SparseLinear.from_dense(lin, bn)
-        y = m(x)
-        bn(y)  # bypassed
+        with force_path({"linear": "torch"}):
+            y = m(x)
+            bn(y)  # bypassed
     assert m.last_path == "torch"
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
@@ -390,3 +386,36 @@ def test_spikformer_block_with_a_hooked_mlp_keeps_its_add():
         y, r = new(x), ref(x)
     assert calls == [1] and new._mlp_fc2() is None
     assert torch.equal(y, r)
+
+
+def test_force_path_picks_the_module_path_nests_and_restores():
+    """``force_path`` makes an auto-mode module take the forced candidate (``last_path``), by name or by op kind;
+    the innermost block wins, leaving a block (also by an exception) restores the outer rule, and outside every
+    block the module's own choice (the CPU fallback, "sparse") comes back. Every path gives the dense result."""
+    torch.manual_seed(3)
+    lin = nn.Linear(24, 10).eval()
+    m = SparseLinear.from_dense(lin)
+    x = spikes(6, 24)
+    with torch.no_grad():
+        ref = lin(x)
+
+        def run():
+            y = m(x)
+            assert_close(y, ref)
+            return m.last_path
+
+        assert run() == "sparse"
+        with force_path("torch"):
+            assert run() == "torch"
+            with force_path({"linear": "dense"}):
+                assert run() == "dense"
+                with force_path({"conv1x1": "torch"}):  # another op kind: the linear rule still applies
+                    assert run() == "dense"
+            assert run() == "torch"
+            with pytest.raises(RuntimeError, match="inside"), force_path("dense"):
+                assert run() == "dense"
+                raise RuntimeError("inside")
+            assert run() == "torch"
+            with force_path("no_such_path"):  # not a candidate: the usual choice
+                assert run() == "torch"
+        assert run() == "sparse"

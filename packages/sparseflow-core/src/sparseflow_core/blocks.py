@@ -4,35 +4,30 @@
 * ``block_size="auto"`` in ``optimize()`` - :class:`AutoBlockSize`, a forward pre-hook on each replaced
   ``SparseConv2d``: on the first CUDA call for each input shape it times the layer with every candidate of
   :data:`AUTO_CANDIDATES` (a few runs each, neuron state saved and put back) and keeps the fastest; the choice
-  is cached per (layer geometry, input shape, strides, dtype) for the whole process. On the CPU, and while a
+  is cached per (layer geometry, input shape, strides, dtype) for the whole process, in the kernels' one dispatch
+  cache (namespace ``"block_size"`` of :mod:`sparseflow_kernels.dispatch`). On the CPU, and while a
   CUDA graph is being captured, nothing is timed: the layer keeps the default rule's size (the report says so).
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
+from sparseflow_kernels import dispatch, tiling
+
 #: what ``block_size="auto"`` measures: 8x8 and 16x16 skip tiles, and the layer's dense route
-AUTO_CANDIDATES = (8, 16, "dense")
+AUTO_CANDIDATES = tiling.AUTO_CANDIDATES
 
-_LOCK = threading.Lock()
-_CHOICES: dict = {}
-_TIMINGS: dict = {}
-
+#: the namespace of the block-size choices in the dispatch cache
+_NAMESPACE = "block_size"
 
 #: the default rule's smallest input height with a sparse block size (smaller maps run the dense op)
-SPARSE_MIN_HEIGHT = 14
+SPARSE_MIN_HEIGHT = tiling.SPARSE_MIN_HEIGHT
 
 
 def select_block_size(height: int) -> int | str:
     """Default rule: H >= 56 -> 16, 14 <= H < 56 -> 8, smaller -> ``"dense"`` (too few blocks to skip)."""
-    if height >= 56:
-        return 16
-    if height >= SPARSE_MIN_HEIGHT:
-        return 8
-    return "dense"
+    return tiling.select_block_size(height)
 
 
 def dense_reason(block_size, name: str, height: int) -> str:
@@ -45,27 +40,23 @@ def dense_reason(block_size, name: str, height: int) -> str:
 
 def auto_choices() -> dict:
     """The cached winners: {key: block size}."""
-    with _LOCK:
-        return dict(_CHOICES)
+    return dispatch.choices(_NAMESPACE)
 
 
 def set_auto_choices(choices: dict) -> None:
     """Put cached winners back ({key: block size}, as :func:`auto_choices` returns them); a key already cached
     is overwritten."""
-    with _LOCK:
-        _CHOICES.update(choices)
+    for key, size in choices.items():
+        dispatch.set_choice(key, size, _NAMESPACE)
 
 
 def auto_timings() -> dict:
     """The measured medians (ms) per key and candidate."""
-    with _LOCK:
-        return {k: dict(v) for k, v in _TIMINGS.items()}
+    return dispatch.timings(namespace=_NAMESPACE)
 
 
 def clear_auto_cache() -> None:
-    with _LOCK:
-        _CHOICES.clear()
-        _TIMINGS.clear()
+    dispatch.clear_cache(_NAMESPACE)
 
 
 def _key(module, x: torch.Tensor, has_residual: bool) -> tuple:
@@ -100,8 +91,6 @@ def measure_block_size(module, args, kwargs=None, candidates=AUTO_CANDIDATES, re
     """Time ``module.forward(*args, **kwargs)`` with each candidate block size (``mode="sparse"`` forced so that the
     candidate's own route runs); returns (winner, {candidate: ms}). The module's block size, mode and neuron
     state are as before afterwards."""
-    from sparseflow_kernels.dispatch import time_ms
-
     neuron = getattr(module, "fused_neuron", None)
     saved = _neuron_state(neuron)
     old_bs, old_mode = module.block_size, module.mode
@@ -111,7 +100,7 @@ def measure_block_size(module, args, kwargs=None, candidates=AUTO_CANDIDATES, re
         for cand in candidates:
             module.block_size = cand
             try:
-                results[cand] = time_ms(lambda: module.forward(*args, **(kwargs or {})), warmup=2, reps=reps)
+                results[cand] = dispatch.time_ms(lambda: module.forward(*args, **(kwargs or {})), warmup=2, reps=reps)
             except Exception:  # a candidate that does not compile or fit is not one
                 results[cand] = float("inf")
     finally:
@@ -145,16 +134,13 @@ class AutoBlockSize:
             return None
         res = args[1] if len(args) > 1 else kwargs.get("residual")
         key = _key(module, x, res is not None)
-        with _LOCK:
-            hit = _CHOICES.get(key)
+        hit = dispatch.cached(key, _NAMESPACE)
         if hit is not None:
             module.block_size = hit
             self.last = (hit, "cached")
             return None
         best, results = measure_block_size(module, args, kwargs)
-        with _LOCK:
-            _CHOICES[key] = best
-            _TIMINGS[key] = results
+        dispatch.record(key, best, results, _NAMESPACE)
         module.block_size = best
         self.last = (best, "measured")
         return None

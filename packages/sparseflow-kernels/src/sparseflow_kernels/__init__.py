@@ -9,6 +9,7 @@ from .batchnorm import sparse_batch_norm2d
 from .conv import ConvConfig
 from .conv_transpose import sparse_conv_transpose2d
 from .depthwise import DepthwiseConfig, grouped_conv2d
+from .dispatch import force_path
 from .linear import LinearConfig, linear_block_flags, sparse_conv1x1, sparse_linear
 from .neuron import NeuronSpec, multistep_neuron
 from .occupancy import Occupancy, prescan
@@ -25,6 +26,7 @@ __all__ = [
     "Occupancy",
     "channel_dot",
     "default_config",
+    "force_path",
     "grouped_conv2d",
     "linear_block_flags",
     "multistep_neuron",

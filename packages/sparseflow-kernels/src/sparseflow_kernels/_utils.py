@@ -56,6 +56,16 @@ def require_dtype(op: str, name: str, t: torch.Tensor) -> None:
         )
 
 
+def require_bias(op: str, bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> None:
+    """A bias, when given, is ``[n]`` in the input's ``dtype``."""
+    if bias is None:
+        return
+    if bias.dim() != 1 or bias.shape[0] != n:
+        raise ValueError(f"{op}: bias must have shape [{n}], got {tuple(bias.shape)}")
+    if bias.dtype != dtype:
+        raise TypeError(f"{op}: input dtype {dtype} and bias dtype {bias.dtype} differ")
+
+
 def require_int32_indexable(op: str, *tensors: torch.Tensor | None) -> None:
     """Offsets inside the kernels are 32-bit: refuse tensors whose largest offset would overflow, either in
     the tensor itself or in a contiguous tensor of its shape (an output the kernel allocates like it; this

@@ -21,14 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (
-    dot_precision,
-    launch,
-    next_pow2,
-    require_dtype,
-    require_int32_indexable,
-    require_triton_device,
-)
+from ._utils import dot_precision, launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
+from .tiling import channel_dot_tile
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:
@@ -197,11 +191,7 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     y = new_output((B, C), a.dtype, a.device)
     if y.numel() == 0:
         return y
-    # tiles measured on the H100 ([32, 384, 196] fp16, scripts/explore_channel_dot.py): the whole token row in one
-    # load (up to 256), 32 channels when channels are innermost (the fused convolutions' spikes: 3.9 us against
-    # 5.6 us for 64 x 128 tiles), 16 when tokens are (5.1 us against 15.3 us)
-    block_c = min(32 if a3.stride(1) == 1 else 16, max(16, next_pow2(C)))
-    block_l = min(256, max(16, next_pow2(L)))
+    block_c, block_l = channel_dot_tile(C, L, a3.stride(1) == 1)
     num_cb = triton.cdiv(C, block_c)
     launch(_channel_dot_kernel)[(B * num_cb,)](
         a3, *a3.stride(), b3, *b3.stride(), y, *y.stride(), C, L, num_cb,

@@ -17,9 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._occupancy_jit import _tile_of, _tile_pixels
 from ._utils import launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
 from .occupancy import Occupancy
 from .sparse_conv import empty_like_layout
+from .tiling import batchnorm_tile
 
 
 @triton.jit
@@ -34,14 +36,8 @@ def _bn_kernel(
 ):
     pid = tl.program_id(0)
     cb = tl.program_id(1)
-    tw = pid % TILES_W
-    th = (pid // TILES_W) % TILES_H
-    b = pid // (TILES_W * TILES_H)
-    P: tl.constexpr = TILE_H * TILE_W
-    p = tl.arange(0, P)
-    oh = th * TILE_H + p // TILE_W
-    ow = tw * TILE_W + p % TILE_W
-    pix_ok = (oh < H) & (ow < W)
+    b, th, tw = _tile_of(pid, TILES_H, TILES_W)
+    oh, ow, pix_ok = _tile_pixels(th, tw, H, W, TILE_H, TILE_W)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
@@ -67,16 +63,6 @@ def bn_eval_affine(running_mean, running_var, weight=None, bias=None, eps: float
         scale = scale * weight.detach().float()
     b = bias.detach().float() if bias is not None else torch.zeros_like(mean)
     return mean.contiguous(), scale.contiguous(), b.contiguous()
-
-
-def _tile_for(x: torch.Tensor) -> tuple[int, int, int]:
-    """(TILE_H, TILE_W, BLOCK_C) without an occupancy: 8x8 x 64 channels for channels_last (channels are
-    contiguous), a row-major strip of about 64 pixels x 16 channels otherwise."""
-    C, W = x.shape[1], x.shape[3]
-    if x.stride(1) == 1 and C > 1:
-        return 8, 8, min(64, max(16, next_pow2(C)))
-    tw = min(64, next_pow2(W))
-    return max(1, 64 // tw), tw, 16
 
 
 def batch_norm_affine(
@@ -109,7 +95,7 @@ def batch_norm_affine(
         block_c = max(group, min(64, next_pow2(C)))
         codes = occupancy.codes
     else:
-        th, tw, block_c = _tile_for(x)
+        th, tw, block_c = batchnorm_tile(C, W, x.stride(1) == 1)
         group = 16
         codes = out
     tiles_h, tiles_w = triton.cdiv(H, th), triton.cdiv(W, tw)

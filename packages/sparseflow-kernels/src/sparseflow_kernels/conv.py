@@ -14,6 +14,9 @@
 Rows of the GEMM are the pixels of one output tile (``TILE_H x TILE_W``). With ``T_IN_M`` they are the pixels
 of every time step (``T x TILE_H x TILE_W``), which gives deep, small layers T times more programs;
 otherwise the program loops over T itself.
+
+The prologue's helpers live in :mod:`._occupancy_jit`, the neuron step in :mod:`._epilogue_jit` (both shared with
+the other kernels); the tile shapes in :mod:`.tiling`.
 """
 
 from __future__ import annotations
@@ -22,65 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_NONE, NEURON_PLIF, _neuron_step
+from ._occupancy_jit import _active_groups, _block_of, _edge_codes, _tile_pixels, _visit_group, _visit_list
 from ._utils import launch
-from .occupancy import _edge_codes
+from .tiling import ConvConfig
 
-NEURON_NONE, NEURON_LIF, NEURON_IF, NEURON_LEAKY, NEURON_PLIF = 0, 1, 2, 3, 4
-
-
-# --------------------------------------------------------------------------------------------- prologue
-@triton.jit
-def _code_bits(rsel, csel):
-    """Which bit of a neighbour's edge code to test: rsel/csel 0 = all rows/cols, 1 = first, 2 = last."""
-    edge_r = tl.where(rsel == 1, 2, 4)
-    edge_c = tl.where(csel == 1, 8, 16)
-    corner = 32 << tl.maximum((rsel - 1) * 2 + (csel - 1), 0)
-    bits = tl.where(rsel == 0, tl.where(csel == 0, 1, edge_c), tl.where(csel == 0, edge_r, corner))
-    return bits
-
-
-@triton.jit
-def _edge_sel(lo, hi, start, size):
-    """Rows [lo, hi] of a producer tile starting at ``start``: 1 = only its first, 2 = only its last, else 0."""
-    single = (lo == hi) & (size > 1)
-    return tl.where(single & (lo == start), 1, tl.where(single & (hi == start + size - 1), 2, 0))
-
-
-@triton.jit
-def _active_groups(
-    act, occ_ptr, b, th, tw, sob, soh, sow, NG, H, W,
-    PAD_H, PAD_W, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-    OCC_H: tl.constexpr, OCC_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, NG_P2: tl.constexpr,
-):
-    """OR into ``act`` (int32 [NG_P2]) the groups that are non-zero anywhere in the receptive field of
-    output tile (th, tw) of sample ``b``, from the producer's edge codes."""
-    g = tl.arange(0, NG_P2)
-    r0 = th * (TILE_H * SH) - PAD_H
-    r1 = tl.minimum(r0 + (TILE_H - 1) * SH + (KH - 1) * DH, H - 1)
-    r0 = tl.maximum(r0, 0)
-    c0 = tw * (TILE_W * SW) - PAD_W
-    c1 = tl.minimum(c0 + (TILE_W - 1) * SW + (KW - 1) * DW, W - 1)
-    c0 = tl.maximum(c0, 0)
-    for a in range(r0 // OCC_H, r1 // OCC_H + 1):
-        rsel = _edge_sel(tl.maximum(r0, a * OCC_H), tl.minimum(r1, a * OCC_H + OCC_H - 1), a * OCC_H, OCC_H)
-        for bb in range(c0 // OCC_W, c1 // OCC_W + 1):
-            csel = _edge_sel(tl.maximum(c0, bb * OCC_W), tl.minimum(c1, bb * OCC_W + OCC_W - 1),
-                             bb * OCC_W, OCC_W)
-            bits = _code_bits(rsel, csel)
-            code = tl.load(occ_ptr + b * sob + a * soh + bb * sow + g, mask=g < NG, other=0)
-            act |= ((code.to(tl.int32) & bits) != 0).to(tl.int32)
-    return act
-
-
-@triton.jit
-def _compact(act, NG_P2: tl.constexpr):
-    """int32 [NG_P2] of 0/1 -> (int32 [NG_P2] listing the active group indices first, their count)."""
-    g = tl.arange(0, NG_P2)
-    pos = tl.cumsum(act, axis=0) - 1  # slot of each active group
-    hit = (pos[:, None] == g[None, :]) & (act[:, None] != 0)  # [group, slot]
-    idx = tl.sum(tl.where(hit, g[:, None], 0), axis=0)
-    return idx, tl.sum(act, axis=0)
+__all__ = ["NEURON_IF", "NEURON_LEAKY", "NEURON_LIF", "NEURON_NONE", "NEURON_PLIF", "ConvConfig", "launch_conv",
+           "pack_weight"]
 
 
 # -------------------------------------------------------------------------------------------- mainloop
@@ -99,14 +50,9 @@ def _mainloop(
     """
     KK: tl.constexpr = KH * KW
     ck = tl.arange(0, BLOCK_K)
-    slots = tl.arange(0, NG_P2)
     for i in range(n_groups * KK):
-        gi = i // KK
+        c0 = _visit_group(i // KK, idx, SPARSE, NG_P2) * BLOCK_K
         tap = i % KK
-        if SPARSE:
-            c0 = tl.sum(tl.where(slots == gi, idx, 0), axis=0) * BLOCK_K
-        else:
-            c0 = gi * BLOCK_K
         ih = ih0 + (tap // KW) * DH
         iw = iw0 + (tap % KW) * DW
         ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -120,47 +66,7 @@ def _mainloop(
     return acc
 
 
-# -------------------------------------------------------------------------------------------- epilogue
-@triton.jit
-def _neuron_step(z, v, leak, v_th, v_reset,
-                 NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr):
-    """One time step of the neuron, fp32, in the frameworks' own operation order (bit for bit).
-    SpikingJelly LIF (NEURON 1, ``leak`` = tau: divided by, correctly rounded, as SpikingJelly divides),
-    PLIF (NEURON 4, ``leak`` = sigmoid(w): multiplied, as SpikingJelly multiplies), IF (NEURON 2): charge,
-    fire (h >= v_th), hard/soft reset. snnTorch Leaky (NEURON 3, ``leak`` = beta): ``v`` carries the previous
-    membrane; reset from it, fire when mem > v_th."""
-    if NEURON == 3:
-        # snnTorch: reset = H(mem_prev - thr); mem = beta * mem_prev + z - reset * thr ("subtract")
-        # or mem = (beta * mem_prev + z) * (1 - reset) ("zero"); spike = mem > thr.
-        was = v > v_th
-        if HARD_RESET:
-            h = leak * tl.where(was, 0.0, v) + z
-        else:
-            h = leak * v + z - tl.where(was, v_th, 0.0)
-        spike = h > v_th
-        return spike, h
-    else:
-        if NEURON == 1:  # x / tau, not x * (1 / tau): they differ in the last bit for most tau
-            if DECAY_INPUT:
-                h = v + tl.math.div_rn(z - (v - v_reset), leak)
-            else:
-                h = v - tl.math.div_rn(v - v_reset, leak) + z
-        elif NEURON == 4:
-            if DECAY_INPUT:
-                h = v + (z - (v - v_reset)) * leak
-            else:
-                h = v - (v - v_reset) * leak + z
-        else:
-            h = v + z
-        spike = h >= v_th
-        if HARD_RESET:  # SpikingJelly's arithmetic form: the same for finite h, and 0 * inf = NaN as there
-            s = spike.to(tl.float32)
-            v = (1.0 - s) * h + s * v_reset
-        else:
-            v = h - tl.where(spike, v_th, 0.0)
-        return spike, v
-
-
+# ---------------------------------------------------------------------------------------------- kernel
 @triton.jit
 def _conv_kernel(
     # input [B, C, H, W] (B = T * N), weights packed [KH*KW, C_PAD, CO_PAD]
@@ -191,20 +97,12 @@ def _conv_kernel(
     v_th = tl.cast(v_th, tl.float32)
     v_reset = tl.cast(v_reset, tl.float32)
     v_init = tl.cast(v_init, tl.float32)
-    pid = tl.program_id(0)
-    cb = pid % NUM_CB
-    tile = pid // NUM_CB
-    tw = tile % TILES_W
-    th = (tile // TILES_W) % TILES_H
-    n = tile // (TILES_W * TILES_H)
-
+    cb, n, th, tw = _block_of(tl.program_id(0), NUM_CB, TILES_H, TILES_W)
     P: tl.constexpr = TILE_H * TILE_W
     co = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < CO
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + co, mask=co_ok, other=1.0)
-    if HAS_SHIFT:
-        shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0)
+    scale = tl.load(scale_ptr + co, mask=co_ok, other=1.0) if HAS_SCALE else tl.full([BLOCK_N], 1.0, tl.float32)
+    shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0) if HAS_SHIFT else tl.zeros([BLOCK_N], tl.float32)
 
     if T_IN_M:
         # rows = (t, pixel): all time steps of the tile in one GEMM
@@ -218,52 +116,34 @@ def _conv_kernel(
         b_row = tt * N + n
         ih0 = oh * SH - PAD_H
         iw0 = ow * SW - PAD_W
+        act = tl.zeros([NG_P2], dtype=tl.int32)
         if SPARSE:
-            act = tl.zeros([NG_P2], dtype=tl.int32)
             for t in range(T):
                 act = _active_groups(act, occ_ptr, t * N + n, th, tw, sob, soth, sotw, NG, H, W,
                                      PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
-            idx, n_groups = _compact(act, NG_P2)
-        else:
-            idx = tl.zeros([NG_P2], dtype=tl.int32)
-            n_groups = NG
+        idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
         acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
         acc = _mainloop(acc, x_ptr + b_row * sxb, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw,
                         w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
                         KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
-        z = acc
-        if HAS_SCALE:
-            z = z * scale[None, :]
-        if HAS_SHIFT:
-            z = z + shift[None, :]
-        if HAS_RES:
-            rp = res_ptr + b_row[:, None] * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
-            z = z + tl.load(rp, mask=row_ok[:, None] & co_ok[None, :], other=0.0).to(tl.float32)
+        rp = res_ptr + b_row[:, None] * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
+        z = _affine_residual(acc, scale, shift, rp, row_ok[:, None] & co_ok[None, :], HAS_SCALE, HAS_SHIFT, HAS_RES)
         # per time step: pick its rows out of z (T_P2 x P x BLOCK_N), then the neuron in registers
         z3 = tl.reshape(z, [T_P2, P, BLOCK_N])
         t3 = tl.arange(0, T_P2)[:, None, None]
-        q = tl.arange(0, P)
-        qh = th * TILE_H + q // TILE_W
-        qw = tw * TILE_W + q % TILE_W
-        q_ok = (qh < OH) & (qw < OW)
+        oh, ow, q_ok = _tile_pixels(th, tw, OH, OW, TILE_H, TILE_W)  # now the pixels of one time step
         out_ok = q_ok[:, None] & co_ok[None, :]
-        v = _initial_v(v_ptr, n, qh, qw, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
+        v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
         for t in tl.static_range(T_P2):
             if t < T:
                 zt = tl.sum(tl.where(t3 == t, z3, 0.0), axis=0)
                 spike, v = _neuron_step(zt, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
-                _store_step(spike, y_ptr, t * N + n, qh, qw, co, out_ok, syb, syc, syh, syw,
+                _store_step(spike, y_ptr, t * N + n, oh, ow, co, out_ok, syb, syc, syh, syw,
                             occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
                             WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
                             res_ptr, srb, src, srh, srw, RES_POST)
-        if STORE_V:
-            vp = vout_ptr + n * son + (qh * soh + qw * sow)[:, None] + co[None, :] * soc
-            tl.store(vp, v, mask=out_ok)
     else:
-        p = tl.arange(0, P)
-        oh = th * TILE_H + p // TILE_W
-        ow = tw * TILE_W + p % TILE_W
-        row_ok = (oh < OH) & (ow < OW)
+        oh, ow, row_ok = _tile_pixels(th, tw, OH, OW, TILE_H, TILE_W)
         out_ok = row_ok[:, None] & co_ok[None, :]
         ih0 = oh * SH - PAD_H
         iw0 = ow * SW - PAD_W
@@ -271,26 +151,17 @@ def _conv_kernel(
             v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
         for t in range(T):
             b = t * N + n
+            act = tl.zeros([NG_P2], dtype=tl.int32)
             if SPARSE:
-                act = tl.zeros([NG_P2], dtype=tl.int32)
                 act = _active_groups(act, occ_ptr, b, th, tw, sob, soth, sotw, NG, H, W,
                                      PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
-                idx, n_groups = _compact(act, NG_P2)
-            else:
-                idx = tl.zeros([NG_P2], dtype=tl.int32)
-                n_groups = NG
+            idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
             acc = tl.zeros([P, BLOCK_N], dtype=tl.float32)
             acc = _mainloop(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
                             C, H, W, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
                             KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
-            z = acc
-            if HAS_SCALE:
-                z = z * scale[None, :]
-            if HAS_SHIFT:
-                z = z + shift[None, :]
-            if HAS_RES:
-                rp = res_ptr + b * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
-                z = z + tl.load(rp, mask=out_ok, other=0.0).to(tl.float32)
+            rp = res_ptr + b * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
+            z = _affine_residual(acc, scale, shift, rp, out_ok, HAS_SCALE, HAS_SHIFT, HAS_RES)
             if NEURON == 0:
                 yp = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
                 tl.store(yp, z.to(y_ptr.dtype.element_ty), mask=out_ok)
@@ -300,9 +171,24 @@ def _conv_kernel(
                             occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
                             WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
                             res_ptr, srb, src, srh, srw, RES_POST)
-        if STORE_V:
-            vp = vout_ptr + n * son + (oh * soh + ow * sow)[:, None] + co[None, :] * soc
-            tl.store(vp, v, mask=out_ok)
+    if STORE_V:  # the final membrane, [N, CO, OH, OW]
+        vp = vout_ptr + n * son + (oh * soh + ow * sow)[:, None] + co[None, :] * soc
+        tl.store(vp, v, mask=out_ok)
+
+
+# -------------------------------------------------------------------------------------------- epilogue
+@triton.jit
+def _affine_residual(acc, scale, shift, rp, ok, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                     HAS_RES: tl.constexpr):
+    """``acc * scale + shift`` (per output channel) ``+`` the residual at ``rp`` (fp32)."""
+    z = acc
+    if HAS_SCALE:
+        z = z * scale[None, :]
+    if HAS_SHIFT:
+        z = z + shift[None, :]
+    if HAS_RES:
+        z = z + tl.load(rp, mask=ok, other=0.0).to(tl.float32)
+    return z
 
 
 @triton.jit
@@ -346,34 +232,6 @@ def pack_weight(weight: torch.Tensor, block_k: int, block_n: int, dtype: torch.d
     packed = torch.zeros((KH * KW, c_pad, co_pad), dtype=dtype, device=weight.device)
     packed[:, :C, :CO] = weight.detach().permute(2, 3, 1, 0).reshape(KH * KW, C, CO).to(dtype)
     return packed
-
-
-class ConvConfig:
-    """Tile shape and launch parameters of one kernel instance."""
-
-    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "t_in_m", "tile_h", "tile_w")
-
-    def __init__(self, tile_h=8, tile_w=8, block_n=64, block_k=16, t_in_m=False, num_warps=4, num_stages=3):
-        self.tile_h, self.tile_w = int(tile_h), int(tile_w)
-        self.block_n, self.block_k = int(block_n), int(block_k)
-        self.t_in_m = bool(t_in_m)
-        self.num_warps, self.num_stages = int(num_warps), int(num_stages)
-        for v, name in ((self.tile_h, "tile_h"), (self.tile_w, "tile_w"), (self.block_n, "block_n"),
-                        (self.block_k, "block_k")):
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"ConvConfig: {name} must be a power of two, got {v}")
-        if self.block_k < 16 or self.block_n < 16:
-            raise ValueError("ConvConfig: block_k and block_n must be at least 16 (tensor-core tiles)")
-
-    def key(self):
-        return (self.tile_h, self.tile_w, self.block_n, self.block_k, self.t_in_m, self.num_warps,
-                self.num_stages)
-
-    def as_dict(self):
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __repr__(self):
-        return "ConvConfig(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
 
 
 def launch_conv(

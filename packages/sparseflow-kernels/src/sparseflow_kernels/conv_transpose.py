@@ -18,17 +18,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import _channel_affine
+from ._occupancy_jit import _active_groups, _visit_group, _visit_list
 from ._utils import (
     dot_precision,
     launch,
     pair,
+    require_bias,
     require_dtype,
     require_int32_indexable,
     require_triton_device,
 )
-from .conv import ConvConfig, _active_groups, _compact
-from .occupancy import Occupancy, prescan
-from .sparse_conv import MAX_GROUPS, default_config, empty_like_layout, fold_affine
+from .occupancy import Occupancy, input_occupancy
+from .sparse_conv import empty_like_layout, fold_affine
+from .tiling import MAX_GROUPS, ConvConfig, default_config
 
 
 def conv_transpose_output_size(size, k, s, p, op, d=1):
@@ -58,10 +61,8 @@ def pack_transpose_weight(weight: torch.Tensor, stride, padding, block_k: int, b
 
 @triton.jit
 def _convt_kernel(
-    x_ptr, sxb, sxc, sxh, sxw,
-    w_ptr, C_PAD, CO_PAD,
-    y_ptr, syb, syc, syh, syw,
-    scale_ptr, shift_ptr,
+    x_ptr, sxb, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD,  # input [N, C, H, W], weights [SH*SW, KTH*KTW, C_PAD, CO_PAD]
+    y_ptr, syb, syc, syh, syw, scale_ptr, shift_ptr,  # output [N, CO, OH, OW] and its epilogue
     occ_ptr, sob, soth, sotw,
     C, H, W, CO, OH, OW, TILES_H, TILES_W, NUM_CB, NG, PAD_H, PAD_W,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -99,29 +100,21 @@ def _convt_kernel(
     ih0 = i + base_h
     iw0 = j + base_w
 
+    act = tl.zeros([NG_P2], dtype=tl.int32)
     if SPARSE:
-        act = tl.zeros([NG_P2], dtype=tl.int32)
         # input rows ih0 - (KTH-1) .. ih0 of the tile = a stride-1 conv with padding KTH-1-base_h
         act = _active_groups(act, occ_ptr, b, th, tw, sob, soth, sotw, NG, H, W,
                              KTH - 1 - base_h, KTW - 1 - base_w, TILE_H, TILE_W, OCC_H, OCC_W,
                              KTH, KTW, 1, 1, 1, 1, NG_P2)
-        idx, n_groups = _compact(act, NG_P2)
-    else:
-        idx = tl.zeros([NG_P2], dtype=tl.int32)
-        n_groups = NG
+    idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
 
     acc = tl.zeros([P, BLOCK_N], dtype=tl.float32)
     ck = tl.arange(0, BLOCK_K)
-    slots = tl.arange(0, NG_P2)
     xb = x_ptr + b * sxb
     wb = w_ptr + phase * (KT * C_PAD * CO_PAD)
     for it in range(n_groups * KT):
-        gi = it // KT
+        c0 = _visit_group(it // KT, idx, SPARSE, NG_P2) * BLOCK_K
         tap = it % KT
-        if SPARSE:
-            c0 = tl.sum(tl.where(slots == gi, idx, 0), axis=0) * BLOCK_K
-        else:
-            c0 = gi * BLOCK_K
         t_h = tap // KTW
         t_w = tap % KTW
         tap_ok = (f_h + t_h * SH < KH) & (f_w + t_w * SW < KW)
@@ -133,11 +126,7 @@ def _convt_kernel(
                     mask=ok[:, None] & (cc < C)[None, :], other=0.0)
         wt = tl.load(wb + ((tap * C_PAD + cc) * CO_PAD)[:, None] + co[None, :])
         acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PREC)
-    z = acc
-    if HAS_SCALE:
-        z = z * tl.load(scale_ptr + co, mask=co_ok, other=1.0)[None, :]
-    if HAS_SHIFT:
-        z = z + tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
+    z = _channel_affine(acc, scale_ptr, shift_ptr, co, co_ok, HAS_SCALE, HAS_SHIFT)
     yp = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
     tl.store(yp, z.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & co_ok[None, :])
 
@@ -156,11 +145,7 @@ def normalize_transpose_args(op, x, weight, bias, stride, padding, output_paddin
         raise NotImplementedError(f"{op}: dilation {dilation} is not supported (only 1)")
     if x.shape[1] != weight.shape[0]:
         raise ValueError(f"{op}: input has {x.shape[1]} channels but weight expects {weight.shape[0]}")
-    if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != weight.shape[1]:
-            raise ValueError(f"{op}: bias must have shape [{weight.shape[1]}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: input dtype {x.dtype} and bias dtype {bias.dtype} differ")
+    require_bias(op, bias, weight.shape[1], x.dtype)
     stride = pair(stride, "stride", op)
     padding = pair(padding, "padding", op)
     output_padding = pair(output_padding, "output_padding", op)
@@ -179,23 +164,10 @@ def normalize_transpose_args(op, x, weight, bias, stride, padding, output_paddin
 
 
 def sparse_conv_transpose2d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride=1,
-    padding=0,
-    output_padding=0,
-    groups: int = 1,
-    dilation=1,
-    *,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-    occupancy: Occupancy | None = None,
-    config: ConvConfig | None = None,
-    block_size=None,
-    packed_weight: torch.Tensor | None = None,
-    fp32_precision: str = "tf32x3",
-    dense: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, output_padding=0,
+    groups: int = 1, dilation=1, *, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+    occupancy: Occupancy | None = None, config: ConvConfig | None = None, block_size=None,
+    packed_weight: torch.Tensor | None = None, fp32_precision: str = "tf32x3", dense: bool = False,
 ) -> torch.Tensor:
     """``F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups=1, dilation=1)``
     computing only over the non-zero (tile, channel group) blocks of ``x``; see the module docstring.
@@ -228,13 +200,7 @@ def sparse_conv_transpose2d(
         return out.squeeze(0) if unbatched else out
     w = packed_weight if packed_weight is not None else pack_transpose_weight(
         weight, stride, padding, cfg.block_k, cfg.block_n, x.dtype)
-    occ = None
-    if not dense:
-        if occupancy is not None:
-            occupancy.check_matches(op, x.shape, cfg.block_k)
-            occ = occupancy
-        else:
-            occ = prescan(x, (cfg.tile_h, cfg.tile_w), cfg.block_k)
+    occ = input_occupancy(op, x, occupancy, (cfg.tile_h, cfg.tile_w), cfg.block_k, dense)
     sc, sh = fold_affine(bias, scale, shift)
     launch_conv_transpose(x, w, out, KH, KW, stride, padding, cfg, dot_precision(x.dtype, fp32_precision),
                           sc, sh, occ)
@@ -269,17 +235,3 @@ def launch_conv_transpose(x, w_packed, out, KH, KW, stride, padding, cfg: ConvCo
     )
     return out
 
-
-# ------------------------------------------------------------------------------- torch.library operator
-from torch.library import triton_op  # noqa: E402  (after the launcher it wraps)
-
-
-@triton_op("sparseflow::conv_transpose2d", mutates_args={})
-def _conv_transpose2d_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
-    output_padding: list[int], scale: torch.Tensor | None, shift: torch.Tensor | None, dense: bool,
-) -> torch.Tensor:
-    """``torch.ops.sparseflow.conv_transpose2d``: :func:`sparse_conv_transpose2d` as an operator
-    ``torch.compile`` keeps in its graph; the prescan runs inside (no occupancy hand-over)."""
-    return sparse_conv_transpose2d(x, weight, bias, stride, padding, output_padding, scale=scale, shift=shift,
-                                   dense=dense)

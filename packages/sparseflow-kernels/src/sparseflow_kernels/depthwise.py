@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import _channel_affine
+from ._occupancy_jit import _block_of, _receptive_groups, _tile_pixels
 from ._utils import (
     dot_precision,
     launch,
@@ -26,57 +28,20 @@ from ._utils import (
     require_int32_indexable,
     require_triton_device,
 )
-from .conv import ConvConfig, _code_bits, _edge_sel, launch_conv, pack_weight
+from .conv import launch_conv, pack_weight
 from .occupancy import Occupancy, prescan
-from .sparse_conv import MAX_GROUPS, conv_output_size, empty_like_layout, fold_affine, normalize_conv_args
+from .sparse_conv import conv_output_size, empty_like_layout, fold_affine, normalize_conv_args
+from .tiling import (
+    MAX_GROUPS,
+    TENSOR_CORE_MIN_CG,
+    ConvConfig,
+    DepthwiseConfig,
+    default_config,
+    default_depthwise_config,
+    occupancy_group,
+)
 
-#: input channels per group from which the tensor-core kernel (one launch per group) replaces the direct one
-TENSOR_CORE_MIN_CG = 16
-
-
-class DepthwiseConfig:
-    """Tile of one program of the direct kernel: ``tile_h x tile_w`` output pixels, ``block_c`` channels."""
-
-    __slots__ = ("block_c", "num_warps", "tile_h", "tile_w")
-
-    def __init__(self, tile_h=8, tile_w=8, block_c=32, num_warps=4):
-        self.tile_h, self.tile_w, self.block_c, self.num_warps = int(tile_h), int(tile_w), int(block_c), int(num_warps)
-        for v, name in ((self.tile_h, "tile_h"), (self.tile_w, "tile_w"), (self.block_c, "block_c")):
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"DepthwiseConfig: {name} must be a power of two, got {v}")
-
-    def key(self):
-        return (self.tile_h, self.tile_w, self.block_c, self.num_warps)
-
-    def as_dict(self):
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __repr__(self):
-        return "DepthwiseConfig(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
-
-
-def default_depthwise_config(CO: int, block_size=None, channels_last: bool = True) -> DepthwiseConfig:
-    """``block_size`` x ``block_size`` output tiles (default 8) of up to 32 channels for channels_last inputs
-    (loads contiguous along channels); NCHW inputs are read along rows, so their tiles are 4 x 32 pixels of up
-    to 8 channels (64-byte row segments per channel) unless ``block_size`` is given."""
-    if not channels_last and block_size is None:
-        return DepthwiseConfig(4, 32, min(8, max(4, next_pow2(CO))), 4)
-    th, tw = (8, 8) if block_size is None else ((block_size, block_size) if isinstance(block_size, int)
-                                                   else tuple(block_size))
-    block_c = min(32, max(4, next_pow2(CO)))
-    return DepthwiseConfig(th, tw, block_c, 4)
-
-
-def occupancy_group(cfg: DepthwiseConfig, cg: int, cog: int, element_size: int = 2) -> int:
-    """Input channels one occupancy code covers: a power of two, at most the channels a block of ``block_c``
-    outputs reads and at most one 32-byte memory sector of a channels_last pixel (16 fp16 / 8 fp32 channels),
-    the finest granularity at which masking a load saves memory traffic."""
-    span = max(1, (cfg.block_c * cg) // max(1, cog))
-    g = 1
-    while g * 2 <= min(span, max(1, 32 // element_size)):
-        g *= 2
-    return g
-
+__all__ = ["TENSOR_CORE_MIN_CG", "DepthwiseConfig", "default_depthwise_config", "grouped_conv2d", "occupancy_group"]
 
 @triton.jit
 def _tile_active(occ_ptr, b, th, tw, sob, soh, sow, g_lo, g_hi, NG, H, W, PAD_H, PAD_W,
@@ -86,23 +51,8 @@ def _tile_active(occ_ptr, b, th, tw, sob, soh, sow, g_lo, g_hi, NG, H, W, PAD_H,
     """int32 [GSPAN]: 1 where occupancy group ``g_lo + i`` (up to ``g_hi``) is non-zero in the receptive field of
     output tile (th, tw) of sample ``b`` (edge-exact halo), else 0."""
     g = g_lo + tl.arange(0, GSPAN)
-    g_ok = (g <= g_hi) & (g < NG)
-    r0 = th * (TILE_H * SH) - PAD_H
-    r1 = tl.minimum(r0 + (TILE_H - 1) * SH + (KH - 1) * DH, H - 1)
-    r0 = tl.maximum(r0, 0)
-    c0 = tw * (TILE_W * SW) - PAD_W
-    c1 = tl.minimum(c0 + (TILE_W - 1) * SW + (KW - 1) * DW, W - 1)
-    c0 = tl.maximum(c0, 0)
-    act = tl.zeros([GSPAN], dtype=tl.int32)
-    for a in range(r0 // OCC_H, r1 // OCC_H + 1):
-        rsel = _edge_sel(tl.maximum(r0, a * OCC_H), tl.minimum(r1, a * OCC_H + OCC_H - 1), a * OCC_H, OCC_H)
-        for bb in range(c0 // OCC_W, c1 // OCC_W + 1):
-            csel = _edge_sel(tl.maximum(c0, bb * OCC_W), tl.minimum(c1, bb * OCC_W + OCC_W - 1),
-                             bb * OCC_W, OCC_W)
-            bits = _code_bits(rsel, csel)
-            code = tl.load(occ_ptr + b * sob + a * soh + bb * sow + g, mask=g_ok, other=0)
-            act |= ((code.to(tl.int32) & bits) != 0).to(tl.int32)
-    return act
+    return _receptive_groups(tl.zeros([GSPAN], dtype=tl.int32), g, (g <= g_hi) & (g < NG), occ_ptr, b, th, tw,
+                             sob, soh, sow, H, W, PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW)
 
 
 @triton.jit
@@ -119,21 +69,13 @@ def _direct_kernel(
     SPARSE: tl.constexpr, OCC_H: tl.constexpr, OCC_W: tl.constexpr, GSPAN: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    cb = pid % NUM_CB
-    tile = pid // NUM_CB
-    tw = tile % TILES_W
-    th = (tile // TILES_W) % TILES_H
-    b = tile // (TILES_W * TILES_H)
+    cb, b, th, tw = _block_of(tl.program_id(0), NUM_CB, TILES_H, TILES_W)
 
     P: tl.constexpr = TILE_H * TILE_W
     co = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     co_ok = co < CO
     cin0 = (co // COG) * CG  # first input channel of each output channel's group
-    p = tl.arange(0, P)
-    oh = th * TILE_H + p // TILE_W
-    ow = tw * TILE_W + p % TILE_W
-    row_ok = (oh < OH) & (ow < OW)
+    oh, ow, row_ok = _tile_pixels(th, tw, OH, OW, TILE_H, TILE_W)
     out_ok = row_ok[:, None] & co_ok[None, :]
     ih0 = oh * SH - PAD_H
     iw0 = ow * SW - PAD_W
@@ -168,11 +110,7 @@ def _direct_kernel(
                          mask=ok[:, None] & ch_ok[None, :], other=0.0)
             wv = tl.load(w_ptr + co * swo + j * swi + kh * swh + kw * sww, mask=co_ok, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
-    z = acc
-    if HAS_SCALE:
-        z = z * tl.load(scale_ptr + co, mask=co_ok, other=1.0)[None, :]
-    if HAS_SHIFT:
-        z = z + tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
+    z = _channel_affine(acc, scale_ptr, shift_ptr, co, co_ok, HAS_SCALE, HAS_SHIFT)
     yp = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
     tl.store(yp, z.to(y_ptr.dtype.element_ty), mask=out_ok)
 
@@ -183,22 +121,10 @@ def normalize_grouped_args(op, x, weight, bias, stride, padding, dilation, group
 
 
 def grouped_conv2d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups: int = 1,
-    *,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-    occupancy: Occupancy | None = None,
-    config: DepthwiseConfig | ConvConfig | None = None,
-    block_size=None,
-    path: str = "auto",
-    fp32_precision: str = "tf32x3",
-    dense: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+    groups: int = 1, *, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+    occupancy: Occupancy | None = None, config: DepthwiseConfig | ConvConfig | None = None, block_size=None,
+    path: str = "auto", fp32_precision: str = "tf32x3", dense: bool = False,
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` skipping the silent tiles of ``x``.
 
@@ -300,8 +226,6 @@ def pack_grouped_weight(weight: torch.Tensor, groups: int, block_k: int, block_n
 
 def _grouped_gemm(op, x, weight, groups, stride, padding, dilation, out, sc, sh, config, block_size, prec, dense):
     """The tensor-core conv kernel once per group, on channel slices (views) of the input and output."""
-    from .sparse_conv import default_config
-
     N = x.shape[0]
     CO, CG, KH, KW = weight.shape
     COG = CO // groups
@@ -321,18 +245,3 @@ def _grouped_gemm(op, x, weight, groups, stride, padding, dilation, out, sc, sh,
                     prec=prec, scale=s, shift=t, occ=occ)
     return out
 
-
-# ------------------------------------------------------------------------------- torch.library operator
-from torch.library import triton_op  # noqa: E402  (after the launcher it wraps)
-
-
-@triton_op("sparseflow::grouped_conv2d", mutates_args={})
-def _grouped_conv2d_op(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
-    dilation: list[int], groups: int, scale: torch.Tensor | None, shift: torch.Tensor | None, path: str,
-    dense: bool,
-) -> torch.Tensor:
-    """``torch.ops.sparseflow.grouped_conv2d``: :func:`grouped_conv2d` as an operator ``torch.compile`` keeps in
-    its graph (the kernels launch through ``wrap_triton``); the prescan runs inside (no occupancy hand-over)."""
-    return grouped_conv2d(x, weight, bias, stride, padding, dilation, groups, scale=scale, shift=shift, path=path,
-                          dense=dense)

@@ -9,47 +9,100 @@ the layers are 10-60 us of GPU work, and timed eagerly a candidate that launches
 conv + neuron kernel) pays the CPU's launch latency that a graph-replayed model never sees (measured on
 the H100: eager timing picked the fused Triton path for layers where cuDNN + neuron was 1.3x faster in a
 graph). A candidate that cannot be captured is timed eagerly.
+
+One cache holds every measured choice, in namespaces: ``"path"`` (the default: a module's implementation, e.g.
+``"sparse"`` / ``"dense"`` / ``"torch"`` / ``"fused_dense"``) and ``"block_size"`` (the spatial tile a sparse
+convolution skips at, measured by ``sparseflow_core.blocks``). :func:`force_path` overrides the choice of a
+path for the code run inside it (scripts, tests, a user ruling a path out).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import statistics
 import threading
 
 import torch
 
-_CACHE: dict = {}
-_TIMINGS: dict = {}
+PATH = "path"  # the namespace of the implementation choices
+_CACHE: dict = {}  # {(namespace, key): choice}
+_TIMINGS: dict = {}  # {(namespace, key): {candidate: ms}}
 _LOCK = threading.Lock()
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("sparseflow_forced_path", default=())
 
 
-def cached(key):
+def cached(key, namespace: str = PATH):
     with _LOCK:
-        return _CACHE.get(key)
+        return _CACHE.get((namespace, key))
 
 
-def choices() -> dict:
-    """Every cached choice, {key: candidate name} (a copy): what :func:`set_choice` puts back, e.g. on another
-    process that runs the same model, so that both take the same paths."""
+def choices(namespace: str = PATH) -> dict:
+    """Every cached choice of ``namespace``, {key: choice} (a copy): what :func:`set_choice` puts back, e.g. on
+    another process that runs the same model, so that both take the same paths."""
     with _LOCK:
-        return dict(_CACHE)
+        return {k: v for (ns, k), v in _CACHE.items() if ns == namespace}
 
 
-def timings(key=None):
-    """The measured medians (ms) by candidate name, for one key or all of them."""
+def timings(key=None, namespace: str = PATH):
+    """The measured medians (ms) by candidate, for one key of ``namespace`` or all of them."""
     with _LOCK:
-        return dict(_TIMINGS.get(key, {})) if key is not None else {k: dict(v) for k, v in _TIMINGS.items()}
+        if key is not None:
+            return dict(_TIMINGS.get((namespace, key), {}))
+        return {k: dict(v) for (ns, k), v in _TIMINGS.items() if ns == namespace}
 
 
-def clear_cache() -> None:
+def clear_cache(namespace: str | None = None) -> None:
+    """Forget the measured choices and timings of ``namespace`` (None: of every namespace)."""
     with _LOCK:
-        _CACHE.clear()
-        _TIMINGS.clear()
+        for d in (_CACHE, _TIMINGS):
+            for k in [k for k in d if namespace is None or k[0] == namespace]:
+                del d[k]
 
 
-def set_choice(key, name: str) -> None:
+def set_choice(key, name, namespace: str = PATH) -> None:
     with _LOCK:
-        _CACHE[key] = name
+        _CACHE[(namespace, key)] = name
+
+
+def record(key, name, results: dict, namespace: str = PATH) -> None:
+    """Cache ``name`` as the choice for ``key`` with the medians it won by (``{candidate: ms}``)."""
+    with _LOCK:
+        _CACHE[(namespace, key)] = name
+        _TIMINGS[(namespace, key)] = dict(results)
+
+
+@contextlib.contextmanager
+def force_path(path):
+    """Inside the ``with`` block, :func:`choose` returns a forced candidate instead of its cached or measured one.
+
+    ``path``: a candidate name (``"torch"``, ``"dense"``, ``"sparse"``, ``"fused_dense"``, ...) forced for every
+    choice that offers it, or a dict ``{kind: name}`` forcing ``name`` only where a choice's key starts with
+    ``kind`` (the op kind the modules key their choices by: ``"conv"``, ``"spiking"``, ``"linear"``,
+    ``"batchnorm"``, ...; a tuple prefix of the key also works). A choice that does not offer the forced name
+    is made as usual. Nothing forced is cached, and nothing is measured. Blocks nest (the innermost rule that
+    applies wins) and are undone on exit, also on an exception; the setting belongs to the current thread (and
+    asyncio task): other threads keep choosing as before.
+    """
+    if isinstance(path, str):
+        rules = (((), path),)
+    elif isinstance(path, dict) and path and all(isinstance(v, str) for v in path.values()):
+        rules = tuple((k if isinstance(k, tuple) else (k,), v) for k, v in path.items())
+    else:
+        raise TypeError(f"force_path expects a candidate name or a non-empty {{kind: name}} dict, got {path!r}")
+    token = _FORCED.set(_FORCED.get() + rules)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced(key, candidates) -> str | None:
+    """The name :func:`force_path` forces for ``key`` among ``candidates`` here, or None."""
+    for prefix, name in reversed(_FORCED.get()):
+        if name in candidates and (not prefix or (isinstance(key, tuple) and key[:len(prefix)] == prefix)):
+            return name
+    return None
 
 
 def time_ms(fn, warmup: int = 2, reps: int = 7) -> float:
@@ -107,8 +160,12 @@ def measure(fn) -> float:
 def choose(key, candidates: dict, fallback: str, device: torch.device | None = None) -> str:
     """Return the cached choice for ``key``, or time ``candidates`` now (CUDA only) and cache the fastest.
 
-    A candidate that raises is dropped (and its error recorded under its name as ``inf``).
+    A candidate that raises is dropped (and its error recorded under its name as ``inf``). Inside
+    :func:`force_path`, a forced candidate is returned without timing.
     """
+    name = forced(key, candidates)
+    if name is not None:
+        return name
     hit = cached(key)
     if hit is not None:
         return hit
@@ -123,7 +180,5 @@ def choose(key, candidates: dict, fallback: str, device: torch.device | None = N
     best = min(results, key=results.get)
     if results[best] == float("inf"):
         best = fallback
-    with _LOCK:
-        _CACHE[key] = best
-        _TIMINGS[key] = results
+    record(key, best, results)
     return best

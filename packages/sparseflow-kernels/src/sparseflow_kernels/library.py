@@ -20,6 +20,8 @@ op                                   equals
 ``sparseflow::linear``               :func:`sparseflow_kernels.sparse_linear` / :func:`sparse_conv1x1`
 ``sparseflow::ssa_attention``        :func:`sparseflow_kernels.ssa_attention`
 ``sparseflow::channel_dot``          :func:`sparseflow_kernels.channel_dot`
+``sparseflow::grouped_conv2d``       :func:`sparseflow_kernels.grouped_conv2d`
+``sparseflow::conv_transpose2d``     :func:`sparseflow_kernels.sparse_conv_transpose2d`
 ===================================  ==========================================================
 """
 
@@ -29,12 +31,14 @@ import torch
 from torch.library import triton_op
 
 from .attention import channel_dot, ssa_attention
-from .conv import ConvConfig
-from .linear import LinearConfig, sparse_conv1x1, sparse_linear
+from .conv_transpose import sparse_conv_transpose2d
+from .depthwise import grouped_conv2d
+from .linear import sparse_conv1x1, sparse_linear
 from .neuron import NeuronSpec, multistep_neuron
 from .pool import max_pool2d
 from .sparse_conv import sparse_conv2d
 from .spiking import spiking_conv2d
+from .tiling import ConvConfig, LinearConfig
 
 _KIND_NAMES = ("lif", "if", "plif", "leaky")
 
@@ -116,6 +120,27 @@ def _ssa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 @triton_op("sparseflow::channel_dot", mutates_args={})
 def _channel_dot_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return channel_dot(a, b)
+
+
+@triton_op("sparseflow::grouped_conv2d", mutates_args={})
+def _grouped_conv2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
+    dilation: list[int], groups: int, scale: torch.Tensor | None, shift: torch.Tensor | None, path: str,
+    dense: bool,
+) -> torch.Tensor:
+    """The prescan runs inside (no occupancy hand-over)."""
+    return grouped_conv2d(x, weight, bias, stride, padding, dilation, groups, scale=scale, shift=shift, path=path,
+                          dense=dense)
+
+
+@triton_op("sparseflow::conv_transpose2d", mutates_args={})
+def _conv_transpose2d_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
+    output_padding: list[int], scale: torch.Tensor | None, shift: torch.Tensor | None, dense: bool,
+) -> torch.Tensor:
+    """The prescan runs inside (no occupancy hand-over)."""
+    return sparse_conv_transpose2d(x, weight, bias, stride, padding, output_padding, scale=scale, shift=shift,
+                                   dense=dense)
 
 
 def compiling() -> bool:

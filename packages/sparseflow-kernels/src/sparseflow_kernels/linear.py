@@ -20,50 +20,21 @@ import torch
 import triton
 import triton.language as tl
 
+from ._occupancy_jit import _visit_group, _visit_list
 from ._utils import (
     dot_precision,
     launch,
     next_pow2,
+    require_bias,
     require_dtype,
     require_int32_indexable,
     require_triton_device,
 )
-from .conv import _compact
+from .sparse_conv import fold_affine
+from .tiling import MAX_K_BLOCKS, LinearConfig, default_linear_config
 
-MAX_K_BLOCKS = 256  # K blocks a program can list in registers
-
-
-class LinearConfig:
-    """Tile shape and launch parameters of one GEMM instance."""
-
-    __slots__ = ("block_k", "block_m", "block_n", "num_stages", "num_warps")
-
-    def __init__(self, block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3):
-        self.block_m, self.block_n, self.block_k = int(block_m), int(block_n), int(block_k)
-        self.num_warps, self.num_stages = int(num_warps), int(num_stages)
-        for v, name in ((self.block_m, "block_m"), (self.block_n, "block_n"), (self.block_k, "block_k")):
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"LinearConfig: {name} must be a power of two >= 16 (tensor-core tiles), got {v}")
-
-    def key(self):
-        return (self.block_m, self.block_n, self.block_k, self.num_warps, self.num_stages)
-
-    def as_dict(self):
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __repr__(self):
-        return "LinearConfig(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
-
-
-def default_linear_config(K: int, N: int, block_m: int | None = None) -> LinearConfig:
-    block_n = min(128, max(16, next_pow2(N)))
-    block_k = 32 if K >= 32 else 16
-    while triton.cdiv(K, block_k) > MAX_K_BLOCKS:
-        block_k *= 2
-    bm = block_m or 64
-    num_warps = 8 if bm * block_n >= 128 * 128 else 4
-    return LinearConfig(bm, block_n, block_k, num_warps, 3)
-
+__all__ = ["MAX_K_BLOCKS", "LinearConfig", "default_linear_config", "linear_block_flags", "sparse_conv1x1",
+           "sparse_linear"]
 
 @triton.jit
 def _linear_prescan_kernel(
@@ -102,19 +73,13 @@ def _linear_kernel(
     n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
     ck = tl.arange(0, BLOCK_K)
     slots = tl.arange(0, NKB_P2)
+    f = tl.zeros([NKB_P2], dtype=tl.int32)
     if SPARSE:
         f = tl.load(flags_ptr + mt * NKB + slots, mask=slots < NKB, other=0).to(tl.int32)
-        idx, n_blocks = _compact(f, NKB_P2)
-    else:
-        idx = slots
-        n_blocks = NKB
+    idx, n_blocks = _visit_list(f, NKB, SPARSE, NKB_P2)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i in range(n_blocks):
-        if SPARSE:
-            k0 = tl.sum(tl.where(slots == i, idx, 0), axis=0) * BLOCK_K
-        else:
-            k0 = i * BLOCK_K
-        kk = k0 + ck
+        kk = _visit_group(i, idx, SPARSE, NKB_P2) * BLOCK_K + ck
         a = tl.load(xrow[:, None] + kk[None, :] * sxk, mask=r_ok[:, None] & (kk < K)[None, :], other=0.0)
         wt = tl.load(w_ptr + kk[:, None] * N_PAD + n[None, :])
         acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PREC)
@@ -182,23 +147,14 @@ def _check_common(op, x, weight, bias, K, N):
     require_dtype(op, "input", x)
     if weight.dtype != x.dtype:
         raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ")
-    if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != N:
-            raise ValueError(f"{op}: bias must have shape [{N}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: input dtype {x.dtype} and bias dtype {bias.dtype} differ")
+    require_bias(op, bias, N, x.dtype)
 
 
 def _fold(bias, scale, shift, N, op):
     for name, p in (("scale", scale), ("shift", shift)):
         if p is not None and (p.dim() != 1 or p.shape[0] != N):
             raise ValueError(f"{op}: {name} must have shape [{N}], got {tuple(p.shape)}")
-    sc = scale.float().contiguous() if scale is not None else None
-    sh = shift.float() if shift is not None else None
-    if bias is not None:
-        b = bias.float()
-        sh = (b * sc if sc is not None else b) + (sh if sh is not None else 0.0)
-    return sc, (sh.contiguous() if sh is not None else None)
+    return fold_affine(bias, scale, shift)
 
 
 def _launch(op, x, layout, weight, bias, out, N, *, config, packed_weight, scale, shift, fp32_precision,
@@ -243,17 +199,9 @@ def _launch(op, x, layout, weight, bias, out, N, *, config, packed_weight, scale
 
 
 def sparse_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    config: LinearConfig | None = None,
-    packed_weight: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-    flags: torch.Tensor | None = None,
-    fp32_precision: str = "tf32x3",
-    dense: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: LinearConfig | None = None,
+    packed_weight: torch.Tensor | None = None, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+    flags: torch.Tensor | None = None, fp32_precision: str = "tf32x3", dense: bool = False,
 ) -> torch.Tensor:
     """``torch.nn.functional.linear(x, weight, bias)`` that skips all-zero blocks of ``x``.
 
@@ -283,17 +231,10 @@ def sparse_linear(
 
 
 def sparse_conv1x1(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    config: LinearConfig | None = None,
-    packed_weight: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-    flags: torch.Tensor | None = None,
-    fp32_precision: str = "tf32x3",
-    dense: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+    config: LinearConfig | None = None, packed_weight: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None, flags: torch.Tensor | None = None,
+    fp32_precision: str = "tf32x3", dense: bool = False,
 ) -> torch.Tensor:
     """``F.conv1d(x, weight, bias)`` for a kernel of size 1 (stride 1, no padding, groups 1): the same
     sparse GEMM as :func:`sparse_linear` reading ``x`` ``[B, C, L]`` (or ``[C, L]``) in place, rows = (b, l).

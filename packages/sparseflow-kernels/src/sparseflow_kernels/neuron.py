@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step
 from ._utils import launch, require_dtype, require_int32_indexable, require_triton_device
-from .conv import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step
+from .tiling import neuron_tile
 
 _KINDS = {"lif": NEURON_LIF, "plif": NEURON_PLIF, "if": NEURON_IF, "leaky": NEURON_LEAKY}
 
@@ -240,8 +241,7 @@ def multistep_neuron(
     vo3 = v_out.view(N, C, -1) if v_out is not None else y4[0]
     S = x4.shape[3]
     if T and N and C and S:
-        BLOCK_C = min(64, triton.next_power_of_2(C))
-        BLOCK_S = max(1, min(1024 // BLOCK_C, triton.next_power_of_2(S)))
+        BLOCK_S, BLOCK_C = neuron_tile(C, S)
         grid = (triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_C), N)
         ka = spec.kernel_args()
         launch(_multistep_kernel)[grid](

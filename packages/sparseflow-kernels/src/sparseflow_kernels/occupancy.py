@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._occupancy_jit import _edge_codes, _tile_of, _tile_pixels
 from ._utils import launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
 
 CODE_ANY, CODE_TOP, CODE_BOTTOM, CODE_LEFT, CODE_RIGHT = 1, 2, 4, 8, 16
@@ -68,31 +69,6 @@ def empty_codes(B: int, C: int, H: int, W: int, tile: tuple[int, int], group: in
 
 
 @triton.jit
-def _edge_codes(nz, TILE_H: tl.constexpr, TILE_W: tl.constexpr, GROUP: tl.constexpr, NUM_G: tl.constexpr):
-    """Edge codes of one tile. ``nz``: int32 [TILE_H * TILE_W, NUM_G * GROUP], 1 where non-zero
-    (rows outside the map must already be 0). Returns int32 [NUM_G]."""
-    P: tl.constexpr = TILE_H * TILE_W
-    g = tl.max(tl.reshape(nz, [P, NUM_G, GROUP]), axis=2)  # [P, NUM_G]
-    p = tl.arange(0, P)
-    pr = (p // TILE_W)[:, None]
-    pc = (p % TILE_W)[:, None]
-    top = pr == 0
-    bot = pr == TILE_H - 1
-    lef = pc == 0
-    rig = pc == TILE_W - 1
-    code = tl.max(g, axis=0)
-    code |= tl.max(tl.where(top, g, 0), axis=0) << 1
-    code |= tl.max(tl.where(bot, g, 0), axis=0) << 2
-    code |= tl.max(tl.where(lef, g, 0), axis=0) << 3
-    code |= tl.max(tl.where(rig, g, 0), axis=0) << 4
-    code |= tl.max(tl.where(top & lef, g, 0), axis=0) << 5
-    code |= tl.max(tl.where(top & rig, g, 0), axis=0) << 6
-    code |= tl.max(tl.where(bot & lef, g, 0), axis=0) << 7
-    code |= tl.max(tl.where(bot & rig, g, 0), axis=0) << 8
-    return code
-
-
-@triton.jit
 def _prescan_kernel(
     x_ptr, codes_ptr,
     C, H, W, TILES_H, TILES_W, NG,
@@ -102,15 +78,9 @@ def _prescan_kernel(
 ):
     pid = tl.program_id(0)
     gb = tl.program_id(1)
-    tw = pid % TILES_W
-    th = (pid // TILES_W) % TILES_H
-    b = pid // (TILES_W * TILES_H)
-    P: tl.constexpr = TILE_H * TILE_W
+    b, th, tw = _tile_of(pid, TILES_H, TILES_W)
     BC: tl.constexpr = GROUP * GROUPS_PER_PROG
-    p = tl.arange(0, P)
-    oh = th * TILE_H + p // TILE_W
-    ow = tw * TILE_W + p % TILE_W
-    pix_ok = (oh < H) & (ow < W)
+    oh, ow, pix_ok = _tile_pixels(th, tw, H, W, TILE_H, TILE_W)
     c = gb * BC + tl.arange(0, BC)
     ptrs = x_ptr + b * sxb + (oh * sxh + ow * sxw)[:, None] + c[None, :] * sxc
     x = tl.load(ptrs, mask=pix_ok[:, None] & (c < C)[None, :], other=0.0)
@@ -118,6 +88,18 @@ def _prescan_kernel(
     code = _edge_codes(nz, TILE_H, TILE_W, GROUP, GROUPS_PER_PROG)
     g = gb * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
     tl.store(codes_ptr + b * scb + th * sch + tw * scw + g, code.to(tl.int16), mask=g < NG)
+
+
+def input_occupancy(op: str, x: torch.Tensor, occupancy: Occupancy | None, tile, group: int,
+                    dense: bool = False) -> Occupancy | None:
+    """The occupancy a sparse kernel reads for its input ``x``: None when ``dense``, else ``occupancy`` (handed over
+    by the layer that produced ``x``; checked against ``x`` and ``group``) or a prescan of ``x`` now."""
+    if dense:
+        return None
+    if occupancy is not None:
+        occupancy.check_matches(op, x.shape, group)
+        return occupancy
+    return prescan(x, tile, group)
 
 
 def prescan(x: torch.Tensor, tile: tuple[int, int] | int = 8, group: int = 16) -> Occupancy:

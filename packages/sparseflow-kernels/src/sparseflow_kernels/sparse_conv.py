@@ -7,33 +7,18 @@ import triton
 
 from ._utils import (
     dot_precision,
-    next_pow2,
     pair,
+    require_bias,
     require_dtype,
     require_int32_indexable,
     require_int32_numel,
     require_triton_device,
 )
-from .conv import ConvConfig, launch_conv, pack_weight
-from .occupancy import Occupancy, prescan
+from .conv import launch_conv, pack_weight
+from .occupancy import Occupancy, input_occupancy, prescan
+from .tiling import MAX_GROUPS, ConvConfig, default_config
 
-MAX_GROUPS = 256  # channel groups a program can list in registers
-
-
-def default_config(C: int, CO: int, block_size=None, t_in_m: bool = False) -> ConvConfig:
-    """Tile and block sizes from the layer shape (``block_size`` = spatial tile edge, default 8)."""
-    if block_size is None:
-        block_size = 8
-    th, tw = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    block_n = min(64, max(16, next_pow2(CO)))
-    block_k = 16
-    while triton.cdiv(C, block_k) > MAX_GROUPS:
-        block_k *= 2
-    rows = th * tw
-    num_warps = 8 if rows * block_n >= 128 * 64 else 4
-    return ConvConfig(tile_h=th, tile_w=tw, block_n=block_n, block_k=block_k, t_in_m=t_in_m,
-                      num_warps=num_warps, num_stages=3)
-
+__all__ = ["MAX_GROUPS", "default_config", "sparse_conv2d"]
 
 def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
@@ -58,11 +43,7 @@ def normalize_conv_args(op, x, weight, bias, stride, padding, dilation, groups, 
             raise ValueError(f"{op}: in_channels {C} and out_channels {CO} must be divisible by groups={groups}")
         if weight.shape[1] * groups != C:
             raise ValueError(f"{op}: input has {C} channels but weight expects {weight.shape[1]} x groups={groups}")
-    if bias is not None:
-        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{op}: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: input dtype {x.dtype} and bias dtype {bias.dtype} differ")
+    require_bias(op, bias, weight.shape[0], x.dtype)
     if not allow_groups:
         if groups != 1:
             raise NotImplementedError(f"{op}: groups={groups} is not supported yet (only groups=1)")
@@ -108,22 +89,10 @@ def empty_like_layout(x: torch.Tensor, shape, dtype=None) -> torch.Tensor:
 
 
 def sparse_conv2d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride=1,
-    padding=0,
-    dilation=1,
-    groups: int = 1,
-    *,
-    block_size=None,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-    occupancy: Occupancy | None = None,
-    config: ConvConfig | None = None,
-    packed_weight: torch.Tensor | None = None,
-    fp32_precision: str = "tf32x3",
-    dense: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+    groups: int = 1, *, block_size=None, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+    occupancy: Occupancy | None = None, config: ConvConfig | None = None, packed_weight: torch.Tensor | None = None,
+    fp32_precision: str = "tf32x3", dense: bool = False,
 ) -> torch.Tensor:
     """2-D convolution with the semantics of ``torch.nn.functional.conv2d`` that skips all-zero blocks.
 
@@ -160,12 +129,12 @@ def sparse_conv2d(
         return out.squeeze(0) if unbatched else out
     w = packed_weight if packed_weight is not None else pack_weight(weight, cfg.block_k, cfg.block_n, x.dtype)
     occ = None
-    if not dense:
-        if occupancy is not None:
-            occupancy.check_matches(op, x.shape, cfg.block_k)
-            occ = occupancy
+    if not dense:  # (the prescan through this module's name: what a layer's own prescans are counted by)
+        tile = (cfg.tile_h, cfg.tile_w)
+        if occupancy is None:
+            occ = prescan(x, tile, cfg.block_k)
         else:
-            occ = prescan(x, (cfg.tile_h, cfg.tile_w), cfg.block_k)
+            occ = input_occupancy(op, x, occupancy, tile, cfg.block_k)
     for name, p in (("scale", scale), ("shift", shift)):
         if p is not None and (p.dim() != 1 or p.shape[0] != CO):
             raise ValueError(f"{op}: {name} must have shape [{CO}], got {tuple(p.shape)}")

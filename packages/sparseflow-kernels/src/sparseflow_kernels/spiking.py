@@ -18,10 +18,11 @@ import torch.nn.functional as F
 import triton
 
 from ._utils import dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
-from .conv import ConvConfig, launch_conv, pack_weight
+from .conv import launch_conv, pack_weight
 from .neuron import NeuronSpec, multistep_neuron
 from .occupancy import Occupancy, empty_codes, prescan
-from .sparse_conv import MAX_GROUPS, conv_output_size, default_config, fold_affine, normalize_conv_args
+from .sparse_conv import conv_output_size, fold_affine, normalize_conv_args
+from .tiling import MAX_GROUPS, ConvConfig, default_config
 
 PATHS = ("fused", "cudnn")
 

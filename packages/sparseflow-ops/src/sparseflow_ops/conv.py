@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseflow_kernels import ConvConfig, default_config, sparse_conv2d
+from sparseflow_kernels import ConvConfig, sparse_conv2d, tiling
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_weight
 from sparseflow_kernels.library import compiling, neuron_args
-from sparseflow_kernels.sparse_conv import MAX_GROUPS, conv_output_size
+from sparseflow_kernels.sparse_conv import conv_output_size
 from sparseflow_kernels.spiking import spiking_conv2d
 
 from ._common import (
@@ -411,7 +411,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         return self._acache.get(bn_key(bn), lambda: bn_affine(bn))
 
     def _config(self, C, CO):
-        return default_config(C, CO, self.block_size if isinstance(self.block_size, int) else 8)
+        return tiling.conv_config(C, CO, self.block_size)
 
     def _packed(self, cfg: ConvConfig, dtype):
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
@@ -635,16 +635,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
 
 
 def spiking_configs(C: int, CO: int, T: int) -> dict[str, ConvConfig]:
-    """The dense fused-kernel configurations a spiking layer measures (the best of the H100 sweeps:
-    8x8 output tiles with T looped inside, and 4x4 tiles with T in the GEMM's M for deep layers)."""
-    bk = 32 if C >= 32 else 16
-    cfgs = {"fused_dense": ConvConfig(8, 8, 64, bk, False, 4, 3)}
-    if T <= 8:
-        cfgs["fused_tm"] = ConvConfig(4, 4, 64, bk, True, 4, 3)
-        if CO >= 128:
-            cfgs["fused_tm_n128"] = ConvConfig(4, 4, 128, bk, True, 4, 3)
-    return cfgs
+    """The dense fused-kernel configurations a spiking layer measures (``sparseflow_kernels.tiling``)."""
+    return tiling.spiking_configs(C, CO, T)
 
 
 def triton_groups_ok(C: int, cfg: ConvConfig) -> bool:
-    return -(-C // cfg.block_k) <= MAX_GROUPS
+    return tiling.conv_groups_fit(C, cfg)

@@ -26,19 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseflow_kernels import ConvConfig
+from sparseflow_kernels import ConvConfig, tiling
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_weight
 from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.linear import (
-    MAX_K_BLOCKS,
     LinearConfig,
-    default_linear_config,
     pack_linear_weight,
     sparse_conv1x1,
     sparse_linear,
 )
-from sparseflow_kernels.sparse_conv import MAX_GROUPS
 from sparseflow_kernels.spiking import spiking_conv2d
 
 from ._common import (
@@ -85,10 +82,7 @@ class _GemmMixin:
         return kernels_take(x, self.weight, type(self).__name__) and not needs_autograd(x, self, bn, neuron)
 
     def _cfg(self, K: int, N: int) -> LinearConfig:
-        if self.config is not None:
-            return self.config
-        bm = self.block_size if isinstance(self.block_size, int) and self.block_size >= 16 else None
-        return default_linear_config(K, N, bm)
+        return tiling.linear_config(K, N, self.block_size, self.config)
 
     def _packed(self, cfg: LinearConfig, dtype):
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
@@ -132,7 +126,7 @@ class _GemmMixin:
             return F.linear(x, w, b)
         cfg = self._cfg(K, N)
         if path == "sparse_m128":
-            cfg = LinearConfig(128, 128, cfg.block_k, 8, 3)
+            cfg = tiling.wide_linear_config(cfg)
         scale, shift = bn_affine(bn) if bn is not None else (None, None)
         packed = pack_linear_weight(self.weight, cfg.block_k, cfg.block_n, x.dtype)
         return torch.ops.sparseflow.linear(x, self.weight, self.bias, scale, shift, packed, list(cfg.key()),
@@ -158,10 +152,10 @@ class _GemmMixin:
             return kernel(c, w, scale, shift, dense)
 
         cands = {"dense": lambda: run_kernel(True), "torch": run_torch}
-        if self.block_size != "dense" and -(-K // cfg.block_k) <= MAX_K_BLOCKS:
+        if self.block_size != "dense" and tiling.linear_blocks_fit(K, cfg):
             cands["sparse"] = lambda: run_kernel(False)
             if self.mode == "auto" and self.config is None and cfg.block_m == 64 and cfg.block_n == 128:
-                big = LinearConfig(128, 128, cfg.block_k, 8, 3)  # same packed weight, taller row tiles
+                big = tiling.wide_linear_config(cfg)  # same packed weight, taller row tiles
                 cands["sparse_m128"] = lambda: run_kernel(False, big)
         if self.mode != "auto":
             path = self.mode if self.mode in cands else "dense"
@@ -430,16 +424,8 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
 
     @staticmethod
     def _spiking_configs(C, CO, T):
-        """Token tiles of the fused kernel: 64 or 128 tokens with T looped inside, or 32 tokens x T in the GEMM's
-        M."""
-        bk = 64 if C >= 64 else (32 if C >= 32 else 16)
-        cfgs = {"fused_dense": ConvConfig(1, 64, 64, bk, False, 4, 3),
-                "fused_m128": ConvConfig(1, 128, 64, bk, False, 8, 3)}
-        if T <= 8:
-            cfgs["fused_tm"] = ConvConfig(1, 32, 64, bk, True, 4, 3)
-            if CO >= 128:
-                cfgs["fused_tm_n128"] = ConvConfig(1, 32, 128, bk, True, 8, 3)
-        return cfgs
+        """Token tiles of the fused kernel (:func:`sparseflow_kernels.tiling.token_spiking_configs`)."""
+        return tiling.token_spiking_configs(C, CO, T)
 
     def _packed4(self, cfg: ConvConfig, dtype):
         key = (*version_key(self.weight), "conv", cfg.block_k, cfg.block_n, dtype)
@@ -503,7 +489,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
                 return spiking_conv2d(x5, wcl, self.bias, 1, 0, path="cudnn", **common)
 
             cands = {name: (lambda c=c: fused(c, False)) for name, c in cfgs.items()}
-            if self.block_size != "dense" and -(-C // cfgs["fused_dense"].block_k) <= MAX_GROUPS:
+            if self.block_size != "dense" and tiling.conv_groups_fit(C, cfgs["fused_dense"]):
                 cands["fused_sparse"] = lambda: fused(cfgs["fused_dense"], True)
             cands["cudnn"] = cudnn
             if self.mode == "auto":

@@ -11,15 +11,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparseflow_kernels import tiling
 from sparseflow_ops.conv_transpose import SparseConvTranspose2d
 from sparseflow_ops.depthwise import SparseGroupedConv2d
 
 from ..registry import OpHandler, register_op_handler
 from . import module_hooks
 
-#: output tile edge of the depthwise kernel: larger tiles (the default rule gives 16 from 56 px) hold a
-#: non-zero somewhere far more often, and the direct kernel gains only from tiles it can skip whole
-DEPTHWISE_MAX_TILE = 8
+#: output tile edge of the depthwise kernel at most (:data:`sparseflow_kernels.tiling.DEPTHWISE_MAX_TILE`)
+DEPTHWISE_MAX_TILE = tiling.DEPTHWISE_MAX_TILE
 
 
 def _weight_problem(m) -> str | None:
@@ -52,11 +52,9 @@ def _foldable_bn(m, ctx):
     return bn, user
 
 
-def _block(ctx, cap=None):
-    bs = ctx.block_size
-    if isinstance(bs, int) and cap is not None:
-        bs = min(bs, cap)
-    return bs
+def _block(ctx, cg=None):
+    """The block size of the layer (``cg``: input channels per group of a grouped conv)."""
+    return ctx.block_size if cg is None else tiling.grouped_block_size(ctx.block_size, cg)
 
 
 def _replace_grouped(m: nn.Conv2d, ctx):
@@ -65,8 +63,7 @@ def _replace_grouped(m: nn.Conv2d, ctx):
         return None, problem
     bn, bn_name = _foldable_bn(m, ctx)
     dw = m.groups == m.in_channels
-    cap = DEPTHWISE_MAX_TILE if m.in_channels // m.groups < 16 else None
-    new = SparseGroupedConv2d.from_dense(m, bn, block_size=_block(ctx, cap), mode=ctx.mode)
+    new = SparseGroupedConv2d.from_dense(m, bn, block_size=_block(ctx, m.in_channels // m.groups), mode=ctx.mode)
     what = ("depthwise" if dw else f"grouped ({m.groups} groups)") + (f" + {bn_name} folded" if bn is not None
                                                                        else "")
     if bn is None and bn_name:

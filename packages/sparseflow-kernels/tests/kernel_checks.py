@@ -1,5 +1,6 @@
-"""float64 references of the kernel tests, built from F.conv2d and the SNN frameworks' own neuron modules,
-and the comparison helpers (conv tolerance, spikes equal except at exact threshold ties)."""
+"""What the kernel tests check with: the comparison helpers (conv tolerance, spikes equal except at exact threshold
+ties) and the SNN frameworks' own neuron modules as the oracle of the neuron kernels. The torch reference of
+each kernel is in :mod:`sparseflow_kernels.naive`."""
 
 from __future__ import annotations
 
@@ -7,15 +8,8 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 
 # --------------------------------------------------------------------------------------------- conv
-
-
-def conv_ref(x, weight, bias=None, stride=1, padding=0, dilation=1):
-    """F.conv2d in float64 of exactly the values the kernel sees."""
-    return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride, padding,
-                    dilation)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

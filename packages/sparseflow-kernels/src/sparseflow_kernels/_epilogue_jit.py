@@ -1,0 +1,65 @@
+"""The epilogue helpers shared by the kernels (private: ``triton.jit`` helpers, no API).
+
+* :func:`_channel_affine`: ``z * scale + shift`` per output channel (a bias, or an eval BatchNorm folded in), the
+  epilogue of the grouped and transposed convolutions;
+* :func:`_neuron_step`: one time step of a neuron, the epilogue of the fused convolution
+  (:mod:`~sparseflow_kernels.conv`) and the body of the multi-step neuron kernel (:mod:`~sparseflow_kernels.neuron`);
+  ``NEURON_*`` are the codes of its ``NEURON`` constexpr (0: no neuron, a plain convolution).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+NEURON_NONE, NEURON_LIF, NEURON_IF, NEURON_LEAKY, NEURON_PLIF = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _channel_affine(z, scale_ptr, shift_ptr, co, co_ok, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """``z * scale[co] + shift[co]`` (fp32; each factor only when given) for a ``[rows, channels]`` tile."""
+    if HAS_SCALE:
+        z = z * tl.load(scale_ptr + co, mask=co_ok, other=1.0)[None, :]
+    if HAS_SHIFT:
+        z = z + tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
+    return z
+
+
+@triton.jit
+def _neuron_step(z, v, leak, v_th, v_reset,
+                 NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr):
+    """One time step of the neuron, fp32, in the frameworks' own operation order (bit for bit).
+    SpikingJelly LIF (NEURON 1, ``leak`` = tau: divided by, correctly rounded, as SpikingJelly divides),
+    PLIF (NEURON 4, ``leak`` = sigmoid(w): multiplied, as SpikingJelly multiplies), IF (NEURON 2): charge,
+    fire (h >= v_th), hard/soft reset. snnTorch Leaky (NEURON 3, ``leak`` = beta): ``v`` carries the previous
+    membrane; reset from it, fire when mem > v_th."""
+    if NEURON == 3:
+        # snnTorch: reset = H(mem_prev - thr); mem = beta * mem_prev + z - reset * thr ("subtract")
+        # or mem = (beta * mem_prev + z) * (1 - reset) ("zero"); spike = mem > thr.
+        was = v > v_th
+        if HARD_RESET:
+            h = leak * tl.where(was, 0.0, v) + z
+        else:
+            h = leak * v + z - tl.where(was, v_th, 0.0)
+        spike = h > v_th
+        return spike, h
+    else:
+        if NEURON == 1:  # x / tau, not x * (1 / tau): they differ in the last bit for most tau
+            if DECAY_INPUT:
+                h = v + tl.math.div_rn(z - (v - v_reset), leak)
+            else:
+                h = v - tl.math.div_rn(v - v_reset, leak) + z
+        elif NEURON == 4:
+            if DECAY_INPUT:
+                h = v + (z - (v - v_reset)) * leak
+            else:
+                h = v - (v - v_reset) * leak + z
+        else:
+            h = v + z
+        spike = h >= v_th
+        if HARD_RESET:  # SpikingJelly's arithmetic form: the same for finite h, and 0 * inf = NaN as there
+            s = spike.to(tl.float32)
+            v = (1.0 - s) * h + s * v_reset
+        else:
+            v = h - tl.where(spike, v_th, 0.0)
+        return spike, v

@@ -1,0 +1,245 @@
+"""The tiling policy of every kernel, in one place: tile shapes, default and candidate configurations, the
+block-size rule, and the limits a configuration must fit.
+
+Kernels and launchers take a configuration object; which one a layer runs is decided here (the default rule)
+or measured among the candidates listed here (:mod:`.dispatch` keeps the winner).
+
+* conv (:mod:`.conv`: ``sparse_conv2d``, ``spiking_conv2d``, ``sparse_conv_transpose2d``): :class:`ConvConfig`,
+  :func:`default_config` / :func:`conv_config`, the measured candidates :func:`spiking_configs` (image tiles) and
+  :func:`token_spiking_configs` (Conv1d tokens), :func:`conv_groups_fit`, the block-size rule
+  :func:`select_block_size` (by input height) and :data:`AUTO_CANDIDATES`;
+* grouped / depthwise (:mod:`.depthwise`): :class:`DepthwiseConfig`, :func:`default_depthwise_config`,
+  :func:`occupancy_group`, :data:`TENSOR_CORE_MIN_CG`, :func:`grouped_block_size`;
+* linear (:mod:`.linear`): :class:`LinearConfig`, :func:`default_linear_config` / :func:`linear_config`,
+  :func:`wide_linear_config`, :func:`linear_blocks_fit`;
+* batchnorm (:mod:`.batchnorm`): :func:`batchnorm_tile`; neuron (:mod:`.neuron`): :func:`neuron_tile`;
+  channel_dot (:mod:`.attention`): :func:`channel_dot_tile`.
+"""
+
+from __future__ import annotations
+
+import triton
+
+from ._utils import next_pow2
+
+MAX_GROUPS = 256  # channel groups a conv program can list in registers
+MAX_K_BLOCKS = 256  # K blocks a GEMM program can list in registers
+#: input channels per group from which the tensor-core kernel (one launch per group) replaces the direct one
+TENSOR_CORE_MIN_CG = 16
+#: the default rule's smallest input height with a sparse block size (smaller maps run the dense op)
+SPARSE_MIN_HEIGHT = 14
+#: output tile edge of the direct (depthwise) kernel at most: larger tiles hold a non-zero somewhere far more
+#: often, and the direct kernel gains only from tiles it can skip whole
+DEPTHWISE_MAX_TILE = 8
+#: what ``block_size="auto"`` measures: 8x8 and 16x16 skip tiles, and the layer's dense route
+AUTO_CANDIDATES = (8, 16, "dense")
+
+
+class _Config:
+    """Shared behaviour of the configuration objects: ``key()`` (the fields in ``_KEY`` order, what the
+    ``torch.ops.sparseflow`` schemas carry), ``as_dict()`` and ``repr``."""
+
+    __slots__ = ()
+    _KEY: tuple = ()
+
+    def _check_pow2(self, minimum: int, *names: str, what: str = "") -> None:
+        for name in names:
+            v = getattr(self, name)
+            if v < minimum or v & (v - 1):
+                raise ValueError(f"{type(self).__name__}: {name} must be a power of two{what}, got {v}")
+
+    def key(self):
+        return tuple(getattr(self, k) for k in self._KEY)
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __repr__(self):
+        return f"{type(self).__name__}(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
+
+
+class ConvConfig(_Config):
+    """Tile shape and launch parameters of one conv kernel instance."""
+
+    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "t_in_m", "tile_h", "tile_w")
+    _KEY = ("tile_h", "tile_w", "block_n", "block_k", "t_in_m", "num_warps", "num_stages")
+
+    def __init__(self, tile_h=8, tile_w=8, block_n=64, block_k=16, t_in_m=False, num_warps=4, num_stages=3):
+        self.tile_h, self.tile_w = int(tile_h), int(tile_w)
+        self.block_n, self.block_k = int(block_n), int(block_k)
+        self.t_in_m = bool(t_in_m)
+        self.num_warps, self.num_stages = int(num_warps), int(num_stages)
+        self._check_pow2(1, "tile_h", "tile_w", "block_n", "block_k")
+        if self.block_k < 16 or self.block_n < 16:
+            raise ValueError("ConvConfig: block_k and block_n must be at least 16 (tensor-core tiles)")
+
+
+class DepthwiseConfig(_Config):
+    """Tile of one program of the direct kernel: ``tile_h x tile_w`` output pixels, ``block_c`` channels."""
+
+    __slots__ = ("block_c", "num_warps", "tile_h", "tile_w")
+    _KEY = ("tile_h", "tile_w", "block_c", "num_warps")
+
+    def __init__(self, tile_h=8, tile_w=8, block_c=32, num_warps=4):
+        self.tile_h, self.tile_w, self.block_c, self.num_warps = int(tile_h), int(tile_w), int(block_c), int(num_warps)
+        self._check_pow2(1, "tile_h", "tile_w", "block_c")
+
+
+class LinearConfig(_Config):
+    """Tile shape and launch parameters of one GEMM instance."""
+
+    __slots__ = ("block_k", "block_m", "block_n", "num_stages", "num_warps")
+    _KEY = ("block_m", "block_n", "block_k", "num_warps", "num_stages")
+
+    def __init__(self, block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=3):
+        self.block_m, self.block_n, self.block_k = int(block_m), int(block_n), int(block_k)
+        self.num_warps, self.num_stages = int(num_warps), int(num_stages)
+        self._check_pow2(16, "block_m", "block_n", "block_k", what=" >= 16 (tensor-core tiles)")
+
+
+# ------------------------------------------------------------------------------------------------ conv
+def select_block_size(height: int) -> int | str:
+    """Default rule: H >= 56 -> 16, 14 <= H < 56 -> 8, smaller -> ``"dense"`` (too few blocks to skip)."""
+    if height >= 56:
+        return 16
+    if height >= SPARSE_MIN_HEIGHT:
+        return 8
+    return "dense"
+
+
+def default_config(C: int, CO: int, block_size=None, t_in_m: bool = False) -> ConvConfig:
+    """Tile and block sizes from the layer shape (``block_size`` = spatial tile edge, default 8)."""
+    if block_size is None:
+        block_size = 8
+    th, tw = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    block_n = min(64, max(16, next_pow2(CO)))
+    block_k = 16
+    while triton.cdiv(C, block_k) > MAX_GROUPS:
+        block_k *= 2
+    rows = th * tw
+    num_warps = 8 if rows * block_n >= 128 * 64 else 4
+    return ConvConfig(tile_h=th, tile_w=tw, block_n=block_n, block_k=block_k, t_in_m=t_in_m,
+                      num_warps=num_warps, num_stages=3)
+
+
+def conv_config(C: int, CO: int, block_size) -> ConvConfig:
+    """The sparse conv configuration of a layer whose ``block_size`` is an int (its tile edge) or a word
+    (``"dense"``, ``"auto"``: the 8 x 8 default)."""
+    return default_config(C, CO, block_size if isinstance(block_size, int) else 8)
+
+
+def conv_groups_fit(C: int, cfg: ConvConfig) -> bool:
+    """Whether ``C`` input channels make at most :data:`MAX_GROUPS` groups of ``cfg.block_k`` (sparse skipping)."""
+    return -(-C // cfg.block_k) <= MAX_GROUPS
+
+
+def spiking_configs(C: int, CO: int, T: int) -> dict[str, ConvConfig]:
+    """The dense fused-kernel configurations a spiking layer measures (the best of the H100 sweeps:
+    8x8 output tiles with T looped inside, and 4x4 tiles with T in the GEMM's M for deep layers)."""
+    bk = 32 if C >= 32 else 16
+    cfgs = {"fused_dense": ConvConfig(8, 8, 64, bk, False, 4, 3)}
+    if T <= 8:
+        cfgs["fused_tm"] = ConvConfig(4, 4, 64, bk, True, 4, 3)
+        if CO >= 128:
+            cfgs["fused_tm_n128"] = ConvConfig(4, 4, 128, bk, True, 4, 3)
+    return cfgs
+
+
+def token_spiking_configs(C: int, CO: int, T: int) -> dict[str, ConvConfig]:
+    """Token tiles of the fused kernel over ``[.., C, 1, L]`` (a spiking Conv1d): 64 or 128 tokens with T looped
+    inside, or 32 tokens x T in the GEMM's M."""
+    bk = 64 if C >= 64 else (32 if C >= 32 else 16)
+    cfgs = {"fused_dense": ConvConfig(1, 64, 64, bk, False, 4, 3),
+            "fused_m128": ConvConfig(1, 128, 64, bk, False, 8, 3)}
+    if T <= 8:
+        cfgs["fused_tm"] = ConvConfig(1, 32, 64, bk, True, 4, 3)
+        if CO >= 128:
+            cfgs["fused_tm_n128"] = ConvConfig(1, 32, 128, bk, True, 8, 3)
+    return cfgs
+
+
+# -------------------------------------------------------------------------------------- grouped / depthwise
+def grouped_block_size(block_size, cg: int):
+    """The block size of a grouped conv with ``cg`` input channels per group: capped at
+    :data:`DEPTHWISE_MAX_TILE` for the direct kernel (``cg < TENSOR_CORE_MIN_CG``)."""
+    if isinstance(block_size, int) and cg < TENSOR_CORE_MIN_CG:
+        return min(block_size, DEPTHWISE_MAX_TILE)
+    return block_size
+
+
+def default_depthwise_config(CO: int, block_size=None, channels_last: bool = True) -> DepthwiseConfig:
+    """``block_size`` x ``block_size`` output tiles (default 8) of up to 32 channels for channels_last inputs
+    (loads contiguous along channels); NCHW inputs are read along rows, so their tiles are 4 x 32 pixels of up
+    to 8 channels (64-byte row segments per channel) unless ``block_size`` is given."""
+    if not channels_last and block_size is None:
+        return DepthwiseConfig(4, 32, min(8, max(4, next_pow2(CO))), 4)
+    th, tw = (8, 8) if block_size is None else ((block_size, block_size) if isinstance(block_size, int)
+                                                   else tuple(block_size))
+    block_c = min(32, max(4, next_pow2(CO)))
+    return DepthwiseConfig(th, tw, block_c, 4)
+
+
+def occupancy_group(cfg: DepthwiseConfig, cg: int, cog: int, element_size: int = 2) -> int:
+    """Input channels one occupancy code covers: a power of two, at most the channels a block of ``block_c``
+    outputs reads and at most one 32-byte memory sector of a channels_last pixel (16 fp16 / 8 fp32 channels),
+    the finest granularity at which masking a load saves memory traffic."""
+    span = max(1, (cfg.block_c * cg) // max(1, cog))
+    g = 1
+    while g * 2 <= min(span, max(1, 32 // element_size)):
+        g *= 2
+    return g
+
+
+# ---------------------------------------------------------------------------------------------- linear
+def default_linear_config(K: int, N: int, block_m: int | None = None) -> LinearConfig:
+    block_n = min(128, max(16, next_pow2(N)))
+    block_k = 32 if K >= 32 else 16
+    while triton.cdiv(K, block_k) > MAX_K_BLOCKS:
+        block_k *= 2
+    bm = block_m or 64
+    num_warps = 8 if bm * block_n >= 128 * 128 else 4
+    return LinearConfig(bm, block_n, block_k, num_warps, 3)
+
+
+def linear_config(K: int, N: int, block_size=None, config: LinearConfig | None = None) -> LinearConfig:
+    """A sparse linear layer's configuration: ``config`` when given, else the default with ``block_size`` rows
+    per tile (an int >= 16; anything else: 64)."""
+    if config is not None:
+        return config
+    bm = block_size if isinstance(block_size, int) and block_size >= 16 else None
+    return default_linear_config(K, N, bm)
+
+
+def linear_blocks_fit(K: int, cfg: LinearConfig) -> bool:
+    """Whether ``K`` input features make at most :data:`MAX_K_BLOCKS` blocks of ``cfg.block_k`` (sparse skipping)."""
+    return -(-K // cfg.block_k) <= MAX_K_BLOCKS
+
+
+def wide_linear_config(cfg: LinearConfig) -> LinearConfig:
+    """The 128 x 128 tile candidate (``"sparse_m128"``) with ``cfg``'s K block."""
+    return LinearConfig(128, 128, cfg.block_k, 8, 3)
+
+
+# ------------------------------------------------------------------------------------------- batchnorm
+def batchnorm_tile(C: int, W: int, channels_innermost: bool) -> tuple[int, int, int]:
+    """(TILE_H, TILE_W, BLOCK_C) of the BatchNorm kernel without an occupancy: 8x8 x 64 channels for
+    channels_last (channels are contiguous), a row-major strip of about 64 pixels x 16 channels otherwise."""
+    if channels_innermost and C > 1:
+        return 8, 8, min(64, max(16, next_pow2(C)))
+    tw = min(64, next_pow2(W))
+    return max(1, 64 // tw), tw, 16
+
+
+# ---------------------------------------------------------------------------------------------- neuron
+def neuron_tile(C: int, S: int) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_C) of the multi-step neuron kernel over ``[T, N, C, S]``: up to 64 channels, 1024 elements."""
+    block_c = min(64, triton.next_power_of_2(C))
+    return max(1, min(1024 // block_c, triton.next_power_of_2(S))), block_c
+
+
+# ------------------------------------------------------------------------------------------ channel_dot
+def channel_dot_tile(C: int, L: int, channels_innermost: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_L) of ``channel_dot``, measured on the H100 ([32, 384, 196] fp16): the whole token row in
+    one load (up to 256), 32 channels when channels are innermost (the fused convolutions' spikes: 3.9 us against
+    5.6 us for 64 x 128 tiles), 16 when tokens are (5.1 us against 15.3 us)."""
+    return min(32 if channels_innermost else 16, max(16, next_pow2(C))), min(256, max(16, next_pow2(L)))
