@@ -149,3 +149,21 @@ def test_copies_keep_parameters_and_rebuild_caches(name, how):
     dense = m2.to_dense()
     assert not isinstance(dense, SparseModule)
     assert not set(dense.__dict__) & set(m2._runtime) - {"step_mode"}
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq-first", "batch-first"])
+def test_faithful_multihead_attention_is_the_dense_module(batch_first):
+    """SparseMultiheadAttention under numerics="faithful" runs ``nn.MultiheadAttention``'s own forward: bit for bit
+    the dense result (batch-first self-attention takes the dense module's fused fast path, whose rounding the
+    sparse projections + SDPA do not reproduce)."""
+    from sparseflow_ops import SparseMultiheadAttention
+
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    ref_mha = copy.deepcopy(mha)
+    m = SparseMultiheadAttention.from_dense(mha)
+    m.numerics = "faithful"
+    for _ in range(3):
+        q = torch.randn(2, 7, 32) if batch_first else torch.randn(7, 2, 32)
+        y = m(q, q, q, need_weights=False)[0]
+        assert m.last_path == "torch"
+        assert torch.equal(y, ref_mha(q, q, q, need_weights=False)[0])

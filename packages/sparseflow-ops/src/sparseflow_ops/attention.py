@@ -324,7 +324,8 @@ class SparseMultiheadAttention(_AttentionModule, nn.MultiheadAttention):
     """Drop-in ``nn.MultiheadAttention`` (same parameters and ``state_dict``): in eval mode with
     ``need_weights=False``, the input projections (and the output projection) run on :func:`sparse_linear`
     and the attention on ``F.scaled_dot_product_attention``. Separate q/k/v weights, ``bias_k``/``bias_v``,
-    ``add_zero_attn``, ``is_causal`` without a mask and ``need_weights=True`` run the module's own forward."""
+    ``add_zero_attn``, ``is_causal`` without a mask, ``need_weights=True`` and numerics="faithful" run the module's own
+    forward."""
 
     @classmethod
     def from_dense(cls, mha: nn.MultiheadAttention, *, mode: str = "auto") -> SparseMultiheadAttention:
@@ -368,8 +369,10 @@ class SparseMultiheadAttention(_AttentionModule, nn.MultiheadAttention):
             why = "training mode or tensors the kernels cannot run"
         if why is None and not (query.dtype == key.dtype == value.dtype == self.in_proj_weight.dtype):
             why = "input and weight dtypes differ"
+        if why is None and self.faithful:
+            why = "numerics='faithful'"  # its own arithmetic: its fast path rounds differently from SDPA here
         if why is not None:
-            if not self.training and need_weights is False:
+            if not self.training and need_weights is False and not self.faithful:
                 notice_once(f"mha-fallback:{why}", f"SparseMultiheadAttention: the module's own forward ({why})")
             self.last_path = "torch"
             return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask=key_padding_mask,
