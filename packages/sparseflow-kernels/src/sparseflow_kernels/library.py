@@ -149,3 +149,65 @@ def compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # older torch
         return False
+
+
+# ------------------------------------------------------------------------------------------- BatchNorm fold
+# The eval-mode BatchNorm folded into a per-channel affine or into the weights before it, as operators
+# (``torch.library.custom_op``): under ``torch.compile``, Inductor would regenerate this arithmetic (its rsqrt and
+# fused multiply-adds round differently from eager's kernels), and a folded scale one ulp off flips spikes that the
+# network then amplifies; as operators they run the same eager kernels in both.
+#
+# ===================================  ==========================================================
+# ``sparseflow::bn_affine``            :func:`bn_fold_affine` (scale, shift)
+# ``sparseflow::fold_bn``              :func:`bn_fold_weights` (weight, bias)
+# ===================================  ==========================================================
+
+
+def _bn_affine_math(mean, var, weight, bias, eps: float):
+    inv = torch.rsqrt(var.float() + eps)
+    w = weight.float() if weight is not None else torch.ones_like(inv)
+    b = bias.float() if bias is not None else torch.zeros_like(inv)
+    scale = w * inv
+    return scale, b - mean.float() * scale
+
+
+@torch.library.custom_op("sparseflow::bn_affine", mutates_args=())
+def _bn_affine_op(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _bn_affine_math(mean, var, weight, bias, eps)
+
+
+@_bn_affine_op.register_fake
+def _(mean, var, weight, bias, eps):
+    return mean.new_empty(mean.shape, dtype=torch.float32), mean.new_empty(mean.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparseflow::fold_bn", mutates_args=())
+def _fold_bn_op(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
+                weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    scale, shift = _bn_affine_math(mean, var, weight, bias, eps)
+    w = (conv_weight.float() * scale.view(-1, *[1] * (conv_weight.dim() - 1))).to(conv_weight.dtype)
+    b = (conv_bias.float() * scale + shift) if conv_bias is not None else shift
+    return w, b.to(conv_weight.dtype)
+
+
+@_fold_bn_op.register_fake
+def _(conv_weight, conv_bias, mean, var, weight, bias, eps):
+    return torch.empty_like(conv_weight), conv_weight.new_empty(conv_weight.shape[:1])
+
+
+def bn_fold_affine(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm (running ``mean`` / ``var``, affine ``weight`` / ``bias``, ``eps``) as
+    ``y * scale + shift`` per channel, both fp32 (``sparseflow::bn_affine``)."""
+    return torch.ops.sparseflow.bn_affine(mean, var, weight, bias, eps)
+
+
+def bn_fold_weights(conv_weight: torch.Tensor, conv_bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
+                    weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(conv_weight * scale, conv_bias * scale + shift)`` per output channel (dim 0) for the eval-mode BatchNorm
+    given as in :func:`bn_fold_affine`, computed in fp32 and returned in ``conv_weight``'s dtype
+    (``sparseflow::fold_bn``)."""
+    return torch.ops.sparseflow.fold_bn(conv_weight, conv_bias, mean, var, weight, bias, eps)

@@ -14,15 +14,17 @@
 * :func:`neuron_support` / :func:`register_neuron_adapter` - which neurons the kernels can run.
 """
 
-from ._common import OBSERVER_ATTR, SparseModule, has_hooks, needs_autograd
+from ._common import OBSERVER_ATTR, has_hooks, needs_autograd
 from .attention import (
     SparseMultiheadAttention,
     SparseSpikeDrivenSelfAttention,
     SparseSpikformerBlock,
     SparseSpikingSelfAttention,
 )
+from .base import SparseModule
 from .batchnorm import SparseBatchNorm2d
-from .conv import Bypass, SparseConv2d, is_bypassed, remove_bypass
+from .bypass import Bypass, is_bypassed, remove_bypass
+from .conv import SparseConv2d
 from .conv_transpose import SparseConvTranspose2d
 from .depthwise import SparseGroupedConv2d
 from .linear import SparseConv1d, SparseLinear

@@ -20,16 +20,13 @@ _NOTICE_LOCK = threading.Lock()
 OCC_ATTR = "_sparseflow_occupancy"
 
 
-class SparseModule:
-    """Marker mixin of every SparseFlow drop-in module (``SparseConv2d``, ``SparseLinear``, ...).
+def __getattr__(name):
+    # the base class of the drop-ins lives in .base, which builds on these helpers
+    if name == "SparseModule":
+        from .base import SparseModule
 
-    ``sparseflow_core.optimize`` never replaces a module that is already one, and ``restore`` calls its
-    ``to_dense()``, which must return the original dense module type holding the same parameters (and leave
-    any module it bypassed running on its own again).
-    """
-
-    def to_dense(self):  # pragma: no cover - every subclass implements it
-        raise NotImplementedError(f"{type(self).__name__}.to_dense")
+        return SparseModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def notice_once(key: str, msg: str) -> None:

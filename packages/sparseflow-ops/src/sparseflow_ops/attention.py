@@ -24,14 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseflow_kernels import channel_dot, sparse_linear, ssa_attention
-from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.library import compiling
 from sparseflow_kernels.linear import default_linear_config, pack_linear_weight
 
-from ._common import SparseModule, VersionCache, kernels_can_run, notice_once, version_key
+from ._common import VersionCache, kernels_can_run, notice_once, version_key
+from .base import SparseModule
 from .linear import SparseConv1d
-
-_RUNTIME = ("_original_class", "mode", "last_path", "_wcache", "numerics")
 
 
 def _spikingjelly_attention():
@@ -49,6 +47,41 @@ def _spikingjelly_attention():
 SpikingSelfAttention, SpikeDrivenSelfAttention, SpikformerBlock, SpikformerMLP = _spikingjelly_attention()
 
 
+class _AttentionModule(SparseModule):
+    """What the attention drop-ins share: they wrap the dense module's attributes (children, parameters, hooks)
+    instead of copying parameters, and choose between a kernel (``sparse``) and the module's own torch
+    arithmetic (``torch``, the exact path under numerics="faithful")."""
+
+    _caches = ()
+    _runtime = ("_pending", "_original_class", "mode", "last_path", "_wcache", "numerics")
+    _dense_base: type | None = None  # the class whose forward the drop-in reimplements
+
+    @classmethod
+    def from_dense(cls, module, *, mode: str = "auto"):
+        """Wrap ``module`` (sharing its children); the caller puts the new module where it was."""
+        return _wrap_exact(cls, module, cls._dense_base, mode)
+
+    def to_dense(self):
+        return _unwrap(self)
+
+    def _repr_fields(self) -> dict:
+        return {}
+
+    def _use_kernels(self, x) -> bool:
+        if self.training or self.mode == "torch" or not kernels_can_run(x):
+            if not x.is_cuda and not kernels_can_run(x):
+                notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
+                            "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
+            return False
+        return True
+
+    def _choose(self, key, cands, x, **how) -> str:
+        """The kernel or the module's own arithmetic (see :meth:`SparseModule._choose`); under ``torch.compile``
+        the path the eager dispatch chose (run the model once eagerly first)."""
+        return super()._choose(key, cands, x, fallback="sparse", default="torch", forced={"dense": "sparse"},
+                               exact="torch", traced=compiling())
+
+
 def _wrap(cls, module, mode):
     """A new instance of ``cls`` sharing ``module``'s attributes (children, parameters, hooks)."""
     new = cls.__new__(cls)
@@ -56,7 +89,7 @@ def _wrap(cls, module, mode):
     new.__dict__["_modules"] = dict(module._modules)
     new.__dict__["_original_class"] = type(module)
     new.mode = mode
-    new.last_path = None
+    new._init_runtime()
     return new
 
 
@@ -81,7 +114,7 @@ def _unwrap(module):
             setattr(parent, attr, child.to_dense())
     klass = module.__dict__.get("_original_class")
     old = klass.__new__(klass)
-    old.__dict__.update({k: v for k, v in module.__dict__.items() if k not in _RUNTIME})
+    old.__dict__.update({k: v for k, v in module.__dict__.items() if k not in module._runtime})
     old.__dict__["_modules"] = dict(module._modules)
     return old
 
@@ -96,25 +129,6 @@ def _ssa(q, k, v, scale, dense):
 def _channel_dot(a, b):
     """:func:`channel_dot`, as the registered operator while ``torch.compile`` / ``torch.export`` trace."""
     return torch.ops.sparseflow.channel_dot(a, b) if compiling() else channel_dot(a, b)
-
-
-def _use_kernels(module, x) -> bool:
-    if module.training or module.mode == "torch" or not kernels_can_run(x):
-        if not x.is_cuda and not kernels_can_run(x):
-            notice_once("cpu-dense", "sparseflow: CPU tensors run the dense torch ops (Triton kernels "
-                        "need CUDA, or TRITON_INTERPRET=1 on the CPU)")
-        return False
-    return True
-
-
-def _choose(module, key, cands, x):
-    if getattr(module, "numerics", "fast") == "faithful" and "torch" in cands:
-        return "torch"  # the module's own arithmetic and output layout (optimize's numerics="faithful")
-    if module.mode != "auto":
-        return "sparse" if module.mode in ("sparse", "dense") else "torch"
-    if compiling():  # no timing inside a traced graph: the path the eager dispatch chose (run once eagerly first)
-        return module.last_path if module.last_path in cands else "sparse"
-    return kdispatch.choose(key, cands, fallback="sparse", device=x.device)
 
 
 def _fold_projection(container: nn.Module, block_size, mode, neuron=None, time_steps=None) -> bool:
@@ -153,7 +167,7 @@ def _unfold_projection(container: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------- Spikformer
 if SpikingSelfAttention is not None:
 
-    class SparseSpikingSelfAttention(SparseModule, SpikingSelfAttention):
+    class SparseSpikingSelfAttention(_AttentionModule, SpikingSelfAttention):
         """Spikformer's ``SpikingSelfAttention`` with sparse projections and the SSA product on
         :func:`ssa_attention`; same children, ``state_dict`` keys and neuron state."""
 
@@ -198,13 +212,11 @@ if SpikingSelfAttention is not None:
             if local_dim % self.num_heads != 0:
                 raise ValueError(f"local qkv dim {local_dim} is not divisible by num_heads={self.num_heads}.")
             qkv = qkv.reshape(T, N, 3, self.num_heads, local_dim // self.num_heads, L)
-            if _use_kernels(self, qkv):
+            if self._use_kernels(qkv):
                 q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
                 cands = {"sparse": lambda: _ssa(q, k, v, self.scale, self.mode == "dense"),
                          "torch": lambda: self._ssa_kernel_torch(qkv, self.scale)}
-                path = _choose(self, ("ssa", tuple(qkv.shape), qkv.stride(), qkv.dtype), cands, qkv)
-                self.last_path = path
-                x_seq = cands[path]()
+                x_seq = self._dispatch(("ssa", tuple(qkv.shape), qkv.stride(), qkv.dtype), cands, qkv)
             else:
                 self.last_path = "torch"
                 x_seq = self._ssa_kernel_torch(qkv, self.scale)
@@ -220,19 +232,14 @@ if SpikingSelfAttention is not None:
     _PROJECTION_NEURON = {"qkv_conv_bn": "qkv_lif", "proj_conv_bn": "proj_lif"}
 
     if SpikformerBlock is not None:
-        class SparseSpikformerBlock(SparseModule, SpikformerBlock):
+        class SparseSpikformerBlock(_AttentionModule, SpikformerBlock):
             """Spikformer's ``SpikformerBlock`` with both skip connections (``x + attn(x)``, ``x + mlp(x)``) added in
             the epilogue of the fused spiking projection that ends each branch (``proj_conv_bn -> proj_lif``,
             ``fc2 -> neuron2``), where ``optimize`` fused them; elsewhere the adds run as before. Same children,
             ``state_dict`` keys and neuron state. Its output keeps the fused kernels' layout (channels innermost
             per token) instead of the original's ``.contiguous()`` copy: the same values."""
 
-            @classmethod
-            def from_dense(cls, block, *, mode: str = "auto"):
-                return _wrap_exact(cls, block, SpikformerBlock, mode)
-
-            def to_dense(self):
-                return _unwrap(self)
+            _dense_base = SpikformerBlock
 
             def kind(self) -> str:
                 attn = isinstance(self.attn, SparseSpikingSelfAttention) and self._attn_proj() is not None
@@ -267,17 +274,12 @@ if SpikingSelfAttention is not None:
     else:  # pragma: no cover - a SpikingJelly without Spikformer
         SparseSpikformerBlock = None
 
-    class SparseSpikeDrivenSelfAttention(SparseModule, SpikeDrivenSelfAttention):
+    class SparseSpikeDrivenSelfAttention(_AttentionModule, SpikeDrivenSelfAttention):
         """The Spike-driven Transformer's ``SpikeDrivenSelfAttention`` with its Hadamard attention on
         :func:`channel_dot` (no head split/merge copies); same children, ``state_dict`` keys and neuron
         state (``attn_lif`` sees the module's ``[T, N, heads, 1, head_dim]`` tensor)."""
 
-        @classmethod
-        def from_dense(cls, attn, *, mode: str = "auto"):
-            return _wrap_exact(cls, attn, SpikeDrivenSelfAttention, mode)
-
-        def to_dense(self):
-            return _unwrap(self)
+        _dense_base = SpikeDrivenSelfAttention
 
         def kind(self) -> str:
             return "sdsa"
@@ -292,15 +294,13 @@ if SpikingSelfAttention is not None:
             k = self.k_lif(self.k_bn(self.k_conv(x)))
             v = self.v_lif(self.v_bn(self.v_conv(x)))
             kf, vf = k.reshape(T * N, C, H * W), v.reshape(T * N, C, H * W)
-            if _use_kernels(self, kf) and kf.dtype == vf.dtype:
-                cands = {"sparse": lambda: _channel_dot(kf, vf),
-                         "torch": lambda: (kf * vf).sum(dim=-1)}
-                path = _choose(self, ("sdsa", tuple(kf.shape), kf.stride(), kf.dtype), cands, kf)
+            if self._use_kernels(kf) and kf.dtype == vf.dtype:
+                cands = {"sparse": lambda: _channel_dot(kf, vf), "torch": lambda: (kf * vf).sum(dim=-1)}
+                s = self._dispatch(("sdsa", tuple(kf.shape), kf.stride(), kf.dtype), cands, kf)
             else:
-                cands = {"torch": lambda: (kf * vf).sum(dim=-1)}
-                path = "torch"
-            self.last_path = path
-            s = cands[path]()  # [T*N, C]: channel c = head * head_dim + j, as the module's head split
+                self.last_path = "torch"
+                s = (kf * vf).sum(dim=-1)
+            # s: [T*N, C], channel c = head * head_dim + j, as the module's head split
             kv = self.attn_lif(s.reshape(T, N, self.num_heads, 1, self.head_dim))
             x = q * kv.reshape(T, N, C, 1, 1).to(q.dtype)
             return self.proj_bn(self.proj_conv(x)) + identity
@@ -320,11 +320,12 @@ def _float_mask(mask, dtype, name):
     return mask.to(dtype)
 
 
-class SparseMultiheadAttention(SparseModule, nn.MultiheadAttention):
+class SparseMultiheadAttention(_AttentionModule, nn.MultiheadAttention):
     """Drop-in ``nn.MultiheadAttention`` (same parameters and ``state_dict``): in eval mode with
     ``need_weights=False``, the input projections (and the output projection) run on :func:`sparse_linear`
     and the attention on ``F.scaled_dot_product_attention``. Separate q/k/v weights, ``bias_k``/``bias_v``,
-    ``add_zero_attn``, ``is_causal`` without a mask and ``need_weights=True`` run the module's own forward."""
+    ``add_zero_attn``, ``is_causal`` without a mask, ``need_weights=True`` and numerics="faithful" run the module's own
+    forward."""
 
     @classmethod
     def from_dense(cls, mha: nn.MultiheadAttention, *, mode: str = "auto") -> SparseMultiheadAttention:
@@ -333,9 +334,6 @@ class SparseMultiheadAttention(SparseModule, nn.MultiheadAttention):
         new = _wrap(cls, mha, mode)
         new.__dict__["_wcache"] = {}
         return new
-
-    def to_dense(self) -> nn.MultiheadAttention:
-        return _unwrap(self)
 
     def kind(self) -> str:
         return "mha"
@@ -362,18 +360,19 @@ class SparseMultiheadAttention(SparseModule, nn.MultiheadAttention):
         cands = {"sparse": lambda: sparse_linear(x, weight, bias, config=cfg, packed_weight=w,
                                                  dense=self.mode == "dense"),
                  "torch": lambda: F.linear(x, weight, bias)}
-        path = _choose(self, ("mha-proj", tag, tuple(x.shape), x.dtype), cands, x)
-        return cands[path]()
+        return self._dispatch(("mha-proj", tag, tuple(x.shape), x.dtype), cands, x)
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         why = self.unsupported(need_weights, is_causal, attn_mask)
-        if why is None and (self.training or not _use_kernels(self, query)):
+        if why is None and (self.training or not self._use_kernels(query)):
             why = "training mode or tensors the kernels cannot run"
         if why is None and not (query.dtype == key.dtype == value.dtype == self.in_proj_weight.dtype):
             why = "input and weight dtypes differ"
+        if why is None and self.faithful:
+            why = "numerics='faithful'"  # its own arithmetic: its fast path rounds differently from SDPA here
         if why is not None:
-            if not self.training and need_weights is False:
+            if not self.training and need_weights is False and not self.faithful:
                 notice_once(f"mha-fallback:{why}", f"SparseMultiheadAttention: the module's own forward ({why})")
             self.last_path = "torch"
             return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask=key_padding_mask,

@@ -9,8 +9,8 @@ kernel against ``nn.BatchNorm2d`` on the first CUDA call per input shape and kee
 on the CPU interpreter); ``"sparse"`` forces the kernel, ``"torch"`` the dense op.
 
 Training mode, batch statistics in eval (``track_running_stats=False``), tensors the kernels cannot run on
-(CPU without the interpreter, float64) and anything else ``nn.BatchNorm2d`` would reject take
-``nn.BatchNorm2d``'s own forward, so results and errors are the dense module's.
+(CPU without the interpreter, float64), numerics="faithful" and anything else ``nn.BatchNorm2d`` would reject
+take ``nn.BatchNorm2d``'s own forward, so results and errors are the dense module's.
 """
 
 from __future__ import annotations
@@ -18,23 +18,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.batchnorm import batch_norm_affine, bn_eval_affine
 
-from ._common import (
-    SparseModule,
-    VersionCache,
-    find_occupancy,
-    kernels_can_run,
-    needs_autograd,
-    notice_once,
-    version_key,
-)
+from ._common import find_occupancy, kernels_can_run, needs_autograd, notice_once, version_key
+from .base import SparseModule
 
 
 class SparseBatchNorm2d(SparseModule, nn.BatchNorm2d):
     """Drop-in ``nn.BatchNorm2d`` (same parameters, buffers and ``state_dict`` keys). Inputs ``[N, C, H, W]``,
     or ``[T, N, C, H, W]`` when wrapping a multi-step SpikingJelly ``layer.BatchNorm2d``."""
+
+    _runtime = ("_pending", "_acache", "_original_class", "_original_dict", "mode", "last_path", "step_mode",
+                "numerics")
 
     def __init__(self, *args, mode: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -42,10 +37,6 @@ class SparseBatchNorm2d(SparseModule, nn.BatchNorm2d):
             raise ValueError(f"mode must be 'auto', 'sparse' or 'torch', got {mode!r}")
         self.mode = mode
         self._init_runtime()
-
-    def _init_runtime(self):
-        self.__dict__["_acache"] = VersionCache()
-        self.last_path: str | None = None
 
     @classmethod
     def from_dense(cls, bn: nn.BatchNorm2d, *, mode: str = "auto") -> SparseBatchNorm2d:
@@ -75,20 +66,14 @@ class SparseBatchNorm2d(SparseModule, nn.BatchNorm2d):
         for k, v in self.__dict__.get("_original_dict", {}).items():
             bn.__dict__[k] = v
         for k, v in self.__dict__.items():
-            if k in ("_acache", "_original_class", "_original_dict", "mode", "last_path", "step_mode"):
-                continue
-            bn.__dict__[k] = v
+            if k not in self._runtime:
+                bn.__dict__[k] = v
         if "step_mode" in self.__dict__:
             bn.step_mode = self.__dict__["step_mode"]
         return bn
 
-    def extra_repr(self):
-        return super().extra_repr() + f", mode={self.mode}"
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if "_acache" not in self.__dict__:
-            self._init_runtime()
+    def _repr_fields(self) -> dict:
+        return {"mode": self.mode}
 
     # ---------------------------------------------------------------------------------------- running
     def _multistep(self) -> bool:
@@ -103,7 +88,11 @@ class SparseBatchNorm2d(SparseModule, nn.BatchNorm2d):
         return nn.BatchNorm2d.forward(self, x)
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
-        if self.mode == "torch" or self.training or not self.track_running_stats or self.running_mean is None:
+        """Whether this call runs the kernel (eval mode with running statistics, an input the dense module takes
+        and the kernels run on, no autograd); numerics="faithful" runs the dense module."""
+        if self.faithful or self.mode == "torch" or self.training:
+            return False
+        if not self.track_running_stats or self.running_mean is None:
             return False
         if x.dim() != (5 if self._multistep() else 4) or x.shape[-3] != self.num_features:
             return False  # the dense module raises its own error
@@ -134,11 +123,6 @@ class SparseBatchNorm2d(SparseModule, nn.BatchNorm2d):
         kernel = "sparse" if occ is not None else "kernel"
         cands = {kernel: lambda: batch_norm_affine(flat, mean, scale, bias, occupancy=occ),
                  "torch": lambda: nn.BatchNorm2d.forward(self, flat)}
-        if self.mode == "auto":
-            key = ("batchnorm", tuple(flat.shape), flat.stride(), x.dtype, occ is not None)
-            path = kdispatch.choose(key, cands, fallback=kernel, device=x.device)
-        else:
-            path = kernel
-        self.last_path = path
-        y = cands[path]()
+        key = ("batchnorm", tuple(flat.shape), flat.stride(), x.dtype, occ is not None)
+        y = self._dispatch(key, cands, x, fallback=kernel, default=kernel, forced={"sparse": kernel})
         return y.view(x.shape) if x.dim() == 5 else y

@@ -17,57 +17,34 @@ from torch import nn
 from sparseflow_kernels.conv_transpose import pack_transpose_weight, sparse_conv_transpose2d
 from sparseflow_kernels.sparse_conv import default_config
 
-from ._common import SparseModule, VersionCache, version_key
-from .depthwise import FoldedBNMixin, check_foldable_bn
+from ._common import version_key
+from .depthwise import TileSkippingConv
 
 
-class SparseConvTranspose2d(FoldedBNMixin, SparseModule, nn.ConvTranspose2d):
+class SparseConvTranspose2d(TileSkippingConv, nn.ConvTranspose2d):
     """Drop-in ``nn.ConvTranspose2d`` (same parameters, ``state_dict`` keys and ``isinstance``); inputs
     ``[N, C, H, W]`` or multi-step ``[T, N, C, H, W]``."""
 
-    _kind_name = "conv_transpose"
+    _kind = "conv_transpose"
+    _caches = ("_acache", "_wcache")
 
-    def __init__(self, *args, block_size=None, mode: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.block_size = block_size
-        self.mode = mode
-        self.time_steps: int | None = None
-        self.__dict__["_bn"] = None
-        self._init_runtime()
+    _dense_cls = nn.ConvTranspose2d
 
-    def _init_runtime(self):
-        super()._init_runtime()
-        self.__dict__["_wcache"] = VersionCache()
-
-    @classmethod
-    def from_dense(cls, conv: nn.ConvTranspose2d, bn: nn.BatchNorm2d | None = None, *, block_size=None,
-                   mode: str = "auto") -> SparseConvTranspose2d:
-        """Wrap ``conv`` (sharing its parameters); with ``bn`` (an eval BatchNorm fed only by ``conv``) it is
-        folded and bypassed. The caller puts the new module where ``conv`` was."""
-        if not isinstance(conv, nn.ConvTranspose2d):
-            raise TypeError(f"from_dense expects an nn.ConvTranspose2d, got {type(conv).__name__}")
+    @staticmethod
+    def _problem(conv: nn.ConvTranspose2d) -> str | None:
+        """Why ``conv`` cannot run here, or None."""
         if conv.groups != 1:
-            raise ValueError(f"groups={conv.groups} is not supported (only 1)")
+            return f"groups={conv.groups} is not supported (only 1)"
         if tuple(conv.dilation) != (1, 1):
-            raise ValueError(f"dilation={conv.dilation} is not supported (only 1)")
+            return f"dilation={conv.dilation} is not supported (only 1)"
         if conv.padding_mode != "zeros":
-            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
-        if bn is not None:
-            check_foldable_bn(bn, conv.out_channels)
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                  conv.output_padding, conv.groups, conv.bias is not None, conv.dilation, conv.padding_mode,
-                  device="meta", block_size=block_size, mode=mode)
-        new._attach(conv, bn, block_size, mode)
-        return new
+            return f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')"
+        return None
 
-    def to_dense(self) -> nn.ConvTranspose2d:
-        """The plain transposed convolution back (same parameters); a folded BatchNorm runs on its own again."""
-        m = self._dense_copy(nn.ConvTranspose2d)
-        m.__dict__.pop("_wcache", None)
-        return m
-
-    def extra_repr(self):
-        return super().extra_repr() + f", fused={self.kind()}, block_size={self.block_size}, mode={self.mode}"
+    @staticmethod
+    def _init_args(conv: nn.ConvTranspose2d) -> tuple:
+        return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.output_padding,
+                conv.groups, conv.bias is not None, conv.dilation, conv.padding_mode)
 
     @property
     def accepts_occupancy(self) -> bool:

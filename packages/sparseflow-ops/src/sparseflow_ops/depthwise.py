@@ -15,75 +15,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.depthwise import TENSOR_CORE_MIN_CG, default_depthwise_config, grouped_conv2d
 from sparseflow_kernels.library import compiling
 
-from ._common import SparseModule, VersionCache, find_occupancy, has_hooks, kernels_take, needs_autograd
-from .conv import MODES, adopt_dense, bn_affine, bn_key, dense_copy
-
-_RUNTIME = ("_bn", "_pending", "_acache", "_wcache", "_original_class", "block_size", "mode", "time_steps", "last_path",
-            "step_mode")
+from ._common import find_occupancy
+from .base import SparseModule, bn_affine, check_dense, check_foldable_bn, check_mode
 
 
-def check_foldable_bn(bn, channels: int) -> None:
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-    if bn.num_features != channels:
-        raise ValueError(f"bn has {bn.num_features} features, the convolution {channels} outputs")
-    if not bn.track_running_stats or bn.running_mean is None:
-        raise ValueError("BatchNorm without running statistics cannot be folded")
+class TileSkippingConv(SparseModule):
+    """What the grouped and transposed drop-ins share: their construction (folded BatchNorm, bypassed) and
+    :meth:`_run`, the forward over named paths."""
 
+    def __init__(self, *args, block_size=None, mode: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_dropin(block_size, mode)
 
-class FoldedBNMixin:
-    """Runtime of the grouped and transposed drop-ins: folded BatchNorm (bypassed), dispatch, fallback, restore."""
+    _dense_cls: type  # the dense module class it replaces
 
-    def _init_runtime(self):
-        self.__dict__["_pending"] = False
-        self.__dict__["_acache"] = VersionCache()
-        self.last_path: str | None = None
+    @classmethod
+    def from_dense(cls, conv: nn.Module, bn: nn.BatchNorm2d | None = None, *, block_size=None, mode: str = "auto"):
+        """Wrap ``conv`` (sharing its parameters); with ``bn`` (an eval BatchNorm fed only by ``conv``) it is
+        folded and bypassed. The caller puts the new module where ``conv`` was."""
+        check_dense(conv, cls._dense_cls, cls._problem)
+        check_foldable_bn(bn, conv.out_channels)
+        new = cls(*cls._init_args(conv), device="meta", block_size=block_size, mode=mode)
+        check_mode(mode)
+        return new._adopt(conv, bn)
 
-    def _affine(self):
-        bn = self.__dict__.get("_bn")
-        if bn is None:
-            return None, None
-        return self._acache.get(bn_key(bn), lambda: bn_affine(bn))
-
-    @property
-    def folded_bn(self):
-        return self.__dict__.get("_bn")
-
-    def kind(self) -> str:
-        return self._kind_name + ("+bn" if self.folded_bn is not None else "")
-
-    def _attach(self, src: nn.Module, bn, block_size, mode):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.block_size = block_size
-        self.mode = mode
-        self.time_steps = None
-        adopt_dense(self, src, bn)
-
-    def _dense_copy(self, default_cls):
-        return dense_copy(self, default_cls, _RUNTIME)
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if "_pending" not in self.__dict__:
-            self._init_runtime()
-
-    def _use_kernels(self, x: torch.Tensor) -> bool:
-        bn = self.folded_bn
-        if self.training or (bn is not None and bn.training):
-            return False
-        if bn is not None and has_hooks(self, bn):
-            return False  # conv and BatchNorm run as two modules: each hook sees what it sees in the dense model
-        return kernels_take(x, self.weight, type(self).__name__) and not needs_autograd(x, self, bn)
-
-    def _choose(self, key, cands, x):
-        if self.mode != "auto":
-            return self.mode if self.mode in cands else "dense"
-        return kdispatch.choose(key, cands, fallback="sparse" if "sparse" in cands else "dense", device=x.device)
+    def to_dense(self) -> nn.Module:
+        """The plain convolution back (same parameters); a folded BatchNorm runs on its own again."""
+        return self._dense_copy(self._dense_cls)
 
     def _run(self, x: torch.Tensor, dense_fn, kernel_fn, key, op_fn=None):
         """Shared forward: [N, C, H, W] or [T, N, C, H, W]; ``kernel_fn(flat, occ, dense, scale, shift)``,
@@ -95,7 +56,8 @@ class FoldedBNMixin:
         five = x.dim() == 5
         flat = x.flatten(0, 1) if five else x
         self._pending = False
-        if not self._use_kernels(x):
+        if not self._use_kernels(x) or self.faithful:
+            # the dense convolution (faithful numerics too: a folded BatchNorm runs on its own)
             self.last_path = "torch"
             y = dense_fn(flat)
         elif compiling() and op_fn is not None:
@@ -124,61 +86,40 @@ class FoldedBNMixin:
                 cands["sparse"] = lambda: kernel_fn(flat, occ, False, scale, shift)
             full_key = (*key, tuple(flat.shape), flat.stride(), x.dtype, occ is not None, scale is not None,
                         self.block_size)
-            path = self._choose(full_key, cands, x)
-            self.last_path = path
-            y = cands[path]()
+            y = self._dispatch(full_key, cands, x)
             self._pending = self.folded_bn is not None
         return y.view(*x.shape[:2], *y.shape[1:]) if five else y
 
 
-class SparseGroupedConv2d(FoldedBNMixin, SparseModule, nn.Conv2d):
+class SparseGroupedConv2d(TileSkippingConv, nn.Conv2d):
     """Drop-in ``nn.Conv2d`` with ``groups > 1`` (same parameters, ``state_dict`` keys and ``isinstance``);
     see the module docstring. Inputs ``[N, C, H, W]`` or multi-step ``[T, N, C, H, W]``."""
 
-    _kind_name = "grouped"
+    _dense_cls = nn.Conv2d
 
-    def __init__(self, *args, block_size=None, mode: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.block_size = block_size
-        self.mode = mode
-        self.time_steps: int | None = None
-        self.__dict__["_bn"] = None
-        self._init_runtime()
-
-    @classmethod
-    def from_dense(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, *, block_size=None,
-                   mode: str = "auto") -> SparseGroupedConv2d:
-        """Wrap ``conv`` (sharing its parameters); with ``bn`` (an eval BatchNorm fed only by ``conv``) it is
-        folded and bypassed. The caller puts the new module where ``conv`` was."""
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+    @staticmethod
+    def _problem(conv: nn.Conv2d) -> str | None:
+        """Why ``conv`` cannot run here, or None."""
         if conv.groups < 2:
-            raise ValueError(f"groups={conv.groups}: use SparseConv2d for ungrouped convolutions")
+            return f"groups={conv.groups}: use SparseConv2d for ungrouped convolutions"
         if conv.padding_mode != "zeros":
-            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+            return f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')"
         if isinstance(conv.padding, str):
-            raise ValueError(f"padding={conv.padding!r} strings are not supported")
-        if bn is not None:
-            check_foldable_bn(bn, conv.out_channels)
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                  device="meta", block_size=block_size, mode=mode)
-        new._attach(conv, bn, block_size, mode)
-        return new
+            return f"padding={conv.padding!r} strings are not supported"
+        return None
 
-    def to_dense(self) -> nn.Conv2d:
-        """The plain convolution back (same parameters); a folded BatchNorm runs on its own again."""
-        return self._dense_copy(nn.Conv2d)
+    @staticmethod
+    def _init_args(conv: nn.Conv2d) -> tuple:
+        return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, conv.padding_mode)
 
     @property
     def is_depthwise(self) -> bool:
         return self.groups == self.in_channels
 
-    def kind(self) -> str:
-        return ("depthwise" if self.is_depthwise else "grouped") + ("+bn" if self.folded_bn is not None else "")
-
-    def extra_repr(self):
-        return super().extra_repr() + f", fused={self.kind()}, block_size={self.block_size}, mode={self.mode}"
+    @property
+    def _kind(self) -> str:
+        return "depthwise" if self.is_depthwise else "grouped"
 
     @property
     def accepts_occupancy(self) -> bool:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseflow_kernels import ConvConfig, tiling
-from sparseflow_kernels import dispatch as kdispatch
+from sparseflow_kernels import dispatch as kdispatch  # noqa: F401  (the dispatch the paths measure with)
 from sparseflow_kernels.conv import pack_weight
 from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.linear import (
@@ -38,48 +38,25 @@ from sparseflow_kernels.linear import (
 )
 from sparseflow_kernels.spiking import spiking_conv2d
 
-from ._common import (
-    SparseModule,
-    VersionCache,
-    has_hooks,
-    kernels_take,
-    needs_autograd,
-    residual_as,
-    version_key,
-)
-from .conv import MODES, adopt_dense, bn_affine, bn_key, dense_copy, fold_bn, install_bypass, remove_bypass
+from ._common import residual_as, version_key
+from .base import SparseModule, bn_affine, bn_key, check_dense, check_foldable_bn, check_mode, fold_bn
 from .neuron import neuron_kernel
 from .neurons import find_adapter, neuron_support
 
-_RUNTIME = ("_pending", "_wcache", "_acache", "_tcache", "_bn", "_neuron", "_original_class", "block_size", "mode",
-            "time_steps", "last_path", "step_mode", "config", "numerics")
 
+class _GemmModule(SparseModule):
+    """What SparseLinear and SparseConv1d share: the GEMM's configuration and packed weight, the cuBLAS weights
+    with the BatchNorm folded in, and the dispatch between kernels and torch."""
 
-class _GemmMixin:
-    """What SparseLinear and SparseConv1d share: caches, the dispatch between kernels and torch."""
+    _caches = ("_wcache", "_acache", "_tcache")
 
-    def _init_runtime(self):
-        self.__dict__["_pending"] = False
-        self.__dict__["_wcache"] = VersionCache()
-        self.__dict__["_acache"] = VersionCache()
-        self.__dict__["_tcache"] = VersionCache()
-        self.last_path: str | None = None
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if "_pending" not in self.__dict__:
-            self._init_runtime()
+    def _init_gemm(self, block_size, mode: str, config: LinearConfig | None) -> None:
+        check_mode(mode)
+        self.config = config
+        self._init_dropin(block_size, mode)
 
     def _use_kernels(self, x: torch.Tensor) -> bool:
-        bn = self.__dict__.get("_bn")
-        neuron = self.__dict__.get("_neuron")
-        if self.training or (bn is not None and bn.training) or self.mode == "torch":
-            return False
-        if neuron is not None and neuron.training:
-            return False
-        if (bn is not None or neuron is not None) and has_hooks(self, bn, neuron):
-            return False  # the chain runs through its modules: each hook sees what it sees in the dense model
-        return kernels_take(x, self.weight, type(self).__name__) and not needs_autograd(x, self, bn, neuron)
+        return self.mode != "torch" and super()._use_kernels(x)
 
     def _cfg(self, K: int, N: int) -> LinearConfig:
         return tiling.linear_config(K, N, self.block_size, self.config)
@@ -88,13 +65,9 @@ class _GemmMixin:
         key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
         return self._wcache.get(key, lambda: pack_linear_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
 
-    def _adopt(self, dense: nn.Module, bn):
-        adopt_dense(self, dense, bn)
-        return self
-
     def _torch_weights(self, dtype):
         """(weight [N, K], bias) for the cuBLAS path, the BatchNorm (if any) folded in, cached by version."""
-        bn = self.__dict__.get("_bn")
+        bn = self.folded_bn
         key = (*version_key(self.weight, self.bias), dtype, bn_key(bn))
 
         def compute():
@@ -104,16 +77,10 @@ class _GemmMixin:
 
         return self.__dict__["_tcache"].get(key, compute)
 
-    def _affine(self):
-        bn = self.__dict__.get("_bn")
-        if bn is None:
-            return None, None
-        return self._acache.get(bn_key(bn), lambda: bn_affine(bn))
-
     def _traced_run(self, x, K, N):
         """The forward as ``torch.compile`` / ``torch.export`` trace it: the path the eager dispatch chose for this
         module (run the model once eagerly first), as registered operators, without version caches or timing."""
-        bn = self.__dict__.get("_bn")
+        bn = self.folded_bn
         path = self.last_path or "dense"
         conv1x1 = isinstance(self, nn.Conv1d)
         if path == "torch":
@@ -157,49 +124,17 @@ class _GemmMixin:
             if self.mode == "auto" and self.config is None and cfg.block_m == 64 and cfg.block_n == 128:
                 big = tiling.wide_linear_config(cfg)  # same packed weight, taller row tiles
                 cands["sparse_m128"] = lambda: run_kernel(False, big)
-        if self.mode != "auto":
-            path = self.mode if self.mode in cands else "dense"
-        else:
-            key = (*key, cfg.key(), scale is not None, self.block_size)
-            path = kdispatch.choose(key, cands, fallback="sparse" if "sparse" in cands else "dense",
-                                    device=x.device)
-        self.last_path = path
-        return cands[path]()
+        return self._dispatch((*key, cfg.key(), scale is not None, self.block_size), cands, x)
 
     def kind(self) -> str:
-        return (self._kind + ("+bn" if self.__dict__.get("_bn") is not None else "")
-                + ("+neuron" if self.__dict__.get("_neuron") is not None else ""))
-
-    @property
-    def folded_bn(self):
-        return self.__dict__.get("_bn")
-
-    @property
-    def fused_neuron(self):
-        return self.__dict__.get("_neuron")
-
-    def extra_repr(self):
-        return super().extra_repr() + f", fused={self.kind()}, block_size={self.block_size}, mode={self.mode}"
-
-
-
-def _check_mode(mode):
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        return super().kind() + ("+neuron" if self.fused_neuron is not None else "")
 
 
 def _check_bn(bn, features: int):
-    if bn is None:
-        return
-    if not isinstance(bn, nn.BatchNorm1d):
-        raise TypeError(f"bn must be an nn.BatchNorm1d, got {type(bn).__name__}")
-    if bn.num_features != features:
-        raise ValueError(f"bn has {bn.num_features} features, the projection {features} outputs")
-    if not bn.track_running_stats or bn.running_mean is None:
-        raise ValueError("BatchNorm without running statistics cannot be folded")
+    check_foldable_bn(bn, features, owner="the projection", kind=nn.BatchNorm1d)
 
 
-class SparseLinear(_GemmMixin, SparseModule, nn.Linear):
+class SparseLinear(_GemmModule, nn.Linear):
     """Drop-in ``nn.Linear`` (same parameters, ``state_dict`` keys and ``isinstance``) on the sparse GEMM
     in eval mode; see the module docstring. ``from_dense(linear, bn=...)`` folds a ``BatchNorm1d`` over the
     output features (inputs ``[M, K]``)."""
@@ -209,22 +144,14 @@ class SparseLinear(_GemmMixin, SparseModule, nn.Linear):
     def __init__(self, in_features, out_features, bias=True, *, block_size=None, mode: str = "auto",
                  config: LinearConfig | None = None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        _check_mode(mode)
-        self.block_size = block_size
-        self.mode = mode
-        self.config = config
-        self.time_steps = None
-        self.__dict__["_bn"] = None
-        self._init_runtime()
+        self._init_gemm(block_size, mode, config)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, bn: nn.BatchNorm1d | None = None, *, block_size=None,
                    mode: str = "auto", config: LinearConfig | None = None) -> SparseLinear:
         """Wrap ``linear`` (sharing its parameters); the caller puts the new module where it was."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
-        if linear.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"weight dtype {linear.weight.dtype} is not supported")
+        check_dense(linear, nn.Linear, lambda m: m.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+                    and f"weight dtype {m.weight.dtype} is not supported")
         _check_bn(bn, linear.out_features)
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
                   block_size=block_size, mode=mode, config=config)
@@ -232,16 +159,18 @@ class SparseLinear(_GemmMixin, SparseModule, nn.Linear):
 
     def to_dense(self) -> nn.Linear:
         """The plain ``nn.Linear`` (or the SpikingJelly class it was) back, same parameters."""
-        return dense_copy(self, nn.Linear, _RUNTIME)
+        return self._dense_copy(nn.Linear)
 
     @staticmethod
     def _feature_dim(y):
         return y.dim() - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The GEMM (+ folded BatchNorm) on the path measured fastest; ``torch`` (the dense layer, its BatchNorm
+        running on its own) where the kernels cannot run, and under numerics="faithful"."""
         self._pending = False
         bn = self._bn
-        if not self._use_kernels(x):
+        if not self._use_kernels(x) or self.faithful:
             self.last_path = "torch"
             return F.linear(x, self.weight, self.bias)
         if bn is not None and x.dim() != 2:
@@ -258,7 +187,7 @@ class SparseLinear(_GemmMixin, SparseModule, nn.Linear):
         return y
 
 
-class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
+class SparseConv1d(_GemmModule, nn.Conv1d):
     """Drop-in ``nn.Conv1d`` with ``kernel_size=1`` (stride 1, no padding, groups 1) on the sparse GEMM;
     inputs ``[N, C, L]``, ``[C, L]`` or multi-step ``[T, N, C, L]``. See the module docstring."""
 
@@ -267,15 +196,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
     def __init__(self, in_channels, out_channels, bias=True, *, block_size=None, mode: str = "auto",
                  config: LinearConfig | None = None, device=None, dtype=None):
         super().__init__(in_channels, out_channels, 1, bias=bias, device=device, dtype=dtype)
-        _check_mode(mode)
-        self.block_size = block_size
-        self.mode = mode
-        self.config = config
-        self.time_steps = None
-        self.numerics = "fast"  # or "faithful" (optimize's numerics): see forward
-        self.__dict__["_bn"] = None
-        self.__dict__["_neuron"] = None
-        self._init_runtime()
+        self._init_gemm(block_size, mode, config)
 
     @staticmethod
     def problem(conv: nn.Conv1d) -> str | None:
@@ -303,11 +224,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         neuron runs fused too. ``time_steps``: T of a multi-step neuron whose input the model flattens to
         ``[T*N, C, L]`` before the projection (``SeqToANNContainer``). The caller puts the new module where
         ``conv`` was."""
-        if not isinstance(conv, nn.Conv1d):
-            raise TypeError(f"from_dense expects an nn.Conv1d, got {type(conv).__name__}")
-        why = cls.problem(conv)
-        if why:
-            raise ValueError(why)
+        check_dense(conv, nn.Conv1d, cls.problem)
         _check_bn(bn, conv.out_channels)
         if neuron is not None:
             adapter, why = neuron_support(neuron)
@@ -317,20 +234,13 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
                   block_size=block_size, mode=mode, config=config)
         new.padding = conv.padding
         new.padding_mode = conv.padding_mode
-        new._adopt(conv, bn)
+        new._adopt(conv, bn, neuron)
         if neuron is not None:
-            new.__dict__["_neuron"] = neuron
             new.time_steps = time_steps
-            if bn is not None:
-                install_bypass(bn, new, last=False)
-            install_bypass(neuron, new, last=True)
         return new
 
     def to_dense(self) -> nn.Conv1d:
-        neuron = self.__dict__.get("_neuron")
-        if neuron is not None:
-            remove_bypass(neuron)
-        return dense_copy(self, nn.Conv1d, _RUNTIME)
+        return self._dense_copy(nn.Conv1d)
 
     @staticmethod
     def _feature_dim(y):
@@ -344,39 +254,45 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
             raise ValueError(f"SparseConv1d expects [C, L], [N, C, L] or [T, N, C, L], got {tuple(x.shape)}")
         if getattr(self, "step_mode", None) == "m" and x.dim() != 4:  # as the multi-step SpikingJelly layer says
             raise ValueError(f"SparseConv1d (step_mode='m'): expected x with shape [T, N, C, L], got {tuple(x.shape)}")
-        neuron = self.__dict__.get("_neuron")
+        neuron = self.fused_neuron
         if residual is not None and neuron is None:
             raise ValueError("SparseConv1d: residual is only accepted by a fused spiking projection")
         self._pending = False
         four = x.dim() == 4
         flat = x.flatten(0, 1) if four else x
-        if neuron is not None:
-            x4 = self._steps(x, neuron)
-            if x4 is not None and self._use_kernels(x):
-                if getattr(self, "numerics", "fast") == "faithful":
-                    out = self._faithful_spiking(x, x4, neuron, residual)
-                else:
-                    out = self._spiking_forward(x, x4, neuron, residual)
-                self._pending = residual is None
-                return out
-            self.last_path = "torch"
+        x4 = self._steps(x, neuron) if neuron is not None else None
+        route = self._route(x, x4)
+        if route in ("faithful", "spiking"):
+            run = self._faithful_spiking if route == "faithful" else self._spiking_forward
+            out = run(x, x4, neuron, residual)
+            self._pending = residual is None
+            return out
+        if route == "torch":
+            self.last_path = "torch"  # (faithful: its BatchNorm and neuron run on their own)
             y = F.conv1d(flat, self.weight, self.bias)
             y = y.view(*x.shape[:2], *y.shape[1:]) if four else y
             return y if residual is None else self._dense_chain(y, neuron, residual)
-        if not self._use_kernels(x) or getattr(self, "numerics", "fast") == "faithful":
-            self.last_path = "torch"  # (faithful: its BatchNorm runs on its own)
-            y = F.conv1d(flat, self.weight, self.bias)
-        else:
-            K, N = self.in_channels, self.out_channels
 
-            def kernel(cfg, w, scale, shift, dense):
-                return sparse_conv1x1(flat, self.weight, self.bias, config=cfg, packed_weight=w, scale=scale,
-                                      shift=shift, dense=dense)
+        def kernel(cfg, w, scale, shift, dense):
+            return sparse_conv1x1(flat, self.weight, self.bias, config=cfg, packed_weight=w, scale=scale,
+                                  shift=shift, dense=dense)
 
-            key = ("conv1x1", tuple(flat.shape), flat.stride(), x.dtype, N)
-            y = self._run(key, flat, kernel, lambda: F.conv1d(flat, self.weight, self.bias), K, N)
-            self._pending = self._bn is not None
+        key = ("conv1x1", tuple(flat.shape), flat.stride(), x.dtype, self.out_channels)
+        y = self._run(key, flat, kernel, lambda: F.conv1d(flat, self.weight, self.bias), self.in_channels,
+                      self.out_channels)
+        self._pending = self._bn is not None
         return y.view(*x.shape[:2], *y.shape[1:]) if four else y
+
+    def _route(self, x: torch.Tensor, x4) -> str:
+        """The forward's path for this call, decided here only: ``torch`` (the dense modules: training, hooks,
+        autograd, tensors the kernels cannot take, a fused projection's input that cannot run fused, or
+        numerics="faithful" without a fused neuron), ``faithful`` (the dense convolution and BatchNorm, the fused
+        neuron on its kernel), ``spiking`` (the fused spiking projection), ``gemm`` (the sparse GEMM)."""
+        if self.fused_neuron is not None:
+            if x4 is None or not self._use_kernels(x):
+                return "torch"
+            return "faithful" if self.faithful else "spiking"
+        return "torch" if not self._use_kernels(x) or self.faithful else "gemm"
 
     # -- the fused spiking projection
     def _steps(self, x, neuron):
@@ -401,7 +317,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
         four = x.dim() == 4
         y = self._conv_forward(x.flatten(0, 1) if four else x, self.weight, self.bias)
         y = y.view(*x.shape[:2], *y.shape[1:]) if four else y
-        bn = self.__dict__.get("_bn")
+        bn = self.folded_bn
         if bn is not None:
             y = type(bn).forward(bn, y)
         y4 = y.view(*x4.shape[:2], *y.shape[-2:])
@@ -412,7 +328,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
     def _dense_chain(self, y, neuron, residual):
         """BatchNorm, neuron and the residual add with the original modules, called as modules (their hooks run;
         training mode, CPU, autograd, hooks)."""
-        bn = self.__dict__.get("_bn")
+        bn = self.folded_bn
         if bn is not None:
             y = bn(y)
         T = self.time_steps
@@ -463,7 +379,7 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
             return m.view(*lead, 1, t.shape[-2], 1, N * L)
 
         x5, v05, res5 = tokens(x4, (T,)), tokens(v0, ()), tokens(res4, (T,))
-        bn = self.__dict__.get("_bn")
+        bn = self.folded_bn
         if traced:  # the fold is part of the traced graph
             scale, shift = bn_affine(bn) if bn is not None else (None, None)
         else:
@@ -492,15 +408,10 @@ class SparseConv1d(_GemmMixin, SparseModule, nn.Conv1d):
             if self.block_size != "dense" and tiling.conv_groups_fit(C, cfgs["fused_dense"]):
                 cands["fused_sparse"] = lambda: fused(cfgs["fused_dense"], True)
             cands["cudnn"] = cudnn
-            if self.mode == "auto":
-                key = ("spiking1d", tuple(x5.shape), x5.stride(), x.dtype, CO, spec.kind, residual is not None,
-                       None if res5 is None else res5.stride(), scale is not None, self.block_size)
-                path = kdispatch.choose(key, cands, fallback="fused_dense", device=x.device)
-            else:
-                path = {"sparse": "fused_sparse", "dense": "fused_dense"}.get(self.mode, "fused_dense")
-                path = path if path in cands else "fused_dense"
-            self.last_path = path
-            spikes, v = cands[path]()
+            key = ("spiking1d", tuple(x5.shape), x5.stride(), x.dtype, CO, spec.kind, residual is not None,
+                   None if res5 is None else res5.stride(), scale is not None, self.block_size)
+            spikes, v = self._dispatch(key, cands, x, fallback="fused_dense", default="fused_dense",
+                                       forced={"sparse": "fused_sparse", "dense": "fused_dense"})
         if merge:  # [T, 1, CO, 1, N*L] -> [T, N, CO, L]; the membrane [1, CO, 1, N*L] -> [N, CO, L]
             spikes = spikes.reshape(T, CO, N, L).movedim(2, 1)
             v = v.reshape(CO, N, L).movedim(1, 0)

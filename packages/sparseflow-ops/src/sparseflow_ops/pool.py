@@ -14,7 +14,8 @@ from torch import nn
 from sparseflow_kernels.library import compiling
 from sparseflow_kernels.pool import max_pool2d
 
-from ._common import SparseModule, kernels_can_run, take_shift
+from ._common import kernels_can_run, take_shift
+from .base import SparseModule
 
 
 def _pair(v):
@@ -23,7 +24,13 @@ def _pair(v):
 
 class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
     """Drop-in ``nn.MaxPool2d`` (no ``return_indices``) running :func:`sparseflow_kernels.pool.max_pool2d`
-    in eval and inference; training-mode calls that need autograd run ``F.max_pool2d``."""
+    in eval and inference; training-mode calls that need autograd run ``F.max_pool2d``. Exact, so the same under
+    numerics="faithful"."""
+
+    _caches = ()
+
+    def _repr_fields(self) -> dict:
+        return {}
 
     @classmethod
     def from_dense(cls, m: nn.MaxPool2d) -> TritonMaxPool2d:
