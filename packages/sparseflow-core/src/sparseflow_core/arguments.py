@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .hooks import OwnPreHook
+
 #: the skip-tile edges the sparse kernels take (``block_size`` ints)
 BLOCK_SIZES = (4, 8, 16)
 #: the block_size strings: the dense op everywhere, or measured per layer
@@ -68,7 +70,7 @@ def cast_inputs(inputs, dtype):
     return inputs
 
 
-class CastInputs:
+class CastInputs(OwnPreHook):
     """Forward pre-hook of a model optimized with ``dtype=``: its floating-point inputs are cast to that dtype on
     every call (the model's parameters are in it), integer and boolean inputs are passed as they are."""
 

@@ -174,7 +174,7 @@ def broadcast_on_first_call(model, src: int = 0, group=None):
 
 def _report_dict(model_or_report) -> dict:
     from .cuda_graph import CudaGraphModel
-    from .optimize import REPORT_ATTR
+    from .report import REPORT_ATTR
     from .report import OptimizeReport
 
     if isinstance(model_or_report, OptimizeReport):

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .registry import is_leaf
+from .registry import is_leaf, is_spiking_module
 
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__"}
 
@@ -128,7 +128,8 @@ def common_parent(*names: str) -> str:
     return ".".join(out)
 
 
-def _rel(name: str, parent: str) -> str:
+def rel_name(name: str, parent: str) -> str:
+    """``name`` relative to the module ``parent`` (both fully qualified names in the model)."""
     return name[len(parent) + 1:] if parent else name
 
 
@@ -160,6 +161,24 @@ def trace_block(block: nn.Module) -> tuple[fx.GraphModule | None, str]:
     if own:
         return None, f"the traced graph holds constants of its own ({', '.join(own)})"
     return fx.GraphModule(block, graph, class_name=type(block).__name__ + "Fused"), ""
+
+
+def residual_neuron(gm: fx.GraphModule | None, conv_rel: str, bn_rel: str) -> str | None:
+    """Name of the module called on ``bn(conv(x)) + identity`` in the traced block, if it is a spiking neuron."""
+    if gm is None:
+        return None
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    bn = nodes.get(bn_rel)
+    if bn is None or len(bn.users) != 1:
+        return None
+    add = next(iter(bn.users))
+    if not _is_add(add) or len(add.users) != 1:
+        return None
+    nxt = next(iter(add.users))
+    if nxt.op != "call_module":
+        return None
+    m = gm.get_submodule(nxt.target)
+    return nxt.target if is_spiking_module(m) else None
 
 
 def fuse_residual(block: nn.Module, gm: fx.GraphModule | None, conv_rel: str, bn_rel: str | None,

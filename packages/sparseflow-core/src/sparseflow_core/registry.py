@@ -8,7 +8,8 @@
   into the layer before) and ``sparseflow_ops.standalone_neuron_support`` (as a module of its own).
 * Op handlers (:func:`register_op_handler`, keyed by module type like torchao's ``quantize_`` handlers): how
   ``optimize()`` replaces a spike-fed module of a given type (Linear, attention, depthwise or transposed
-  convolution, ...). ``nn.Conv2d`` with ``groups == 1`` has its own built-in path (conv -> BN -> neuron fusion).
+  convolution, ...). ``nn.Conv2d`` is one of them too (``handlers/conv2d.py``), in the ``"chains"`` stage: it
+  fuses the conv -> BN -> neuron chain after the convolution, after the other handlers ran.
 
 The registries are guarded by a lock; lookups walk the class MRO.
 """
@@ -67,6 +68,10 @@ def unregister_spiking_module(cls: type) -> None:
             _SPIKING.remove(cls)
 
 
+#: the passes of ``optimize()`` that run op handlers, in order (``OpHandler.stage``)
+STAGES = ("handlers", "chains")
+
+
 @dataclass(frozen=True)
 class OpHandler:
     """How ``optimize()`` replaces a module of a registered type.
@@ -83,7 +88,10 @@ class OpHandler:
     Transformer block fusing its skip connections into its layers), so the children still go to their own
     handlers afterwards. ``faithful``: with ``optimize(..., numerics="faithful")`` its replacement gives the dense
     module's result bit for bit (exact ops, or the dense computation in that mode); other handlers are skipped
-    then.
+    then. ``stage``: ``"handlers"`` (the op-handler pass, outermost module first) or ``"chains"`` (the chains pass
+    after it, for handlers that fuse the modules after theirs: ``ctx.state`` is the optimize state and
+    ``ctx.entry`` the module's report entry, which the handler fills; it makes its own checks (spikes, hooks), the
+    pass applies ``filter_fn`` and puts the replacement in the model).
     """
 
     name: str
@@ -94,6 +102,11 @@ class OpHandler:
     uses_blocks: bool = True  # whether the block size (default rule / user's) means anything for this op
     descend: bool = False  # children still handled after the module is replaced
     faithful: bool = False  # its module gives the dense result bit for bit under numerics="faithful"
+    stage: str = "handlers"  # "handlers", or "chains" (after the other handlers; gets the optimize state)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"OpHandler {self.name!r}: stage must be one of {STAGES}, got {self.stage!r}")
 
 
 _HANDLERS: list[tuple[type, OpHandler]] = []

@@ -11,6 +11,9 @@ TABLE_WIDTH = 120
 #: the path cell of a replaced layer before the model's first call
 PATH_PENDING = "after 1st call"
 
+#: where ``optimize()`` keeps its report on the model (``get_report`` reads it)
+REPORT_ATTR = "_sparseflow_report"
+
 
 def user_type(m) -> str:
     """The name of the class the user wrote for ``m``: a SparseFlow drop-in (``SparseConv2d``, ``TritonMaxPool2d``,

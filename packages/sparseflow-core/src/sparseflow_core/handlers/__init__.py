@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..hooks import module_hooks  # noqa: F401  (the handlers' hook check: the one the passes use)
+
 
 @dataclass
 class HandlerContext:
@@ -23,6 +25,8 @@ class HandlerContext:
     name: str  # the module's fully qualified name in ``model``
     block_size: object  # int, "dense", or None (the handler's own default)
     mode: str  # "auto", "sparse", "dense", "torch"
+    state: object = None  # handlers of the chains stage: the optimize state (sparseflow_core.passes.state)
+    entry: object = None  # handlers of the chains stage: the module's report entry, which they fill
 
     @property
     def info(self):
@@ -30,13 +34,7 @@ class HandlerContext:
         return self.analysis.first(self.name)
 
 
-def module_hooks(m: nn.Module) -> str:
-    """The kinds of hooks on ``m`` that keep it from being fused or replaced ('' when none): ``optimize``'s own
-    check (forward, pre, backward and global hooks), for handlers that fuse a module next to the one they get."""
-    from ..optimize import _hooks  # (optimize imports this package)
-
-    return _hooks(m)
-
-
+# (in name order: ``conv2d`` registers before ``grouped_transposed``, whose ``groups > 1`` handler, registered
+# later, then wins for those convolutions)
 for _mod in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_mod.name}")

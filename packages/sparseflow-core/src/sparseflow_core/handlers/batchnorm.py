@@ -1,9 +1,9 @@
 """``nn.BatchNorm2d`` fed by spikes (after a neuron or a residual add of spikes) -> ``SparseBatchNorm2d``.
 
-A BatchNorm fed by a convolution is not this handler's: the built-in conv pass of ``optimize()`` (which runs
-after the handlers) folds it into the ``SparseConv2d`` it follows (``report.folded``), or leaves it with that
-convolution when the convolution stays dense. So the handler declines every BatchNorm whose input is produced by
-an ``nn.Conv2d``, and every one whose input the analyzer did not prove to be spikes.
+A BatchNorm fed by a convolution is not this handler's: the ``nn.Conv2d`` handler (``conv2d.py``, in the chains
+pass, which runs after the other handlers) folds it into the ``SparseConv2d`` it follows (``report.folded``), or
+leaves it with that convolution when the convolution stays dense. So the handler declines every BatchNorm whose
+input is produced by an ``nn.Conv2d``, and every one whose input the analyzer did not prove to be spikes.
 """
 
 from __future__ import annotations

@@ -1,0 +1,29 @@
+"""Which hooks keep a module from being replaced, fused or folded.
+
+A replacement module would drop the hooks registered on the module it replaces, and a fused or folded module
+would hand them other values: such modules are left as they are. Both the passes of ``optimize()`` and the op
+handlers ask :func:`module_hooks`; SparseFlow's own forward pre-hooks on the model (the lazy optimization, the
+input cast of ``dtype=``) subclass :class:`OwnPreHook` and do not count.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class OwnPreHook:
+    """Base of SparseFlow's own forward pre-hooks on a model; :func:`module_hooks` does not count them."""
+
+
+def module_hooks(m: nn.Module) -> str:
+    """The kinds of hooks registered on ``m`` (or on every module), '' when none."""
+    from torch.nn.modules import module as _mm
+
+    kinds = [k for k, d in (("forward", "_forward_hooks"), ("forward pre", "_forward_pre_hooks"),
+                            ("backward", "_backward_hooks"), ("backward pre", "_backward_pre_hooks"))
+             if getattr(m, d, None)]
+    kinds += [f"global {k}" for k, d in (("forward", "_global_forward_hooks"),
+                                         ("forward pre", "_global_forward_pre_hooks")) if getattr(_mm, d, None)]
+    if "forward pre" in kinds and all(isinstance(h, OwnPreHook) for h in m._forward_pre_hooks.values()):
+        kinds.remove("forward pre")
+    return ", ".join(kinds)
