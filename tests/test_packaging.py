@@ -132,7 +132,7 @@ def test_dunder_version_matches_pyproject(dist: str, imp: str, project_dir: Path
 # (the rules: test_imports_respect_layers_and_privacy's docstring)
 
 # import name of a distribution where it is not the distribution name with "-" -> "_"
-IMPORT_NAMES = {"scikit-image": "skimage", "pillow": "PIL", "pyyaml": "yaml"}
+IMPORT_NAMES = {"scikit-image": "skimage", "pillow": "PIL", "pyyaml": "yaml", "nvidia-ml-py": "pynvml"}
 # installed by `nox -s tests` (THIRD_PARTY in noxfile.py); packaging and tomli come with pytest
 TEST_TOOLS = {"pytest", "hypothesis", "numpy", "pytest_benchmark", "packaging", "tomli"}
 REFERENCE_LIBS = {"spikingjelly", "snntorch"}
@@ -140,18 +140,6 @@ REFERENCE_LIBS = {"spikingjelly", "snntorch"}
 # Known violations in src (file relative to the repository root, imported top-level module or private name),
 # accepted until the packages declare or drop them. Empty it as they are fixed: a stale entry fails the test.
 KNOWN_SRC_VIOLATIONS: set[tuple[str, str]] = {
-    # undeclared dependencies
-    ("packages/sparseflow-ops/src/sparseflow_ops/attention.py", "spikingjelly"),
-    ("packages/sparseflow-ops/src/sparseflow_ops/neurons.py", "spikingjelly"),
-    ("packages/sparseflow-ops/src/sparseflow_ops/neurons.py", "snntorch"),
-    ("packages/sparseflow-core/src/sparseflow_core/profiler.py", "pynvml"),
-    ("packages/sparseflow-core/src/sparseflow_core/sops.py", "matplotlib"),
-    ("packages/sparseflow-bench/src/sparseflow_bench/eval_data.py", "PIL"),
-    ("packages/sparseflow-bench/src/sparseflow_bench/eval_data.py", "torchvision"),
-    ("packages/sparseflow-bench/src/sparseflow_bench/timing.py", "pynvml"),
-    # another package's private module or name
-    ("packages/sparseflow-ops/src/sparseflow_ops/_common.py", "sparseflow_kernels._utils"),
-    ("packages/sparseflow-core/src/sparseflow_core/profiler.py", "sparseflow_ops._common"),
     ("packages/sparseflow-bench/src/sparseflow_bench/sections/transformer.py",
      "sparseflow_kernels.linear._block_flags"),
 }

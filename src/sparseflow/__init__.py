@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 # Public names re-exported from sparseflow_core.
 _CORE_EXPORTS = (
     "optimize", "restore", "profile", "register_spiking_module", "OptimizeReport", "get_report", "cuda_graph",
-    "analyze", "export",
+    "analyze", "export", "force_path",
 )
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "analyze",
     "cuda_graph",
     "export",
+    "force_path",
     "get_report",
     "optimize",
     "profile",
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         analyze,
         cuda_graph,
         export,
+        force_path,
         get_report,
         optimize,
         profile,

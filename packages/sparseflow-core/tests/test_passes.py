@@ -4,6 +4,7 @@ handler a user registers for it takes over), handler stages are checked, and the
 from __future__ import annotations
 
 import pytest
+from sf_core_nets import build_small_sj
 from spikingjelly.activation_based import layer
 from torch import nn
 
@@ -12,7 +13,6 @@ from sparseflow_core.handlers.conv2d import CONV2D_HANDLER
 from sparseflow_core.hooks import module_hooks
 from sparseflow_core.passes import PIPELINE
 from sparseflow_ops import SparseConv2d
-from sf_core_nets import build_small_sj
 
 
 def test_conv2d_is_a_registered_handler_of_the_chains_stage():

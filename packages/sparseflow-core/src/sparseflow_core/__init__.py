@@ -1,5 +1,7 @@
 """SparseFlow core: the spiking-module registry, the data-flow analyzer, the replacer and ``optimize()``."""
 
+from sparseflow_kernels import force_path
+
 from .analyzer import Analysis, analyze
 from .blocks import select_block_size
 from .cuda_graph import CudaGraphModel, cuda_graph, reset_states
@@ -35,6 +37,7 @@ __all__ = [
     "cuda_graph",
     "export",
     "find_op_handler",
+    "force_path",
     "get_report",
     "is_optimized",
     "is_spiking_module",

@@ -174,8 +174,7 @@ def broadcast_on_first_call(model, src: int = 0, group=None):
 
 def _report_dict(model_or_report) -> dict:
     from .cuda_graph import CudaGraphModel
-    from .report import REPORT_ATTR
-    from .report import OptimizeReport
+    from .report import REPORT_ATTR, OptimizeReport
 
     if isinstance(model_or_report, OptimizeReport):
         return model_or_report.to_dict()

@@ -150,7 +150,7 @@ def _layer_block_size(mod: nn.Module, x: torch.Tensor, block_size: int | None) -
 # ------------------------------------------------------------------------------------------- dense ops
 def _is_sparse_module(m: nn.Module) -> bool:
     try:
-        from sparseflow_ops._common import SparseModule
+        from sparseflow_ops import SparseModule
     except ImportError:  # pragma: no cover - sparseflow_ops is a dependency of core
         return False
     return isinstance(m, SparseModule)

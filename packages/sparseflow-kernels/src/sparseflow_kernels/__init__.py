@@ -4,6 +4,7 @@ Depends only on torch and triton. Kernels run on CUDA tensors, or on the CPU und
 """
 
 from . import library  # noqa: F401  (registers the torch.ops.sparseflow operators)
+from ._utils import can_run_triton
 from .attention import channel_dot, ssa_attention
 from .batchnorm import sparse_batch_norm2d
 from .conv import ConvConfig
@@ -24,6 +25,7 @@ __all__ = [
     "LinearConfig",
     "NeuronSpec",
     "Occupancy",
+    "can_run_triton",
     "channel_dot",
     "default_config",
     "force_path",

@@ -10,8 +10,7 @@ import threading
 import torch
 from torch.nn.modules import module as _mm
 
-from sparseflow_kernels import Occupancy
-from sparseflow_kernels._utils import can_run_triton
+from sparseflow_kernels import Occupancy, can_run_triton
 
 logger = logging.getLogger("sparseflow")
 _NOTICES: set[str] = set()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..hooks import module_hooks  # noqa: F401  (the handlers' hook check: the one the passes use)
+from ..hooks import module_hooks  # (the handlers' hook check: the one the passes use)
 
 
 @dataclass
@@ -32,6 +32,27 @@ class HandlerContext:
     def info(self):
         """The analyzer's record of the module's first call (in_shape, out_shape, densities)."""
         return self.analysis.first(self.name)
+
+    def foldable_bn(self, bn_type: type, features: int):
+        """(BatchNorm, its name): the eval-mode ``bn_type`` with running statistics that alone takes this module's
+        whole output, unchanged, so that it can be folded into the module; else (None, why not) ("" when the sole
+        user is not a BatchNorm at all)."""
+        user, why = self.analysis.sole_user(self.name)
+        if user is None:
+            return None, f"no BatchNorm folded: output {why}"
+        bn = self.model.get_submodule(user)
+        if not isinstance(bn, bn_type):
+            return None, ""
+        if bn.training:
+            return None, f"no BatchNorm folded: {user} is in training mode"
+        if not bn.track_running_stats or bn.running_mean is None or bn.num_features != features:
+            return None, f"no BatchNorm folded: {user} has no usable running statistics"
+        if module_hooks(bn):
+            return None, f"no BatchNorm folded: {user} has {module_hooks(bn)} hooks"
+        ok, why = self.analysis.chained(self.name, user)
+        if not ok:
+            return None, f"no BatchNorm folded: {why}"
+        return bn, user
 
 
 # (in name order: ``conv2d`` registers before ``grouped_transposed``, whose ``groups > 1`` handler, registered

@@ -16,7 +16,6 @@ from sparseflow_ops.conv_transpose import SparseConvTranspose2d
 from sparseflow_ops.depthwise import SparseGroupedConv2d
 
 from ..registry import OpHandler, register_op_handler
-from . import module_hooks
 
 #: output tile edge of the depthwise kernel at most (:data:`sparseflow_kernels.tiling.DEPTHWISE_MAX_TILE`)
 DEPTHWISE_MAX_TILE = tiling.DEPTHWISE_MAX_TILE
@@ -32,26 +31,6 @@ def _weight_problem(m) -> str | None:
     return None
 
 
-def _foldable_bn(m, ctx):
-    """The eval BatchNorm2d that alone consumes ``m``'s output, or None (and why)."""
-    user, why = ctx.analysis.sole_user(ctx.name)
-    if user is None:
-        return None, f"no BatchNorm folded: output {why}"
-    bn = ctx.model.get_submodule(user)
-    if not isinstance(bn, nn.BatchNorm2d):
-        return None, ""
-    if bn.training:
-        return None, f"no BatchNorm folded: {user} is in training mode"
-    if not bn.track_running_stats or bn.running_mean is None or bn.num_features != m.out_channels:
-        return None, f"no BatchNorm folded: {user} has no usable running statistics"
-    if module_hooks(bn):
-        return None, f"no BatchNorm folded: {user} has {module_hooks(bn)} hooks"
-    ok, why = ctx.analysis.chained(ctx.name, user)
-    if not ok:
-        return None, f"no BatchNorm folded: {why}"
-    return bn, user
-
-
 def _block(ctx, cg=None):
     """The block size of the layer (``cg``: input channels per group of a grouped conv)."""
     return ctx.block_size if cg is None else tiling.grouped_block_size(ctx.block_size, cg)
@@ -61,7 +40,7 @@ def _replace_grouped(m: nn.Conv2d, ctx):
     problem = _weight_problem(m)
     if problem:
         return None, problem
-    bn, bn_name = _foldable_bn(m, ctx)
+    bn, bn_name = ctx.foldable_bn(nn.BatchNorm2d, m.out_channels)
     dw = m.groups == m.in_channels
     new = SparseGroupedConv2d.from_dense(m, bn, block_size=_block(ctx, m.in_channels // m.groups), mode=ctx.mode)
     what = ("depthwise" if dw else f"grouped ({m.groups} groups)") + (f" + {bn_name} folded" if bn is not None
@@ -79,7 +58,7 @@ def _replace_transpose(m: nn.ConvTranspose2d, ctx):
         return None, f"groups={m.groups} (sparse transposed convolution supports groups=1)"
     if tuple(m.dilation) != (1, 1):
         return None, f"dilation={m.dilation} (sparse transposed convolution supports dilation 1)"
-    bn, bn_name = _foldable_bn(m, ctx)
+    bn, bn_name = ctx.foldable_bn(nn.BatchNorm2d, m.out_channels)
     new = SparseConvTranspose2d.from_dense(m, bn, block_size=_block(ctx), mode=ctx.mode)
     what = f"conv_transpose stride {tuple(m.stride)}" + (f" + {bn_name} folded" if bn is not None else "")
     return new, what

@@ -31,24 +31,6 @@ def _mode(ctx) -> str:
     return ctx.mode if ctx.mode in ("auto", "sparse", "dense", "torch") else "auto"
 
 
-def _folded_bn(ctx, features: int):
-    """The eval-mode BatchNorm1d that alone uses the module's whole output, unchanged, or None (and why)."""
-    user, why = ctx.analysis.sole_user(ctx.name)
-    if user is None:
-        return None, f"BatchNorm not folded: output {why}"
-    bn = ctx.model.get_submodule(user)
-    if not isinstance(bn, nn.BatchNorm1d):
-        return None, ""
-    if bn.training or not bn.track_running_stats or bn.running_mean is None or bn.num_features != features:
-        return None, f"BatchNorm {user} not folded (training mode, no running stats or other features)"
-    if module_hooks(bn):
-        return None, f"BatchNorm {user} not folded: it has {module_hooks(bn)} hooks"
-    ok, why = ctx.analysis.chained(ctx.name, user)
-    if not ok:
-        return None, f"BatchNorm {user} not folded: {why}"
-    return bn, user
-
-
 def _fusible_neuron(ctx, src: str, conv_name: str):
     """(neuron, its name, time_steps, note): the spiking neuron that alone takes ``src``'s whole output (the
     BatchNorm after a projection, or the projection itself), if it can run fused; else (None, None, None, why)."""
@@ -86,7 +68,7 @@ def _replace_conv1d(m: nn.Conv1d, ctx):
     why = SparseConv1d.problem(m)
     if why:
         return None, why
-    bn, bn_name = _folded_bn(ctx, m.out_channels)
+    bn, bn_name = ctx.foldable_bn(nn.BatchNorm1d, m.out_channels)
     info = ctx.info
     if bn is not None and info is not None and info.out_shape is not None and len(info.out_shape) != 3:
         bn, bn_name = None, "BatchNorm not folded: output is not [N, C, L]"
