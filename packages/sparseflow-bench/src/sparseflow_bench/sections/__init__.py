@@ -7,10 +7,9 @@ with ``ctx.dump(filename, obj)`` (the environment is added), checks ``ctx.left()
 under ``ctx.dry`` (CPU, interpreter) runs every code path once on tiny shapes without timing claims.
 
 Reading the results back (:mod:`sparseflow_bench.records`): :data:`RESULT_FILES` names the section that wrote
-each results file; a section whose JSON is not a plain ``rows`` list maps it to the one row schema
-(:class:`sparseflow_bench.records.Row`) with ``rows(obj, source)``, and may render its markdown table with
-``markdown(obj, d)`` (``sparseflow-bench report`` writes it beside the JSON). Any other file goes through the
-generic mapping of ``records``.
+each results file. That section may map its JSON to the one row schema (:class:`sparseflow_bench.records.Row`)
+with ``rows(obj, source)`` (else the generic mapping of ``records`` reads its ``rows``-like lists), and render its
+markdown table with ``markdown(obj, d)`` (``sparseflow-bench report`` writes it beside the JSON).
 """
 
 from __future__ import annotations
@@ -29,6 +28,9 @@ import torch
 
 @dataclass
 class SectionContext:
+    """What one run gives its sections: where to write, the environment, the device, ``dry`` (CPU smoke run), the
+    shapes and models, the deadline, and what the sections of the run share."""
+
     out_dir: str
     env: dict
     device: torch.device

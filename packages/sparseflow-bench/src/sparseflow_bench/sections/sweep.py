@@ -72,7 +72,7 @@ def run(ctx) -> dict:
             for n in ((1, 2) if ctx.device.type == "cpu" else (1, 8, 32, 128)):
                 if ctx.left() < 40:
                     break
-                xn = x8.repeat(1, -(-n // 8), 1, 1, 1)[:, :n].contiguous()
+                xn = x8.repeat(1, -(-n // x8.shape[1]), 1, 1, 1)[:, :n].contiguous()  # the spike maps, repeated
                 row = _row(ctx, size, lname, m, xn, sms)
                 if row is not None:
                     rows.append(row)
