@@ -73,3 +73,21 @@ def test_sweep_section_measures_its_layers_at_two_sizes(tmp_path, monkeypatch):
                                                                                           ("16px", "baseline")}
     pytest.importorskip("matplotlib")
     assert report.section_tables(str(tmp_path), log=lambda *_: None) == ["fused_batch_sweep.md"]
+
+
+def test_e2e_section_dry_run(tmp_path, monkeypatch):
+    """``--sections e2e`` on the CPU: the eager time, the dense model's own fp32 reordering error, SparseFlow fp16,
+    fp32 and fp32 faithful against the dense fp32 model (faithful: bit for bit), what optimize() replaced, and the
+    file read back by the one reader."""
+    monkeypatch.setattr(models, "prepared_model", _small)
+    ctx = SectionContext(str(tmp_path), {"device": "cpu"}, torch.device("cpu"), dry=True, T=2, N=1, size=8,
+                         models=["small"])
+    assert run_sections(["e2e"], ctx) == 0
+    r = json.loads((tmp_path / "e2e.json").read_text())["small"]
+    assert not [k for k in r if k.endswith("error")], r
+    assert r["logits_rel_err_fp32_faithful"] == 0.0 and r["logits_rel_err_fp32"] < 1e-3
+    assert r["replaced_fp16"]["fused"] == 3 and r["sparseflow_ms"] == r["sparseflow_fp16_ms"] > 0
+    assert "dense_fp32_reordered_logits_rel_err" in r and "dense_fp16_logits_rel_err" in r
+    recs = records.collect(str(tmp_path), log=lambda *_: None)
+    assert {r.provider for r in recs} >= {"eager_fp32", "sparseflow_fp16", "sparseflow_fp32", "sparseflow_fp32_faithful"}
+    assert {r.role for r in recs if r.provider == "sparseflow_fp16"} == {"sparseflow"}
