@@ -117,19 +117,20 @@ def bench(session: nox.Session) -> None:
     With a CUDA GPU, in one call: the per-op density sweep on synthetic spikes (i.i.d., clustered, silent
     channels), the end-to-end models against eager fp32 and ``torch.compile``, ``sparseflow.profile`` of every
     benchmark model (per-layer latency against each layer's dense op), each against its dense baseline in the same
-    run (``--sections`` adds the other sections of ``sparseflow_bench.gpu_run``), then the report
+    run (``--sections`` adds the other sections of ``sparseflow_bench.sections``), then the report
     into ``benchmarks/results/<device>/`` (``sparseflow_bench.layout``): ``results.csv`` (long format), markdown
     tables, PNG plots, and the README's Results block. Without one the CLI runs the CPU demo: SparseFlow's kernels
     through Triton's interpreter on a small spiking CNN (a minute or two; it writes no files). Extra arguments go
     to the CLI: ``nox -s bench -- --sections layers,e2e --T 4 --batch 8``; ``nox -s bench -- compare NEW OLD``
-    runs the regression guard instead. On a machine whose python already has every dependency (the GPU device machine:
+    runs the regression guard instead, ``nox -s bench -- diagnose MODEL`` where an optimized model departs from the
+    dense one. On a machine whose python already has every dependency (the GPU device machine:
     ``GPU_BENCH=nox bash scripts/gpu_check.sh``), ``nox --no-venv --no-install -s bench`` runs it in that python.
     """
     install_sparseflow(session)
     # ``nox --no-venv --no-install -s bench`` (a machine whose python already has torch, triton and the
     # dependencies, e.g. the GPU device machine; our packages on PYTHONPATH): the python running nox
     python = sys.executable if session.venv_backend == "none" else "python"
-    if session.posargs and session.posargs[0] in ("report", "compare", "run"):
+    if session.posargs and session.posargs[0] in ("report", "compare", "run", "diagnose"):
         session.run(python, "-m", "sparseflow_bench.cli", *session.posargs, external=True)
         return
     session.run(python, "-m", "sparseflow_bench.cli", "--results-root", str(ROOT / "benchmarks" / "results"),

@@ -62,7 +62,7 @@ def main(argv=None):
     p.add_argument("--models", default="spiking_resnet34")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     a = p.parse_args(argv)
-    from sparseflow_bench.gpu_run import prepared_model
+    from sparseflow_bench.models import prepared_model
     from sparseflow_core import optimize, reset_states
 
     for name in a.models.split(","):

@@ -204,7 +204,7 @@ def test_models_match_dense(name, size, kw, mode, strict_fp32):
     per-test timeout): outputs equal the float64 dense model's (relative error < 1e-3).
 
     The weights are seeded: a random, recalibrated spiking network may amplify rounding (a spike flips at an exact
-    threshold tie and the change grows through the layers). ``scripts/diag_unet.py`` on the H100 (8 seeds): the
+    threshold tie and the change grows through the layers). ``sparseflow-bench diagnose`` on the H100 (8 seeds): the
     optimized U-Net is within 2e-8 of the dense fp32 model for 6 seeds; for 2 of them the dense fp32 model is
     itself 2.5e-3 and 5.7e-3 away from float64 and the optimized one 2.5e-3 and 9.4e-3 from dense fp32, at the
     last time step only. The test asserts that premise (dense fp32 within 1e-5 of float64 for its seed) so that

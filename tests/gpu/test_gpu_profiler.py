@@ -85,7 +85,7 @@ def test_profile_densities_match_cpu(channels_last):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cli_profile_step_writes_readable_json(tmp_path, dtype):
     from sparseflow_bench import records
-    from sparseflow_bench.cli import profile_model
+    from sparseflow_bench.sections.profile import profile_model
 
     report, prof = profile_model("spiking_resnet18", 2, 2, 64, dtype, None, torch.device("cuda"), str(tmp_path),
                                  reps=2)

@@ -155,7 +155,7 @@ def test_optimize_real_models_fp32(name):
     """optimize() on the real models (T=4, N=2, 224 px, recalibrated BatchNorm): logits within 1e-3."""
     from spikingjelly.activation_based import functional
 
-    from sparseflow_bench.gpu_run import prepared_model
+    from sparseflow_bench.models import prepared_model
     from sparseflow_core import optimize, restore
     from sparseflow_ops import SparseModule
 

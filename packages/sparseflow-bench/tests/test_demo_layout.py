@@ -101,3 +101,27 @@ def test_readme_results_block_is_current():
     assert d is not None
     link = os.path.relpath(d, ROOT)
     assert readme[i + len(report.BEGIN) + 1:j] == report.readme_results(d, link, plot=False)
+
+
+def test_diagnose_compares_each_mode_with_the_dense_model(capsys):
+    """``sparseflow-bench diagnose`` on the CPU (the torch paths, tiny shapes): per mode the optimized model's
+    error against the dense fp32 model, per time step, the dense model's own reordering error and its distance to
+    float64, where outputs first differ and the paths taken; TF32 settings restored afterwards."""
+    import math
+
+    import torch
+
+    from sparseflow_bench import cli
+
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    assert cli.main(["diagnose", "sew_resnet18", "--modes", "torch", "--seeds", "3", "--T", "2", "--batch", "1",
+                     "--size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 3 mode torch: rel err" in out and "dense fp32 reordered" in out and "paths {" in out
+    from sparseflow_bench.diagnose import diagnose
+
+    (r,) = diagnose("sew_resnet18", ["torch"], [3], T=2, N=1, size=16, log=lambda *_: None)
+    assert r["rel_err"] < 1e-3 and len(r["rel_err_per_t"]) == 2 and all(math.isfinite(e) for e in r["rel_err_per_t"])
+    assert r["dense_fp32_vs_fp64"] < 1e-4 and math.isfinite(r["dense_reordered_rel_err"])
+    assert isinstance(r["first_difference"], list) and r["paths"]
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == tf32

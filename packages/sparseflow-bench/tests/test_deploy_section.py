@@ -1,4 +1,4 @@
-"""gpu_run's ``deploy`` section in its CPU dry mode (interpreter) on a small SpikingJelly net standing in for the
+"""The ``deploy`` section in its CPU dry mode (interpreter) on a small SpikingJelly net standing in for the
 benchmark models: the exported program checked against the optimized model, the operators it holds, and the
 profile files with SOP and energy columns."""
 
@@ -11,7 +11,7 @@ import torch
 from spikingjelly.activation_based import functional, layer, neuron
 from torch import nn
 
-from sparseflow_bench import cli, gpu_run
+from sparseflow_bench import models
 from sparseflow_bench.sections import SectionContext, deploy
 
 
@@ -31,8 +31,7 @@ def _small(*args, **kwargs):
 
 
 def test_deploy_section_dry_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_run, "prepared_model", _small)
-    monkeypatch.setattr(cli, "_prepared", _small)
+    monkeypatch.setattr(models, "prepared_model", _small)  # the exported model and the profiled one
     ctx = SectionContext(str(tmp_path), {"device": "cpu"}, torch.device("cpu"), True, models=["small"])
     out = deploy.run(ctx)
     r = out["models"]["small"]

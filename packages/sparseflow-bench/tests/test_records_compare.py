@@ -1,6 +1,6 @@
 """sparseflow_bench.records / compare / report / cli: the long-format CSV, the pytest-benchmark JSON, the
-regression guard (a 6 % slow-down fails, a 4 % one passes), the README block and the CLI's options, on
-crafted results files of every layout gpu_run writes (and on the committed ones)."""
+regression guard (a 6 % slow-down fails, a 4 % one passes), the README block, the sections' tables and the CLI's
+options, on crafted results files of every layout the sections write (and on the committed ones)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sparseflow_bench import cli, compare, records, report
+from sparseflow_bench import cli, compare, pytest_format, records, report, sections
 from sparseflow_bench.records import CSV_COLUMNS, Record
 
 ENV = {"date": "2026-11-25T21:00:00+00:00", "torch": "2.11.0+cu130", "triton": "3.6.0", "device": "NVIDIA H100",
@@ -149,7 +149,7 @@ def test_csv_long_format_columns_and_round_trip(tmp_path):
 def test_pytest_benchmark_schema(tmp_path):
     recs = records.collect(str(write_results(tmp_path / "r")))
     path = str(tmp_path / "pb.json")
-    records.write_pytest_benchmark(recs, path)
+    pytest_format.write_pytest_benchmark(recs, path)
     obj = json.loads(Path(path).read_text())
     assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= set(obj)
     assert obj["machine_info"]["gpu"] == "NVIDIA H100"
@@ -165,7 +165,7 @@ def test_pytest_benchmark_schema(tmp_path):
              and b["params"]["provider"] == "sparse_fp16")
     assert b["stats"]["median"] == pytest.approx(1e-5) and b["stats"]["q1"] == pytest.approx(9e-6)
     assert b["stats"]["q3"] == pytest.approx(1.2e-5) and b["stats"]["ops"] == pytest.approx(1e5)
-    back = records.read_pytest_benchmark(path)
+    back = pytest_format.read_pytest_benchmark(path)
     assert [r.key for r in back] == [r.key for r in recs]
     assert [r.median_ms for r in back] == pytest.approx([r.median_ms for r in recs])
     pytest.importorskip("pytest_benchmark")
@@ -246,7 +246,7 @@ def test_compare_folders_threshold_and_roles(tmp_path, capsys):
     assert "compile_graph_fp16" in capsys.readouterr().out  # --all lists unchanged timings too
     # a pytest-benchmark file against a folder
     recs = records.collect(str(tmp_path / "new"))
-    records.write_pytest_benchmark(recs, str(tmp_path / "pb.json"))
+    pytest_format.write_pytest_benchmark(recs, str(tmp_path / "pb.json"))
     assert compare.main([str(tmp_path / "pb.json"), str(tmp_path / "old")]) == 1
 
 
@@ -378,18 +378,21 @@ def test_console_script_entry_point():
     assert os.path.exists(cli.__file__)
 
 
-def test_cli_gpu_run_steps(tmp_path, monkeypatch, capsys):
-    """The GPU path without a GPU: the model sections go to gpu_run in one call (they share a prepared model),
-    other sections one call each, then the profile and the report; options reach them."""
-    from sparseflow_bench import gpu_run
+def _fake_sections(monkeypatch, calls):
+    """Every section but ``profile`` recorded instead of run (with the context it gets); ``profile`` runs with its
+    ``profile_model`` recorded."""
+    from sparseflow_bench.sections import profile
 
-    calls = []
+    from sparseflow_bench import timing
+
+    real = sections.find_section
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gpu_run, "main", lambda args: calls.append(args) or 0)
+    monkeypatch.setattr(timing, "environment", lambda: dict(ENV))
+    monkeypatch.setattr(sections, "find_section",
+                        lambda name: real(name) if name == "profile" else (lambda ctx: calls.append((name, ctx))))
 
     def fake_profile(model, T, batch, size, dtype, block_size, device, out, reps=5, mode="auto"):
         calls.append(("profile", model, T, batch, size, dtype, block_size, mode))
-        (Path(out) / "e2e.json").write_text(json.dumps(e2e_json()))
 
         class P:
             def table(self):
@@ -397,45 +400,85 @@ def test_cli_gpu_run_steps(tmp_path, monkeypatch, capsys):
 
         return None, P()
 
-    monkeypatch.setattr(cli, "profile_model", fake_profile)
+    monkeypatch.setattr(profile, "profile_model", fake_profile)
+
+
+def test_cli_gpu_run_steps(tmp_path, monkeypatch, capsys):
+    """The GPU path without a GPU: every section is run in the order given on one context (the per-layer sections
+    share its prepared model), then the profile and the report; options reach them."""
+    calls = []
+    _fake_sections(monkeypatch, calls)
     out = tmp_path / "out"
+    write_results(out)
     status = cli.main(["--sections", "e2e,layers,linear,conv", "--out", str(out), "--model", "sew_resnet34",
                        "--T", "2", "--batch", "4", "--dtype", "bfloat16", "--block-size", "16", "--no-progress"])
     assert status == 0
-    sections = [a[a.index("--sections") + 1] for a in calls if isinstance(a, list)]
-    assert sections == ["layers,conv", "e2e", "linear"]
-    first = calls[0]
-    assert first[first.index("--T") + 1] == "2" and first[first.index("--N") + 1] == "4"
-    assert first[first.index("--model") + 1] == "sew_resnet34" and first[first.index("--out") + 1] == str(out)
-    assert float(first[first.index("--budget-s") + 1]) <= 540
+    assert [c[0] for c in calls] == ["e2e", "layers", "linear", "conv", "profile"]
+    ctx = calls[0][1]
+    assert all(c[1] is ctx for c in calls[:4])  # one context: what the sections share lives in ctx.cache
+    assert (ctx.T, ctx.N, ctx.size, ctx.model, ctx.out_dir, ctx.dry) == (2, 4, 224, "sew_resnet34", str(out), False)
+    assert ctx.models == ["spiking_resnet34", "sew_resnet34", "spikformer_ti"] and 0 < ctx.left() <= 540
     assert calls[-1] == ("profile", "sew_resnet34", 2, 4, 224, cli.torch.bfloat16, 16, "auto")
     assert (out / "results.csv").exists() and (out / "pytest_benchmark.json").exists()
     text = capsys.readouterr().out
-    assert "profile table" in text and "[5/5" in text  # the step lines when the bar is off
+    assert "profile table" in text and "[6/6" in text  # the step lines when the bar is off
 
 
 def test_cli_default_run_is_density_e2e_and_every_model_profiled(tmp_path, monkeypatch):
     """``nox -s bench`` with no arguments: the density sweep, then the end-to-end models, then sparseflow.profile
     of each end-to-end model and each other benchmark model (the U-Net at its own size), then the report."""
-    from sparseflow_bench import gpu_run
-
     calls = []
-    monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gpu_run, "main", lambda args: calls.append(args[args.index("--sections") + 1]) or 0)
-
-    def fake_profile(model, T, batch, size, dtype, block_size, device, out, reps=5, mode="auto"):
-        calls.append((model, size))
-
-        class P:
-            def table(self):
-                return ""
-
-        return None, P()
-
-    monkeypatch.setattr(cli, "profile_model", fake_profile)
+    _fake_sections(monkeypatch, calls)
     assert cli.main(["--out", str(tmp_path), "--no-progress", "--no-report"]) == 0
-    assert calls == ["density", "e2e", ("spiking_resnet34", 224), ("sew_resnet34", 224), ("spikformer_ti", 224),
-                     ("spiking_resnet50", 224), ("sdt_8_384", 224), ("spiking_unet", 128)]
+    assert [c[0] if c[0] != "profile" else (c[1], c[4]) for c in calls] == [
+        "density", "e2e", ("spiking_resnet34", 224), ("sew_resnet34", 224), ("spikformer_ti", 224),
+        ("spiking_resnet50", 224), ("sdt_8_384", 224), ("spiking_unet", 128)]
+
+
+def test_run_sections_reports_failures_and_keeps_going(tmp_path, monkeypatch, capsys):
+    """An unknown or failing section sets the status and the next one still runs; one that would start past the
+    budget is skipped."""
+    import time
+
+    import torch
+
+    ran = []
+
+    def failing(ctx):
+        raise RuntimeError("boom")
+
+    runs = {"bad": failing, "good": lambda ctx: ran.append("good")}
+    real = sections.find_section
+    monkeypatch.setattr(sections, "find_section", lambda name: runs.get(name) or real(name))
+    ctx = sections.SectionContext(str(tmp_path), {}, torch.device("cpu"), dry=True)
+    assert sections.run_sections(["bad", "no_such_section", "good"], ctx) == 1
+    assert ran == ["good"]
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom" in err and "unknown section 'no_such_section'" in err
+    ctx.deadline = time.time() + 5
+    assert sections.run_sections(["good"], ctx, min_left=20) == 0 and ran == ["good"]
+    assert "good: skipped (budget)" in capsys.readouterr().out
+
+
+def test_committed_tables_and_long_format_are_reproduced(tmp_path):
+    """The report of the committed H100 results, regenerated from their JSON, gives the committed section tables
+    and long-format CSV byte for byte, and the README block names every file it reads."""
+    import shutil
+
+    src = COMMITTED / "h100"
+    d = tmp_path / "h100"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.md", "*.png", "results.csv", "kernels"))
+    written = report.section_tables(str(d), log=lambda *_: None)
+    assert sorted(written) == ["e2e.md", "fused_batch_sweep.md", "fused_spiking_resnet34.md",
+                               "sparse_conv_spiking_resnet34.md"]
+    for name in written:
+        assert (d / name).read_text() == (src / name).read_text(), name
+    recs = report.write_records(str(d), log=lambda *_: None)
+    assert (d / "results.csv").read_text() == (src / "results.csv").read_text()
+    assert {r.section for r in recs} >= {"fused_layers", "batch_sweep", "sparse_conv", "e2e", "density", "profile"}
+    text = report.readme_results(str(d), plot=False)
+    for f in ("e2e.json", "fused_spiking_resnet34.json", "sparse_conv_spiking_resnet34.json", "density.json"):
+        assert f"`{f}`" in text, f
 
 
 def test_generic_reader_nested_layouts(tmp_path):

@@ -5,16 +5,18 @@
     sparseflow-bench compare NEW OLD [--threshold 0.05]  regression guard: exit 1 on a slow-down > threshold
     sparseflow-bench eval --model M --data D [...]       a data set through the optimized model (torchrun: many
                                                          GPUs; see docs/distributed.md)
+    sparseflow-bench diagnose MODEL [--modes ...]        where an optimized model departs from the dense one
 
-With a CUDA GPU, ``run`` executes the sections of :mod:`sparseflow_bench.gpu_run` (per-layer fused and
-standalone-conv tables, the batch sweep, end-to-end models and every section module given in --sections;
-each against its dense baseline in the same run), profiles --model optimized at --dtype/--block-size with
-``sparseflow.profile`` (per-layer latency against each layer's dense op, densities, energy), then writes the
-report into --out (default ``benchmarks/results/<device>/``, see :mod:`sparseflow_bench.layout`): ``results.csv``,
-markdown tables and PNG plots. A progress bar follows the steps. Without a GPU it runs the CPU demo
-(:mod:`sparseflow_bench.demo`): SparseFlow's kernels through Triton's interpreter on a small spiking CNN, what
-``optimize()`` fused, made sparse or left (and why), firing rates, element and block densities and kernel paths
-per layer, and the optimized model's outputs against the dense model's.
+With a CUDA GPU, ``run`` executes the sections given in --sections (:mod:`sparseflow_bench.sections`: per-layer
+fused and standalone-conv tables, the batch sweep, end-to-end models, the density sweep, ...; each against its
+dense baseline in the same run), then the ``profile`` section (--model, or the end-to-end and other benchmark
+models, optimized at --dtype/--block-size, with ``sparseflow.profile``: per-layer latency against each layer's
+dense op, densities, energy), then writes the report into --out (default ``benchmarks/results/<device>/``, see
+:mod:`sparseflow_bench.layout`): ``results.csv``, markdown tables and PNG plots. A progress bar follows the
+steps. Without a GPU it runs the CPU demo (:mod:`sparseflow_bench.demo`): SparseFlow's kernels through Triton's
+interpreter on a small spiking CNN, what ``optimize()`` fused, made sparse or left (and why), firing rates,
+element and block densities and kernel paths per layer, and the optimized model's outputs against the dense
+model's.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import time
 
 import torch
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-MODEL_SECTIONS = ("layers", "sweep", "conv")  # share one prepared model inside gpu_run
+from .sections.profile import DTYPES
+
 E2E_MODELS = "spiking_resnet34,sew_resnet34,spikformer_ti"
 # Profiled after the end-to-end models in the default run: the other benchmark models (per-layer tables and bars).
 # The spiking MobileNetV2 is left to `--sections depthwise_transposed` (its per-layer table and bars): its many
@@ -76,53 +78,6 @@ def _block_size(v: str | None):
     if bs < 1:
         raise argparse.ArgumentTypeError(f"block size must be positive, got {bs}")
     return bs
-
-
-def _prepared(model_name: str, T: int, batch: int, size: int, device, calib: int = 4):
-    from sparseflow_core import reset_states
-
-    from .data import natural_images, repeat_time
-    from .models import build_model, recalibrate_bn
-
-    model = build_model(model_name, T=T, num_classes=10 if device.type == "cpu" else 1000).to(device)
-    recalibrate_bn(model, natural_images(calib, size, seed=0).to(device), T=T, batches=2)
-    x = repeat_time(natural_images(batch, size, seed=1), T).to(device)
-    reset_states(model)
-    return model.eval(), x
-
-
-def profile_model(model_name: str, T: int, batch: int, size: int, dtype: torch.dtype, block_size, device,
-                  out: str | None, reps: int = 5, mode: str = "auto"):
-    """optimize() ``model_name`` (at ``dtype``, ``block_size``, ``mode``), profile it against each layer's dense
-    op; save ``profile_<model>.json``/``.csv`` into ``out`` (with the environment) when given."""
-    from sparseflow_core import optimize, profile
-
-    model, x = _prepared(model_name, T, batch, size, device)
-    if dtype != torch.float32:
-        x = x.to(dtype)
-    opt, report = optimize(model, x, block_size=block_size, dtype=dtype if dtype != torch.float32 else None,
-                           mode=mode, return_report=True)
-    prof = profile(opt, x, reps=reps, block_size=block_size if isinstance(block_size, int) else None,
-                   dense=True)
-    if out:
-        import json
-
-        from .timing import environment
-
-        os.makedirs(out, exist_ok=True)
-        d = prof.to_dict()
-        d.update({"model": model_name, "T": T, "N": batch, "size": size, "dtype": str(dtype).removeprefix("torch."),
-                  "block_size": block_size, "_env": environment()})
-        with open(os.path.join(out, f"profile_{model_name}.json"), "w") as f:
-            json.dump(d, f, indent=1, default=str)
-        prof.save(os.path.join(out, f"profile_{model_name}.csv"))
-        try:  # firing rate and SOPs per layer
-            from sparseflow_core.sops import plot_layers
-
-            plot_layers(prof, os.path.join(out, f"profile_{model_name}.png"))
-        except ImportError:
-            pass
-    return report, prof
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -184,68 +139,35 @@ def run(argv=None) -> int:
               flush=True)
         return run_demo(a.T or 2, a.batch or 1, a.size or 16, a.block_size, a.mode or "sparse",
                         a.model or DEMO_MODEL, a.demo_out, root, log=lambda *x: print(*x, flush=True))
-    from . import gpu_run, report
+    from . import report
+    from .gpu_run import context
+    from .sections import run_sections
 
-    dtype = DTYPES[a.dtype or "float16"]
-    a.T = a.T or 4
     out = a.out or device_results_dir(root)
     os.makedirs(out, exist_ok=True)
-    model = a.model or "spiking_resnet34"
+    models = [m for m in a.models.split(",") if m]
     if a.profile_models is not None:
         profile_models = [m for m in a.profile_models.split(",") if m]
     elif a.model:
         profile_models = [a.model]
     else:
-        profile_models = list(dict.fromkeys([m for m in a.models.split(",") if m] + list(OTHER_MODELS)))
-    sections = [s for s in a.sections.split(",") if s and s != "profile"]
-    steps: list[tuple[str, list[str]]] = []
-    shared = [s for s in sections if s in MODEL_SECTIONS]
-    if shared:
-        steps.append((",".join(shared), shared))
-    steps += [(s, [s]) for s in sections if s not in MODEL_SECTIONS]
-    if not a.no_profile:
-        steps.append(("profile", []))
-    if not a.no_report:
-        steps.append(("report", []))
-    deadline = time.time() + a.budget_s
-    bar = _Steps([n for n, _ in steps], not a.no_progress)
+        profile_models = list(dict.fromkeys(models + list(OTHER_MODELS)))
+    steps = [s for s in a.sections.split(",") if s and s != "profile"]
+    steps += ([] if a.no_profile else ["profile"]) + ([] if a.no_report else ["report"])
+    ctx = context(out, a.dry, a.T or 4, a.batch or 8, a.size or 224, time.time() + a.budget_s, models,
+                  model=a.model or "spiking_resnet34", dtype=a.dtype or "float16", block_size=a.block_size,
+                  mode=a.mode, profile_models=profile_models, sizes={} if a.size else dict(PROFILE_SIZE))
+    bar = _Steps(steps, not a.no_progress)
     status = 0
-    for name, secs in steps:
+    for name in steps:
         bar.start(name)
-        left = deadline - time.time()
-        if name == "profile":
-            for pm in profile_models:
-                if deadline - time.time() < (10 if a.dry else 40):
-                    print(f"profile {pm}: skipped (budget)", flush=True)
-                    status = 1
-                    continue
-                try:
-                    size = a.size or PROFILE_SIZE.get(pm, 224)
-                    if a.dry:
-                        size = min(size, 32)
-                    _, prof = profile_model(pm, a.T if not a.dry else 2, a.batch or (1 if a.dry else 8), size,
-                                            dtype if not a.dry else torch.float32, a.block_size,
-                                            torch.device("cpu" if a.dry else "cuda"), out, reps=1 if a.dry else 5,
-                                            mode="torch" if a.dry else (a.mode or "auto"))  # dry: torch ops
-                    print(f"sparseflow.profile of {pm} ({size} px):", flush=True)
-                    print(prof.table(), flush=True)
-                except Exception as e:
-                    import traceback
-
-                    traceback.print_exc()
-                    print(f"profile {pm}: {type(e).__name__}: {e}", flush=True)
-                    status = 1
-        elif name == "report":
-            if a.readme and a.dry:
-                print(f"report: {a.readme} left as it is (a --dry run has no timings to show)", flush=True)
-            report.main(["--results", out] + (["--readme", a.readme] if a.readme and not a.dry else []))
-        elif left < 20:
-            print(f"{name}: skipped (budget)", flush=True)
+        if name != "report":
+            status |= run_sections([name], ctx, min_left=0 if name == "profile" else 20)
+        elif a.readme and a.dry:
+            print(f"report: {a.readme} left as it is (a --dry run has no timings to show)", flush=True)
+            report.build(out)
         else:
-            args = ["--out", out, "--sections", ",".join(secs), "--models", a.models, "--T", str(a.T),
-                    "--N", str(a.batch or 8), "--size", str(a.size or 224), "--budget-s", f"{left:.0f}",
-                    "--model", model] + (["--dry"] if a.dry else [])
-            status |= gpu_run.main(args)
+            report.build(out, a.readme)
         bar.done()
     bar.close()
     return status
@@ -283,6 +205,11 @@ def main(argv=None) -> int:
         from . import evaluate
 
         return evaluate.main(argv[1:])
+    if argv and argv[0] == "diagnose":
+        _use_interpreter(from_command_line, argv)
+        from . import diagnose
+
+        return diagnose.main(argv[1:])
     if argv and argv[0] == "run":
         argv = argv[1:]
     if "--dry" in argv:  # the kernels run on the CPU through Triton's interpreter (chosen before triton loads)

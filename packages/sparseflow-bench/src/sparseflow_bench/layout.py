@@ -44,19 +44,25 @@ def device_results_dir(root: str = RESULTS_ROOT, device_name: str | None = None)
     return os.path.join(root, device_slug(device_name))
 
 
-def results_date(d: str) -> str:
-    """The newest ``date`` recorded in the JSON files of folder ``d`` ('' when none)."""
-    best = ""
-    for path in glob.glob(os.path.join(d, "*.json")):
+def result_envs(d: str) -> list[dict]:
+    """The environment (``_env`` or ``env``: device, versions, date) of each readable JSON file of folder ``d``, in
+    file-name order."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(d, "*.json"))):
         try:
             with open(path) as f:
                 obj = json.load(f)
         except (OSError, ValueError):
             continue
         env = (obj.get("_env") or obj.get("env")) if isinstance(obj, dict) else None
-        if isinstance(env, dict) and isinstance(env.get("date"), str):
-            best = max(best, env["date"])
-    return best
+        if isinstance(env, dict):
+            out.append(env)
+    return out
+
+
+def results_date(d: str) -> str:
+    """The newest ``date`` recorded in the JSON files of folder ``d`` ('' when none)."""
+    return max((e["date"] for e in result_envs(d) if isinstance(e.get("date"), str)), default="")
 
 
 def device_dirs(root: str = RESULTS_ROOT) -> list[str]:

@@ -254,3 +254,18 @@ def recalibrate_bn(
         functional.reset_net(model)
         model.eval()
     return model
+
+
+def prepared_model(name: str, T: int, N: int, size: int, device, calib_images: int = 16, **kw: Any):
+    """``build_model(name, T=T, **kw)`` on ``device`` with its BatchNorm recalibrated on ``calib_images`` natural
+    images, in eval mode with reset neurons, and its input: ``N`` other natural images of ``size`` px repeated
+    over ``T`` steps."""
+    from sparseflow_core import reset_states
+
+    from .data import natural_images
+
+    model = build_model(name, T=T, **kw).to(device)
+    recalibrate_bn(model, natural_images(calib_images, size, seed=0).to(device), T=T, batches=2)
+    x = repeat_time(natural_images(N, size, seed=1), T).to(device)
+    reset_states(model)
+    return model.eval(), x

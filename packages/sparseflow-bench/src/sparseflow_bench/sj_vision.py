@@ -64,28 +64,21 @@ class SparseFlowBuilderMixin:
         return model, roots, in_shape, out_shape
 
 
-@dataclass(frozen=True)
-class SparseFlowSEWResNet34Config(SEWResNet34Config):
-    """``SEWResNet34Config`` whose builder optimizes the model with SparseFlow."""
-
-    builder: ClassVar[str] = "sparseflow_bench.sj_vision.SparseFlowSEWResNet34Builder"
-    sparseflow_numerics: str = "fast"
-
-
-class SparseFlowSEWResNet34Builder(SparseFlowBuilderMixin, SEWResNet34Builder):
-    pass
-
-
-@dataclass(frozen=True)
-class SparseFlowSpikformerConfig(SpikformerConfig):
-    """``SpikformerConfig`` whose builder optimizes the model with SparseFlow."""
-
-    builder: ClassVar[str] = "sparseflow_bench.sj_vision.SparseFlowSpikformerBuilder"
-    sparseflow_numerics: str = "fast"
+def _with_sparseflow(config_cls: type, builder_cls: type, name: str) -> tuple[type, type]:
+    """``SparseFlow<name>Config``: ``config_cls`` whose builder, ``SparseFlow<name>Builder`` (``builder_cls`` with
+    :class:`SparseFlowBuilderMixin` first), optimizes the model with SparseFlow (``sparseflow_numerics``)."""
+    builder = type(f"SparseFlow{name}Builder", (SparseFlowBuilderMixin, builder_cls), {"__module__": __name__})
+    ns = {"__module__": __name__, "__qualname__": f"SparseFlow{name}Config",
+          "__doc__": f"``{config_cls.__name__}`` whose builder optimizes the model with SparseFlow.",
+          "__annotations__": {"builder": ClassVar[str], "sparseflow_numerics": str},
+          "builder": f"{__name__}.{builder.__name__}", "sparseflow_numerics": "fast"}
+    return dataclass(frozen=True)(type(ns["__qualname__"], (config_cls,), ns)), builder
 
 
-class SparseFlowSpikformerBuilder(SparseFlowBuilderMixin, SpikformerBuilder):
-    pass
+SparseFlowSEWResNet34Config, SparseFlowSEWResNet34Builder = _with_sparseflow(SEWResNet34Config, SEWResNet34Builder,
+                                                                             "SEWResNet34")
+SparseFlowSpikformerConfig, SparseFlowSpikformerBuilder = _with_sparseflow(SpikformerConfig, SpikformerBuilder,
+                                                                           "Spikformer")
 
 
 class _Pairs(torch.utils.data.Dataset):

@@ -124,14 +124,8 @@ def clustered_spikes(
     return active.reshape(shape).to(dtype) * value
 
 
-def silent_channel_spikes(
-    shape: Sequence[int],
-    density: float,
-    silent_frac: float = 0.4,
-    seed: Seed = 0,
-    value: float = 1.0,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def silent_channel_spikes(shape: Sequence[int], density: float, silent_frac: float = 0.4, seed: Seed = 0,
+                          value: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Spikes with whole silent ``(sample, channel)`` planes; the other planes are i.i.d.
 
     Exactly ``round(silent_frac * planes)`` of the ``prod(shape[:-2])`` planes (chosen at random) are

@@ -4,31 +4,10 @@ results table under them): where and when the figures were measured, the end-to-
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 
-
-def _load(d: str, name: str):
-    p = os.path.join(d, name)
-    if not os.path.exists(p):
-        return None
-    with open(p) as f:
-        return json.load(f)
-
-
-def _envs(d: str) -> list[dict]:
-    out = []
-    for path in sorted(glob.glob(os.path.join(d, "*.json"))):
-        try:
-            with open(path) as f:
-                obj = json.load(f)
-        except (OSError, ValueError):
-            continue
-        env = (obj.get("_env") or obj.get("env")) if isinstance(obj, dict) else None
-        if isinstance(env, dict):
-            out.append(env)
-    return out
+from .figures import load_json as _load
+from .layout import result_envs as _envs
 
 
 def measured_on(d: str) -> str | None:

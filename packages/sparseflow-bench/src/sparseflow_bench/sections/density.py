@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparseflow_kernels import sparse_conv2d
-from sparseflow_kernels.linear import linear_block_flags, sparse_linear
-
+from ..records import Row, Timing
 from ..spikes import clustered_spikes, iid_spikes, silent_channel_spikes, spike_stats
 
 # i.i.d. spikes fill every block already at 0.5-2 % of elements (a 16-channel 10x10 halo block holds 1,600 of
@@ -41,6 +39,9 @@ def _spikes(pattern, shape, density, seed):
 
 
 def run(ctx):
+    from sparseflow_kernels import sparse_conv2d
+    from sparseflow_kernels.linear import linear_block_flags, sparse_linear
+
     dry = ctx.dry
     dev = ctx.device
     B = 2 if dry else 32
@@ -114,3 +115,17 @@ def run(ctx):
                      f"{r['rel_err']:.1e} |")
     ctx.write_text("density.md", "\n".join(lines) + "\n")
     return {"rows": rows}
+
+
+def rows(obj, source):
+    """Per op and spike pattern the sparse kernel (prescan included), the same kernel over every block, and the
+    dense baseline (cuDNN fp16 channels_last for convs, cuBLAS fp16 for the GEMM); each (pattern, density) is its
+    own row (``layer``), so speed-ups stay apart by density."""
+    for r in obj["rows"]:
+        base = "cublas_fp16" if r.get("op") == "linear" else "cudnn_fp16_cl"
+        ts = [Timing(base, r.get("baseline_ms"), "baseline"), Timing("sparse_fp16", r.get("sparse_ms"), "sparse"),
+              Timing("dense_kernel_fp16", r.get("dense_kernel_ms"))]
+        yield Row("density", str(r.get("op", "")), ts, shape=r.get("shape"), model="synthetic",
+                  layer=f"{r.get('pattern')}@{r.get('target_density')}", elem_density=r.get("elem_density"),
+                  block_density=r.get("block_density"), block_size=8 if r.get("op") != "linear" else None,
+                  dtype="float16", baseline=base)

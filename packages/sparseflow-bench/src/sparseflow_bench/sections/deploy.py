@@ -1,4 +1,4 @@
-"""``gpu_run --sections deploy``: ``sparseflow.export`` of the headline models and their SOP/energy profiles.
+"""``--sections deploy``: ``sparseflow.export`` of the headline models and their SOP/energy profiles.
 
 For spiking_resnet34, sew_resnet34 and spikformer_ti (fp16, ``ctx.T`` x ``ctx.N``, ``ctx.size`` px natural images,
 recalibrated BatchNorm), while ``ctx.left()`` allows:
@@ -109,7 +109,7 @@ def _graph_of(fn, x):
 def _one(ctx, name: str, work: str) -> dict:
     from sparseflow_core import export, optimize
 
-    from ..gpu_run import prepared_model
+    from ..models import prepared_model
 
     r: dict = {"model": name}
     T, N, size = (1, 1, 32) if ctx.dry else (ctx.T, ctx.N, ctx.size)
@@ -159,7 +159,7 @@ def _one(ctx, name: str, work: str) -> dict:
 
 
 def run(ctx) -> dict:
-    from ..cli import profile_model
+    from .profile import profile_model
 
     work = os.path.join(ctx.out_dir, "deploy")
     os.makedirs(work, exist_ok=True)

@@ -72,7 +72,7 @@ def run(ctx: SectionContext) -> dict:
     from sparseflow_core import get_report, optimize
     from sparseflow_core.cuda_graph import CudaGraphModel
 
-    from ..gpu_run import prepared_model
+    from ..models import prepared_model
 
     models = [m for m in (ctx.models or DEFAULT_MODELS) if m]
     T, N, size = (2, 1, 32) if ctx.dry else (ctx.T, ctx.N, ctx.size)

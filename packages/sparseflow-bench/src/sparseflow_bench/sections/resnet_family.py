@@ -296,7 +296,7 @@ def _md(results) -> str:
 
 
 def run(ctx) -> dict:
-    from ..gpu_run import prepared_model
+    from ..models import prepared_model
 
     T, N, size = (2, 1, 32) if ctx.dry else (ctx.T, ctx.N, ctx.size)
     stop = time.time() + min(BUDGET_S, max(0.0, ctx.left()))

@@ -254,7 +254,7 @@ def _md(results) -> str:
 def run(ctx) -> dict:
     """The section with TF32 off throughout: its exactness checks compare against a true-fp32 dense model (with
     TF32, cuDNN's and cuBLAS's own rounding flips spikes: the SSA module moved by 0.099 with TF32 on, 0 off)."""
-    from ..gpu_run import prepared_model
+    from ..models import prepared_model
 
     T, N, size = (2, 1, 32) if ctx.dry else (ctx.T, ctx.N, ctx.size)
     results = {}

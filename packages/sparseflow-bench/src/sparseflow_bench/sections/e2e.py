@@ -1,0 +1,236 @@
+"""``--sections e2e``: whole models (``ctx.models``: spiking_resnet34, sew_resnet34, spikformer_ti; T=4, N=8, 224 px
+natural images, recalibrated BatchNorm) end to end: SpikingJelly eager fp32, a CUDA graph of it, ``torch.compile``
+fp16 (reduce-overhead), SparseFlow fp16, fp32 and fp32 ``numerics="faithful"`` (CUDA graphs); logits error and
+last-spike flips against the dense fp32 model (TF32 off), beside how far the dense model itself moves in fp16 and
+with another fp32 summation order; NVML energy. -> ``e2e.json`` (written after each model; ``markdown``:
+``e2e.md`` and ``e2e.png``). ``E2E_COMPILE_ONLY=1`` times the dense models only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import traceback
+
+import torch
+
+from ..figures import page
+from ..records import Row, Timing
+
+#: SparseFlow's runs: (tag, storage dtype, numerics)
+RUNS = (("fp16", torch.float16, "fast"), ("fp32", torch.float32, "fast"), ("fp32_faithful", torch.float32, "faithful"))
+_ROLES = {"compile_fp16": "baseline", "sparseflow_fp16": "sparseflow"}
+
+
+def last_spiking_output(model):
+    """Hook storing the spikes the classifier head pools: the input of ``avgpool`` (CNNs), else nothing."""
+    store = {}
+    pool = getattr(model, "avgpool", None)
+    if pool is None:
+        return store, []
+    h = pool.register_forward_pre_hook(lambda mod, a: store.__setitem__("s", a[0].detach().clone()))
+    return store, [h]
+
+
+def _against(r, prefix, model, x, ref_logits, ref_spk, logits_key=None, flips_key=None):
+    """Run ``model`` on ``x`` (neurons reset); record its logits' relative error and its last spikes' flip rate
+    against the dense fp32 reference under ``<prefix>logits_rel_err`` / ``<prefix>last_spike_flip_rate``."""
+    from sparseflow_core import reset_states
+
+    st, hs = last_spiking_output(model)
+    reset_states(model)
+    logits = model(x).float()
+    for h in hs:
+        h.remove()
+    r[logits_key or f"{prefix}logits_rel_err"] = float((logits - ref_logits).norm() / ref_logits.norm())
+    if st.get("s") is not None and ref_spk is not None:
+        r[flips_key or f"{prefix}last_spike_flip_rate"] = float((st["s"].float() != ref_spk.float()).float().mean())
+
+
+def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
+    """SparseFlow at storage dtype ``dt``: exactness, CUDA-graph time, energy, what it replaced, the paths."""
+    from sparseflow_core import optimize, reset_states
+    from sparseflow_core.cuda_graph import CudaGraphModel
+
+    from ..timing import bench_ms
+
+    xs = x.to(dt)
+    opt, rep = optimize(copy.deepcopy(model), xs, dtype=dt if dt != torch.float32 else None, numerics=numerics,
+                        return_report=True)
+    for _ in range(2):
+        reset_states(opt)
+        opt(xs)
+    _against(r, "", opt, xs, ref_logits, ref_spk, f"logits_rel_err_{tag}", f"last_spike_flip_rate_{tag}")
+    r[f"replaced_{tag}"] = {"fused": len(rep.by_action("fused")), "sparse": len(rep.by_action("sparse")),
+                            "neuron_kernel": len(rep.by_action("neuron-kernel")), "left": len(rep.by_action("left"))}
+    gopt = CudaGraphModel(opt)
+    for _ in range(3):
+        gopt(xs)
+    r[f"sparseflow_{tag}_ms"] = bench_ms(lambda: gopt(xs), graph=False)["median"]
+    r[f"energy_sparseflow_{tag}_J"] = energy.joules_per_call(lambda: gopt(xs))
+    rep.refresh(opt)
+    r[f"paths_{tag}"] = {}
+    for e in rep.layers:
+        if e.path:
+            r[f"paths_{tag}"][e.path] = r[f"paths_{tag}"].get(e.path, 0) + 1
+    torch.cuda.empty_cache()
+
+
+def _compiled(ctx, r, energy, model, x, ref_logits, ref_spk, compile_modes, compile_only):
+    """The dense model in fp16: its drift from fp32, then ``torch.compile`` in each mode (the fastest kept)."""
+    from sparseflow_core import reset_states
+
+    from ..timing import bench_ms
+
+    m16 = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
+    x16 = x.half()
+    try:  # how far plain fp16 inference drifts from fp32 (the same measure as SparseFlow's fp16)
+        _against(r, "dense_fp16_", m16, x16, ref_logits, ref_spk)
+    except Exception as e:
+        r["dense_fp16_error"] = f"{type(e).__name__}: {e}"[:200]
+    best = None
+    for mode in compile_modes:
+        if ctx.left() < (45 if compile_only else 120):
+            break
+        try:
+            t0 = time.time()
+            cm = torch.compile(m16, mode=mode)
+
+            def run_c(cm=cm):
+                reset_states(m16)
+                return cm(x16)
+
+            for _ in range(3):
+                run_c()
+            r[f"compile_fp16_{mode}_compile_s"] = time.time() - t0
+            ms = bench_ms(run_c, graph=False)["median"]
+            r[f"compile_fp16_{mode}_ms"] = ms
+            if best is None or ms < best[0]:
+                best = (ms, mode, run_c)
+        except Exception as e:
+            r[f"compile_fp16_{mode}_error"] = f"{type(e).__name__}: {e}"[:300]
+    if best:
+        r["compile_fp16_ms"], r["compile_fp16_mode"] = best[0], best[1]
+        r["energy_compile_fp16_J"] = energy.joules_per_call(best[2])
+        if r["sparseflow_ms"]:
+            r["speedup_vs_compile_fp16"] = best[0] / r["sparseflow_ms"]
+
+
+def _model(ctx, r, name, energy, compile_modes, compile_only) -> None:
+    from sparseflow_core import reset_states
+    from sparseflow_core.cuda_graph import CudaGraphModel
+
+    from ..models import prepared_model
+    from ..timing import bench_ms
+
+    model, x = prepared_model(name, ctx.T, ctx.N, ctx.size, ctx.device)
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    def eager():
+        reset_states(model)
+        return model(x)
+
+    with torch.no_grad():
+        r["eager_fp32_ms"] = bench_ms(eager, graph=False, rep=200)["median"]
+        r["energy_eager_fp32_J"] = energy.joules_per_call(eager)
+        try:
+            g = CudaGraphModel(model)
+            for _ in range(3):
+                g(x)
+            r["graph_eager_fp32_ms"] = bench_ms(lambda: g(x), graph=False)["median"]
+        except Exception as e:
+            r["graph_eager_fp32_error"] = f"{type(e).__name__}: {e}"[:300]
+        # exact fp32 reference (no TF32 anywhere) and its last spikes
+        torch.backends.cudnn.allow_tf32 = False
+        st, hs = last_spiking_output(model)
+        reset_states(model)
+        ref_logits = model(x).float().clone()
+        ref_spk = st.get("s")
+        for h in hs:
+            h.remove()
+        try:  # the same fp32 model with another cuDNN algorithm (channels_last): how much the network
+            # amplifies a mere change of fp32 summation order
+            mcl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+            _against(r, "dense_fp32_reordered_", mcl, x.contiguous(), ref_logits, ref_spk)
+            del mcl
+        except Exception as e:
+            r["dense_fp32_reordered_error"] = f"{type(e).__name__}: {e}"[:200]
+        # SparseFlow fp32 (exactness) and fp16 (speed); fp32_faithful: the dense model's fp32 arithmetic bit for bit
+        for tag, dt, numerics in (() if compile_only else RUNS):
+            try:
+                _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics)
+            except Exception as e:
+                r[f"sparseflow_{tag}_error"] = f"{type(e).__name__}: {e}"[:400]
+                traceback.print_exc()
+        torch.backends.cudnn.allow_tf32 = True
+        r["sparseflow_ms"] = r.get("sparseflow_fp16_ms")
+        _compiled(ctx, r, energy, model, x, ref_logits, ref_spk, compile_modes, compile_only)
+        if r["sparseflow_ms"]:
+            r["speedup_vs_eager_fp32"] = r["eager_fp32_ms"] / r["sparseflow_ms"]
+    torch.cuda.empty_cache()
+
+
+def run(ctx) -> dict:
+    from ..timing import Energy
+
+    energy = Energy()
+    compile_only = bool(os.environ.get("E2E_COMPILE_ONLY"))
+    compile_modes = () if ctx.dry else ("reduce-overhead",)
+    results = {}
+    for name in ctx.models:
+        if ctx.left() < (60 if compile_only else 90):
+            ctx.log(f"e2e: deadline before {name}")
+            break
+        r = {"device": ctx.env["device"], "T": ctx.T, "N": ctx.N, "size": ctx.size}
+        try:
+            _model(ctx, r, name, energy, compile_modes, compile_only)
+        except Exception as e:
+            r["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        results[name] = r
+        ctx.log(json.dumps(r, default=str))
+        ctx.dump("e2e.json", results)
+    return results
+
+
+def rows(obj, source):
+    for model, m in obj.items():
+        if model.startswith("_") or not isinstance(m, dict):
+            continue
+        flat = {**(m.get("details") or {}), **{k: v for k, v in m.items() if k != "details"}}
+        T, N, size = flat.get("T"), flat.get("N"), flat.get("size")
+        ts = []
+        for k, v in flat.items():
+            if k.endswith("_ms"):
+                prov = "sparseflow_fp16" if k == "sparseflow_ms" else k[:-3]  # the headline alias of sparseflow_fp16
+                dtype = "float16" if "fp16" in prov else "float32" if "fp32" in prov else ""
+                ts.append(Timing(prov, v, _ROLES.get(prov, "reference"), dtype))
+        yield Row("e2e", "model_forward", ts, shape=[T, N, 3, size, size] if None not in (T, N, size) else "",
+                  model=model, baseline="compile_fp16")
+
+
+def markdown(r: dict, d: str) -> str:
+    lines = ["# End to end (T=4, N=8, 224 px, natural images, recalibrated BatchNorm)", ""]
+    for name, m in r.items():
+        if name.startswith("_") or not isinstance(m, dict):
+            continue
+        lines.append(f"- **{name}** ({m.get('device')}): " + ", ".join(
+            f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in m.items()
+            if k not in ("device",)))
+    models = [k for k, v in r.items() if not k.startswith("_") and isinstance(v, dict)]
+
+    def draw(ax):
+        keys = [("eager_fp32_ms", "SpikingJelly eager fp32"), ("compile_fp16_ms", "torch.compile fp16"),
+                ("sparseflow_ms", "SparseFlow fp16 + graph")]
+        w = 0.25
+        for i, (k, label) in enumerate(keys):
+            ax.bar([j + i * w for j in range(len(models))], [r[m].get(k) or 0 for m in models], w, label=label)
+        ax.set_xticks([j + w for j in range(len(models))], models)
+        ax.set_ylabel("ms per forward")
+        ax.legend()
+
+    return page(lines, d, "e2e.png", "end to end", draw, (7, 4))
+

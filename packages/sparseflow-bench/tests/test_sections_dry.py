@@ -1,0 +1,93 @@
+"""The per-layer sections (``layers``, ``conv``, ``sweep``) in their CPU dry mode (interpreter) on a small
+SpikingJelly net standing in for spiking_resnet34: one prepared model shared through the context, every candidate
+path run, the spikes of the fp32 path equal to the float64 reference, and the files read back by the one reader
+and rendered by the sections' own tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from spikingjelly.activation_based import functional, layer, neuron
+from torch import nn
+
+from sparseflow_bench import models, records, report
+from sparseflow_bench.sections import SectionContext, run_sections
+
+
+def _small(name, T, N, size, device, **kw):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        layer.Conv2d(3, 16, 3, padding=1, bias=False), layer.BatchNorm2d(16), neuron.LIFNode(),
+        layer.Conv2d(16, 16, 3, padding=1, bias=False), layer.BatchNorm2d(16), neuron.IFNode(),
+        layer.Conv2d(16, 16, 3, padding=1, bias=False), layer.BatchNorm2d(16), neuron.LIFNode(),
+        layer.Flatten(), layer.Linear(16 * size * size, 10),
+    )
+    functional.set_step_mode(net, "m")
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.fill_(0.8)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval(), torch.rand(T, N, 3, size, size)
+
+
+def test_layer_sections_share_one_model_and_read_back(tmp_path, monkeypatch):
+    prepared = []
+    monkeypatch.setattr(models, "prepared_model", lambda *a, **kw: prepared.append(a) or _small(*a, **kw))
+    ctx = SectionContext(str(tmp_path), {"device": "cpu", "date": "2026-12-03"}, torch.device("cpu"), dry=True,
+                         T=2, N=1, size=8, model="small")
+    assert run_sections(["layers", "conv"], ctx) == 0
+    assert prepared == [("small", 2, 1, 8, torch.device("cpu"))]  # both sections measured the same layers
+    fused = json.loads((tmp_path / "fused_small.json").read_text())
+    # the spike-fed ones (the first conv reads the images)
+    assert [r["layer"] for r in fused["rows"]] == ["3", "6"] and fused["summary"]["layers"] == 2
+    for r in fused["rows"]:
+        assert r["flip_rate_fp32_vs_fp64"] == 0.0
+        assert r["path"] in r["candidates_ms"] and r["candidates_ms"]["fused_sparse"] is not None
+    conv = json.loads((tmp_path / "sparse_conv_dry.json").read_text())
+    assert len(conv["rows"]) == 2 and conv["summary"]["layers"] == 2
+    recs = records.collect(str(tmp_path), log=lambda *_: None)
+    assert {r.section for r in recs} == {"fused_layers", "sparse_conv"}
+    assert {r.layer for r in recs if r.section == "fused_layers" and r.role == "sparseflow"} == {"3", "6"}
+    written = report.section_tables(str(tmp_path), log=lambda *_: None)
+    assert written == ["fused_small.md"]  # --dry smoke files get no table
+    assert "# Fused spiking layers of small (T=2, N=1, 8 px)" in (tmp_path / "fused_small.md").read_text()
+
+
+def test_sweep_section_measures_its_layers_at_two_sizes(tmp_path, monkeypatch):
+    from sparseflow_bench.sections import sweep
+
+    prepared = []
+    monkeypatch.setattr(models, "prepared_model", lambda *a, **kw: prepared.append(a[3]) or _small(*a, **kw))
+    monkeypatch.setattr(sweep, "PICK", ("6",))
+    ctx = SectionContext(str(tmp_path), {"device": "cpu"}, torch.device("cpu"), dry=True, T=2, N=1, size=8,
+                         model="small")
+    out = sweep.run(ctx)
+    assert prepared == [8, 16]
+    assert [(r["size"], r["N"]) for r in out["rows"]] == [(8, 1), (8, 2), (16, 1), (16, 2)]
+    assert all(r["fused_sparse_kernel_only_ms"] > 0 and 0 < r["work_fraction"] <= 1 for r in out["rows"])
+    recs = records.collect(str(tmp_path), log=lambda *_: None)
+    assert {(r.model, r.role) for r in recs if r.provider == "fused_dense_same_cfg"} == {("8px", "baseline"),
+                                                                                          ("16px", "baseline")}
+    pytest.importorskip("matplotlib")
+    assert report.section_tables(str(tmp_path), log=lambda *_: None) == ["fused_batch_sweep.md"]
+
+
+def test_e2e_section_dry_run(tmp_path, monkeypatch):
+    """``--sections e2e`` on the CPU: the eager time, the dense model's own fp32 reordering error, SparseFlow fp16,
+    fp32 and fp32 faithful against the dense fp32 model (faithful: bit for bit), what optimize() replaced, and the
+    file read back by the one reader."""
+    monkeypatch.setattr(models, "prepared_model", _small)
+    ctx = SectionContext(str(tmp_path), {"device": "cpu"}, torch.device("cpu"), dry=True, T=2, N=1, size=8,
+                         models=["small"])
+    assert run_sections(["e2e"], ctx) == 0
+    r = json.loads((tmp_path / "e2e.json").read_text())["small"]
+    assert not [k for k in r if k.endswith("error")], r
+    assert r["logits_rel_err_fp32_faithful"] == 0.0 and r["logits_rel_err_fp32"] < 1e-3
+    assert r["replaced_fp16"]["fused"] == 3 and r["sparseflow_ms"] == r["sparseflow_fp16_ms"] > 0
+    assert "dense_fp32_reordered_logits_rel_err" in r and "dense_fp16_logits_rel_err" in r
+    recs = records.collect(str(tmp_path), log=lambda *_: None)
+    assert {r.provider for r in recs} >= {"eager_fp32", "sparseflow_fp16", "sparseflow_fp32", "sparseflow_fp32_faithful"}
+    assert {r.role for r in recs if r.provider == "sparseflow_fp16"} == {"sparseflow"}
