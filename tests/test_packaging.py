@@ -139,10 +139,7 @@ REFERENCE_LIBS = {"spikingjelly", "snntorch"}
 
 # Known violations in src (file relative to the repository root, imported top-level module or private name),
 # accepted until the packages declare or drop them. Empty it as they are fixed: a stale entry fails the test.
-KNOWN_SRC_VIOLATIONS: set[tuple[str, str]] = {
-    ("packages/sparseflow-bench/src/sparseflow_bench/sections/transformer.py",
-     "sparseflow_kernels.linear._block_flags"),
-}
+KNOWN_SRC_VIOLATIONS: set[tuple[str, str]] = set()
 
 PACKAGES = [*LAYERS, META]
 

@@ -381,9 +381,8 @@ def test_console_script_entry_point():
 def _fake_sections(monkeypatch, calls):
     """Every section but ``profile`` recorded instead of run (with the context it gets); ``profile`` runs with its
     ``profile_model`` recorded."""
-    from sparseflow_bench.sections import profile
-
     from sparseflow_bench import timing
+    from sparseflow_bench.sections import profile
 
     real = sections.find_section
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)

@@ -135,6 +135,16 @@ def test_flags_match_torch_blocks_and_are_trusted():
     check(sparse_linear(x, w, config=cfg, flags=flags), linear_reference(*as_float64(x, w)), torch.float32)
 
 
+def test_flags_of_a_conv1d_input_are_the_flags_of_its_token_rows():
+    x = make_input("block-sparse", (3, 40, 11))  # [B, K, L]: rows are the B * L tokens
+    rows = x.transpose(1, 2).reshape(-1, 40).contiguous()
+    assert torch.equal(linear_block_flags(x, 16, 16, layout="ncl"), linear_block_flags(rows, 16, 16))
+    with pytest.raises(ValueError, match="layout='ncl' takes a \\[B, K, L\\] input"):
+        linear_block_flags(rows, 16, 16, layout="ncl")
+    with pytest.raises(ValueError, match="layout must be 'rows' or 'ncl'"):
+        linear_block_flags(x, 16, 16, layout="nlc")
+
+
 @pytest.mark.parametrize("special", ["nan", "inf", "-inf"])
 def test_nan_inf_propagate_like_dense(special):
     x = make_input("spikes", (20, 70))

@@ -103,7 +103,7 @@ def diagnose(name: str, modes, seeds=(None,), T: int = 4, N: int = 2, size: int 
                     log(f"seed {seed} mode {mode}: torch.compile against eager: {r['compiled_vs_eager']}")
                 out.append(r)
                 log(f"seed {seed} mode {mode}: rel err {r['rel_err']:.3g} (per t "
-                    f"{['%.1e' % e for e in r['rel_err_per_t']]}); dense fp32 reordered {reordered:.3g}, dense fp32 "
+                    f"{[f'{e:.1e}' for e in r['rel_err_per_t']]}); dense fp32 reordered {reordered:.3g}, dense fp32 "
                     f"vs fp64 {f64:.3g}; first difference {r['first_difference']}; paths {r['paths']}")
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

@@ -19,7 +19,6 @@ from .figures import plot as _plot
 from .pytest_format import write_pytest_benchmark
 from .records import Record, collect, write_csv
 
-
 # ------------------------------------------------------------------------ long format, plots, README
 #: files the plots and the README do not read: the smoke runs of ``--dry`` (no timings worth showing)
 SUPERSEDED = re.compile(r"_dry\.json$")

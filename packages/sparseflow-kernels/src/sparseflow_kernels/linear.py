@@ -132,15 +132,23 @@ def _block_flags(x, layout, block_m, block_k):
     return flags
 
 
-def linear_block_flags(x: torch.Tensor, block_m: int = 64, block_k: int = 32) -> torch.Tensor:
-    """int8 ``[ceil(M / block_m), ceil(K / block_k)]``: 1 where a (row tile, K block) of ``x`` viewed as
-    ``[M, K]`` (all leading dims flattened) holds a non-zero. Its mean is the block density the GEMM sees."""
+def linear_block_flags(x: torch.Tensor, block_m: int = 64, block_k: int = 32, layout: str = "rows") -> torch.Tensor:
+    """int8 ``[ceil(M / block_m), ceil(K / block_k)]``: 1 where a (row tile, K block) of the GEMM's ``[M, K]`` input
+    holds a non-zero. Its mean is the block density the GEMM sees. ``layout="rows"``: ``x`` viewed as ``[M, K]`` (all
+    leading dims flattened), as the linear kernel reads it; ``"ncl"``: ``x`` is a Conv1d input ``[B, K, L]``, rows
+    ``M = B * L``, as the 1x1 convolution reads it."""
     op = "linear_block_flags"
     require_dtype(op, "x", x)
     require_triton_device(op, x)
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
-    require_int32_indexable(op, x2)
-    return _block_flags(x2, "rows", block_m, block_k)
+    if layout == "rows":
+        x = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    elif layout == "ncl":
+        if x.dim() != 3:
+            raise ValueError(f"{op}: layout='ncl' takes a [B, K, L] input, got shape {tuple(x.shape)}")
+    else:
+        raise ValueError(f"{op}: layout must be 'rows' or 'ncl', got {layout!r}")
+    require_int32_indexable(op, x)
+    return _block_flags(x, layout, block_m, block_k)
 
 
 def _check_common(op, x, weight, bias, K, N):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseflow_kernels import LinearConfig, channel_dot, sparse_conv1x1, sparse_linear, ssa_attention
-from sparseflow_kernels.linear import _block_flags, pack_linear_weight
+from sparseflow_kernels.linear import linear_block_flags, pack_linear_weight
 
 from . import reset as _reset
 from . import strict_fp32
@@ -123,9 +123,9 @@ def _projection_rows(ctx, proj, keep):
         row = {"layer": lname, "M": xmk.shape[0], "K": K, "N": N,
                "elem_density": float((x3 != 0).float().mean()), "block_density": {}, "ms": {}, "exact": {}}
         for cname, cfg in CONFIGS.items():
-            row["block_density"][f"rows_{cname}"] = float(_block_flags(xmk, "rows", cfg.block_m, cfg.block_k)
+            row["block_density"][f"rows_{cname}"] = float(linear_block_flags(xmk, cfg.block_m, cfg.block_k, "rows")
                                                           .float().mean())
-            row["block_density"][f"ncl_{cname}"] = float(_block_flags(x3, "ncl", cfg.block_m, cfg.block_k)
+            row["block_density"][f"ncl_{cname}"] = float(linear_block_flags(x3, cfg.block_m, cfg.block_k, "ncl")
                                                          .float().mean())
         for dt, tag in ((torch.float16, "fp16"), (torch.float32, "fp32")):
             _projection_timings(ctx, lname, x, x3, xmk, m.weight.detach(), w2, ref, dt, tag, row)
