@@ -329,7 +329,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 META_EXPORTS = [
     "optimize", "restore", "profile", "register_spiking_module", "OptimizeReport", "get_report", "cuda_graph",
-    "analyze", "export",
+    "analyze", "export", "force_path",
 ]
 
 
