@@ -7,7 +7,11 @@ a first call, a second call without ``reset_net`` (the membranes carried over) a
   dense model's, the policy of ``test_gpu_properties.py::test_gpu_model_zoo``: the kernels' fp32 sums are ordered
   unlike cuDNN's, so a spike at an exact threshold tie may flip somewhere in a deep net; a membrane that is not
   carried over is far larger (SpikingJelly's QKFormer: 0.10 on the second call).
-* ``fast-fp16``: the model in fp16 against the dense model in fp16, the same bound.
+* ``fast-fp16``: the model in fp16 and the dense model in fp16, both against the dense model in fp32 (TF32 off):
+  the optimized model's error at most twice the dense fp16 model's own (or 2e-2). On an H200 the deep ResNets of
+  the zoo, randomly initialised, differ from their fp32 selves by tens of percent in fp16 (and by about 10% in fp32
+  merely with another cuDNN algorithm), so a fixed bound against the dense fp16 model cannot tell a carried-over
+  membrane from rounding; this bound can.
 
 A failing call names the first neuron whose membrane differs from the dense model's after it (the module whose
 state was not carried over, or was advanced twice). ``SPARSEFLOW_GPU_ZOO`` selects models as in
@@ -22,11 +26,11 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
-#: mode id -> (numerics, optimize mode, dtype, metric, rtol)
+#: mode id -> (numerics, optimize mode, dtype, metric, rtol, drift factor against the dense fp32 model)
 MODES = {
-    "faithful-fp32": ("faithful", "auto", torch.float32, "exact", 0.0),
-    "fast-fp32": ("fast", "auto", torch.float32, "norm", 2e-2),
-    "fast-fp16": ("fast", "auto", torch.float16, "norm", 2e-2),
+    "faithful-fp32": ("faithful", "auto", torch.float32, "exact", 0.0, None),
+    "fast-fp32": ("fast", "auto", torch.float32, "norm", 2e-2, None),
+    "fast-fp16": ("fast", "auto", torch.float16, "norm", 2e-2, 2.0),
 }
 
 
@@ -43,11 +47,11 @@ def test_gpu_zoo_three_calls(name, mode, strict_fp32, record_property):
 
     from sparseflow_kernels import dispatch
 
-    numerics, opt_mode, dtype, metric, rtol = MODES[mode]
+    numerics, opt_mode, dtype, metric, rtol, drift = MODES[mode]
     dispatch.clear_cache()  # every model times its own paths on its first call
     errors: list[float] = []
     try:
         zoo.run_zoo_case(name, device="cuda", mode=opt_mode, dtype=dtype, rtol=rtol, metric=metric, errors=errors,
-                         numerics=numerics, batch=2)
+                         numerics=numerics, batch=2, drift_factor=drift)
     finally:
         record_property("rel_err", ",".join(f"{e:.3g}" for e in errors))
