@@ -10,7 +10,9 @@ from torch import nn
 from sparseflow_kernels import dispatch, force_path
 from sparseflow_ops import SparseConv2d, SparseLinear
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+# the torch path and the references are cuDNN convolutions: judged in real fp32, without TF32
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("strict_fp32")]
 
 
 @pytest.mark.parametrize("forced", ["torch", "dense", "sparse"])
