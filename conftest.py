@@ -43,3 +43,20 @@ def strict_fp32():
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def pytest_runtest_logreport(report):
+    """On the device machine (``SPARSEFLOW_GPU_RUN=1``), a failure's traceback is written the moment the test fails
+    (to ``$SPARSEFLOW_FAILURE_LOG`` when set, else to stderr), not only in the summary at the end: a run stopped at
+    its time limit still says why each of its failed tests failed."""
+    if os.environ.get("SPARSEFLOW_GPU_RUN") != "1" or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # (pytest-xdist: the controller writes its workers' reports, once)
+    text = f"\n=== FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n"
+    path = os.environ.get("SPARSEFLOW_FAILURE_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(text)
+    else:
+        import sys
+
+        sys.stderr.write(text)

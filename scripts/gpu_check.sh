@@ -21,6 +21,7 @@
 #   GPU_TEST_WORKERS  pytest-xdist workers when xdist is installed (default 6)
 #   GPU_TEST_ARGS     extra pytest arguments (e.g. "--junitxml=$OUT/junit.xml"; split on spaces)
 #   GPU_TEST_SELECT   a pytest -k expression (may hold spaces: "compile or spikformer")
+#   (with OUT set, each failed test's traceback goes to $OUT/gpu_failures.log as it fails: conftest.py)
 #   PROFILE_MODELS    after the benchmarks, scripts/profile_e2e.py on these models (comma-separated)
 #   GPU_BENCH=nox     run the benchmarks as `nox -s bench` (nox from .whl/nox/, in this machine's python:
 #                     --no-venv --no-install, our packages on PYTHONPATH) with the arguments given to this
@@ -81,6 +82,7 @@ PY
 if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     TEST_LOG="$OUT/gpu_tests.log"
+    export SPARSEFLOW_FAILURE_LOG="$OUT/gpu_failures.log"  # each failure's traceback as it happens (conftest.py)
 else
     TEST_LOG=/dev/null
 fi
