@@ -36,7 +36,7 @@ def records(net, x, fn=None):
     mons = [monitor.InputMonitor(net, instance=neuron.LIFNode), monitor.OutputMonitor(net, instance=layer.BatchNorm2d)]
     with torch.no_grad():
         reset_states(net)
-        out = (fn or net)(x).clone()
+        out = (net if fn is None else fn)(x).clone()
     recs = [[r.clone() for r in m.records] for m in mons]
     for m in mons:
         m.remove_hooks()

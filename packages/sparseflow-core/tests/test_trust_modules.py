@@ -100,16 +100,17 @@ def assert_fusions(kind, net):
 # ------------------------------------------------------------------------------------------- monitors
 
 
-def run_monitored(net, xs, reset_at=2):
+def run_monitored(net, xs, reset_at=2, call=None):
     """Records of an InputMonitor on every LIF node and an OutputMonitor on every BatchNorm over the calls of
-    ``xs`` (reset before call ``reset_at``), and the outputs."""
+    ``xs`` (reset before call ``reset_at``), and the outputs; ``call``: what runs ``net`` (e.g. its compiled
+    form; default ``net`` itself)."""
     mons = [monitor.InputMonitor(net, instance=neuron.LIFNode), monitor.OutputMonitor(net, instance=layer.BatchNorm2d)]
     outs = []
     with torch.no_grad():
         for i, x in enumerate(xs):
             if i == reset_at:
                 reset(net)
-            outs.append(net(x))
+            outs.append((net if call is None else call)(x))
     recs = [[r.clone() for r in m.records] for m in mons]  # in call order
     names = [{n: len(m[n]) for n in m.monitored_layers} for m in mons]  # records per layer
     for m in mons:
@@ -137,6 +138,36 @@ def test_monitors_after_optimize_record_the_dense_values(kind):
     compare_calls(net, dense, inputs())
     assert any(m.last_path not in (None, "torch") for m in net.modules() if isinstance(m, SparseConv2d)
                and m.fused_neuron is not None)
+
+
+@pytest.mark.parametrize("numerics", ["fast", "faithful"])
+@pytest.mark.parametrize("kind", ["plain", "sew"])
+def test_torch_compile_on_the_cpu_gives_the_dense_model(kind, numerics):
+    """Inductor compiles Triton kernels for CUDA only: a CPU model compiled with it must not put the interpreter's
+    kernels in its graph (their outputs would stay uninitialised: NaN or wrong logits), with or without monitors."""
+    torch.manual_seed(0)
+    net, xs = build(kind)
+    dense = copy.deepcopy(net)
+    optimize(net, xs[0], numerics=numerics)
+    torch._dynamo.reset()
+    compiled = torch.compile(net)
+    with torch.no_grad():
+        for i, x in enumerate(xs):
+            if i == 2:
+                reset(net)
+                reset(dense)
+            torch.testing.assert_close(compiled(x), dense(x), rtol=1e-4, atol=1e-4)
+        reset(net)
+        reset(dense)
+    out_d, rec_d, _ = run_monitored(dense, xs)
+    out_c, rec_c, _ = run_monitored(net, xs, call=compiled)
+    for a, b in zip(out_c, out_d):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for rd, rc in zip(rec_d, rec_c):
+        assert len(rc) == len(rd) > 0
+        for a, b in zip(rc, rd):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("kind", ["plain", "residual"])

@@ -11,6 +11,7 @@ import torch
 from torch.nn.modules import module as _mm
 
 from sparseflow_kernels import Occupancy, can_run_triton
+from sparseflow_kernels.library import compiling
 
 logger = logging.getLogger("sparseflow")
 _NOTICES: set[str] = set()
@@ -42,6 +43,12 @@ def kernels_can_run(x: torch.Tensor) -> bool:
     a dtype they compute in. bfloat16 needs a GPU: the interpreter cannot run bfloat16 kernels, so CPU bfloat16
     tensors run the dense torch ops (said once per process)."""
     if not can_run_triton(x) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if not x.is_cuda and compiling():
+        # Inductor compiles Triton kernels for CUDA only: the interpreter's kernels inside a graph it compiles for
+        # the CPU would not run (their outputs stay uninitialised), so a compiled CPU model runs the dense torch ops
+        notice_once("cpu-compile", "sparseflow: under torch.compile, CPU tensors run the dense torch ops (Inductor "
+                    "compiles the Triton kernels for CUDA only)")
         return False
     if x.dtype == torch.bfloat16 and not x.is_cuda:
         notice_once("cpu-bf16", "sparseflow: bfloat16 kernels need a GPU (the Triton interpreter cannot run them): "
