@@ -38,15 +38,23 @@ def notice_once(key: str, msg: str) -> None:
     logger.warning(msg)
 
 
+def _exporting() -> bool:
+    try:
+        return torch.compiler.is_exporting()
+    except AttributeError:  # older torch
+        return False
+
+
 def kernels_can_run(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on ``x``: a device they run on (CUDA, or the CPU under the interpreter) and
     a dtype they compute in. bfloat16 needs a GPU: the interpreter cannot run bfloat16 kernels, so CPU bfloat16
     tensors run the dense torch ops (said once per process)."""
     if not can_run_triton(x) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
-    if not x.is_cuda and compiling():
+    if not x.is_cuda and compiling() and not _exporting():
         # Inductor compiles Triton kernels for CUDA only: the interpreter's kernels inside a graph it compiles for
         # the CPU would not run (their outputs stay uninitialised), so a compiled CPU model runs the dense torch ops
+        # (torch.export keeps the operators: its program runs them as they are)
         notice_once("cpu-compile", "sparseflow: under torch.compile, CPU tensors run the dense torch ops (Inductor "
                     "compiles the Triton kernels for CUDA only)")
         return False
