@@ -151,6 +151,14 @@ def compiling() -> bool:
         return False
 
 
+def exporting() -> bool:
+    """True while ``torch.export`` traces the caller (then :func:`compiling` is True too)."""
+    try:
+        return torch.compiler.is_exporting()
+    except AttributeError:  # older torch
+        return False
+
+
 # ------------------------------------------------------------------------------------------- BatchNorm fold
 # The eval-mode BatchNorm folded into a per-channel affine or into the weights before it, as operators
 # (``torch.library.custom_op``): under ``torch.compile``, Inductor would regenerate this arithmetic (its rsqrt and

@@ -11,7 +11,7 @@ import torch
 from torch.nn.modules import module as _mm
 
 from sparseflow_kernels import Occupancy, can_run_triton
-from sparseflow_kernels.library import compiling
+from sparseflow_kernels.library import compiling, exporting
 
 logger = logging.getLogger("sparseflow")
 _NOTICES: set[str] = set()
@@ -38,20 +38,13 @@ def notice_once(key: str, msg: str) -> None:
     logger.warning(msg)
 
 
-def _exporting() -> bool:
-    try:
-        return torch.compiler.is_exporting()
-    except AttributeError:  # older torch
-        return False
-
-
 def kernels_can_run(x: torch.Tensor) -> bool:
     """Whether the Triton kernels can run on ``x``: a device they run on (CUDA, or the CPU under the interpreter) and
     a dtype they compute in. bfloat16 needs a GPU: the interpreter cannot run bfloat16 kernels, so CPU bfloat16
     tensors run the dense torch ops (said once per process)."""
     if not can_run_triton(x) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
-    if not x.is_cuda and compiling() and not _exporting():
+    if not x.is_cuda and compiling() and not exporting():
         # Inductor compiles Triton kernels for CUDA only: the interpreter's kernels inside a graph it compiles for
         # the CPU would not run (their outputs stay uninitialised), so a compiled CPU model runs the dense torch ops
         # (torch.export keeps the operators: its program runs them as they are)
