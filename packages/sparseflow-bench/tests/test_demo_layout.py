@@ -92,6 +92,18 @@ def test_status_lines_read_the_files(tmp_path):
     assert "8.0-9.0x over SpikingJelly eager fp32" in lines[1] and "1.50x over `torch.compile`" in lines[1]
 
 
+def test_status_lines_name_the_best_dense_baseline(tmp_path):
+    """An e2e entry with the best of the dense runs (``baseline_ms``, ``baseline_kind``) is compared with that run,
+    named, not with ``torch.compile`` alone."""
+    m = {"sparseflow_ms": 2.0, "eager_fp32_ms": 8.0, "compile_fp16_ms": 3.0, "baseline_ms": 1.0,
+         "baseline_kind": "compile_fp16_default_graph"}
+    _write(tmp_path, "e2e.json", "NVIDIA H200", "2026-12-03T06:00:00+00:00", a=m)
+    lines = status.status_lines(str(tmp_path), "benchmarks/results/h200")
+    assert "0.50x over the best dense fp16 run (compile_fp16_default_graph)" in lines[1], lines
+    assert status.baseline_of(m) == (1.0, "compile_fp16_default_graph")
+    assert status.baseline_of({"compile_fp16_ms": 3.0}) == (3.0, None)
+
+
 def test_readme_results_block_is_current():
     """The README's results block (status lines included) is what the report generates from the committed files
     of the newest device folder, so the README cannot contradict them."""

@@ -171,10 +171,10 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
     each call. ``batch``: N of the input (default: the ZOO entry's). A failing call names the first neuron whose
     membrane differs from the dense model's after it.
 
-    ``drift_factor`` (for a reduced-precision ``dtype``): the dense model in fp32 is the reference instead, and a
-    call passes when the optimized model's error against it is at most ``drift_factor`` times the dense model's own
-    error in ``dtype`` against it (or ``rtol``, whichever is larger); ``errors`` receives both, optimized then
-    dense. A deep randomly initialised spiking net amplifies every rounding change (a spike flips at a threshold),
+    ``drift_factor``: the dense model in a wider dtype is the reference instead (fp64 for an fp32 ``dtype``, else
+    fp32), and a call passes when the optimized model's error against it is at most ``drift_factor`` times the
+    dense model's own error in ``dtype`` against it (or ``rtol``, whichever is larger); ``errors`` receives both,
+    optimized then dense. A deep randomly initialised spiking net amplifies every rounding change (a spike flips at a threshold),
     so two fp16 computations of it in different orders differ by as much as fp16 differs from fp32; a membrane
     that is not carried over from one call to the next differs by far more than that."""
     from spikingjelly.activation_based import functional
@@ -188,7 +188,8 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
     net = net.to(device)
     x = x.to(device)
     recalibrate(net, x)
-    dense32, x32 = (copy.deepcopy(net), x) if drift_factor is not None else (None, None)
+    wide = torch.float64 if dtype == torch.float32 else torch.float32
+    dense32, x32 = (copy.deepcopy(net).to(wide), x.to(wide)) if drift_factor is not None else (None, None)
     net = net.to(dtype)
     x = x.to(dtype)
     dense = copy.deepcopy(net)
@@ -221,7 +222,7 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
         assert y.shape == ref.shape and torch.isfinite(y).all()
         if dense32 is None:
             err, own, bound = rel(y, ref), None, rtol
-        else:  # both reduced-precision models against the fp32 one
+        else:  # both models in ``dtype`` against the wider one
             ref32 = dense32(x32)
             err, own = rel(y, ref32), rel(ref, ref32)
             bound = max(rtol, drift_factor * own)

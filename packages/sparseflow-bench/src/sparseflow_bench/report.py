@@ -18,6 +18,7 @@ from .figures import load_json as _load
 from .figures import plot as _plot
 from .pytest_format import write_pytest_benchmark
 from .records import Record, collect, write_csv
+from .status import baseline_of
 
 # ------------------------------------------------------------------------ long format, plots, README
 #: files the plots and the README do not read: the smoke runs of ``--dry`` (no timings worth showing)
@@ -252,14 +253,16 @@ def readme_results(d: str, link_dir: str | None = None, plot: bool = True) -> st
     for name, m in (e2e or {}).items():
         if name.startswith("_") or not isinstance(m, dict):
             continue
-        ours, eager, comp = m.get("sparseflow_ms"), m.get("eager_fp32_ms"), m.get("compile_fp16_ms")
+        ours, eager = m.get("sparseflow_ms"), m.get("eager_fp32_ms")
+        comp, comp_name = baseline_of(m)
         det = m.get("details") or m
         shape = f" (T={det['T']}, N={det['N']}, {det['size']} px)" if all(k in det for k in ("T", "N", "size")) else ""
         if not ours:
             why = m.get("error") or m.get("sparseflow_fp16_error") or "not measured in this run"
             lines.append(f"| {name} end to end{shape}, `e2e.json` | {str(why)[:80]} | | |")
             continue
-        base = [f"eager fp32 {eager:.2f} ms" if eager else None, f"compile fp16 {comp:.2f} ms" if comp else None]
+        base = [f"eager fp32 {eager:.2f} ms" if eager else None,
+                f"{f'dense fp16 {comp_name}' if comp_name else 'compile fp16'} {comp:.2f} ms" if comp else None]
         ratio = [_fx(eager / ours, ".1f") if eager else None, _fx(comp / ours) if comp else None]
         lines.append(f"| {name} end to end{shape}, fp16 + CUDA graph, `e2e.json` | "
                      f"{' / '.join(b for b in base if b)} | {ours:.2f} ms | {' / '.join(x for x in ratio if x)} |")

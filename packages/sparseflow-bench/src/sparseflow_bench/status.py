@@ -26,6 +26,14 @@ def _span(vals: list[float], f: str) -> str:
     return f"{lo:{f}}x" if f"{lo:{f}}" == f"{hi:{f}}" else f"{lo:{f}}-{hi:{f}}x"
 
 
+def baseline_of(m: dict) -> tuple[float | None, str | None]:
+    """The dense baseline of an ``e2e.json`` model entry: (ms, kind): the best of the dense fp16 runs
+    (``baseline_ms``, ``baseline_kind``), or (``torch.compile`` fp16, None) in files that predate that."""
+    if m.get("baseline_ms"):
+        return m["baseline_ms"], m.get("baseline_kind")
+    return m.get("compile_fp16_ms"), None
+
+
 def status_lines(d: str, link_dir: str) -> list[str]:
     """Markdown bullet lines of the status, every figure read from ``d`` (``link_dir``: how the README names it)."""
     lines = []
@@ -35,12 +43,14 @@ def status_lines(d: str, link_dir: str) -> list[str]:
     e2e = _load(d, "e2e.json") or {}
     models = {k: m for k, m in e2e.items() if not k.startswith("_") and isinstance(m, dict) and m.get("sparseflow_ms")}
     eager = {k: m["eager_fp32_ms"] / m["sparseflow_ms"] for k, m in models.items() if m.get("eager_fp32_ms")}
-    comp = {k: m["compile_fp16_ms"] / m["sparseflow_ms"] for k, m in models.items() if m.get("compile_fp16_ms")}
+    comp = {k: baseline_of(m)[0] / m["sparseflow_ms"] for k, m in models.items() if baseline_of(m)[0]}
+    kinds = sorted({str(baseline_of(m)[1]) for m in models.values() if baseline_of(m)[0]})
     if eager:
         txt = f"* End to end, fp16 + CUDA graph ({', '.join(models)}): {_span(list(eager.values()), '.1f')} over " \
               "SpikingJelly eager fp32"
         if comp:
-            txt += f", {_span(list(comp.values()), '.2f')} over `torch.compile` fp16"
+            txt += f", {_span(list(comp.values()), '.2f')} over " + (
+                "`torch.compile` fp16" if kinds == ["None"] else f"the best dense fp16 run ({', '.join(kinds)})")
         lines.append(txt + " (`e2e.json`).")
     ex = (_load(d, "exactness.json") or {}).get("models", {})
     if ex:

@@ -51,6 +51,42 @@ def bench_ms(fn, graph: bool = True, rep: int = 50, quantiles=(0.2, 0.5, 0.8)) -
     return {"p20": q[0], "median": q[1], "p80": q[2]}
 
 
+def graph_of(fn, x):
+    """``fn(x)`` captured in one CUDA graph on a static copy of ``x`` (everything ``fn`` launches, a model's reset
+    included): (replay callable, static output), or None where it cannot be captured."""
+    try:
+        static = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn(static)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = fn(static)
+        return g.replay, out
+    except Exception:
+        return None
+
+
+def kernels_per_call(fn) -> int | None:
+    """How many GPU kernels one ``fn()`` launches (``torch.profiler``; memory copies and sets not counted), or
+    None where the profiler sees none (no GPU, or the launches hidden in a CUDA graph replay)."""
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and not e.name.lower().startswith(("memcpy", "memset")))
+    return n or None
+
+
 class Energy:
     """Joules from NVML's total energy counter (mJ resolution) between start() and stop()."""
 

@@ -9,8 +9,14 @@
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+# the CPU interpreter (set before triton is imported) runs numpy, which never contracts and has no libdevice
+_INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 NEURON_NONE, NEURON_LIF, NEURON_IF, NEURON_LEAKY, NEURON_PLIF = 0, 1, 2, 3, 4
 
@@ -26,6 +32,17 @@ def _channel_affine(z, scale_ptr, shift_ptr, co, co_ok, HAS_SCALE: tl.constexpr,
 
 
 @triton.jit
+def _mul_rn(a, b):
+    """``a * b`` rounded on its own, as PyTorch's eager multiply rounds it: the compiler may not contract it with
+    the add that follows into one fused multiply-add (which rounds once, and flips a spike now and then)."""
+    if _INTERPRETER:
+        p = a * b
+    else:
+        p = libdevice.mul_rn(a, b)
+    return p
+
+
+@triton.jit
 def _neuron_step(z, v, leak, v_th, v_reset,
                  NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr):
     """One time step of the neuron, fp32, in the frameworks' own operation order (bit for bit).
@@ -38,9 +55,9 @@ def _neuron_step(z, v, leak, v_th, v_reset,
         # or mem = (beta * mem_prev + z) * (1 - reset) ("zero"); spike = mem > thr.
         was = v > v_th
         if HARD_RESET:
-            h = leak * tl.where(was, 0.0, v) + z
+            h = _mul_rn(tl.where(was, 0.0, v), leak) + z
         else:
-            h = leak * v + z - tl.where(was, v_th, 0.0)
+            h = _mul_rn(v, leak) + z - tl.where(was, v_th, 0.0)
         spike = h > v_th
         return spike, h
     else:
@@ -51,9 +68,9 @@ def _neuron_step(z, v, leak, v_th, v_reset,
                 h = v - tl.math.div_rn(v - v_reset, leak) + z
         elif NEURON == 4:
             if DECAY_INPUT:
-                h = v + (z - (v - v_reset)) * leak
+                h = v + _mul_rn(z - (v - v_reset), leak)
             else:
-                h = v - (v - v_reset) * leak + z
+                h = v - _mul_rn(v - v_reset, leak) + z
         else:
             h = v + z
         spike = h >= v_th

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import _mul_rn
 from ._utils import SUPPORTED_DTYPES, require_int32_indexable, require_triton_device
 
 RESETS = {"subtract": 0, "zero": 1, "none": 2}
@@ -81,14 +82,14 @@ def _snntorch_step_kernel(
         else:
             s = tl.zeros([BLOCK], dtype=tl.float32)
         a = _prm(alpha_ptr, alpha, offs, ok, PER_ALPHA)
-        s = _rnd(a * s, R_SP)
+        s = _rnd(_mul_rn(a, s), R_SP)
         s = _rnd(s + x, R_SB)
         inp = s
     else:
         inp = x
     if RESET == 1 and not SYN:
         m = (1.0 - r) * m  # fp32 (the reset is fp32)
-    h = _rnd(b * m, R_P)
+    h = _rnd(_mul_rn(b, m), R_P)
     h = _rnd(h + inp, R_B)
     if RESET == 0:
         h = h - r * ts  # fp32

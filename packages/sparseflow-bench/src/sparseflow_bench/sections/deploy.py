@@ -81,35 +81,19 @@ def run_in_fresh_process(pkg: str, x: torch.Tensor, work: str, timeout: float) -
     inp, outp = os.path.join(work, "input.pt"), os.path.join(work, "child_out.pt")
     torch.save(x, inp)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, pkg, inp, outp], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout)[-1500:]}, None
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD, pkg, inp, outp], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:  # a crash (negative: the signal) prints the Python stack on stderr (faulthandler)
+        return {"error": f"exit status {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}, None
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     return info, torch.load(outp)
-
-
-def _graph_of(fn, x):
-    """``fn`` captured in a CUDA graph on a static copy of ``x``: (replay callable, static output), or None."""
-    try:
-        static = x.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn(static)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = fn(static)
-        return g.replay, out
-    except Exception:
-        return None
 
 
 def _one(ctx, name: str, work: str) -> dict:
     from sparseflow_core import export, optimize
 
     from ..models import prepared_model
+    from ..timing import graph_of
 
     r: dict = {"model": name}
     T, N, size = (1, 1, 32) if ctx.dry else (ctx.T, ctx.N, ctx.size)
@@ -148,7 +132,7 @@ def _one(ctx, name: str, work: str) -> dict:
         r["package_vs_optimized"] = compare_outputs(y, ref)
         r["ms_optimized_cuda_graph"] = ctx.bench(lambda: graph(x16), graph=False, rep=100)["median"]
         r["ms_package"] = ctx.bench(lambda: loaded(x16), graph=False, rep=100)["median"]
-        cap = _graph_of(loaded, x16)
+        cap = graph_of(loaded, x16)
         if cap is not None:
             r["ms_package_cuda_graph"] = ctx.bench(cap[0], graph=False, rep=100)["median"]
             r["package_cuda_graph_vs_optimized"] = compare_outputs(cap[1], ref)

@@ -1,6 +1,7 @@
 """``--sections e2e``: whole models (``ctx.models``: spiking_resnet34, sew_resnet34, spikformer_ti; T=4, N=8, 224 px
-natural images, recalibrated BatchNorm) end to end: SpikingJelly eager fp32, a CUDA graph of it, ``torch.compile``
-fp16 (reduce-overhead), SparseFlow fp16, fp32 and fp32 ``numerics="faithful"`` (CUDA graphs); logits error and
+natural images, recalibrated BatchNorm) end to end: SpikingJelly eager fp32, a CUDA graph of it, the dense model
+in fp16 (the best of three dense runs: see :func:`_baselines`), SparseFlow fp16, fp32 and fp32
+``numerics="faithful"`` (CUDA graphs; ``E2E_RUNS=fp16,...`` picks); kernels per forward; logits error and
 last-spike flips against the dense fp32 model (TF32 off), beside how far the dense model itself moves in fp16 and
 with another fp32 summation order; NVML energy. -> ``e2e.json`` (written after each model; ``markdown``:
 ``e2e.md`` and ``e2e.png``). ``E2E_COMPILE_ONLY=1`` times the dense models only.
@@ -21,7 +22,6 @@ from ..records import Row, Timing
 
 #: SparseFlow's runs: (tag, storage dtype, numerics)
 RUNS = (("fp16", torch.float16, "fast"), ("fp32", torch.float32, "fast"), ("fp32_faithful", torch.float32, "faithful"))
-_ROLES = {"compile_fp16": "baseline", "sparseflow_fp16": "sparseflow"}
 
 
 def last_spiking_output(model):
@@ -54,7 +54,7 @@ def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
     from sparseflow_core import optimize, reset_states
     from sparseflow_core.cuda_graph import CudaGraphModel
 
-    from ..timing import bench_ms
+    from ..timing import bench_ms, kernels_per_call
 
     xs = x.to(dt)
     opt, rep = optimize(copy.deepcopy(model), xs, dtype=dt if dt != torch.float32 else None, numerics=numerics,
@@ -65,6 +65,7 @@ def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
     _against(r, "", opt, xs, ref_logits, ref_spk, f"logits_rel_err_{tag}", f"last_spike_flip_rate_{tag}")
     r[f"replaced_{tag}"] = {"fused": len(rep.by_action("fused")), "sparse": len(rep.by_action("sparse")),
                             "neuron_kernel": len(rep.by_action("neuron-kernel")), "left": len(rep.by_action("left"))}
+    r[f"kernels_per_forward_sparseflow_{tag}"] = kernels_per_call(lambda: (reset_states(opt), opt(xs)))
     gopt = CudaGraphModel(opt)
     for _ in range(3):
         gopt(xs)
@@ -78,11 +79,14 @@ def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
     torch.cuda.empty_cache()
 
 
-def _compiled(ctx, r, energy, model, x, ref_logits, ref_spk, compile_modes, compile_only):
-    """The dense model in fp16: its drift from fp32, then ``torch.compile`` in each mode (the fastest kept)."""
+def _baselines(ctx, r, energy, model, x, ref_logits, ref_spk, compile_only):
+    """The dense model in fp16 channels_last: its drift from fp32, then the strongest dense runs, each timed on the
+    same input: eager in a CUDA graph (``graph_eager_fp16``), ``torch.compile`` default captured with the reset in a
+    CUDA graph (``compile_fp16_default_graph``) and ``torch.compile`` ``reduce-overhead``
+    (``compile_fp16_reduce-overhead``). The fastest is the baseline (``baseline_ms``, ``baseline_kind``)."""
     from sparseflow_core import reset_states
 
-    from ..timing import bench_ms
+    from ..timing import bench_ms, graph_of, kernels_per_call
 
     m16 = copy.deepcopy(model).half().to(memory_format=torch.channels_last)
     x16 = x.half()
@@ -90,35 +94,46 @@ def _compiled(ctx, r, energy, model, x, ref_logits, ref_spk, compile_modes, comp
         _against(r, "dense_fp16_", m16, x16, ref_logits, ref_spk)
     except Exception as e:
         r["dense_fp16_error"] = f"{type(e).__name__}: {e}"[:200]
-    best = None
-    for mode in compile_modes:
-        if ctx.left() < (45 if compile_only else 120):
+
+    def with_reset(fn):
+        def run(xx):
+            reset_states(m16)
+            return fn(xx)
+        return run
+
+    r["kernels_per_forward_dense_fp16"] = kernels_per_call(lambda: with_reset(m16)(x16))
+    runs = {}
+    cap = graph_of(with_reset(m16), x16)
+    if cap is not None:
+        runs["graph_eager_fp16"] = cap[0]
+    for mode in (() if ctx.dry else ("default", "reduce-overhead")):
+        if ctx.left() < (45 if compile_only else 100):
             break
         try:
             t0 = time.time()
             cm = torch.compile(m16, mode=mode)
-
-            def run_c(cm=cm):
-                reset_states(m16)
-                return cm(x16)
-
             for _ in range(3):
-                run_c()
+                with_reset(cm)(x16)
             r[f"compile_fp16_{mode}_compile_s"] = time.time() - t0
-            ms = bench_ms(run_c, graph=False)["median"]
-            r[f"compile_fp16_{mode}_ms"] = ms
-            if best is None or ms < best[0]:
-                best = (ms, mode, run_c)
+            if mode == "default":
+                cap = graph_of(with_reset(cm), x16)
+                if cap is not None:
+                    runs["compile_fp16_default_graph"] = cap[0]
+            else:
+                runs[f"compile_fp16_{mode}"] = lambda cm=cm: with_reset(cm)(x16)
         except Exception as e:
             r[f"compile_fp16_{mode}_error"] = f"{type(e).__name__}: {e}"[:300]
-    if best:
-        r["compile_fp16_ms"], r["compile_fp16_mode"] = best[0], best[1]
-        r["energy_compile_fp16_J"] = energy.joules_per_call(best[2])
+    for kind, fn in runs.items():
+        r[f"{kind}_ms"] = bench_ms(fn, graph=False)["median"]
+    if runs:
+        kind = min(runs, key=lambda k: r[f"{k}_ms"])
+        r["baseline_ms"], r["baseline_kind"] = r[f"{kind}_ms"], kind
+        r["energy_baseline_J"] = energy.joules_per_call(runs[kind])
         if r["sparseflow_ms"]:
-            r["speedup_vs_compile_fp16"] = best[0] / r["sparseflow_ms"]
+            r["speedup_vs_best_dense"] = r["baseline_ms"] / r["sparseflow_ms"]
 
 
-def _model(ctx, r, name, energy, compile_modes, compile_only) -> None:
+def _model(ctx, r, name, energy, compile_only) -> None:
     from sparseflow_core import reset_states
     from sparseflow_core.cuda_graph import CudaGraphModel
 
@@ -159,7 +174,8 @@ def _model(ctx, r, name, energy, compile_modes, compile_only) -> None:
         except Exception as e:
             r["dense_fp32_reordered_error"] = f"{type(e).__name__}: {e}"[:200]
         # SparseFlow fp32 (exactness) and fp16 (speed); fp32_faithful: the dense model's fp32 arithmetic bit for bit
-        for tag, dt, numerics in (() if compile_only else RUNS):
+        runs = [r_ for r_ in RUNS if r_[0] in os.environ.get("E2E_RUNS", ",".join(t for t, _, _ in RUNS)).split(",")]
+        for tag, dt, numerics in (() if compile_only else runs):
             try:
                 _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics)
             except Exception as e:
@@ -167,7 +183,7 @@ def _model(ctx, r, name, energy, compile_modes, compile_only) -> None:
                 traceback.print_exc()
         torch.backends.cudnn.allow_tf32 = True
         r["sparseflow_ms"] = r.get("sparseflow_fp16_ms")
-        _compiled(ctx, r, energy, model, x, ref_logits, ref_spk, compile_modes, compile_only)
+        _baselines(ctx, r, energy, model, x, ref_logits, ref_spk, compile_only)
         if r["sparseflow_ms"]:
             r["speedup_vs_eager_fp32"] = r["eager_fp32_ms"] / r["sparseflow_ms"]
     torch.cuda.empty_cache()
@@ -178,7 +194,6 @@ def run(ctx) -> dict:
 
     energy = Energy()
     compile_only = bool(os.environ.get("E2E_COMPILE_ONLY"))
-    compile_modes = () if ctx.dry else ("reduce-overhead",)
     results = {}
     for name in ctx.models:
         if ctx.left() < (60 if compile_only else 90):
@@ -186,7 +201,7 @@ def run(ctx) -> dict:
             break
         r = {"device": ctx.env["device"], "T": ctx.T, "N": ctx.N, "size": ctx.size}
         try:
-            _model(ctx, r, name, energy, compile_modes, compile_only)
+            _model(ctx, r, name, energy, compile_only)
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -202,14 +217,16 @@ def rows(obj, source):
             continue
         flat = {**(m.get("details") or {}), **{k: v for k, v in m.items() if k != "details"}}
         T, N, size = flat.get("T"), flat.get("N"), flat.get("size")
+        base = "baseline" if "baseline_ms" in flat else "compile_fp16"  # (files before the best-of-three baseline)
+        roles = {base: "baseline", "sparseflow_fp16": "sparseflow"}
         ts = []
         for k, v in flat.items():
             if k.endswith("_ms"):
                 prov = "sparseflow_fp16" if k == "sparseflow_ms" else k[:-3]  # the headline alias of sparseflow_fp16
                 dtype = "float16" if "fp16" in prov else "float32" if "fp32" in prov else ""
-                ts.append(Timing(prov, v, _ROLES.get(prov, "reference"), dtype))
+                ts.append(Timing(prov, v, roles.get(prov, "reference"), dtype))
         yield Row("e2e", "model_forward", ts, shape=[T, N, 3, size, size] if None not in (T, N, size) else "",
-                  model=model, baseline="compile_fp16")
+                  model=model, baseline=base)
 
 
 def markdown(r: dict, d: str) -> str:
@@ -223,7 +240,7 @@ def markdown(r: dict, d: str) -> str:
     models = [k for k, v in r.items() if not k.startswith("_") and isinstance(v, dict)]
 
     def draw(ax):
-        keys = [("eager_fp32_ms", "SpikingJelly eager fp32"), ("compile_fp16_ms", "torch.compile fp16"),
+        keys = [("eager_fp32_ms", "SpikingJelly eager fp32"), ("baseline_ms", "best dense fp16"),
                 ("sparseflow_ms", "SparseFlow fp16 + graph")]
         w = 0.25
         for i, (k, label) in enumerate(keys):
