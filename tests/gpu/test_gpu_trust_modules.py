@@ -111,6 +111,8 @@ def test_cuda_graph_model_replays_under_grad_mode_and_refuses_backward():
     for _ in range(4):
         out = g(x)
     assert g._graphs, "the graph model did not capture under grad mode"
+    assert g.calls["warmup"] == 2 and g.calls["captures"] == 1 and g.calls["replays"] == 1, g.calls
+    assert g.calls["hooks"] == g.calls["training"] == g.calls["cpu"] == 0, g.calls
     with torch.no_grad():
         reset_states(model)
         ref = model(x)

@@ -174,9 +174,9 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
     ``drift_factor``: the dense model in a wider dtype is the reference instead (fp64 for an fp32 ``dtype``, else
     fp32), and a call passes when the optimized model's error against it is at most ``drift_factor`` times the
     dense model's own error in ``dtype`` against it (or ``rtol``, whichever is larger); ``errors`` receives both,
-    optimized then dense. A deep randomly initialised spiking net amplifies every rounding change (a spike flips at a threshold),
-    so two fp16 computations of it in different orders differ by as much as fp16 differs from fp32; a membrane
-    that is not carried over from one call to the next differs by far more than that."""
+    optimized then dense. A deep randomly initialised spiking net amplifies every rounding change (a spike flips at
+    a threshold), so two computations of it in different orders differ by as much as the dtype differs from the
+    wider one; a membrane that is not carried over from one call to the next differs by far more than that."""
     from spikingjelly.activation_based import functional
 
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import snntorch
@@ -300,6 +301,12 @@ def test_cuda_graph_wrapper_on_cpu(sj_twins):
         ref = dense(xs[0])
     torch.testing.assert_close(a, ref)
     torch.testing.assert_close(b, ref)
+    assert wrapped.calls == {"replays": 0, "captures": 0, "warmup": 0, "cpu": 2, "training": 0, "hooks": 0}
+    wrapped.train()
+    with torch.no_grad():
+        wrapped(xs[0])
+    assert wrapped.calls["cpu"] == 3  # the first reason that applies is counted
+    assert pickle.loads(pickle.dumps(wrapped)).calls["cpu"] == 0
 
 
 def test_not_optimized_model_has_no_report():

@@ -41,7 +41,16 @@ def reset_states(model: nn.Module) -> None:
                 fn()
 
 
+def _new_calls() -> dict:
+    """How a :class:`CudaGraphModel`'s calls ran: ``replays`` of a captured graph, ``captures``, eager ``warmup``
+    calls of a new shape, and eager calls because the input is on the CPU, the model is ``training`` or has
+    ``hooks``."""
+    return dict.fromkeys(("replays", "captures", "warmup", "cpu", "training", "hooks"), 0)
+
+
 class CudaGraphModel(nn.Module):
+    """See the module doc. ``calls``: how the calls ran (replays, captures and eager calls, each reason counted)."""
+
     def __init__(self, model: nn.Module, warmup: int = 2):
         super().__init__()
         self.model = model
@@ -49,6 +58,7 @@ class CudaGraphModel(nn.Module):
         self.train(model.training)
         self.__dict__["_graphs"] = {}
         self.__dict__["_seen"] = {}
+        self.__dict__["calls"] = _new_calls()
 
     def reset_graphs(self) -> None:
         self._graphs.clear()
@@ -65,7 +75,9 @@ class CudaGraphModel(nn.Module):
         return (any(dicts) and has_hooks(*self.model.modules())) or has_hooks()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda or self.model.training or self._hooked():
+        why = "cpu" if not x.is_cuda else "training" if self.model.training else "hooks" if self._hooked() else None
+        if why is not None:
+            self.calls[why] += 1
             reset_states(self.model)
             return self.model(x)
         anchor = self._grad_anchor(x)
@@ -90,6 +102,7 @@ class CudaGraphModel(nn.Module):
             self._seen[key] = n + 1
             reset_states(self.model)
             if n < self.warmup:
+                self.calls["warmup"] += 1
                 return self.model(x)
             static_in = x.clone()
             torch.cuda.synchronize()
@@ -104,11 +117,13 @@ class CudaGraphModel(nn.Module):
             with torch.cuda.graph(graph):
                 static_out = self.model(static_in)
             entry = self._graphs[key] = (graph, static_in, static_out)
+            self.calls["captures"] += 1
             graph.replay()
             return static_out
         graph, static_in, static_out = entry
         static_in.copy_(x)
         graph.replay()
+        self.calls["replays"] += 1
         return static_out
 
     def __getstate__(self):
@@ -116,6 +131,7 @@ class CudaGraphModel(nn.Module):
         state = dict(state)
         state["_graphs"] = {}
         state["_seen"] = {}
+        state["calls"] = _new_calls()
         state.pop("_hook_dicts", None)
         return state
 

@@ -70,6 +70,8 @@ def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
     for _ in range(3):
         gopt(xs)
     r[f"sparseflow_{tag}_ms"] = bench_ms(lambda: gopt(xs), graph=False)["median"]
+    r[f"graph_calls_{tag}"] = dict(gopt.calls)  # replays, captures and eager calls (with why) while timed
+    r[f"sparseflow_{tag}_eager_ms"] = bench_ms(lambda: (reset_states(opt), opt(xs)), graph=False)["median"]
     r[f"energy_sparseflow_{tag}_J"] = energy.joules_per_call(lambda: gopt(xs))
     rep.refresh(opt)
     r[f"paths_{tag}"] = {}
