@@ -15,6 +15,27 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+def _loader_works(tmp_path) -> str | None:
+    """None when this torch build loads an AOTInductor package of a plain torch model (Conv2d + ReLU, no SparseFlow)
+    in a fresh process, else what the loader did: a failure of ours is told apart from a loader that cannot load
+    any package."""
+    from sparseflow_bench.sections.deploy import run_in_fresh_process
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU()).cuda().half().eval()
+    x = torch.randn(2, 3, 16, 16, device="cuda", dtype=torch.half)
+    path = torch._inductor.aoti_compile_and_package(torch.export.export(m, (x,)),
+                                                    package_path=str(tmp_path / "plain.pt2"))
+    info, out = run_in_fresh_process(path, x, str(tmp_path), timeout=120)
+    return None if out is not None else str(info.get("error"))[:300]
+
+
+def _require_loader(tmp_path):
+    err = _loader_works(tmp_path)
+    if err is not None:
+        pytest.fail("torch's AOTInductor loader cannot load a package of a plain torch model either (Conv2d + ReLU, "
+                    f"no SparseFlow) in this environment: {err}")
+
+
 def _net():
     from sf_core_nets import calibrate_bns, image_input, small_sj_net
 
@@ -38,6 +59,7 @@ def test_package_matches_the_optimized_model(tmp_path, dtype):
     with torch.no_grad():
         reset_states(res.model)
         ref = res.model(xd)
+    _require_loader(tmp_path)
     # the deployment first: a fresh process that cannot import sparseflow, SpikingJelly or triton
     info, out = run_in_fresh_process(res.path, xd, str(tmp_path), timeout=120)
     assert out is not None, info
@@ -83,6 +105,7 @@ def test_dynamic_batch_package(tmp_path):
     net, x = _net()
     res = export(copy.deepcopy(net), x.half(), str(tmp_path / "dyn.pt2"), dtype=torch.float16, dynamic_batch=True,
                  max_batch=64)
+    _require_loader(tmp_path)
     pkg, prog = res.load(), res.program.module()
     with torch.no_grad():
         for n in (1, 3, 8):
