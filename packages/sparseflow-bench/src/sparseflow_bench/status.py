@@ -43,14 +43,15 @@ def status_lines(d: str, link_dir: str) -> list[str]:
     e2e = _load(d, "e2e.json") or {}
     models = {k: m for k, m in e2e.items() if not k.startswith("_") and isinstance(m, dict) and m.get("sparseflow_ms")}
     eager = {k: m["eager_fp32_ms"] / m["sparseflow_ms"] for k, m in models.items() if m.get("eager_fp32_ms")}
-    comp = {k: baseline_of(m)[0] / m["sparseflow_ms"] for k, m in models.items() if baseline_of(m)[0]}
-    kinds = sorted({str(baseline_of(m)[1]) for m in models.values() if baseline_of(m)[0]})
+    base = {k: baseline_of(m) for k, m in models.items() if baseline_of(m)[0]}
+    comp = {k: ms / models[k]["sparseflow_ms"] for k, (ms, _) in base.items()}
+    kinds = sorted({kind for _, kind in base.values() if kind})
     if eager:
         txt = f"* End to end, fp16 + CUDA graph ({', '.join(models)}): {_span(list(eager.values()), '.1f')} over " \
               "SpikingJelly eager fp32"
         if comp:
             txt += f", {_span(list(comp.values()), '.2f')} over " + (
-                "`torch.compile` fp16" if kinds == ["None"] else f"the best dense fp16 run ({', '.join(kinds)})")
+                f"the best dense fp16 run ({', '.join(kinds)})" if kinds else "`torch.compile` fp16")
         lines.append(txt + " (`e2e.json`).")
     ex = (_load(d, "exactness.json") or {}).get("models", {})
     if ex:
