@@ -15,25 +15,26 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _loader_works(tmp_path) -> str | None:
-    """None when this torch build loads an AOTInductor package of a plain torch model (Conv2d + ReLU, no SparseFlow)
-    in a fresh process, else what the loader did: a failure of ours is told apart from a loader that cannot load
-    any package."""
+@pytest.fixture(scope="module")
+def require_loader(tmp_path_factory):
+    """Fails the test unless this torch build loads an AOTInductor package of a plain torch model (Conv2d + ReLU, no
+    SparseFlow) in a fresh process: a failure of ours is told apart from a loader that cannot load any package. The
+    control package is compiled and loaded once per module."""
     from sparseflow_bench.sections.deploy import run_in_fresh_process
 
+    work = tmp_path_factory.mktemp("loader_control")
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU()).cuda().half().eval()
     x = torch.randn(2, 3, 16, 16, device="cuda", dtype=torch.half)
-    path = torch._inductor.aoti_compile_and_package(torch.export.export(m, (x,)),
-                                                    package_path=str(tmp_path / "plain.pt2"))
-    info, out = run_in_fresh_process(path, x, str(tmp_path), timeout=120)
-    return None if out is not None else str(info.get("error"))[:300]
+    path = torch._inductor.aoti_compile_and_package(torch.export.export(m, (x,)), package_path=str(work / "plain.pt2"))
+    info, out = run_in_fresh_process(path, x, str(work), timeout=120)
+    err = None if out is not None else str(info.get("error"))[:300]
 
+    def check():
+        if err is not None:
+            pytest.fail("torch's AOTInductor loader cannot load a package of a plain torch model either (Conv2d + "
+                        f"ReLU, no SparseFlow) in this environment: {err}")
 
-def _require_loader(tmp_path):
-    err = _loader_works(tmp_path)
-    if err is not None:
-        pytest.fail("torch's AOTInductor loader cannot load a package of a plain torch model either (Conv2d + ReLU, "
-                    f"no SparseFlow) in this environment: {err}")
+    return check
 
 
 def _net():
@@ -47,7 +48,7 @@ def _net():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_package_matches_the_optimized_model(tmp_path, dtype):
+def test_package_matches_the_optimized_model(tmp_path, dtype, require_loader):
     from sparseflow_bench.sections.deploy import compare_outputs, run_in_fresh_process
     from sparseflow_core import export, optimize, reset_states
 
@@ -59,7 +60,7 @@ def test_package_matches_the_optimized_model(tmp_path, dtype):
     with torch.no_grad():
         reset_states(res.model)
         ref = res.model(xd)
-    _require_loader(tmp_path)
+    require_loader()
     # the deployment first: a fresh process that cannot import sparseflow, SpikingJelly or triton
     info, out = run_in_fresh_process(res.path, xd, str(tmp_path), timeout=120)
     assert out is not None, info
@@ -97,7 +98,7 @@ def test_sops_agree_with_spikingjelly_on_the_gpu():
         assert rep.energy_j_per_forward is not None and rep.energy_j_per_forward >= 0
 
 
-def test_dynamic_batch_package(tmp_path):
+def test_dynamic_batch_package(tmp_path, require_loader):
     """One package (``dynamic_batch=True``, exported at batch 8) for batches 1, 3 and 8: the exported program's
     outputs (the paths measured at batch 8, run eagerly) at each batch, bit for bit."""
     from sparseflow_core import export
@@ -105,7 +106,7 @@ def test_dynamic_batch_package(tmp_path):
     net, x = _net()
     res = export(copy.deepcopy(net), x.half(), str(tmp_path / "dyn.pt2"), dtype=torch.float16, dynamic_batch=True,
                  max_batch=64)
-    _require_loader(tmp_path)
+    require_loader()
     pkg, prog = res.load(), res.program.module()
     with torch.no_grad():
         for n in (1, 3, 8):
