@@ -119,3 +119,19 @@ def test_cuda_graph_model_replays_under_grad_mode_and_refuses_backward():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="inference only"):
         out.square().sum().backward()
+
+
+def test_cuda_graph_of_a_model_optimized_with_dtype_replays():
+    """``optimize(..., dtype=torch.float16, cuda_graph=True)``, the one-line fp16 inference: the input cast is
+    SparseFlow's own pre-hook, so the wrapper captures and replays (a user's hook would send every call eager);
+    the replays give the optimized model's eager outputs."""
+    model, _, x = twins("spiking_resnet18")
+    g = optimize(copy.deepcopy(model), x, dtype=torch.float16, cuda_graph=True)
+    with torch.no_grad():
+        outs = [g(x).clone() for _ in range(5)]
+        reset_states(g.model)
+        ref = g.model(x)
+    assert g.calls["captures"] == 1 and g.calls["replays"] == 2 and g.calls["hooks"] == 0, g.calls
+    for out in outs[3:]:  # replays repeat the captured kernels (outs[2]: the capture's own replay) bit for bit
+        torch.testing.assert_close(out, outs[2], rtol=0, atol=0)
+    torch.testing.assert_close(outs[-1], ref)

@@ -28,8 +28,10 @@ from spikingjelly.activation_based import functional, layer, neuron
 from torch import fx, nn
 
 from sparseflow_core import CudaGraphModel, get_report, is_optimized, optimize, restore
+from sparseflow_core.arguments import CastInputs
 from sparseflow_core.fx_fusion import fused_forward
-from sparseflow_ops import SparseConv2d, is_accelerated, is_bypassed
+from sparseflow_core.hooks import module_hooks
+from sparseflow_ops import SparseConv2d, has_hooks, is_accelerated, is_bypassed
 
 SJ_NEURON_CLASSES = (neuron.LIFNode, neuron.IFNode, neuron.ParametricLIFNode)
 
@@ -307,6 +309,27 @@ def test_cuda_graph_wrapper_on_cpu(sj_twins):
         wrapped(xs[0])
     assert wrapped.calls["cpu"] == 3  # the first reason that applies is counted
     assert pickle.loads(pickle.dumps(wrapped)).calls["cpu"] == 0
+
+
+@pytest.mark.parametrize("how", ["dtype", "lazy"])
+def test_cuda_graph_wrapper_does_not_take_sparseflow_hooks_for_user_hooks(sj_twins, how):
+    """The input cast of ``dtype=`` and the lazy optimization are pre-hooks on the model: they must not keep the
+    graph wrapper from replaying (it replays only while no module has a user's hook); a user's hook does."""
+    net, _, xs = sj_twins
+    if how == "dtype":
+        wrapped = optimize(net, xs[0], mode="torch", dtype=torch.float32, cuda_graph=True)
+        model = wrapped.model
+        assert any(isinstance(h, CastInputs) for h in model._forward_pre_hooks.values())
+    else:
+        wrapped = optimize(net, mode="torch", cuda_graph=True)
+        model = wrapped.model
+        assert model._forward_pre_hooks
+    assert not wrapped._hooked()
+    assert not module_hooks(model) and not has_hooks(*model.modules())
+    handle = model.register_forward_hook(lambda m, a, y: None)
+    wrapped.reset_graphs()
+    assert wrapped._hooked() and has_hooks(model)
+    handle.remove()
 
 
 def test_not_optimized_model_has_no_report():

@@ -64,3 +64,32 @@ def test_ops_are_registered_for_compile():
         op = getattr(torch.ops.sparseflow, name)
         assert op.default._schema.name == f"sparseflow::{name}"
     assert lib.compiling() is False
+
+
+class _Recorder:
+    """Stands for a kernel (or its ``wrap_triton`` wrapper): records which one a launch went through."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, grid))
+
+
+@pytest.mark.parametrize("interpreted", [False, True], ids=["compiled", "interpreted"])
+def test_launch_goes_through_wrap_triton_only_while_traced(interpreted):
+    """An eager launch on real tensors calls the kernel itself (the higher-order op of ``wrap_triton`` costs more
+    CPU than most of these kernels take on the GPU); a launch traced with fake tensors goes through the wrapper
+    (or, under the interpreter, launches nothing)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparseflow_kernels._utils import _Launch
+
+    log = []
+    la = _Launch.__new__(_Launch)
+    la.kernel, la.interpreted, la.traceable = _Recorder("kernel", log), interpreted, _Recorder("wrap_triton", log)
+    la[(3,)](torch.zeros(2), 1, flag=True)
+    assert log == [("kernel", (3,))]
+    with FakeTensorMode():
+        assert la[(4,)](7, torch.zeros(2)) is None
+    assert log == [("kernel", (3,))] + ([] if interpreted else [("wrap_triton", (4,))])

@@ -167,3 +167,23 @@ def test_faithful_multihead_attention_is_the_dense_module(batch_first):
         y = m(q, q, q, need_weights=False)[0]
         assert m.last_path == "torch"
         assert torch.equal(y, ref_mha(q, q, q, need_weights=False)[0])
+
+
+def _drop_in_classes():
+    import sparseflow_ops.pool  # noqa: F401 (the pool drop-in is not re-exported)
+
+    seen, todo = [], list(SparseModule.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls not in seen:
+            seen.append(cls)
+            todo += cls.__subclasses__()
+    return sorted((c for c in seen if not c.__subclasses__()), key=lambda c: c.__qualname__)
+
+
+@pytest.mark.parametrize("cls", _drop_in_classes(), ids=lambda c: c.__qualname__)
+def test_every_drop_in_names_its_kind(cls):
+    """``kind()`` (what the report and the kernel profile print for a module) is defined on every drop-in: its
+    own ``kind`` or a ``_kind`` (a name, or a property naming the variant) for ``SparseModule.kind``."""
+    own = {n for c in cls.__mro__ if c is not SparseModule for n in vars(c)}
+    assert "kind" in own or isinstance(getattr(cls, "_kind", None), (str, property)), cls

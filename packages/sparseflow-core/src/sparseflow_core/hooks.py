@@ -3,16 +3,24 @@
 A replacement module would drop the hooks registered on the module it replaces, and a fused or folded module
 would hand them other values: such modules are left as they are. Both the passes of ``optimize()`` and the op
 handlers ask :func:`module_hooks`; SparseFlow's own forward pre-hooks on the model (the lazy optimization, the
-input cast of ``dtype=``) subclass :class:`OwnPreHook` and do not count.
+input cast of ``dtype=``) subclass :class:`OwnPreHook` and do not count. They carry the observer mark
+(``sparseflow_ops.OBSERVER_ATTR``) too, so that neither a fused chain's hook check nor the CUDA-graph wrapper's
+takes them for a user's hook.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from sparseflow_ops import OBSERVER_ATTR
+
 
 class OwnPreHook:
-    """Base of SparseFlow's own forward pre-hooks on a model; :func:`module_hooks` does not count them."""
+    """Base of SparseFlow's own forward pre-hooks on a model; :func:`module_hooks` and ``has_hooks`` do not count
+    them."""
+
+
+setattr(OwnPreHook, OBSERVER_ATTR, True)
 
 
 def module_hooks(m: nn.Module) -> str:

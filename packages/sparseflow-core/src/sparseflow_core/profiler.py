@@ -164,14 +164,15 @@ def _is_bypassed(m: nn.Module) -> bool:
 def dense_op(mod: nn.Module, with_fused: bool = True):
     """A callable with ``mod``'s call signature running its dense equivalent: ``to_dense()`` of a copy, then (with
     ``with_fused``) the BatchNorm (``folded_bn``), the residual and the neuron (``fused_neuron``, reset first) it
-    fused."""
+    fused. The residual is added before the neuron (a ResNet block), or with ``residual_after`` to its spikes (a
+    SEW-ResNet block), as the fused layer adds it."""
     work = copy.deepcopy(mod)
     bn, neuron = getattr(work, "folded_bn", None), getattr(work, "fused_neuron", None)
     if not with_fused:
         bn = neuron = None
     base = work.to_dense()
 
-    def run(x, *args, residual=None, **kwargs):
+    def run(x, *args, residual=None, residual_after=False, **kwargs):
         if x.dim() == 5 and isinstance(base, nn.Conv2d) and getattr(base, "step_mode", "s") != "m":
             y = base(x.flatten(0, 1), *args, **kwargs)
             y = y.view(*x.shape[:2], *y.shape[1:])
@@ -179,11 +180,13 @@ def dense_op(mod: nn.Module, with_fused: bool = True):
             y = base(x, *args, **kwargs)
         if bn is not None:
             y = bn(y)
-        if residual is not None:
+        if residual is not None and not residual_after:
             y = y + residual
         if neuron is not None:
             reset_states(nn.ModuleList([neuron]))
             y = neuron(y)
+        if residual is not None and residual_after:
+            y = residual + y
         return y
 
     return run

@@ -125,40 +125,53 @@ def dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:
     return fp32_precision
 
 
-def _traced(a) -> bool:
-    """A fake or functional tensor: ``torch.compile`` / ``torch.export`` tracing the launcher for shapes."""
-    if not isinstance(a, torch.Tensor):
+def _traced(args) -> bool:
+    """Whether the first tensor among ``args`` is fake or functional: ``torch.export`` / ``make_fx`` tracing the
+    launcher for shapes (every tensor argument of one launch is then traced alike)."""
+    a = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if a is None:
         return False
     from torch._subclasses.fake_tensor import is_fake
 
     return is_fake(a)
 
 
-class _Interpreted:
-    """An interpreted kernel that, traced with fake tensors (the shape pass of ``torch.export`` over a
-    ``sparseflow::`` operator), launches nothing: the operator's outputs are allocated by the launcher, and the
-    kernel runs when the traced program runs."""
+class _Launch:
+    """A kernel launcher that goes through ``torch.library.wrap_triton`` only while it is traced.
+
+    Traced (``torch.compile``, ``torch.export``, ``make_fx``: the ``sparseflow::`` operators' launchers), a launch
+    must be a ``triton_kernel_wrapper`` node of the graph, so it goes through ``wrap_triton``. Called eagerly on
+    real tensors, it launches the kernel directly: the wrapper's higher-order-op dispatch costs about 0.1 ms of
+    CPU per launch, more than most of these kernels take on the GPU. Under the CPU interpreter (whose interpreted
+    kernels ``wrap_triton`` does not take), a traced launch launches nothing: the operator's outputs are allocated
+    by the launcher, and the kernel runs when the traced program runs."""
 
     def __init__(self, kernel):
         self.kernel = kernel
+        self.interpreted = interpreter_active()
+        if not self.interpreted:
+            from torch.library import wrap_triton
+
+            self.traceable = wrap_triton(kernel)
 
     def __getitem__(self, grid):
-        run = self.kernel[grid]
-
         def call(*args, **kwargs):
-            if any(_traced(a) for a in (*args, *kwargs.values())):
-                return None
-            return run(*args, **kwargs)
+            traced = torch.compiler.is_compiling() or _traced((*args, *kwargs.values()))
+            if not traced:
+                return self.kernel[grid](*args, **kwargs)
+            return None if self.interpreted else self.traceable[grid](*args, **kwargs)
 
         return call
 
 
-def launch(kernel):
-    """``kernel`` wrapped with ``torch.library.wrap_triton`` so that ``torch.compile`` and ``torch.export`` trace
-    its launches (inside the ``sparseflow::`` triton ops); under the CPU interpreter, whose interpreted kernels
-    ``wrap_triton`` does not accept, the bare kernel, skipped while tracing with fake tensors."""
-    if interpreter_active():
-        return _Interpreted(kernel)
-    from torch.library import wrap_triton
+_LAUNCHERS: dict = {}
 
-    return wrap_triton(kernel)
+
+def launch(kernel) -> _Launch:
+    """``kernel``'s launcher (made once per kernel): ``launch(kernel)[grid](*args)`` launches it directly when
+    called eagerly and through ``torch.library.wrap_triton`` while ``torch.compile`` / ``torch.export`` trace it
+    (see :class:`_Launch`)."""
+    got = _LAUNCHERS.get(kernel)
+    if got is None:
+        got = _LAUNCHERS[kernel] = _Launch(kernel)
+    return got

@@ -30,6 +30,7 @@ class SparseBatchNorm2d(SparseModule, nn.BatchNorm2d):
 
     _runtime = ("_pending", "_acache", "_original_class", "_original_dict", "mode", "last_path", "step_mode",
                 "numerics")
+    _kind = "batchnorm2d"
 
     def __init__(self, *args, mode: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)

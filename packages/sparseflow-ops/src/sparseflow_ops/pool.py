@@ -28,6 +28,7 @@ class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
     numerics="faithful"."""
 
     _caches = ()
+    _kind = "max_pool2d"
 
     def _repr_fields(self) -> dict:
         return {}
