@@ -305,6 +305,7 @@ def test_registry_and_errors() -> None:
         "spiking_resnet18", "spiking_resnet34", "spiking_resnet50",
         "sew_resnet18", "sew_resnet34", "sew_resnet50",
         "spiking_vgg11", "spikformer_ti", "sdt_8_384", "spiking_mobilenetv2", "spiking_unet",
+        "ms_resnet34", "qkformer_10_384", "dvs_gesture_plif",
     }  # fmt: skip
     assert expected <= set(models.MODELS)
     with pytest.raises(KeyError, match="no_such_model"):
@@ -399,3 +400,53 @@ def test_transformers_build_and_run(name: str) -> None:
     stats = spikes.capture_conv_stats(model, data.repeat_time(images, 2), types=(nn.Conv1d, nn.Conv2d))
     assert stats and all(0.0 <= s["elem"] <= 1.0 for s in stats.values())
     assert any(s["binary"] and 0.0 < s["elem"] < 1.0 for s in stats.values())
+
+
+def test_event_frames_are_on_off_events_at_the_asked_density() -> None:
+    e = data.event_frames(2, 6, size=64, seed=3, density=0.1)
+    assert e.shape == (6, 2, 2, 64, 64) and e.dtype == torch.float32
+    assert set(e.unique().tolist()) <= {0.0, 1.0}
+    assert not (e[:, :, 0] * e[:, :, 1]).any()  # a pixel fires ON or OFF, not both
+    assert abs(float(e.mean()) - 0.1) < 2e-3
+    assert not torch.equal(e[0], e[1])  # the scene moves: the frames differ over time
+    assert torch.equal(e, data.event_frames(2, 6, size=64, seed=3, density=0.1))
+    assert not torch.equal(e, data.event_frames(2, 6, size=64, seed=4, density=0.1))
+    for bad in ({"T": 0}, {"density": 0.5}, {"size": 0}):
+        with pytest.raises(ValueError, match="event_frames"):
+            data.event_frames(**{"n": 1, "T": 2, "size": 8, **bad})
+
+
+def test_dvs_network_is_calibrated_and_fed_event_frames() -> None:
+    """The DVS network's benchmark input is a recording at its sensor's size and T (not images repeated over T);
+    its BatchNorms are calibrated on recordings, and the five spiking conv stages fire after calibration (the
+    head's neurons follow Linear layers without BatchNorm: random weights may leave them silent)."""
+    from spikingjelly.activation_based import neuron
+
+    assert models.model_input_spec("dvs_gesture_plif", 4, 224) == ("events", 16, 128)
+    assert models.model_input_spec("spiking_resnet34", 4, 224) == ("images", 4, 224)
+    model, x = models.prepared_model("dvs_gesture_plif", 3, 1, 128, torch.device("cpu"), calib_images=2,
+                                     channels=8)
+    assert x.shape == (3, 1, 2, 128, 128) and abs(float((x != 0).float().mean()) - 0.13) < 5e-3
+    assert not any(m.training for m in model.modules())
+    rates = []
+    hooks = [m.register_forward_hook(lambda m, a, y: rates.append(float(y.mean())))
+             for m in model.modules() if isinstance(m, neuron.ParametricLIFNode)]
+    with torch.no_grad():
+        assert model(x).shape == (3, 1, 11)
+    for h in hooks:
+        h.remove()
+    assert len(rates) >= 5 and all(0.0 < r < 1.0 for r in rates[:5]), rates
+
+
+def test_recalibrate_bn_takes_a_recording_as_it_is() -> None:
+    """A [T, M, C, H, W] recording is fed as it is (chunks over M), not repeated over T."""
+    seen = []
+    model = models.build_model("spiking_resnet18", T=2, num_classes=10)
+    h = model.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    rec = torch.randn(2, 4, 3, 32, 32)
+    models.recalibrate_bn(model, rec, T=2, batches=2)
+    h.remove()
+    assert [s.shape for s in seen] == [(2, 2, 3, 32, 32)] * 2
+    assert torch.equal(seen[0], rec[:, :2]) and torch.equal(seen[1], rec[:, 2:])
+    with pytest.raises(ValueError, match="recording"):
+        models.recalibrate_bn(model, torch.randn(2, 0, 3, 8, 8), T=2)

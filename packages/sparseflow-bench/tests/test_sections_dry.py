@@ -92,3 +92,26 @@ def test_e2e_section_dry_run(tmp_path, monkeypatch):
     providers = {r.provider for r in recs}
     assert providers >= {"eager_fp32", "sparseflow_fp16", "sparseflow_fp32", "sparseflow_fp32_faithful"}
     assert {r.role for r in recs if r.provider == "sparseflow_fp16"} == {"sparseflow"}
+
+
+def test_e2e_section_runs_each_model_on_its_input_at_each_batch(tmp_path, monkeypatch):
+    """``E2E_BATCHES`` adds batches (written as ``<model>@N<batch>``, the context's batch under the model's own
+    name); the DVS network runs on event frames at its own T and size; each entry records what it ran."""
+    from sparseflow_bench.sections import e2e
+
+    ran = []
+
+    def fake_model(ctx, r, name, energy, compile_only):
+        ran.append((name, r["T"], r["N"], r["size"], r["input"]))
+        r["sparseflow_ms"] = 1.0
+
+    monkeypatch.setattr(e2e, "_model", fake_model)
+    monkeypatch.setenv("E2E_BATCHES", "1,8")
+    ctx = SectionContext(str(tmp_path), {"device": "cpu", "date": "2026-12-03"}, torch.device("cpu"), dry=True,
+                         T=4, N=8, size=224, models=["spiking_resnet34", "dvs_gesture_plif"])
+    out = e2e.run(ctx)
+    assert ran == [("spiking_resnet34", 4, 1, 224, "images"), ("spiking_resnet34", 4, 8, 224, "images"),
+                   ("dvs_gesture_plif", 16, 1, 128, "events"), ("dvs_gesture_plif", 16, 8, 128, "events")]
+    assert list(out) == ["spiking_resnet34@N1", "spiking_resnet34", "dvs_gesture_plif@N1", "dvs_gesture_plif"]
+    written = json.loads((tmp_path / "e2e.json").read_text())
+    assert written["dvs_gesture_plif@N1"]["N"] == 1 and written["dvs_gesture_plif"]["T"] == 16

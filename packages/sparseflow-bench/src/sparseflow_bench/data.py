@@ -169,3 +169,34 @@ def repeat_time(x: torch.Tensor, T: int) -> torch.Tensor:
 def model_input(images: torch.Tensor, T: int) -> torch.Tensor:
     """Multi-step model input ``[T, N, 3, H, W]`` for ``images`` ``[N, 3, H, W]`` (= :func:`repeat_time`)."""
     return repeat_time(images, T)
+
+
+def event_frames(n: int, T: int, size: int = 128, seed: int = 0, density: float = 0.13) -> torch.Tensor:
+    """``n`` event-camera recordings as multi-step input ``[T, n, 2, size, size]`` (channel 0: ON events, 1: OFF).
+
+    What a DVS records while it pans across a natural image: the log intensity of a grey natural image (from
+    :func:`natural_images`, un-normalised) is seen through a ``size`` px window that moves one pixel right per
+    step and one down every other step; a pixel fires an ON event where its log intensity rose since the previous
+    step by more than a threshold, an OFF event where it fell by more. The threshold is the one quantile of the
+    changes that makes ``density`` of the output elements events (both channels counted). Deterministic in
+    ``(n, T, size, seed, density)``.
+    """
+    if T < 1 or n < 0 or size <= 0 or not 0.0 < density < 0.5:
+        raise ValueError(f"event_frames: need T >= 1, n >= 0, size > 0 and 0 < density < 0.5, got T={T}, n={n}, "
+                         f"size={size}, density={density}")
+    margin = T + 1
+    imgs = natural_images(n, size + margin, seed=seed)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    log_i = torch.log((imgs * std + mean).clamp(0.0, 1.0).mean(1) + 0.05)  # [n, H+m, W+m]
+    views = torch.stack([log_i[:, t // 2: t // 2 + size, t: t + size] for t in range(T + 1)])
+    change = views[1:] - views[:-1]  # [T, n, size, size]
+    out = torch.zeros(T, n, 2, size, size)
+    if n == 0:
+        return out
+    mag = change.abs().flatten()
+    k = max(1, min(mag.numel(), round(mag.numel() * (1.0 - 2.0 * density))))
+    threshold = mag.kthvalue(k).values
+    out[:, :, 0] = (change > threshold).float()
+    out[:, :, 1] = (change < -threshold).float()
+    return out

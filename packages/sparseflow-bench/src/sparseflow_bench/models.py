@@ -23,6 +23,11 @@ Registered names (see :data:`MODELS`):
   The spatial size must be divisible by 16.
 * ``sdt_8_384`` -- ``spike_driven_transformer.sdt_8_384`` (``embed_dims=384, num_heads=8,
   depths=8, mlp_ratio=4, pooling_stat="1111"``). The spatial size must be divisible by 16.
+* ``qkformer_10_384`` -- ``qkformer.qkformer_10_384`` (QKFormer, 10 blocks, 384 wide; neurons as for the
+  transformers). The spatial size must be divisible by 16.
+* ``dvs_gesture_plif`` -- ``parametric_lif_net.DVSGestureNet`` (128 channels, ``neuron.ParametricLIFNode`` with
+  ``init_tau=2.0``, hard reset to 0, ATan, detached reset): the DVS128 Gesture network. Its input is event frames,
+  ``[T, N, 2, 128, 128]`` at T=16 (:data:`MODEL_INPUTS`, :func:`sparseflow_bench.data.event_frames`); 11 classes.
 
 For the two transformers the neuron is given as ``spiking_neuron=None`` plus the LIF keyword
 arguments above: spikingjelly then builds ``neuron.LIFNode`` everywhere and merges our arguments
@@ -44,7 +49,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .data import model_input, repeat_time
+from .data import event_frames, model_input, repeat_time
 
 __all__ = [
     "MODELS",
@@ -125,6 +130,31 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "spikformer_ti": _transformer_builder("spikformer", "spikformer_ti"),
     "sdt_8_384": _transformer_builder("spike_driven_transformer", "sdt_8_384"),
 }
+def _dvs_gesture(T: int, num_classes: int, **kw: Any) -> nn.Module:
+    """spikingjelly.activation_based.model.parametric_lif_net.DVSGestureNet (PLIF neurons; 11 classes, whatever
+    ``num_classes``)."""
+    from spikingjelly.activation_based import neuron, surrogate
+    from spikingjelly.activation_based.model.parametric_lif_net import DVSGestureNet
+
+    args: dict[str, Any] = {"init_tau": 2.0, "v_reset": 0.0, "surrogate_function": surrogate.ATan(),
+                            "detach_reset": True, **kw}
+    channels = args.pop("channels", 128)
+    return DVSGestureNet(channels=channels, spiking_neuron=neuron.ParametricLIFNode, **args)
+
+
+MODELS["qkformer_10_384"] = _transformer_builder("qkformer", "qkformer_10_384")
+MODELS["dvs_gesture_plif"] = _dvs_gesture
+
+#: models whose input is not natural images repeated over time: name -> (kind, T, size)
+MODEL_INPUTS: dict[str, tuple[str, int, int]] = {"dvs_gesture_plif": ("events", 16, 128)}
+
+
+def model_input_spec(name: str, T: int, size: int) -> tuple[str, int, int]:
+    """``(kind, T, size)`` of ``name``'s benchmark input: ``("events", 16, 128)`` for the DVS network (event
+    frames at its sensor's size and time steps), else ``("images", T, size)`` (natural images repeated over T)."""
+    return MODEL_INPUTS.get(name, ("images", T, size))
+
+
 # the spiking MobileNetV2 and U-Net (imported here, after lif_kwargs, which they use)
 MODELS.update(importlib.import_module("sparseflow_bench.models_mobilenet_unet").MOBILENET_UNET_MODELS)
 
@@ -212,7 +242,8 @@ def recalibrate_bn(
 
     Args:
         model: a spiking model taking ``[T, N, 3, H, W]``.
-        images: ``[M, 3, H, W]`` normalised images (see :func:`sparseflow_bench.data.natural_images`).
+        images: ``[M, 3, H, W]`` normalised images (see :func:`sparseflow_bench.data.natural_images`),
+            repeated over ``T``; or a recording ``[T, M, C, H, W]`` (event frames), taken as it is.
         T: number of time steps.
         batches: number of forward passes.
         batch_size: images per pass.
@@ -222,11 +253,13 @@ def recalibrate_bn(
     """
     from spikingjelly.activation_based import functional
 
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty [M, C, H, W] tensor, got {tuple(images.shape)}")
+    seq = images.ndim == 5  # [T, M, C, H, W]: a recording, taken as it is (no repeat over time)
+    if images.ndim not in (4, 5) or images.shape[int(seq)] == 0:
+        raise ValueError(f"images must be a non-empty [M, C, H, W] tensor (or a [T, M, C, H, W] recording), got "
+                         f"{tuple(images.shape)}")
     if batches < 1:
         raise ValueError(f"batches must be >= 1, got {batches}")
-    m = images.shape[0]
+    m = images.shape[int(seq)]
     bs = batch_size if batch_size is not None else max(1, math.ceil(m / batches))
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1, got {bs}")
@@ -245,7 +278,8 @@ def recalibrate_bn(
         with torch.no_grad():
             for i in range(batches):
                 idx = torch.arange(i * bs, (i + 1) * bs) % m
-                x = repeat_time(images[idx].to(device=device, dtype=dtype), T)
+                chunk = images[:, idx] if seq else repeat_time(images[idx], T)
+                x = chunk.to(device=device, dtype=dtype)
                 functional.reset_net(model)
                 model(x)
     finally:
@@ -259,13 +293,19 @@ def recalibrate_bn(
 def prepared_model(name: str, T: int, N: int, size: int, device, calib_images: int = 16, **kw: Any):
     """``build_model(name, T=T, **kw)`` on ``device`` with its BatchNorm recalibrated on ``calib_images`` natural
     images, in eval mode with reset neurons, and its input: ``N`` other natural images of ``size`` px repeated
-    over ``T`` steps."""
+    over ``T`` steps. A model of :data:`MODEL_INPUTS` takes its own kind of input (event frames: calibrated on
+    ``calib_images`` recordings, and ``N`` others), at the ``T`` and ``size`` given (see
+    :func:`model_input_spec`)."""
     from sparseflow_core import reset_states
 
     from .data import natural_images
 
     model = build_model(name, T=T, **kw).to(device)
-    recalibrate_bn(model, natural_images(calib_images, size, seed=0).to(device), T=T, batches=2)
-    x = repeat_time(natural_images(N, size, seed=1), T).to(device)
+    if model_input_spec(name, T, size)[0] == "events":
+        recalibrate_bn(model, event_frames(calib_images, T, size, seed=0).to(device), T=T, batches=2)
+        x = event_frames(N, T, size, seed=1).to(device)
+    else:
+        recalibrate_bn(model, natural_images(calib_images, size, seed=0).to(device), T=T, batches=2)
+        x = repeat_time(natural_images(N, size, seed=1), T).to(device)
     reset_states(model)
     return model.eval(), x

@@ -1,5 +1,7 @@
 """``--sections e2e``: whole models (``ctx.models``: spiking_resnet34, sew_resnet34, spikformer_ti; T=4, N=8, 224 px
-natural images, recalibrated BatchNorm) end to end: SpikingJelly eager fp32, a CUDA graph of it, the dense model
+natural images, recalibrated BatchNorm; a model of ``models.MODEL_INPUTS`` on its own input, such as the DVS
+network on event frames at T=16 and 128 px; ``E2E_BATCHES=1,8,32`` adds other batches, written as
+``<model>@N<batch>``; the element density of each input is recorded) end to end: SpikingJelly eager fp32, a CUDA graph of it, the dense model
 in fp16 (the best of three dense runs: see :func:`_baselines`), SparseFlow fp16, fp32 and fp32
 ``numerics="faithful"`` (CUDA graphs; ``E2E_RUNS=fp16,...`` picks); kernels per forward; logits error and
 last-spike flips against the dense fp32 model (TF32 off), beside how far the dense model itself moves in fp16 and
@@ -142,7 +144,8 @@ def _model(ctx, r, name, energy, compile_only) -> None:
     from ..models import prepared_model
     from ..timing import bench_ms
 
-    model, x = prepared_model(name, ctx.T, ctx.N, ctx.size, ctx.device)
+    model, x = prepared_model(name, r["T"], r["N"], r["size"], ctx.device)
+    r["input_density"] = float((x != 0).float().mean())
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -197,18 +200,23 @@ def run(ctx) -> dict:
 
     energy = Energy()
     compile_only = bool(os.environ.get("E2E_COMPILE_ONLY"))
+    from ..models import model_input_spec
+
+    batches = [int(b) for b in os.environ.get("E2E_BATCHES", str(ctx.N)).split(",") if b.strip()]
     results = {}
-    for name in ctx.models:
+    for name, N in ((name, N) for name in ctx.models for N in batches):
+        key = name if N == ctx.N else f"{name}@N{N}"
         if ctx.left() < (60 if compile_only else 90):
-            ctx.log(f"e2e: deadline before {name}")
+            ctx.log(f"e2e: deadline before {key}")
             break
-        r = {"device": ctx.env["device"], "T": ctx.T, "N": ctx.N, "size": ctx.size}
+        kind, T, size = model_input_spec(name, ctx.T, ctx.size)
+        r = {"device": ctx.env["device"], "T": T, "N": N, "size": size, "input": kind}
         try:
             _model(ctx, r, name, energy, compile_only)
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
-        results[name] = r
+        results[key] = r
         ctx.log(json.dumps(r, default=str))
         ctx.dump("e2e.json", results)
     return results
@@ -233,7 +241,7 @@ def rows(obj, source):
 
 
 def markdown(r: dict, d: str) -> str:
-    lines = ["# End to end (T=4, N=8, 224 px, natural images, recalibrated BatchNorm)", ""]
+    lines = ["# End to end (recalibrated BatchNorm; T, N, size and input per model below)", ""]
     for name, m in r.items():
         if name.startswith("_") or not isinstance(m, dict):
             continue
