@@ -163,9 +163,8 @@ def _is_bypassed(m: nn.Module) -> bool:
 
 def dense_op(mod: nn.Module, with_fused: bool = True):
     """A callable with ``mod``'s call signature running its dense equivalent: ``to_dense()`` of a copy, then (with
-    ``with_fused``) the BatchNorm (``folded_bn``), the residual and the neuron (``fused_neuron``, reset first) it
-    fused. The residual is added before the neuron (a ResNet block), or with ``residual_after`` to its spikes (a
-    SEW-ResNet block), as the fused layer adds it."""
+    ``with_fused``) the BatchNorm (``folded_bn``), the residual (before the neuron, or with ``residual_after`` after
+    it) and the neuron (``fused_neuron``, reset first) it fused."""
     work = copy.deepcopy(mod)
     bn, neuron = getattr(work, "folded_bn", None), getattr(work, "fused_neuron", None)
     if not with_fused:
@@ -185,9 +184,7 @@ def dense_op(mod: nn.Module, with_fused: bool = True):
         if neuron is not None:
             reset_states(nn.ModuleList([neuron]))
             y = neuron(y)
-        if residual is not None and residual_after:
-            y = residual + y
-        return y
+        return residual + y if residual is not None and residual_after else y
 
     return run
 

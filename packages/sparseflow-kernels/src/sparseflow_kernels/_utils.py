@@ -71,8 +71,11 @@ def require_int32_indexable(op: str, *tensors: torch.Tensor | None) -> None:
     the tensor itself or in a contiguous tensor of its shape (an output the kernel allocates like it; this
     also catches broadcast inputs made by ``expand``, whose own offsets are small)."""
     for t in tensors:
-        if t is None or t.numel() == 0:
+        if t is None:
             continue
+        n = t.numel()
+        if type(n) is int and (n == 0 or (n <= INT32_MAX and t.is_contiguous())):
+            continue  # (the common case, checked in C++: a dense tensor spans its element count)
         if any(isinstance(v, torch.SymInt) for v in (*t.shape, *t.stride())):
             # a traced dynamic batch: the element count, which the tracer proves over the batch's range (a span
             # over symbolic strides holds min/max terms it cannot prove, and would fail the export)
@@ -106,8 +109,22 @@ def pair(v, name: str, op: str) -> tuple[int, int]:
     raise ValueError(f"{op}: {name} must be an int or a pair of ints, got {v!r}")
 
 
+def cdiv(a, b):
+    """``ceil(a / b)``, as ``triton.cdiv`` computes it (plain Python: a launcher runs it on every call, and
+    ``triton.cdiv`` is a Triton constexpr function, several times slower to call)."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n):
+    """The smallest power of two ``>= n`` (0 for 0), as ``triton.next_power_of_2`` computes it (plain Python for
+    ints, see :func:`cdiv`)."""
+    if type(n) is not int:
+        return triton.next_power_of_2(n)
+    return 0 if n == 0 else 1 << (n - 1).bit_length()
+
+
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, int(n)))
+    return next_power_of_2(max(1, int(n)))
 
 
 def dot_precision(dtype: torch.dtype, fp32_precision: str) -> str:

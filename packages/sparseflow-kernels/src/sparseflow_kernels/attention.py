@@ -21,7 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision, launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import (
+    cdiv,
+    dot_precision,
+    launch,
+    next_pow2,
+    require_dtype,
+    require_int32_indexable,
+    require_triton_device,
+)
 from .tiling import channel_dot_tile
 
 
@@ -192,7 +200,7 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if y.numel() == 0:
         return y
     block_c, block_l = channel_dot_tile(C, L, a3.stride(1) == 1)
-    num_cb = triton.cdiv(C, block_c)
+    num_cb = cdiv(C, block_c)
     launch(_channel_dot_kernel)[(B * num_cb,)](
         a3, *a3.stride(), b3, *b3.stride(), y, *y.stride(), C, L, num_cb,
         BLOCK_C=block_c, BLOCK_L=block_l, num_warps=4,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._occupancy_jit import _tile_of, _tile_pixels
-from ._utils import launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import cdiv, launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
 from .occupancy import Occupancy
 from .sparse_conv import empty_like_layout
 from .tiling import batchnorm_tile
@@ -98,8 +98,8 @@ def batch_norm_affine(
         th, tw, block_c = batchnorm_tile(C, W, x.stride(1) == 1)
         group = 16
         codes = out
-    tiles_h, tiles_w = triton.cdiv(H, th), triton.cdiv(W, tw)
-    grid = (B * tiles_h * tiles_w, triton.cdiv(C, block_c))
+    tiles_h, tiles_w = cdiv(H, th), cdiv(W, tw)
+    grid = (B * tiles_h * tiles_w, cdiv(C, block_c))
     launch(_bn_kernel)[grid](
         x, out, mean.contiguous(), scale.contiguous(), bias.contiguous(), codes,
         C, H, W, tiles_h, tiles_w,

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_NONE, NEURON_PLIF, _neuron_step
 from ._occupancy_jit import _active_groups, _block_of, _edge_codes, _tile_pixels, _visit_group, _visit_list
-from ._utils import launch
+from ._utils import cdiv, launch, next_power_of_2
 from .tiling import ConvConfig
 
 __all__ = ["NEURON_IF", "NEURON_LEAKY", "NEURON_LIF", "NEURON_NONE", "NEURON_PLIF", "ConvConfig", "launch_conv",
@@ -227,8 +227,8 @@ def pack_weight(weight: torch.Tensor, block_k: int, block_n: int, dtype: torch.d
     """``[CO, C, KH, KW]`` -> ``[KH*KW, C_PAD, CO_PAD]`` in ``dtype``, zero-padded so the kernel loads
     ``[BLOCK_K, BLOCK_N]`` weight tiles without masks, contiguous along the output channels."""
     CO, C, KH, KW = weight.shape
-    c_pad = triton.cdiv(C, block_k) * block_k
-    co_pad = triton.cdiv(CO, block_n) * block_n
+    c_pad = cdiv(C, block_k) * block_k
+    co_pad = cdiv(CO, block_n) * block_n
     packed = torch.zeros((KH * KW, c_pad, co_pad), dtype=dtype, device=weight.device)
     packed[:, :C, :CO] = weight.detach().permute(2, 3, 1, 0).reshape(KH * KW, C, CO).to(dtype)
     return packed
@@ -246,9 +246,9 @@ def launch_conv(
     ``residual_post``: the residual is added to the neuron's spikes (stored sum) instead of before the neuron."""
     _B, C, H, W = x.shape
     _, _, OH, OW = out.shape
-    tiles_h, tiles_w = triton.cdiv(OH, cfg.tile_h), triton.cdiv(OW, cfg.tile_w)
-    num_cb = triton.cdiv(CO, cfg.block_n)
-    ng = triton.cdiv(C, cfg.block_k)
+    tiles_h, tiles_w = cdiv(OH, cfg.tile_h), cdiv(OW, cfg.tile_w)
+    num_cb = cdiv(CO, cfg.block_n)
+    ng = cdiv(C, cfg.block_k)
     dummy = out
     if occ is not None:
         occ_codes, occ_tile = occ.codes, occ.tile
@@ -264,7 +264,7 @@ def launch_conv(
     vo = v_out if v_out is not None else dummy
     oo = occ_out if occ_out is not None else occ_codes
     grid = (N * tiles_h * tiles_w * num_cb,)
-    rows = cfg.tile_h * cfg.tile_w * (triton.next_power_of_2(T) if cfg.t_in_m else 1)
+    rows = cfg.tile_h * cfg.tile_w * (next_power_of_2(T) if cfg.t_in_m else 1)
     stage_bytes = (rows * cfg.block_k + cfg.block_k * cfg.block_n) * x.element_size()
     num_stages = max(1, min(cfg.num_stages, (160 * 1024) // max(1, stage_bytes)))
     launch(_conv_kernel)[grid](
@@ -282,13 +282,13 @@ def launch_conv(
         float(leak), float(v_threshold), float(v_reset), float(v_init),
         KH=KH, KW=KW, SH=stride[0], SW=stride[1], DH=dilation[0], DW=dilation[1],
         TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SPARSE=occ is not None, OCC_H=occ_tile[0], OCC_W=occ_tile[1], NG_P2=triton.next_power_of_2(ng),
+        SPARSE=occ is not None, OCC_H=occ_tile[0], OCC_W=occ_tile[1], NG_P2=next_power_of_2(ng),
         NEURON=neuron, HARD_RESET=hard_reset, DECAY_INPUT=decay_input,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
         HAS_RES=residual is not None and not residual_post, RES_POST=bool(residual_post),
         HAS_V=v is not None, STORE_V=v_out is not None, WRITE_OCC=occ_out is not None,
         OCC_GROUP=occ_group,
-        T_IN_M=cfg.t_in_m, T_P2=triton.next_power_of_2(T) if cfg.t_in_m else 1, PREC=prec,
+        T_IN_M=cfg.t_in_m, T_P2=next_power_of_2(T) if cfg.t_in_m else 1, PREC=prec,
         num_warps=cfg.num_warps, num_stages=num_stages,
     )
     return out

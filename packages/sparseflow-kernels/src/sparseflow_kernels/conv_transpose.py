@@ -21,8 +21,10 @@ import triton.language as tl
 from ._epilogue_jit import _channel_affine
 from ._occupancy_jit import _active_groups, _visit_group, _visit_list
 from ._utils import (
+    cdiv,
     dot_precision,
     launch,
+    next_power_of_2,
     pair,
     require_bias,
     require_dtype,
@@ -43,9 +45,9 @@ def pack_transpose_weight(weight: torch.Tensor, stride, padding, block_k: int, b
     (``t``-th tap of phase ``ph`` is ``kh = (ph + pad) % S + t * S``; taps past the kernel are zero)."""
     C, CO, KH, KW = weight.shape
     SH, SW = stride
-    kth, ktw = triton.cdiv(KH, SH), triton.cdiv(KW, SW)
-    c_pad = triton.cdiv(C, block_k) * block_k
-    co_pad = triton.cdiv(CO, block_n) * block_n
+    kth, ktw = cdiv(KH, SH), cdiv(KW, SW)
+    c_pad = cdiv(C, block_k) * block_k
+    co_pad = cdiv(CO, block_n) * block_n
     packed = torch.zeros((SH * SW, kth * ktw, c_pad, co_pad), dtype=dtype, device=weight.device)
     w = weight.detach().to(dtype)
     for ph in range(SH):
@@ -191,7 +193,7 @@ def sparse_conv_transpose2d(
     cfg = config or default_config(C, CO, block_size)
     if cfg.t_in_m:
         raise ValueError(f"{op}: t_in_m configs are for spiking_conv2d")
-    ng = triton.cdiv(C, cfg.block_k)
+    ng = cdiv(C, cfg.block_k)
     if ng > MAX_GROUPS:
         raise ValueError(f"{op}: {C} channels make more than {MAX_GROUPS} groups of {cfg.block_k}")
     out = empty_like_layout(x, (N, CO, OH, OW))
@@ -211,10 +213,10 @@ def launch_conv_transpose(x, w_packed, out, KH, KW, stride, padding, cfg: ConvCo
     N, C, H, W = x.shape
     _, CO, OH, OW = out.shape
     SH, SW = stride
-    tiles_h = triton.cdiv(triton.cdiv(OH, SH), cfg.tile_h)
-    tiles_w = triton.cdiv(triton.cdiv(OW, SW), cfg.tile_w)
-    num_cb = triton.cdiv(CO, cfg.block_n)
-    ng = triton.cdiv(C, cfg.block_k)
+    tiles_h = cdiv(cdiv(OH, SH), cfg.tile_h)
+    tiles_w = cdiv(cdiv(OW, SW), cfg.tile_w)
+    num_cb = cdiv(CO, cfg.block_n)
+    ng = cdiv(C, cfg.block_k)
     if occ is not None:
         codes, otile = occ.codes, occ.tile
     else:
@@ -227,9 +229,9 @@ def launch_conv_transpose(x, w_packed, out, KH, KW, stride, padding, cfg: ConvCo
         scale if scale is not None else out, shift if shift is not None else out,
         codes, *(codes.stride()[:3]),
         C, H, W, CO, OH, OW, tiles_h, tiles_w, num_cb, ng, padding[0], padding[1],
-        KH=KH, KW=KW, SH=SH, SW=SW, KTH=triton.cdiv(KH, SH), KTW=triton.cdiv(KW, SW),
+        KH=KH, KW=KW, SH=SH, SW=SW, KTH=cdiv(KH, SH), KTW=cdiv(KW, SW),
         TILE_H=cfg.tile_h, TILE_W=cfg.tile_w, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SPARSE=occ is not None, OCC_H=otile[0], OCC_W=otile[1], NG_P2=triton.next_power_of_2(ng),
+        SPARSE=occ is not None, OCC_H=otile[0], OCC_W=otile[1], NG_P2=next_power_of_2(ng),
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, PREC=prec,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -22,6 +22,7 @@ import triton.language as tl
 from ._epilogue_jit import _channel_affine
 from ._occupancy_jit import _block_of, _receptive_groups, _tile_pixels
 from ._utils import (
+    cdiv,
     dot_precision,
     launch,
     next_pow2,
@@ -194,8 +195,8 @@ def launch_direct(x, weight, out, stride, padding, dilation, CG, COG, cfg: Depth
     N, C, H, W = x.shape
     _, CO, OH, OW = out.shape
     KH, KW = weight.shape[2:]
-    tiles_h, tiles_w = triton.cdiv(OH, cfg.tile_h), triton.cdiv(OW, cfg.tile_w)
-    num_cb = triton.cdiv(CO, cfg.block_c)
+    tiles_h, tiles_w = cdiv(OH, cfg.tile_h), cdiv(OW, cfg.tile_w)
+    num_cb = cdiv(CO, cfg.block_c)
     if occ is not None:
         codes, otile, ng = occ.codes, occ.tile, occ.num_groups
     else:
@@ -232,7 +233,7 @@ def _grouped_gemm(op, x, weight, groups, stride, padding, dilation, out, sc, sh,
     cfg = config if isinstance(config, ConvConfig) else default_config(CG, COG, block_size)
     if cfg.t_in_m:
         raise ValueError(f"{op}: t_in_m configs are for spiking_conv2d (no time axis here)")
-    if triton.cdiv(CG, cfg.block_k) > MAX_GROUPS:
+    if cdiv(CG, cfg.block_k) > MAX_GROUPS:
         raise ValueError(f"{op}: {CG} channels per group make more than {MAX_GROUPS} groups of {cfg.block_k}")
     packed = pack_grouped_weight(weight, groups, cfg.block_k, cfg.block_n, x.dtype)
     for g in range(groups):

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ._occupancy_jit import _visit_group, _visit_list
 from ._utils import (
+    cdiv,
     dot_precision,
     launch,
     next_pow2,
@@ -99,8 +100,8 @@ def pack_linear_weight(weight: torch.Tensor, block_k: int, block_n: int, dtype: 
     if w.dim() == 3:
         w = w[:, :, 0]
     N, K = w.shape
-    k_pad = triton.cdiv(K, block_k) * block_k
-    n_pad = triton.cdiv(N, block_n) * block_n
+    k_pad = cdiv(K, block_k) * block_k
+    n_pad = cdiv(N, block_n) * block_n
     packed = torch.zeros((k_pad, n_pad), dtype=dtype, device=w.device)
     packed[:K, :N] = w.t().to(dtype)
     return packed
@@ -122,11 +123,11 @@ def _rows_view(x: torch.Tensor, layout: str):
 
 def _block_flags(x, layout, block_m, block_k):
     M, K, L, sb, sl, sk = _rows_view(x, layout)
-    mt, nkb = triton.cdiv(M, block_m), triton.cdiv(K, block_k)
+    mt, nkb = cdiv(M, block_m), cdiv(K, block_k)
     flags = new_output((mt, nkb), torch.int8, x.device)
     if flags.numel():
         kpp = max(1, min(next_pow2(nkb), 64 // block_k))  # a [block_m, 64] tile per program
-        grid = (mt, triton.cdiv(nkb, kpp))
+        grid = (mt, cdiv(nkb, kpp))
         launch(_linear_prescan_kernel)[grid](x, flags, M, K, L, sb, sl, sk, nkb,
                                      BLOCK_M=block_m, BLOCK_K=block_k, KB_PER_PROG=kpp, num_warps=4)
     return flags
@@ -169,7 +170,7 @@ def _launch(op, x, layout, weight, bias, out, N, *, config, packed_weight, scale
             dense, flags):
     M, K, L, sxb, sxl, sxk = _rows_view(x, layout)
     cfg = config or default_linear_config(K, N)
-    nkb = triton.cdiv(K, cfg.block_k)
+    nkb = cdiv(K, cfg.block_k)
     if nkb > MAX_K_BLOCKS:
         raise ValueError(f"{op}: {K} features make more than {MAX_K_BLOCKS} blocks of {cfg.block_k}")
     if out.dim() == 2:
@@ -181,7 +182,7 @@ def _launch(op, x, layout, weight, bias, out, N, *, config, packed_weight, scale
     w = packed_weight
     if w is None:
         w = pack_linear_weight(weight, cfg.block_k, cfg.block_n, x.dtype)
-    elif (w.shape[0] < nkb * cfg.block_k or w.shape[1] < triton.cdiv(N, cfg.block_n) * cfg.block_n
+    elif (w.shape[0] < nkb * cfg.block_k or w.shape[1] < cdiv(N, cfg.block_n) * cfg.block_n
           or w.dtype != x.dtype or not w.is_contiguous()):
         raise ValueError(f"{op}: packed_weight {tuple(w.shape)} {w.dtype} does not fit {cfg} and dtype {x.dtype}")
     sc, sh = _fold(bias, scale, shift, N, op)
@@ -189,10 +190,10 @@ def _launch(op, x, layout, weight, bias, out, N, *, config, packed_weight, scale
     if sparse:
         if flags is None:
             flags = _block_flags(x, layout, cfg.block_m, cfg.block_k)
-        elif tuple(flags.shape) != (triton.cdiv(M, cfg.block_m), nkb):
+        elif tuple(flags.shape) != (cdiv(M, cfg.block_m), nkb):
             raise ValueError(f"{op}: block flags of shape {tuple(flags.shape)} do not match {cfg} for M={M}, K={K}")
-    num_n = triton.cdiv(N, cfg.block_n)
-    grid = (triton.cdiv(M, cfg.block_m) * num_n,)
+    num_n = cdiv(N, cfg.block_n)
+    grid = (cdiv(M, cfg.block_m) * num_n,)
     stage_bytes = (cfg.block_m * cfg.block_k + cfg.block_k * cfg.block_n) * x.element_size()
     num_stages = max(1, min(cfg.num_stages, (160 * 1024) // max(1, stage_bytes)))
     launch(_linear_kernel)[grid](

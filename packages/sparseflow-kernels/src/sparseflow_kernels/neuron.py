@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step
-from ._utils import launch, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import cdiv, launch, require_dtype, require_int32_indexable, require_triton_device
 from .tiling import neuron_tile
 
 _KINDS = {"lif": NEURON_LIF, "plif": NEURON_PLIF, "if": NEURON_IF, "leaky": NEURON_LEAKY}
@@ -242,7 +242,7 @@ def multistep_neuron(
     S = x4.shape[3]
     if T and N and C and S:
         BLOCK_S, BLOCK_C = neuron_tile(C, S)
-        grid = (triton.cdiv(S, BLOCK_S), triton.cdiv(C, BLOCK_C), N)
+        grid = (cdiv(S, BLOCK_S), cdiv(C, BLOCK_C), N)
         ka = spec.kernel_args()
         launch(_multistep_kernel)[grid](
             x4, x4.stride(0), x4.stride(1), x4.stride(2), x4.stride(3),

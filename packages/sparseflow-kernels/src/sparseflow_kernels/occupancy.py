@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._occupancy_jit import _edge_codes, _tile_of, _tile_pixels
-from ._utils import launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import cdiv, launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
 
 CODE_ANY, CODE_TOP, CODE_BOTTOM, CODE_LEFT, CODE_RIGHT = 1, 2, 4, 8, 16
 CODE_TL, CODE_TR, CODE_BL, CODE_BR = 32, 64, 128, 256
@@ -64,8 +64,8 @@ class Occupancy:
 
 
 def empty_codes(B: int, C: int, H: int, W: int, tile: tuple[int, int], group: int, device) -> torch.Tensor:
-    tiles_h, tiles_w = triton.cdiv(H, tile[0]), triton.cdiv(W, tile[1])
-    return torch.empty((B, tiles_h, tiles_w, triton.cdiv(C, group)), dtype=torch.int16, device=device)
+    tiles_h, tiles_w = cdiv(H, tile[0]), cdiv(W, tile[1])
+    return torch.empty((B, tiles_h, tiles_w, cdiv(C, group)), dtype=torch.int16, device=device)
 
 
 @triton.jit
@@ -119,7 +119,7 @@ def prescan(x: torch.Tensor, tile: tuple[int, int] | int = 8, group: int = 16) -
     NG = codes.shape[-1]
     if codes.numel():
         gpp = min(next_pow2(NG), max(1, 64 // group))
-        grid = (B * codes.shape[1] * codes.shape[2], triton.cdiv(NG, gpp))
+        grid = (B * codes.shape[1] * codes.shape[2], cdiv(NG, gpp))
         launch(_prescan_kernel)[grid](
             x, codes, C, H, W, codes.shape[1], codes.shape[2], NG,
             *x.stride(), codes.stride(0), codes.stride(1), codes.stride(2),

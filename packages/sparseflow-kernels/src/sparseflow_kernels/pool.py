@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import launch, pair, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import cdiv, launch, next_power_of_2, pair, require_dtype, require_int32_indexable, require_triton_device
 
 
 @triton.jit
@@ -101,12 +101,12 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1,
                     memory_format=torch.channels_last if cl else torch.contiguous_format)
     if y.numel():
         if cl:  # channels innermost: vectorize over channels
-            BLOCK_C = min(64, triton.next_power_of_2(C))
+            BLOCK_C = min(64, next_power_of_2(C))
             BLOCK_P = max(1, 1024 // BLOCK_C)
         else:  # width innermost: vectorize over pixels
             BLOCK_C = 1
-            BLOCK_P = min(1024, triton.next_power_of_2(OH * OW))
-        grid = (triton.cdiv(OH * OW, BLOCK_P), triton.cdiv(C, BLOCK_C), N)
+            BLOCK_P = min(1024, next_power_of_2(OH * OW))
+        grid = (cdiv(OH * OW, BLOCK_P), cdiv(C, BLOCK_C), N)
         launch(_max_pool2d_kernel)[grid](
             x4, *x4.stride(), y, *y.stride(), shift if shift is not None else y, C, H, W, OH, OW,
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,

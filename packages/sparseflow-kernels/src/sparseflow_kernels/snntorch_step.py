@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._epilogue_jit import _mul_rn
-from ._utils import SUPPORTED_DTYPES, require_int32_indexable, require_triton_device
+from ._utils import SUPPORTED_DTYPES, cdiv, require_int32_indexable, require_triton_device
 
 RESETS = {"subtract": 0, "zero": 1, "none": 2}
 _ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -255,7 +255,7 @@ def snntorch_step(x: torch.Tensor, mem: torch.Tensor | None, *, beta: torch.Tens
     if E:
         BLOCK = 1024
         dummy = spk
-        _snntorch_step_kernel[(triton.cdiv(E, BLOCK),)](
+        _snntorch_step_kernel[(cdiv(E, BLOCK),)](
             xs, ms if ms is not None else dummy, ss if ss is not None else dummy, spk, mem_out,
             syn_out if syn_out is not None else dummy,
             pb if pb is not None else dummy, pr if pr is not None else dummy, pf if pf is not None else dummy,

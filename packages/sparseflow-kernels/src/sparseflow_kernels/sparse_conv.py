@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from ._utils import (
+    cdiv,
     dot_precision,
     pair,
     require_bias,
@@ -121,7 +121,7 @@ def sparse_conv2d(
     cfg = config or default_config(C, CO, block_size)
     if cfg.t_in_m:
         raise ValueError(f"{op}: t_in_m configs are for spiking_conv2d (no time axis here)")
-    if triton.cdiv(C, cfg.block_k) > MAX_GROUPS:
+    if cdiv(C, cfg.block_k) > MAX_GROUPS:
         raise ValueError(f"{op}: {C} channels make more than {MAX_GROUPS} groups of {cfg.block_k}")
     require_int32_numel(op, "output", (N, CO, OH, OW))
     out = empty_like_layout(x, (N, CO, OH, OW))

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
 
-from ._utils import dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
+from ._utils import cdiv, dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
 from .conv import launch_conv, pack_weight
 from .neuron import NeuronSpec, multistep_neuron
 from .occupancy import Occupancy, empty_codes, prescan
@@ -149,7 +148,7 @@ def spiking_conv2d(
         out, v_out = (res if return_v else (res, None))
     else:
         cfg = config or default_config(C, CO)
-        if triton.cdiv(C, cfg.block_k) > MAX_GROUPS:
+        if cdiv(C, cfg.block_k) > MAX_GROUPS:
             raise ValueError(f"{op}: {C} channels make more than {MAX_GROUPS} groups of {cfg.block_k}")
         xf = _flat_tn(x)
         occ = None

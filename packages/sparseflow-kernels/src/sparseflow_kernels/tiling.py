@@ -18,9 +18,7 @@ or measured among the candidates listed here (:mod:`.dispatch` keeps the winner)
 
 from __future__ import annotations
 
-import triton
-
-from ._utils import next_pow2
+from ._utils import cdiv, next_pow2, next_power_of_2
 
 MAX_GROUPS = 256  # channel groups a conv program can list in registers
 MAX_K_BLOCKS = 256  # K blocks a GEMM program can list in registers
@@ -114,7 +112,7 @@ def default_config(C: int, CO: int, block_size=None, t_in_m: bool = False) -> Co
     th, tw = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     block_n = min(64, max(16, next_pow2(CO)))
     block_k = 16
-    while triton.cdiv(C, block_k) > MAX_GROUPS:
+    while cdiv(C, block_k) > MAX_GROUPS:
         block_k *= 2
     rows = th * tw
     num_warps = 8 if rows * block_n >= 128 * 64 else 4
@@ -194,7 +192,7 @@ def occupancy_group(cfg: DepthwiseConfig, cg: int, cog: int, element_size: int =
 def default_linear_config(K: int, N: int, block_m: int | None = None) -> LinearConfig:
     block_n = min(128, max(16, next_pow2(N)))
     block_k = 32 if K >= 32 else 16
-    while triton.cdiv(K, block_k) > MAX_K_BLOCKS:
+    while cdiv(K, block_k) > MAX_K_BLOCKS:
         block_k *= 2
     bm = block_m or 64
     num_warps = 8 if bm * block_n >= 128 * 128 else 4
@@ -233,8 +231,8 @@ def batchnorm_tile(C: int, W: int, channels_innermost: bool) -> tuple[int, int, 
 # ---------------------------------------------------------------------------------------------- neuron
 def neuron_tile(C: int, S: int) -> tuple[int, int]:
     """(BLOCK_S, BLOCK_C) of the multi-step neuron kernel over ``[T, N, C, S]``: up to 64 channels, 1024 elements."""
-    block_c = min(64, triton.next_power_of_2(C))
-    return max(1, min(1024 // block_c, triton.next_power_of_2(S))), block_c
+    block_c = min(64, next_power_of_2(C))
+    return max(1, min(1024 // block_c, next_power_of_2(S))), block_c
 
 
 # ------------------------------------------------------------------------------------------ channel_dot

@@ -20,7 +20,9 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 def profile_model(model_name: str, T: int, batch: int, size: int, dtype: torch.dtype, block_size, device,
                   out: str | None, reps: int = 5, mode: str = "auto"):
     """optimize() ``model_name`` (at ``dtype``, ``block_size``, ``mode``), profile it against each layer's dense
-    op; save ``profile_<model>.json``/``.csv``/``.png`` into ``out`` (with the environment) when given."""
+    op; save ``profile_<model>.json``/``.csv``/``.png`` into ``out`` (with the environment) when given. On a GPU
+    the optimized model is wrapped in its CUDA graph: the layers are timed eagerly (hooks), the whole forward's
+    time and NVML energy are those of the replayed graph, as inference runs it (``whole_forward`` says which)."""
     from sparseflow_core import optimize, profile
 
     from ..models import prepared_model
@@ -29,8 +31,9 @@ def profile_model(model_name: str, T: int, batch: int, size: int, dtype: torch.d
                               num_classes=10 if device.type == "cpu" else 1000)
     if dtype != torch.float32:
         x = x.to(dtype)
+    graph = device.type == "cuda"
     opt, report = optimize(model, x, block_size=block_size, dtype=dtype if dtype != torch.float32 else None,
-                           mode=mode, return_report=True)
+                           mode=mode, cuda_graph=graph, return_report=True)
     prof = profile(opt, x, reps=reps, block_size=block_size if isinstance(block_size, int) else None, dense=True)
     if out:
         from ..timing import environment
@@ -38,7 +41,10 @@ def profile_model(model_name: str, T: int, batch: int, size: int, dtype: torch.d
         os.makedirs(out, exist_ok=True)
         d = prof.to_dict()
         d.update({"model": model_name, "T": T, "N": batch, "size": size, "dtype": str(dtype).removeprefix("torch."),
-                  "block_size": block_size, "_env": environment()})
+                  "block_size": block_size, "whole_forward": "cuda graph replay" if graph else "eager",
+                  "_env": environment()})
+        if graph:
+            d["graph_calls"] = dict(opt.calls)
         with open(os.path.join(out, f"profile_{model_name}.json"), "w") as f:
             json.dump(d, f, indent=1, default=str)
         prof.save(os.path.join(out, f"profile_{model_name}.csv"))
