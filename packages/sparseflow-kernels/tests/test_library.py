@@ -82,6 +82,7 @@ def test_launch_goes_through_wrap_triton_only_while_traced(interpreted):
     CPU than most of these kernels take on the GPU); a launch traced with fake tensors goes through the wrapper
     (or, under the interpreter, launches nothing)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
 
     from sparseflow_kernels._utils import _Launch
 
@@ -89,7 +90,11 @@ def test_launch_goes_through_wrap_triton_only_while_traced(interpreted):
     la = _Launch.__new__(_Launch)
     la.kernel, la.interpreted, la.traceable = _Recorder("kernel", log), interpreted, _Recorder("wrap_triton", log)
     la[(3,)](torch.zeros(2), 1, flag=True)
-    assert log == [("kernel", (3,))]
-    with FakeTensorMode():
+    la[(3,)](torch.nn.Parameter(torch.zeros(2)), 1)
+    assert log == [("kernel", (3,))] * 2
+    with FakeTensorMode():  # export's shape pass, Inductor's fake propagation
         assert la[(4,)](7, torch.zeros(2)) is None
-    assert log == [("kernel", (3,))] + ([] if interpreted else [("wrap_triton", (4,))])
+    # make_fx over real tensors: a proxy mode records the launch, whose tensors are real
+    make_fx(lambda x: (la[(5,)](x), x + 1)[1])(torch.zeros(2))
+    traced = [] if interpreted else [("wrap_triton", (4,)), ("wrap_triton", (5,))]
+    assert log == [("kernel", (3,))] * 2 + traced

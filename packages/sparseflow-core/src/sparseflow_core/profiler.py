@@ -220,7 +220,8 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
             reset: bool = True, dense: bool | None = None, batch: int | None = None, save=None,
             print_table: bool = False, tile: int | None = None, e_mac: float = E_MAC_J, e_ac: float = E_AC_J,
             plot: str | None = None) -> ProfileReport:
-    """Profile ``reps`` forwards of ``model`` on ``inputs`` (a tensor or a tuple of arguments).
+    """Profile ``reps`` forwards of ``model`` on ``inputs`` (a tensor or a tuple of arguments); the whole forward's
+    time and energy are taken over at least ``reps`` forwards (on a GPU, at least one second of them).
 
     ``block_size``: block edge of the block densities (default: each layer's own, else the rule of
     ``select_block_size``, else 8; ``tile`` is an older name of it); ``group``: input channels per block.
@@ -373,17 +374,17 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
             energy, why = _nvml_energy() if cuda else (None, rep.energy_source)
             rep.energy_source = "NVML nvmlDeviceGetTotalEnergyConsumption" if energy else why
             e0 = energy() if energy else None
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                if whole is model:
-                    forward()
-                else:
-                    whole(*args)  # resets the neurons itself
+            run = forward if whole is model else (lambda: whole(*args))  # (a graph wrapper resets the neurons)
+            t0, n = time.perf_counter(), 0
+            # on a GPU at least a second of forwards: NVML's energy counter moves in steps far coarser than one
+            while n < reps or (cuda and time.perf_counter() - t0 < 1.0):
+                run()
+                n += 1
             if cuda:
                 torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / reps
+            dt = (time.perf_counter() - t0) / n
             if energy:
-                rep.energy_j_per_forward = (energy() - e0) / 1e3 / reps
+                rep.energy_j_per_forward = (energy() - e0) / 1e3 / n
     finally:
         phase[0] = "off"
         for h in handles:
