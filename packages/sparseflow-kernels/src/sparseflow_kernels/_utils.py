@@ -165,9 +165,9 @@ class _Launch:
     Traced (``torch.compile``, ``torch.export``, ``make_fx``: the ``sparseflow::`` operators' launchers), a launch
     must be a ``triton_kernel_wrapper`` node of the graph, so it goes through ``wrap_triton``. Called eagerly on
     real tensors, it launches the kernel directly: the wrapper's higher-order-op dispatch costs about 0.3 ms of
-    CPU per launch (measured on the H200's host), more than most of these kernels take on the GPU. Under the CPU interpreter (whose interpreted
-    kernels ``wrap_triton`` does not take), a traced launch launches nothing: the operator's outputs are allocated
-    by the launcher, and the kernel runs when the traced program runs."""
+    CPU per launch (measured on the H200's host), more than most of these kernels take on the GPU. Under the CPU
+    interpreter (whose interpreted kernels ``wrap_triton`` does not take), a traced launch launches nothing: the
+    operator's outputs are allocated by the launcher, and the kernel runs when the traced program runs."""
 
     def __init__(self, kernel):
         self.kernel = kernel
