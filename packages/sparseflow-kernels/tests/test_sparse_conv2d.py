@@ -338,3 +338,24 @@ def test_error_cpu_without_interpreter(monkeypatch):
         sparse_conv2d(x, w, None, 1, 1)
     with pytest.raises(RuntimeError, match="CUDA"):
         prescan(x)
+
+
+@pytest.mark.parametrize("op", ["sparse_conv2d", "spiking_conv2d", "grouped_conv2d", "sparse_conv_transpose2d"])
+def test_too_many_channel_groups_are_refused_by_name(op):
+    """Every convolution refuses, before launching, more input channels than its kernel can list in groups of
+    ``block_k`` (per group for a grouped convolution), with one message naming the count."""
+    from sparseflow_kernels import grouped_conv2d, sparse_conv_transpose2d, spiking_conv2d
+    from sparseflow_kernels.tiling import MAX_GROUPS, ConvConfig
+
+    C, cfg = MAX_GROUPS * 16 + 1, ConvConfig(8, 8, 16, 16)
+    x = torch.rand(1, C, 1, 1)
+    calls = {
+        "sparse_conv2d": lambda: sparse_conv2d(x, torch.rand(16, C, 1, 1), config=cfg),
+        "spiking_conv2d": lambda: spiking_conv2d(x[None], torch.rand(16, C, 1, 1), config=cfg),
+        "grouped_conv2d": lambda: grouped_conv2d(torch.rand(1, 2 * C, 1, 1), torch.rand(32, C, 1, 1), groups=2,
+                                                 config=cfg),
+        "sparse_conv_transpose2d": lambda: sparse_conv_transpose2d(x, torch.rand(C, 16, 1, 1), config=cfg),
+    }
+    what = "channels per group" if op == "grouped_conv2d" else "channels"
+    with pytest.raises(ValueError, match=f"{op}: {C} {what} make more than {MAX_GROUPS} groups of 16"):
+        calls[op]()

@@ -33,7 +33,7 @@ from ._utils import (
 )
 from .occupancy import Occupancy, input_occupancy
 from .sparse_conv import empty_like_layout, fold_affine
-from .tiling import MAX_GROUPS, ConvConfig, default_config
+from .tiling import ConvConfig, default_config, require_conv_groups_fit
 
 
 def conv_transpose_output_size(size, k, s, p, op, d=1):
@@ -193,9 +193,7 @@ def sparse_conv_transpose2d(
     cfg = config or default_config(C, CO, block_size)
     if cfg.t_in_m:
         raise ValueError(f"{op}: t_in_m configs are for spiking_conv2d")
-    ng = cdiv(C, cfg.block_k)
-    if ng > MAX_GROUPS:
-        raise ValueError(f"{op}: {C} channels make more than {MAX_GROUPS} groups of {cfg.block_k}")
+    require_conv_groups_fit(op, C, cfg)
     out = empty_like_layout(x, (N, CO, OH, OW))
     require_int32_indexable(op, out)
     if N == 0 or CO == 0:

@@ -33,13 +33,13 @@ from .conv import launch_conv, pack_weight
 from .occupancy import Occupancy, prescan
 from .sparse_conv import conv_output_size, empty_like_layout, fold_affine, normalize_conv_args
 from .tiling import (
-    MAX_GROUPS,
     TENSOR_CORE_MIN_CG,
     ConvConfig,
     DepthwiseConfig,
     default_config,
     default_depthwise_config,
     occupancy_group,
+    require_conv_groups_fit,
 )
 
 __all__ = ["TENSOR_CORE_MIN_CG", "DepthwiseConfig", "default_depthwise_config", "grouped_conv2d", "occupancy_group"]
@@ -233,8 +233,7 @@ def _grouped_gemm(op, x, weight, groups, stride, padding, dilation, out, sc, sh,
     cfg = config if isinstance(config, ConvConfig) else default_config(CG, COG, block_size)
     if cfg.t_in_m:
         raise ValueError(f"{op}: t_in_m configs are for spiking_conv2d (no time axis here)")
-    if cdiv(CG, cfg.block_k) > MAX_GROUPS:
-        raise ValueError(f"{op}: {CG} channels per group make more than {MAX_GROUPS} groups of {cfg.block_k}")
+    require_conv_groups_fit(op, CG, cfg, per_group=True)
     packed = pack_grouped_weight(weight, groups, cfg.block_k, cfg.block_n, x.dtype)
     for g in range(groups):
         xs = x[:, g * CG:(g + 1) * CG]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from ._utils import (
-    cdiv,
     dot_precision,
     pair,
     require_bias,
@@ -16,7 +15,7 @@ from ._utils import (
 )
 from .conv import launch_conv, pack_weight
 from .occupancy import Occupancy, input_occupancy, prescan
-from .tiling import MAX_GROUPS, ConvConfig, default_config
+from .tiling import MAX_GROUPS, ConvConfig, default_config, require_conv_groups_fit
 
 __all__ = ["MAX_GROUPS", "default_config", "sparse_conv2d"]
 
@@ -121,8 +120,7 @@ def sparse_conv2d(
     cfg = config or default_config(C, CO, block_size)
     if cfg.t_in_m:
         raise ValueError(f"{op}: t_in_m configs are for spiking_conv2d (no time axis here)")
-    if cdiv(C, cfg.block_k) > MAX_GROUPS:
-        raise ValueError(f"{op}: {C} channels make more than {MAX_GROUPS} groups of {cfg.block_k}")
+    require_conv_groups_fit(op, C, cfg)
     require_int32_numel(op, "output", (N, CO, OH, OW))
     out = empty_like_layout(x, (N, CO, OH, OW))
     if N == 0:

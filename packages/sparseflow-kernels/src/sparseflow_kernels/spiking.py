@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import cdiv, dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
+from ._utils import dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
 from .conv import launch_conv, pack_weight
 from .neuron import NeuronSpec, multistep_neuron
 from .occupancy import Occupancy, empty_codes, prescan
 from .sparse_conv import conv_output_size, fold_affine, normalize_conv_args
-from .tiling import MAX_GROUPS, ConvConfig, default_config
+from .tiling import ConvConfig, default_config, require_conv_groups_fit
 
 PATHS = ("fused", "cudnn")
 
@@ -148,8 +148,7 @@ def spiking_conv2d(
         out, v_out = (res if return_v else (res, None))
     else:
         cfg = config or default_config(C, CO)
-        if cdiv(C, cfg.block_k) > MAX_GROUPS:
-            raise ValueError(f"{op}: {C} channels make more than {MAX_GROUPS} groups of {cfg.block_k}")
+        require_conv_groups_fit(op, C, cfg)
         xf = _flat_tn(x)
         occ = None
         if occupancy is not None:

@@ -128,7 +128,15 @@ def conv_config(C: int, CO: int, block_size) -> ConvConfig:
 
 def conv_groups_fit(C: int, cfg: ConvConfig) -> bool:
     """Whether ``C`` input channels make at most :data:`MAX_GROUPS` groups of ``cfg.block_k`` (sparse skipping)."""
-    return -(-C // cfg.block_k) <= MAX_GROUPS
+    return cdiv(C, cfg.block_k) <= MAX_GROUPS
+
+
+def require_conv_groups_fit(op: str, C: int, cfg: ConvConfig, per_group: bool = False) -> None:
+    """Refuse ``C`` input channels (of each group, with ``per_group``) that make more than :data:`MAX_GROUPS` groups
+    of ``cfg.block_k``: a convolution kernel's channel-group codes would not fit."""
+    if not conv_groups_fit(C, cfg):
+        what = "channels per group" if per_group else "channels"
+        raise ValueError(f"{op}: {C} {what} make more than {MAX_GROUPS} groups of {cfg.block_k}")
 
 
 def spiking_configs(C: int, CO: int, T: int) -> dict[str, ConvConfig]:
