@@ -184,6 +184,8 @@ def event_frames(n: int, T: int, size: int = 128, seed: int = 0, density: float 
     if T < 1 or n < 0 or size <= 0 or not 0.0 < density < 0.5:
         raise ValueError(f"event_frames: need T >= 1, n >= 0, size > 0 and 0 < density < 0.5, got T={T}, n={n}, "
                          f"size={size}, density={density}")
+    if n == 0:
+        return torch.zeros(T, 0, 2, size, size)
     margin = T + 1
     imgs = natural_images(n, size + margin, seed=seed)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -192,8 +194,6 @@ def event_frames(n: int, T: int, size: int = 128, seed: int = 0, density: float 
     views = torch.stack([log_i[:, t // 2: t // 2 + size, t: t + size] for t in range(T + 1)])
     change = views[1:] - views[:-1]  # [T, n, size, size]
     out = torch.zeros(T, n, 2, size, size)
-    if n == 0:
-        return out
     mag = change.abs().flatten()
     k = max(1, min(mag.numel(), round(mag.numel() * (1.0 - 2.0 * density))))
     threshold = mag.kthvalue(k).values

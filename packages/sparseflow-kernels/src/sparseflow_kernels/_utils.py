@@ -79,9 +79,9 @@ def require_int32_indexable(op: str, *tensors: torch.Tensor | None) -> None:
         if any(isinstance(v, torch.SymInt) for v in (*t.shape, *t.stride())):
             # a traced dynamic batch: the element count, which the tracer proves over the batch's range (a span
             # over symbolic strides holds min/max terms it cannot prove, and would fail the export)
-            span = t.numel() - 1
+            span = n - 1
         else:
-            span = max(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())), t.numel() - 1)
+            span = max(sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())), n - 1)
         if span > INT32_MAX:
             raise ValueError(
                 f"{op}: a tensor of shape {tuple(t.shape)} spans {span} elements, past the int32 index "

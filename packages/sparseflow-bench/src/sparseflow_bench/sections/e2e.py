@@ -1,8 +1,8 @@
 """``--sections e2e``: whole models (``ctx.models``: spiking_resnet34, sew_resnet34, spikformer_ti; T=4, N=8, 224 px
 natural images, recalibrated BatchNorm; a model of ``models.MODEL_INPUTS`` on its own input, such as the DVS
 network on event frames at T=16 and 128 px; ``E2E_BATCHES=1,8,32`` adds other batches, written as
-``<model>@N<batch>``; the element density of each input is recorded) end to end: SpikingJelly eager fp32, a CUDA graph of it, the dense model
-in fp16 (the best of three dense runs: see :func:`_baselines`), SparseFlow fp16, fp32 and fp32
+``<model>@N<batch>``; the element density of each input is recorded) end to end: SpikingJelly eager fp32, a CUDA
+graph of it, the dense model in fp16 (the best of three dense runs: see :func:`_baselines`), SparseFlow fp16, fp32 and fp32
 ``numerics="faithful"`` (CUDA graphs; ``E2E_RUNS=fp16,...`` picks); kernels per forward; logits error and
 last-spike flips against the dense fp32 model (TF32 off), beside how far the dense model itself moves in fp16 and
 with another fp32 summation order; NVML energy. -> ``e2e.json`` (written after each model; ``markdown``:
@@ -196,12 +196,11 @@ def _model(ctx, r, name, energy, compile_only) -> None:
 
 
 def run(ctx) -> dict:
+    from ..models import model_input_spec
     from ..timing import Energy
 
     energy = Energy()
     compile_only = bool(os.environ.get("E2E_COMPILE_ONLY"))
-    from ..models import model_input_spec
-
     batches = [int(b) for b in os.environ.get("E2E_BATCHES", str(ctx.N)).split(",") if b.strip()]
     results = {}
     for name, N in ((name, N) for name in ctx.models for N in batches):
