@@ -214,3 +214,29 @@ def test_library_torch_reference_agrees_with_frameworks(neuron):
     # decay constants differ in the last bits (the frameworks keep beta / w in float32): ~1e-7 relative
     assert_spikes_match(s, rs, rh, p["v_threshold"], v, rv, tie_tol=1e-6, v_rtol=1e-6, max_flip_frac=0)
     torch.testing.assert_close(h, rh, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1, 4, 5, 9])
+@pytest.mark.parametrize("neuron", ["lif-hard", "if-soft", "leaky-subtract"])
+def test_step_counts(neuron, T):
+    """One step, and more steps than the other tests use, with residual and BatchNorm, match the float64
+    reference over repeated calls."""
+    p = NEURONS[neuron]
+    C = 5
+    xs = [make_x((T, 2, C, 3, 2), "channels_last") for _ in range(2)]
+    res = [torch.randn(T, 2, C, 3, 2) * 0.3 for _ in range(2)]
+    check_calls(p, run_calls(p, xs, scale=torch.rand(C) + 0.5, shift=torch.randn(C) * 0.2, residuals=res))
+
+
+@pytest.mark.parametrize("T", [3, 6])
+def test_input_repeated_over_steps_by_stride_zero(T):
+    """An input expanded over t (stride 0: one map read for every step) gives the spikes and membrane of the
+    same map materialized T times, bit for bit."""
+    frame = make_x((1, 2, 6, 4, 3), "channels_last")[0]
+    scale, shift = torch.rand(6) + 0.5, torch.randn(6) * 0.2
+    expanded = frame.unsqueeze(0).expand(T, *frame.shape)
+    assert expanded.stride(0) == 0
+    kw = kernel_neuron_kwargs(NEURONS["lif-hard"])
+    s0, v0 = multistep_neuron(expanded, scale=scale, shift=shift, return_v=True, **kw)
+    s1, v1 = multistep_neuron(expanded.contiguous(), scale=scale, shift=shift, return_v=True, **kw)
+    assert s0.float().sum() > 0 and torch.equal(s0, s1) and torch.equal(v0, v1)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kernel_checks import (
     NEURONS,
     assert_fires,
@@ -377,3 +379,27 @@ def test_empty_batch():
     w = torch.randn(8, 4, 3, 3)
     out, v = spiking_conv2d(torch.zeros(3, 0, 4, 6, 6), w, padding=1, return_v=True)
     assert out.shape == (3, 0, 8, 6, 6) and v.shape == (0, 8, 6, 6)
+
+
+STATIC_SHAPES = st.tuples(st.integers(2, 5), st.integers(1, 2), st.integers(1, 4), st.integers(3, 7),
+                          st.sampled_from([(3, 1, 1), (1, 1, 0), (3, 2, 1), (5, 2, 2)]))
+
+
+@settings(max_examples=6, deadline=None)
+@given(shape=STATIC_SHAPES, neuron=st.sampled_from(["lif-hard", "if-soft", "plif-hard"]), seed=st.integers(0, 999))
+def test_input_repeated_by_stride_zero(shape, neuron, seed):
+    """An input repeated over the steps by stride 0 (the cuDNN path then convolves x[0] once) matches the float64
+    reference of the repeated input, spikes and final membrane."""
+    T, N, C, H, (k, stride, padding) = shape
+    torch.manual_seed(seed)
+    p = NEURONS[neuron]
+    frame = torch.randn(N, C, H, H) * 2  # real-valued: an image
+    layer = make_layer(T=T, N=N, C=C, CO=6, H=H, W=H, k=k, stride=stride, padding=padding)
+    layer["x"] = frame.unsqueeze(0).expand(T, N, C, H, H)
+    assert layer["x"].stride(0) == 0
+    y = conv2d_reference(*as_float64(frame, layer["w"], layer["b"]), stride, padding)
+    z = y * layer["scale"].double().view(1, -1, 1, 1) + layer["shift"].double().view(1, -1, 1, 1)
+    layer["z"] = z.unsqueeze(0).expand(T, *z.shape).contiguous()
+    spikes, v = run(layer, p, path="cudnn", return_v=True)
+    ref_s, ref_h, ref_v = reference_neuron(p, layer["z"], None)
+    assert_spikes_match(spikes, ref_s, ref_h, p["v_threshold"], v, ref_v)

@@ -299,7 +299,9 @@ def analyze(model: nn.Module, example_inputs, *, copy_model: bool = True, collec
         def hook(mod, inputs):
             ts = list(_tensors(inputs))
             info = None
-            if ts and tr.depth == 0:
+            top = bool(ts) and tr.depth == 0
+            tr.depth += 1  # (from here: the checks below are the analyzer's own, not uses of the input)
+            if top:
                 x = ts[0]
                 r, ok = tr.root(x)
                 prod = tr.producer.get(r)
@@ -315,7 +317,6 @@ def analyze(model: nn.Module, example_inputs, *, copy_model: bool = True, collec
                     r_t, ok_t = tr.root(t)
                     tr.uses.setdefault(r_t, []).append(Use("module", name, direct=ok_t and r_t in tr.producer))
             pending.setdefault(name, []).append(info)
-            tr.depth += 1
 
         return hook
 

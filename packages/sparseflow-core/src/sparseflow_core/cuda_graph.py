@@ -10,6 +10,9 @@ resets the network's neurons before capturing, and the captured graph never read
 outputs are the captured buffers: the next call overwrites them, so clone what you keep. New weights
 (``load_state_dict``) need a new capture: call :meth:`CudaGraphModel.reset_graphs`.
 
+An input repeated over its first axis by stride 0 (``frame.expand(T, ...)``, or any input of a model optimized with
+``static_input=True``) is captured so: the graph's input buffer holds one frame, and the stem convolves it once.
+
 A replay runs no Python, so no module hook and no autograd. While any module of the model has a hook (a
 SpikingJelly monitor, say; SparseFlow's profiler aside), and in training mode, the call runs the model eagerly
 instead (hooks see the dense model's values; training computes as the dense model does). The hook check is one pass
@@ -25,7 +28,10 @@ import contextlib
 import torch
 from torch import nn
 
+from sparseflow_kernels import repeated_over_steps
 from sparseflow_ops import has_hooks
+
+from .arguments import StaticInput
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -80,6 +86,7 @@ class CudaGraphModel(nn.Module):
             self.calls[why] += 1
             reset_states(self.model)
             return self.model(x)
+        x = StaticInput.apply(self.model, x)  # (optimize(static_input=True): checked here, outside the capture)
         anchor = self._grad_anchor(x)
         with torch.no_grad():
             out = self._replay(x)
@@ -95,7 +102,10 @@ class CudaGraphModel(nn.Module):
         return next((p for p in self.model.parameters() if p.requires_grad), None)
 
     def _replay(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, x.device)
+        # an input repeated over its first axis by stride 0 (the same image at every step) is kept so in the graph's
+        # input buffer, which then holds one frame: the layers that convolve it convolve it once
+        static = repeated_over_steps(x)
+        key = (tuple(x.shape), x.dtype, x.device, static)
         entry = self._graphs.get(key)
         if entry is None:
             n = self._seen.get(key, 0)
@@ -104,7 +114,7 @@ class CudaGraphModel(nn.Module):
             if n < self.warmup:
                 self.calls["warmup"] += 1
                 return self.model(x)
-            static_in = x.clone()
+            static_in = x[:1].clone().expand(x.shape) if static else x.clone()
             torch.cuda.synchronize()
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -121,7 +131,10 @@ class CudaGraphModel(nn.Module):
             graph.replay()
             return static_out
         graph, static_in, static_out = entry
-        static_in.copy_(x)
+        if static:
+            static_in[:1].copy_(x[:1])
+        else:
+            static_in.copy_(x)
         graph.replay()
         self.calls["replays"] += 1
         return static_out

@@ -21,7 +21,7 @@ from torch import nn
 from sparseflow_ops import SparseConv2d, SparseModule, adopt_neurons, is_accelerated, restore_neuron
 
 from .accounting import unchanged_report
-from .arguments import NUMERICS, CastInputs, cast_inputs, check_arguments  # noqa: F401 (NUMERICS: re-export)
+from .arguments import NUMERICS, CastInputs, StaticInput, cast_inputs, check_arguments  # noqa: F401 (NUMERICS: re-export)
 from .blocks import remove_auto_block_size
 from .fx_fusion import remove_fused_forward
 from .hooks import OwnPreHook
@@ -56,6 +56,7 @@ def optimize(
     cuda_graph: bool = False,
     write_occupancy: bool = False,
     numerics: str = "fast",
+    static_input: bool = False,
     return_report: bool = False,
 ):
     """Swap the layers of ``model`` that consume spikes for SparseFlow's sparse / fused modules.
@@ -84,15 +85,20 @@ def optimize(
     ``cuda_graph``: return a :class:`~sparseflow_core.cuda_graph.CudaGraphModel` around the model, which
     captures the forward once per input shape and replays it (every call then starts from reset neuron
     state; see its docstring).
+    ``static_input``: declare that the input ``[T, N, ...]`` holds the same frame at every step (a static image
+    repeated over T). Each call checks it (ValueError when the steps differ) and passes one frame repeated by stride
+    0, so the layers that convolve the input (the stem) convolve N images instead of T*N, exactly. An input already
+    built as ``frame.expand(T, ...)`` gets this without the flag, and without the check's synchronization.
     Returns the model (and the :class:`OptimizeReport` when ``return_report``).
     """
     check_arguments(model, block_size=block_size, mode=mode, dtype=dtype, fuse=fuse, neurons=neurons,
                     filter_fn=filter_fn, inplace=inplace, cuda_graph=cuda_graph, write_occupancy=write_occupancy,
-                    numerics=numerics, return_report=return_report)
+                    numerics=numerics, return_report=return_report, static_input=static_input)
     if cuda_graph:
         model, rep = optimize(model, example_inputs, block_size=block_size, mode=mode, dtype=dtype, fuse=fuse,
                               neurons=neurons, filter_fn=filter_fn, inplace=inplace,
-                              write_occupancy=write_occupancy, numerics=numerics, return_report=True)
+                              write_occupancy=write_occupancy, numerics=numerics, static_input=static_input,
+                              return_report=True)
         from .cuda_graph import CudaGraphModel
 
         wrapped = CudaGraphModel(model)
@@ -105,6 +111,8 @@ def optimize(
             raise TypeError(f"optimize(inplace=False) optimizes a deep copy, but the model cannot be deep-copied "
                             f"({type(e).__name__}: {e}); use inplace=True") from e
         adopt_neurons(model)  # (snnTorch's utils.reset finds neurons through a list the copies are not in)
+    if static_input:  # (before the cast, which keeps the stride-0 repeat and so casts one frame)
+        StaticInput.install(model)
     if dtype is not None:
         model.to(dtype)
         CastInputs.install(model, dtype)
@@ -120,6 +128,9 @@ def optimize(
         rep = OptimizeReport(notes=["pending: optimized on the first forward call"])
         model.__dict__[REPORT_ATTR] = rep
         return (model, rep) if return_report else model
+    if static_input:
+        example_inputs = StaticInput()(model, example_inputs if isinstance(example_inputs, tuple) else
+                                       (example_inputs,))
     if dtype is not None:
         example_inputs = cast_inputs(example_inputs, dtype)
     rep = _optimize_now(model, example_inputs, opts)
@@ -202,6 +213,7 @@ def restore(model: nn.Module) -> nn.Module:
         if isinstance(hook, _LazyOptimize):
             del model._forward_pre_hooks[hid]
     CastInputs.remove(model)
+    StaticInput.remove(model)
     model.__dict__.pop(REPORT_ATTR, None)
     _invalidate_reset_cache(model)
     return model

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ._utils import dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
 from .conv import launch_conv, pack_weight
 from .neuron import NeuronSpec, multistep_neuron
+from .neuron_pool import multistep_neuron_max_pool
 from .occupancy import Occupancy, empty_codes, prescan
 from .sparse_conv import conv_output_size, fold_affine, normalize_conv_args
 from .tiling import ConvConfig, default_config, require_conv_groups_fit
@@ -29,6 +30,12 @@ PATHS = ("fused", "cudnn")
 def new_spike_tensor(T, N, C, H, W, dtype, device) -> torch.Tensor:
     """[T, N, C, H, W] with channels innermost in memory (each x[t] is channels_last)."""
     return torch.empty((T, N, H, W, C), dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
+
+
+def repeated_over_steps(x: torch.Tensor) -> bool:
+    """Whether ``x`` ``[T, N, ...]`` holds one input for every step by construction: more than one step, stride 0
+    over them (``frame.expand(T, ...)``), so every step reads the same memory."""
+    return x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0
 
 
 def _flat_tn(t: torch.Tensor) -> torch.Tensor:
@@ -68,6 +75,7 @@ def spiking_conv2d(
     config: ConvConfig | None = None,
     packed_weight: torch.Tensor | None = None,
     fp32_precision: str = "tf32x3",
+    pool: tuple | None = None,
 ):
     """A spiking layer over all time steps: for each t, ``y = conv2d(x[t], weight, bias, stride, padding)``,
     ``z = y * scale + shift`` (per output channel, when given: BatchNorm folded) ``+ residual[t]``, then the
@@ -90,9 +98,17 @@ def spiking_conv2d(
     ``residual + spikes`` (a Transformer block's skip connection around a spiking projection); it must then
     have ``x``'s dtype, the sum's dtype.
 
+    An ``x`` repeated over the steps by stride 0 (``frame.expand(T, ...)``, see :func:`repeated_over_steps`) runs
+    the ``"cudnn"`` path's convolution once, on ``x[0]``: the same values, up to the rounding of a convolution over
+    another batch size (cuDNN may pick another algorithm for it);
+    only the neuron runs over T.
+
     Skipping: ``occupancy`` (of ``x`` viewed as ``[T*N, C, H, W]``, e.g. written by the previous layer) or
     ``sparse=True`` (run the prescan here) skip all-zero blocks; otherwise every block is computed.
-    ``path="cudnn"`` runs ``F.conv2d`` plus one fused BatchNorm/neuron kernel instead.
+    ``path="cudnn"`` runs ``F.conv2d`` plus one fused BatchNorm/neuron kernel instead; with ``pool`` =
+    ``(kernel_size, stride, padding, ceil_mode)`` that kernel also max-pools the spikes
+    (:func:`~sparseflow_kernels.neuron_pool.multistep_neuron_max_pool`), and the pooled spikes are returned (the
+    membrane stays the unpooled map's).
     """
     op = "spiking_conv2d"
     if x.dim() != 5:
@@ -134,17 +150,30 @@ def spiking_conv2d(
     v_out = torch.empty((N, CO, OH, OW), dtype=v_dtype, device=x.device) if return_v else None
     occ_out = None
 
+    if pool is not None and (path != "cudnn" or residual is not None or write_occupancy):
+        raise ValueError(f"{op}: pool (a max pool fused after the neuron) needs path='cudnn', no residual and no "
+                         "write_occupancy")
     if path == "cudnn":
         if write_occupancy:
             raise ValueError(f"{op}: write_occupancy needs path='fused'")
         # channels_last in and out: cuDNN's NHWC kernels without its own layout conversions (an NCHW image into
         # the stem cost two transposes of the [T*N, 64, 112, 112] output on the H100), and the neuron kernel
         # reads channels fastest
-        xf = _flat_tn(x).contiguous(memory_format=torch.channels_last)
-        y = F.conv2d(xf, weight.contiguous(memory_format=torch.channels_last), None, stride, padding)
-        res = multistep_neuron(y.view(T, N, CO, OH, OW), spec, scale=sc, shift=sh, residual=residual,
-                               residual_after=residual_after, v=v, return_v=return_v, v_dtype=v_dtype,
-                               out_dtype=x.dtype)
+        wl = weight.contiguous(memory_format=torch.channels_last)
+        if repeated_over_steps(x):  # the same input at every step: conv(x[t]) = conv(x[0]), computed once
+            y = F.conv2d(x[0].contiguous(memory_format=torch.channels_last), wl, None, stride, padding)
+            y = y.unsqueeze(0).expand(T, *y.shape)
+        else:
+            y = F.conv2d(_flat_tn(x).contiguous(memory_format=torch.channels_last), wl, None, stride, padding)
+            y = y.view(T, N, CO, OH, OW)
+        if pool is not None:  # the neuron and the max pool over its spikes in one pass
+            res = multistep_neuron_max_pool(y, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2],
+                                            ceil_mode=pool[3], scale=sc, shift=sh, v=v, return_v=return_v,
+                                            v_dtype=v_dtype, out_dtype=x.dtype)
+        else:
+            res = multistep_neuron(y, spec, scale=sc, shift=sh, residual=residual,
+                                   residual_after=residual_after, v=v, return_v=return_v, v_dtype=v_dtype,
+                                   out_dtype=x.dtype)
         out, v_out = (res if return_v else (res, None))
     else:
         cfg = config or default_config(C, CO)

@@ -54,11 +54,12 @@ def _against(r, prefix, model, x, ref_logits, ref_spk, logits_key=None, flips_ke
 def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
     """SparseFlow at storage dtype ``dt``: exactness, CUDA-graph time, energy, what it replaced, the paths."""
     from sparseflow_core import optimize, reset_states
+    from sparseflow_core.arguments import cast_inputs
     from sparseflow_core.cuda_graph import CudaGraphModel
 
     from ..timing import bench_ms, kernels_per_call
 
-    xs = x.to(dt)
+    xs = cast_inputs(x, dt)  # (as the dtype= cast of each call would: an image repeated by stride 0 stays so)
     opt, rep = optimize(copy.deepcopy(model), xs, dtype=dt if dt != torch.float32 else None, numerics=numerics,
                         return_report=True)
     for _ in range(2):
@@ -141,11 +142,16 @@ def _model(ctx, r, name, energy, compile_only) -> None:
     from sparseflow_core import reset_states
     from sparseflow_core.cuda_graph import CudaGraphModel
 
-    from ..models import prepared_model
+    from ..models import model_input_spec, prepared_model
     from ..timing import bench_ms
 
     model, x = prepared_model(name, r["T"], r["N"], r["size"], ctx.device)
     r["input_density"] = float((x != 0).float().mean())
+    if model_input_spec(name, r["T"], r["size"])[0] != "events" and os.environ.get("E2E_STATIC", "1") == "1":
+        # a static image at every step, given as a user would write it without copying: frame.expand(T, ...); every
+        # run gets this tensor (the dense fp16 runs take a contiguous fp16 copy, as .half() makes one)
+        x = x[:1].expand(x.shape)
+        r["input"] = "one image per sample, repeated over T by stride 0"
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cuda.matmul.allow_tf32 = False
 

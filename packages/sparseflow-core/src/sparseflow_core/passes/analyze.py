@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparseflow_kernels import repeated_over_steps
+
 from ..analyzer import analyze
 from .state import OptimizeState, Options
 
@@ -27,4 +29,10 @@ def analyze_model(model: nn.Module, example_inputs, options: Options) -> Optimiz
         st.report.notes.append("bfloat16 on the CPU: the Triton interpreter cannot run bfloat16 kernels, so the "
                                "layers run their dense torch ops until they get CUDA tensors (bfloat16 kernels need "
                                "a GPU)")
+    first = example_inputs[0] if isinstance(example_inputs, tuple) and example_inputs else example_inputs
+    if isinstance(first, torch.Tensor) and repeated_over_steps(first):
+        st.report.notes.append(
+            f"static input: the input repeats one frame over its {first.shape[0]} steps by stride 0, so the "
+            "convolutions that read it (path 'cudnn_static') convolve each sample's frame once and run only the "
+            "neuron over the steps (exact: equal inputs give equal convolutions)")
     return st

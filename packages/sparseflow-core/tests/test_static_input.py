@@ -1,0 +1,128 @@
+"""A static image repeated over T: an input built as ``frame.expand(T, ...)`` (stride 0) or declared with
+``optimize(..., static_input=True)`` is convolved once per sample, gives the dense model's outputs, is named in the
+report, survives the ``dtype=`` cast and the CUDA graph, and an input whose steps differ is refused by name."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sf_core_nets import calibrate_bns, small_sj_net
+from spikingjelly.activation_based import functional
+
+from sparseflow_core import CudaGraphModel, optimize, restore
+from sparseflow_core.arguments import StaticInput, cast_inputs
+from sparseflow_kernels import force_path, repeated_over_steps
+
+STATIC = {"spiking": "cudnn_static"}  # the path a stride-0 input offers the stem (measured on a GPU, forced here)
+
+
+def _frames(T=3, N=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frame = torch.randn(N, 3, 16, 16, generator=g) * 1.5 + 0.3
+    return frame.unsqueeze(0).expand(T, *frame.shape)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    m = small_sj_net()
+    with torch.no_grad():
+        calibrate_bns(m, _frames().contiguous())
+    functional.reset_net(m)
+    return m
+
+
+def _dense(net, x):
+    m = copy.deepcopy(net)
+    with torch.no_grad():
+        functional.reset_net(m)
+        return m(x.contiguous())
+
+
+def _run(model, x):
+    with torch.no_grad(), force_path(STATIC):
+        functional.reset_net(model)
+        return model(x)
+
+
+def test_stride_zero_input_runs_the_stem_once_and_matches_dense(net):
+    x = _frames()
+    opt, rep = optimize(copy.deepcopy(net), x, return_report=True)
+    out = _run(opt, x)
+    ref = _dense(net, x)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), (out - ref).abs().max()
+    stem = opt[0]
+    assert stem.last_path == "cudnn_static"
+    assert any("static input" in n and "cudnn_static" in n for n in rep.notes)
+    # a materialized input of the same frames takes the ordinary path, and the report does not claim the repeat
+    opt2, rep2 = optimize(copy.deepcopy(net), x.contiguous(), return_report=True)
+    out2 = _run(opt2, x.contiguous())
+    assert opt2[0].last_path != "cudnn_static"
+    assert not any("static input" in n for n in rep2.notes)
+    assert torch.allclose(out, out2, atol=1e-4, rtol=1e-4)
+
+
+def test_static_input_flag_checks_and_repeats(net):
+    x = _frames(seed=1).contiguous()
+    opt, rep = optimize(copy.deepcopy(net), x, static_input=True, return_report=True)
+    assert any("static input" in n for n in rep.notes)
+    out = _run(opt, x)
+    assert opt[0].last_path == "cudnn_static"
+    assert torch.allclose(out, _dense(net, x), atol=1e-4, rtol=1e-4)
+    moving = x.clone()
+    moving[1] += 0.5
+    with pytest.raises(ValueError, match=r"static_input=True\): the input's time steps differ"):
+        _run(opt, moving)
+    restore(opt)
+    assert not any(isinstance(h, StaticInput) for h in opt._forward_pre_hooks.values())
+    assert torch.allclose(_run(opt, moving), _dense(net, moving), atol=1e-5)  # restored: any input again
+
+
+def test_static_input_argument_checked(net):
+    with pytest.raises(TypeError, match="static_input must be True or False"):
+        optimize(copy.deepcopy(net), _frames(), static_input="yes")
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(1, 5), N=st.integers(1, 3), expanded=st.booleans(),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_cast_keeps_the_repeat(T, N, expanded, dtype):
+    frame = torch.randn(N, 3, 4, 4)
+    x = frame.unsqueeze(0).expand(T, N, 3, 4, 4)
+    if not expanded:
+        x = x.contiguous()
+    y = cast_inputs(x, dtype)
+    assert y.dtype == dtype and torch.equal(y.float(), x.to(dtype).float())
+    assert repeated_over_steps(y) == (expanded and T > 1)
+    assert repeated_over_steps(StaticInput.repeat(x)) == (T > 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("how", ["expanded", "flag"])
+def test_cuda_graph_keeps_the_repeat(net, how):
+    """The graph replays the static path (one frame in its input buffer), and its outputs are the eager optimized
+    model's on the same input, bit for bit (the same kernels)."""
+    frame = _frames(T=4, N=2, seed=2)[0].cuda()
+    x = frame.unsqueeze(0).expand(4, *frame.shape)
+    if how == "flag":
+        x = x.contiguous()
+    g = optimize(copy.deepcopy(net).cuda(), x, dtype=torch.float16, cuda_graph=True, static_input=how == "flag")
+    assert isinstance(g, CudaGraphModel)
+    with torch.no_grad():
+        outs = [g(x).clone() for _ in range(5)]
+        assert g.calls["replays"] >= 2 and g.calls["captures"] == 1
+        assert all(torch.equal(o, outs[-1]) for o in outs[2:])
+        functional.reset_net(g.model)
+        eager = g.model(frame.half().unsqueeze(0).expand(4, *frame.shape))
+    assert torch.equal(outs[-1], eager)
+    assert any(getattr(m, "last_path", None) == "cudnn_static" for m in g.model.modules())
+    if how == "flag":
+        moving = x.clone()
+        moving[1] += 0.5
+        with pytest.raises(ValueError, match="time steps differ"):
+            g(moving)
