@@ -56,8 +56,6 @@ def sum_reader(st: OptimizeState, bn_name: str) -> tuple[str | None, str]:
 
 def _neuron_problem(st: OptimizeState, neuron_name: str) -> str:
     neuron = st.model.get_submodule(neuron_name)
-    if neuron_name in st.fused_neurons:
-        return f"{neuron_name} runs fused elsewhere"
     if st.options.filter_fn is not None and not st.options.filter_fn(neuron, neuron_name):
         return f"{neuron_name} is excluded by filter_fn"
     if module_hooks(neuron):
@@ -127,9 +125,9 @@ def fuse_sum_neurons(st: OptimizeState) -> None:
         if item[5].action == "fused":
             continue
         neuron_name, why = sum_reader(st, item[3])
-        if neuron_name is None:
-            continue  # (the residual pass said why the chain is not fused; there is no neuron to name)
-        why = why or _neuron_problem(st, neuron_name)
+        if neuron_name is None or neuron_name in st.fused_neurons:
+            continue  # (no neuron reads the sum, or the residual pass fused it with the other operand's chain)
+        why = _neuron_problem(st, neuron_name)
         parent = common_parent(item[0], item[3])
         if not why and not parent:
             why = "the add is in the model's top-level forward"
