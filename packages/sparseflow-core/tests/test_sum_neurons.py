@@ -273,3 +273,15 @@ def test_zoo_ms_resnet34(monkeypatch):
     with torch.no_grad():
         y, ref = opt(x).double(), dense(x).double()
     assert ref.abs().max() > 0 and float((y - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_faithful_numerics_keep_the_neurons_on_their_own():
+    """numerics="faithful": every neuron writes its spikes in the dense module's layout, on its own kernel."""
+    base = tiny_net()
+    x = torch.randn(T, 1, 3, 12, 12)
+    opt = optimize(copy.deepcopy(base), x, mode="torch", block_size=8, numerics="faithful")
+    assert sum_neurons(opt) == [] and len(standalone_neurons(opt)) == 4
+    reset(opt)
+    reset(base)
+    with torch.no_grad():
+        assert torch.equal(opt(x), base(x))

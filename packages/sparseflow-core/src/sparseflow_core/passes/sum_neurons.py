@@ -10,7 +10,7 @@ with fx, as the residual pass does). Output: the convolution replaced by a Spars
 (in ``state.replaced``), its block running the rewritten graph (``fx_fusion.fuse_sum``), the neuron in
 ``state.fused_neurons`` with a :class:`~sparseflow_ops.SumNeuronForward`; the layer's report entry names the
 neuron, or says why it stays a separate kernel (``state.neuron_notes`` tells the neuron's entry too). Runs only
-with ``fuse=True`` and ``neurons=True``.
+with ``fuse=True``, ``neurons=True`` and ``numerics="fast"``.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def _fuse_one(st, block, gm, parent, item, neuron_name) -> str:
         if fresh:
             new.to_dense()
         return why
-    link_sum_neuron(new, st.model.get_submodule(neuron_name), preserve_layout=st.options.faithful)
+    link_sum_neuron(new, st.model.get_submodule(neuron_name))
     st.replaced[name] = new
     st.fused_neurons.add(neuron_name)
     if fresh:
@@ -118,8 +118,8 @@ def _fuse_one(st, block, gm, parent, item, neuron_name) -> str:
 
 
 def fuse_sum_neurons(st: OptimizeState) -> None:
-    if not (st.options.fuse and st.options.neurons) or not st.deferred:
-        return
+    if not (st.options.fuse and st.options.neurons) or st.options.faithful or not st.deferred:
+        return  # (numerics="faithful": the neurons run in the dense modules' layout, on their own)
     by_block: dict[str, list] = {}
     for item in st.deferred:
         if item[5].action == "fused":
