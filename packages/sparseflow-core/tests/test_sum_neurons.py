@@ -35,8 +35,9 @@ def lif(**kw):
 class PreActBlock(nn.Module):
     """MS-ResNet's block: the neurons before the convolutions, the sum in membrane space."""
 
-    def __init__(self, cin, cout, stride=1):
+    def __init__(self, cin, cout, stride=1, inplace=False):
         super().__init__()
+        self.inplace = inplace
         self.spike1 = lif()
         self.conv1 = layer.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = layer.BatchNorm2d(cout)
@@ -51,14 +52,17 @@ class PreActBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.bn1(self.conv1(self.spike1(x)))
         out = self.bn2(self.conv2(self.spike2(out)))
+        if self.inplace:
+            out += identity
+            return out
         return out + identity
 
 
 class TinyMSResNet(nn.Module):
-    def __init__(self, hooked_head=False):
+    def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(layer.Conv2d(3, 8, 3, 1, 1, bias=False), layer.BatchNorm2d(8))
-        self.blocks = nn.Sequential(PreActBlock(8, 8), PreActBlock(8, 12, stride=2), PreActBlock(12, 12))
+        self.blocks = nn.Sequential(PreActBlock(8, 8), PreActBlock(8, 12, stride=2), PreActBlock(12, 12, inplace=True))
         self.head_lif = lif()
         self.pool = layer.AdaptiveAvgPool2d((1, 1))
         self.fc = layer.Linear(12, 5)

@@ -32,12 +32,14 @@ def sum_reader(st: OptimizeState, bn_name: str) -> tuple[str | None, str]:
     for c in calls:
         uses = an.uses.get(c.out_root, [])
         adds = [f for f in an.fns if f.name in ADD_FUNCTIONS and c.out_root in f.in_roots]
-        if len(uses) != 1 or len(adds) != 1:
+        # (an add in place, ``out += identity``, leaves the sum in the BatchNorm's output: its readers use it too;
+        # that nothing reads it before the add, the block's graph shows)
+        if len(adds) != 1 or (len(uses) != 1 and adds[0].out_ids):
             return None, "the batchnorm output does not go only into one add"
         f = adds[0]
         if len(f.in_shapes) != 2 or f.in_shapes[0] != f.in_shapes[1]:
             return None, "the add broadcasts"
-        root = f.out_ids[0] if f.out_ids else f.in_roots[0]  # (an in-place add: its first operand)
+        root = f.out_ids[0] if f.out_ids else f.in_roots[0]
         sums.add(root)
         readers |= {u.name for u in an.uses.get(root, []) if u.kind == "module"
                     and is_spiking_module(st.model.get_submodule(u.name))}
