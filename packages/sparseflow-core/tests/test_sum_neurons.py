@@ -19,6 +19,12 @@ from sf_core_nets import calibrate_bns, reset
 from spikingjelly.activation_based import functional, layer, neuron
 from torch import nn
 
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    given = None
+
 from sparseflow_core import optimize, restore
 from sparseflow_core.passes import fuse_sum_neurons
 from sparseflow_ops import SumNeuronForward, is_accelerated
@@ -32,16 +38,25 @@ def lif(**kw):
                           **kw)
 
 
+#: the neurons of the generated networks
+NEURONS = {
+    "lif": lif,
+    "lif-soft": lambda: neuron.LIFNode(tau=2.0, v_reset=None, v_threshold=0.6, step_mode="m"),
+    "if": lambda: neuron.IFNode(v_threshold=0.8, step_mode="m"),
+    "plif": lambda: neuron.ParametricLIFNode(init_tau=2.5, v_threshold=0.5, step_mode="m"),
+}
+
+
 class PreActBlock(nn.Module):
     """MS-ResNet's block: the neurons before the convolutions, the sum in membrane space."""
 
-    def __init__(self, cin, cout, stride=1, inplace=False):
+    def __init__(self, cin, cout, stride=1, add="out+identity", make_neuron=lif):
         super().__init__()
-        self.inplace = inplace
-        self.spike1 = lif()
+        self.add = add
+        self.spike1 = make_neuron()
         self.conv1 = layer.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = layer.BatchNorm2d(cout)
-        self.spike2 = lif()
+        self.spike2 = make_neuron()
         self.conv2 = layer.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = layer.BatchNorm2d(cout)
         self.downsample = None
@@ -52,29 +67,33 @@ class PreActBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.bn1(self.conv1(self.spike1(x)))
         out = self.bn2(self.conv2(self.spike2(out)))
-        if self.inplace:
+        if self.add == "in place":
             out += identity
             return out
-        return out + identity
+        return out + identity if self.add == "out+identity" else identity + out
 
 
 class TinyMSResNet(nn.Module):
-    def __init__(self):
+    """stem -> 8 channels; blocks of (channels, stride, add); head LIF, average pool, linear."""
+
+    def __init__(self, blocks=((8, 1, "out+identity"), (12, 2, "identity+out"), (12, 1, "in place")), make_neuron=lif):
         super().__init__()
         self.stem = nn.Sequential(layer.Conv2d(3, 8, 3, 1, 1, bias=False), layer.BatchNorm2d(8))
-        self.blocks = nn.Sequential(PreActBlock(8, 8), PreActBlock(8, 12, stride=2), PreActBlock(12, 12, inplace=True))
-        self.head_lif = lif()
+        cins = [8] + [b[0] for b in blocks[:-1]]
+        self.blocks = nn.Sequential(*(PreActBlock(cin, cout, stride, add, make_neuron)
+                                      for cin, (cout, stride, add) in zip(cins, blocks)))
+        self.head_lif = make_neuron()
         self.pool = layer.AdaptiveAvgPool2d((1, 1))
-        self.fc = layer.Linear(12, 5)
+        self.fc = layer.Linear(blocks[-1][0], 5)
 
     def forward(self, x):
         x = self.blocks(self.stem(x))
         return self.fc(self.pool(self.head_lif(x)).flatten(2))
 
 
-def tiny_net(dtype=torch.float32):
-    torch.manual_seed(0)
-    net = TinyMSResNet()
+def tiny_net(dtype=torch.float32, seed=0, **kw):
+    torch.manual_seed(seed)
+    net = TinyMSResNet(**kw)
     functional.set_step_mode(net, "m")
     net.eval()
     calibrate_bns(net, torch.randn(T, 2, 3, 12, 12))
@@ -289,3 +308,32 @@ def test_faithful_numerics_keep_the_neurons_on_their_own():
     reset(base)
     with torch.no_grad():
         assert torch.equal(opt(x), base(x))
+
+
+def _prop(fn):
+    if given is None:
+        return pytest.mark.skip(reason="hypothesis is not installed")(fn)
+    s = settings(max_examples=5, deadline=None, derandomize=True, database=None,
+                 suppress_health_check=list(HealthCheck), print_blob=True)
+    return s(given(data=st.data())(fn))
+
+
+@_prop
+def test_property_generated_networks_equal_unfused(data, monkeypatch):
+    """Generated neuron-first networks (neuron type, widths, strides, the add's form, dtype): the fused model is the
+    unfused one bit for bit over two calls and after a reset, every block's sum feeding a fused neuron."""
+    pick = (lambda options: data.draw(st.sampled_from(list(options))))
+    n_blocks = pick([1, 2, 3])
+    blocks = tuple((pick([4, 8, 12]), pick([1, 2]), pick(["out+identity", "identity+out", "in place"]))
+                   for _ in range(n_blocks))
+    dtype = pick([torch.float32, torch.float16])
+    base = tiny_net(dtype, seed=pick(range(100)), blocks=blocks, make_neuron=NEURONS[pick(sorted(NEURONS))])
+    xs = [torch.randn(T, 1, 3, 10, 10, dtype=dtype) * 1.5 for _ in range(2)]
+    opt = optimize(copy.deepcopy(base), xs[0], mode="torch", block_size=8)
+    assert sum_neurons(opt) == [f"blocks.{i}.spike1" for i in range(1, n_blocks)] + ["head_lif"]
+    with monkeypatch.context() as mp:
+        without_sum_fusion(mp)
+        unfused = optimize(copy.deepcopy(base), xs[0], mode="torch", block_size=8)
+    reset(opt)
+    reset(unfused)
+    assert_calls_equal(opt, unfused, xs)
