@@ -113,8 +113,7 @@ def _fuse_one(st, block, gm, parent, item, neuron_name) -> str:
         st.report.folded.append((bn_name, name))
         entry.block_size = new.block_size if new.block_size != "dense" else None
     entry.action = "fused"
-    entry.detail = (f"{new.kind()}+sum ({bn_name}; the add and the spikes of {neuron_name}, which reads the sum, "
-                    "in one kernel)")
+    entry.detail = f"{new.kind()}+sum+neuron ({bn_name}, {neuron_name} reading the sum)"
     entry.reason = ""
     return ""
 
