@@ -70,6 +70,9 @@ class PreActBlock(nn.Module):
         if self.add == "in place":
             out += identity
             return out
+        if self.add == "halved in place":  # (the sum written over after the add)
+            out = out + identity
+            return out.mul_(0.5)
         return out + identity if self.add == "out+identity" else identity + out
 
 
@@ -244,6 +247,22 @@ def test_hooked_neuron_stays_unfused():
     with torch.no_grad():
         y, ref = opt(x), dense(x)
     assert torch.equal(seen[-2], seen[-1])  # (the hook saw the same spikes in the optimized call as in the dense)
+    assert float((y - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_sum_written_over_stays_unfused():
+    """A sum modified in place after the add: its reader keeps its own kernel (the report says why)."""
+    blocks = ((8, 1, "out+identity"), (8, 1, "halved in place"), (8, 1, "out+identity"))
+    base = tiny_net(blocks=blocks)
+    x = torch.randn(T, 1, 3, 12, 12)
+    opt, rep = optimize(copy.deepcopy(base), x, mode="torch", block_size=8, return_report=True)
+    assert sum_neurons(opt) == ["blocks.1.spike1", "head_lif"]
+    entries = {e.name: e for e in rep.layers}
+    assert "the sum is modified in place" in entries["blocks.1.conv2"].reason
+    assert "the sum is modified in place" in entries["blocks.2.spike1"].reason
+    reset(opt)
+    with torch.no_grad(), torch.inference_mode():
+        y, ref = opt(x), copy.deepcopy(base)(x)
     assert float((y - ref).norm() / ref.norm()) < 1e-4
 
 

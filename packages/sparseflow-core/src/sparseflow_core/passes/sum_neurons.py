@@ -24,11 +24,16 @@ from ..registry import is_spiking_module
 from .state import OptimizeState, parent_and_child
 
 
+def _in_place(fn: str) -> bool:
+    return (fn.endswith("_") and not fn.startswith("_")) or fn.startswith("__i")
+
+
 def sum_reader(st: OptimizeState, bn_name: str) -> tuple[str | None, str]:
-    """(the neuron reading ``bn_name``'s output + another tensor, '') or (None, why not)."""
+    """(the neuron reading ``bn_name``'s output + another tensor, why it cannot take its spikes from the layer: '' when
+    it can), or (None, why) when no one neuron reads the sum."""
     an = st.analysis
     calls = an.calls.get(bn_name) or []
-    readers, sums = set(), set()
+    readers, sums, written = set(), set(), False
     for c in calls:
         uses = an.uses.get(c.out_root, [])
         adds = [f for f in an.fns if f.name in ADD_FUNCTIONS and c.out_root in f.in_roots]
@@ -40,6 +45,7 @@ def sum_reader(st: OptimizeState, bn_name: str) -> tuple[str | None, str]:
         if len(f.in_shapes) != 2 or f.in_shapes[0] != f.in_shapes[1]:
             return None, "the add broadcasts"
         root = f.out_ids[0] if f.out_ids else f.in_roots[0]
+        written |= any(g is not f and g.in_roots[:1] == [root] and _in_place(g.name) for g in an.fns)
         sums.add(root)
         readers |= {u.name for u in an.uses.get(root, []) if u.kind == "module"
                     and is_spiking_module(st.model.get_submodule(u.name))}
@@ -48,11 +54,13 @@ def sum_reader(st: OptimizeState, bn_name: str) -> tuple[str | None, str]:
     if len(readers) != 1:
         return None, f"several neurons read the sum ({', '.join(sorted(readers))})"
     neuron = readers.pop()
+    if written:  # (checked here: under inference_mode a tensor's version does not tell)
+        return neuron, "the sum is modified in place"
     n_calls = an.calls.get(neuron) or []
     if len(n_calls) != len(calls) or any(c.in_root not in sums for c in n_calls):
-        return None, f"{neuron} is also called on other inputs: a module shared with another path is not fused"
+        return neuron, f"{neuron} is also called on other inputs: a module shared with another path is not fused"
     if any(c.in_shape != calls[0].out_shape for c in n_calls):
-        return None, f"{neuron} reads a reshaped view of the sum"
+        return neuron, f"{neuron} reads a reshaped view of the sum"
     return neuron, ""
 
 
@@ -128,7 +136,7 @@ def fuse_sum_neurons(st: OptimizeState) -> None:
         neuron_name, why = sum_reader(st, item[3])
         if neuron_name is None or neuron_name in st.fused_neurons:
             continue  # (no neuron reads the sum, or the residual pass fused it with the other operand's chain)
-        why = _neuron_problem(st, neuron_name)
+        why = why or _neuron_problem(st, neuron_name)
         parent = common_parent(item[0], item[3])
         if not why and not parent:
             why = "the add is in the model's top-level forward"
