@@ -89,11 +89,10 @@ def _producer(st: OptimizeState, item):
 
 
 def _note(st, item, neuron_name, why) -> None:
+    """Why the layer ``item[0]`` does not compute the spikes of ``neuron_name``: in both report entries."""
     entry = item[5]
-    text = f"spikes of {neuron_name} not computed here: {why}" if neuron_name else ""
-    if text:
-        entry.reason = "; ".join(r for r in (entry.reason, text) if r)
-        st.neuron_notes[neuron_name] = f"not fused into {item[0]}: {why}"
+    entry.reason = "; ".join(r for r in (entry.reason, f"spikes of {neuron_name} not computed here: {why}") if r)
+    st.neuron_notes[neuron_name] = f"not fused into {item[0]}: {why}"
 
 
 def _fuse_one(st, block, gm, parent, item, neuron_name) -> str:
