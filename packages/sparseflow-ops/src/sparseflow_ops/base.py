@@ -112,7 +112,7 @@ class SparseModule:
     _runtime: tuple[str, ...] = ("_pending", "_bn", "_neuron", "_original_class", "_wcache", "_acache", "_scache",
                                  "_tcache", "block_size", "mode", "config", "write_occupancy", "defer_shift",
                                  "time_steps", "last_path", "step_mode", "numerics", "residual_chain",
-                                 "_fused_pool", "_sum_neuron")
+                                 "_fused_pool")
     #: "fast" or "faithful" (set per instance by ``optimize(..., numerics=...)``)
     numerics = "fast"
 

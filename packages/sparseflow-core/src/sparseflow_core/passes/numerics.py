@@ -1,4 +1,4 @@
-"""Pass 9, numerics: with ``numerics="faithful"`` every SparseFlow module computes as the dense model does; with
+"""Pass 8, numerics: with ``numerics="faithful"`` every SparseFlow module computes as the dense model does; with
 ``"fast"``, a conv -> BN (folded) -> max pool chain leaves the folded bias to the pool, and a conv -> BN -> neuron
 -> max pool chain runs the pool inside the spiking layer.
 
