@@ -13,7 +13,6 @@ from .depthwise import DepthwiseConfig, grouped_conv2d
 from .dispatch import force_path
 from .linear import LinearConfig, linear_block_flags, sparse_conv1x1, sparse_linear
 from .neuron import NeuronSpec, multistep_neuron
-from .neuron_pool import multistep_neuron_max_pool
 from .occupancy import Occupancy, prescan
 from .sparse_conv import default_config, sparse_conv2d
 from .spiking import repeated_over_steps, spiking_conv2d
@@ -33,7 +32,6 @@ __all__ = [
     "grouped_conv2d",
     "linear_block_flags",
     "multistep_neuron",
-    "multistep_neuron_max_pool",
     "prescan",
     "repeated_over_steps",
     "sparse_batch_norm2d",

@@ -2,7 +2,6 @@
 
 * :func:`_channel_affine`: ``z * scale + shift`` per output channel (a bias, or an eval BatchNorm folded in), the
   epilogue of the grouped and transposed convolutions;
-* :func:`_load_affine`: a load with a per-channel scale and shift, the input of the neuron kernels;
 * :func:`_neuron_step`: one time step of a neuron, the epilogue of the fused convolution
   (:mod:`~sparseflow_kernels.conv`) and the body of the multi-step neuron kernel (:mod:`~sparseflow_kernels.neuron`);
   ``NEURON_*`` are the codes of its ``NEURON`` constexpr (0: no neuron, a plain convolution).
@@ -29,18 +28,6 @@ def _channel_affine(z, scale_ptr, shift_ptr, co, co_ok, HAS_SCALE: tl.constexpr,
         z = z * tl.load(scale_ptr + co, mask=co_ok, other=1.0)[None, :]
     if HAS_SHIFT:
         z = z + tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
-    return z
-
-
-@triton.jit
-def _load_affine(ptrs, mask, scale, shift, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """``x * scale + shift`` of the loaded values in fp32 (each factor only when given; masked lanes load 0): the
-    neuron kernels' input, a BatchNorm folded in."""
-    z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        z = z * scale
-    if HAS_SHIFT:
-        z = z + shift
     return z
 
 

@@ -135,16 +135,6 @@ def neuron_reference(z: torch.Tensor, spec: NeuronSpec, v: torch.Tensor | None =
     return torch.stack(spikes), torch.stack(hs), v
 
 
-def neuron_max_pool_reference(z: torch.Tensor, spec: NeuronSpec, kernel_size, stride=None, padding=0,
-                              ceil_mode=False, *, scale=None, shift=None, v=None):
-    """The neuron over ``z`` ``[T, N, C, H, W]`` (after the optional per-channel affine), then ``F.max_pool2d`` of
-    each step's spikes: the reference of :func:`~.neuron_pool.multistep_neuron_max_pool`. Returns (pooled spikes,
-    h per step, final v), in ``z``'s dtype."""
-    s, h, v = neuron_reference(affine_reference(z, scale, shift, dim=2), spec, v)
-    p = max_pool2d_reference(s.flatten(0, 1), kernel_size, stride, padding, 1, ceil_mode)
-    return p.view(*z.shape[:3], *p.shape[2:]), h, v
-
-
 def spiking_conv2d_reference(x, weight, bias=None, stride=1, padding=0, *, scale=None, shift=None,
                              residual=None, spec: NeuronSpec, v=None):
     """conv2d per step, affine, residual, neuron; all in ``x``'s dtype. Returns (spikes, h, final v)."""

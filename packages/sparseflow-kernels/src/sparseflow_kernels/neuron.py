@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _load_affine, _neuron_step
+from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step
 from ._utils import cdiv, launch, require_dtype, require_int32_indexable, require_triton_device
 from .tiling import neuron_tile
 
@@ -136,8 +136,10 @@ def _multistep_kernel(
     ok = (s < S)[:, None] & (c < C)[None, :]
     xo = n * sxn + s[:, None] * sxs + c[None, :] * sxc
     yo = n * syn + s[:, None] * sys + c[None, :] * syc
-    scale = tl.load(scale_ptr + c, mask=c < C, other=1.0)[None, :] if HAS_SCALE else None
-    shift = tl.load(shift_ptr + c, mask=c < C, other=0.0)[None, :] if HAS_SHIFT else None
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + c, mask=c < C, other=1.0)[None, :]
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + c, mask=c < C, other=0.0)[None, :]
     if HAS_RES:
         ro = n * srn + s[:, None] * srs + c[None, :] * src
     if HAS_V:
@@ -145,7 +147,11 @@ def _multistep_kernel(
     else:
         v = tl.full([BLOCK_S, BLOCK_C], v_init, dtype=tl.float32)
     for t in range(T):
-        z = _load_affine(x_ptr + t * sxt + xo, ok, scale, shift, HAS_SCALE, HAS_SHIFT)
+        z = tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            z = z * scale
+        if HAS_SHIFT:
+            z = z + shift
         if HAS_RES:
             r = tl.load(r_ptr + t * srt + ro, mask=ok, other=0.0).to(tl.float32)
             if not RES_POST:

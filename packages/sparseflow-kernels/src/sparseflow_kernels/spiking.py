@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from ._utils import dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
 from .conv import launch_conv, pack_weight
 from .neuron import NeuronSpec, multistep_neuron
-from .neuron_pool import multistep_neuron_max_pool
 from .occupancy import Occupancy, empty_codes, prescan
 from .sparse_conv import conv_output_size, fold_affine, normalize_conv_args
 from .tiling import ConvConfig, default_config, require_conv_groups_fit
@@ -75,7 +74,6 @@ def spiking_conv2d(
     config: ConvConfig | None = None,
     packed_weight: torch.Tensor | None = None,
     fp32_precision: str = "tf32x3",
-    pool: tuple | None = None,
 ):
     """A spiking layer over all time steps: for each t, ``y = conv2d(x[t], weight, bias, stride, padding)``,
     ``z = y * scale + shift`` (per output channel, when given: BatchNorm folded) ``+ residual[t]``, then the
@@ -105,10 +103,7 @@ def spiking_conv2d(
 
     Skipping: ``occupancy`` (of ``x`` viewed as ``[T*N, C, H, W]``, e.g. written by the previous layer) or
     ``sparse=True`` (run the prescan here) skip all-zero blocks; otherwise every block is computed.
-    ``path="cudnn"`` runs ``F.conv2d`` plus one fused BatchNorm/neuron kernel instead; with ``pool`` =
-    ``(kernel_size, stride, padding, ceil_mode)`` that kernel also max-pools the spikes
-    (:func:`~sparseflow_kernels.neuron_pool.multistep_neuron_max_pool`), and the pooled spikes are returned (the
-    membrane stays the unpooled map's).
+    ``path="cudnn"`` runs ``F.conv2d`` plus one fused BatchNorm/neuron kernel instead.
     """
     op = "spiking_conv2d"
     if x.dim() != 5:
@@ -150,9 +145,6 @@ def spiking_conv2d(
     v_out = torch.empty((N, CO, OH, OW), dtype=v_dtype, device=x.device) if return_v else None
     occ_out = None
 
-    if pool is not None and (path != "cudnn" or residual is not None or write_occupancy):
-        raise ValueError(f"{op}: pool (a max pool fused after the neuron) needs path='cudnn', no residual and no "
-                         "write_occupancy")
     if path == "cudnn":
         if write_occupancy:
             raise ValueError(f"{op}: write_occupancy needs path='fused'")
@@ -166,14 +158,9 @@ def spiking_conv2d(
         else:
             y = F.conv2d(_flat_tn(x).contiguous(memory_format=torch.channels_last), wl, None, stride, padding)
             y = y.view(T, N, CO, OH, OW)
-        if pool is not None:  # the neuron and the max pool over its spikes in one pass
-            res = multistep_neuron_max_pool(y, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2],
-                                            ceil_mode=pool[3], scale=sc, shift=sh, v=v, return_v=return_v,
-                                            v_dtype=v_dtype, out_dtype=x.dtype)
-        else:
-            res = multistep_neuron(y, spec, scale=sc, shift=sh, residual=residual,
-                                   residual_after=residual_after, v=v, return_v=return_v, v_dtype=v_dtype,
-                                   out_dtype=x.dtype)
+        res = multistep_neuron(y, spec, scale=sc, shift=sh, residual=residual,
+                               residual_after=residual_after, v=v, return_v=return_v, v_dtype=v_dtype,
+                               out_dtype=x.dtype)
         out, v_out = (res if return_v else (res, None))
     else:
         cfg = config or default_config(C, CO)

@@ -242,23 +242,3 @@ def take_shift(x: torch.Tensor) -> torch.Tensor | None:
                 return shift
     return None
 
-
-
-POOLED_ATTR = "_sparseflow_pooled_by"
-
-
-def attach_pooled(y: torch.Tensor, pool) -> bool:
-    """Mark ``y`` as already max-pooled by its producer for the pool module ``pool`` (a spiking layer that ran its
-    neuron and the pool in one kernel): that pool then passes it on. Valid while ``y``'s memory is not modified in
-    place; False (nothing attached) for tensors without a version counter (inference mode)."""
-    version = tensor_version(y)
-    if version is None:
-        return False
-    setattr(y, POOLED_ATTR, (id(pool), version, y.data_ptr(), tuple(y.shape)))
-    return True
-
-
-def take_pooled(x: torch.Tensor, pool) -> bool:
-    """Whether ``x`` is the unmodified output its producer pooled for ``pool``."""
-    rec = getattr(x, POOLED_ATTR, None)
-    return rec is not None and rec == (id(pool), tensor_version(x), x.data_ptr(), tuple(x.shape))

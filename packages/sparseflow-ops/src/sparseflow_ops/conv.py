@@ -28,12 +28,10 @@ from sparseflow_kernels import ConvConfig, sparse_conv2d, tiling
 from sparseflow_kernels import dispatch as kdispatch  # noqa: F401  (the dispatch the paths measure with)
 from sparseflow_kernels.conv import pack_weight
 from sparseflow_kernels.library import compiling, neuron_args
-from sparseflow_kernels.neuron_pool import pool_covers_input
-from sparseflow_kernels.pool import max_pool2d
 from sparseflow_kernels.sparse_conv import conv_output_size
 from sparseflow_kernels.spiking import repeated_over_steps, spiking_conv2d
 
-from ._common import attach_occupancy, attach_pooled, attach_shift, find_occupancy, has_hooks, residual_as, version_key
+from ._common import attach_occupancy, attach_shift, find_occupancy, has_hooks, residual_as, version_key
 
 # (fold_bn, bn_affine and bn_key stay importable from this module: sparseflow_bench imports them here)
 from .base import SparseModule, bn_affine, bn_key, check_foldable_bn, check_mode, fold_bn
@@ -102,29 +100,6 @@ class SparseConv2d(SparseModule, nn.Conv2d):
     def _use_kernels(self, x: torch.Tensor) -> bool:
         return super()._use_kernels(x) and (self.block_size != "dense" or self._neuron is not None
                                             or self._bn is not None)
-
-    @property
-    def fused_pool(self):
-        """The max pool (a :class:`~sparseflow_ops.pool.TritonMaxPool2d`) this spiking layer runs with its neuron,
-        or None (see :meth:`fuse_pool`)."""
-        return self.__dict__.get("_fused_pool")
-
-    def fuse_pool(self, pool) -> None:
-        """Run the max pool ``pool``, the only consumer of this layer's spikes, inside the layer: on the cuDNN path
-        the neuron and the pool are one kernel (:func:`~sparseflow_kernels.neuron_pool.multistep_neuron_max_pool`),
-        on the fused paths the pool's kernel follows. The output is marked as pooled for ``pool``, which passes it on.
-        Calls that cannot (a hook on the pool, inference mode, torch.compile, a pool that does not cover its input,
-        the modules' own path) return the spikes unpooled and the pool pools them, as before."""
-        self.__dict__["_fused_pool"] = pool
-
-    def _pool_args(self, x5, OH: int, OW: int):
-        """The fused pool's (kernel_size, stride, padding, ceil_mode) for this call, or None where it runs apart."""
-        pool = self.fused_pool
-        if pool is None or x5.dim() != 5 or torch.is_inference_mode_enabled() or has_hooks(pool):
-            return None
-        if not pool_covers_input(OH, OW, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode):
-            return None
-        return (pool.kernel_size, pool.stride or pool.kernel_size, pool.padding, pool.ceil_mode)
 
     def chain_hooked(self) -> bool:
         """Whether this layer, its folded BatchNorm or its fused neuron has a hook (or a global module hook is
@@ -404,21 +379,14 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         write_occ = self.write_occupancy and not after  # (the output is not spikes then)
         weight = self.weight
 
-        pool = None if res5 is not None or write_occ or x.dim() != 5 else self._pool_args(x5, OH, OW)
-
         def fused(c, sparse):
-            out = spiking_conv2d(x5, weight, self.bias, self.stride, self.padding, config=c, v_dtype=x.dtype,
-                                 packed_weight=self._packed(c, x.dtype), occupancy=occ if sparse else None,
-                                 sparse=sparse and occ is None, write_occupancy=write_occ, **common)
-            if pool is not None:  # the pool's own kernel after the fused layer (what it would run itself)
-                s = max_pool2d(out[0].flatten(0, 1), pool[0], pool[1], pool[2], 1, pool[3])
-                out = (s.view(T, N, *s.shape[1:]), *out[1:])
-            return out
+            return spiking_conv2d(x5, weight, self.bias, self.stride, self.padding, config=c, v_dtype=x.dtype,
+                                  packed_weight=self._packed(c, x.dtype), occupancy=occ if sparse else None,
+                                  sparse=sparse and occ is None, write_occupancy=write_occ, **common)
 
         def cudnn():
             w, b = self._torch_weights(fold=False)
-            return spiking_conv2d(x5, w, b, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, pool=pool,
-                                  **common)
+            return spiking_conv2d(x5, w, b, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **common)
 
         cands = {}
         for cname, c in spiking_configs(C, self.out_channels, T).items():
@@ -429,15 +397,13 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         if not write_occ:
             cands["cudnn_static" if static else "cudnn"] = cudnn
         key = ("spiking", tuple(x5.shape), x.dtype, self.out_channels, self.kernel_size, self.stride,
-               self.padding, occ is not None, write_occ, spec.kind, residual is not None, after, static, pool)
+               self.padding, occ is not None, write_occ, spec.kind, residual is not None, after, static)
         res = self._dispatch(key, cands, x, fallback="fused_dense", default="fused_dense",
                              forced={"sparse": "fused_sparse", "dense": "fused_dense",
                                      "torch": "cudnn_static" if static else "cudnn"})
         spikes, v = res[0], res[1]
         if write_occ and len(res) == 3:
             attach_occupancy(spikes, spikes.flatten(0, 1), res[2])
-        if pool is not None:
-            attach_pooled(spikes, self.fused_pool)
         adapter.set_v(neuron, v, x.dtype)
         if x.dim() == 5:
             return spikes

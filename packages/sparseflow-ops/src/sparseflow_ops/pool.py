@@ -14,7 +14,7 @@ from torch import nn
 from sparseflow_kernels.library import compiling
 from sparseflow_kernels.pool import max_pool2d
 
-from ._common import kernels_can_run, take_pooled, take_shift
+from ._common import kernels_can_run, take_shift
 from .base import SparseModule
 
 
@@ -63,10 +63,7 @@ class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A convolution whose folded bias was left to this pool (``SparseConv2d.defer_shift``, the producer
-        attached it to its output) gets it added here, after the max: the same value, on 4x fewer elements. The
-        output of a spiking layer that pooled it already for this pool (``SparseConv2d.fused_pool``) is passed on."""
-        if not compiling() and take_pooled(x, self):  # a spiking layer ran its neuron and this pool in one kernel
-            return x
+        attached it to its output) gets it added here, after the max: the same value, on 4x fewer elements."""
         shift = None if compiling() else take_shift(x)  # (a traced conv adds its own bias)
         if getattr(self, "multi_step", False) and x.dim() == 5:
             y = self._pool(x.flatten(0, 1), shift)

@@ -1,10 +1,9 @@
 """Pass 8, numerics: with ``numerics="faithful"`` every SparseFlow module computes as the dense model does; with
-``"fast"``, a conv -> BN (folded) -> max pool chain leaves the folded bias to the pool, and a conv -> BN -> neuron
--> max pool chain runs the pool inside the spiking layer.
+``"fast"``, a conv -> BN (folded) -> max pool chain leaves the folded bias to the pool.
 
 Input: the model with its replacements, ``state.replaced``. Output: ``numerics="faithful"`` set on every
-SparseFlow module (and a report note), or ``defer_shift`` set on the convolutions before a max pool and
-``fuse_pool`` on the spiking layers before one (and their report entries say so).
+SparseFlow module (and a report note), or ``defer_shift`` set on the convolutions before a max pool (and their
+report entries say so).
 """
 
 from __future__ import annotations
@@ -31,28 +30,9 @@ def _defer_shifts_to_pools(st: OptimizeState) -> None:
                 entry.detail = (entry.detail or "") + f"; bias added after the max pool {user}"
 
 
-def _fuse_neuron_pools(st: OptimizeState) -> None:
-    """conv -> BN -> neuron -> max pool, the neuron's spikes used by the pool alone (a spiking ResNet's stem): the
-    spiking layer runs the pool too, in the neuron's kernel on its cuDNN path (the spike map before the pool is
-    never written), and the pool passes the pooled output on."""
-    names = {id(m): n for n, m in st.named.items()}
-    for conv_name, conv in st.replaced.items():
-        neuron = getattr(conv, "fused_neuron", None)
-        if neuron is None or not hasattr(conv, "fuse_pool") or conv.residual_chain or id(neuron) not in names:
-            continue
-        user, _ = st.analysis.sole_user(names[id(neuron)])
-        pool = st.named.get(user) if user is not None else None
-        if isinstance(pool, TritonMaxPool2d):
-            conv.fuse_pool(pool)
-            entry = st.entry(conv_name)
-            if entry is not None:
-                entry.detail = (entry.detail or "") + f"; max pool {user} run with the neuron (one kernel on cuDNN)"
-
-
 def set_numerics(st: OptimizeState) -> None:
     if not st.options.faithful:
         _defer_shifts_to_pools(st)
-        _fuse_neuron_pools(st)
         return
     for m in st.model.modules():
         if isinstance(m, SparseModule):
