@@ -97,9 +97,8 @@ def spiking_conv2d(
     have ``x``'s dtype, the sum's dtype.
 
     An ``x`` repeated over the steps by stride 0 (``frame.expand(T, ...)``, see :func:`repeated_over_steps`) runs
-    the ``"cudnn"`` path's convolution once, on ``x[0]``: the same values, up to the rounding of a convolution over
-    another batch size (cuDNN may pick another algorithm for it);
-    only the neuron runs over T.
+    the ``"cudnn"`` path's convolution once, on ``x[0]``, and only the neuron over T: the same values, up to the
+    rounding of a convolution over another batch size (cuDNN may pick another algorithm for it).
 
     Skipping: ``occupancy`` (of ``x`` viewed as ``[T*N, C, H, W]``, e.g. written by the previous layer) or
     ``sparse=True`` (run the prescan here) skip all-zero blocks; otherwise every block is computed.
