@@ -87,9 +87,9 @@ def optimize(
     state; see its docstring).
     ``static_input``: declare that the input ``[T, N, ...]`` holds the same frame at every step (a static image
     repeated over T). Each call checks it (ValueError when the steps differ) and passes one frame repeated by stride
-    0, so the layers that convolve the input (the stem) convolve N images instead of T*N (equal inputs, equal convolutions; cuDNN may round another batch size
-    differently in the last bit). An input already
-    built as ``frame.expand(T, ...)`` gets this without the flag, and without the check's synchronization.
+    0, so the layers that convolve the input (the stem) convolve N images instead of T*N (equal inputs, equal
+    convolutions; cuDNN may round another batch size differently in the last bit). An input already built as
+    ``frame.expand(T, ...)`` gets this without the flag, and without the check's synchronization.
     Returns the model (and the :class:`OptimizeReport` when ``return_report``).
     """
     check_arguments(model, block_size=block_size, mode=mode, dtype=dtype, fuse=fuse, neurons=neurons,
