@@ -88,17 +88,6 @@ class CastInputs(OwnPreHook):
     def __call__(self, model, args):
         return cast_inputs(args, self.dtype)
 
-    @classmethod
-    def install(cls, model: nn.Module, dtype: torch.dtype) -> None:
-        cls.remove(model)
-        model.register_forward_pre_hook(cls(dtype))
-
-    @staticmethod
-    def remove(model: nn.Module) -> None:
-        for hid, hook in list(model._forward_pre_hooks.items()):
-            if isinstance(hook, CastInputs):
-                del model._forward_pre_hooks[hid]
-
 
 class StaticInput(OwnPreHook):
     """Forward pre-hook of a model optimized with ``static_input=True``: its first input ``[T, N, ...]`` must hold
@@ -134,14 +123,3 @@ class StaticInput(OwnPreHook):
         if any(isinstance(h, cls) for h in model._forward_pre_hooks.values()) and isinstance(x, torch.Tensor):
             return cls.repeat(x)
         return x
-
-    @classmethod
-    def install(cls, model: nn.Module) -> None:
-        cls.remove(model)
-        model.register_forward_pre_hook(cls())
-
-    @staticmethod
-    def remove(model: nn.Module) -> None:
-        for hid, hook in list(model._forward_pre_hooks.items()):
-            if isinstance(hook, StaticInput):
-                del model._forward_pre_hooks[hid]

@@ -3,9 +3,9 @@
 A replacement module would drop the hooks registered on the module it replaces, and a fused or folded module
 would hand them other values: such modules are left as they are. Both the passes of ``optimize()`` and the op
 handlers ask :func:`module_hooks`; SparseFlow's own forward pre-hooks on the model (the lazy optimization, the
-input cast of ``dtype=``) subclass :class:`OwnPreHook` and do not count. They carry the observer mark
-(``sparseflow_ops.OBSERVER_ATTR``) too, so that neither a fused chain's hook check nor the CUDA-graph wrapper's
-takes them for a user's hook.
+input cast of ``dtype=``, the check of ``static_input=True``) subclass :class:`OwnPreHook` and do not count. They
+carry the observer mark (``sparseflow_ops.OBSERVER_ATTR``) too, so that neither a fused chain's hook check nor the
+CUDA-graph wrapper's takes them for a user's hook.
 """
 
 from __future__ import annotations
@@ -18,6 +18,19 @@ from sparseflow_ops import OBSERVER_ATTR
 class OwnPreHook:
     """Base of SparseFlow's own forward pre-hooks on a model; :func:`module_hooks` and ``has_hooks`` do not count
     them."""
+
+    @classmethod
+    def install(cls, model: nn.Module, *args) -> None:
+        """Register ``cls(*args)`` on ``model`` in place of any earlier hook of this kind."""
+        cls.remove(model)
+        model.register_forward_pre_hook(cls(*args))
+
+    @classmethod
+    def remove(cls, model: nn.Module) -> None:
+        """Unregister the hooks of this kind from ``model``."""
+        for hid, hook in list(model._forward_pre_hooks.items()):
+            if isinstance(hook, cls):
+                del model._forward_pre_hooks[hid]
 
 
 setattr(OwnPreHook, OBSERVER_ATTR, True)

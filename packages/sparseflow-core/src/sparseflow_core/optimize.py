@@ -210,9 +210,7 @@ def restore(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if is_accelerated(m):
             restore_neuron(m)
-    for hid, hook in list(model._forward_pre_hooks.items()):
-        if isinstance(hook, _LazyOptimize):
-            del model._forward_pre_hooks[hid]
+    _LazyOptimize.remove(model)
     CastInputs.remove(model)
     StaticInput.remove(model)
     model.__dict__.pop(REPORT_ATTR, None)
