@@ -66,6 +66,28 @@ def test_stride_zero_input_runs_the_stem_once_and_matches_dense(net):
     assert torch.allclose(out, out2, atol=1e-4, rtol=1e-4)
 
 
+def test_static_path_follows_dense_over_calls_resets_and_train(net):
+    """A stride-0 input on the static path, against the dense model: first call, a second call without reset (the
+    membranes carry over), a call after reset_net, and a call after train() (the dense modules run then)."""
+    x = _frames(seed=3)
+    opt = optimize(copy.deepcopy(net), x)
+    dense = copy.deepcopy(net)
+    with torch.no_grad(), force_path(STATIC):
+        functional.reset_net(opt)
+        functional.reset_net(dense)
+        for step in ("first", "no reset", "after reset", "after train"):
+            if step == "after reset":
+                functional.reset_net(opt)
+                functional.reset_net(dense)
+            if step == "after train":
+                opt.train()
+                dense.train()
+            out, ref = opt(x), dense(x.contiguous())
+            assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), (step, (out - ref).abs().max())
+            if step == "first":
+                assert opt[0].last_path == "cudnn_static"
+
+
 def test_static_input_flag_checks_and_repeats(net):
     x = _frames(seed=1).contiguous()
     opt, rep = optimize(copy.deepcopy(net), x, static_input=True, return_report=True)
