@@ -4,7 +4,11 @@
   :class:`~sparseflow_kernels.occupancy.Occupancy` (written by the prescan or by the layer that produced the
   input). The K loop then visits only those groups: a register bitmask, next group = its lowest set bit.
 * mainloop: for every (group, tap) pair, a ``[pixels, BLOCK_K]`` input tile and a ``[BLOCK_K, BLOCK_N]``
-  weight tile go through ``tl.dot`` on tensor cores, accumulating in fp32.
+  weight tile go through ``tl.dot`` on tensor cores, accumulating in fp32. The tiles are gathered by pointers
+  (any stride, dilation, layout), or, with ``TMA`` (:attr:`ConvConfig.tma`, Hopper and later, stride 1, channels
+  innermost), loaded by the tensor-memory accelerator through tensor descriptors: the input as a 5-D
+  ``[T, N, H, W, C]`` descriptor whose box at ``(t, n, oh0 - pad + kh, ow0 - pad + kw, c0)`` is the tap's shifted
+  tile, its out-of-bounds zero fill the padding, and the loads pipelined by the compiler.
 * epilogue (``NEURON``): 0 stores ``acc * scale + shift`` (a plain convolution, bias or folded BatchNorm);
   1 (LIF), 2 (IF), 3 (snnTorch Leaky) and 4 (PLIF) add an optional residual, run the neuron over the time steps with the
   membrane in registers and store only the spikes; ``WRITE_OCC`` also writes the spikes' occupancy.
@@ -26,12 +30,12 @@ import triton
 import triton.language as tl
 
 from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_NONE, NEURON_PLIF, _neuron_step
-from ._occupancy_jit import _active_groups, _block_of, _edge_codes, _tile_pixels, _visit_group, _visit_list
-from ._utils import cdiv, launch, next_power_of_2
+from ._occupancy_jit import _active_groups, _block_of, _edge_codes, _visit_group, _visit_list
+from ._utils import _traced, cdiv, interpreter_active, launch, next_power_of_2
 from .tiling import ConvConfig
 
 __all__ = ["NEURON_IF", "NEURON_LEAKY", "NEURON_LIF", "NEURON_NONE", "NEURON_PLIF", "ConvConfig", "launch_conv",
-           "pack_weight"]
+           "pack_weight", "tma_supported"]
 
 
 # -------------------------------------------------------------------------------------------- mainloop
@@ -66,6 +70,73 @@ def _mainloop(
     return acc
 
 
+@triton.jit
+def _mainloop_tma(acc, x_desc, w_desc, t0, n, ih0, iw0, co0, NG, C_PAD,
+                  KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_mainloop`'s sums in its order (group-major, then taps), every tile a tensor-descriptor load: the input
+    box ``[T rows, 1, TILE_H, TILE_W, BLOCK_K]`` at the tap's shift from ``(t0, n, ih0, iw0)``, zero outside the map
+    (the padding) and beyond the channels; the weight box ``[BLOCK_K, BLOCK_N]`` of the packed
+    ``[KK*C_PAD, CO_PAD]``."""
+    KK: tl.constexpr = KH * KW
+    for i in range(NG * KK):
+        g = i // KK
+        tap = i % KK
+        a = x_desc.load([t0, n, ih0 + tap // KW, iw0 + tap % KW, g * BLOCK_K])
+        wt = w_desc.load([tap * C_PAD + g * BLOCK_K, co0])
+        acc = tl.dot(a.reshape(BM, BLOCK_K), wt, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _mainloop_tma_flat(x_desc, w_desc, t0, n, p0, ow, W, co0, NG, C_PAD, PAD_H, PAD_W,
+                       KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """The convolution of ``BM`` rows that run through the map in row-major order (``FLAT``; ``KW`` 1 or 3, an
+    output as wide as the input). The input is a 4-D ``[T, N, H*W, C]`` descriptor, so the tap ``(kh, kw)`` of the
+    rows from pixel ``p0`` on is the box at pixel ``p0 + (kh - PAD_H) * W + kw - PAD_W``: zero above the first row
+    and below the last (the descriptor's fill). A row whose column ``ow + kw - PAD_W`` leaves the map reads the
+    next or previous row instead, so each column of taps sums into its own accumulator (three independent chains of
+    tensor-core products, both operands straight from shared memory) and those rows are dropped from it at the end.
+    Order: per column of taps, channel groups then kernel rows."""
+    acc0 = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    for i in range(NG * KH):
+        kh = i % KH
+        c0 = (i // KH) * BLOCK_K
+        q = p0 + (kh - PAD_H) * W - PAD_W
+        wrow = kh * KW * C_PAD + c0
+        acc0 = tl.dot(x_desc.load([t0, n, q, c0]).reshape(BM, BLOCK_K), w_desc.load([wrow, co0]), acc0,
+                      input_precision=PREC)
+        if KW == 3:
+            acc1 = tl.dot(x_desc.load([t0, n, q + 1, c0]).reshape(BM, BLOCK_K), w_desc.load([wrow + C_PAD, co0]),
+                          acc1, input_precision=PREC)
+            acc2 = tl.dot(x_desc.load([t0, n, q + 2, c0]).reshape(BM, BLOCK_K),
+                          w_desc.load([wrow + 2 * C_PAD, co0]), acc2, input_precision=PREC)
+    col = ow - PAD_W
+    acc = tl.where(((col >= 0) & (col < W))[:, None], acc0, 0.0)
+    if KW == 3:
+        acc += tl.where((col + 1 < W)[:, None], acc1, 0.0)  # (col + 1 >= 0 always: PAD_W is 1)
+        acc += tl.where((col + 2 < W)[:, None], acc2, 0.0)
+    return acc
+
+
+@triton.jit
+def _pixels(p, th, tw, OH, OW, TILE_H: tl.constexpr, TILE_W: tl.constexpr, FLAT: tl.constexpr):
+    """(rows, columns, in-bounds mask) of the local pixels ``p`` of tile (th, tw): a ``TILE_H x TILE_W`` tile, or
+    with ``FLAT`` the ``TILE_W`` pixels from ``tw * TILE_W`` on in row-major order (``th`` is 0)."""
+    if FLAT:
+        q = tw * TILE_W + p
+        oh = q // OW
+        ow = q % OW
+        ok = q < OH * OW
+    else:
+        oh = th * TILE_H + p // TILE_W
+        ow = tw * TILE_W + p % TILE_W
+        ok = (oh < OH) & (ow < OW)
+    return oh, ow, ok
+
+
 # ---------------------------------------------------------------------------------------------- kernel
 @triton.jit
 def _conv_kernel(
@@ -91,6 +162,8 @@ def _conv_kernel(
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_V: tl.constexpr, STORE_V: tl.constexpr, WRITE_OCC: tl.constexpr, OCC_GROUP: tl.constexpr,
     T_IN_M: tl.constexpr, T_P2: tl.constexpr, PREC: tl.constexpr, RES_POST: tl.constexpr = False,
+    x_desc=None, w_desc=None, TMA: tl.constexpr = False, FLAT: tl.constexpr = False,
+    FLATTEN_T: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
 ):
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     leak = tl.cast(leak, tl.float32)
@@ -109,10 +182,8 @@ def _conv_kernel(
         BM: tl.constexpr = T_P2 * P
         r = tl.arange(0, BM)
         tt = r // P
-        p = r % P
-        oh = th * TILE_H + p // TILE_W
-        ow = tw * TILE_W + p % TILE_W
-        row_ok = (oh < OH) & (ow < OW) & (tt < T)
+        oh, ow, row_ok = _pixels(r % P, th, tw, OH, OW, TILE_H, TILE_W, FLAT)
+        row_ok = row_ok & (tt < T)
         b_row = tt * N + n
         ih0 = oh * SH - PAD_H
         iw0 = ow * SW - PAD_W
@@ -123,15 +194,22 @@ def _conv_kernel(
                                      PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
         idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
         acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-        acc = _mainloop(acc, x_ptr + b_row * sxb, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw,
-                        w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
-                        KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
+        if FLAT:
+            acc = _mainloop_tma_flat(x_desc, w_desc, 0, n, tw * TILE_W, ow, W, cb * BLOCK_N, NG, C_PAD,
+                                     PAD_H, PAD_W, KH, KW, BM, BLOCK_N, BLOCK_K, PREC)
+        elif TMA:
+            acc = _mainloop_tma(acc, x_desc, w_desc, 0, n, th * TILE_H - PAD_H, tw * TILE_W - PAD_W, cb * BLOCK_N,
+                                NG, C_PAD, KH, KW, BM, BLOCK_K, PREC)
+        else:
+            acc = _mainloop(acc, x_ptr + b_row * sxb, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw,
+                            w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
+                            KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
         rp = res_ptr + b_row[:, None] * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
         z = _affine_residual(acc, scale, shift, rp, row_ok[:, None] & co_ok[None, :], HAS_SCALE, HAS_SHIFT, HAS_RES)
         # per time step: pick its rows out of z (T_P2 x P x BLOCK_N), then the neuron in registers
         z3 = tl.reshape(z, [T_P2, P, BLOCK_N])
         t3 = tl.arange(0, T_P2)[:, None, None]
-        oh, ow, q_ok = _tile_pixels(th, tw, OH, OW, TILE_H, TILE_W)  # now the pixels of one time step
+        oh, ow, q_ok = _pixels(tl.arange(0, P), th, tw, OH, OW, TILE_H, TILE_W, FLAT)  # now those of one step
         out_ok = q_ok[:, None] & co_ok[None, :]
         v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
         for t in tl.static_range(T_P2):
@@ -143,13 +221,15 @@ def _conv_kernel(
                             WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
                             res_ptr, srb, src, srh, srw, RES_POST)
     else:
-        oh, ow, row_ok = _tile_pixels(th, tw, OH, OW, TILE_H, TILE_W)
+        oh, ow, row_ok = _pixels(tl.arange(0, P), th, tw, OH, OW, TILE_H, TILE_W, FLAT)
         out_ok = row_ok[:, None] & co_ok[None, :]
         ih0 = oh * SH - PAD_H
         iw0 = ow * SW - PAD_W
         if NEURON != 0:
             v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
-        for t in range(T):
+        # FLATTEN_T: the steps' K loops run as one software pipeline (the loads of step t + 1 are in flight during
+        # step t's epilogue); WARP_SPEC: producer and consumer warps
+        for t in tl.range(0, T, flatten=FLATTEN_T, warp_specialize=WARP_SPEC):
             b = t * N + n
             act = tl.zeros([NG_P2], dtype=tl.int32)
             if SPARSE:
@@ -157,9 +237,16 @@ def _conv_kernel(
                                      PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
             idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
             acc = tl.zeros([P, BLOCK_N], dtype=tl.float32)
-            acc = _mainloop(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
-                            C, H, W, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
-                            KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
+            if FLAT:
+                acc = _mainloop_tma_flat(x_desc, w_desc, t, n, tw * TILE_W, ow, W, cb * BLOCK_N, NG, C_PAD,
+                                         PAD_H, PAD_W, KH, KW, P, BLOCK_N, BLOCK_K, PREC)
+            elif TMA:
+                acc = _mainloop_tma(acc, x_desc, w_desc, t, n, th * TILE_H - PAD_H, tw * TILE_W - PAD_W, cb * BLOCK_N,
+                                    NG, C_PAD, KH, KW, P, BLOCK_K, PREC)
+            else:
+                acc = _mainloop(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
+                                C, H, W, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
+                                KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
             rp = res_ptr + b * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
             z = _affine_residual(acc, scale, shift, rp, out_ok, HAS_SCALE, HAS_SHIFT, HAS_RES)
             if NEURON == 0:
@@ -234,6 +321,50 @@ def pack_weight(weight: torch.Tensor, block_k: int, block_n: int, dtype: torch.d
     return packed
 
 
+#: how the per-step loop of a tensor-descriptor convolution without ``t_in_m`` compiles (``tl.range`` options)
+TMA_LOOP = {"flatten": True, "warp_specialize": False}
+
+
+def tma_supported(x: torch.Tensor, kernel_size, stride, padding, dilation=(1, 1)) -> bool:
+    """Whether a convolution of ``x`` ``[B, C, H, W]`` can load its tiles through tensor descriptors
+    (:attr:`ConvConfig.tma`): a GPU with a tensor-memory accelerator (compute capability 9.0 or later; any device
+    under the CPU interpreter), fp16 or bf16, a "same" convolution (stride and dilation 1, ``2 * padding ==
+    kernel_size - 1``), channels innermost and rows contiguous in memory (channels_last) and the other strides and
+    the base 16-byte aligned."""
+    if tuple(stride) != (1, 1) or tuple(dilation) != (1, 1) or x.dim() != 4:
+        return False
+    if any(2 * p != k - 1 for p, k in zip(padding, kernel_size)):
+        return False
+    _B, _C, H, W = x.shape
+    if x.dtype not in (torch.float16, torch.bfloat16) or x.stride(1) != 1 or (H > 1 and x.stride(2) != W * x.stride(3)):
+        return False
+    size = x.element_size()
+    if x.data_ptr() % 16 or any((s * size) % 16 for i, s in enumerate(x.stride()) if i != 1 and x.shape[i] > 1):
+        return False
+    if x.device.type == "cuda":
+        return not interpreter_active() and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return interpreter_active()
+
+
+def _descriptors(x, w_packed, T, N, cfg: ConvConfig):
+    """The input as a descriptor over ``[T, N, H, W, C]`` (``x`` is ``[T*N, C, H, W]`` with sample ``t * N + n``)
+    with ``[T rows, 1, TILE_H, TILE_W, BLOCK_K]`` boxes (every step of the tile with ``t_in_m``, else one), or with
+    ``tile_h == 1`` over ``[T, N, H*W, C]`` with ``[T rows, 1, TILE_W, BLOCK_K]`` boxes (rows in row-major order across
+    the map's rows), and the packed weight as ``[KK*C_PAD, CO_PAD]`` with ``[BLOCK_K, BLOCK_N]`` boxes."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    _B, C, H, W = x.shape
+    sb, sc, sh, sw = x.stride()
+    t_rows = next_power_of_2(T) if cfg.t_in_m else 1
+    if cfg.tile_h == 1:
+        x_desc = TensorDescriptor(x, [T, N, H * W, C], [N * sb, sb, sw, sc], [t_rows, 1, cfg.tile_w, cfg.block_k])
+    else:
+        x_desc = TensorDescriptor(x, [T, N, H, W, C], [N * sb, sb, sh, sw, sc],
+                                  [t_rows, 1, cfg.tile_h, cfg.tile_w, cfg.block_k])
+    w2 = w_packed.view(-1, w_packed.shape[2])
+    return x_desc, TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [cfg.block_k, cfg.block_n])
+
+
 def launch_conv(
     x, w_packed, CO, KH, KW, stride, padding, dilation, *, T, N, out, cfg: ConvConfig, prec: str,
     scale=None, shift=None, residual=None, v=None, v_out=None, occ=None, occ_out=None,
@@ -243,10 +374,18 @@ def launch_conv(
     """Launch :func:`_conv_kernel`. ``x`` ``[T*N, C, H, W]``, ``out`` ``[T*N, CO, OH, OW]``,
     ``residual`` like ``out``, ``v``/``v_out`` ``[N, CO, OH, OW]`` fp32, ``occ`` an Occupancy of ``x``
     (sparse mode) or None (dense), ``occ_out`` codes ``[T*N, tiles_h, tiles_w, groups]`` to fill.
-    ``residual_post``: the residual is added to the neuron's spikes (stored sum) instead of before the neuron."""
+    ``residual_post``: the residual is added to the neuron's spikes (stored sum) instead of before the neuron.
+    ``cfg.tma`` loads the tiles through tensor descriptors (:func:`tma_supported` must hold, dense only); with
+    ``cfg.tile_h == 1`` a tile is then ``tile_w`` pixels in row-major order across the map's rows. Traced by
+    ``torch.compile`` / ``torch.export`` the same configuration gathers them by pointers: the same products summed
+    in the same order."""
     _B, C, H, W = x.shape
     _, _, OH, OW = out.shape
-    tiles_h, tiles_w = cdiv(OH, cfg.tile_h), cdiv(OW, cfg.tile_w)
+    tma = cfg.tma and not _traced((x,))
+    flat = tma and cfg.tile_h == 1
+    if flat and KW not in (1, 3):
+        raise ValueError(f"ConvConfig(tma=True, tile_h=1) takes kernels 1 or 3 wide, got {KW}")
+    tiles_h, tiles_w = (1, cdiv(OH * OW, cfg.tile_w)) if flat else (cdiv(OH, cfg.tile_h), cdiv(OW, cfg.tile_w))
     num_cb = cdiv(CO, cfg.block_n)
     ng = cdiv(C, cfg.block_k)
     dummy = out
@@ -259,13 +398,18 @@ def launch_conv(
         raise ValueError("residual_post needs a residual and a neuron, and no occupancy output")
     if occ_out is not None and cfg.block_n % occ_group:
         raise ValueError(f"occupancy group {occ_group} must divide block_n {cfg.block_n}")
+    if tma and (occ is not None or not tma_supported(x, (KH, KW), stride, padding, dilation)):
+        raise ValueError("ConvConfig(tma=True) needs a dense 'same' convolution (stride and dilation 1, padding "
+                         "(kernel - 1) / 2) of an fp16/bf16 channels_last input on a GPU with a tensor-memory "
+                         "accelerator")
+    descs = _descriptors(x, w_packed, T, N, cfg) if tma else (None, None)
     res = residual if residual is not None else dummy
     vin = v if v is not None else dummy
     vo = v_out if v_out is not None else dummy
     oo = occ_out if occ_out is not None else occ_codes
     grid = (N * tiles_h * tiles_w * num_cb,)
     rows = cfg.tile_h * cfg.tile_w * (next_power_of_2(T) if cfg.t_in_m else 1)
-    stage_bytes = (rows * cfg.block_k + cfg.block_k * cfg.block_n) * x.element_size()
+    stage_bytes = (rows * cfg.block_k + cfg.block_k * cfg.block_n) * x.element_size() * (KW if flat else 1)
     num_stages = max(1, min(cfg.num_stages, (160 * 1024) // max(1, stage_bytes)))
     launch(_conv_kernel)[grid](
         x, *x.stride(),
@@ -289,6 +433,8 @@ def launch_conv(
         HAS_V=v is not None, STORE_V=v_out is not None, WRITE_OCC=occ_out is not None,
         OCC_GROUP=occ_group,
         T_IN_M=cfg.t_in_m, T_P2=next_power_of_2(T) if cfg.t_in_m else 1, PREC=prec,
+        x_desc=descs[0], w_desc=descs[1], TMA=tma, FLAT=flat,
+        FLATTEN_T=tma and TMA_LOOP["flatten"], WARP_SPEC=tma and TMA_LOOP["warp_specialize"],
         num_warps=cfg.num_warps, num_stages=num_stages,
     )
     return out

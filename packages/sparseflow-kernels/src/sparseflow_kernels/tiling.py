@@ -57,15 +57,17 @@ class _Config:
 
 
 class ConvConfig(_Config):
-    """Tile shape and launch parameters of one conv kernel instance."""
+    """Tile shape and launch parameters of one conv kernel instance. ``tma``: load the tiles through tensor
+    descriptors (Hopper's tensor-memory accelerator; dense, stride 1, channels_last fp16/bf16 inputs only)."""
 
-    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "t_in_m", "tile_h", "tile_w")
-    _KEY = ("tile_h", "tile_w", "block_n", "block_k", "t_in_m", "num_warps", "num_stages")
+    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "t_in_m", "tile_h", "tile_w", "tma")
+    _KEY = ("tile_h", "tile_w", "block_n", "block_k", "t_in_m", "num_warps", "num_stages", "tma")
 
-    def __init__(self, tile_h=8, tile_w=8, block_n=64, block_k=16, t_in_m=False, num_warps=4, num_stages=3):
+    def __init__(self, tile_h=8, tile_w=8, block_n=64, block_k=16, t_in_m=False, num_warps=4, num_stages=3,
+                 tma=False):
         self.tile_h, self.tile_w = int(tile_h), int(tile_w)
         self.block_n, self.block_k = int(block_n), int(block_k)
-        self.t_in_m = bool(t_in_m)
+        self.t_in_m, self.tma = bool(t_in_m), bool(tma)
         self.num_warps, self.num_stages = int(num_warps), int(num_stages)
         self._check_pow2(1, "tile_h", "tile_w", "block_n", "block_k")
         if self.block_k < 16 or self.block_n < 16:
@@ -139,16 +141,36 @@ def require_conv_groups_fit(op: str, C: int, cfg: ConvConfig, per_group: bool = 
         raise ValueError(f"{op}: {C} {what} make more than {MAX_GROUPS} groups of {cfg.block_k}")
 
 
-def spiking_configs(C: int, CO: int, T: int) -> dict[str, ConvConfig]:
+def spiking_configs(C: int, CO: int, T: int, tma: bool = False) -> dict[str, ConvConfig]:
     """The dense fused-kernel configurations a spiking layer measures (the best of the H100 sweeps:
-    8x8 output tiles with T looped inside, and 4x4 tiles with T in the GEMM's M for deep layers)."""
+    8x8 output tiles with T looped inside, and 4x4 tiles with T in the GEMM's M for deep layers). With ``tma``
+    (the layer's input qualifies, :func:`~sparseflow_kernels.conv.tma_supported`) also the tensor-descriptor
+    configurations (``tma_*``, :data:`TMA_CONFIGS`), K blocks of up to 64 channels."""
     bk = 32 if C >= 32 else 16
     cfgs = {"fused_dense": ConvConfig(8, 8, 64, bk, False, 4, 3)}
     if T <= 8:
         cfgs["fused_tm"] = ConvConfig(4, 4, 64, bk, True, 4, 3)
         if CO >= 128:
             cfgs["fused_tm_n128"] = ConvConfig(4, 4, 128, bk, True, 4, 3)
+    if tma:
+        tbk = min(64, max(16, next_pow2(C)))
+        for name, (th, tw, bn, t_in_m, warps) in TMA_CONFIGS.items():
+            if (t_in_m and T > 8) or bn > max(64, next_pow2(CO)):
+                continue
+            cfgs[name] = ConvConfig(th, tw, bn, tbk, t_in_m, warps, 3, tma=True)
     return cfgs
+
+
+#: the tensor-descriptor configurations of :func:`spiking_configs`: ``{name: (tile_h, tile_w, block_n, t_in_m,
+#: num_warps)}``; ``row`` tiles are ``tile_w`` pixels in row-major order across the map's rows (``tile_h`` 1), the
+#: ``tm`` ones hold every time step of the tile in the GEMM's M (T <= 8)
+TMA_CONFIGS = {
+    "tma_row64_n128": (1, 64, 128, False, 8),
+    "tma_8x8": (8, 8, 64, False, 4),
+    "tma_tm_4x8": (4, 8, 64, True, 4),
+    "tma_tm_2x4": (2, 4, 64, True, 4),
+    "tma_tm_2x4_n128": (2, 4, 128, True, 4),
+}
 
 
 def token_spiking_configs(C: int, CO: int, T: int) -> dict[str, ConvConfig]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from sparseflow_kernels import ConvConfig, sparse_conv2d, tiling
 from sparseflow_kernels import dispatch as kdispatch  # noqa: F401  (the dispatch the paths measure with)
-from sparseflow_kernels.conv import pack_weight
+from sparseflow_kernels.conv import pack_weight, tma_supported
 from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.sparse_conv import conv_output_size
 from sparseflow_kernels.spiking import repeated_over_steps, spiking_conv2d
@@ -319,7 +319,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         path = self.last_path or "fused_dense"
         if path == "cudnn_static":  # (the operator convolves once itself when its input is repeated by stride 0)
             path = "cudnn"
-        cfgs = spiking_configs(C, self.out_channels, T)
+        cfgs = spiking_configs(C, self.out_channels, T, tma=path.startswith("tma"))
         cfg = cfgs.get(path) or (self._config(C, self.out_channels) if path == "fused_sparse" else None)
         packed = None if cfg is None or path == "cudnn" else pack_weight(self.weight, cfg.block_k, cfg.block_n,
                                                                          x.dtype)
@@ -389,7 +389,8 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             return spiking_conv2d(x5, w, b, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **common)
 
         cands = {}
-        for cname, c in spiking_configs(C, self.out_channels, T).items():
+        tma = not write_occ and tma_supported(flat, self.kernel_size, self.stride, self.padding, self.dilation)
+        for cname, c in spiking_configs(C, self.out_channels, T, tma).items():
             cands[cname] = (lambda c=c: fused(c, False))
         if self.block_size != "dense" and triton_groups_ok(C, cfg):
             cands["fused_sparse"] = lambda: fused(cfg, True)
@@ -410,9 +411,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         return spikes.flatten(0, 1) if adapter.is_multistep(neuron) else spikes[0]
 
 
-def spiking_configs(C: int, CO: int, T: int) -> dict[str, ConvConfig]:
+def spiking_configs(C: int, CO: int, T: int, tma: bool = False) -> dict[str, ConvConfig]:
     """The dense fused-kernel configurations a spiking layer measures (``sparseflow_kernels.tiling``)."""
-    return tiling.spiking_configs(C, CO, T)
+    return tiling.spiking_configs(C, CO, T, tma)
 
 
 def triton_groups_ok(C: int, cfg: ConvConfig) -> bool:
