@@ -115,3 +115,31 @@ def test_e2e_section_runs_each_model_on_its_input_at_each_batch(tmp_path, monkey
     assert list(out) == ["spiking_resnet34@N1", "spiking_resnet34", "dvs_gesture_plif@N1", "dvs_gesture_plif"]
     written = json.loads((tmp_path / "e2e.json").read_text())
     assert written["dvs_gesture_plif@N1"]["N"] == 1 and written["dvs_gesture_plif"]["T"] == 16
+
+
+def test_shapes_section_dry_run(tmp_path):
+    """``--sections shapes`` on the CPU: every configuration the dispatch measures, run once per shape and batch
+    (the tensor-descriptor ones through the interpreter, flattened and not), its spikes against float64, and the
+    file read back by the one reader."""
+    from sparseflow_bench.sections import shapes
+
+    ctx = SectionContext(str(tmp_path), {"device": "cpu"}, torch.device("cpu"), dry=True, T=2, N=1, size=8)
+    out = shapes.run(ctx)
+    assert [(r["N"], r["C"]) for r in out["rows"]] == [(1, 16), (1, 32), (2, 16), (2, 32)]
+    for r in out["rows"]:
+        names = set(r["flip_rate_vs_fp64"])
+        assert {"fused_dense", "tma_8x8", "tma_8x8_unflattened", "tma_tm_2x4"} <= names
+        assert 0 < r["elem_density"] < 1 and 0 < r["block_density_8x8_16ch_halo"] <= 1
+        assert 0.02 < r["output_firing_rate"] < 0.98  # the layer fires, and not everywhere
+        assert max(r["flip_rate_vs_fp64"].values()) <= 2e-3
+    assert json.loads((tmp_path / "conv_shapes_dry.json").read_text())["rows"][0]["C"] == 16
+    from sparseflow_kernels import conv
+
+    assert conv.TMA_LOOP["flatten"] is True  # the A/B switch is put back
+    # the table of a timed run: each row's fastest configuration against cuDNN's conv alone
+    timed = {**out, "rows": [{**r, "cudnn_conv_ms": 0.02, "cudnn_neuron_ms": 0.03, "best": "tma_8x8", "best_ms": 0.025,
+                              "best_over_cudnn_conv": 1.25} for r in out["rows"]]}
+    table = shapes.markdown(timed, str(tmp_path))
+    assert table.count("| `tma_8x8` | 1.25 |") == 4 and "| 2 | 1 | 16 | 4 |" in table
+    recs = records.rows_of(timed, "conv_shapes.json")
+    assert len(recs) == 4 and all(r.baseline == "cudnn_conv_alone" and r.section == "conv_shapes" for r in recs)

@@ -108,9 +108,14 @@ def _baselines(ctx, r, energy, model, x, ref_logits, ref_spk, compile_only):
 
     r["kernels_per_forward_dense_fp16"] = kernels_per_call(lambda: with_reset(m16)(x16))
     runs = {}
+
+    def add(kind, fn):  # timed as soon as it exists: a later candidate's failure cannot take its figure with it
+        runs[kind] = fn
+        r[f"{kind}_ms"] = bench_ms(fn, graph=False)["median"]
+
     cap = graph_of(with_reset(m16), x16)
     if cap is not None:
-        runs["graph_eager_fp16"] = cap[0]
+        add("graph_eager_fp16", cap[0])
     for mode in (() if ctx.dry else ("default", "reduce-overhead")):
         if ctx.left() < (45 if compile_only else 100):
             break
@@ -123,13 +128,11 @@ def _baselines(ctx, r, energy, model, x, ref_logits, ref_spk, compile_only):
             if mode == "default":
                 cap = graph_of(with_reset(cm), x16)
                 if cap is not None:
-                    runs["compile_fp16_default_graph"] = cap[0]
+                    add("compile_fp16_default_graph", cap[0])
             else:
-                runs[f"compile_fp16_{mode}"] = lambda cm=cm: with_reset(cm)(x16)
+                add(f"compile_fp16_{mode}", lambda cm=cm: with_reset(cm)(x16))
         except Exception as e:
             r[f"compile_fp16_{mode}_error"] = f"{type(e).__name__}: {e}"[:300]
-    for kind, fn in runs.items():
-        r[f"{kind}_ms"] = bench_ms(fn, graph=False)["median"]
     if runs:
         kind = min(runs, key=lambda k: r[f"{k}_ms"])
         r["baseline_ms"], r["baseline_kind"] = r[f"{kind}_ms"], kind
