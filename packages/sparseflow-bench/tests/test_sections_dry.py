@@ -128,7 +128,7 @@ def test_shapes_section_dry_run(tmp_path):
     assert [(r["N"], r["C"]) for r in out["rows"]] == [(1, 16), (1, 32), (2, 16), (2, 32)]
     for r in out["rows"]:
         names = set(r["flip_rate_vs_fp64"])
-        assert {"fused_dense", "tma_8x8", "tma_8x8_unflattened", "tma_tm_2x4"} <= names
+        assert {"fused_dense", "tma_8x8", "tma_8x8_unflattened", "tma_tm_2x4", "tma_tm_2x4_split4"} <= names
         assert 0 < r["elem_density"] < 1 and 0 < r["block_density_8x8_16ch_halo"] <= 1
         assert 0.02 < r["output_firing_rate"] < 0.98  # the layer fires, and not everywhere
         assert max(r["flip_rate_vs_fp64"].values()) <= 2e-3

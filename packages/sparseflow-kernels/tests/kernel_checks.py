@@ -29,6 +29,27 @@ def assert_conv_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) ->
     assert err < TOL[dtype], f"relative error {err:.3e} >= {TOL[dtype]:.0e}"
 
 
+def same_conv_layer(device, T, N, C, CO, H, W, k, dtype, seed, real=False):
+    """A "same" k x k spiking conv layer's inputs on ``device``: channels_last input steps (spikes at 30 %, or real
+    values), weights, folded-BatchNorm scale and shift, and the float64 pre-activation ``z`` [T, N, CO, H, W]."""
+    from sparseflow_kernels.naive import as_float64, conv2d_reference
+    from sparseflow_kernels.spiking import new_spike_tensor
+
+    g = torch.Generator().manual_seed(seed)
+    if real:
+        x = torch.randn(T, N, C, H, W, generator=g) * 1.5
+    else:
+        x = (torch.rand(T, N, C, H, W, generator=g) < 0.3).float()
+    xs = new_spike_tensor(T, N, C, H, W, dtype, device)  # channels_last steps, as the fused layers write them
+    xs.copy_(x.to(dtype))
+    w = (torch.randn(CO, C, k, k, generator=g) * 1.6 / (0.3 * C * k * k) ** 0.5).to(dtype)
+    scale = torch.rand(CO, generator=g) * 0.8 + 0.7
+    shift = torch.rand(CO, generator=g) * 0.6
+    y = conv2d_reference(*as_float64(xs.cpu().flatten(0, 1), w), None, 1, k // 2)
+    z = y.view(T, N, *y.shape[1:]) * scale.double().view(1, 1, -1, 1, 1) + shift.double().view(1, 1, -1, 1, 1)
+    return xs, w.to(device), scale.to(device), shift.to(device), z
+
+
 # --------------------------------------------------------------------------------------------- neurons
 
 #: neuron parameter sets (id -> kwargs understood by ``kernel_neuron_kwargs`` and ``reference_neuron``)

@@ -10,12 +10,17 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_checks import NEURONS, assert_fires, assert_spikes_match, kernel_neuron_kwargs, reference_neuron
+from kernel_checks import (
+    NEURONS,
+    assert_fires,
+    assert_spikes_match,
+    kernel_neuron_kwargs,
+    reference_neuron,
+    same_conv_layer,
+)
 
 from sparseflow_kernels import ConvConfig, spiking_conv2d
 from sparseflow_kernels.conv import tma_supported
-from sparseflow_kernels.naive import as_float64, conv2d_reference
-from sparseflow_kernels.spiking import new_spike_tensor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]  # (no bf16 in the interpreter)
@@ -27,29 +32,13 @@ CONFIGS = {
 }
 
 
-def _layer(T, N, C, CO, H, W, k, dtype, seed, real=False):
-    g = torch.Generator().manual_seed(seed)
-    if real:
-        x = torch.randn(T, N, C, H, W, generator=g) * 1.5
-    else:
-        x = (torch.rand(T, N, C, H, W, generator=g) < 0.3).float()
-    xs = new_spike_tensor(T, N, C, H, W, dtype, DEVICE)  # channels_last steps, as the fused layers write them
-    xs.copy_(x.to(dtype))
-    w = (torch.randn(CO, C, k, k, generator=g) * 1.6 / (0.3 * C * k * k) ** 0.5).to(dtype)
-    scale = torch.rand(CO, generator=g) * 0.8 + 0.7
-    shift = torch.rand(CO, generator=g) * 0.6
-    y = conv2d_reference(*as_float64(xs.cpu().flatten(0, 1), w), None, 1, k // 2)
-    z = y.view(T, N, *y.shape[1:]) * scale.double().view(1, 1, -1, 1, 1) + shift.double().view(1, 1, -1, 1, 1)
-    return xs, w.to(DEVICE), scale.to(DEVICE), shift.to(DEVICE), z
-
-
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=st.sampled_from(sorted(CONFIGS)), T=st.integers(1, 5), N=st.integers(1, 2), C=st.sampled_from([16, 24, 40]),
        CO=st.sampled_from([16, 24]), H=st.integers(1, 9), W=st.integers(1, 9), k=st.sampled_from([1, 3]),
        dtype=st.sampled_from(DTYPES), real=st.booleans(), seed=st.integers(0, 2**16))
 def test_tma_matches_reference(cfg, T, N, C, CO, H, W, k, dtype, real, seed):
     p = NEURONS["lif-hard"]
-    xs, w, scale, shift, z = _layer(T, N, C, CO, H, W, k, dtype, seed, real)
+    xs, w, scale, shift, z = same_conv_layer(DEVICE, T, N, C, CO, H, W, k, dtype, seed, real)
     assert tma_supported(xs.flatten(0, 1), (k, k), (1, 1), (k // 2, k // 2))
     spikes, v = spiking_conv2d(xs, w, None, 1, k // 2, scale=scale, shift=shift, config=CONFIGS[cfg], return_v=True,
                                **kernel_neuron_kwargs(p))
@@ -62,7 +51,7 @@ def test_tma_matches_reference(cfg, T, N, C, CO, H, W, k, dtype, real, seed):
 def test_tma_fires_and_matches_pointer_loads(cfg):
     """A map of several tiles: the reference's spikes, and those of the pointer-gathered kernel of like tiles."""
     p = NEURONS["lif-hard"]
-    xs, w, scale, shift, z = _layer(4, 2, 32, 24, 11, 13, 3, torch.float16, 1)
+    xs, w, scale, shift, z = same_conv_layer(DEVICE, 4, 2, 32, 24, 11, 13, 3, torch.float16, 1)
     c = CONFIGS[cfg]
     kw = dict(scale=scale, shift=shift, return_v=True, **kernel_neuron_kwargs(p))
     spikes, v = spiking_conv2d(xs, w, None, 1, 1, config=c, **kw)
@@ -77,7 +66,7 @@ def test_tma_fires_and_matches_pointer_loads(cfg):
 @pytest.mark.parametrize("case", ["stride2", "fp32", "nchw", "padding0-k3"])
 def test_tma_refuses_what_it_cannot_load(case):
     """Inputs the descriptors cannot express are refused by name, not run wrong."""
-    xs, w, scale, shift, _ = _layer(2, 1, 16, 16, 8, 8, 3, torch.float16, 0)
+    xs, w, scale, shift, _ = same_conv_layer(DEVICE, 2, 1, 16, 16, 8, 8, 3, torch.float16, 0)
     stride, padding = 1, 1
     if case == "stride2":
         stride = 2
@@ -103,7 +92,7 @@ def test_tma_configs_on_gpu(H, C, N):
     from sparseflow_kernels.tiling import spiking_configs
 
     p = NEURONS["lif-hard"]
-    xs, w, scale, shift, z = _layer(4, N, C, C, H, H, 3, torch.float16, H)
+    xs, w, scale, shift, z = same_conv_layer(DEVICE, 4, N, C, C, H, H, 3, torch.float16, H)
     ref_s, ref_h, ref_v = reference_neuron(p, z)
     assert_fires(ref_s)
     kw = dict(scale=scale, shift=shift, **kernel_neuron_kwargs(p))

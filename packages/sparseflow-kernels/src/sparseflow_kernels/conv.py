@@ -42,19 +42,20 @@ __all__ = ["NEURON_IF", "NEURON_LEAKY", "NEURON_LIF", "NEURON_NONE", "NEURON_PLI
 @triton.jit
 def _mainloop(
     acc, xrow_ptr, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw,
-    w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
+    w_ptr, C_PAD, CO_PAD, co, idx, i0, i1,
     KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_K: tl.constexpr,
     SPARSE: tl.constexpr, NG_P2: tl.constexpr, PREC: tl.constexpr,
 ):
     """acc += sum over visited (group, tap) of x[rows, group channels at the tap] @ w[tap, group, co].
 
-    One (group, tap) pair per iteration. Dense (``SPARSE`` false): every group in order. Sparse: the
-    ``n_groups`` groups listed first in ``idx`` (registers); the group of iteration i is read out of ``idx``
-    by its loop index alone, so every address is known ahead and the loop software-pipelines.
+    One (group, tap) pair per iteration, iterations ``i0`` to ``i1`` (all: 0 to ``n_groups * KH * KW``; a share
+    of them under split-K). Dense (``SPARSE`` false): every group in order. Sparse: the ``n_groups`` groups listed
+    first in ``idx`` (registers); the group of iteration i is read out of ``idx`` by its loop index alone, so every
+    address is known ahead and the loop software-pipelines.
     """
     KK: tl.constexpr = KH * KW
     ck = tl.arange(0, BLOCK_K)
-    for i in range(n_groups * KK):
+    for i in range(i0, i1):
         c0 = _visit_group(i // KK, idx, SPARSE, NG_P2) * BLOCK_K
         tap = i % KK
         ih = ih0 + (tap // KW) * DH
@@ -71,14 +72,14 @@ def _mainloop(
 
 
 @triton.jit
-def _mainloop_tma(acc, x_desc, w_desc, t0, n, ih0, iw0, co0, NG, C_PAD,
+def _mainloop_tma(acc, x_desc, w_desc, t0, n, ih0, iw0, co0, i0, i1, C_PAD,
                   KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     """:func:`_mainloop`'s sums in its order (group-major, then taps), every tile a tensor-descriptor load: the input
     box ``[T rows, 1, TILE_H, TILE_W, BLOCK_K]`` at the tap's shift from ``(t0, n, ih0, iw0)``, zero outside the map
     (the padding) and beyond the channels; the weight box ``[BLOCK_K, BLOCK_N]`` of the packed
-    ``[KK*C_PAD, CO_PAD]``."""
+    ``[KK*C_PAD, CO_PAD]``. Iterations ``i0`` to ``i1`` of the ``NG * KH * KW``."""
     KK: tl.constexpr = KH * KW
-    for i in range(NG * KK):
+    for i in range(i0, i1):
         g = i // KK
         tap = i % KK
         a = x_desc.load([t0, n, ih0 + tap // KW, iw0 + tap % KW, g * BLOCK_K])
@@ -88,7 +89,7 @@ def _mainloop_tma(acc, x_desc, w_desc, t0, n, ih0, iw0, co0, NG, C_PAD,
 
 
 @triton.jit
-def _mainloop_tma_flat(x_desc, w_desc, t0, n, p0, ow, W, co0, NG, C_PAD, PAD_H, PAD_W,
+def _mainloop_tma_flat(x_desc, w_desc, t0, n, p0, ow, W, co0, i0, i1, C_PAD, PAD_H, PAD_W,
                        KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, PREC: tl.constexpr):
     """The convolution of ``BM`` rows that run through the map in row-major order (``FLAT``; ``KW`` 1 or 3, an
@@ -97,11 +98,11 @@ def _mainloop_tma_flat(x_desc, w_desc, t0, n, p0, ow, W, co0, NG, C_PAD, PAD_H, 
     and below the last (the descriptor's fill). A row whose column ``ow + kw - PAD_W`` leaves the map reads the
     next or previous row instead, so each column of taps sums into its own accumulator (three independent chains of
     tensor-core products, both operands straight from shared memory) and those rows are dropped from it at the end.
-    Order: per column of taps, channel groups then kernel rows."""
+    Order: per column of taps, channel groups then kernel rows; iterations ``i0`` to ``i1`` of the ``NG * KH``."""
     acc0 = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-    for i in range(NG * KH):
+    for i in range(i0, i1):
         kh = i % KH
         c0 = (i // KH) * BLOCK_K
         q = p0 + (kh - PAD_H) * W - PAD_W
@@ -119,6 +120,26 @@ def _mainloop_tma_flat(x_desc, w_desc, t0, n, p0, ow, W, co0, NG, C_PAD, PAD_H, 
         acc += tl.where((col + 1 < W)[:, None], acc1, 0.0)  # (col + 1 >= 0 always: PAD_W is 1)
         acc += tl.where((col + 2 < W)[:, None], acc2, 0.0)
     return acc
+
+
+@triton.jit
+def _split_k_sum(acc, ws_ptr, cnt_ptr, tile, sk, BM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Split-K: store this program's partial sum of ``tile`` in the fp32 workspace, count it in the tile's counter,
+    and return (the sum of the ``SPLIT_K`` partials in split order, True) to the last program to arrive, (zeros,
+    False) to the others. The last one sets the counter back to 0 for the next launch. The sum's order is the same
+    whichever program arrives last."""
+    offs = tl.arange(0, BM)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    base = ws_ptr + tile.to(tl.int64) * (SPLIT_K * BM * BLOCK_N)
+    tl.store(base + sk * (BM * BLOCK_N) + offs, acc)
+    tl.debug_barrier()  # every thread's stores before the release below
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    tl.debug_barrier()
+    total = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(SPLIT_K):
+        total += tl.load(base + j * (BM * BLOCK_N) + offs, mask=(offs >= 0) & last, other=0.0, cache_modifier=".cg")
+    tl.atomic_xchg(cnt_ptr + tile, 0, mask=last)
+    return total, last
 
 
 @triton.jit
@@ -164,13 +185,16 @@ def _conv_kernel(
     T_IN_M: tl.constexpr, T_P2: tl.constexpr, PREC: tl.constexpr, RES_POST: tl.constexpr = False,
     x_desc=None, w_desc=None, TMA: tl.constexpr = False, FLAT: tl.constexpr = False,
     FLATTEN_T: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
+    ws_ptr=None, cnt_ptr=None, SPLIT_K: tl.constexpr = 1,
 ):
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     leak = tl.cast(leak, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_reset = tl.cast(v_reset, tl.float32)
     v_init = tl.cast(v_init, tl.float32)
-    cb, n, th, tw = _block_of(tl.program_id(0), NUM_CB, TILES_H, TILES_W)
+    tile = tl.program_id(0) // SPLIT_K  # the splits of one tile are neighbours
+    sk = tl.program_id(0) % SPLIT_K
+    cb, n, th, tw = _block_of(tile, NUM_CB, TILES_H, TILES_W)
     P: tl.constexpr = TILE_H * TILE_W
     co = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < CO
@@ -193,24 +217,33 @@ def _conv_kernel(
                 act = _active_groups(act, occ_ptr, t * N + n, th, tw, sob, soth, sotw, NG, H, W,
                                      PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
         idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
+        # this program's share of the reduction (all of it without split-K)
+        n_iter = n_groups * (KH if FLAT else KH * KW)
+        chunk = tl.cdiv(n_iter, SPLIT_K)
+        i0 = sk * chunk
+        i1 = tl.minimum(i0 + chunk, n_iter)
         acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
         if FLAT:
-            acc = _mainloop_tma_flat(x_desc, w_desc, 0, n, tw * TILE_W, ow, W, cb * BLOCK_N, NG, C_PAD,
+            acc = _mainloop_tma_flat(x_desc, w_desc, 0, n, tw * TILE_W, ow, W, cb * BLOCK_N, i0, i1, C_PAD,
                                      PAD_H, PAD_W, KH, KW, BM, BLOCK_N, BLOCK_K, PREC)
         elif TMA:
             acc = _mainloop_tma(acc, x_desc, w_desc, 0, n, th * TILE_H - PAD_H, tw * TILE_W - PAD_W, cb * BLOCK_N,
-                                NG, C_PAD, KH, KW, BM, BLOCK_K, PREC)
+                                i0, i1, C_PAD, KH, KW, BM, BLOCK_K, PREC)
         else:
             acc = _mainloop(acc, x_ptr + b_row * sxb, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw,
-                            w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
+                            w_ptr, C_PAD, CO_PAD, co, idx, i0, i1,
                             KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
+        live = sk == sk  # (a scalar true) every program runs the epilogue, or with split-K the last of a tile
+        if SPLIT_K > 1:
+            acc, live = _split_k_sum(acc, ws_ptr, cnt_ptr, tile, sk, BM, BLOCK_N, SPLIT_K)
+            row_ok = row_ok & live
         rp = res_ptr + b_row[:, None] * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
         z = _affine_residual(acc, scale, shift, rp, row_ok[:, None] & co_ok[None, :], HAS_SCALE, HAS_SHIFT, HAS_RES)
         # per time step: pick its rows out of z (T_P2 x P x BLOCK_N), then the neuron in registers
         z3 = tl.reshape(z, [T_P2, P, BLOCK_N])
         t3 = tl.arange(0, T_P2)[:, None, None]
         oh, ow, q_ok = _pixels(tl.arange(0, P), th, tw, OH, OW, TILE_H, TILE_W, FLAT)  # now those of one step
-        out_ok = q_ok[:, None] & co_ok[None, :]
+        out_ok = (q_ok & live)[:, None] & co_ok[None, :]
         v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
         for t in tl.static_range(T_P2):
             if t < T:
@@ -238,14 +271,14 @@ def _conv_kernel(
             idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
             acc = tl.zeros([P, BLOCK_N], dtype=tl.float32)
             if FLAT:
-                acc = _mainloop_tma_flat(x_desc, w_desc, t, n, tw * TILE_W, ow, W, cb * BLOCK_N, NG, C_PAD,
+                acc = _mainloop_tma_flat(x_desc, w_desc, t, n, tw * TILE_W, ow, W, cb * BLOCK_N, 0, NG * KH, C_PAD,
                                          PAD_H, PAD_W, KH, KW, P, BLOCK_N, BLOCK_K, PREC)
             elif TMA:
                 acc = _mainloop_tma(acc, x_desc, w_desc, t, n, th * TILE_H - PAD_H, tw * TILE_W - PAD_W, cb * BLOCK_N,
-                                    NG, C_PAD, KH, KW, P, BLOCK_K, PREC)
+                                    0, NG * KH * KW, C_PAD, KH, KW, P, BLOCK_K, PREC)
             else:
                 acc = _mainloop(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
-                                C, H, W, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, co, idx, n_groups,
+                                C, H, W, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, co, idx, 0, n_groups * KH * KW,
                                 KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
             rp = res_ptr + b * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
             z = _affine_residual(acc, scale, shift, rp, out_ok, HAS_SCALE, HAS_SHIFT, HAS_RES)
@@ -375,10 +408,11 @@ def launch_conv(
     ``residual`` like ``out``, ``v``/``v_out`` ``[N, CO, OH, OW]`` fp32, ``occ`` an Occupancy of ``x``
     (sparse mode) or None (dense), ``occ_out`` codes ``[T*N, tiles_h, tiles_w, groups]`` to fill.
     ``residual_post``: the residual is added to the neuron's spikes (stored sum) instead of before the neuron.
-    ``cfg.tma`` loads the tiles through tensor descriptors (:func:`tma_supported` must hold, dense only); with
-    ``cfg.tile_h == 1`` a tile is then ``tile_w`` pixels in row-major order across the map's rows. Traced by
-    ``torch.compile`` / ``torch.export`` the same configuration gathers them by pointers: the same products summed
-    in the same order."""
+    ``cfg.split_k`` shares each tile's reduction among that many programs (an fp32 workspace of the partial sums
+    and a counter per tile, allocated here). ``cfg.tma`` loads the tiles through tensor descriptors
+    (:func:`tma_supported` must hold, dense only); with ``cfg.tile_h == 1`` a tile is then ``tile_w`` pixels in
+    row-major order across the map's rows. Traced by ``torch.compile`` / ``torch.export`` the same configuration
+    gathers them by pointers: the same products summed in the same order."""
     _B, C, H, W = x.shape
     _, _, OH, OW = out.shape
     tma = cfg.tma and not _traced((x,))
@@ -403,12 +437,21 @@ def launch_conv(
                          "(kernel - 1) / 2) of an fp16/bf16 channels_last input on a GPU with a tensor-memory "
                          "accelerator")
     descs = _descriptors(x, w_packed, T, N, cfg) if tma else (None, None)
+    split = cfg.split_k
+    if split > 1 and (occ is not None or occ_out is not None):
+        raise ValueError(f"ConvConfig(split_k={split}) runs dense and writes no occupancy")
+    rows = cfg.tile_h * cfg.tile_w * (next_power_of_2(T) if cfg.t_in_m else 1)
+    n_tiles = N * tiles_h * tiles_w * num_cb
+    if split > 1:  # the partial sums, and one arrival counter per tile (reset by the tile's last program)
+        ws = torch.empty(n_tiles * split * rows * cfg.block_n, device=x.device, dtype=torch.float32)
+        cnt = torch.zeros(n_tiles, device=x.device, dtype=torch.int32)
+    else:
+        ws = cnt = None
     res = residual if residual is not None else dummy
     vin = v if v is not None else dummy
     vo = v_out if v_out is not None else dummy
     oo = occ_out if occ_out is not None else occ_codes
-    grid = (N * tiles_h * tiles_w * num_cb,)
-    rows = cfg.tile_h * cfg.tile_w * (next_power_of_2(T) if cfg.t_in_m else 1)
+    grid = (n_tiles * split,)
     stage_bytes = (rows * cfg.block_k + cfg.block_k * cfg.block_n) * x.element_size() * (KW if flat else 1)
     num_stages = max(1, min(cfg.num_stages, (160 * 1024) // max(1, stage_bytes)))
     launch(_conv_kernel)[grid](
@@ -435,6 +478,7 @@ def launch_conv(
         T_IN_M=cfg.t_in_m, T_P2=next_power_of_2(T) if cfg.t_in_m else 1, PREC=prec,
         x_desc=descs[0], w_desc=descs[1], TMA=tma, FLAT=flat,
         FLATTEN_T=tma and TMA_LOOP["flatten"], WARP_SPEC=tma and TMA_LOOP["warp_specialize"],
+        ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=split,
         num_warps=cfg.num_warps, num_stages=num_stages,
     )
     return out

@@ -6,7 +6,7 @@ breaks, and Inductor can schedule the kernels like its own. Eagerly they run the
 functional API (``spiking_conv2d``, ``sparse_conv2d``, ``multistep_neuron``, ``max_pool2d``).
 
 The schemas are flat (tensors, ints, floats, bools): a neuron is ``(kind, leak, decay_input, v_threshold,
-v_reset, hard_reset)`` (``leak``: :attr:`NeuronSpec.leak`, tau for LIF), a kernel configuration the 8 ints of
+v_reset, hard_reset)`` (``leak``: :attr:`NeuronSpec.leak`, tau for LIF), a kernel configuration the 9 ints of
 :meth:`ConvConfig.key` (an empty list: the default). Skipping inside a compiled graph runs the one-pass prescan
 (``sparse=True``); occupancy maps written by a producer are an eager-mode optimization.
 

@@ -58,20 +58,27 @@ class _Config:
 
 class ConvConfig(_Config):
     """Tile shape and launch parameters of one conv kernel instance. ``tma``: load the tiles through tensor
-    descriptors (Hopper's tensor-memory accelerator; dense, stride 1, channels_last fp16/bf16 inputs only)."""
+    descriptors (Hopper's tensor-memory accelerator; dense, stride 1, channels_last fp16/bf16 inputs only).
+    ``split_k``: with ``t_in_m``, that many programs share a tile's reduction (channel groups x taps), each writing
+    its fp32 partial sum; the last to finish adds the partials in split order and runs the epilogue (dense, no
+    occupancy written)."""
 
-    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "t_in_m", "tile_h", "tile_w", "tma")
-    _KEY = ("tile_h", "tile_w", "block_n", "block_k", "t_in_m", "num_warps", "num_stages", "tma")
+    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "split_k", "t_in_m", "tile_h", "tile_w", "tma")
+    _KEY = ("tile_h", "tile_w", "block_n", "block_k", "t_in_m", "num_warps", "num_stages", "tma", "split_k")
 
     def __init__(self, tile_h=8, tile_w=8, block_n=64, block_k=16, t_in_m=False, num_warps=4, num_stages=3,
-                 tma=False):
+                 tma=False, split_k=1):
         self.tile_h, self.tile_w = int(tile_h), int(tile_w)
         self.block_n, self.block_k = int(block_n), int(block_k)
         self.t_in_m, self.tma = bool(t_in_m), bool(tma)
         self.num_warps, self.num_stages = int(num_warps), int(num_stages)
+        self.split_k = int(split_k)
         self._check_pow2(1, "tile_h", "tile_w", "block_n", "block_k")
         if self.block_k < 16 or self.block_n < 16:
             raise ValueError("ConvConfig: block_k and block_n must be at least 16 (tensor-core tiles)")
+        if self.split_k < 1 or (self.split_k > 1 and not self.t_in_m):
+            raise ValueError(f"ConvConfig: split_k must be 1, or more with t_in_m (the whole sum of every step in "
+                             f"one tile), got split_k={self.split_k}, t_in_m={self.t_in_m}")
 
 
 class DepthwiseConfig(_Config):

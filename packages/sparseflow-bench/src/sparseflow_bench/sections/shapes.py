@@ -7,7 +7,8 @@ non-zero, channels_last steps as SparseFlow's layers write them). Per shape and 
   convolution plus SparseFlow's BatchNorm/LIF kernel (``path="cudnn"``, what the dispatch falls back to);
 * every configuration of :func:`sparseflow_kernels.tiling.spiking_configs` (the tensor-descriptor ones where the
   device has a tensor-memory accelerator), those without ``t_in_m`` once more with their per-step loops compiled
-  as separate pipelines (:data:`sparseflow_kernels.conv.TMA_LOOP` ``flatten`` off, suffix ``_unflattened``);
+  as separate pipelines (:data:`sparseflow_kernels.conv.TMA_LOOP` ``flatten`` off, suffix ``_unflattened``), those
+  with ``t_in_m`` once more per split-K factor of :data:`SPLITS` (suffix ``_split<S>``);
 * each candidate's spike flips against the float64 reference, element and block density of the input.
 
 -> ``conv_shapes.json`` (``conv_shapes_dry.json`` under ``ctx.dry``; ``markdown``: ``conv_shapes.md``).
@@ -24,6 +25,8 @@ from ..figures import env_line
 #: (channels, map side at 224 px) of spiking_resnet34's 3x3 stride-1 spiking layers
 SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 DENSITY = 0.15
+#: split-K factors measured for the tensor-descriptor configurations with T in M
+SPLITS = (2, 4)
 
 
 def _inputs(T, N, C, H, device, gen):
@@ -39,6 +42,7 @@ def _inputs(T, N, C, H, device, gen):
 
 def _candidates(x, w, scale, shift):
     """{name: (ConvConfig, flatten)} for one shape."""
+    from sparseflow_kernels import ConvConfig
     from sparseflow_kernels.conv import tma_supported
     from sparseflow_kernels.tiling import spiking_configs
 
@@ -48,6 +52,9 @@ def _candidates(x, w, scale, shift):
         cands[name] = (cfg, True)
         if cfg.tma and not cfg.t_in_m:
             cands[f"{name}_unflattened"] = (cfg, False)
+        if cfg.tma and cfg.t_in_m:
+            for split in SPLITS:
+                cands[f"{name}_split{split}"] = (ConvConfig(*cfg.key()[:8], split_k=split), True)
     return cands
 
 
