@@ -54,7 +54,7 @@ def _candidates(x, w, scale, shift):
             cands[f"{name}_unflattened"] = (cfg, False)
         if cfg.tma and cfg.t_in_m:
             for split in SPLITS:
-                cands[f"{name}_split{split}"] = (ConvConfig(*cfg.key()[:8], split_k=split), True)
+                cands[f"{name}_split{split}"] = (ConvConfig(**{**cfg.as_dict(), "split_k": split}), True)
     return cands
 
 
