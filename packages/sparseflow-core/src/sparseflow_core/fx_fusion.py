@@ -1,5 +1,6 @@
-"""Fusing ``neuron(bn(conv(x)) + identity)`` (the residual chains of ResNet blocks) and
-``neuron(bn(conv(x))) + identity`` (SEW-ResNet's ADD connection, :func:`fuse_skip_add`).
+"""Fusing ``neuron(bn(conv(x)) + identity)`` (the residual chains of ResNet blocks),
+``neuron(bn(conv(x))) + identity`` (SEW-ResNet's ADD connection, :func:`fuse_skip_add`) and ``bn(conv(x)) + identity``
+read by a neuron elsewhere (MS-ResNet's residual stream, :func:`fuse_sum`).
 
 The residual add sits in the block's own ``forward`` (``out += identity``), between the BatchNorm and the
 neuron, so the chain cannot be fused by swapping modules alone. The block (the innermost module that
@@ -263,6 +264,42 @@ def fuse_skip_add(block: nn.Module, gm: fx.GraphModule, conv_rel: str, neuron_re
     for n in chain[1:]:  # keep the bypassed modules registered: state_dict keys, reset_net
         if not _has_submodule(gm, n.target):
             gm.add_submodule(n.target, block.get_submodule(n.target))
+    return ""
+
+
+def fuse_sum(block: nn.Module, gm: fx.GraphModule | None, conv_rel: str, bn_rel: str) -> str:
+    """Rewrite ``gm`` so that the layer ``conv_rel`` (a SparseConv2d writing a sum, its BatchNorm ``bn_rel`` folded)
+    also does the add its BatchNorm output goes into: ``add(bn(conv(x)), other)`` -> ``conv(x, residual=other)``,
+    whatever reads the sum. Returns '' on success (``gm`` recompiled), else the reason (``gm`` unchanged)."""
+    if gm is None:
+        return "block does not trace with torch.fx"
+    g = gm.graph
+    nodes = {n.target: n for n in g.nodes if n.op == "call_module"}
+    conv, bn = nodes.get(conv_rel), nodes.get(bn_rel)
+    if conv is None or bn is None:
+        return "conv or batchnorm not called directly in the block's forward"
+    if conv.kwargs or len(conv.args) != 1:
+        return "the convolution is called with more than its input"
+    if list(conv.users) != [bn] or bn.args != (conv,) or bn.kwargs:
+        return "conv output does not go only to the batchnorm"
+    users = list(bn.users)
+    if len(users) != 1 or not _is_add(users[0]):
+        return "batchnorm output does not go only to an add"
+    add = users[0]
+    if add.kwargs or len(add.args) != 2 or add.args.count(bn) != 1:
+        return "unexpected add signature"
+    other = add.args[1] if add.args[0] is bn else add.args[0]
+    if not isinstance(other, fx.Node):
+        return "the other operand of the add is not a tensor of the graph"
+    with g.inserting_before(add):
+        fused = g.call_module(conv_rel, args=(conv.args[0],), kwargs={"residual": other})
+    add.replace_all_uses_with(fused)
+    for n in (add, bn, conv):
+        g.erase_node(n)
+    g.lint()
+    gm.recompile()
+    if not _has_submodule(gm, bn_rel):  # keep the bypassed BatchNorm registered (state_dict keys)
+        gm.add_submodule(bn_rel, block.get_submodule(bn_rel))
     return ""
 
 

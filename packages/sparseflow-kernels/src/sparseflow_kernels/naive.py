@@ -5,7 +5,7 @@
 * :func:`~.sparse_conv.sparse_conv2d`, :func:`~.depthwise.grouped_conv2d`: :func:`conv2d_reference`;
 * :func:`~.conv_transpose.sparse_conv_transpose2d`: :func:`conv_transpose2d_reference`;
 * :func:`~.spiking.spiking_conv2d`: :func:`spiking_conv2d_reference`;
-* :func:`~.neuron.multistep_neuron`: :func:`neuron_reference`;
+* :func:`~.neuron.multistep_neuron`: :func:`neuron_reference`; with ``return_sum``: :func:`neuron_sum_reference`;
 * :func:`~.linear.sparse_linear`: :func:`linear_reference`; :func:`~.linear.sparse_conv1x1`: :func:`conv1x1_reference`;
 * :func:`~.batchnorm.sparse_batch_norm2d`: :func:`batch_norm2d_reference`;
 * :func:`~.attention.ssa_attention`: :func:`ssa_reference`; :func:`~.attention.channel_dot`:
@@ -133,6 +133,19 @@ def neuron_reference(z: torch.Tensor, spec: NeuronSpec, v: torch.Tensor | None =
         spikes.append(s)
         hs.append(h)
     return torch.stack(spikes), torch.stack(hs), v
+
+
+def neuron_sum_reference(x: torch.Tensor, spec: NeuronSpec, *, scale=None, shift=None, residual=None, v=None,
+                         sum_dtype: torch.dtype | None = None, dim: int = 2):
+    """``z = x * scale + shift + residual`` (the ``[C]`` vectors along ``dim``) computed in ``x``'s dtype, rounded
+    to ``sum_dtype`` (the sum's dtype: ``x``'s when None), then the neuron over ``z``; all in ``x``'s dtype.
+    Returns (z in ``sum_dtype``, spikes, h per step, final v)."""
+    z = affine_reference(x, scale, shift, dim=dim)
+    if residual is not None:
+        z = z + residual.to(z.dtype)
+    zq = z.to(sum_dtype or x.dtype)
+    spikes, h, v = neuron_reference(zq.to(x.dtype), spec, v)
+    return zq, spikes, h, v
 
 
 def spiking_conv2d_reference(x, weight, bias=None, stride=1, padding=0, *, scale=None, shift=None,

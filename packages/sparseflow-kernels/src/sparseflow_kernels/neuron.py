@@ -3,7 +3,10 @@
 ``multistep_neuron`` computes, for an input sequence ``x`` ``[T, N, ...]``: ``z = x * scale[c] + shift[c]``
 (optional: a folded BatchNorm, channel axis 2) ``+ residual``, then the neuron over t. It is the epilogue of
 the fused spiking layer as a kernel of its own: the neuron modules' replacement, and the second half of the
-"cuDNN conv + fused BatchNorm/neuron" path for layers where the fused conv loses.
+"cuDNN conv + fused BatchNorm/neuron" path for layers where the fused conv loses. With ``return_sum`` it also
+writes ``z`` itself, rounded to the sum's dtype, and fires from that rounded value: the residual stream of a
+network whose neurons come before their convolutions (MS-ResNet), summed and turned into the spikes of the
+neuron that reads it in one pass, the same spikes that neuron computes from the stored sum.
 
 Neurons (:class:`NeuronSpec`): SpikingJelly ``LIFNode`` (``tau``, ``decay_input``, hard reset to ``v_reset``
 or soft reset when ``v_reset is None``), ``IFNode``, ``ParametricLIFNode`` (as LIF with decay
@@ -115,13 +118,14 @@ def _multistep_kernel(
     r_ptr, srt, srn, src, srs,
     v_ptr, svn, svc, svs,
     vo_ptr, son, soc, sos,
+    z_ptr, szt, szn, szc, szs,
     scale_ptr, shift_ptr,
     T, N, C, S,
     leak, v_th, v_reset, v_init,
     NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_V: tl.constexpr, STORE_V: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, RES_POST: tl.constexpr = False,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, RES_POST: tl.constexpr = False, STORE_Z: tl.constexpr = False,
 ):
     """Tensors are viewed as [T, N, C, S] (S = flattened spatial); a program owns a [BLOCK_S, BLOCK_C]
     block of one sample (channel-fastest, coalesced for channels_last) and loops over t."""
@@ -142,6 +146,8 @@ def _multistep_kernel(
         shift = tl.load(shift_ptr + c, mask=c < C, other=0.0)[None, :]
     if HAS_RES:
         ro = n * srn + s[:, None] * srs + c[None, :] * src
+    if STORE_Z:
+        zo = n * szn + s[:, None] * szs + c[None, :] * szc
     if HAS_V:
         v = tl.load(v_ptr + n * svn + s[:, None] * svs + c[None, :] * svc, mask=ok, other=0.0).to(tl.float32)
     else:
@@ -156,6 +162,10 @@ def _multistep_kernel(
             r = tl.load(r_ptr + t * srt + ro, mask=ok, other=0.0).to(tl.float32)
             if not RES_POST:
                 z = z + r
+        if STORE_Z:  # the sum in its own dtype; the neuron fires from the value stored, as a reader of it would
+            zq = z.to(z_ptr.dtype.element_ty)
+            tl.store(z_ptr + t * szt + zo, zq, mask=ok)
+            z = zq.to(tl.float32)
         spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
         if HAS_RES and RES_POST:  # residual + spikes, rounded once (a skip connection after the neuron)
             tl.store(y_ptr + t * syt + yo, (r + spike.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
@@ -175,6 +185,15 @@ def _as_tncs(t: torch.Tensor) -> torch.Tensor:
     except RuntimeError:
         # spatial dims do not merge under these strides: go through channels_last-like contiguous
         return t.permute(0, 1, *range(3, t.dim()), 2).contiguous().movedim(-1, 2).view(T, N, C, -1)
+
+
+def _merges(t: torch.Tensor) -> bool:
+    """Whether ``t`` ``[T, N, C, *spatial]`` views as ``[T, N, C, S]`` without a copy."""
+    try:
+        t.view(*t.shape[:3], -1)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _empty_like_channels_last(x: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -198,10 +217,12 @@ def multistep_neuron(
     out_dtype: torch.dtype | None = None,
     residual_after: bool = False,
     preserve_layout: bool = False,
+    return_sum: bool = False,
     **neuron_kwargs,
 ):
     """Run a neuron over ``x`` ``[T, N, C, ...]`` (or ``[T, N]``) in one kernel; returns spikes (and the
-    final membrane ``[N, C, ...]`` in ``v_dtype`` (fp32 by default), when ``return_v``).
+    final membrane ``[N, C, ...]`` in ``v_dtype`` (fp32 by default), when ``return_v``; then the sum, when
+    ``return_sum``).
 
     ``scale``/``shift`` (``[C]``) apply ``z = x * scale + shift`` first (BatchNorm in eval mode, folded),
     ``residual`` (shaped like ``x``) is added after them; with ``residual_after`` it is added to the spikes
@@ -209,6 +230,11 @@ def multistep_neuron(
     ``[N, C, ...]``; None starts from the neuron's initial value. The spikes are written channels innermost
     (channels_last, what cuDNN's fast fp16 kernels take), or, with ``preserve_layout``, in ``x``'s memory layout
     (as the dense neuron modules write them, so that a dense op downstream sees the tensor it would see there).
+
+    ``return_sum``: the neuron's input ``z = x * scale + shift + residual`` is written too, in the dtype torch's
+    ``x + residual`` has (``x``'s without a residual) and ``x``'s memory layout, rounded once from fp32; the
+    neuron fires from the rounded value, so its spikes and membrane are those of this function run on the
+    returned sum. Not with ``residual_after``.
     """
     op = "multistep_neuron"
     spec = NeuronSpec.make(neuron, **neuron_kwargs)
@@ -220,6 +246,8 @@ def multistep_neuron(
         raise ValueError(f"{op}: residual shape {tuple(residual.shape)} differs from x {tuple(x.shape)}")
     if residual_after and residual is None:
         raise ValueError(f"{op}: residual_after=True needs a residual")
+    if return_sum and residual_after:
+        raise ValueError(f"{op}: return_sum=True writes the neuron's input, which residual_after does not add to")
     xv = x if x.dim() >= 3 else x.unsqueeze(-1)
     T, N, C = xv.shape[:3]
     for name, p in (("scale", scale), ("shift", shift)):
@@ -235,7 +263,16 @@ def multistep_neuron(
     if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"multistep_neuron: v_dtype must be float32, float16 or bfloat16, got {v_dtype}")
     v_out = torch.empty(xv.shape[1:], dtype=v_dtype, device=x.device) if return_v else None
+    z = None
+    if return_sum:
+        if residual is not None:
+            require_dtype(op, "residual", residual)
+        z_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+        z = torch.empty_like(xv, dtype=z_dtype, memory_format=torch.preserve_format)
+        if z.dim() > 3 and not _merges(z):  # (spatial dims that do not merge: the kernel writes a [T, N, C, S] view)
+            z = torch.empty(xv.shape, dtype=z_dtype, device=x.device)
     x4, y4 = _as_tncs(xv), _as_tncs(y)
+    z4 = _as_tncs(z) if z is not None else y4
     r4 = _as_tncs(residual if residual.dim() >= 3 else residual.unsqueeze(-1)) if residual is not None else y4
     v3 = (v if v.dim() >= 2 else v.unsqueeze(-1)).reshape(N, C, -1) if v is not None else y4[0]
     vo3 = v_out.view(N, C, -1) if v_out is not None else y4[0]
@@ -250,6 +287,7 @@ def multistep_neuron(
             r4, r4.stride(0), r4.stride(1), r4.stride(2), r4.stride(3),
             v3, v3.stride(0), v3.stride(1), v3.stride(2),
             vo3, vo3.stride(0), vo3.stride(1), vo3.stride(2),
+            z4, z4.stride(0), z4.stride(1), z4.stride(2), z4.stride(3),
             scale.float().contiguous() if scale is not None else y4,
             shift.float().contiguous() if shift is not None else y4,
             T, N, C, S,
@@ -257,10 +295,13 @@ def multistep_neuron(
             NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
             HAS_V=v is not None, STORE_V=return_v, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C,
-            RES_POST=bool(residual_after), num_warps=4,
+            RES_POST=bool(residual_after), STORE_Z=z is not None, num_warps=4,
         )
     if x.dim() == 2:
         y = y.squeeze(-1)
         if v_out is not None:
             v_out = v_out.squeeze(-1)
-    return (y, v_out) if return_v else y
+        if z is not None:
+            z = z.squeeze(-1)
+    out = (y, *((v_out,) if return_v else ()), *((z,) if return_sum else ()))
+    return out if len(out) > 1 else y

@@ -11,6 +11,7 @@
 * :class:`SparseGroupedConv2d` / :class:`SparseConvTranspose2d` - depthwise / grouped ``nn.Conv2d`` and
   ``nn.ConvTranspose2d`` on the tile-skipping kernels (optionally with the BatchNorm they feed folded in).
 * :func:`accelerate_neuron` - a SpikingJelly / snnTorch neuron on the multi-step Triton kernel, in place.
+* :func:`link_sum_neuron` - a layer writing a residual sum also computes the spikes of the neuron reading it.
 * :func:`neuron_support` / :func:`register_neuron_adapter` - which neurons the kernels can run.
 """
 
@@ -39,6 +40,7 @@ from .neurons import (
     register_neuron_adapter,
     standalone_neuron_support,
 )
+from .sum_spikes import SumNeuronForward, link_sum_neuron, sum_neuron_of, sum_neuron_support
 
 __version__ = "0.1.0"
 
@@ -58,6 +60,7 @@ __all__ = [
     "SparseSpikeDrivenSelfAttention",
     "SparseSpikformerBlock",
     "SparseSpikingSelfAttention",
+    "SumNeuronForward",
     "Unsupported",
     "accelerate_neuron",
     "adopt_neurons",
@@ -66,10 +69,13 @@ __all__ = [
     "has_hooks",
     "is_accelerated",
     "is_bypassed",
+    "link_sum_neuron",
     "needs_autograd",
     "neuron_support",
     "register_neuron_adapter",
     "remove_bypass",
     "restore_neuron",
     "standalone_neuron_support",
+    "sum_neuron_of",
+    "sum_neuron_support",
 ]

@@ -37,6 +37,7 @@ from ._common import attach_occupancy, attach_shift, find_occupancy, has_hooks, 
 from .base import SparseModule, bn_affine, bn_key, check_foldable_bn, check_mode, fold_bn
 from .neuron import neuron_kernel
 from .neurons import find_adapter, neuron_support
+from .sum_spikes import sum_and_spikes, sum_neuron_of
 
 
 class SparseConv2d(SparseModule, nn.Conv2d):
@@ -138,7 +139,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         """``residual`` (only for a fused spiking layer, shaped like the output) is added after the
         BatchNorm and before the neuron, as in ``sn(bn(conv(x)) + identity)`` of a ResNet block; with
         ``residual_after`` it is added to the neuron's spikes instead and the sum returned, as in
-        ``sn(bn(conv(x))) + identity`` of a SEW-ResNet block (cnf ADD)."""
+        ``sn(bn(conv(x))) + identity`` of a SEW-ResNet block (cnf ADD). A layer writing a sum
+        (:func:`~.sum_spikes.link_sum_neuron`, no fused neuron) returns ``bn(conv(x)) + residual``, the spikes of
+        the neuron reading it computed in the same kernel."""
         if x.dim() not in (4, 5):
             raise ValueError(f"SparseConv2d expects [N, C, H, W] or [T, N, C, H, W], got {tuple(x.shape)}")
         # as the multi-step SpikingJelly layer says (a layer made with time_steps takes the [T*N, ...] view)
@@ -146,7 +149,10 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             raise ValueError(f"SparseConv2d (step_mode='m'): expected x with shape [T, N, C, H, W], got "
                              f"{tuple(x.shape)}")
         if residual is not None and self._neuron is None:
-            raise ValueError("SparseConv2d: residual is only accepted by a fused spiking layer")
+            if sum_neuron_of(self) is None:
+                raise ValueError("SparseConv2d: residual is only accepted by a fused spiking layer or a layer "
+                                 "writing a sum (link_sum_neuron)")
+            return self._sum_forward(x, residual)
         self._pending = False
         route = self._route(x, residual)
         if route == "torch":
@@ -162,6 +168,17 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             out = run(x, residual, residual_after)
         self._pending = (self._bn is not None or self._neuron is not None) and residual is None
         return out
+
+    def _sum_forward(self, x, residual):
+        """``bn(conv(x)) + residual`` for a layer writing a sum (``sum_spikes``): the add in the kernel that also
+        computes the spikes of the neuron reading the sum; through the modules where the kernels do not run."""
+        if self._route(x, None) == "torch":
+            self.last_path = "torch"
+            y = self._dense_forward(x)
+            return (self._bn(y) if self._bn is not None else y) + residual
+        y = self.forward(x)
+        self._pending = False  # (the BatchNorm is not called: the add took its place)
+        return sum_and_spikes(self, y, residual)
 
     def _dense_residual_forward(self, x, residual, after=False):
         """conv -> bn -> (+ residual) -> neuron (-> + residual) with the original modules, called as modules (their

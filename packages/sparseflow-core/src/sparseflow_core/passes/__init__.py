@@ -5,12 +5,14 @@
    max pools, spike-fed BatchNorms), outermost first.
 3. ``chains``: ``nn.Conv2d`` (its handler, ``handlers/conv2d.py``) with the conv -> BN -> neuron chain after it.
 4. ``residual``: ``neuron(bn(conv(x)) + identity)`` chains, fused by rewriting their block with fx.
-5. ``skip_add``: ``neuron(bn(conv(x))) + identity``: the add into the fused layer's epilogue; then
-   ``chains.settle_chains`` (folded BatchNorms out of the report, measured block sizes installed).
-6. ``neurons``: the remaining spiking neurons on the multi-step Triton kernel.
-7. ``occupancy``: fused layers write the occupancy of their spikes for sparse consumers (opt-in).
-8. ``numerics``: ``numerics="faithful"`` set on every SparseFlow module, or folded biases deferred to max pools.
-9. ``report``: every compute layer accounted for, in model order.
+5. ``skip_add``: ``neuron(bn(conv(x))) + identity``: the add into the fused layer's epilogue.
+6. ``sum_neurons``: ``bn(conv(x)) + identity`` read by a neuron elsewhere (MS-ResNet's residual stream): the add
+   and that neuron's spikes in one kernel of the layer writing the sum; then ``chains.settle_chains`` (folded
+   BatchNorms out of the report, measured block sizes installed).
+7. ``neurons``: the remaining spiking neurons on the multi-step Triton kernel.
+8. ``occupancy``: fused layers write the occupancy of their spikes for sparse consumers (opt-in).
+9. ``numerics``: ``numerics="faithful"`` set on every SparseFlow module, or folded biases deferred to max pools.
+10. ``report``: every compute layer accounted for, in model order.
 
 The op handlers (2) run before the chains (3): the chains pass then sees the modules handlers kept as children
 (the 1x1 convolutions of spike-driven attention), and spike-fed BatchNorms are the handlers' while BatchNorms after
@@ -29,9 +31,10 @@ from .report import finish_report
 from .residual import fuse_residual_chains
 from .skip_add import fuse_skip_adds
 from .state import OptimizeState, Options, parent_and_child
+from .sum_neurons import fuse_sum_neurons
 
 #: the passes after the analysis, in order; each takes the OptimizeState
-PIPELINE = (run_handlers, fuse_chains, fuse_residual_chains, fuse_skip_adds, settle_chains, accelerate_neurons,
-            write_occupancy, set_numerics, finish_report)
+PIPELINE = (run_handlers, fuse_chains, fuse_residual_chains, fuse_skip_adds, fuse_sum_neurons, settle_chains,
+            accelerate_neurons, write_occupancy, set_numerics, finish_report)
 
 __all__ = ["PIPELINE", "OptimizeState", "Options", "analyze_model", "parent_and_child"]

@@ -4,8 +4,8 @@ their conv -> BatchNorm -> neuron chain fused, after the op handlers ran.
 Input: the state after the op handlers. Output: the replaced convolutions in the model and in ``state.replaced``,
 their fused neurons in ``state.fused_neurons``, their folded BatchNorms in ``report.folded``, a report entry for
 each convolution considered, and in ``state.deferred`` the conv -> BN chains whose BatchNorm output goes into an
-add (the residual pass takes them). :func:`settle_chains`, run after the residual and skip-add passes, drops the
-report entries of folded BatchNorms and installs the measured block size (``block_size="auto"``).
+add (the residual pass takes them). :func:`settle_chains`, run after the residual, skip-add and sum-neuron passes,
+drops the report entries of folded BatchNorms and installs the measured block size (``block_size="auto"``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pass 6, neurons: spiking neurons that no layer runs fused are switched, in place, to the multi-step Triton
+"""Pass 7, neurons: spiking neurons that no layer runs fused are switched, in place, to the multi-step Triton
 neuron kernel (``neurons=True``).
 
 Input: ``state.named`` and ``state.fused_neurons`` after the chain passes. Output: the neurons accelerated
@@ -44,3 +44,4 @@ def accelerate_neurons(st: OptimizeState) -> None:
         entry.action = "neuron-kernel"
         entry.detail = ("Triton neuron step (snnTorch's arithmetic)" if adapter.step_forward
                         else "multi-step Triton neuron")
+        entry.reason = st.neuron_notes.get(name, "")

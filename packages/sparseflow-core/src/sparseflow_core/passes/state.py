@@ -51,6 +51,8 @@ class OptimizeState:
     #: conv -> BN chains whose BatchNorm output goes into an add: (name, conv, bn, bn_name, bs, entry, note) items
     #: for the residual pass
     deferred: list = field(default_factory=list)
+    #: why a neuron reading a residual sum is not fused into the layer writing it, by neuron name (its report entry)
+    neuron_notes: dict = field(default_factory=dict)
     #: convolutions whose block size is measured on their first CUDA call (block_size="auto")
     auto_names: set = field(default_factory=set)
 
