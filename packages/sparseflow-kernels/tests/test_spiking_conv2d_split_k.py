@@ -85,6 +85,18 @@ def test_split_k_refusals():
         spiking_conv2d(xs, w, None, 1, 1, scale=scale, shift=shift, config=cfg, sparse=True)
 
 
+@pytest.mark.parametrize("T", [1, 4, 8, 16])
+def test_split_k_in_the_measured_candidates(T):
+    """The spiking layers' measured candidates include split tensor-descriptor tiles, all with T in M, only where T
+    fits in M, and none without tensor descriptors."""
+    from sparseflow_kernels.tiling import spiking_configs
+
+    split = {k: c for k, c in spiking_configs(256, 256, T, tma=True).items() if c.split_k > 1}
+    assert all(c.t_in_m and c.tma for c in split.values())
+    assert bool(split) == (T <= 8)
+    assert not any(c.split_k > 1 for c in spiking_configs(256, 256, T, tma=False).values())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU: the programs of a tile race for its counter")
 @pytest.mark.parametrize("tma", [False, True])

@@ -161,22 +161,26 @@ def spiking_configs(C: int, CO: int, T: int, tma: bool = False) -> dict[str, Con
             cfgs["fused_tm_n128"] = ConvConfig(4, 4, 128, bk, True, 4, 3)
     if tma:
         tbk = min(64, max(16, next_pow2(C)))
-        for name, (th, tw, bn, t_in_m, warps) in TMA_CONFIGS.items():
+        for name, (th, tw, bn, t_in_m, warps, split) in TMA_CONFIGS.items():
             if (t_in_m and T > 8) or bn > max(64, next_pow2(CO)):
                 continue
-            cfgs[name] = ConvConfig(th, tw, bn, tbk, t_in_m, warps, 3, tma=True)
+            cfgs[name] = ConvConfig(th, tw, bn, tbk, t_in_m, warps, 3, tma=True, split_k=split)
     return cfgs
 
 
 #: the tensor-descriptor configurations of :func:`spiking_configs`: ``{name: (tile_h, tile_w, block_n, t_in_m,
-#: num_warps)}``; ``row`` tiles are ``tile_w`` pixels in row-major order across the map's rows (``tile_h`` 1), the
-#: ``tm`` ones hold every time step of the tile in the GEMM's M (T <= 8)
+#: num_warps, split_k)}``; ``row`` tiles are ``tile_w`` pixels in row-major order across the map's rows (``tile_h``
+#: 1), the ``tm`` ones hold every time step of the tile in the GEMM's M (T <= 8); the ``split`` ones share each
+#: tile's reduction among that many programs (the deep layers at small batches, where the tiles are too few for
+#: the GPU's multiprocessors)
 TMA_CONFIGS = {
-    "tma_row64_n128": (1, 64, 128, False, 8),
-    "tma_8x8": (8, 8, 64, False, 4),
-    "tma_tm_4x8": (4, 8, 64, True, 4),
-    "tma_tm_2x4": (2, 4, 64, True, 4),
-    "tma_tm_2x4_n128": (2, 4, 128, True, 4),
+    "tma_row64_n128": (1, 64, 128, False, 8, 1),
+    "tma_8x8": (8, 8, 64, False, 4, 1),
+    "tma_tm_4x8": (4, 8, 64, True, 4, 1),
+    "tma_tm_4x8_split2": (4, 8, 64, True, 4, 2),
+    "tma_tm_2x4": (2, 4, 64, True, 4, 1),
+    "tma_tm_2x4_n128": (2, 4, 128, True, 4, 1),
+    "tma_tm_2x4_n128_split4": (2, 4, 128, True, 4, 4),
 }
 
 

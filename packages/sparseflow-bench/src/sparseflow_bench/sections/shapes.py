@@ -52,7 +52,7 @@ def _candidates(x, w, scale, shift):
         cands[name] = (cfg, True)
         if cfg.tma and not cfg.t_in_m:
             cands[f"{name}_unflattened"] = (cfg, False)
-        if cfg.tma and cfg.t_in_m:
+        if cfg.tma and cfg.t_in_m and cfg.split_k == 1:
             for split in SPLITS:
                 cands[f"{name}_split{split}"] = (ConvConfig(**{**cfg.as_dict(), "split_k": split}), True)
     return cands
@@ -106,7 +106,7 @@ def _row(ctx, T, N, C, H, gen) -> dict:
 def run(ctx) -> dict:
     gen = torch.Generator(device=ctx.device).manual_seed(0)
     rows = []
-    batches = (1, 2) if ctx.dry else (1, 8, 32)
+    batches = (1, 2) if ctx.dry else (8, 1, 32)
     shapes = ((16, 4), (32, 3)) if ctx.dry else tuple((c, max(1, h * ctx.size // 224)) for c, h in SHAPES)
     for N in batches:
         for C, H in shapes:
