@@ -19,6 +19,9 @@ try:
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
     given = None
 
+#: the kernels run where Triton runs: the GPU, or the CPU under TRITON_INTERPRET=1
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
@@ -38,14 +41,16 @@ def _poison(monkeypatch):
 
 
 def currents(shape, dtype, layout="contiguous"):
+    """Random reals on :data:`DEVICE` (drawn on the CPU: the same values on either)."""
     if layout == "channels_last":
         T, N, C, *sp = shape
-        return (torch.randn(T, N, *sp, C) * 0.8 + 0.3).movedim(-1, 2).to(dtype)
-    return (torch.randn(shape) * 0.8 + 0.3).to(dtype)
+        return (torch.randn(T, N, *sp, C) * 0.8 + 0.3).movedim(-1, 2).to(dtype).to(DEVICE)
+    return (torch.randn(shape) * 0.8 + 0.3).to(dtype).to(DEVICE)
 
 
 def check_sum_call(spec, x, res, scale=None, shift=None, v0=None):
-    """One call: the sum, and the spikes / membrane of the neuron reading it. Returns (spikes, v, z)."""
+    """One call: the sum, and the spikes / membrane of the neuron reading it. Returns (spikes, v, z) on the CPU."""
+    scale, shift, v0 = (None if t is None else t.to(DEVICE) for t in (scale, shift, v0))
     x_before, r_before = x.clone(), None if res is None else res.clone()
     s, v, z = multistep_neuron(x, spec, scale=scale, shift=shift, residual=res, v=v0, return_v=True,
                                v_dtype=x.dtype, return_sum=True)
@@ -66,7 +71,7 @@ def check_sum_call(spec, x, res, scale=None, shift=None, v0=None):
     s2, v2 = multistep_neuron(z, spec, v=v0, return_v=True, v_dtype=x.dtype)
     assert torch.equal(s, s2) and torch.equal(v, v2), "spikes differ from the neuron run on the written sum"
     assert s.dtype == x.dtype and not torch.isnan(s).any()
-    return s, v, z
+    return s.cpu(), v.cpu(), z.cpu()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -96,7 +101,7 @@ def test_sum_without_residual_and_2d():
     spec = NeuronSpec.make("lif", tau=2.0)
     x = currents((4, 2, 3, 5), torch.float32)
     z = check_sum_call(spec, x, None)[2]
-    assert torch.equal(z, x)
+    assert torch.equal(z, x.cpu())
     x2, r2 = currents((4, 9), torch.float16), currents((4, 9), torch.float16)
     s2, z2 = multistep_neuron(x2, spec, residual=r2, return_sum=True)
     assert z2.shape == (4, 9) and torch.equal(z2, x2 + r2)
