@@ -117,6 +117,31 @@ def test_e2e_section_runs_each_model_on_its_input_at_each_batch(tmp_path, monkey
     assert written["dvs_gesture_plif@N1"]["N"] == 1 and written["dvs_gesture_plif"]["T"] == 16
 
 
+def test_e2e_speedup_only_against_all_three_dense_runs(monkeypatch):
+    """A dense run skipped for the section's time budget is named, and no speed-up is claimed against the best of
+    the others; the summary table says why its speed-up is missing and shows the one of a complete row."""
+    from types import SimpleNamespace
+
+    from sparseflow_bench import timing
+    from sparseflow_bench.sections import e2e
+
+    monkeypatch.setattr(timing, "graph_of", lambda fn, x: (lambda: fn(x), None))
+    monkeypatch.setattr(timing, "bench_ms", lambda fn, graph=True: {"median": 2.0})
+    model, x = _small("small", 2, 1, 8, "cpu")
+    ctx = SimpleNamespace(dry=False, left=lambda: 10.0)
+    energy = SimpleNamespace(joules_per_call=lambda fn: None)
+    r = {"T": 2, "N": 1, "sparseflow_ms": 1.0}
+    e2e._baselines(ctx, r, energy, model, x, model(x).float(), None, False)
+    assert r["baseline_kind"] == "graph_eager_fp16" and r["baseline_ms"] == 2.0
+    assert "speedup_vs_best_dense" not in r
+    assert [k.split(":")[0] for k in r["baseline_skipped"]] == ["compile_fp16_default", "compile_fp16_reduce-overhead"]
+    whole = {"T": 4, "N": 8, "baseline_ms": 1.3, "baseline_kind": "compile_fp16_default_graph", "sparseflow_ms": 0.9,
+             "speedup_vs_best_dense": 1.3 / 0.9, "paths_fp16": {"cudnn": 2}}
+    lines = e2e._table({"cut": r, "whole": whole, "_env": {}})
+    assert len(lines) == 4 and "time budget ran out" in lines[2] and "**1.44x**" in lines[3]
+    assert "cudnn 2" in lines[3]
+
+
 def test_shapes_section_dry_run(tmp_path):
     """``--sections shapes`` on the CPU: every configuration the dispatch measures, run once per shape and batch
     (the tensor-descriptor ones through the interpreter, flattened and not), its spikes against float64, and the
