@@ -122,14 +122,15 @@ def standalone_neurons(net):
 
 
 def count_neuron_kernels(net, x, monkeypatch):
-    """Multi-step neuron kernels one forward launches."""
+    """Multi-step neuron kernels one forward launches, each as (writes a sum, adds a bias with rounding of its own):
+    the bias of a cuDNN convolution, which the sum's kernel adds."""
     import sparseflow_kernels.neuron as kn
 
     calls = []
     orig = kn.multistep_neuron
 
     def counted(*a, **k):
-        calls.append(k.get("return_sum", False))
+        calls.append((k.get("return_sum", False), k.get("shift") is not None and k.get("round_affine", False)))
         return orig(*a, **k)
 
     for mod in ("sparseflow_kernels.neuron", "sparseflow_ops.neuron", "sparseflow_ops.sum_spikes",
@@ -175,8 +176,12 @@ def test_tiny_ms_resnet_fused_exact(dtype, mode, monkeypatch):
         assert e.action == "fused" and "+sum" in e.detail and reader in e.detail, (e.detail, e.reason)
     assert "blocks.1.spike1" not in entries  # (a fused neuron is reported by its layer)
     kernels = count_neuron_kernels(opt, xs[0], monkeypatch)
+    sums = [bias for writes_sum, bias in kernels if writes_sum]
     # the three sums; blocks.0.spike1 on its own and, on the cuDNN path, the conv1 -> bn1 -> spike2 chains' neurons
-    assert kernels.count(True) == 3 and kernels.count(False) == (4 if mode == "torch" else 1)
+    assert len(sums) == 3 and len(kernels) - len(sums) == (4 if mode == "torch" else 1)
+    # on the GPU, cuDNN's output comes without the folded bias, which the sum's kernel adds (rounded as torch's
+    # separate bias add rounds it); the CPU's convolution and the Triton one add it themselves
+    assert sums == [mode == "torch" and xs[0].is_cuda] * 3
     with monkeypatch.context() as mp:
         without_sum_fusion(mp)
         unfused = optimize(copy.deepcopy(base), xs[0], mode=mode, block_size=8)
@@ -192,6 +197,50 @@ def test_tiny_ms_resnet_fused_exact(dtype, mode, monkeypatch):
     assert ref.abs().max() > 0
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert float((y - ref).norm() / ref.norm()) < tol
+
+
+def check_bias_in_the_sum_kernel(dtype, device, monkeypatch):
+    """The layers writing a sum leave their folded bias to the sum's kernel, which adds it rounded as torch's
+    separate bias add rounds it: the outputs and membranes of the unfused optimized model, bit for bit."""
+    base = tiny_net(dtype).to(device)
+    xs = [(torch.randn(T, 2, 3, 12, 12) * 1.5).to(dtype).to(device) for _ in range(2)]
+    opt = optimize(copy.deepcopy(base), xs[0], mode="torch", block_size=8)
+    with monkeypatch.context() as mp:
+        without_sum_fusion(mp)
+        unfused = optimize(copy.deepcopy(base), xs[0], mode="torch", block_size=8)
+    for net in (opt, unfused):
+        reset(net)
+    assert [bias for writes_sum, bias in count_neuron_kernels(opt, xs[0], monkeypatch) if writes_sum] == [True] * 3
+    for net in (opt, unfused):
+        reset(net)
+    assert_calls_equal(opt, unfused, xs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_bias_left_to_the_sum_kernel_where_torch_adds_it_apart(dtype, monkeypatch):
+    """On the CPU, with torch's convolution made to add its bias as it does on cuDNN (in a kernel of its own, to the
+    rounded output) and the layers told so: the sum's kernel takes that add over, bit for bit."""
+    import torch.nn.functional as F
+
+    import sparseflow_ops.conv as ops_conv
+
+    conv2d = F.conv2d
+
+    def conv_then_bias(x, w, b=None, *args, **kwargs):
+        y = conv2d(x, w, None, *args, **kwargs)
+        return y if b is None else y + b.view(1, -1, 1, 1)
+
+    monkeypatch.setattr(F, "conv2d", conv_then_bias)
+    monkeypatch.setattr(ops_conv, "bias_added_separately", lambda x: True)
+    check_bias_in_the_sum_kernel(dtype, "cpu", monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: cuDNN leaves the bias to torch's own add")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cudnn_bias_added_in_the_sum_kernel_on_gpu(dtype, monkeypatch):
+    """On cuDNN (which takes no bias) the sum's kernel adds the layers' folded bias in place of torch's add."""
+    check_bias_in_the_sum_kernel(dtype, "cuda", monkeypatch)
 
 
 def test_state_across_calls_and_fallbacks(monkeypatch):
@@ -302,7 +351,7 @@ def test_zoo_ms_resnet34(monkeypatch):
     assert len(fused) == 16 and "head_lif" in fused and "layer1.0.spike1" not in fused
     assert standalone_neurons(opt) == ["layer1.0.spike1"]
     assert sum("+sum" in e.detail for e in rep.layers) == 16
-    assert count_neuron_kernels(opt, x, monkeypatch).count(True) == 16
+    assert sum(s for s, _ in count_neuron_kernels(opt, x, monkeypatch)) == 16
     with monkeypatch.context() as mp:
         without_sum_fusion(mp)
         unfused = optimize(copy.deepcopy(base), x, mode="torch", block_size=8)

@@ -126,6 +126,7 @@ def _multistep_kernel(
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_V: tl.constexpr, STORE_V: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, RES_POST: tl.constexpr = False, STORE_Z: tl.constexpr = False,
+    ROUND_AFFINE: tl.constexpr = False,
 ):
     """Tensors are viewed as [T, N, C, S] (S = flattened spatial); a program owns a [BLOCK_S, BLOCK_C]
     block of one sample (channel-fastest, coalesced for channels_last) and loops over t."""
@@ -158,6 +159,8 @@ def _multistep_kernel(
             z = z * scale
         if HAS_SHIFT:
             z = z + shift
+        if ROUND_AFFINE:  # stored in x's dtype before the residual comes, as a separate add would store it
+            z = z.to(x_ptr.dtype.element_ty).to(tl.float32)
         if HAS_RES:
             r = tl.load(r_ptr + t * srt + ro, mask=ok, other=0.0).to(tl.float32)
             if not RES_POST:
@@ -218,6 +221,7 @@ def multistep_neuron(
     residual_after: bool = False,
     preserve_layout: bool = False,
     return_sum: bool = False,
+    round_affine: bool = False,
     **neuron_kwargs,
 ):
     """Run a neuron over ``x`` ``[T, N, C, ...]`` (or ``[T, N]``) in one kernel; returns spikes (and the
@@ -235,6 +239,10 @@ def multistep_neuron(
     ``x + residual`` has (``x``'s without a residual) and ``x``'s memory layout, rounded once from fp32; the
     neuron fires from the rounded value, so its spikes and membrane are those of this function run on the
     returned sum. Not with ``residual_after``.
+
+    ``round_affine``: ``x * scale + shift`` is rounded to ``x``'s dtype before the residual is added, as torch
+    rounds the output of a separate add: with ``shift`` alone, the sum is then torch's ``(x + shift) + residual``
+    bit for bit (a cuDNN convolution's bias, left out of the convolution, added here with the residual).
     """
     op = "multistep_neuron"
     spec = NeuronSpec.make(neuron, **neuron_kwargs)
@@ -295,7 +303,7 @@ def multistep_neuron(
             NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
             HAS_V=v is not None, STORE_V=return_v, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C,
-            RES_POST=bool(residual_after), STORE_Z=z is not None, num_warps=4,
+            RES_POST=bool(residual_after), STORE_Z=z is not None, ROUND_AFFINE=bool(round_affine), num_warps=4,
         )
     if x.dim() == 2:
         y = y.squeeze(-1)

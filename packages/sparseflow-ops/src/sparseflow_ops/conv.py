@@ -40,6 +40,13 @@ from .neurons import find_adapter, neuron_support
 from .sum_spikes import sum_and_spikes, sum_neuron_of
 
 
+def bias_added_separately(x: torch.Tensor) -> bool:
+    """Whether torch adds a convolution's bias to the rounded output in a kernel of its own for inputs like ``x``:
+    on the GPU, where cuDNN takes no bias (so a layer writing a sum leaves it to the sum's kernel, which adds it
+    rounded the same); the CPU's convolutions add it before rounding, so there it stays with the convolution."""
+    return x.is_cuda
+
+
 class SparseConv2d(SparseModule, nn.Conv2d):
     """Drop-in ``nn.Conv2d`` (same parameters, ``state_dict`` keys and ``isinstance``) running SparseFlow's
     kernels in eval mode; see the module docstring. Inputs ``[N, C, H, W]`` or multi-step
@@ -176,7 +183,12 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             self.last_path = "torch"
             y = self._dense_forward(x)
             return (self._bn(y) if self._bn is not None else y) + residual
-        y = self.forward(x)
+        # where torch adds a convolution's bias in a kernel of its own, the sum's kernel does that add instead
+        defer, self.defer_shift = self.defer_shift, self.defer_shift or bias_added_separately(x)
+        try:
+            y = self.forward(x)
+        finally:
+            self.defer_shift = defer
         self._pending = False  # (the BatchNorm is not called: the add took its place)
         return sum_and_spikes(self, y, residual)
 

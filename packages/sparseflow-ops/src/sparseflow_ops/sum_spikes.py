@@ -25,7 +25,7 @@ from torch import nn
 from sparseflow_kernels import multistep_neuron
 from sparseflow_kernels.library import compiling
 
-from ._common import has_hooks, kernels_can_run, needs_autograd, tensor_version
+from ._common import has_hooks, kernels_can_run, needs_autograd, take_shift, tensor_version
 from .neuron import KernelNeuronForward
 from .neurons import find_adapter, standalone_neuron_support
 
@@ -110,15 +110,19 @@ def _offers(neuron, fwd, y: torch.Tensor, residual: torch.Tensor) -> bool:
 
 def sum_and_spikes(layer: nn.Module, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``y + residual`` (``y``: the layer's output), the spikes of the layer's sum neuron offered to it in the same
-    kernel where it can take them (module docstring)."""
+    kernel where it can take them (module docstring). A bias the convolution left out (``attach_shift`` on ``y``:
+    cuDNN's output, whose bias torch would add in a kernel of its own) is added in that kernel too, rounded as that
+    add rounds it."""
     neuron = sum_neuron_of(layer)
     fwd = None if neuron is None else neuron.__dict__.get("forward", _MISSING)
+    bias = None if compiling() else take_shift(y)  # (a traced convolution adds its own bias)
+    bias = None if bias is None else bias.to(y.dtype)
     if neuron is None or not _offers(neuron, fwd, y, residual):
-        return y + residual
+        return (y if bias is None else y.add_(bias.view(-1, 1, 1))) + residual
     adapter = find_adapter(neuron)
     before = _state(neuron)
     v0 = adapter.get_v(neuron, tuple(y.shape[1:]), y.device)
-    spikes, v, z = multistep_neuron(y, fwd.spec(), residual=residual, v=v0, return_v=True, v_dtype=y.dtype,
-                                    return_sum=True)
+    spikes, v, z = multistep_neuron(y, fwd.spec(), shift=bias, residual=residual, v=v0, return_v=True,
+                                    v_dtype=y.dtype, return_sum=True, round_affine=True)
     fwd.offer(z, spikes, v, before)
     return z
