@@ -119,6 +119,51 @@ def _is_add(node: fx.Node) -> bool:
     return False
 
 
+def _sole_add(node: fx.Node, what: str) -> tuple:
+    """The add that alone uses ``node`` (``node + other`` or ``other + node``, ``node`` once) and its other operand,
+    with '', or (None, None, the reason); ``what`` names ``node``'s value in that reason."""
+    users = list(node.users)
+    if len(users) != 1 or not _is_add(users[0]):
+        return None, None, f"{what} does not go only to an add"
+    add = users[0]
+    if add.kwargs or len(add.args) != 2 or add.args.count(node) != 1:
+        return None, None, "unexpected add signature"
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    if not isinstance(other, fx.Node):
+        return None, None, "the other operand of the add is not a tensor of the graph"
+    return add, other, ""
+
+
+def _layer_and(gm: fx.GraphModule, conv_rel: str, rel: str, what: str) -> tuple:
+    """The call nodes of the layer ``conv_rel`` (called on its input alone) and of the module ``rel`` (a ``what``) in
+    ``gm``, with '', or (None, None, the reason)."""
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    conv, node = nodes.get(conv_rel), nodes.get(rel)
+    if conv is None or node is None:
+        return None, None, f"conv or {what} not called directly in the block's forward"
+    if conv.kwargs or len(conv.args) != 1:
+        return None, None, "the convolution is called with more than its input"
+    return conv, node, ""
+
+
+def _rewrite(block: nn.Module, gm: fx.GraphModule, conv: fx.Node, kwargs: dict, replaced: fx.Node, erase,
+             keep) -> None:
+    """Call the fused layer ``conv`` on its input with ``kwargs`` in place of ``replaced`` (its uses move to the
+    call), erase the nodes ``erase`` (users first), recompile, and keep the modules named in ``keep`` registered
+    (the same state_dict keys, and ``reset_net`` still reaches a bypassed neuron)."""
+    g = gm.graph
+    with g.inserting_before(replaced):
+        fused = g.call_module(conv.target, args=(conv.args[0],), kwargs=kwargs)
+    replaced.replace_all_uses_with(fused)
+    for n in erase:
+        g.erase_node(n)
+    g.lint()
+    gm.recompile()
+    for rel in keep:
+        if rel is not None and not _has_submodule(gm, rel):
+            gm.add_submodule(rel, block.get_submodule(rel))
+
+
 def common_parent(*names: str) -> str:
     parts = [n.split(".")[:-1] for n in names]
     out = []
@@ -212,17 +257,8 @@ def fuse_residual(block: nn.Module, gm: fx.GraphModule | None, conv_rel: str, bn
     other = args[1] if args[0] is head else args[0]
     if other is head or not isinstance(other, fx.Node):
         return None, "residual is not a tensor of the graph"
-    with g.inserting_before(add):
-        fused = g.call_module(conv_rel, args=(conv.args[0],), kwargs={"residual": other})
-    neuron.replace_all_uses_with(fused)
-    for n in (neuron, add, head, conv) if head is not conv else (neuron, add, conv):
-        g.erase_node(n)
-    g.lint()
-    gm.recompile()
-    # keep the bypassed modules registered: same state_dict keys, reset_net still reaches the neuron
-    for rel in (bn_rel, neuron_rel):
-        if rel is not None and not _has_submodule(gm, rel):
-            gm.add_submodule(rel, block.get_submodule(rel))
+    _rewrite(block, gm, conv, {"residual": other}, neuron,
+             (neuron, add, head, conv) if head is not conv else (neuron, add, conv), (bn_rel, neuron_rel))
     return gm, ""
 
 
@@ -230,13 +266,9 @@ def fuse_skip_add(block: nn.Module, gm: fx.GraphModule, conv_rel: str, neuron_re
     """Rewrite ``gm`` so that the fused spiking layer ``conv_rel`` (whose neuron is ``neuron_rel``) also does the
     add its spikes go into: ``add(neuron(bn(conv(x))), other)`` -> ``conv(x, residual=other, residual_after=True)``.
     Returns '' on success (``gm`` recompiled), else the reason (``gm`` unchanged)."""
-    g = gm.graph
-    nodes = {n.target: n for n in g.nodes if n.op == "call_module"}
-    conv, neuron = nodes.get(conv_rel), nodes.get(neuron_rel)
-    if conv is None or neuron is None:
-        return "conv or neuron not called directly in the block's forward"
-    if conv.kwargs or len(conv.args) != 1:
-        return "the fused layer is called with more than its input"
+    conv, neuron, why = _layer_and(gm, conv_rel, neuron_rel, "neuron")
+    if conv is None:
+        return why
     chain, cur = [conv], conv
     while cur is not neuron:  # conv -> (bn ->) neuron, each value used once, by the next module only
         users = list(cur.users)
@@ -245,25 +277,11 @@ def fuse_skip_add(block: nn.Module, gm: fx.GraphModule, conv_rel: str, neuron_re
             return "conv -> batchnorm -> neuron is not a chain of single uses in the block"
         cur = users[0]
         chain.append(cur)
-    users = list(neuron.users)
-    if len(users) != 1 or not _is_add(users[0]):
-        return "the neuron's spikes do not go only to an add"
-    add = users[0]
-    if add.kwargs or len(add.args) != 2 or add.args.count(neuron) != 1:
-        return "unexpected add signature"
-    other = add.args[1] if add.args[0] is neuron else add.args[0]
-    if not isinstance(other, fx.Node):
-        return "the other operand of the add is not a tensor of the graph"
-    with g.inserting_before(add):
-        fused = g.call_module(conv_rel, args=(conv.args[0],), kwargs={"residual": other, "residual_after": True})
-    add.replace_all_uses_with(fused)
-    for n in [add, *reversed(chain)]:
-        g.erase_node(n)
-    g.lint()
-    gm.recompile()
-    for n in chain[1:]:  # keep the bypassed modules registered: state_dict keys, reset_net
-        if not _has_submodule(gm, n.target):
-            gm.add_submodule(n.target, block.get_submodule(n.target))
+    add, other, why = _sole_add(neuron, "the neuron's output")
+    if add is None:
+        return why
+    _rewrite(block, gm, conv, {"residual": other, "residual_after": True}, add, [add, *reversed(chain)],
+             [n.target for n in chain[1:]])
     return ""
 
 
@@ -273,33 +291,15 @@ def fuse_sum(block: nn.Module, gm: fx.GraphModule | None, conv_rel: str, bn_rel:
     whatever reads the sum. Returns '' on success (``gm`` recompiled), else the reason (``gm`` unchanged)."""
     if gm is None:
         return "block does not trace with torch.fx"
-    g = gm.graph
-    nodes = {n.target: n for n in g.nodes if n.op == "call_module"}
-    conv, bn = nodes.get(conv_rel), nodes.get(bn_rel)
-    if conv is None or bn is None:
-        return "conv or batchnorm not called directly in the block's forward"
-    if conv.kwargs or len(conv.args) != 1:
-        return "the convolution is called with more than its input"
+    conv, bn, why = _layer_and(gm, conv_rel, bn_rel, "batchnorm")
+    if conv is None:
+        return why
     if list(conv.users) != [bn] or bn.args != (conv,) or bn.kwargs:
         return "conv output does not go only to the batchnorm"
-    users = list(bn.users)
-    if len(users) != 1 or not _is_add(users[0]):
-        return "batchnorm output does not go only to an add"
-    add = users[0]
-    if add.kwargs or len(add.args) != 2 or add.args.count(bn) != 1:
-        return "unexpected add signature"
-    other = add.args[1] if add.args[0] is bn else add.args[0]
-    if not isinstance(other, fx.Node):
-        return "the other operand of the add is not a tensor of the graph"
-    with g.inserting_before(add):
-        fused = g.call_module(conv_rel, args=(conv.args[0],), kwargs={"residual": other})
-    add.replace_all_uses_with(fused)
-    for n in (add, bn, conv):
-        g.erase_node(n)
-    g.lint()
-    gm.recompile()
-    if not _has_submodule(gm, bn_rel):  # keep the bypassed BatchNorm registered (state_dict keys)
-        gm.add_submodule(bn_rel, block.get_submodule(bn_rel))
+    add, other, why = _sole_add(bn, "batchnorm output")
+    if add is None:
+        return why
+    _rewrite(block, gm, conv, {"residual": other}, add, (add, bn, conv), (bn_rel,))
     return ""
 
 
