@@ -88,6 +88,10 @@ def test_e2e_section_dry_run(tmp_path, monkeypatch):
     assert r["logits_rel_err_fp32_faithful"] == 0.0 and r["logits_rel_err_fp32"] < 1e-3
     assert r["replaced_fp16"]["fused"] == 3 and r["sparseflow_ms"] == r["sparseflow_fp16_ms"] > 0
     assert "dense_fp32_reordered_logits_rel_err" in r and "dense_fp16_logits_rel_err" in r
+    # the GPU kernels one forward launches, the dense fp16 model's and SparseFlow's (none counted without a GPU)
+    kpf = r["kernels_per_forward"]
+    assert kpf == {"dense": r["kernels_per_forward_dense_fp16"], "sparseflow": r["kernels_per_forward_sparseflow_fp16"]}
+    assert all((n > 0) if torch.cuda.is_available() else (n is None) for n in kpf.values()), kpf
     recs = records.collect(str(tmp_path), log=lambda *_: None)
     providers = {r.provider for r in recs}
     assert providers >= {"eager_fp32", "sparseflow_fp16", "sparseflow_fp32", "sparseflow_fp32_faithful"}
