@@ -21,6 +21,7 @@ from kernel_checks import (
 
 from sparseflow_kernels import ConvConfig, spiking_conv2d
 from sparseflow_kernels.conv import tma_supported
+from sparseflow_kernels.tiling import TMA_CONFIGS, spiking_configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]  # (no bf16 in the interpreter)
@@ -61,6 +62,20 @@ def test_tma_fires_and_matches_pointer_loads(cfg):
     pointer = ConvConfig(max(2, c.tile_h), c.tile_w if c.tile_h > 1 else 8, c.block_n, c.block_k, c.t_in_m, 4, 2)
     s2, _ = spiking_conv2d(xs, w, None, 1, 1, config=pointer, **kw)
     assert (s2 != spikes).float().mean().item() <= 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(TMA_CONFIGS))
+def test_every_measured_tiling_matches_reference(name):
+    """Each tensor-descriptor tiling the spiking layers measure, as a layer builds it (``spiking_configs``), over a
+    map of several tiles with output channels for two of its widest blocks: the float64 reference's spikes."""
+    p = NEURONS["lif-hard"]
+    xs, w, scale, shift, z = same_conv_layer(DEVICE, 4, 1, 32, 256, 9, 10, 3, torch.float16, 5)
+    cfg = spiking_configs(32, 256, 4, tma=True)[name]
+    spikes, v = spiking_conv2d(xs, w, None, 1, 1, scale=scale, shift=shift, config=cfg, return_v=True,
+                               **kernel_neuron_kwargs(p))
+    ref_s, ref_h, ref_v = reference_neuron(p, z)
+    assert_fires(ref_s)
+    assert_spikes_match(spikes.cpu(), ref_s, ref_h, p["v_threshold"], v.cpu(), ref_v, tie_tol=2e-2, v_rtol=2e-2)
 
 
 @pytest.mark.parametrize("case", ["stride2", "fp32", "nchw", "padding0-k3"])
