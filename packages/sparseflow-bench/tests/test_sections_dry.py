@@ -87,6 +87,9 @@ def test_e2e_section_dry_run(tmp_path, monkeypatch):
     assert not [k for k in r if k.endswith("error")], r
     assert r["logits_rel_err_fp32_faithful"] == 0.0 and r["logits_rel_err_fp32"] < 1e-3
     assert r["replaced_fp16"]["fused"] == 3 and r["sparseflow_ms"] == r["sparseflow_fp16_ms"] > 0
+    # every layer's path in the timed run, by name: the counts per path are those of paths_fp16
+    per_layer = [p.split(" ")[0] for p in r["layer_paths_fp16"].values()]
+    assert {p: per_layer.count(p) for p in set(per_layer)} == r["paths_fp16"] and "layer_paths_fp32" not in r
     assert "dense_fp32_reordered_logits_rel_err" in r and "dense_fp16_logits_rel_err" in r
     # the GPU kernels one forward launches, the dense fp16 model's and SparseFlow's (none counted without a GPU)
     kpf = r["kernels_per_forward"]

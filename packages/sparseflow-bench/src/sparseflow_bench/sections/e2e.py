@@ -81,6 +81,8 @@ def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
     for e in rep.layers:
         if e.path:
             r[f"paths_{tag}"][e.path] = r[f"paths_{tag}"].get(e.path, 0) + 1
+    if dt == torch.float16:  # which layer took which path, in the timed run (with the input shape it saw)
+        r[f"layer_paths_{tag}"] = {e.name: f"{e.path} {list(e.in_shape or ())}" for e in rep.layers if e.path}
     torch.cuda.empty_cache()
 
 
