@@ -69,7 +69,7 @@ def test_every_measured_tiling_matches_reference(name):
     """Each tensor-descriptor tiling the spiking layers measure, as a layer builds it (``spiking_configs``), over a
     map of several tiles with output channels for two of its widest blocks: the float64 reference's spikes."""
     p = NEURONS["lif-hard"]
-    xs, w, scale, shift, z = same_conv_layer(DEVICE, 4, 1, 32, 256, 9, 10, 3, torch.float16, 5)
+    xs, w, scale, shift, z = same_conv_layer(DEVICE, 4, 1, 32, 256, 17, 18, 3, torch.float16, 5)
     cfg = spiking_configs(32, 256, 4, tma=True)[name]
     spikes, v = spiking_conv2d(xs, w, None, 1, 1, scale=scale, shift=shift, config=cfg, return_v=True,
                                **kernel_neuron_kwargs(p))
