@@ -239,15 +239,14 @@ def _conv_kernel(
             row_ok = row_ok & live
         rp = res_ptr + b_row[:, None] * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
         z = _affine_residual(acc, scale, shift, rp, row_ok[:, None] & co_ok[None, :], HAS_SCALE, HAS_SHIFT, HAS_RES)
-        # per time step: pick its rows out of z (T_P2 x P x BLOCK_N), then the neuron in registers
-        z3 = tl.reshape(z, [T_P2, P, BLOCK_N])
-        t3 = tl.arange(0, T_P2)[:, None, None]
+        # per time step: its rows of z (T_P2 x P x BLOCK_N), then the neuron in registers
+        zs = tl.permute(tl.reshape(z, [T_P2, P, BLOCK_N]), (1, 2, 0))  # [P, BLOCK_N, T_P2]: the steps innermost
         oh, ow, q_ok = _pixels(tl.arange(0, P), th, tw, OH, OW, TILE_H, TILE_W, FLAT)  # now those of one step
         out_ok = (q_ok & live)[:, None] & co_ok[None, :]
         v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
         for t in tl.static_range(T_P2):
             if t < T:
-                zt = tl.sum(tl.where(t3 == t, z3, 0.0), axis=0)
+                zt = _step_of(zs, t, T_P2)
                 spike, v = _neuron_step(zt, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
                 _store_step(spike, y_ptr, t * N + n, oh, ow, co, out_ok, syb, syc, syh, syw,
                             occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
@@ -297,6 +296,28 @@ def _conv_kernel(
 
 
 # -------------------------------------------------------------------------------------------- epilogue
+@triton.jit
+def _step_of(zs, t: tl.constexpr, T_P2: tl.constexpr):
+    """Step ``t`` of ``zs`` ``[P, BLOCK_N, T_P2]`` (``T_P2`` 1, 2, 4 or 8) as ``[P, BLOCK_N]``, by halving the step
+    axis (``tl.split``; the lowest bit of ``t`` first): a selection, so exactly the values of those rows, and the
+    layout that holds a pixel's steps in one thread is made once for all steps (a sum over the step axis of the
+    other steps masked to zero reduced across warps, through shared memory, at every step)."""
+    tl.static_assert(T_P2 == 1 or T_P2 == 2 or T_P2 == 4 or T_P2 == 8)
+    P: tl.constexpr = zs.shape[0]
+    BN: tl.constexpr = zs.shape[1]
+    z = zs
+    if T_P2 >= 2:
+        lo, hi = tl.split(tl.reshape(z, [P, BN, T_P2 // 2, 2]))
+        z = lo if t % 2 == 0 else hi
+    if T_P2 >= 4:
+        lo, hi = tl.split(tl.reshape(z, [P, BN, T_P2 // 4, 2]))
+        z = lo if (t // 2) % 2 == 0 else hi
+    if T_P2 >= 8:
+        lo, hi = tl.split(tl.reshape(z, [P, BN, 1, 2]))
+        z = lo if (t // 4) % 2 == 0 else hi
+    return tl.reshape(z, [P, BN])
+
+
 @triton.jit
 def _affine_residual(acc, scale, shift, rp, ok, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                      HAS_RES: tl.constexpr):

@@ -172,15 +172,15 @@ def spiking_configs(C: int, CO: int, T: int, tma: bool = False) -> dict[str, Con
 #: num_warps, split_k)}``; ``row`` tiles are ``tile_w`` pixels in row-major order across the map's rows (``tile_h``
 #: 1), the ``tm`` ones hold every time step of the tile in the GEMM's M (T <= 8); the ``split`` ones share each
 #: tile's reduction among that many programs (the deep layers at small batches, where the tiles are too few for
-#: the GPU's multiprocessors). The 128- and 256-row tiles (``tma_8x16``, ``tma_16x16``, ``tma_tm_4x8_n128*``) load
-#: fewer bytes per multiply-add than the smaller ones: each K step of an ``M x N`` tile loads ``(M + N) x BLOCK_K``
-#: operands for ``M x N x BLOCK_K`` multiply-adds, 26 multiply-adds per operand at 32 x 128, 43 at 128 x 64, 51 at
-#: 256 x 64, 64 at 128 x 128
+#: the GPU's multiprocessors). The 128-row tiles (``tma_8x16``, ``tma_tm_4x8_n128*``) load fewer bytes per
+#: multiply-add than the smaller ones: each K step of an ``M x N`` tile loads ``(M + N) x BLOCK_K`` operands for
+#: ``M x N x BLOCK_K`` multiply-adds, 26 multiply-adds per operand at 32 x 128, 43 at 128 x 64, 64 at 128 x 128;
+#: they take two warp groups, which hold the accumulator and (steps looped) the membrane in registers without
+#: spilling (``tma_8x16`` on one warp group uses all 255 registers a thread has)
 TMA_CONFIGS = {
     "tma_row64_n128": (1, 64, 128, False, 8, 1),
     "tma_8x8": (8, 8, 64, False, 4, 1),
-    "tma_8x16": (8, 16, 64, False, 4, 1),
-    "tma_16x16": (16, 16, 64, False, 8, 1),
+    "tma_8x16": (8, 16, 64, False, 8, 1),
     "tma_tm_4x8": (4, 8, 64, True, 4, 1),
     "tma_tm_4x8_n128": (4, 8, 128, True, 8, 1),
     "tma_tm_4x8_n128_split2": (4, 8, 128, True, 8, 2),

@@ -1,0 +1,135 @@
+"""Compile the fused spiking convolution's tensor-descriptor tilings for sm_90a on a machine without a GPU, and print
+what each costs in resources: registers and spills (ptxas), shared memory, tensor-core instructions (HGMMA: wgmma;
+HMMA: mma.sync), barriers, shared-memory stores and loads (LDSM: ldmatrix), shuffles and the static instruction
+count (SASS).
+
+    python scripts/sm90_tilings.py                       # every TMA tiling on spiking_resnet34's 3x3 layer shapes
+    python scripts/sm90_tilings.py tma_tm_4x8:256:256:14:r --T 4 --N 8
+
+A spec is ``name:C:CO:H`` (``:r`` adds a residual before the neuron). Needs torch and triton, whose wheel carries
+ptxas and cuobjdump; no GPU and no interpreter (``TRITON_INTERPRET`` is ignored). The kernels are compiled, never run:
+the launcher is stopped after Triton's ``warmup``. Figures are static (instructions in the binary, not executed), for
+comparing tilings and kernel changes before they are timed on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "packages/sparseflow-kernels/src")]
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+
+import sparseflow_kernels.conv as kconv  # noqa: E402
+import sparseflow_kernels.spiking as kspiking  # noqa: E402
+from sparseflow_kernels import spiking_conv2d  # noqa: E402
+from sparseflow_kernels.tiling import TMA_CONFIGS, spiking_configs  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends/nvidia/bin"
+SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))  # spiking_resnet34's 3x3 stride-1 layers (channels, map)
+
+
+class _Hopper:
+    """The driver Triton asks for its target: an sm_90 GPU, so that kernels compile without one."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+class _Compiled(Exception):
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+
+class _CompileOnly:
+    """``launch(kernel)[grid](*args)`` that compiles the kernel for the target and stops."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            raise _Compiled(self.kernel.warmup(*args, grid=grid, **kwargs))
+        return run
+
+
+def compile_tiling(name: str, C: int, CO: int, H: int, T: int, N: int, residual: bool):
+    cfg = spiking_configs(C, CO, T, tma=True)[name]
+    cl = torch.channels_last
+    x = torch.zeros(T * N, C, H, H, dtype=torch.float16).to(memory_format=cl).view(T, N, C, H, H)
+    res = torch.zeros(T * N, CO, H, H, dtype=torch.float16).to(memory_format=cl).view(T, N, CO, H, H)
+    try:
+        spiking_conv2d(x, torch.zeros(CO, C, 3, 3, dtype=torch.float16), None, 1, 1, scale=torch.ones(CO),
+                       shift=torch.zeros(CO), config=cfg, residual=res if residual else None, neuron="lif", tau=2.0,
+                       v_threshold=1.0)
+    except _Compiled as done:
+        return cfg, done.kernel
+    raise RuntimeError(f"{name}: the launcher returned without launching")
+
+
+def resources(kernel) -> dict:
+    ptx = kernel.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        src, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
+        src.write_text(ptx)
+        info = subprocess.run([BIN / "ptxas", "-arch=sm_90a", "-v", src, "-o", cubin], capture_output=True,
+                              text=True, check=True).stderr
+        sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return {"regs": int(regs.group(1)) if regs else None, "spill": f"{spill.group(1)}/{spill.group(2)}" if spill else "",
+            "smem": kernel.metadata.shared, "sass": len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)),
+            **{op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "BAR", "STS", "LDS", "LDSM", "SHFL")}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("specs", nargs="*", help="name:C:CO:H[:r] (default: every TMA tiling on every layer shape)")
+    p.add_argument("--T", type=int, default=4)
+    p.add_argument("--N", type=int, default=8)
+    a = p.parse_args(argv)
+    specs = a.specs or [f"{n}:{c}:{c}:{h}{r}" for c, h in SHAPES for n in TMA_CONFIGS for r in ("", ":r")]
+    driver.set_active(_Hopper())
+    kconv.launch = _CompileOnly  # compile, never run
+    kconv.tma_supported = lambda *args, **kwargs: True  # (no GPU to ask)
+    kspiking.require_triton_device = lambda op, *tensors: tensors[0].device
+    print(f"triton {triton.__version__}, sm_90a, T={a.T}, N={a.N}")
+    cols = ("regs", "spill", "smem", "sass", "HGMMA", "HMMA", "BAR", "STS", "LDS", "LDSM", "SHFL")
+    print("| tiling | C / CO / map | residual | warps | " + " | ".join(cols) + " |")
+    print("|---" * (4 + len(cols)) + "|")
+    for spec in specs:
+        name, C, CO, H, *flag = spec.split(":")
+        if name not in spiking_configs(int(C), int(CO), a.T, tma=True):
+            continue  # (a tiling wider than the layer's output channels, or with T in M where T > 8)
+        cfg, kernel = compile_tiling(name, int(C), int(CO), int(H), a.T, a.N, flag == ["r"])
+        r = resources(kernel)
+        print(f"| {name} | {C} / {CO} / {H} | {'yes' if flag else 'no'} | {cfg.num_warps} | "
+              + " | ".join(str(r[c]) for c in cols) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
