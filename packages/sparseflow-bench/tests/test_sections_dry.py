@@ -157,7 +157,9 @@ def test_shapes_section_dry_run(tmp_path):
 
     ctx = SectionContext(str(tmp_path), {"device": "cpu"}, torch.device("cpu"), dry=True, T=2, N=1, size=8)
     out = shapes.run(ctx)
-    assert [(r["N"], r["C"]) for r in out["rows"]] == [(1, 16), (1, 32), (2, 16), (2, 32)]
+    # batch 1 with one shape again with a residual before the neuron (``sn(bn(conv(x)) + identity)``)
+    assert [(r["N"], r["C"], r["residual"]) for r in out["rows"]] == [(1, 16, False), (1, 32, False), (1, 16, True),
+                                                                      (2, 16, False), (2, 32, False)]
     for r in out["rows"]:
         names = set(r["flip_rate_vs_fp64"])
         assert {"fused_dense", "tma_8x8", "tma_8x8_unflattened", "tma_tm_2x4", "tma_tm_2x4_split4"} <= names
@@ -172,6 +174,8 @@ def test_shapes_section_dry_run(tmp_path):
     timed = {**out, "rows": [{**r, "cudnn_conv_ms": 0.02, "cudnn_neuron_ms": 0.03, "best": "tma_8x8", "best_ms": 0.025,
                               "best_over_cudnn_conv": 1.25} for r in out["rows"]]}
     table = shapes.markdown(timed, str(tmp_path))
-    assert table.count("| `tma_8x8` | 1.25 |") == 4 and "| 2 | 1 | 16 | 4 |" in table
+    assert table.count("| `tma_8x8` | 1.25 |") == 5 and "| 2 | 1 | 16 | 4 | no |" in table
+    assert "| 2 | 1 | 16 | 4 | yes |" in table
     recs = records.rows_of(timed, "conv_shapes.json")
-    assert len(recs) == 4 and all(r.baseline == "cudnn_conv_alone" and r.section == "conv_shapes" for r in recs)
+    assert len(recs) == 5 and all(r.baseline == "cudnn_conv_alone" and r.section == "conv_shapes" for r in recs)
+    assert [r.op for r in recs].count("spiking_conv2d_residual") == 1

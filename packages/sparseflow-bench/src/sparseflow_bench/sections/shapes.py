@@ -11,6 +11,10 @@ non-zero, channels_last steps as SparseFlow's layers write them). Per shape and 
   with ``t_in_m`` once more per split-K factor of :data:`SPLITS` (suffix ``_split<S>``);
 * each candidate's spike flips against the float64 reference, element and block density of the input.
 
+At the batches of :data:`RESIDUAL_BATCHES` each shape is measured once more with a residual added before the neuron,
+as the second layer of a ResNet block computes ``sn(bn(conv(x)) + identity)`` (``"residual": true`` in its row): the
+fused kernel then loads the residual in its epilogue, and cuDNN's pair in its neuron kernel.
+
 -> ``conv_shapes.json`` (``conv_shapes_dry.json`` under ``ctx.dry``; ``markdown``: ``conv_shapes.md``).
 """
 
@@ -27,6 +31,8 @@ SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 DENSITY = 0.15
 #: split-K factors measured for the tensor-descriptor configurations with T in M
 SPLITS = (2, 4)
+#: the batches whose shapes are measured with a residual too
+RESIDUAL_BATCHES = (1, 8)
 
 
 def _inputs(T, N, C, H, device, gen):
@@ -58,7 +64,7 @@ def _candidates(x, w, scale, shift):
     return cands
 
 
-def _row(ctx, T, N, C, H, gen) -> dict:
+def _row(ctx, T, N, C, H, gen, residual=False) -> dict:
     import torch.nn.functional as F
 
     from sparseflow_core.stats import block_density, element_density
@@ -70,14 +76,19 @@ def _row(ctx, T, N, C, H, gen) -> dict:
 
     x, w, scale, shift = _inputs(T, N, C, H, ctx.device, gen)
     flat = x.flatten(0, 1)
+    res = None
+    if residual:  # a membrane-scale identity branch, channels_last as the layers write it
+        res = torch.empty_like(x)
+        res.copy_(torch.randn(x.shape, generator=gen, device=x.device).half() * 0.5)
     ref, _, _ = spiking_conv2d_reference(x.double(), w.double(), None, 1, 1, scale=scale.double(),
-                                         shift=shift.double(), spec=NeuronSpec("lif", tau=2.0))
+                                         shift=shift.double(), residual=None if res is None else res.double(),
+                                         spec=NeuronSpec("lif", tau=2.0))
     wl = w.contiguous(memory_format=torch.channels_last)
-    row = {"T": T, "N": N, "C": C, "H": H, "elem_density": element_density(flat),
+    row = {"T": T, "N": N, "C": C, "H": H, "residual": residual, "elem_density": element_density(flat),
            "block_density_8x8_16ch_halo": block_density(flat, 8, 16, 3, 1, 1), "output_firing_rate": ref.mean().item()}
     if not ctx.dry:
         row["cudnn_conv_ms"] = ctx.bench(lambda: F.conv2d(flat, wl, None, 1, 1))["median"]
-    kw = dict(scale=scale, shift=shift, neuron="lif", tau=2.0)
+    kw = dict(scale=scale, shift=shift, neuron="lif", tau=2.0, residual=res)
     row["cudnn_neuron_ms"] = None if ctx.dry else ctx.bench(
         lambda: spiking_conv2d(x, w, None, 1, 1, path="cudnn", **kw))["median"]
     times, flips = {}, {}
@@ -108,14 +119,19 @@ def run(ctx) -> dict:
     rows = []
     batches = (1, 2) if ctx.dry else (8, 1, 32)
     shapes = ((16, 4), (32, 3)) if ctx.dry else tuple((c, max(1, h * ctx.size // 224)) for c, h in SHAPES)
-    for N in batches:
-        for C, H in shapes:
-            if ctx.left() < 30:
-                break
-            row = _row(ctx, ctx.T, N, C, H, gen)
-            rows.append(row)
-            ctx.log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                                if not isinstance(v, dict)}))
+    with_residual = (1,) if ctx.dry else RESIDUAL_BATCHES
+    runs = []
+    for N in batches:  # per batch: the shapes, then (at RESIDUAL_BATCHES) the shapes with a residual
+        runs += [(N, C, H, False) for C, H in shapes]
+        if N in with_residual:
+            runs += [(N, C, H, True) for C, H in shapes[:1 if ctx.dry else None]]
+    for N, C, H, residual in runs:
+        if ctx.left() < 30:
+            break
+        row = _row(ctx, ctx.T, N, C, H, gen, residual)
+        rows.append(row)
+        ctx.log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                            if not isinstance(v, dict)}))
     out = {"env": ctx.env, "density": DENSITY, "rows": rows}
     ctx.dump("conv_shapes_dry.json" if ctx.dry else "conv_shapes.json", out, env_key="env")
     return out
@@ -128,23 +144,25 @@ def rows(obj, source):
         ts = [Timing("cudnn_conv_alone", r.get("cudnn_conv_ms"), "baseline"),
               Timing("cudnn_conv_plus_neuron", r.get("cudnn_neuron_ms"), "reference"),
               Timing(f"fused_{r.get('best', '')}", r.get("best_ms"), "sparseflow")]
-        yield Row("conv_shapes", "spiking_conv2d", ts, shape=[r["T"], r["N"], r["C"], r["H"], r["H"]],
+        op = "spiking_conv2d_residual" if r.get("residual") else "spiking_conv2d"
+        yield Row("conv_shapes", op, ts, shape=[r["T"], r["N"], r["C"], r["H"], r["H"]],
                   elem_density=r.get("elem_density"), block_density=r.get("block_density_8x8_16ch_halo"),
                   block_size=8, dtype="float16", baseline="cudnn_conv_alone")
 
 
 def markdown(r: dict, d: str) -> str:
     lines = ["# The fused spiking convolution against cuDNN, shape by shape", "",
-             f"Device: {env_line(r['env'])}. 3x3 stride-1 conv -> BatchNorm -> LIF, fp16 channels_last, synthetic "
-             f"spikes ({r['density']:.0%} non-zero). Times in us; ratio = the fastest fused configuration's time over "
-             "cuDNN's convolution alone (the fused time includes BatchNorm, the neuron over T and the spike stores).",
-             "", "| T | N | channels | map | block density | cuDNN conv | cuDNN conv + neuron kernel | fastest fused "
-             "| configuration | fused / cuDNN conv | max spike flips vs fp64 |", "|---" * 11 + "|"]
+             f"Device: {env_line(r['env'])}. 3x3 stride-1 conv -> BatchNorm (-> + residual, where the row says so) -> "
+             f"LIF, fp16 channels_last, synthetic spikes ({r['density']:.0%} non-zero). Times in us; ratio = the "
+             "fastest fused configuration's time over cuDNN's convolution alone (the fused time includes BatchNorm, "
+             "the residual, the neuron over T and the spike stores).",
+             "", "| T | N | channels | map | residual | block density | cuDNN conv | cuDNN conv + neuron kernel | "
+             "fastest fused | configuration | fused / cuDNN conv | max spike flips vs fp64 |", "|---" * 12 + "|"]
     for row in r["rows"]:
         if row.get("best") is None:
             continue
         lines.append(f"| {row['T']} | {row['N']} | {row['C']} | {row['H']} | "
-                     f"{row['block_density_8x8_16ch_halo']:.2f} | "
+                     f"{'yes' if row.get('residual') else 'no'} | {row['block_density_8x8_16ch_halo']:.2f} | "
                      f"{row['cudnn_conv_ms'] * 1e3:.1f} | {row['cudnn_neuron_ms'] * 1e3:.1f} | "
                      f"{row['best_ms'] * 1e3:.1f} | `{row['best']}` | {row['best_over_cudnn_conv']:.2f} | "
                      f"{max(row['flip_rate_vs_fp64'].values()):.1e} |")
