@@ -1,4 +1,4 @@
-"""Compile the fused spiking convolution's tensor-descriptor tilings for sm_90a on a machine without a GPU, and print
+"""Compile the fused spiking convolution's tilings for sm_90a on a machine without a GPU, and print
 what each costs in resources: registers and spills (ptxas), shared memory, tensor-core instructions (HGMMA: wgmma;
 HMMA: mma.sync), barriers, shared-memory stores and loads (LDSM: ldmatrix), shuffles and the static instruction
 count (SASS).
@@ -6,7 +6,8 @@ count (SASS).
     python scripts/sm90_tilings.py                       # every TMA tiling on spiking_resnet34's 3x3 layer shapes
     python scripts/sm90_tilings.py tma_tm_4x8:256:256:14:r --T 4 --N 8
 
-A spec is ``name:C:CO:H`` (``:r`` adds a residual before the neuron). Needs torch and triton, whose wheel carries
+A spec is ``name:C:CO:H``, ``name`` any configuration of ``sparseflow_kernels.tiling.spiking_configs`` (pointer
+loads too, such as ``fused_tm``), ``:r`` a residual before the neuron. Needs torch and triton, whose wheel carries
 ptxas and cuobjdump; no GPU and no interpreter (``TRITON_INTERPRET`` is ignored). The kernels are compiled, never run:
 the launcher is stopped after Triton's ``warmup``. Figures are static (instructions in the binary, not executed), for
 comparing tilings and kernel changes before they are timed on the GPU.
