@@ -715,3 +715,53 @@ def test_conv_bn_pool_stem_cudnn_paths(path, defer, monkeypatch):
             torch.testing.assert_close(seq[2](z).double(), ref, rtol=1e-5, atol=1e-5)
             z.add_(1.0)  # modified in place: the record no longer applies
             assert take_shift(z) is None
+
+
+# ------------------------------------------------------------------------------------ a biased convolution
+@pytest.mark.parametrize("neuron_kind", [None, "lif-hard"], ids=["conv+bn", "conv+bn+lif"])
+@pytest.mark.parametrize("mode", ["dense", "torch"])
+def test_conv_bias_folded_once_not_per_call(neuron_kind, mode, monkeypatch):
+    """A convolution with a bias, a BatchNorm and a neuron: the kernels get the bias folded into the BatchNorm's
+    shift, computed once and kept while the parameters are unchanged (no small folding kernels per call), the
+    dense modules' outputs over calls, and a new bias is taken."""
+    import sparseflow_kernels.sparse_conv as ksc
+    import sparseflow_kernels.spiking as kspk
+    import sparseflow_ops.conv as ops_conv
+
+    torch.manual_seed(4)
+    x = [spikes(T, N, C, H, W) for _ in range(2)]
+    seq = sj_layer(neuron_kind, x=x[0])
+    seq[0].bias = nn.Parameter(torch.randn(CO) * 0.3)
+    with torch.no_grad():
+        calibrate_bn(seq[1], seq[0](x[0]))
+    new = fuse(seq, mode=mode)
+    folds, biases = [], []
+    fold = ksc.fold_affine
+
+    def counted_fold(bias, scale, shift):
+        folds.append(bias is not None)
+        return fold(bias, scale, shift)
+
+    for mod in (ksc, kspk, ops_conv):
+        monkeypatch.setattr(mod, "fold_affine", counted_fold)
+    for name in ("sparse_conv2d", "spiking_conv2d"):
+        real = getattr(ops_conv, name)
+        monkeypatch.setattr(ops_conv, name, lambda *a, real=real, **k: (biases.append(a[2]), real(*a, **k))[1])
+    with torch.no_grad():
+        for i, xi in enumerate([*x, x[0]]):
+            if neuron_kind is not None and i == 2:
+                functional.reset_net(seq)
+                functional.reset_net(new)
+            ref, got = seq(xi), new(xi)
+            assert (got - ref).abs().max().item() < 1e-4, i
+        # a plain convolution on cuDNN takes the BatchNorm folded into its weights and bias (cached, no kernel of
+        # SparseFlow's); the other paths call the kernels, which never see the bias on its own
+        kernels = not (mode == "torch" and neuron_kind is None)
+        assert bool(biases) == kernels and all(b is None for b in biases)
+        assert folds.count(True) == int(kernels)  # folded once, at the first call
+        seq[0].bias.add_(0.5)  # new parameters (in both models: ``fuse`` made a copy): folded again
+        new[0].bias.add_(0.5)
+        functional.reset_net(seq)
+        functional.reset_net(new)
+        assert (new(x[1]) - seq(x[1])).abs().max().item() < 1e-4
+        assert folds.count(True) == 2 * int(kernels)

@@ -142,9 +142,9 @@ def _multistep_kernel(
     xo = n * sxn + s[:, None] * sxs + c[None, :] * sxc
     yo = n * syn + s[:, None] * sys + c[None, :] * syc
     if HAS_SCALE:
-        scale = tl.load(scale_ptr + c, mask=c < C, other=1.0)[None, :]
+        scale = tl.load(scale_ptr + c, mask=c < C, other=1.0).to(tl.float32)[None, :]
     if HAS_SHIFT:
-        shift = tl.load(shift_ptr + c, mask=c < C, other=0.0)[None, :]
+        shift = tl.load(shift_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
         ro = n * srn + s[:, None] * srs + c[None, :] * src
     if STORE_Z:
@@ -176,6 +176,14 @@ def _multistep_kernel(
             tl.store(y_ptr + t * syt + yo, spike.to(y_ptr.dtype.element_ty), mask=ok)
     if STORE_V:
         tl.store(vo_ptr + n * son + s[:, None] * sos + c[None, :] * soc, v, mask=ok)
+
+
+def _per_channel(t: torch.Tensor) -> torch.Tensor:
+    """A per-channel scale or shift as the kernel reads it: in its own float type (loaded into fp32, exactly), so
+    that an fp16 bias costs no conversion kernel per call."""
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16) and t.is_contiguous():
+        return t
+    return t.float().contiguous()
 
 
 def _as_tncs(t: torch.Tensor) -> torch.Tensor:
@@ -296,8 +304,8 @@ def multistep_neuron(
             v3, v3.stride(0), v3.stride(1), v3.stride(2),
             vo3, vo3.stride(0), vo3.stride(1), vo3.stride(2),
             z4, z4.stride(0), z4.stride(1), z4.stride(2), z4.stride(3),
-            scale.float().contiguous() if scale is not None else y4,
-            shift.float().contiguous() if shift is not None else y4,
+            _per_channel(scale) if scale is not None else y4,
+            _per_channel(shift) if shift is not None else y4,
             T, N, C, S,
             ka["leak"], ka["v_threshold"], ka["v_reset"], ka["v_init"],
             NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],

@@ -109,8 +109,8 @@ class SparseModule:
     #: the VersionCache attributes of this drop-in (packed weights, folded BatchNorm, ...)
     _caches: tuple[str, ...] = ("_acache",)
     #: attributes that are the drop-in's own: not carried over to the module ``to_dense`` returns
-    _runtime: tuple[str, ...] = ("_pending", "_bn", "_neuron", "_original_class", "_wcache", "_acache", "_scache",
-                                 "_tcache", "block_size", "mode", "config", "write_occupancy", "defer_shift",
+    _runtime: tuple[str, ...] = ("_pending", "_bn", "_neuron", "_original_class", "_wcache", "_acache", "_bcache",
+                                 "_scache", "_tcache", "block_size", "mode", "config", "write_occupancy", "defer_shift",
                                  "time_steps", "last_path", "step_mode", "numerics", "residual_chain",
                                  "_sum_neuron")
     #: "fast" or "faithful" (set per instance by ``optimize(..., numerics=...)``)

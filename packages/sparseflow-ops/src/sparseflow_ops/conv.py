@@ -28,7 +28,7 @@ from sparseflow_kernels import ConvConfig, sparse_conv2d, tiling
 from sparseflow_kernels import dispatch as kdispatch  # noqa: F401  (the dispatch the paths measure with)
 from sparseflow_kernels.conv import pack_weight, tma_supported
 from sparseflow_kernels.library import compiling, neuron_args
-from sparseflow_kernels.sparse_conv import conv_output_size
+from sparseflow_kernels.sparse_conv import conv_output_size, fold_affine
 from sparseflow_kernels.spiking import repeated_over_steps, spiking_conv2d
 
 from ._common import attach_occupancy, attach_shift, find_occupancy, has_hooks, residual_as, version_key
@@ -52,7 +52,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
     kernels in eval mode; see the module docstring. Inputs ``[N, C, H, W]`` or multi-step
     ``[T, N, C, H, W]`` (SpikingJelly ``step_mode='m'``)."""
 
-    _caches = ("_wcache", "_acache", "_scache", "_tcache")
+    _caches = ("_wcache", "_acache", "_bcache", "_scache", "_tcache")
     write_occupancy = False  # the fused layer writes its spikes' occupancy for a sparse consumer
     defer_shift = False  # cuDNN paths: the bias left to the max pool that alone consumes the output
     # True when the layer runs fused only with its residual (neuron(bn(conv(x)) + identity), optimize's fx pass):
@@ -223,6 +223,15 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             return spikes
         return spikes.flatten(0, 1) if adapter.is_multistep(neuron) else spikes[0]
 
+    def _affine_with_bias(self):
+        """(scale, shift) of the folded BatchNorm with the convolution's own bias folded into the shift
+        (``fold_affine``: ``(conv + bias) * scale + shift``), fp32, cached under the versions of both; the kernels
+        then take no bias, and nothing is folded per call."""
+        if self.bias is None:
+            return self._affine()
+        key = (bn_key(self.folded_bn), *version_key(self.bias), self.bias.dtype)
+        return self._bcache.get(key, lambda: fold_affine(self.bias.detach(), *self._affine()))
+
     def _config(self, C, CO):
         return tiling.conv_config(C, CO, self.block_size)
 
@@ -260,13 +269,14 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         flat = x.flatten(0, 1) if five else x
         C = flat.shape[1]
         cfg = self._config(C, self.out_channels)
-        scale, shift = self._affine()
+        scale, _ = self._affine()
         occ = find_occupancy(x, flat)
 
         def run_kernel(dense):
-            return sparse_conv2d(flat, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                 config=cfg, packed_weight=self._packed(cfg, x.dtype), scale=scale,
-                                 shift=shift, occupancy=occ, dense=dense)
+            sc, sh = self._affine_with_bias()
+            return sparse_conv2d(flat, self.weight, None, self.stride, self.padding, self.dilation,
+                                 config=cfg, packed_weight=self._packed(cfg, x.dtype), scale=sc,
+                                 shift=sh, occupancy=occ, dense=dense)
 
         defer = self.defer_shift
 
@@ -395,7 +405,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         adapter, spec = self._neuron_spec()
         x5 = self._steps(x, adapter)
         T, N, C, H, W = x5.shape
-        scale, shift = self._affine()
+        scale, shift = self._affine_with_bias()  # (the kernels take the convolution's bias folded in)
         cfg = self._config(C, self.out_channels)
         OH = conv_output_size(H, self.kernel_size[0], self.stride[0], self.padding[0], 1)
         OW = conv_output_size(W, self.kernel_size[1], self.stride[1], self.padding[1], 1)
@@ -409,13 +419,13 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         weight = self.weight
 
         def fused(c, sparse):
-            return spiking_conv2d(x5, weight, self.bias, self.stride, self.padding, config=c, v_dtype=x.dtype,
+            return spiking_conv2d(x5, weight, None, self.stride, self.padding, config=c, v_dtype=x.dtype,
                                   packed_weight=self._packed(c, x.dtype), occupancy=occ if sparse else None,
                                   sparse=sparse and occ is None, write_occupancy=write_occ, **common)
 
         def cudnn():
-            w, b = self._torch_weights(fold=False)
-            return spiking_conv2d(x5, w, b, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **common)
+            w, _ = self._torch_weights(fold=False)
+            return spiking_conv2d(x5, w, None, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **common)
 
         cands = {}
         tma = not write_occ and tma_supported(flat, self.kernel_size, self.stride, self.padding, self.dilation)
