@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "packages/sparseflow-kernels/src")]
+sys.path[:0] = [str(ROOT / "packages/sparseflow-kernels/src"), str(ROOT / "packages/sparseflow-bench/src")]
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -34,11 +34,11 @@ from triton.runtime.driver import driver  # noqa: E402
 
 import sparseflow_kernels.conv as kconv  # noqa: E402
 import sparseflow_kernels.spiking as kspiking  # noqa: E402
+from sparseflow_bench.sections.shapes import SHAPES  # noqa: E402  (spiking_resnet34's 3x3 layers: channels, map)
 from sparseflow_kernels import spiking_conv2d  # noqa: E402
 from sparseflow_kernels.tiling import TMA_CONFIGS, spiking_configs  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends/nvidia/bin"
-SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))  # spiking_resnet34's 3x3 stride-1 layers (channels, map)
 
 
 class _Hopper:

@@ -245,18 +245,11 @@ def fuse_residual(block: nn.Module, gm: fx.GraphModule | None, conv_rel: str, bn
         if bn is None or list(conv.users) != [bn] or bn.args[:1] != (conv,):
             return None, "conv output does not go only to the batchnorm"
         head = bn
-    users = list(head.users)
-    if len(users) != 1 or not _is_add(users[0]):
-        return None, "batchnorm output does not go only to an add"
-    add = users[0]
+    add, other, why = _sole_add(head, "batchnorm output")
+    if add is None:
+        return None, why
     if list(add.users) != [neuron] or neuron.args[:1] != (add,) or len(neuron.args) != 1 or neuron.kwargs:
         return None, "the add does not feed only the neuron"
-    args = list(add.args) + list(add.kwargs.values())
-    if len(args) != 2 or add.kwargs:
-        return None, "unexpected add signature"
-    other = args[1] if args[0] is head else args[0]
-    if other is head or not isinstance(other, fx.Node):
-        return None, "residual is not a tensor of the graph"
     _rewrite(block, gm, conv, {"residual": other}, neuron,
              (neuron, add, head, conv) if head is not conv else (neuron, add, conv), (bn_rel, neuron_rel))
     return gm, ""
