@@ -109,6 +109,42 @@ def test_static_input_argument_checked(net):
         optimize(copy.deepcopy(net), _frames(), static_input="yes")
 
 
+@pytest.mark.parametrize("path", ["torch", "dense"])
+def test_stem_without_neuron_convolves_the_frame_once(path):
+    """A neuron-first network (MS-ResNet: the stem is conv -> BatchNorm with no neuron, and its output feeds the
+    first block's neuron, its downsampling convolution and the residual sum): on a stride-0 input the stem convolves
+    each frame once and hands its output on repeated by stride 0, so the downsampling convolution runs once per frame
+    too. Outputs and every membrane equal the same optimized model's on the materialized input, and the dense
+    model's within fp32 rounding, over calls without and after a reset."""
+    from test_sum_neurons import neuron_states, tiny_net
+
+    base = tiny_net(blocks=((12, 2, "out+identity"), (12, 1, "identity+out")))  # block 0 downsamples the stem
+    frame = torch.randn(2, 3, 12, 12) * 1.5 + 0.2
+    x = frame.unsqueeze(0).expand(3, *frame.shape)
+    paths = {"conv": path, "spiking": "cudnn"}  # (cuDNN on the CPU: torch's conv)
+    with force_path(paths):
+        opt, rep = optimize(copy.deepcopy(base), x, block_size=8, return_report=True)
+        moving = optimize(copy.deepcopy(base), x.contiguous(), block_size=8)
+    dense = copy.deepcopy(base)
+    seen = {}
+    opt.stem.register_forward_hook(lambda m, i, o: seen.update(stem=o))
+    with torch.no_grad(), force_path(paths):
+        for call in ("first", "no reset", "after reset"):
+            if call == "after reset":
+                for net in (opt, moving, dense):
+                    functional.reset_net(net)
+            x = frame.unsqueeze(0).expand(3, *frame.shape)
+            out, ref, dref = opt(x), moving(x.contiguous()), dense(x.contiguous())
+            assert seen["stem"].stride(0) == 0 and torch.equal(seen["stem"], seen["stem"][:1].expand_as(seen["stem"]))
+            assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (call, (out - ref).abs().max())
+            assert torch.allclose(out, dref, atol=1e-4, rtol=1e-4), (call, (out - dref).abs().max())
+            a, b = neuron_states(opt), neuron_states(moving)
+            assert all(torch.allclose(torch.as_tensor(a[n]), torch.as_tensor(b[n]), atol=1e-5) for n in a)
+    assert opt.stem[0].last_path == opt.blocks[0].downsample[0].last_path == f"{path}_static"
+    assert moving.stem[0].last_path == path
+    assert any("static input" in n and "without a neuron" in n for n in rep.notes)
+
+
 @settings(max_examples=25, deadline=None)
 @given(T=st.integers(1, 5), N=st.integers(1, 3), expanded=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.bfloat16]))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kernel_checks import NEURONS, NeuronReference, assert_fires, assert_spikes_match, kernel_neuron_kwargs
 
 from sparseflow_kernels import NeuronSpec, multistep_neuron
@@ -216,11 +218,12 @@ def test_library_torch_reference_agrees_with_frameworks(neuron):
     torch.testing.assert_close(h, rh, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("T", [1, 4, 5, 9])
+@pytest.mark.parametrize("T", [1, 4, 5, 9, 12, 16])
 @pytest.mark.parametrize("neuron", ["lif-hard", "if-soft", "leaky-subtract"])
 def test_step_counts(neuron, T):
     """One step, and more steps than the other tests use, with residual and BatchNorm, match the float64
-    reference over repeated calls."""
+    reference over repeated calls: steps loaded one at a time (odd T), four at a time over three loads (12) and
+    eight at a time over two (16)."""
     p = NEURONS[neuron]
     C = 5
     xs = [make_x((T, 2, C, 3, 2), "channels_last") for _ in range(2)]
@@ -240,3 +243,16 @@ def test_input_repeated_over_steps_by_stride_zero(T):
     s0, v0 = multistep_neuron(expanded, scale=scale, shift=shift, return_v=True, **kw)
     s1, v1 = multistep_neuron(expanded.contiguous(), scale=scale, shift=shift, return_v=True, **kw)
     assert s0.float().sum() > 0 and torch.equal(s0, s1) and torch.equal(v0, v1)
+
+
+@given(T=st.integers(1, 64), C=st.integers(1, 600), S=st.integers(1, 5000))
+@settings(max_examples=200, deadline=None)
+def test_neuron_tile_step_chunk_divides_the_steps(T, C, S):
+    """The steps loaded at once: the largest power of two up to 8 that divides T, so that no load is masked by
+    step; a step's block holds at most 1024 elements."""
+    from sparseflow_kernels.tiling import neuron_tile
+
+    block_s, block_c, t_chunk = neuron_tile(C, S, T)
+    assert t_chunk in (1, 2, 4, 8) and T % t_chunk == 0
+    assert t_chunk == 8 or T % (2 * t_chunk) != 0
+    assert block_s * block_c <= 1024 and block_c <= 64

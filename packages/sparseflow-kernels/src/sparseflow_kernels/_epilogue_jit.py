@@ -4,7 +4,9 @@
   epilogue of the grouped and transposed convolutions;
 * :func:`_neuron_step`: one time step of a neuron, the epilogue of the fused convolution
   (:mod:`~sparseflow_kernels.conv`) and the body of the multi-step neuron kernel (:mod:`~sparseflow_kernels.neuron`);
-  ``NEURON_*`` are the codes of its ``NEURON`` constexpr (0: no neuron, a plain convolution).
+  ``NEURON_*`` are the codes of its ``NEURON`` constexpr (0: no neuron, a plain convolution);
+* :func:`_step_of`: one time step of a tile that holds a few steps per pixel (selected, not reduced): the T-in-M
+  epilogue of the fused convolution and the multi-step neuron kernel, which load several steps at once.
 """
 
 from __future__ import annotations
@@ -80,3 +82,25 @@ def _neuron_step(z, v, leak, v_th, v_reset,
         else:
             v = h - tl.where(spike, v_th, 0.0)
         return spike, v
+
+
+@triton.jit
+def _step_of(zs, t: tl.constexpr, T_P2: tl.constexpr):
+    """Step ``t`` of ``zs`` ``[P, BLOCK_N, T_P2]`` (``T_P2`` 1, 2, 4 or 8) as ``[P, BLOCK_N]``, by halving the step
+    axis (``tl.split``; the lowest bit of ``t`` first): a selection, so exactly the values of those rows, and the
+    layout that holds a pixel's steps in one thread is made once for all steps (a sum over the step axis of the
+    other steps masked to zero reduced across warps, through shared memory, at every step)."""
+    tl.static_assert(T_P2 == 1 or T_P2 == 2 or T_P2 == 4 or T_P2 == 8)
+    P: tl.constexpr = zs.shape[0]
+    BN: tl.constexpr = zs.shape[1]
+    z = zs
+    if T_P2 >= 2:
+        lo, hi = tl.split(tl.reshape(z, [P, BN, T_P2 // 2, 2]))
+        z = lo if t % 2 == 0 else hi
+    if T_P2 >= 4:
+        lo, hi = tl.split(tl.reshape(z, [P, BN, T_P2 // 4, 2]))
+        z = lo if (t // 2) % 2 == 0 else hi
+    if T_P2 >= 8:
+        lo, hi = tl.split(tl.reshape(z, [P, BN, 1, 2]))
+        z = lo if (t // 4) % 2 == 0 else hi
+    return tl.reshape(z, [P, BN])

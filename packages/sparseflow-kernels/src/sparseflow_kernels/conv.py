@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_NONE, NEURON_PLIF, _neuron_step
+from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_NONE, NEURON_PLIF, _neuron_step, _step_of
 from ._occupancy_jit import _active_groups, _block_of, _edge_codes, _visit_group, _visit_list
 from ._utils import _traced, cdiv, interpreter_active, launch, next_power_of_2
 from .tiling import ConvConfig
@@ -296,28 +296,6 @@ def _conv_kernel(
 
 
 # -------------------------------------------------------------------------------------------- epilogue
-@triton.jit
-def _step_of(zs, t: tl.constexpr, T_P2: tl.constexpr):
-    """Step ``t`` of ``zs`` ``[P, BLOCK_N, T_P2]`` (``T_P2`` 1, 2, 4 or 8) as ``[P, BLOCK_N]``, by halving the step
-    axis (``tl.split``; the lowest bit of ``t`` first): a selection, so exactly the values of those rows, and the
-    layout that holds a pixel's steps in one thread is made once for all steps (a sum over the step axis of the
-    other steps masked to zero reduced across warps, through shared memory, at every step)."""
-    tl.static_assert(T_P2 == 1 or T_P2 == 2 or T_P2 == 4 or T_P2 == 8)
-    P: tl.constexpr = zs.shape[0]
-    BN: tl.constexpr = zs.shape[1]
-    z = zs
-    if T_P2 >= 2:
-        lo, hi = tl.split(tl.reshape(z, [P, BN, T_P2 // 2, 2]))
-        z = lo if t % 2 == 0 else hi
-    if T_P2 >= 4:
-        lo, hi = tl.split(tl.reshape(z, [P, BN, T_P2 // 4, 2]))
-        z = lo if (t // 2) % 2 == 0 else hi
-    if T_P2 >= 8:
-        lo, hi = tl.split(tl.reshape(z, [P, BN, 1, 2]))
-        z = lo if (t // 4) % 2 == 0 else hi
-    return tl.reshape(z, [P, BN])
-
-
 @triton.jit
 def _affine_residual(acc, scale, shift, rp, ok, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                      HAS_RES: tl.constexpr):

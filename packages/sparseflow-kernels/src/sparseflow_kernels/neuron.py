@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step
+from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step, _step_of
 from ._utils import cdiv, launch, require_dtype, require_int32_indexable, require_triton_device
 from .tiling import neuron_tile
 
@@ -126,10 +126,11 @@ def _multistep_kernel(
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
     HAS_V: tl.constexpr, STORE_V: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, RES_POST: tl.constexpr = False, STORE_Z: tl.constexpr = False,
-    ROUND_AFFINE: tl.constexpr = False,
+    ROUND_AFFINE: tl.constexpr = False, T_CHUNK: tl.constexpr = 1,
 ):
     """Tensors are viewed as [T, N, C, S] (S = flattened spatial); a program owns a [BLOCK_S, BLOCK_C]
-    block of one sample (channel-fastest, coalesced for channels_last) and loops over t."""
+    block of one sample (channel-fastest, coalesced for channels_last) and loops over t, ``T_CHUNK`` steps per
+    load."""
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     leak = tl.cast(leak, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
@@ -153,27 +154,36 @@ def _multistep_kernel(
         v = tl.load(v_ptr + n * svn + s[:, None] * svs + c[None, :] * svc, mask=ok, other=0.0).to(tl.float32)
     else:
         v = tl.full([BLOCK_S, BLOCK_C], v_init, dtype=tl.float32)
-    for t in range(T):
-        z = tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            z = z * scale
-        if HAS_SHIFT:
-            z = z + shift
-        if ROUND_AFFINE:  # stored in x's dtype before the residual comes, as a separate add would store it
-            z = z.to(x_ptr.dtype.element_ty).to(tl.float32)
+    # T_CHUNK steps (a power of two dividing T) are loaded at once, so that their memory latencies overlap (one
+    # load per step would wait for each in turn: these tensors are a few MB, and latency bounds them)
+    tk = tl.arange(0, T_CHUNK)
+    okk = ok[:, :, None]
+    for t0 in range(0, T, T_CHUNK):
+        xs = tl.load(x_ptr + xo[:, :, None] + (t0 + tk)[None, None, :] * sxt, mask=okk, other=0.0)
         if HAS_RES:
-            r = tl.load(r_ptr + t * srt + ro, mask=ok, other=0.0).to(tl.float32)
-            if not RES_POST:
-                z = z + r
-        if STORE_Z:  # the sum in its own dtype; the neuron fires from the value stored, as a reader of it would
-            zq = z.to(z_ptr.dtype.element_ty)
-            tl.store(z_ptr + t * szt + zo, zq, mask=ok)
-            z = zq.to(tl.float32)
-        spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
-        if HAS_RES and RES_POST:  # residual + spikes, rounded once (a skip connection after the neuron)
-            tl.store(y_ptr + t * syt + yo, (r + spike.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
-        else:
-            tl.store(y_ptr + t * syt + yo, spike.to(y_ptr.dtype.element_ty), mask=ok)
+            rs = tl.load(r_ptr + ro[:, :, None] + (t0 + tk)[None, None, :] * srt, mask=okk, other=0.0)
+        for k in tl.static_range(T_CHUNK):
+            t = t0 + k
+            z = _step_of(xs, k, T_CHUNK).to(tl.float32)
+            if HAS_SCALE:
+                z = z * scale
+            if HAS_SHIFT:
+                z = z + shift
+            if ROUND_AFFINE:  # stored in x's dtype before the residual comes, as a separate add would store it
+                z = z.to(x_ptr.dtype.element_ty).to(tl.float32)
+            if HAS_RES:
+                r = _step_of(rs, k, T_CHUNK).to(tl.float32)
+                if not RES_POST:
+                    z = z + r
+            if STORE_Z:  # the sum in its own dtype; the neuron fires from the value stored, as a reader would
+                zq = z.to(z_ptr.dtype.element_ty)
+                tl.store(z_ptr + t * szt + zo, zq, mask=ok)
+                z = zq.to(tl.float32)
+            spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+            if HAS_RES and RES_POST:  # residual + spikes, rounded once (a skip connection after the neuron)
+                tl.store(y_ptr + t * syt + yo, (r + spike.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=ok)
+            else:
+                tl.store(y_ptr + t * syt + yo, spike.to(y_ptr.dtype.element_ty), mask=ok)
     if STORE_V:
         tl.store(vo_ptr + n * son + s[:, None] * sos + c[None, :] * soc, v, mask=ok)
 
@@ -294,7 +304,7 @@ def multistep_neuron(
     vo3 = v_out.view(N, C, -1) if v_out is not None else y4[0]
     S = x4.shape[3]
     if T and N and C and S:
-        BLOCK_S, BLOCK_C = neuron_tile(C, S)
+        BLOCK_S, BLOCK_C, T_CHUNK = neuron_tile(C, S, T)
         grid = (cdiv(S, BLOCK_S), cdiv(C, BLOCK_C), N)
         ka = spec.kernel_args()
         launch(_multistep_kernel)[grid](
@@ -310,7 +320,7 @@ def multistep_neuron(
             ka["leak"], ka["v_threshold"], ka["v_reset"], ka["v_init"],
             NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RES=residual is not None,
-            HAS_V=v is not None, STORE_V=return_v, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C,
+            HAS_V=v is not None, STORE_V=return_v, BLOCK_S=BLOCK_S, BLOCK_C=BLOCK_C, T_CHUNK=T_CHUNK,
             RES_POST=bool(residual_after), STORE_Z=z is not None, ROUND_AFFINE=bool(round_affine), num_warps=4,
         )
     if x.dim() == 2:

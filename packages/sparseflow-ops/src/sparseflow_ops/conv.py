@@ -264,8 +264,15 @@ class SparseConv2d(SparseModule, nn.Conv2d):
     # -- conv (+ folded BN)
     def _conv_forward_kernels(self, x, residual=None, residual_after=False):
         """The convolution (+ folded BatchNorm; never a residual) on the path measured fastest: the sparse or dense
-        kernel, cuDNN channels_last, or cuDNN on the image's channels zero-padded to 8."""
+        kernel, cuDNN channels_last, or cuDNN on the image's channels zero-padded to 8. An input repeated over the
+        steps by stride 0 (a static image, or such a layer's output) is convolved once per sample and handed on
+        repeated by stride 0 (path ``<path>_static``): ``conv(x[t]) = conv(x[0])``. Not where a max pool takes the
+        bias (``defer_shift``: the pool reads one tensor of all the steps)."""
         five = x.dim() == 5
+        if five and x.shape[0] > 1 and not self.defer_shift and repeated_over_steps(x):
+            y = self._conv_forward_kernels(x[0])
+            self.last_path = f"{self.last_path}_static"
+            return y.unsqueeze(0).expand(x.shape[0], *y.shape)
         flat = x.flatten(0, 1) if five else x
         C = flat.shape[1]
         cfg = self._config(C, self.out_channels)
@@ -318,7 +325,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         scale, shift = bn_affine(bn) if bn is not None else (None, None)
         if self._neuron is None:
             flat = x.flatten(0, 1) if x.dim() == 5 else x
-            path = self.last_path or "torch"
+            path = (self.last_path or "torch").removesuffix("_static")
             if path not in ("sparse", "dense"):
                 # the eager cuDNN candidates' arithmetic, rounding for rounding: the BatchNorm folded into the
                 # weights, channels_last, the bias added to the rounded conv output (as cuDNN's separate bias pass,

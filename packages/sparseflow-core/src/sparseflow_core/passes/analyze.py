@@ -34,5 +34,7 @@ def analyze_model(model: nn.Module, example_inputs, options: Options) -> Optimiz
         st.report.notes.append(
             f"static input: the input repeats one frame over its {first.shape[0]} steps by stride 0, so the "
             "convolutions that read it (path 'cudnn_static') convolve each sample's frame once and run only the "
-            "neuron over the steps (equal inputs give equal convolutions, up to the rounding of another batch size)")
+            "neuron over the steps; a convolution without a neuron (path '<path>_static') convolves the frame once "
+            "and hands it on repeated by stride 0, so the layers after it do the same (equal inputs give equal "
+            "convolutions, up to the rounding of another batch size)")
     return st
