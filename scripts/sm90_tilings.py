@@ -7,7 +7,9 @@ count (SASS).
     python scripts/sm90_tilings.py tma_tm_4x8:256:256:14:r --T 4 --N 8
 
 A spec is ``name:C:CO:H``, ``name`` any configuration of ``sparseflow_kernels.tiling.spiking_configs`` (pointer
-loads too, such as ``fused_tm``), ``:r`` a residual before the neuron. Needs torch and triton, whose wheel carries
+loads too, such as ``fused_tm``), ``:r`` a residual before the neuron; or ``neuron:C:C:H[:r]``, the multi-step neuron
+kernel over a ``[T, N, C, H, H]`` channels_last map (BatchNorm folded), ``:r`` with a residual in the other memory
+order (NCHW) and the sum written, as MS-ResNet's sum kernels run. Needs torch and triton, whose wheel carries
 ptxas and cuobjdump; no GPU and no interpreter (``TRITON_INTERPRET`` is ignored). The kernels are compiled, never run:
 the launcher is stopped after Triton's ``warmup``. Figures are static (instructions in the binary, not executed), for
 comparing tilings and kernel changes before they are timed on the GPU.
@@ -33,6 +35,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 
 import sparseflow_kernels.conv as kconv  # noqa: E402
+import sparseflow_kernels.neuron as kneuron  # noqa: E402
 import sparseflow_kernels.spiking as kspiking  # noqa: E402
 from sparseflow_bench.sections.shapes import SHAPES  # noqa: E402  (spiking_resnet34's 3x3 layers: channels, map)
 from sparseflow_kernels import spiking_conv2d  # noqa: E402
@@ -91,6 +94,17 @@ def compile_tiling(name: str, C: int, CO: int, H: int, T: int, N: int, residual:
     raise RuntimeError(f"{name}: the launcher returned without launching")
 
 
+def compile_neuron(C: int, H: int, T: int, N: int, residual: bool):
+    x = torch.zeros(T * N, C, H, H, dtype=torch.float16).to(memory_format=torch.channels_last).view(T, N, C, H, H)
+    res = torch.zeros(T, N, C, H, H, dtype=torch.float16) if residual else None
+    try:
+        kneuron.multistep_neuron(x, "lif", tau=2.0, scale=torch.ones(C), shift=torch.zeros(C), residual=res,
+                                 return_sum=residual)
+    except _Compiled as done:
+        return done.kernel
+    raise RuntimeError("neuron: the launcher returned without launching")
+
+
 def resources(kernel) -> dict:
     ptx = kernel.asm["ptx"]
     with tempfile.TemporaryDirectory() as d:
@@ -114,15 +128,20 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     specs = a.specs or [f"{n}:{c}:{c}:{h}{r}" for c, h in SHAPES for n in TMA_CONFIGS for r in ("", ":r")]
     driver.set_active(_Hopper())
-    kconv.launch = _CompileOnly  # compile, never run
+    kconv.launch = kneuron.launch = _CompileOnly  # compile, never run
     kconv.tma_supported = lambda *args, **kwargs: True  # (no GPU to ask)
-    kspiking.require_triton_device = lambda op, *tensors: tensors[0].device
+    kspiking.require_triton_device = kneuron.require_triton_device = lambda op, *tensors: tensors[0].device
     print(f"triton {triton.__version__}, sm_90a, T={a.T}, N={a.N}")
     cols = ("regs", "spill", "smem", "sass", "HGMMA", "HMMA", "BAR", "STS", "LDS", "LDSM", "SHFL")
     print("| tiling | C / CO / map | residual | warps | " + " | ".join(cols) + " |")
     print("|---" * (4 + len(cols)) + "|")
     for spec in specs:
         name, C, CO, H, *flag = spec.split(":")
+        if name == "neuron":
+            r = resources(compile_neuron(int(C), int(H), a.T, a.N, flag == ["r"]))
+            print(f"| neuron | {C} / {CO} / {H} | {'yes' if flag else 'no'} | 4 | "
+                  + " | ".join(str(r[c]) for c in cols) + " |")
+            continue
         if name not in spiking_configs(int(C), int(CO), a.T, tma=True):
             continue  # (a tiling wider than the layer's output channels, or with T in M where T > 8)
         cfg, kernel = compile_tiling(name, int(C), int(CO), int(H), a.T, a.N, flag == ["r"])

@@ -1,4 +1,4 @@
-"""``scripts/sm90_tilings.py`` compiles the fused convolution's tilings for sm_90a without a GPU. Checked here on two
+"""``scripts/sm90_tilings.py`` compiles the fused convolution's tilings (and the neuron kernel) for sm_90a without a GPU. Checked here on two
 tilings with T in the GEMM's M: the script's table, and what the epilogue that picks each step's rows compiles to
 (no register spills, no shuffles), with a residual and without; the 128-row tile on wgmma, the 32-row one on
 mma.sync."""
@@ -30,3 +30,21 @@ def test_tilings_compile_for_sm90_without_spills():
         assert r["spill"] == "0/0" and r["SHFL"] == "0", r
     assert int(rows[0]["HGMMA"]) > 0 and int(rows[0]["warps"]) == 8
     assert int(rows[2]["HMMA"]) > 0 and rows[2]["HGMMA"] == "0"
+
+
+def test_neuron_kernel_compiles_for_sm90_at_every_step_chunk():
+    """The multi-step neuron kernel loads several steps at once (4 or 8, where they divide T; else one): it compiles
+    for sm_90a with its steps in registers (no spills, no shuffles), also as a sum kernel whose residual comes in the
+    other memory order (NCHW against channels_last), which Triton 3.6's layout pass failed on for chunks of two."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for T in (2, 4, 16):
+        out = subprocess.run([sys.executable, str(ROOT / "scripts/sm90_tilings.py"), "neuron:64:64:14",
+                              "neuron:64:64:14:r", "--T", str(T)], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = out.stdout.splitlines()
+        head = [c.strip() for c in lines[1].strip("|").split("|")]
+        rows = [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[3:]]
+        assert [(r["tiling"], r["residual"]) for r in rows] == [("neuron", "no"), ("neuron", "yes")], (T, rows)
+        for r in rows:
+            assert r["spill"] == "0/0" and r["SHFL"] == "0" and int(r["sass"]) > 0, (T, r)
+        assert rows[0]["BAR"] == "0", (T, rows[0])  # (one memory order: no exchange through shared memory)

@@ -135,3 +135,32 @@ def test_cuda_graph_of_a_model_optimized_with_dtype_replays():
     for out in outs[3:]:  # replays repeat the captured kernels (outs[2]: the capture's own replay) bit for bit
         torch.testing.assert_close(out, outs[2], rtol=0, atol=0)
     torch.testing.assert_close(outs[-1], ref)
+
+
+def test_cuda_graphs_of_two_batch_sizes_keep_their_packed_weights():
+    """A graph captured at one batch size keeps the packed weights it ran with while another batch size runs
+    tilings that pack the weights otherwise (the layers' caches keep both packings): after the second batch
+    size's capture, and with the freed memory of the caching allocator overwritten, the first graph still replays
+    its eager outputs bit for bit."""
+    from sparseflow_kernels import force_path
+
+    model, _, x = twins("spiking_resnet18")
+    x2, x1 = x.half(), x[:, :1].half()
+    g = optimize(copy.deepcopy(model), x, dtype=torch.float16, cuda_graph=True)
+    with torch.no_grad():
+        with force_path("fused_dense"):  # (block_n 64 packings)
+            for _ in range(3):
+                first = g(x2).clone()
+            reset_states(g.model)
+            eager2 = g.model(x2).clone()
+        with force_path("fused_tm_n128"):  # (block_n 128, on the layers of 128 channels and more)
+            for _ in range(3):
+                g(x1)
+        junk = [torch.full((n,), float("nan"), device="cuda", dtype=torch.float16)
+                for n in (1 << 17, 1 << 19, 1 << 21) for _ in range(64)]
+        again = g(x2).clone()
+    del junk
+    assert g.calls["captures"] == 2, g.calls
+    assert any(getattr(m, "last_path", None) == "fused_tm_n128" for m in g.model.modules())
+    torch.testing.assert_close(first, eager2, rtol=0, atol=0)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)

@@ -9,6 +9,8 @@ import io
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import sparseflow_ops.batchnorm as obn
@@ -144,7 +146,7 @@ def test_copies_keep_parameters_and_rebuild_caches(name, how):
         seq2 = torch.load(buf, weights_only=False)
     m2 = seq2[0] if bn is not None else seq2
     assert isinstance(m2, SparseModule) and "_pending" in m2.__dict__
-    assert all(m2.__dict__[c].key is None for c in m2._caches)
+    assert all(not m2.__dict__[c].entries for c in m2._caches)
     assert torch.equal(seq2(x), ref)
     dense = m2.to_dense()
     assert not isinstance(dense, SparseModule)
@@ -187,3 +189,26 @@ def test_every_drop_in_names_its_kind(cls):
     own ``kind`` or a ``_kind`` (a name, or a property naming the variant) for ``SparseModule.kind``."""
     own = {n for c in cls.__mro__ if c is not SparseModule for n in vars(c)}
     assert "kind" in own or isinstance(getattr(cls, "_kind", None), (str, property)), cls
+
+
+@settings(max_examples=60, deadline=None)
+@given(keys=st.lists(st.integers(0, 11), min_size=1, max_size=40))
+def test_version_cache_keeps_the_variants_it_hands_out(keys):
+    """The caches of derived tensors (packed weights, folded affines) keep up to ``MAX_ENTRIES`` variants: a value
+    once handed out stays the same object while no more than that many other keys came since its last use (a CUDA
+    graph captured with one packing keeps reading it while another batch size runs another), and each key is
+    computed again only after it was dropped."""
+    from sparseflow_ops._common import VersionCache
+
+    cache, computed, handed = VersionCache(), [], {}
+    for i, k in enumerate(keys):
+        v = cache.get(k, lambda k=k: computed.append(k) or object())
+        last = max((j for j in range(i) if keys[j] == k), default=None)
+        if last is not None and len(set(keys[last + 1:i]) - {k}) < VersionCache.MAX_ENTRIES:
+            assert v is handed[k]  # kept: the same tensor a graph may hold
+        handed[k] = v
+        assert len(cache.entries) <= VersionCache.MAX_ENTRIES
+    assert computed.count(keys[0]) >= 1 and len(computed) <= len(keys)
+    assert len(set(keys)) <= VersionCache.MAX_ENTRIES or len(computed) >= len(set(keys))
+    if len(set(keys)) <= VersionCache.MAX_ENTRIES:
+        assert sorted(computed) == sorted(set(keys))  # each variant computed once

@@ -279,12 +279,11 @@ def batchnorm_tile(C: int, W: int, channels_innermost: bool) -> tuple[int, int, 
 # ---------------------------------------------------------------------------------------------- neuron
 def neuron_tile(C: int, S: int, T: int = 1) -> tuple[int, int, int]:
     """(BLOCK_S, BLOCK_C, T_CHUNK) of the multi-step neuron kernel over ``[T, N, C, S]``: up to 64 channels, 1024
-    elements per step, and ``T_CHUNK`` steps loaded at once: the largest power of two up to 8 that divides ``T``
-    (no step is masked; the steps of a chunk sit in one thread's registers)."""
+    elements per step, and ``T_CHUNK`` steps loaded at once: 8 or 4 where that divides ``T``, else 1 (no step is
+    masked; the steps of a chunk sit in one thread's registers). Not 2: Triton 3.6 fails to compile a chunk of two
+    steps whose input and residual come in different memory orders (its layout pass, on sm_90)."""
     block_c = min(64, next_power_of_2(C))
-    t_chunk = 1
-    while t_chunk < 8 and T % (2 * t_chunk) == 0:
-        t_chunk *= 2
+    t_chunk = 8 if T % 8 == 0 else 4 if T % 4 == 0 else 1
     return max(1, min(1024 // block_c, next_power_of_2(S))), block_c, t_chunk
 
 

@@ -158,26 +158,32 @@ def version_key(*tensors) -> tuple:
 
 
 class VersionCache:
-    """One cached value, recomputed when its key changes."""
+    """Values derived from a module's tensors (a packed weight, a folded affine), recomputed when their key (the
+    tensors' versions and the variant asked for) is new. Up to ``MAX_ENTRIES`` variants are kept, the least
+    recently used dropped first: a CUDA graph captured at one batch size holds the pointer to the packed weight it
+    ran with, and the dispatch at another batch size may pick a tiling that packs the weight otherwise; a cache of
+    one value would free the first packing under the graph that still reads it."""
 
-    __slots__ = ("key", "value")
+    MAX_ENTRIES = 8
+    __slots__ = ("entries",)
 
     def __init__(self):
-        self.key = None
-        self.value = None
+        self.entries = {}
 
     def get(self, key, compute):
-        if key != self.key or self.value is None:
-            self.value = compute()
-            self.key = key
-        return self.value
+        value = self.entries.pop(key, None)
+        if value is None:
+            value = compute()
+            while len(self.entries) >= self.MAX_ENTRIES:
+                del self.entries[next(iter(self.entries))]
+        self.entries[key] = value  # (last: the most recently used)
+        return value
 
     def __getstate__(self):  # caches are not persisted (device tensors, stale keys)
         return {}
 
     def __setstate__(self, state):
-        self.key = None
-        self.value = None
+        self.entries = {}
 
     def __deepcopy__(self, memo):
         return VersionCache()

@@ -89,8 +89,9 @@ def _row(ctx, T, N, C, H, gen, residual=False) -> dict:
     if not ctx.dry:
         row["cudnn_conv_ms"] = ctx.bench(lambda: F.conv2d(flat, wl, None, 1, 1))["median"]
     kw = dict(scale=scale, shift=shift, neuron="lif", tau=2.0, residual=res)
+    # (the weight channels_last, as a layer caches it: cuDNN's NHWC kernels take it without a conversion per call)
     row["cudnn_neuron_ms"] = None if ctx.dry else ctx.bench(
-        lambda: spiking_conv2d(x, w, None, 1, 1, path="cudnn", **kw))["median"]
+        lambda: spiking_conv2d(x, wl, None, 1, 1, path="cudnn", **kw))["median"]
     times, flips = {}, {}
     saved = dict(conv_kernels.TMA_LOOP)
     try:
