@@ -1,7 +1,7 @@
-"""``scripts/sm90_tilings.py`` compiles the fused convolution's tilings (and the neuron kernel) for sm_90a without a GPU. Checked here on two
-tilings with T in the GEMM's M: the script's table, and what the epilogue that picks each step's rows compiles to
-(no register spills, no shuffles), with a residual and without; the 128-row tile on wgmma, the 32-row one on
-mma.sync."""
+"""``scripts/sm90_tilings.py`` compiles the fused convolution's tilings and the neuron kernel for sm_90a without a
+GPU. Checked here on two tilings with T in the GEMM's M: the script's table, and what the epilogue that picks each
+step's rows compiles to (no register spills, no shuffles), with a residual and without; the 128-row tile on wgmma,
+the 32-row one on mma.sync; and the neuron kernel at each chunk of steps it loads at once."""
 
 from __future__ import annotations
 
