@@ -137,38 +137,34 @@ def _multistep_kernel(
     v_reset = tl.cast(v_reset, tl.float32)
     v_init = tl.cast(v_init, tl.float32)
     n = tl.program_id(2)
-    # the [BLOCK_S, BLOCK_C] block flattened, channels fastest: one axis for the block and one for the steps, so that
-    # every Triton version gives each thread all the steps of its elements (a 3-D tile's layout varies between them)
-    e = tl.arange(0, BLOCK_S * BLOCK_C)
-    s = tl.program_id(0) * BLOCK_S + e // BLOCK_C
-    c = tl.program_id(1) * BLOCK_C + e % BLOCK_C
-    c_ok = c < C
-    ok = (s < S) & c_ok
-    xo = n * sxn + s * sxs + c * sxc
-    yo = n * syn + s * sys + c * syc
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (s < S)[:, None] & (c < C)[None, :]
+    xo = n * sxn + s[:, None] * sxs + c[None, :] * sxc
+    yo = n * syn + s[:, None] * sys + c[None, :] * syc
     if HAS_SCALE:
-        scale = tl.load(scale_ptr + c, mask=c_ok, other=1.0).to(tl.float32)
+        scale = tl.load(scale_ptr + c, mask=c < C, other=1.0).to(tl.float32)[None, :]
     if HAS_SHIFT:
-        shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + c, mask=c < C, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        ro = n * srn + s * srs + c * src
+        ro = n * srn + s[:, None] * srs + c[None, :] * src
     if STORE_Z:
-        zo = n * szn + s * szs + c * szc
+        zo = n * szn + s[:, None] * szs + c[None, :] * szc
     if HAS_V:
-        v = tl.load(v_ptr + n * svn + s * svs + c * svc, mask=ok, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + n * svn + s[:, None] * svs + c[None, :] * svc, mask=ok, other=0.0).to(tl.float32)
     else:
-        v = tl.full([BLOCK_S * BLOCK_C], v_init, dtype=tl.float32)
-    # T_CHUNK steps are loaded at once, so that their memory latencies overlap (one load per step would wait for
-    # each in turn: these tensors are a few MB, and latency bounds them); T_CHUNK divides T (no step is masked)
+        v = tl.full([BLOCK_S, BLOCK_C], v_init, dtype=tl.float32)
+    # T_CHUNK steps (4 or 8, dividing T; else 1) are loaded at once, so that their memory latencies overlap (one
+    # load per step would wait for each in turn: these tensors are a few MB, and latency bounds them)
     tk = tl.arange(0, T_CHUNK)
-    okk = ok[:, None]
+    okk = ok[:, :, None]
     for t0 in range(0, T, T_CHUNK):
-        xs = tl.load(x_ptr + xo[:, None] + (t0 + tk)[None, :] * sxt, mask=okk, other=0.0)[:, None, :]
+        xs = tl.load(x_ptr + xo[:, :, None] + (t0 + tk)[None, None, :] * sxt, mask=okk, other=0.0)
         if HAS_RES:
-            rs = tl.load(r_ptr + ro[:, None] + (t0 + tk)[None, :] * srt, mask=okk, other=0.0)[:, None, :]
+            rs = tl.load(r_ptr + ro[:, :, None] + (t0 + tk)[None, None, :] * srt, mask=okk, other=0.0)
         for k in tl.static_range(T_CHUNK):
             t = t0 + k
-            z = tl.reshape(_step_of(xs, k, T_CHUNK), [BLOCK_S * BLOCK_C]).to(tl.float32)
+            z = _step_of(xs, k, T_CHUNK).to(tl.float32)
             if HAS_SCALE:
                 z = z * scale
             if HAS_SHIFT:
@@ -176,7 +172,7 @@ def _multistep_kernel(
             if ROUND_AFFINE:  # stored in x's dtype before the residual comes, as a separate add would store it
                 z = z.to(x_ptr.dtype.element_ty).to(tl.float32)
             if HAS_RES:
-                r = tl.reshape(_step_of(rs, k, T_CHUNK), [BLOCK_S * BLOCK_C]).to(tl.float32)
+                r = _step_of(rs, k, T_CHUNK).to(tl.float32)
                 if not RES_POST:
                     z = z + r
             if STORE_Z:  # the sum in its own dtype; the neuron fires from the value stored, as a reader would
@@ -189,7 +185,7 @@ def _multistep_kernel(
             else:
                 tl.store(y_ptr + t * syt + yo, spike.to(y_ptr.dtype.element_ty), mask=ok)
     if STORE_V:
-        tl.store(vo_ptr + n * son + s * sos + c * soc, v, mask=ok)
+        tl.store(vo_ptr + n * son + s[:, None] * sos + c[None, :] * soc, v, mask=ok)
 
 
 def _per_channel(t: torch.Tensor) -> torch.Tensor:
