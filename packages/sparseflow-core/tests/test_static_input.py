@@ -145,6 +145,55 @@ def test_stem_without_neuron_convolves_the_frame_once(path):
     assert any("static input" in n and "without a neuron" in n for n in rep.notes)
 
 
+class _StemWithWriter(torch.nn.Module):
+    """conv -> BN (no neuron), then a reader that writes into the stem's output (an in-place ReLU, or an in-place
+    add), then a spiking layer."""
+
+    def __init__(self, writer):
+        super().__init__()
+        from spikingjelly.activation_based import layer, neuron
+
+        self.writer = writer
+        self.stem = torch.nn.Sequential(layer.Conv2d(3, 8, 3, 1, 1, bias=False), layer.BatchNorm2d(8))
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.lif = neuron.LIFNode(tau=2.0, step_mode="m")
+        self.conv = layer.Conv2d(8, 8, 3, 1, 1, bias=False)
+        self.bn = layer.BatchNorm2d(8)
+        self.lif2 = neuron.LIFNode(tau=2.0, step_mode="m")
+
+    def forward(self, x):
+        y = self.stem(x)
+        if self.writer == "relu":
+            y = self.relu(y)
+        else:
+            y += 0.25
+        return self.lif2(self.bn(self.conv(self.lif(y))))
+
+
+@pytest.mark.parametrize("writer", ["relu", "add_"])
+def test_stem_output_written_in_place_is_not_repeated_by_stride_zero(writer):
+    """Where a reader writes into the stem's output, every step would share that write: the stem then convolves all
+    the steps (no stride-0 output), the model runs as the dense one, and the report says why."""
+    torch.manual_seed(0)
+    net = _StemWithWriter(writer)
+    functional.set_step_mode(net, "m")
+    frame = torch.randn(2, 3, 10, 10)
+    x = frame.unsqueeze(0).expand(3, *frame.shape)
+    with torch.no_grad():
+        calibrate_bns(net, x.contiguous())
+    net.eval()
+    with force_path({"conv": "torch", "spiking": "cudnn"}):
+        opt, rep = optimize(copy.deepcopy(net), x, block_size=8, return_report=True)
+        with torch.no_grad():
+            functional.reset_net(opt)
+            out = opt(x)
+    ref = _dense(net, x)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5) and ref.abs().sum() > 0
+    assert opt.stem[0].last_path == "torch" and not opt.stem[0].static_passthrough
+    entry = {e.name: e for e in rep.layers}["stem.0"]
+    assert "a static input is convolved at every step" in entry.reason, entry.reason
+
+
 @settings(max_examples=25, deadline=None)
 @given(T=st.integers(1, 5), N=st.integers(1, 3), expanded=st.booleans(),
        dtype=st.sampled_from([torch.float16, torch.bfloat16]))

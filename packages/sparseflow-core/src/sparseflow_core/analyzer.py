@@ -142,6 +142,22 @@ class Analysis:
                 return False, "input derived from spikes but not integer-valued (not spikes)"
         return True, ""
 
+    def writing_reader(self, name: str, reads_only) -> str:
+        """'' when no reader of ``name``'s outputs may write into them: each is a module for which ``reads_only``
+        holds (given its name) or a torch function that is no in-place one; else the first that may, named."""
+        for c in self.calls.get(name) or []:
+            if c.out_root is None:
+                return "its output is not a tensor"
+            for u in self.uses.get(c.out_root, []):
+                if u.kind == "output":
+                    return "its output is returned by the model"
+                if u.kind == "fn" and (u.name.endswith("_") or u.name.startswith("__i") or u.name == "__setitem__"):
+                    return f"{u.name}() writes into its output"
+                if u.kind == "module" and not reads_only(u.name):
+                    return f"its output is read by {u.name} ({self.types.get(u.name, type(None)).__name__}), " \
+                           "which may write into it"
+        return ""
+
     def chained(self, prev: str, nxt: str) -> tuple[bool, str]:
         """(True, '') when every call of ``nxt`` takes the whole, unchanged output of a call of ``prev`` and the two
         are called equally often (with ``sole_user(prev) == nxt`` every call of each belongs to the chain); else

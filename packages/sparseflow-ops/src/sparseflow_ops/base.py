@@ -111,6 +111,7 @@ class SparseModule:
     #: attributes that are the drop-in's own: not carried over to the module ``to_dense`` returns
     _runtime: tuple[str, ...] = ("_pending", "_bn", "_neuron", "_original_class", "_wcache", "_acache", "_bcache",
                                  "_scache", "_tcache", "block_size", "mode", "config", "write_occupancy", "defer_shift",
+                                 "static_passthrough",
                                  "time_steps", "last_path", "step_mode", "numerics", "residual_chain",
                                  "_sum_neuron")
     #: "fast" or "faithful" (set per instance by ``optimize(..., numerics=...)``)

@@ -55,6 +55,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
     _caches = ("_wcache", "_acache", "_bcache", "_scache", "_tcache")
     write_occupancy = False  # the fused layer writes its spikes' occupancy for a sparse consumer
     defer_shift = False  # cuDNN paths: the bias left to the max pool that alone consumes the output
+    # no neuron: a static input's frame convolved once, the output handed on repeated by stride 0 (set by optimize
+    # where no reader of the output writes into it)
+    static_passthrough = False
     # True when the layer runs fused only with its residual (neuron(bn(conv(x)) + identity), optimize's fx pass):
     # called without one, it is the convolution alone and the BatchNorm and neuron run themselves
     residual_chain = False
@@ -63,6 +66,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.write_occupancy = False
         self.defer_shift = False
+        self.static_passthrough = False
         self.residual_chain = False
         self._init_dropin(block_size, mode)
 
@@ -264,12 +268,12 @@ class SparseConv2d(SparseModule, nn.Conv2d):
     # -- conv (+ folded BN)
     def _conv_forward_kernels(self, x, residual=None, residual_after=False):
         """The convolution (+ folded BatchNorm; never a residual) on the path measured fastest: the sparse or dense
-        kernel, cuDNN channels_last, or cuDNN on the image's channels zero-padded to 8. An input repeated over the
-        steps by stride 0 (a static image, or such a layer's output) is convolved once per sample and handed on
-        repeated by stride 0 (path ``<path>_static``): ``conv(x[t]) = conv(x[0])``. Not where a max pool takes the
-        bias (``defer_shift``: the pool reads one tensor of all the steps)."""
+        kernel, cuDNN channels_last, or cuDNN on the image's channels zero-padded to 8. With ``static_passthrough``,
+        an input repeated over the steps by stride 0 (a static image, or such a layer's output) is convolved once per
+        sample and handed on repeated by stride 0 (path ``<path>_static``): ``conv(x[t]) = conv(x[0])``. Not where a
+        max pool takes the bias (``defer_shift``: the pool reads one tensor of all the steps)."""
         five = x.dim() == 5
-        if five and x.shape[0] > 1 and not self.defer_shift and repeated_over_steps(x):
+        if five and self.static_passthrough and not self.defer_shift and x.shape[0] > 1 and repeated_over_steps(x):
             y = self._conv_forward_kernels(x[0])
             self.last_path = f"{self.last_path}_static"
             return y.unsqueeze(0).expand(x.shape[0], *y.shape)
