@@ -6,8 +6,12 @@
 #
 # That machine has python3 with torch + triton + pytest (+ pytest-timeout) preinstalled,
 # no network and no pip index. Wheels it needs beyond that are carried in .whl/ and
-# installed with --no-index into /tmp/site. Our own five packages are NOT installed:
-# their source trees go on PYTHONPATH.
+# installed with --no-index into /tmp/site: SpikingJelly with the two of its requirements
+# that machine lacks, and snnTorch (the zoo models, the e2e section, the GPU tests):
+#
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 #         --implementation cp --platform manylinux2014_x86_64 -d .whl #         spikingjelly==2.0.0 loguru scienceplots snntorch==1.0.0
+#
+# Our own five packages are NOT installed: their source trees go on PYTHONPATH.
 #
 # Steps: environment report -> pytest -m gpu -> GPU benchmarks. The benchmarks run even
 # if the tests fail; the exit status is non-zero if either step failed.
