@@ -140,8 +140,15 @@ def test_stem_without_neuron_convolves_the_frame_once(path):
             assert torch.allclose(out, dref, atol=1e-4, rtol=1e-4), (call, (out - dref).abs().max())
             a, b = neuron_states(opt), neuron_states(moving)
             assert all(torch.allclose(torch.as_tensor(a[n]), torch.as_tensor(b[n]), atol=1e-5) for n in a)
-    assert opt.stem[0].last_path == opt.blocks[0].downsample[0].last_path == f"{path}_static"
-    assert moving.stem[0].last_path == path
+        assert opt.stem[0].last_path == opt.blocks[0].downsample[0].last_path == f"{path}_static"
+        assert moving.stem[0].last_path == path
+        # train(): the dense modules run (every step convolved), as the dense model in train mode
+        for net in (opt, dense):
+            net.train()
+            functional.reset_net(net)
+        out, dref = opt(x), dense(x.contiguous())
+        assert seen["stem"].stride(0) != 0
+        assert torch.allclose(out, dref, atol=1e-4, rtol=1e-4), (out - dref).abs().max()
     assert any("static input" in n and "without a neuron" in n for n in rep.notes)
 
 
