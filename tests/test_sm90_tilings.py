@@ -13,16 +13,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_tilings_compile_for_sm90_without_spills():
-    specs = ["tma_tm_4x8_n128:256:256:14", "tma_tm_4x8_n128:256:256:14:r", "tma_tm_2x4:64:64:56:r"]
+def _table(*args: str) -> tuple[str, list[dict]]:
+    """Run the script on ``args``: (its first line, its table's rows as {column: cell})."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/sm90_tilings.py"), *specs], capture_output=True,
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/sm90_tilings.py"), *args], capture_output=True,
                          text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("triton ") and "sm_90a, T=4, N=8" in lines[0]
     head = [c.strip() for c in lines[1].strip("|").split("|")]
-    rows = [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[3:]]
+    return lines[0], [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[3:]]
+
+
+def test_tilings_compile_for_sm90_without_spills():
+    first, rows = _table("tma_tm_4x8_n128:256:256:14", "tma_tm_4x8_n128:256:256:14:r", "tma_tm_2x4:64:64:56:r")
+    assert first.startswith("triton ") and "sm_90a, T=4, N=8" in first
     assert [(r["tiling"], r["residual"]) for r in rows] == [("tma_tm_4x8_n128", "no"), ("tma_tm_4x8_n128", "yes"),
                                                            ("tma_tm_2x4", "yes")]
     for r in rows:
@@ -36,14 +40,8 @@ def test_neuron_kernel_compiles_for_sm90_at_every_step_chunk():
     """The multi-step neuron kernel loads several steps at once (4 or 8, where they divide T; else one): it compiles
     for sm_90a without spills or shuffles, also as a sum kernel whose residual comes in the other memory order (NCHW
     against channels_last), which Triton 3.6's layout pass failed on for chunks of two."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for T in (2, 4, 16):
-        out = subprocess.run([sys.executable, str(ROOT / "scripts/sm90_tilings.py"), "neuron:64:64:14",
-                              "neuron:64:64:14:r", "--T", str(T)], capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr[-2000:]
-        lines = out.stdout.splitlines()
-        head = [c.strip() for c in lines[1].strip("|").split("|")]
-        rows = [dict(zip(head, (c.strip() for c in line.strip("|").split("|")))) for line in lines[3:]]
+        _, rows = _table("neuron:64:64:14", "neuron:64:64:14:r", "--T", str(T))
         assert [(r["tiling"], r["residual"]) for r in rows] == [("neuron", "no"), ("neuron", "yes")], (T, rows)
         for r in rows:
             assert r["spill"] == "0/0" and r["SHFL"] == "0" and int(r["sass"]) > 0, (T, r)
