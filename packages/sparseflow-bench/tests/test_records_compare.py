@@ -563,3 +563,19 @@ def test_exactness_section_dry_run(tmp_path):
     saved = json.loads((tmp_path / "exactness.json").read_text())
     assert saved["models"]["sew_resnet18"]["faithful_bit_identical"] == [True, True, True]
     assert "| sew_resnet18 | 0 / 0 / 0 | yes / yes / yes |" in (tmp_path / "exactness.md").read_text()
+
+
+def test_readme_row_names_a_dense_run_that_was_not_timed(tmp_path):
+    """An end-to-end record whose section skipped a dense run says so beside its baseline in the README's row."""
+    e2e = {"net": {"T": 4, "N": 8, "size": 224, "sparseflow_ms": 1.0, "eager_fp32_ms": 10.0, "baseline_ms": 1.5,
+                   "baseline_kind": "compile_fp16_default_graph",
+                   "baseline_skipped": ["compile_fp16_reduce-overhead: the section's time budget ran out"]},
+           "full": {"T": 4, "N": 8, "size": 224, "sparseflow_ms": 1.0, "eager_fp32_ms": 10.0, "baseline_ms": 1.2,
+                    "baseline_kind": "compile_fp16_default_graph", "speedup_vs_best_dense": 1.2},
+           "_env": ENV}
+    (tmp_path / "e2e.json").write_text(json.dumps(e2e))
+    text = report.readme_results(str(tmp_path), plot=False)
+    row = next(ln for ln in text.splitlines() if ln.startswith("| net end to end"))
+    assert "1.50 ms (not timed: compile_fp16_reduce-overhead: the section's time budget ran out)" in row
+    full = next(ln for ln in text.splitlines() if ln.startswith("| full end to end"))
+    assert "not timed" not in full and "1.20x" in full

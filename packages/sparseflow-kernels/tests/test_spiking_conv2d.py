@@ -403,3 +403,18 @@ def test_input_repeated_by_stride_zero(shape, neuron, seed):
     spikes, v = run(layer, p, path="cudnn", return_v=True)
     ref_s, ref_h, ref_v = reference_neuron(p, layer["z"], None)
     assert_spikes_match(spikes, ref_s, ref_h, p["v_threshold"], v, ref_v)
+
+
+@pytest.mark.parametrize("path", ["fused", "fused-t_in_m", "cudnn"])
+def test_final_membrane_is_a_tensor_of_its_own(path):
+    """The final membrane equals the reference and is a tensor of its own, not a view, so that a neuron can detach it
+    in place (SpikingJelly's ``detach``); the fused kernels store it channels innermost, as their spikes."""
+    p = NEURONS["lif-hard"]
+    layer = make_layer(v0=True)
+    kw = {"fused": {}, "fused-t_in_m": {"config": TM_CONFIG}, "cudnn": {"path": "cudnn"}}[path]
+    spikes, v = run(layer, p, return_v=True, **kw)
+    check(layer, p, spikes, v)
+    assert v._base is None
+    v.detach_()
+    if path != "cudnn":
+        assert v.is_contiguous(memory_format=torch.channels_last)

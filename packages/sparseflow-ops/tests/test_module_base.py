@@ -211,3 +211,33 @@ def test_version_cache_keeps_the_variants_it_hands_out(keys):
     assert set(computed) == set(keys) and len(computed) <= len(keys)
     if len(set(keys)) <= VersionCache.MAX_ENTRIES:
         assert sorted(computed) == sorted(set(keys))  # each variant computed once
+
+
+@pytest.mark.parametrize("in_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("multistep", [True, False])
+def test_neuron_off_the_kernels_gets_its_membrane_in_the_dense_layout(in_layout, multistep):
+    """A fused layer's neuron keeps the membrane the kernels wrote (channels innermost). Run through its own forward
+    (training, hooks, CPU), it first takes that membrane in the layout the dense neuron gives it, its input step's:
+    the same values, and the outputs laid out as the dense model's."""
+    from spikingjelly.activation_based import neuron
+
+    from sparseflow_ops.neurons import find_adapter
+
+    torch.manual_seed(0)
+    sn = neuron.LIFNode(tau=2.0, step_mode="m" if multistep else "s")
+    dense = copy.deepcopy(sn)
+    v = torch.randn(2, 3, 4, 5)
+    sn.v = v.contiguous(memory_format=torch.channels_last)  # as the fused kernels store it
+    dense.v = v.clone()
+    x = torch.randn(3, 2, 3, 4, 5) if multistep else torch.randn(2, 3, 4, 5)
+    if in_layout == "channels_last":
+        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape) if multistep else \
+            x.contiguous(memory_format=torch.channels_last)
+        dense.v = dense.v.contiguous(memory_format=torch.channels_last)
+    find_adapter(sn).restore_layout(sn, x)
+    step = x[0] if multistep else x
+    assert sn.v.stride() == step.stride() and torch.equal(sn.v, v)
+    with torch.no_grad():
+        y, ref = sn(x), dense(x)
+    assert torch.equal(y, ref) and y.stride() == ref.stride()
+    assert torch.equal(sn.v, dense.v) and sn.v.stride() == dense.v.stride()

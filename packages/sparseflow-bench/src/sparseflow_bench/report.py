@@ -261,8 +261,10 @@ def readme_results(d: str, link_dir: str | None = None, plot: bool = True) -> st
             why = m.get("error") or m.get("sparseflow_fp16_error") or "not measured in this run"
             lines.append(f"| {name} end to end{shape}, `e2e.json` | {str(why)[:80]} | | |")
             continue
+        skipped = "; ".join(m.get("baseline_skipped") or [])  # a dense run not timed: the best of the others
         base = [f"eager fp32 {eager:.2f} ms" if eager else None,
-                f"{f'dense fp16 {comp_name}' if comp_name else 'compile fp16'} {comp:.2f} ms" if comp else None]
+                f"{f'dense fp16 {comp_name}' if comp_name else 'compile fp16'} {comp:.2f} ms"
+                f"{f' (not timed: {skipped})' if skipped else ''}" if comp else None]
         ratio = [_fx(eager / ours, ".1f") if eager else None, _fx(comp / ours) if comp else None]
         lines.append(f"| {name} end to end{shape}, fp16 + CUDA graph, `e2e.json` | "
                      f"{' / '.join(b for b in base if b)} | {ours:.2f} ms | {' / '.join(x for x in ratio if x)} |")

@@ -185,7 +185,7 @@ def _conv_kernel(
     T_IN_M: tl.constexpr, T_P2: tl.constexpr, PREC: tl.constexpr, RES_POST: tl.constexpr = False,
     x_desc=None, w_desc=None, TMA: tl.constexpr = False, FLAT: tl.constexpr = False,
     FLATTEN_T: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
-    ws_ptr=None, cnt_ptr=None, SPLIT_K: tl.constexpr = 1,
+    ws_ptr=None, cnt_ptr=None, SPLIT_K: tl.constexpr = 1, TILE_N: tl.constexpr = 1,
 ):
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     leak = tl.cast(leak, tl.float32)
@@ -194,7 +194,8 @@ def _conv_kernel(
     v_init = tl.cast(v_init, tl.float32)
     tile = tl.program_id(0) // SPLIT_K  # the splits of one tile are neighbours
     sk = tl.program_id(0) % SPLIT_K
-    cb, n, th, tw = _block_of(tile, NUM_CB, TILES_H, TILES_W)
+    cb, n, th, tw = _block_of(tile, NUM_CB, TILES_H, TILES_W)  # (n: the tile's first sample / TILE_N)
+    n = n * TILE_N
     P: tl.constexpr = TILE_H * TILE_W
     co = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < CO
@@ -202,13 +203,14 @@ def _conv_kernel(
     shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0) if HAS_SHIFT else tl.zeros([BLOCK_N], tl.float32)
 
     if T_IN_M:
-        # rows = (t, pixel): all time steps of the tile in one GEMM
-        BM: tl.constexpr = T_P2 * P
+        # rows = (t, sample, pixel): all time steps of the tile (of its TILE_N samples) in one GEMM
+        BM: tl.constexpr = T_P2 * TILE_N * P
         r = tl.arange(0, BM)
-        tt = r // P
+        tt = r // (TILE_N * P)
+        n_row = n + (r // P) % TILE_N
         oh, ow, row_ok = _pixels(r % P, th, tw, OH, OW, TILE_H, TILE_W, FLAT)
-        row_ok = row_ok & (tt < T)
-        b_row = tt * N + n
+        row_ok = row_ok & (tt < T) & (n_row < N)
+        b_row = tt * N + n_row
         ih0 = oh * SH - PAD_H
         iw0 = ow * SW - PAD_W
         act = tl.zeros([NG_P2], dtype=tl.int32)
@@ -239,11 +241,16 @@ def _conv_kernel(
             row_ok = row_ok & live
         rp = res_ptr + b_row[:, None] * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
         z = _affine_residual(acc, scale, shift, rp, row_ok[:, None] & co_ok[None, :], HAS_SCALE, HAS_SHIFT, HAS_RES)
-        # per time step: its rows of z (T_P2 x P x BLOCK_N), then the neuron in registers
-        zs = tl.permute(tl.reshape(z, [T_P2, P, BLOCK_N]), (1, 2, 0))  # [P, BLOCK_N, T_P2]: the steps innermost
-        oh, ow, q_ok = _pixels(tl.arange(0, P), th, tw, OH, OW, TILE_H, TILE_W, FLAT)  # now those of one step
+        # per time step: its rows of z (T_P2 x TILE_N * P x BLOCK_N), then the neuron in registers
+        Q: tl.constexpr = TILE_N * P
+        zs = tl.permute(tl.reshape(z, [T_P2, Q, BLOCK_N]), (1, 2, 0))  # [Q, BLOCK_N, T_P2]: the steps innermost
+        q = tl.arange(0, Q)
+        oh, ow, q_ok = _pixels(q % P, th, tw, OH, OW, TILE_H, TILE_W, FLAT)  # now those of one step
+        if TILE_N > 1:
+            n = n + q // P  # the sample of each row
+            q_ok = q_ok & (n < N)
         out_ok = (q_ok & live)[:, None] & co_ok[None, :]
-        v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
+        v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, Q, BLOCK_N)
         for t in tl.static_range(T_P2):
             if t < T:
                 zt = _step_of(zs, t, T_P2)
@@ -291,7 +298,7 @@ def _conv_kernel(
                             WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
                             res_ptr, srb, src, srh, srw, RES_POST)
     if STORE_V:  # the final membrane, [N, CO, OH, OW]
-        vp = vout_ptr + n * son + (oh * soh + ow * sow)[:, None] + co[None, :] * soc
+        vp = vout_ptr + (n * son + oh * soh + ow * sow)[:, None] + co[None, :] * soc
         tl.store(vp, v, mask=out_ok)
 
 
@@ -314,7 +321,7 @@ def _affine_residual(acc, scale, shift, rp, ok, HAS_SCALE: tl.constexpr, HAS_SHI
 def _initial_v(v_ptr, n, oh, ow, co, ok, svn, svc, svh, svw, v_init,
                HAS_V: tl.constexpr, P: tl.constexpr, BLOCK_N: tl.constexpr):
     if HAS_V:
-        vp = v_ptr + n * svn + (oh * svh + ow * svw)[:, None] + co[None, :] * svc
+        vp = v_ptr + (n * svn + oh * svh + ow * svw)[:, None] + co[None, :] * svc
         v = tl.load(vp, mask=ok, other=0.0).to(tl.float32)
     else:
         v = tl.full([P, BLOCK_N], v_init, dtype=tl.float32)
@@ -327,9 +334,9 @@ def _store_step(spike, y_ptr, b, oh, ow, co, ok, syb, syc, syh, syw,
                 WRITE_OCC: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
                 BLOCK_N: tl.constexpr, OCC_GROUP: tl.constexpr,
                 res_ptr, srb, src, srh, srw, RES_POST: tl.constexpr):
-    yp = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
+    yp = y_ptr + (b * syb + oh * syh + ow * syw)[:, None] + co[None, :] * syc
     if RES_POST:  # residual + spikes: one rounding of the exact sum, as the dense add
-        rp = res_ptr + b * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
+        rp = res_ptr + (b * srb + oh * srh + ow * srw)[:, None] + co[None, :] * src
         val = tl.load(rp, mask=ok, other=0.0).to(tl.float32) + spike.to(tl.float32)
         tl.store(yp, val.to(y_ptr.dtype.element_ty), mask=ok)
     else:
@@ -380,19 +387,20 @@ def tma_supported(x: torch.Tensor, kernel_size, stride, padding, dilation=(1, 1)
 
 def _descriptors(x, w_packed, T, N, cfg: ConvConfig):
     """The input as a descriptor over ``[T, N, H, W, C]`` (``x`` is ``[T*N, C, H, W]`` with sample ``t * N + n``)
-    with ``[T rows, 1, TILE_H, TILE_W, BLOCK_K]`` boxes (every step of the tile with ``t_in_m``, else one), or with
-    ``tile_h == 1`` over ``[T, N, H*W, C]`` with ``[T rows, 1, TILE_W, BLOCK_K]`` boxes (rows in row-major order across
-    the map's rows), and the packed weight as ``[KK*C_PAD, CO_PAD]`` with ``[BLOCK_K, BLOCK_N]`` boxes."""
+    with ``[T rows, TILE_N, TILE_H, TILE_W, BLOCK_K]`` boxes (every step of the tile with ``t_in_m``, else one), or
+    with ``tile_h == 1`` over ``[T, N, H*W, C]`` with ``[T rows, TILE_N, TILE_W, BLOCK_K]`` boxes (rows in row-major
+    order across the map's rows), and the packed weight as ``[KK*C_PAD, CO_PAD]`` with ``[BLOCK_K, BLOCK_N]`` boxes."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     _B, C, H, W = x.shape
     sb, sc, sh, sw = x.stride()
     t_rows = next_power_of_2(T) if cfg.t_in_m else 1
     if cfg.tile_h == 1:
-        x_desc = TensorDescriptor(x, [T, N, H * W, C], [N * sb, sb, sw, sc], [t_rows, 1, cfg.tile_w, cfg.block_k])
+        x_desc = TensorDescriptor(x, [T, N, H * W, C], [N * sb, sb, sw, sc],
+                                  [t_rows, cfg.tile_n, cfg.tile_w, cfg.block_k])
     else:
         x_desc = TensorDescriptor(x, [T, N, H, W, C], [N * sb, sb, sh, sw, sc],
-                                  [t_rows, 1, cfg.tile_h, cfg.tile_w, cfg.block_k])
+                                  [t_rows, cfg.tile_n, cfg.tile_h, cfg.tile_w, cfg.block_k])
     w2 = w_packed.view(-1, w_packed.shape[2])
     return x_desc, TensorDescriptor(w2, list(w2.shape), list(w2.stride()), [cfg.block_k, cfg.block_n])
 
@@ -407,6 +415,7 @@ def launch_conv(
     ``residual`` like ``out``, ``v``/``v_out`` ``[N, CO, OH, OW]`` fp32, ``occ`` an Occupancy of ``x``
     (sparse mode) or None (dense), ``occ_out`` codes ``[T*N, tiles_h, tiles_w, groups]`` to fill.
     ``residual_post``: the residual is added to the neuron's spikes (stored sum) instead of before the neuron.
+    ``cfg.tile_n`` samples share each tile (dense, no occupancy written).
     ``cfg.split_k`` shares each tile's reduction among that many programs (an fp32 workspace of the partial sums
     and a counter per tile, allocated here). ``cfg.tma`` loads the tiles through tensor descriptors
     (:func:`tma_supported` must hold, dense only); with ``cfg.tile_h == 1`` a tile is then ``tile_w`` pixels in
@@ -437,10 +446,10 @@ def launch_conv(
                          "accelerator")
     descs = _descriptors(x, w_packed, T, N, cfg) if tma else (None, None)
     split = cfg.split_k
-    if split > 1 and (occ is not None or occ_out is not None):
-        raise ValueError(f"ConvConfig(split_k={split}) runs dense and writes no occupancy")
-    rows = cfg.tile_h * cfg.tile_w * (next_power_of_2(T) if cfg.t_in_m else 1)
-    n_tiles = N * tiles_h * tiles_w * num_cb
+    if (split > 1 or cfg.tile_n > 1) and (occ is not None or occ_out is not None):
+        raise ValueError(f"ConvConfig(split_k={split}, tile_n={cfg.tile_n}) runs dense and writes no occupancy")
+    rows = cfg.tile_h * cfg.tile_w * cfg.tile_n * (next_power_of_2(T) if cfg.t_in_m else 1)
+    n_tiles = cdiv(N, cfg.tile_n) * tiles_h * tiles_w * num_cb
     if split > 1:  # the partial sums, and one arrival counter per tile (reset by the tile's last program)
         ws = torch.empty(n_tiles * split * rows * cfg.block_n, device=x.device, dtype=torch.float32)
         cnt = torch.zeros(n_tiles, device=x.device, dtype=torch.int32)
@@ -477,7 +486,7 @@ def launch_conv(
         T_IN_M=cfg.t_in_m, T_P2=next_power_of_2(T) if cfg.t_in_m else 1, PREC=prec,
         x_desc=descs[0], w_desc=descs[1], TMA=tma, FLAT=flat,
         FLATTEN_T=tma and TMA_LOOP["flatten"], WARP_SPEC=tma and TMA_LOOP["warp_specialize"],
-        ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=split,
+        ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=split, TILE_N=cfg.tile_n,
         num_warps=cfg.num_warps, num_stages=num_stages,
     )
     return out

@@ -4,7 +4,8 @@
 caches the fastest name under ``key``. Later calls with the same key return the cached name without timing.
 On the CPU (interpreter) nothing is timed and the ``fallback`` candidate is returned.
 
-Timing replays each candidate captured in a CUDA graph (median of CUDA-event timed replays after warm-up):
+Timing replays each candidate captured in a CUDA graph (median of CUDA-event timed replays after warm-up; every
+candidate captured, hence compiled, before any is timed, then timed in turns: :func:`measure_all`):
 the layers are 10-60 us of GPU work, and timed eagerly a candidate that launches several kernels (cuDNN
 conv + neuron kernel) pays the CPU's launch latency that a graph-replayed model never sees (measured on
 the H100: eager timing picked the fused Triton path for layers where cuDNN + neuron was 1.3x faster in a
@@ -121,8 +122,9 @@ def time_ms(fn, warmup: int = 2, reps: int = 7) -> float:
     return statistics.median(times)
 
 
-def graph_time_ms(fn, warmup: int = 2, reps: int = 10, inner: int = 5) -> float:
-    """Median CUDA-event time (ms) of one ``fn()`` replayed from a CUDA graph of ``inner`` back-to-back calls."""
+def _capture(fn, warmup: int = 2, inner: int = 5):
+    """A CUDA graph of ``inner`` back-to-back calls of ``fn``, after ``warmup`` eager calls on a side stream (the
+    first compiles a Triton kernel, runs cuDNN's algorithm search), replayed once."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -136,14 +138,22 @@ def graph_time_ms(fn, warmup: int = 2, reps: int = 10, inner: int = 5) -> float:
             fn()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
+    return graph
+
+
+def _replay_ms(graph, inner: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / inner
+
+
+def graph_time_ms(fn, warmup: int = 2, reps: int = 10, inner: int = 5) -> float:
+    """Median CUDA-event time (ms) of one ``fn()`` replayed from a CUDA graph of ``inner`` back-to-back calls."""
+    graph = _capture(fn, warmup, inner)
+    times = [_replay_ms(graph, inner) for _ in range(reps)]
     del graph
     return statistics.median(times)
 
@@ -155,6 +165,43 @@ def measure(fn) -> float:
     except Exception:  # not capturable (host sync, unsupported op): eager timing
         torch.cuda.synchronize()
         return time_ms(fn)
+
+
+#: replays of every candidate's graph before any is timed, and timed rounds (one replay of each candidate per round)
+WARM_ROUNDS, ROUNDS = 20, 15
+
+
+def measure_all(candidates: dict, inner: int = 5) -> dict:
+    """{name: median ms} of every candidate, compared on equal terms: all are captured first (each graph holds
+    ``inner`` calls; a candidate that cannot be captured runs eagerly, one that raises gets ``inf``), replayed
+    :data:`WARM_ROUNDS` times, then timed in :data:`ROUNDS` rounds of one replay each, in turn: no candidate is timed
+    right after the seconds of another's compile, nor in a different state of the GPU's clocks than the others. On
+    the H200 the medians of spiking_resnet34's layers agree within 2 us with those of candidates timed one
+    after the other, each right after its own capture."""
+    graphs, eager, results = {}, {}, {}
+    for name, fn in candidates.items():
+        try:
+            graphs[name] = _capture(fn, inner=inner)
+        except Exception:  # not capturable (host sync, unsupported op): timed eagerly, or not a candidate
+            torch.cuda.synchronize()
+            try:
+                fn()
+                eager[name] = fn
+            except Exception:  # a config that does not compile or fit
+                results[name] = float("inf")
+    for _ in range(WARM_ROUNDS):
+        for g in graphs.values():
+            g.replay()
+    torch.cuda.synchronize()
+    times = {name: [] for name in (*graphs, *eager)}
+    for _ in range(ROUNDS):
+        for name, g in graphs.items():
+            times[name].append(_replay_ms(g, inner))
+        for name, fn in eager.items():
+            times[name].append(time_ms(fn, warmup=0, reps=1))
+    graphs.clear()
+    results.update({name: statistics.median(t) for name, t in times.items()})
+    return {name: results[name] for name in candidates}
 
 
 def choose(key, candidates: dict, fallback: str, device: torch.device | None = None) -> str:
@@ -171,12 +218,7 @@ def choose(key, candidates: dict, fallback: str, device: torch.device | None = N
         return hit
     if device is None or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return fallback
-    results = {}
-    for name, fn in candidates.items():
-        try:
-            results[name] = measure(fn)
-        except Exception:  # a config that does not compile or fit is not a candidate
-            results[name] = float("inf")
+    results = measure_all(candidates)
     best = min(results, key=results.get)
     if results[best] == float("inf"):
         best = fallback

@@ -31,6 +31,12 @@ def new_spike_tensor(T, N, C, H, W, dtype, device) -> torch.Tensor:
     return torch.empty((T, N, H, W, C), dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
 
 
+def new_membrane(N, C, H, W, dtype, device) -> torch.Tensor:
+    """[N, C, H, W] channels_last, the spikes' layout: a tensor of its own, not a view (a neuron may detach its
+    membrane in place, as SpikingJelly's ``detach`` does)."""
+    return torch.empty((N, C, H, W), dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
 def repeated_over_steps(x: torch.Tensor) -> bool:
     """Whether ``x`` ``[T, N, ...]`` holds one input for every step by construction: more than one step, stride 0
     over them (``frame.expand(T, ...)``), so every step reads the same memory."""
@@ -141,7 +147,8 @@ def spiking_conv2d(
     out = new_spike_tensor(T, N, CO, OH, OW, x.dtype, x.device)
     if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{op}: v_dtype must be float32, float16 or bfloat16, got {v_dtype}")
-    v_out = torch.empty((N, CO, OH, OW), dtype=v_dtype, device=x.device) if return_v else None
+    # the fused kernel's final membrane channels innermost, as its spikes: its stores coalesce (NCHW scattered them)
+    v_out = new_membrane(N, CO, OH, OW, v_dtype, x.device) if return_v and path == "fused" else None
     occ_out = None
 
     if path == "cudnn":

@@ -61,19 +61,25 @@ class ConvConfig(_Config):
     descriptors (Hopper's tensor-memory accelerator; dense, stride 1, channels_last fp16/bf16 inputs only).
     ``split_k``: with ``t_in_m``, that many programs share a tile's reduction (channel groups x taps), each writing
     its fp32 partial sum; the last to finish adds the partials in split order and runs the epilogue (dense, no
-    occupancy written)."""
+    occupancy written). ``tile_n``: with ``t_in_m``, the tile holds the same pixels of that many samples (the
+    GEMM's rows are step x sample x pixel): on a map whose sides no power of two divides (14 x 14, 7 x 7) a tile of
+    ``4 x 8`` pixels computes 256 rows for 196 (a quarter of its products thrown away), one of ``2 x 2`` pixels
+    of 8 samples computes none in vain (dense, no occupancy written)."""
 
-    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "split_k", "t_in_m", "tile_h", "tile_w", "tma")
-    _KEY = ("tile_h", "tile_w", "block_n", "block_k", "t_in_m", "num_warps", "num_stages", "tma", "split_k")
+    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "split_k", "t_in_m", "tile_h", "tile_n", "tile_w",
+                 "tma")
+    _KEY = ("tile_h", "tile_w", "block_n", "block_k", "t_in_m", "num_warps", "num_stages", "tma", "split_k", "tile_n")
 
     def __init__(self, tile_h=8, tile_w=8, block_n=64, block_k=16, t_in_m=False, num_warps=4, num_stages=3,
-                 tma=False, split_k=1):
+                 tma=False, split_k=1, tile_n=1):
         self.tile_h, self.tile_w = int(tile_h), int(tile_w)
         self.block_n, self.block_k = int(block_n), int(block_k)
         self.t_in_m, self.tma = bool(t_in_m), bool(tma)
         self.num_warps, self.num_stages = int(num_warps), int(num_stages)
-        self.split_k = int(split_k)
-        self._check_pow2(1, "tile_h", "tile_w", "block_n", "block_k")
+        self.split_k, self.tile_n = int(split_k), int(tile_n)
+        self._check_pow2(1, "tile_h", "tile_w", "block_n", "block_k", "tile_n")
+        if self.tile_n > 1 and not self.t_in_m:
+            raise ValueError(f"ConvConfig: tile_n > 1 (samples per tile) needs t_in_m, got tile_n={self.tile_n}")
         if self.block_k < 16 or self.block_n < 16:
             raise ValueError("ConvConfig: block_k and block_n must be at least 16 (tensor-core tiles)")
         if self.split_k < 1 or (self.split_k > 1 and not self.t_in_m):
@@ -148,11 +154,12 @@ def require_conv_groups_fit(op: str, C: int, cfg: ConvConfig, per_group: bool = 
         raise ValueError(f"{op}: {C} {what} make more than {MAX_GROUPS} groups of {cfg.block_k}")
 
 
-def spiking_configs(C: int, CO: int, T: int, tma: bool = False) -> dict[str, ConvConfig]:
+def spiking_configs(C: int, CO: int, T: int, tma: bool = False, N: int | None = None) -> dict[str, ConvConfig]:
     """The dense fused-kernel configurations a spiking layer measures (the best of the H100 sweeps:
     8x8 output tiles with T looped inside, and 4x4 tiles with T in the GEMM's M for deep layers). With ``tma``
     (the layer's input qualifies, :func:`~sparseflow_kernels.conv.tma_supported`) also the tensor-descriptor
-    configurations (``tma_*``, :data:`TMA_CONFIGS`), K blocks of up to 64 channels."""
+    configurations (``tma_*``, :data:`TMA_CONFIGS`), K blocks of up to 64 channels; with ``N`` (the batch) not those
+    whose tiles hold more samples than there are."""
     bk = 32 if C >= 32 else 16
     cfgs = {"fused_dense": ConvConfig(8, 8, 64, bk, False, 4, 3)}
     if T <= 8:
@@ -161,22 +168,26 @@ def spiking_configs(C: int, CO: int, T: int, tma: bool = False) -> dict[str, Con
             cfgs["fused_tm_n128"] = ConvConfig(4, 4, 128, bk, True, 4, 3)
     if tma:
         tbk = min(64, max(16, next_pow2(C)))
-        for name, (th, tw, bn, t_in_m, warps, split) in TMA_CONFIGS.items():
-            if (t_in_m and T > 8) or bn > max(64, next_pow2(CO)):
+        for name, (th, tw, bn, t_in_m, warps, split, *tile_n) in TMA_CONFIGS.items():
+            tn = tile_n[0] if tile_n else 1
+            if (t_in_m and T > 8) or bn > max(64, next_pow2(CO)) or (N is not None and tn > N):
                 continue
-            cfgs[name] = ConvConfig(th, tw, bn, tbk, t_in_m, warps, 3, tma=True, split_k=split)
+            cfgs[name] = ConvConfig(th, tw, bn, tbk, t_in_m, warps, 3, tma=True, split_k=split, tile_n=tn)
     return cfgs
 
 
 #: the tensor-descriptor configurations of :func:`spiking_configs`: ``{name: (tile_h, tile_w, block_n, t_in_m,
-#: num_warps, split_k)}``; ``row`` tiles are ``tile_w`` pixels in row-major order across the map's rows (``tile_h``
-#: 1), the ``tm`` ones hold every time step of the tile in the GEMM's M (T <= 8); the ``split`` ones share each
-#: tile's reduction among that many programs (the deep layers at small batches, where the tiles are too few for
+#: num_warps, split_k[, tile_n])}``; ``row`` tiles are ``tile_w`` pixels in row-major order across the map's rows
+#: (``tile_h`` 1), the ``tm`` ones hold every time step of the tile in the GEMM's M (T <= 8); the ``split`` ones share
+#: each tile's reduction among that many programs (the deep layers at small batches, where the tiles are too few for
 #: the GPU's multiprocessors). The 128-row tiles (``tma_8x16``, ``tma_tm_4x8_n128*``) load fewer bytes per
 #: multiply-add than the smaller ones: each K step of an ``M x N`` tile loads ``(M + N) x BLOCK_K`` operands for
 #: ``M x N x BLOCK_K`` multiply-adds, 26 multiply-adds per operand at 32 x 128, 43 at 128 x 64, 64 at 128 x 128;
 #: they take two warp groups, which hold the accumulator and (steps looped) the membrane in registers without
-#: spilling (``tma_8x16`` on one warp group uses all 255 registers a thread has)
+#: spilling (``tma_8x16`` on one warp group uses all 255 registers a thread has). The ``nb`` ones hold the same
+#: pixels of ``tile_n`` samples (:class:`ConvConfig`): 128 rows that the map's sides divide, on 28 x 28
+#: (``4x4_nb2``) and 14 x 14 (``2x2_nb8``), where power-of-two tiles of one sample compute 12-23 % of their rows
+#: beyond the map; on 7 x 7, rows of 8 pixels run across the map's rows (``row8``: 56 rows for 49)
 TMA_CONFIGS = {
     "tma_row64_n128": (1, 64, 128, False, 8, 1),
     "tma_8x8": (8, 8, 64, False, 4, 1),
@@ -188,6 +199,12 @@ TMA_CONFIGS = {
     "tma_tm_2x4": (2, 4, 64, True, 4, 1),
     "tma_tm_2x4_n128": (2, 4, 128, True, 4, 1),
     "tma_tm_2x4_n128_split4": (2, 4, 128, True, 4, 4),
+    "tma_tm_4x4_nb2": (4, 4, 64, True, 4, 1, 2),
+    "tma_tm_4x4_nb2_n128": (4, 4, 128, True, 8, 1, 2),
+    "tma_tm_2x2_nb8": (2, 2, 64, True, 4, 1, 8),
+    "tma_tm_2x2_nb8_n128": (2, 2, 128, True, 8, 1, 8),
+    "tma_tm_row8_nb4": (1, 8, 64, True, 8, 1, 4),
+    "tma_tm_row8_nb4_split2": (1, 8, 64, True, 8, 2, 4),
 }
 
 

@@ -35,6 +35,12 @@ class Bypass:
                         f"was optimized for T={T} on a flattened [T*N, ...] batch; run sparseflow.optimize again "
                         "for the new T")
             return x
+        if self.last:  # a neuron running its own forward: its membrane as the dense neuron keeps it
+            from .neurons import find_adapter
+
+            adapter = find_adapter(self.module)
+            if adapter is not None:
+                adapter.restore_layout(self.module, x)
         return type(self.module).forward(self.module, x, *args, **kwargs)
 
 

@@ -440,7 +440,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
 
         cands = {}
         tma = not write_occ and tma_supported(flat, self.kernel_size, self.stride, self.padding, self.dilation)
-        for cname, c in spiking_configs(C, self.out_channels, T, tma).items():
+        for cname, c in spiking_configs(C, self.out_channels, T, tma, N=N).items():
             cands[cname] = (lambda c=c: fused(c, False))
         if self.block_size != "dense" and triton_groups_ok(C, cfg):
             cands["fused_sparse"] = lambda: fused(cfg, True)
@@ -461,9 +461,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         return spikes.flatten(0, 1) if adapter.is_multistep(neuron) else spikes[0]
 
 
-def spiking_configs(C: int, CO: int, T: int, tma: bool = False) -> dict[str, ConvConfig]:
+def spiking_configs(C: int, CO: int, T: int, tma: bool = False, N: int | None = None) -> dict[str, ConvConfig]:
     """The dense fused-kernel configurations a spiking layer measures (``sparseflow_kernels.tiling``)."""
-    return tiling.spiking_configs(C, CO, T, tma)
+    return tiling.spiking_configs(C, CO, T, tma, N=N)
 
 
 def triton_groups_ok(C: int, cfg: ConvConfig) -> bool:

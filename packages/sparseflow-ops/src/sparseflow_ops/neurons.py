@@ -61,6 +61,21 @@ class NeuronAdapter:
     def set_v(self, m: nn.Module, v: torch.Tensor, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
+    #: the attribute holding the membrane that ``get_v`` / ``set_v`` read and write
+    membrane_attr = "v"
+
+    def restore_layout(self, m: nn.Module, x) -> None:
+        """Before ``m`` runs its own forward on ``x`` (its drop-in off the kernels: training mode, hooks, CPU): its
+        membrane in the layout the dense neuron gives it, that of one step of its input. The fused kernels store it
+        channels innermost, as their spikes; the values are the same, but what the neuron's outputs meet next (a
+        random mask in training, say) follows the layout."""
+        v = getattr(m, self.membrane_attr, None)
+        if not isinstance(v, torch.Tensor) or not isinstance(x, torch.Tensor) or x.dim() < v.dim():
+            return
+        step = x[(0,) * (x.dim() - v.dim())]
+        if step.shape == v.shape and step.stride() != v.stride():
+            setattr(m, self.membrane_attr, torch.empty_like(step, dtype=v.dtype).copy_(v))
+
 
 def register_neuron_adapter(cls: type, adapter: NeuronAdapter) -> None:
     adapter.registered_class = cls
@@ -94,6 +109,9 @@ class _FrozenSpec(NeuronAdapter):
 
     def set_v(self, m, v, dtype):
         return self.adapter.set_v(m, v, dtype)
+
+    def restore_layout(self, m, x):
+        return self.adapter.restore_layout(m, x)
 
 
 _FROZEN: dict[int, _FrozenSpec] = {}

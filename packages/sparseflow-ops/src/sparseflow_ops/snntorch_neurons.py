@@ -112,6 +112,8 @@ class _SnnStep(NeuronAdapter):
     def set_v(self, m, v, dtype):
         m.mem = v.to(dtype)
 
+    membrane_attr = "mem"
+
     # -------------------------------------------------------------------------------------- the step
     def _states(self, m, args, kwargs):
         """The state tensors passed to the call (None where not passed), or None when the call is not one the

@@ -56,10 +56,12 @@ def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
     from sparseflow_core import optimize, reset_states
     from sparseflow_core.arguments import cast_inputs
     from sparseflow_core.cuda_graph import CudaGraphModel
+    from sparseflow_kernels import dispatch
 
     from ..timing import bench_ms, kernels_per_call
 
     xs = cast_inputs(x, dt)  # (as the dtype= cast of each call would: an image repeated by stride 0 stays so)
+    dispatch.clear_cache()  # each model measures its own layers, as in a process of its own
     opt, rep = optimize(copy.deepcopy(model), xs, dtype=dt if dt != torch.float32 else None, numerics=numerics,
                         return_report=True)
     for _ in range(2):
@@ -83,7 +85,22 @@ def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
             r[f"paths_{tag}"][e.path] = r[f"paths_{tag}"].get(e.path, 0) + 1
     if dt == torch.float16:  # which layer took which path, in the timed run (with the input shape it saw)
         r[f"layer_paths_{tag}"] = {e.name: f"{e.path} {list(e.in_shape or ())}" for e in rep.layers if e.path}
+        r[f"spiking_candidates_us_{tag}"] = _spiking_candidates(dt)
     torch.cuda.empty_cache()
+
+
+def _spiking_candidates(dt) -> dict:
+    """What the spiking convolutions' dispatch measured in ``dt``, per layer kind (input shape, output channels,
+    stride, a residual): every candidate's median, us, fastest first."""
+    from sparseflow_kernels import dispatch
+
+    out = {}
+    for key, ms in dispatch.timings().items():
+        if not (isinstance(key, tuple) and len(key) > 10 and key[0] == "spiking" and key[2] == dt):
+            continue
+        name = f"{'x'.join(map(str, key[1]))} -> {key[3]} stride {key[5][0]}{' + residual' if key[10] else ''}"
+        out[name] = {c: round(v * 1000, 2) for c, v in sorted(ms.items(), key=lambda kv: kv[1])}
+    return out
 
 
 def _baselines(ctx, r, energy, model, x, ref_logits, ref_spk, compile_only):
@@ -287,15 +304,36 @@ def _table(r: dict) -> list[str]:
     return lines
 
 
+def _layer_table(name: str, m: dict) -> list[str]:
+    """One line per spiking layer kind of a model, from its dispatch's medians (graph-replayed, in the model's run):
+    the path taken, cuDNN's convolution + neuron-kernel pair, the fastest fused kernel and their ratio."""
+    kinds = m.get("spiking_candidates_us_fp16") or {}
+    if not kinds:
+        return []
+    lines = [f"Spiking layers of {name} (N = {m.get('N')}), per layer kind: the dispatch's medians, us", "",
+             "| layer kind | taken | cuDNN + neuron kernel | fastest fused (tiling) | fused / pair |", "|---" * 5 + "|"]
+    for kind, c in kinds.items():
+        pair = c.get("cudnn", c.get("cudnn_static"))
+        fused = {k: v for k, v in c.items() if not k.startswith("cudnn") and v is not None and v != float("inf")}
+        best = min(fused, key=fused.get) if fused else None
+        ratio = f"{fused[best] / pair:.2f}" if best and pair else "—"
+        lines.append(f"| {kind} | {min(c, key=c.get)} | {pair if pair is not None else '—'} | "
+                     f"{f'{fused[best]} ({best})' if best else '—'} | {ratio} |")
+    return [*lines, ""]
+
+
 def markdown(r: dict, d: str) -> str:
-    lines = ["# End to end (recalibrated BatchNorm; T, N, size and input per model below)", "", *_table(r), "",
-             "Every field of each model:", ""]
+    lines = ["# End to end (recalibrated BatchNorm; T, N, size and input per model below)", "", *_table(r), ""]
+    for name, m in r.items():
+        if not name.startswith("_") and isinstance(m, dict):
+            lines += _layer_table(name, m)
+    lines += ["Every field of each model:", ""]
     for name, m in r.items():
         if name.startswith("_") or not isinstance(m, dict):
             continue
         lines.append(f"- **{name}** ({m.get('device')}): " + ", ".join(
             f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in m.items()
-            if k not in ("device",)))
+            if k not in ("device", "spiking_candidates_us_fp16")))
     models = [k for k, v in r.items() if not k.startswith("_") and isinstance(v, dict)]
 
     def draw(ax):

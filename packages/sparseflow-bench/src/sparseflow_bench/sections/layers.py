@@ -124,7 +124,7 @@ def candidates(x5, m, spec, scale, shift, res, dtype):
     cands = {}
     # what the module's dispatch measures, plus two configurations kept for the tables
     tma = tma_supported(xs.flatten(0, 1), m.kernel_size, m.stride, m.padding)
-    cfgs = spiking_configs(x5.shape[2], m.out_channels, x5.shape[0], tma)
+    cfgs = spiking_configs(x5.shape[2], m.out_channels, x5.shape[0], tma, N=x5.shape[1])
     cfgs["fused_dense_k16"] = ConvConfig(8, 8, 64, 16, False, 4, 3)
     if m.out_channels > 64:
         cfgs["fused_dense_n128"] = ConvConfig(8, 8, 128, 32, False, 8, 3)

@@ -52,9 +52,10 @@ def _candidates(x, w, scale, shift):
     from sparseflow_kernels.conv import tma_supported
     from sparseflow_kernels.tiling import spiking_configs
 
-    T, _, C = x.shape[:3]
+    T, N, C = x.shape[:3]
     cands = {}
-    for name, cfg in spiking_configs(C, w.shape[0], T, tma_supported(x.flatten(0, 1), (3, 3), (1, 1), (1, 1))).items():
+    tma = tma_supported(x.flatten(0, 1), (3, 3), (1, 1), (1, 1))
+    for name, cfg in spiking_configs(C, w.shape[0], T, tma, N=N).items():
         cands[name] = (cfg, True)
         if cfg.tma and not cfg.t_in_m:
             cands[f"{name}_unflattened"] = (cfg, False)
