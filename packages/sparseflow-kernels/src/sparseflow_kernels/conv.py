@@ -194,8 +194,8 @@ def _conv_kernel(
     v_init = tl.cast(v_init, tl.float32)
     tile = tl.program_id(0) // SPLIT_K  # the splits of one tile are neighbours
     sk = tl.program_id(0) % SPLIT_K
-    cb, n, th, tw = _block_of(tile, NUM_CB, TILES_H, TILES_W)  # (n: the tile's first sample / TILE_N)
-    n = n * TILE_N
+    cb, n, th, tw = _block_of(tile, NUM_CB, TILES_H, TILES_W)  # (n: the tile's block of TILE_N samples)
+    n = n * TILE_N  # its first sample
     P: tl.constexpr = TILE_H * TILE_W
     co = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < CO

@@ -150,23 +150,6 @@ def _replay_ms(graph, inner: int) -> float:
     return start.elapsed_time(end) / inner
 
 
-def graph_time_ms(fn, warmup: int = 2, reps: int = 10, inner: int = 5) -> float:
-    """Median CUDA-event time (ms) of one ``fn()`` replayed from a CUDA graph of ``inner`` back-to-back calls."""
-    graph = _capture(fn, warmup, inner)
-    times = [_replay_ms(graph, inner) for _ in range(reps)]
-    del graph
-    return statistics.median(times)
-
-
-def measure(fn) -> float:
-    """Graph-replayed time of ``fn`` (eager CUDA-event timing if it cannot be captured)."""
-    try:
-        return graph_time_ms(fn)
-    except Exception:  # not capturable (host sync, unsupported op): eager timing
-        torch.cuda.synchronize()
-        return time_ms(fn)
-
-
 #: replays of every candidate's graph before any is timed, and timed rounds (one replay of each candidate per round)
 WARM_ROUNDS, ROUNDS = 20, 15
 

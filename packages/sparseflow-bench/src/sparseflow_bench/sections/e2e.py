@@ -95,7 +95,8 @@ def _spiking_candidates(dt) -> dict:
     from sparseflow_kernels import dispatch
 
     out = {}
-    for key, ms in dispatch.timings().items():
+    for key, ms in dispatch.timings().items():  # keys as SparseConv2d's spiking layers build them: ("spiking",
+        # input shape, dtype, out channels, kernel, stride, padding, occupancy in, out, neuron, residual, ...)
         if not (isinstance(key, tuple) and len(key) > 10 and key[0] == "spiking" and key[2] == dt):
             continue
         name = f"{'x'.join(map(str, key[1]))} -> {key[3]} stride {key[5][0]}{' + residual' if key[10] else ''}"
