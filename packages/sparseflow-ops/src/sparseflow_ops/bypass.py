@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .neurons import find_adapter
+
 
 class Bypass:
     """Instance ``forward`` of a module whose work a drop-in upstream (``owner``) has taken over."""
@@ -36,8 +38,6 @@ class Bypass:
                         "for the new T")
             return x
         if self.last:  # a neuron running its own forward: its membrane as the dense neuron keeps it
-            from .neurons import find_adapter
-
             adapter = find_adapter(self.module)
             if adapter is not None:
                 adapter.restore_layout(self.module, x)

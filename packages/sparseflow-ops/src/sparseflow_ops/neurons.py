@@ -28,7 +28,8 @@ class Unsupported(Exception):
 
 
 class NeuronAdapter:
-    """Base adapter. Subclasses implement ``spec``, ``get_v`` and ``set_v``."""
+    """Base adapter. Subclasses implement ``spec``, and name their membrane's attribute (``membrane_attr``) if it is
+    not ``v``."""
 
     #: names of methods that define the dynamics; a subclass overriding one is not accepted
     dynamics_methods: tuple[str, ...] = ()
@@ -52,17 +53,22 @@ class NeuronAdapter:
     def is_multistep(self, m: nn.Module) -> bool:
         return getattr(m, "step_mode", "s") == "m"
 
+    #: the attribute holding the membrane that ``get_v`` / ``set_v`` read and write
+    membrane_attr = "v"
+
     def get_v(self, m: nn.Module, shape, device) -> torch.Tensor | None:
-        raise NotImplementedError
+        """The membrane as the kernels' initial state (fp32 on ``device``), or None where it is not a tensor of
+        ``shape`` (the frameworks then (re)start from their initial value)."""
+        v = getattr(m, self.membrane_attr)
+        if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(shape):
+            return v.to(device=device, dtype=torch.float32)
+        return None
 
     def adopt(self, m: nn.Module) -> None:
         """Make a copied neuron known to its framework's bookkeeping (see :func:`adopt_neurons`)."""
 
     def set_v(self, m: nn.Module, v: torch.Tensor, dtype: torch.dtype) -> None:
-        raise NotImplementedError
-
-    #: the attribute holding the membrane that ``get_v`` / ``set_v`` read and write
-    membrane_attr = "v"
+        setattr(m, self.membrane_attr, v.to(dtype))
 
     def restore_layout(self, m: nn.Module, x) -> None:
         """Before ``m`` runs its own forward on ``x`` (its drop-in off the kernels: training mode, hooks, CPU): its
@@ -215,15 +221,6 @@ class _SJAdapter(NeuronAdapter):
         sg = getattr(m, "surrogate_function", None)
         if sg is not None and getattr(sg, "spiking", True) is False:
             raise Unsupported("surrogate_function(spiking=False) makes the neuron output analog values, not spikes")
-
-    def get_v(self, m, shape, device):
-        v = m.v
-        if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(shape):
-            return v.to(device=device, dtype=torch.float32)
-        return None  # SpikingJelly (re)starts from v_reset / 0 when the shape does not match
-
-    def set_v(self, m, v, dtype):
-        m.v = v.to(dtype)
 
 
 class _SJLIF(_SJAdapter):

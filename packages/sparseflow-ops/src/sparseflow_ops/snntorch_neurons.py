@@ -103,15 +103,6 @@ class _SnnStep(NeuronAdapter):
         if isinstance(instances, list) and not any(i is m for i in instances):
             instances.append(m)
 
-    def get_v(self, m, shape, device):
-        mem = m.mem
-        if isinstance(mem, torch.Tensor) and tuple(mem.shape) == tuple(shape):
-            return mem.to(device=device, dtype=torch.float32)
-        return None
-
-    def set_v(self, m, v, dtype):
-        m.mem = v.to(dtype)
-
     membrane_attr = "mem"
 
     # -------------------------------------------------------------------------------------- the step
