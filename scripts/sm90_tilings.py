@@ -7,7 +7,8 @@ count (SASS).
     python scripts/sm90_tilings.py tma_tm_4x8:256:256:14:r --T 4 --N 8
 
 A spec is ``name:C:CO:H``, ``name`` any configuration of ``sparseflow_kernels.tiling.spiking_configs`` (pointer
-loads too, such as ``fused_tm``), ``:r`` a residual before the neuron; or ``neuron:C:C:H[:r]``, the multi-step neuron
+loads too, such as ``fused_tm``), ``:r`` a residual before the neuron, ``:s`` that residual and the sum written
+(``return_sum``: a layer writing MS-ResNet's residual stream and its reading neuron's spikes); or ``neuron:C:C:H[:r]``, the multi-step neuron
 kernel over a ``[T, N, C, H, H]`` channels_last map (BatchNorm folded), ``:r`` with a residual in the other memory
 order (NCHW) and the sum written, as MS-ResNet's sum kernels run. Needs torch and triton, whose wheel carries
 ptxas and cuobjdump; no GPU and no interpreter (``TRITON_INTERPRET`` is ignored). The kernels are compiled, never run:
@@ -80,15 +81,15 @@ class _CompileOnly:
         return run
 
 
-def compile_tiling(name: str, C: int, CO: int, H: int, T: int, N: int, residual: bool):
+def compile_tiling(name: str, C: int, CO: int, H: int, T: int, N: int, residual: bool, write_sum: bool = False):
     cfg = spiking_configs(C, CO, T, tma=True)[name]
     cl = torch.channels_last
     x = torch.zeros(T * N, C, H, H, dtype=torch.float16).to(memory_format=cl).view(T, N, C, H, H)
     res = torch.zeros(T * N, CO, H, H, dtype=torch.float16).to(memory_format=cl).view(T, N, CO, H, H)
     try:
         spiking_conv2d(x, torch.zeros(CO, C, 3, 3, dtype=torch.float16), None, 1, 1, scale=torch.ones(CO),
-                       shift=torch.zeros(CO), config=cfg, residual=res if residual else None, neuron="lif", tau=2.0,
-                       v_threshold=1.0)
+                       shift=torch.zeros(CO), config=cfg, residual=res if residual or write_sum else None, neuron="lif",
+                       tau=2.0, v_threshold=1.0, return_sum=write_sum)
     except _Compiled as done:
         return cfg, done.kernel
     raise RuntimeError(f"{name}: the launcher returned without launching")
@@ -122,7 +123,7 @@ def resources(kernel) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("specs", nargs="*", help="name:C:CO:H[:r] (default: every TMA tiling on every layer shape)")
+    p.add_argument("specs", nargs="*", help="name:C:CO:H[:r|:s] (default: every TMA tiling on every layer shape)")
     p.add_argument("--T", type=int, default=4)
     p.add_argument("--N", type=int, default=8)
     a = p.parse_args(argv)
@@ -144,9 +145,10 @@ def main(argv=None) -> int:
             continue
         if name not in spiking_configs(int(C), int(CO), a.T, tma=True):
             continue  # (a tiling wider than the layer's output channels, or with T in M where T > 8)
-        cfg, kernel = compile_tiling(name, int(C), int(CO), int(H), a.T, a.N, flag == ["r"])
+        cfg, kernel = compile_tiling(name, int(C), int(CO), int(H), a.T, a.N, flag == ["r"], flag == ["s"])
         r = resources(kernel)
-        print(f"| {name} | {C} / {CO} / {H} | {'yes' if flag else 'no'} | {cfg.num_warps} | "
+        res = {"r": "yes", "s": "yes, sum written"}.get(flag[0] if flag else "", "no")
+        print(f"| {name} | {C} / {CO} / {H} | {res} | {cfg.num_warps} | "
               + " | ".join(str(r[c]) for c in cols) + " |")
     return 0
 

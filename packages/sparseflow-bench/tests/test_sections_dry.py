@@ -157,15 +157,42 @@ def test_e2e_layer_table_from_the_dispatch_medians():
     m = {"N": 8, "spiking_candidates_us_fp16": {
         "4x8x64x56x56 -> 64 stride 1": {"tma_tm_2x2_nb8": 30.0, "cudnn": 36.0, "fused_dense": 50.0},
         "4x8x512x7x7 -> 512 stride 1": {"cudnn": 20.0, "tma_tm_4x8": 30.0, "tma_8x8": float("inf")},
-        "4x8x3x224x224 -> 64 stride 2": {"cudnn_static": 80.0, "fused_tm": float("inf")}}}
+        "4x8x3x224x224 -> 64 stride 2": {"cudnn_static": 80.0, "fused_tm": float("inf")},
+        "4x8x64x56x56 -> 64 stride 1, writing a sum": {"sum_tma_tm_2x2_nb8": 28.0, "pair": 35.0}}}
     lines = e2e._layer_table("net", m)
     rows = [ln for ln in lines if ln.startswith("| 4x8")]
     assert rows == ["| 4x8x64x56x56 -> 64 stride 1 | tma_tm_2x2_nb8 | 36.0 | 30.0 (tma_tm_2x2_nb8) | 0.83 |",
                     "| 4x8x512x7x7 -> 512 stride 1 | cudnn | 20.0 | 30.0 (tma_tm_4x8) | 1.50 |",
-                    "| 4x8x3x224x224 -> 64 stride 2 | cudnn_static | 80.0 | — | — |"]
+                    "| 4x8x3x224x224 -> 64 stride 2 | cudnn_static | 80.0 | — | — |",
+                    "| 4x8x64x56x56 -> 64 stride 1, writing a sum | sum_tma_tm_2x2_nb8 | 35.0 | "
+                    "28.0 (sum_tma_tm_2x2_nb8) | 0.80 |"]
     assert e2e._layer_table("net", {"N": 8}) == []
     md_lines = e2e._table({"net": {**m, "T": 4}})  # the summary table does not list the candidates
     assert not any("tma_tm_2x2_nb8" in ln for ln in md_lines)
+
+
+def test_e2e_candidates_named_from_the_dispatch_keys():
+    """The dispatch's medians by layer kind, named from SparseConv2d's keys (a fused spiking layer's and a layer
+    writing a sum's), in one dtype, fastest first, us."""
+    import torch
+
+    from sparseflow_bench.sections import e2e
+    from sparseflow_kernels import dispatch
+
+    dispatch.clear_cache()
+    try:
+        shape, cl = (4, 8, 64, 56, 56), (200704, 1605632, 1, 3584, 64)
+        dispatch.record(("spiking", shape, torch.float16, 64, (3, 3), (1, 1), (1, 1), False, False, "lif", True,
+                         False, False), "cudnn", {"cudnn": 3.6e-2, "tma_tm_2x2_nb8": 4.0e-2})
+        dispatch.record(("sum", shape, cl, torch.float16, 128, (3, 3), (2, 2), (1, 1), cl, torch.float16), "pair",
+                        {"sum_fused_tm": 3.0e-2, "pair": 2.5e-2})
+        dispatch.record(("spiking", shape, torch.float32, 64, (3, 3), (1, 1), (1, 1), False, False, "lif", False,
+                         False, False), "cudnn", {"cudnn": 1.0})
+        assert e2e._spiking_candidates(torch.float16) == {
+            "4x8x64x56x56 -> 64 stride 1 + residual": {"cudnn": 36.0, "tma_tm_2x2_nb8": 40.0},
+            "4x8x64x56x56 -> 128 stride 2, writing a sum": {"pair": 25.0, "sum_fused_tm": 30.0}}
+    finally:
+        dispatch.clear_cache()
 
 
 def test_shapes_section_dry_run(tmp_path):

@@ -405,3 +405,43 @@ def test_property_generated_networks_equal_unfused(data, monkeypatch):
     reset(opt)
     reset(unfused)
     assert_calls_equal(opt, unfused, xs)
+
+
+@pytest.mark.parametrize(("dtype", "path"), [(torch.float32, "sum_fused_dense"), (torch.float16, "sum_fused_tm")],
+                         ids=["fp32-steps-looped", "fp16-steps-in-m"])
+def test_sum_written_by_the_fused_convolution(dtype, path, monkeypatch):
+    """The layers writing a sum on the fused kernel that also computes the reading neuron's spikes (the path the
+    dispatch measures against the convolution + sum kernel pair; forced here): every sum neuron takes its spikes
+    from it (no neuron kernel writes a sum), and over calls without a reset and after one the outputs and the sum
+    neurons' membranes follow those of the pair (the fp16 dense model is itself 2-5 % from the fp32 one on this
+    small net, so fp16 is compared with the pair, fp32 with the dense model too)."""
+    from sparseflow_kernels import dispatch
+
+    base = tiny_net(dtype)
+    xs = [torch.randn(T, 2, 3, 12, 12, dtype=dtype) * 1.5 for _ in range(2)]
+    with dispatch.force_path({"sum": "pair"}):
+        pair = optimize(copy.deepcopy(base), xs[0], block_size=8)
+    refs = {"pair": pair, "dense": copy.deepcopy(base)} if dtype == torch.float32 else {"pair": pair}
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    with dispatch.force_path({"sum": path}):
+        opt = optimize(copy.deepcopy(base), xs[0], block_size=8)
+        assert sum_neurons(opt) == ["blocks.1.spike1", "blocks.2.spike1", "head_lif"]
+        assert [s for s, _ in count_neuron_kernels(opt, xs[0], monkeypatch)] == [False]  # (blocks.0.spike1 alone)
+        assert [opt.blocks[i].conv2.last_path for i in range(3)] == [path] * 3
+        for net in (opt, *refs.values()):
+            reset(net)
+        with torch.no_grad():
+            for i, x in enumerate([*xs, None]):
+                if x is None:  # a reset, then the first input again
+                    for net in (opt, *refs.values()):
+                        reset(net)
+                    x = xs[0]
+                y = opt(x).double()
+                for what, ref_net in refs.items():
+                    with dispatch.force_path({"sum": "pair"}):
+                        ref = ref_net(x).double()
+                    assert ref.abs().max() > 0 and float((y - ref).norm() / ref.norm()) < tol, f"call {i} vs {what}"
+                    for name in ("blocks.1.spike1", "blocks.2.spike1", "head_lif"):
+                        v, ref_v = opt.get_submodule(name).v.double(), ref_net.get_submodule(name).v.double()
+                        err = float((v - ref_v).norm() / ref_v.norm())
+                        assert err < 10 * tol, f"call {i}: membrane of {name} vs {what}"

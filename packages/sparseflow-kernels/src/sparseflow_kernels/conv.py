@@ -13,7 +13,9 @@
   1 (LIF), 2 (IF), 3 (snnTorch Leaky) and 4 (PLIF) add an optional residual, run the neuron over the time steps with the
   membrane in registers and store only the spikes; ``WRITE_OCC`` also writes the spikes' occupancy.
   ``RES_POST`` adds the residual to the spikes instead (``residual + neuron(...)``: a Transformer block's
-  skip connection around a spiking projection), so that sum is what is stored.
+  skip connection around a spiking projection), so that sum is what is stored. ``SUM_OUT`` stores the neuron's
+  input as well (the residual stream of MS-ResNet's blocks, which the next block's first neuron and its skip
+  connection read), rounded as separate ops round it.
 
 Rows of the GEMM are the pixels of one output tile (``TILE_H x TILE_W``). With ``T_IN_M`` they are the pixels
 of every time step (``T x TILE_H x TILE_W``), which gives deep, small layers T times more programs;
@@ -35,7 +37,7 @@ from ._utils import _traced, cdiv, interpreter_active, launch, next_power_of_2
 from .tiling import ConvConfig
 
 __all__ = ["NEURON_IF", "NEURON_LEAKY", "NEURON_LIF", "NEURON_NONE", "NEURON_PLIF", "ConvConfig", "launch_conv",
-           "pack_weight", "tma_supported"]
+           "multiprocessors", "pack_weight", "tile_counters", "tma_supported"]
 
 
 # -------------------------------------------------------------------------------------------- mainloop
@@ -143,6 +145,28 @@ def _split_k_sum(acc, ws_ptr, cnt_ptr, tile, sk, BM: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
+def _stream_k_sum(acc, ws_ptr, cnt_ptr, tile, slot, n_slots, SLOTS, BM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stream-K: ``acc`` is this program's part of ``tile``'s reduction, the ``slot``-th of the tile's ``n_slots``
+    parts (``SLOTS`` the workspace's parts per tile). A tile in one part returns (acc, True) at once. Otherwise the
+    part goes into the fp32 workspace and the tile's counter as in :func:`_split_k_sum`, and the last program to
+    arrive gets (the sum of the parts in slot order, True), the others (zeros, False)."""
+    last = n_slots == 1
+    if n_slots > 1:
+        offs = tl.arange(0, BM)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        base = ws_ptr + tl.cast(tile, tl.int64) * SLOTS * (BM * BLOCK_N)
+        tl.store(base + slot * (BM * BLOCK_N) + offs, acc)
+        tl.debug_barrier()  # every thread's stores before the release below
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        last = arrived == n_slots - 1
+        tl.debug_barrier()
+        acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+        for j in range(n_slots):
+            acc += tl.load(base + j * (BM * BLOCK_N) + offs, mask=(offs >= 0) & last, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tile, 0, mask=last)
+    return acc, last
+
+
+@triton.jit
 def _pixels(p, th, tw, OH, OW, TILE_H: tl.constexpr, TILE_W: tl.constexpr, FLAT: tl.constexpr):
     """(rows, columns, in-bounds mask) of the local pixels ``p`` of tile (th, tw): a ``TILE_H x TILE_W`` tile, or
     with ``FLAT`` the ``TILE_W`` pixels from ``tw * TILE_W`` on in row-major order (``th`` is 0)."""
@@ -186,80 +210,46 @@ def _conv_kernel(
     x_desc=None, w_desc=None, TMA: tl.constexpr = False, FLAT: tl.constexpr = False,
     FLATTEN_T: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
     ws_ptr=None, cnt_ptr=None, SPLIT_K: tl.constexpr = 1, TILE_N: tl.constexpr = 1,
+    sum_ptr=None, SUM_OUT: tl.constexpr = False,
+    SK_CHUNK=1, SK_SLOTS=1, STREAM_K: tl.constexpr = False,
 ):
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     leak = tl.cast(leak, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_reset = tl.cast(v_reset, tl.float32)
     v_init = tl.cast(v_init, tl.float32)
-    tile = tl.program_id(0) // SPLIT_K  # the splits of one tile are neighbours
-    sk = tl.program_id(0) % SPLIT_K
-    cb, n, th, tw = _block_of(tile, NUM_CB, TILES_H, TILES_W)  # (n: the tile's block of TILE_N samples)
-    n = n * TILE_N  # its first sample
-    P: tl.constexpr = TILE_H * TILE_W
-    co = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = co < CO
-    scale = tl.load(scale_ptr + co, mask=co_ok, other=1.0) if HAS_SCALE else tl.full([BLOCK_N], 1.0, tl.float32)
-    shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0) if HAS_SHIFT else tl.zeros([BLOCK_N], tl.float32)
-
+    pid = tl.program_id(0)
     if T_IN_M:
-        # rows = (t, sample, pixel): all time steps of the tile (of its TILE_N samples) in one GEMM
-        BM: tl.constexpr = T_P2 * TILE_N * P
-        r = tl.arange(0, BM)
-        tt = r // (TILE_N * P)
-        n_row = n + (r // P) % TILE_N
-        oh, ow, row_ok = _pixels(r % P, th, tw, OH, OW, TILE_H, TILE_W, FLAT)
-        row_ok = row_ok & (tt < T) & (n_row < N)
-        b_row = tt * N + n_row
-        ih0 = oh * SH - PAD_H
-        iw0 = ow * SW - PAD_W
-        act = tl.zeros([NG_P2], dtype=tl.int32)
-        if SPARSE:
-            for t in range(T):
-                act = _active_groups(act, occ_ptr, t * N + n, th, tw, sob, soth, sotw, NG, H, W,
-                                     PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
-        idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
-        # this program's share of the reduction (all of it without split-K)
-        n_iter = n_groups * (KH if FLAT else KH * KW)
-        chunk = tl.cdiv(n_iter, SPLIT_K)
-        i0 = sk * chunk
-        i1 = tl.minimum(i0 + chunk, n_iter)
-        acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
-        if FLAT:
-            acc = _mainloop_tma_flat(x_desc, w_desc, 0, n, tw * TILE_W, ow, W, cb * BLOCK_N, i0, i1, C_PAD,
-                                     PAD_H, PAD_W, KH, KW, BM, BLOCK_N, BLOCK_K, PREC)
-        elif TMA:
-            acc = _mainloop_tma(acc, x_desc, w_desc, 0, n, th * TILE_H - PAD_H, tw * TILE_W - PAD_W, cb * BLOCK_N,
-                                i0, i1, C_PAD, KH, KW, BM, BLOCK_K, PREC)
+        if STREAM_K:
+            # the reduction iterations of all tiles in a row (channel blocks fastest), SK_CHUNK of them per program:
+            # this program's share runs from the tail of one tile into the head of the next
+            n_iter = NG * (KH if FLAT else KH * KW)
+            g0 = pid * SK_CHUNK
+            g1 = tl.minimum(g0 + SK_CHUNK, tl.cdiv(N, TILE_N) * TILES_H * TILES_W * NUM_CB * n_iter)
+            for tile in range(g0 // n_iter, (g1 - 1) // n_iter + 1):
+                _t_in_m_tile(
+                    tile, pid, g0, g1, x_ptr, sxb, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, y_ptr, syb, syc, syh, syw,
+                    scale_ptr, shift_ptr, res_ptr, srb, src, srh, srw, v_ptr, svn, svc, svh, svw,
+                    vout_ptr, son, soc, soh, sow, occ_ptr, sob, soth, sotw, occo_ptr, sqb, sqh, sqw,
+                    T, N, C, H, W, CO, OH, OW, TILES_H, TILES_W, NUM_CB, NG, NG_OUT, PAD_H, PAD_W,
+                    leak, v_th, v_reset, v_init, KH, KW, SH, SW, DH, DW, TILE_H, TILE_W, BLOCK_N, BLOCK_K,
+                    SPARSE, OCC_H, OCC_W, NG_P2, NEURON, HARD_RESET, DECAY_INPUT, HAS_SCALE, HAS_SHIFT, HAS_RES,
+                    HAS_V, STORE_V, WRITE_OCC, OCC_GROUP, T_P2, PREC, RES_POST, x_desc, w_desc, TMA, FLAT,
+                    ws_ptr, cnt_ptr, SPLIT_K, TILE_N, sum_ptr, SUM_OUT, SK_CHUNK, SK_SLOTS, STREAM_K)
         else:
-            acc = _mainloop(acc, x_ptr + b_row * sxb, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw,
-                            w_ptr, C_PAD, CO_PAD, co, idx, i0, i1,
-                            KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
-        live = sk == sk  # (a scalar true) every program runs the epilogue, or with split-K the last of a tile
-        if SPLIT_K > 1:
-            acc, live = _split_k_sum(acc, ws_ptr, cnt_ptr, tile, sk, BM, BLOCK_N, SPLIT_K)
-            row_ok = row_ok & live
-        rp = res_ptr + b_row[:, None] * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
-        z = _affine_residual(acc, scale, shift, rp, row_ok[:, None] & co_ok[None, :], HAS_SCALE, HAS_SHIFT, HAS_RES)
-        # per time step: its rows of z (T_P2 x TILE_N * P x BLOCK_N), then the neuron in registers
-        Q: tl.constexpr = TILE_N * P
-        zs = tl.permute(tl.reshape(z, [T_P2, Q, BLOCK_N]), (1, 2, 0))  # [Q, BLOCK_N, T_P2]: the steps innermost
-        q = tl.arange(0, Q)
-        oh, ow, q_ok = _pixels(q % P, th, tw, OH, OW, TILE_H, TILE_W, FLAT)  # now those of one step
-        if TILE_N > 1:
-            n = n + q // P  # the sample of each row
-            q_ok = q_ok & (n < N)
-        out_ok = (q_ok & live)[:, None] & co_ok[None, :]
-        v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, Q, BLOCK_N)
-        for t in tl.static_range(T_P2):
-            if t < T:
-                zt = _step_of(zs, t, T_P2)
-                spike, v = _neuron_step(zt, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
-                _store_step(spike, y_ptr, t * N + n, oh, ow, co, out_ok, syb, syc, syh, syw,
-                            occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
-                            WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
-                            res_ptr, srb, src, srh, srw, RES_POST)
+            _t_in_m_tile(
+                pid // SPLIT_K, pid, 0, 0, x_ptr, sxb, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, y_ptr, syb, syc, syh, syw,
+                scale_ptr, shift_ptr, res_ptr, srb, src, srh, srw, v_ptr, svn, svc, svh, svw,
+                vout_ptr, son, soc, soh, sow, occ_ptr, sob, soth, sotw, occo_ptr, sqb, sqh, sqw,
+                T, N, C, H, W, CO, OH, OW, TILES_H, TILES_W, NUM_CB, NG, NG_OUT, PAD_H, PAD_W,
+                leak, v_th, v_reset, v_init, KH, KW, SH, SW, DH, DW, TILE_H, TILE_W, BLOCK_N, BLOCK_K,
+                SPARSE, OCC_H, OCC_W, NG_P2, NEURON, HARD_RESET, DECAY_INPUT, HAS_SCALE, HAS_SHIFT, HAS_RES,
+                HAS_V, STORE_V, WRITE_OCC, OCC_GROUP, T_P2, PREC, RES_POST, x_desc, w_desc, TMA, FLAT,
+                ws_ptr, cnt_ptr, SPLIT_K, TILE_N, sum_ptr, SUM_OUT, SK_CHUNK, SK_SLOTS, STREAM_K)
     else:
+        cb, n, th, tw = _block_of(pid, NUM_CB, TILES_H, TILES_W)
+        co, co_ok, scale, shift = _channels(cb, CO, scale_ptr, shift_ptr, BLOCK_N, HAS_SCALE, HAS_SHIFT)
+        P: tl.constexpr = TILE_H * TILE_W
         oh, ow, row_ok = _pixels(tl.arange(0, P), th, tw, OH, OW, TILE_H, TILE_W, FLAT)
         out_ok = row_ok[:, None] & co_ok[None, :]
         ih0 = oh * SH - PAD_H
@@ -287,7 +277,9 @@ def _conv_kernel(
                                 C, H, W, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, co, idx, 0, n_groups * KH * KW,
                                 KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
             rp = res_ptr + b * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
-            z = _affine_residual(acc, scale, shift, rp, out_ok, HAS_SCALE, HAS_SHIFT, HAS_RES)
+            z = _affine_residual(acc, scale, shift, rp, out_ok, HAS_SCALE, HAS_SHIFT, HAS_RES, SUM_OUT, y_ptr,
+                                 sum_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
+                                 if SUM_OUT else None)
             if NEURON == 0:
                 yp = y_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
                 tl.store(yp, z.to(y_ptr.dtype.element_ty), mask=out_ok)
@@ -297,6 +289,112 @@ def _conv_kernel(
                             occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
                             WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
                             res_ptr, srb, src, srh, srw, RES_POST)
+        if STORE_V:  # the final membrane, [N, CO, OH, OW]
+            vp = vout_ptr + (n * son + oh * soh + ow * sow)[:, None] + co[None, :] * soc
+            tl.store(vp, v, mask=out_ok)
+
+
+@triton.jit
+def _channels(cb, CO, scale_ptr, shift_ptr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """(output channels, their mask, scale, shift) of channel block ``cb``."""
+    co = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < CO
+    scale = tl.load(scale_ptr + co, mask=co_ok, other=1.0) if HAS_SCALE else tl.full([BLOCK_N], 1.0, tl.float32)
+    shift = tl.load(shift_ptr + co, mask=co_ok, other=0.0) if HAS_SHIFT else tl.zeros([BLOCK_N], tl.float32)
+    return co, co_ok, scale, shift
+
+
+@triton.jit
+def _t_in_m_tile(
+    tile, pid, g0, g1, x_ptr, sxb, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, y_ptr, syb, syc, syh, syw,
+    scale_ptr, shift_ptr, res_ptr, srb, src, srh, srw, v_ptr, svn, svc, svh, svw,
+    vout_ptr, son, soc, soh, sow, occ_ptr, sob, soth, sotw, occo_ptr, sqb, sqh, sqw,
+    T, N, C, H, W, CO, OH, OW, TILES_H, TILES_W, NUM_CB, NG, NG_OUT, PAD_H, PAD_W,
+    leak, v_th, v_reset, v_init,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPARSE: tl.constexpr, OCC_H: tl.constexpr, OCC_W: tl.constexpr, NG_P2: tl.constexpr,
+    NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr,
+    HAS_V: tl.constexpr, STORE_V: tl.constexpr, WRITE_OCC: tl.constexpr, OCC_GROUP: tl.constexpr,
+    T_P2: tl.constexpr, PREC: tl.constexpr, RES_POST: tl.constexpr, x_desc, w_desc, TMA: tl.constexpr,
+    FLAT: tl.constexpr, ws_ptr, cnt_ptr, SPLIT_K: tl.constexpr, TILE_N: tl.constexpr, sum_ptr, SUM_OUT: tl.constexpr,
+    SK_CHUNK, SK_SLOTS, STREAM_K: tl.constexpr,
+):
+    """One tile with every time step in the GEMM's rows (``T_IN_M``): rows = (t, sample, pixel) of its ``TILE_N``
+    samples. Its reduction whole, or this program's share of it: split ``SPLIT_K`` ways (program ``pid``'s split),
+    or with ``STREAM_K`` the global iterations ``g0`` to ``g1`` of all tiles in a row, the partial sums combined by
+    the last program to finish (:func:`_split_k_sum`, :func:`_stream_k_sum`), which alone runs the epilogue."""
+    cb, n, th, tw = _block_of(tile, NUM_CB, TILES_H, TILES_W)  # (n: the tile's block of TILE_N samples)
+    n = n * TILE_N  # its first sample
+    co, co_ok, scale, shift = _channels(cb, CO, scale_ptr, shift_ptr, BLOCK_N, HAS_SCALE, HAS_SHIFT)
+    P: tl.constexpr = TILE_H * TILE_W
+    BM: tl.constexpr = T_P2 * TILE_N * P
+    r = tl.arange(0, BM)
+    tt = r // (TILE_N * P)
+    n_row = n + (r // P) % TILE_N
+    oh, ow, row_ok = _pixels(r % P, th, tw, OH, OW, TILE_H, TILE_W, FLAT)
+    row_ok = row_ok & (tt < T) & (n_row < N)
+    b_row = tt * N + n_row
+    ih0 = oh * SH - PAD_H
+    iw0 = ow * SW - PAD_W
+    act = tl.zeros([NG_P2], dtype=tl.int32)
+    if SPARSE:
+        for t in range(T):
+            act = _active_groups(act, occ_ptr, t * N + n, th, tw, sob, soth, sotw, NG, H, W,
+                                 PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
+    idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
+    # this program's share of the reduction (all of it without split-K or stream-K)
+    n_iter = n_groups * (KH if FLAT else KH * KW)
+    sk = pid % SPLIT_K
+    if STREAM_K:
+        i0 = tl.maximum(g0 - tile * n_iter, 0)
+        i1 = tl.minimum(g1 - tile * n_iter, n_iter)
+    else:
+        chunk = tl.cdiv(n_iter, SPLIT_K)
+        i0 = sk * chunk
+        i1 = tl.minimum(i0 + chunk, n_iter)
+    acc = tl.zeros([BM, BLOCK_N], dtype=tl.float32)
+    if FLAT:
+        acc = _mainloop_tma_flat(x_desc, w_desc, 0, n, tw * TILE_W, ow, W, cb * BLOCK_N, i0, i1, C_PAD,
+                                 PAD_H, PAD_W, KH, KW, BM, BLOCK_N, BLOCK_K, PREC)
+    elif TMA:
+        acc = _mainloop_tma(acc, x_desc, w_desc, 0, n, th * TILE_H - PAD_H, tw * TILE_W - PAD_W, cb * BLOCK_N,
+                            i0, i1, C_PAD, KH, KW, BM, BLOCK_K, PREC)
+    else:
+        acc = _mainloop(acc, x_ptr + b_row * sxb, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw,
+                        w_ptr, C_PAD, CO_PAD, co, idx, i0, i1,
+                        KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
+    live = sk == sk  # (a scalar true) every program runs the epilogue, or with split-K the last of a tile
+    if SPLIT_K > 1:
+        acc, live = _split_k_sum(acc, ws_ptr, cnt_ptr, tile, sk, BM, BLOCK_N, SPLIT_K)
+    if STREAM_K:  # the programs sharing this tile: from the one holding its first iteration to its last one's
+        first = (tile * n_iter) // SK_CHUNK
+        acc, live = _stream_k_sum(acc, ws_ptr, cnt_ptr, tile, pid - first, ((tile + 1) * n_iter - 1) // SK_CHUNK
+                                  - first + 1, SK_SLOTS, BM, BLOCK_N)
+    row_ok = row_ok & live
+    rp = res_ptr + b_row[:, None] * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
+    z = _affine_residual(acc, scale, shift, rp, row_ok[:, None] & co_ok[None, :], HAS_SCALE, HAS_SHIFT, HAS_RES,
+                         SUM_OUT, y_ptr, sum_ptr + b_row[:, None] * syb + (oh * syh + ow * syw)[:, None]
+                         + co[None, :] * syc if SUM_OUT else None)
+    # per time step: its rows of z (T_P2 x TILE_N * P x BLOCK_N), then the neuron in registers
+    Q: tl.constexpr = TILE_N * P
+    zs = tl.permute(tl.reshape(z, [T_P2, Q, BLOCK_N]), (1, 2, 0))  # [Q, BLOCK_N, T_P2]: the steps innermost
+    q = tl.arange(0, Q)
+    oh, ow, q_ok = _pixels(q % P, th, tw, OH, OW, TILE_H, TILE_W, FLAT)  # now those of one step
+    if TILE_N > 1:
+        n = n + q // P  # the sample of each row
+        q_ok = q_ok & (n < N)
+    out_ok = (q_ok & live)[:, None] & co_ok[None, :]
+    v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, Q, BLOCK_N)
+    for t in tl.static_range(T_P2):
+        if t < T:
+            zt = _step_of(zs, t, T_P2)
+            spike, v = _neuron_step(zt, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+            _store_step(spike, y_ptr, t * N + n, oh, ow, co, out_ok, syb, syc, syh, syw,
+                        occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
+                        WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
+                        res_ptr, srb, src, srh, srw, RES_POST)
     if STORE_V:  # the final membrane, [N, CO, OH, OW]
         vp = vout_ptr + (n * son + oh * soh + ow * sow)[:, None] + co[None, :] * soc
         tl.store(vp, v, mask=out_ok)
@@ -305,15 +403,23 @@ def _conv_kernel(
 # -------------------------------------------------------------------------------------------- epilogue
 @triton.jit
 def _affine_residual(acc, scale, shift, rp, ok, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-                     HAS_RES: tl.constexpr):
-    """``acc * scale + shift`` (per output channel) ``+`` the residual at ``rp`` (fp32)."""
+                     HAS_RES: tl.constexpr, SUM_OUT: tl.constexpr = False, y_ptr=None, sp=None):
+    """``acc * scale + shift`` (per output channel) ``+`` the residual at ``rp`` (fp32). ``SUM_OUT``: the sum as a
+    separate add writes it, stored at ``sp``: ``acc * scale + shift`` rounded to the output's (``x``'s) type, plus
+    the residual, rounded to the type at ``sp``; the neuron then reads the stored value."""
     z = acc
     if HAS_SCALE:
         z = z * scale[None, :]
     if HAS_SHIFT:
         z = z + shift[None, :]
+    if SUM_OUT:
+        z = z.to(y_ptr.dtype.element_ty).to(tl.float32)
     if HAS_RES:
         z = z + tl.load(rp, mask=ok, other=0.0).to(tl.float32)
+    if SUM_OUT:
+        zq = z.to(sp.dtype.element_ty)
+        tl.store(sp, zq, mask=ok)
+        z = zq.to(tl.float32)
     return z
 
 
@@ -385,6 +491,31 @@ def tma_supported(x: torch.Tensor, kernel_size, stride, padding, dilation=(1, 1)
     return interpreter_active()
 
 
+_MULTIPROCESSORS: dict = {}
+_COUNTERS: dict = {}
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessors (streaming multiprocessors); 1 for the CPU interpreter."""
+    if device.type != "cuda":
+        return 1
+    if device not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _MULTIPROCESSORS[device]
+
+
+def tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least ``n`` zero int32 arrival counters for stream-K's tiles, kept per device and stream: the program
+    that combines a tile sets its counter back to 0, so they stay zero between launches and no launch pays for a
+    fill of its own (a kernel more in a graph of 20-microsecond layers). Launches on one stream run in turn; a
+    stream of its own gets counters of its own. Counters outgrown are kept: a captured CUDA graph may point at them."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    held = _COUNTERS.setdefault((device, stream), [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return held[-1]
+
+
 def _descriptors(x, w_packed, T, N, cfg: ConvConfig):
     """The input as a descriptor over ``[T, N, H, W, C]`` (``x`` is ``[T*N, C, H, W]`` with sample ``t * N + n``)
     with ``[T rows, TILE_N, TILE_H, TILE_W, BLOCK_K]`` boxes (every step of the tile with ``t_in_m``, else one), or
@@ -409,18 +540,22 @@ def launch_conv(
     x, w_packed, CO, KH, KW, stride, padding, dilation, *, T, N, out, cfg: ConvConfig, prec: str,
     scale=None, shift=None, residual=None, v=None, v_out=None, occ=None, occ_out=None,
     occ_group=16, neuron=NEURON_NONE, hard_reset=True, decay_input=True, leak=1.0, v_threshold=1.0,
-    v_reset=0.0, v_init=0.0, residual_post=False,
+    v_reset=0.0, v_init=0.0, residual_post=False, sum_out=None,
 ):
     """Launch :func:`_conv_kernel`. ``x`` ``[T*N, C, H, W]``, ``out`` ``[T*N, CO, OH, OW]``,
     ``residual`` like ``out``, ``v``/``v_out`` ``[N, CO, OH, OW]`` fp32, ``occ`` an Occupancy of ``x``
     (sparse mode) or None (dense), ``occ_out`` codes ``[T*N, tiles_h, tiles_w, groups]`` to fill.
     ``residual_post``: the residual is added to the neuron's spikes (stored sum) instead of before the neuron.
+    ``sum_out`` (strided as ``out``): the neuron's input ``x * scale + shift + residual`` is stored there too, the
+    affine rounded to ``out``'s type before the add and the sum to ``sum_out``'s after it, as separate ops store them;
+    the neuron reads the stored sum.
     ``cfg.tile_n`` samples share each tile (dense, no occupancy written).
-    ``cfg.split_k`` shares each tile's reduction among that many programs (an fp32 workspace of the partial sums
-    and a counter per tile, allocated here). ``cfg.tma`` loads the tiles through tensor descriptors
-    (:func:`tma_supported` must hold, dense only); with ``cfg.tile_h == 1`` a tile is then ``tile_w`` pixels in
-    row-major order across the map's rows. Traced by ``torch.compile`` / ``torch.export`` the same configuration
-    gathers them by pointers: the same products summed in the same order."""
+    ``cfg.split_k`` shares each tile's reduction among that many programs (an fp32 workspace of the partial sums and a
+    counter per tile, allocated here); ``cfg.stream_k`` shares all tiles' reductions among that many programs per
+    multiprocessor (the workspace allocated here, the counters :func:`tile_counters`'). ``cfg.tma`` loads the tiles
+    through tensor descriptors (:func:`tma_supported` must hold, dense only); with ``cfg.tile_h == 1`` a tile is then
+    ``tile_w`` pixels in row-major order across the map's rows. Traced by ``torch.compile`` / ``torch.export`` the same
+    configuration gathers them by pointers: the same products summed in the same order."""
     _B, C, H, W = x.shape
     _, _, OH, OW = out.shape
     tma = cfg.tma and not _traced((x,))
@@ -438,6 +573,9 @@ def launch_conv(
     ng_out = occ_out.shape[-1] if occ_out is not None else 1
     if residual_post and (residual is None or neuron == NEURON_NONE or occ_out is not None):
         raise ValueError("residual_post needs a residual and a neuron, and no occupancy output")
+    if sum_out is not None and (residual is None or residual_post or neuron == NEURON_NONE or occ_out is not None
+                                or sum_out.stride() != out.stride()):
+        raise ValueError("sum_out needs a residual added before a neuron, no occupancy output, and out's strides")
     if occ_out is not None and cfg.block_n % occ_group:
         raise ValueError(f"occupancy group {occ_group} must divide block_n {cfg.block_n}")
     if tma and (occ is not None or not tma_supported(x, (KH, KW), stride, padding, dilation)):
@@ -446,20 +584,29 @@ def launch_conv(
                          "accelerator")
     descs = _descriptors(x, w_packed, T, N, cfg) if tma else (None, None)
     split = cfg.split_k
-    if (split > 1 or cfg.tile_n > 1) and (occ is not None or occ_out is not None):
-        raise ValueError(f"ConvConfig(split_k={split}, tile_n={cfg.tile_n}) runs dense and writes no occupancy")
+    if (split > 1 or cfg.tile_n > 1 or cfg.stream_k) and (occ is not None or occ_out is not None):
+        raise ValueError(f"ConvConfig(split_k={split}, tile_n={cfg.tile_n}, stream_k={cfg.stream_k}) runs dense and "
+                         "writes no occupancy")
     rows = cfg.tile_h * cfg.tile_w * cfg.tile_n * (next_power_of_2(T) if cfg.t_in_m else 1)
     n_tiles = cdiv(N, cfg.tile_n) * tiles_h * tiles_w * num_cb
+    grid = (n_tiles * split,)
+    sk_chunk = sk_slots = 1
     if split > 1:  # the partial sums, and one arrival counter per tile (reset by the tile's last program)
         ws = torch.empty(n_tiles * split * rows * cfg.block_n, device=x.device, dtype=torch.float32)
         cnt = torch.zeros(n_tiles, device=x.device, dtype=torch.int32)
+    elif cfg.stream_k:  # the tiles' iterations in equal shares, one per program; a tile in at most sk_slots parts
+        n_iter = ng * (KH if flat else KH * KW)
+        sk_chunk = cdiv(n_tiles * n_iter, cfg.stream_k * multiprocessors(x.device))
+        sk_slots = cdiv(n_iter, sk_chunk) + 1
+        grid = (cdiv(n_tiles * n_iter, sk_chunk),)
+        ws = torch.empty(n_tiles * sk_slots * rows * cfg.block_n, device=x.device, dtype=torch.float32)
+        cnt = tile_counters(x.device, n_tiles)
     else:
         ws = cnt = None
     res = residual if residual is not None else dummy
     vin = v if v is not None else dummy
     vo = v_out if v_out is not None else dummy
     oo = occ_out if occ_out is not None else occ_codes
-    grid = (n_tiles * split,)
     stage_bytes = (rows * cfg.block_k + cfg.block_k * cfg.block_n) * x.element_size() * (KW if flat else 1)
     num_stages = max(1, min(cfg.num_stages, (160 * 1024) // max(1, stage_bytes)))
     launch(_conv_kernel)[grid](
@@ -486,7 +633,8 @@ def launch_conv(
         T_IN_M=cfg.t_in_m, T_P2=next_power_of_2(T) if cfg.t_in_m else 1, PREC=prec,
         x_desc=descs[0], w_desc=descs[1], TMA=tma, FLAT=flat,
         FLATTEN_T=tma and TMA_LOOP["flatten"], WARP_SPEC=tma and TMA_LOOP["warp_specialize"],
-        ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=split, TILE_N=cfg.tile_n,
+        ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=split, TILE_N=cfg.tile_n, sum_ptr=sum_out, SUM_OUT=sum_out is not None,
+        SK_CHUNK=sk_chunk, SK_SLOTS=sk_slots, STREAM_K=bool(cfg.stream_k),
         num_warps=cfg.num_warps, num_stages=num_stages,
     )
     return out

@@ -72,6 +72,7 @@ def spiking_conv2d(
     v_dtype: torch.dtype = torch.float32,
     residual: torch.Tensor | None = None,
     residual_after: bool = False,
+    return_sum: bool = False,
     occupancy: Occupancy | None = None,
     sparse: bool = False,
     write_occupancy: bool = False,
@@ -88,7 +89,7 @@ def spiking_conv2d(
     ``x``: ``[T, N, C, H, W]``, spikes or any real values, fp32/fp16/bf16. Returns spikes
     ``[T, N, C_out, H_out, W_out]`` in ``x``'s dtype (each step channels_last), then the final membrane
     (``[N, C_out, H_out, W_out]`` in ``v_dtype``, fp32 by default; the update itself is always fp32) when
-    ``return_v``, then an :class:`Occupancy` of the spikes when
+    ``return_v``, then the sum when ``return_sum`` (below), then an :class:`Occupancy` of the spikes when
     ``write_occupancy``.
 
     Neurons (SpikingJelly semantics): ``"lif"`` (``tau``, ``decay_input``; divided by tau as SpikingJelly
@@ -101,6 +102,13 @@ def spiking_conv2d(
     ResNet block); with ``residual_after=True`` it is added to the spikes instead and the layer returns
     ``residual + spikes`` (a Transformer block's skip connection around a spiking projection); it must then
     have ``x``'s dtype, the sum's dtype.
+
+    ``return_sum`` (with a residual added before the neuron): the neuron's input ``bn(conv(x)) + residual`` is
+    returned too, after the membrane, as separate ops store it: ``bn(conv(x))`` rounded to ``x``'s dtype, then the
+    sum rounded to the dtype of ``x + residual``, in the spikes' layout. The neuron fires from the stored sum, so
+    the spikes and membrane are those of :func:`multistep_neuron` run on it. This is the residual stream of a
+    network whose neurons come before their convolutions (MS-ResNet): one kernel writes the sum, which the skip
+    connection reads, and the spikes of the neuron that reads it.
 
     An ``x`` repeated over the steps by stride 0 (``frame.expand(T, ...)``, see :func:`repeated_over_steps`) runs
     the ``"cudnn"`` path's convolution once, on ``x[0]``, and only the neuron over T: the same values, up to the
@@ -137,6 +145,9 @@ def spiking_conv2d(
                              f"got {residual.dtype}")
         if write_occupancy:
             raise ValueError(f"{op}: write_occupancy describes spikes; not available with residual_after")
+    if return_sum and (residual is None or residual_after or write_occupancy):
+        raise ValueError(f"{op}: return_sum=True returns the neuron's input bn(conv(x)) + residual: it needs a "
+                         "residual added before the neuron, and writes no occupancy")
     if v is not None and tuple(v.shape) != (N, CO, OH, OW):
         raise ValueError(f"{op}: v must have shape {(N, CO, OH, OW)}, got {tuple(v.shape)}")
     require_triton_device(op, x, weight, bias, scale, shift, residual, v)
@@ -150,6 +161,8 @@ def spiking_conv2d(
     # the fused kernel's final membrane channels innermost, as its spikes: its stores coalesce (NCHW scattered them)
     v_out = new_membrane(N, CO, OH, OW, v_dtype, x.device) if return_v and path == "fused" else None
     occ_out = None
+    z = new_spike_tensor(T, N, CO, OH, OW, torch.promote_types(x.dtype, residual.dtype), x.device) \
+        if return_sum and path == "fused" else None
 
     if path == "cudnn":
         if write_occupancy:
@@ -166,8 +179,11 @@ def spiking_conv2d(
             y = y.view(T, N, CO, OH, OW)
         res = multistep_neuron(y, spec, scale=sc, shift=sh, residual=residual,
                                residual_after=residual_after, v=v, return_v=return_v, v_dtype=v_dtype,
-                               out_dtype=x.dtype)
-        out, v_out = (res if return_v else (res, None))
+                               out_dtype=x.dtype, return_sum=return_sum, round_affine=return_sum)
+        res = res if isinstance(res, tuple) else (res,)
+        out = res[0]
+        v_out = res[1] if return_v else None
+        z = res[-1] if return_sum else None
     else:
         cfg = config or default_config(C, CO)
         require_conv_groups_fit(op, C, cfg)
@@ -188,11 +204,14 @@ def spiking_conv2d(
                 out=out.view(T * N, CO, OH, OW), cfg=cfg, prec=dot_precision(x.dtype, fp32_precision),
                 scale=sc, shift=sh, residual=_flat_tn(residual) if residual is not None else None,
                 v=v, v_out=v_out, occ=occ, occ_out=occ_out, occ_group=occupancy_group,
-                residual_post=residual_after, **spec.kernel_args(),
+                residual_post=residual_after, sum_out=_flat_tn(z) if z is not None else None,
+                **spec.kernel_args(),
             )
     result = [out]
     if return_v:
         result.append(v_out)
+    if return_sum:
+        result.append(z)
     if write_occupancy:
         result.append(Occupancy(codes=occ_out, shape=(T * N, CO, OH, OW), tile=(cfg.tile_h, cfg.tile_w),
                                 group=occupancy_group))

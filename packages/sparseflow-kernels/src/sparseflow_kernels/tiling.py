@@ -64,19 +64,28 @@ class ConvConfig(_Config):
     occupancy written). ``tile_n``: with ``t_in_m``, the tile holds the same pixels of that many samples (the
     GEMM's rows are step x sample x pixel): on a map whose sides no power of two divides (14 x 14, 7 x 7) a tile of
     ``4 x 8`` pixels computes 256 rows for 196 (a quarter of its products thrown away), one of ``2 x 2`` pixels
-    of 8 samples computes none in vain (dense, no occupancy written)."""
+    of 8 samples computes none in vain (dense, no occupancy written). ``stream_k``: with ``t_in_m``, that many
+    programs per multiprocessor of the GPU (0: off) share the reduction iterations of all tiles equally, a program's
+    share running from the tail of one tile into the head of the next; a tile's parts are combined as split-K's
+    (dense, no occupancy written, not with ``split_k``): where the tiles are fewer than the multiprocessors (the
+    deep layers at small batches) or leave the last wave part full, every multiprocessor gets the same work."""
 
-    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "split_k", "t_in_m", "tile_h", "tile_n", "tile_w",
-                 "tma")
-    _KEY = ("tile_h", "tile_w", "block_n", "block_k", "t_in_m", "num_warps", "num_stages", "tma", "split_k", "tile_n")
+    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "split_k", "stream_k", "t_in_m", "tile_h", "tile_n",
+                 "tile_w", "tma")
+    _KEY = ("tile_h", "tile_w", "block_n", "block_k", "t_in_m", "num_warps", "num_stages", "tma", "split_k", "tile_n",
+            "stream_k")
 
     def __init__(self, tile_h=8, tile_w=8, block_n=64, block_k=16, t_in_m=False, num_warps=4, num_stages=3,
-                 tma=False, split_k=1, tile_n=1):
+                 tma=False, split_k=1, tile_n=1, stream_k=0):
         self.tile_h, self.tile_w = int(tile_h), int(tile_w)
         self.block_n, self.block_k = int(block_n), int(block_k)
         self.t_in_m, self.tma = bool(t_in_m), bool(tma)
         self.num_warps, self.num_stages = int(num_warps), int(num_stages)
-        self.split_k, self.tile_n = int(split_k), int(tile_n)
+        self.split_k, self.tile_n, self.stream_k = int(split_k), int(tile_n), int(stream_k)
+        if self.stream_k < 0 or (self.stream_k and (not self.t_in_m or self.split_k > 1)):
+            raise ValueError(f"ConvConfig: stream_k (programs per multiprocessor) must be 0, or more with t_in_m and "
+                             f"without split_k, got stream_k={self.stream_k}, t_in_m={self.t_in_m}, "
+                             f"split_k={self.split_k}")
         self._check_pow2(1, "tile_h", "tile_w", "block_n", "block_k", "tile_n")
         if self.tile_n > 1 and not self.t_in_m:
             raise ValueError(f"ConvConfig: tile_n > 1 (samples per tile) needs t_in_m, got tile_n={self.tile_n}")
@@ -168,26 +177,29 @@ def spiking_configs(C: int, CO: int, T: int, tma: bool = False, N: int | None = 
             cfgs["fused_tm_n128"] = ConvConfig(4, 4, 128, bk, True, 4, 3)
     if tma:
         tbk = min(64, max(16, next_pow2(C)))
-        for name, (th, tw, bn, t_in_m, warps, split, *tile_n) in TMA_CONFIGS.items():
-            tn = tile_n[0] if tile_n else 1
+        for name, (th, tw, bn, t_in_m, warps, split, *more) in TMA_CONFIGS.items():
+            tn = more[0] if more else 1
+            sk = more[1] if len(more) > 1 else 0
             if (t_in_m and T > 8) or bn > max(64, next_pow2(CO)) or (N is not None and tn > N):
                 continue
-            cfgs[name] = ConvConfig(th, tw, bn, tbk, t_in_m, warps, 3, tma=True, split_k=split, tile_n=tn)
+            cfgs[name] = ConvConfig(th, tw, bn, tbk, t_in_m, warps, 3, tma=True, split_k=split, tile_n=tn, stream_k=sk)
     return cfgs
 
 
 #: the tensor-descriptor configurations of :func:`spiking_configs`: ``{name: (tile_h, tile_w, block_n, t_in_m,
-#: num_warps, split_k[, tile_n])}``; ``row`` tiles are ``tile_w`` pixels in row-major order across the map's rows
-#: (``tile_h`` 1), the ``tm`` ones hold every time step of the tile in the GEMM's M (T <= 8); the ``split`` ones share
-#: each tile's reduction among that many programs (the deep layers at small batches, where the tiles are too few for
-#: the GPU's multiprocessors). The 128-row tiles (``tma_8x16``, ``tma_tm_4x8_n128*``) load fewer bytes per
-#: multiply-add than the smaller ones: each K step of an ``M x N`` tile loads ``(M + N) x BLOCK_K`` operands for
-#: ``M x N x BLOCK_K`` multiply-adds, 26 multiply-adds per operand at 32 x 128, 43 at 128 x 64, 64 at 128 x 128;
-#: they take two warp groups, which hold the accumulator and (steps looped) the membrane in registers without
-#: spilling (``tma_8x16`` on one warp group uses all 255 registers a thread has). The ``nb`` ones hold the same
-#: pixels of ``tile_n`` samples (:class:`ConvConfig`): 128 rows that the map's sides divide, on 28 x 28
-#: (``4x4_nb2``) and 14 x 14 (``2x2_nb8``), where power-of-two tiles of one sample compute 12-23 % of their rows
-#: beyond the map; on 7 x 7, rows of 8 pixels run across the map's rows (``row8``: 56 rows for 49)
+#: num_warps, split_k[, tile_n[, stream_k]])}``; ``row`` tiles are ``tile_w`` pixels in row-major order across the map's
+#: rows (``tile_h`` 1), the ``tm`` ones hold every time step of the tile in the GEMM's M (T <= 8); the ``split`` ones
+#: share each tile's reduction among that many programs (the deep layers at small batches, where the tiles are too few
+#: for the GPU's multiprocessors). The 128-row tiles (``tma_8x16``, ``tma_tm_4x8_n128*``) load fewer bytes per
+#: multiply-add than the smaller ones: each K step of an ``M x N`` tile loads ``(M + N) x BLOCK_K`` operands for ``M x N
+#: x BLOCK_K`` multiply-adds, 26 multiply-adds per operand at 32 x 128, 43 at 128 x 64, 64 at 128 x 128; they take two
+#: warp groups, which hold the accumulator and (steps looped) the membrane in registers without spilling (``tma_8x16``
+#: on one warp group uses all 255 registers a thread has). The ``nb`` ones hold the same pixels of ``tile_n`` samples
+#: (:class:`ConvConfig`): 128 rows that the map's sides divide, on 28 x 28 (``4x4_nb2``) and 14 x 14 (``2x2_nb8``),
+#: where power-of-two tiles of one sample compute 12-23 % of their rows beyond the map; on 7 x 7, rows of 8 pixels run
+#: across the map's rows (``row8``: 56 rows for 49). The ``sk`` ones share all tiles' reduction among one program per
+#: multiprocessor (stream-K): at N = 8 the 14 x 14 and 7 x 7 layers have 98 and 112 such tiles for the H200's 132
+#: multiprocessors
 TMA_CONFIGS = {
     "tma_row64_n128": (1, 64, 128, False, 8, 1),
     "tma_8x8": (8, 8, 64, False, 4, 1),
@@ -205,6 +217,9 @@ TMA_CONFIGS = {
     "tma_tm_2x2_nb8_n128": (2, 2, 128, True, 8, 1, 8),
     "tma_tm_row8_nb4": (1, 8, 64, True, 8, 1, 4),
     "tma_tm_row8_nb4_split2": (1, 8, 64, True, 8, 2, 4),
+    "tma_tm_2x2_nb8_n128_sk": (2, 2, 128, True, 8, 1, 8, 1),
+    "tma_tm_4x8_n128_sk": (4, 8, 128, True, 8, 1, 1, 1),
+    "tma_tm_row8_nb4_sk": (1, 8, 64, True, 8, 1, 4, 1),
 }
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseflow_kernels import ConvConfig, sparse_conv2d, tiling
-from sparseflow_kernels import dispatch as kdispatch  # noqa: F401  (the dispatch the paths measure with)
+from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_weight, tma_supported
 from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.sparse_conv import conv_output_size, fold_affine
@@ -37,7 +37,7 @@ from ._common import attach_occupancy, attach_shift, find_occupancy, has_hooks, 
 from .base import SparseModule, bn_affine, bn_key, check_foldable_bn, check_mode, fold_bn
 from .neuron import neuron_kernel
 from .neurons import find_adapter, neuron_support
-from .sum_spikes import sum_and_spikes, sum_neuron_of
+from .sum_spikes import fused_sum_and_spikes, sum_and_spikes, sum_neuron_of, takes_fused_sum
 
 
 def bias_added_separately(x: torch.Tensor) -> bool:
@@ -181,20 +181,62 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         return out
 
     def _sum_forward(self, x, residual):
-        """``bn(conv(x)) + residual`` for a layer writing a sum (``sum_spikes``): the add in the kernel that also
-        computes the spikes of the neuron reading the sum; through the modules where the kernels do not run."""
+        """``bn(conv(x)) + residual`` for a layer writing a sum (``sum_spikes``), with the spikes of the neuron
+        reading the sum, on the path measured fastest: the convolution (on its own measured path), then the add and
+        the neuron in one kernel (``pair``); or one fused kernel that writes the sum and the spikes
+        (``sum_<tiling>``, :func:`spiking_conv2d` with ``return_sum``), where the neuron takes spikes from this
+        layer for this call. Through the modules where the kernels do not run."""
         if self._route(x, None) == "torch":
             self.last_path = "torch"
             y = self._dense_forward(x)
             return (self._bn(y) if self._bn is not None else y) + residual
+        self._pending = False  # (the BatchNorm is not called: the add took its place)
+        cands = self._fused_sum_candidates(x, residual)
+        if not cands:
+            return self._pair_sum(x, residual)
+        cands["pair"] = lambda: self._pair_sum(x, residual)
+        key = ("sum", tuple(x.shape), x.stride(), x.dtype, self.out_channels, self.kernel_size, self.stride,
+               self.padding, residual.stride(), residual.dtype)
+        if kdispatch.cached(key) is None and kdispatch.forced(key, cands) is None:
+            cands["pair"]()  # (the convolution's own choice is measured now, not inside this one's measurement)
+        return self._dispatch(key, cands, x, fallback="pair", default="pair")
+
+    def _pair_sum(self, x, residual):
+        """The convolution on its own measured path, then ``sum_and_spikes``: the add, the spikes of the neuron
+        reading the sum (and a bias the convolution left out) in one kernel."""
         # where torch adds a convolution's bias in a kernel of its own, the sum's kernel does that add instead
         defer, self.defer_shift = self.defer_shift, self.defer_shift or bias_added_separately(x)
         try:
             y = self.forward(x)
         finally:
             self.defer_shift = defer
-        self._pending = False  # (the BatchNorm is not called: the add took its place)
+        self._pending = False
         return sum_and_spikes(self, y, residual)
+
+    def _fused_sum_candidates(self, x, residual) -> dict:
+        """{``sum_<tiling>``: the fused kernel writing ``bn(conv(x)) + residual`` and the sum neuron's spikes} for a
+        measured choice (``mode="auto"``) of a multi-step call whose sum neuron takes spikes from this layer
+        (``takes_fused_sum``) and whose input is not repeated over the steps (the pair convolves that once); else
+        empty."""
+        if self.mode != "auto" or x.dim() != 5 or self.dilation != (1, 1) or repeated_over_steps(x):
+            return {}
+        T, N, C, H, W = x.shape
+        OH = conv_output_size(H, self.kernel_size[0], self.stride[0], self.padding[0], 1)
+        OW = conv_output_size(W, self.kernel_size[1], self.stride[1], self.padding[1], 1)
+        out = x.new_empty(()).expand(T, N, self.out_channels, OH, OW)
+        if residual.shape != out.shape or not takes_fused_sum(self, out, residual):
+            return {}
+        scale, shift = self._affine_with_bias()
+
+        def fused(c):
+            def run(spec, v0):
+                return spiking_conv2d(x, self.weight, None, self.stride, self.padding, scale=scale, shift=shift,
+                                      neuron=spec, v=v0, return_v=True, v_dtype=x.dtype, residual=residual,
+                                      return_sum=True, config=c, packed_weight=self._packed(c, x.dtype))
+            return lambda: fused_sum_and_spikes(self, residual, run)
+
+        tma = tma_supported(x.flatten(0, 1), self.kernel_size, self.stride, self.padding, self.dilation)
+        return {f"sum_{name}": fused(c) for name, c in spiking_configs(C, self.out_channels, T, tma, N=N).items()}
 
     def _dense_residual_forward(self, x, residual, after=False):
         """conv -> bn -> (+ residual) -> neuron (-> + residual) with the original modules, called as modules (their

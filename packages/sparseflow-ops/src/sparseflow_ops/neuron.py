@@ -63,6 +63,7 @@ class KernelNeuronForward:
                 or needs_autograd(x, m)):
             if isinstance(x, torch.Tensor) and not x.is_cuda and not m.training:
                 notice_once("cpu-neuron", "sparseflow: CPU tensors run the neurons' own torch code")
+            adapter.restore_layout(m, x)  # (a membrane a fused kernel stored channels innermost)
             return type(m).forward(m, x, *args, **kwargs)
         key = adapter.spec_key(m)
         if key is None or key != self._spec_key or self._spec is None:

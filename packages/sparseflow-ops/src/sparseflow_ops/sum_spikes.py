@@ -108,6 +108,28 @@ def _offers(neuron, fwd, y: torch.Tensor, residual: torch.Tensor) -> bool:
             and not compiling() and find_adapter(neuron).is_multistep(neuron))
 
 
+def takes_fused_sum(layer: nn.Module, out: torch.Tensor, residual: torch.Tensor) -> bool:
+    """Whether the sum neuron of ``layer`` takes its spikes from the layer's kernel for a sum like ``out`` (a
+    tensor of the layer's output's shape and dtype, e.g. its first step expanded: not read) plus ``residual``: the
+    conditions of :func:`sum_and_spikes`'s offer."""
+    neuron = sum_neuron_of(layer)
+    return neuron is not None and _offers(neuron, neuron.__dict__.get("forward", _MISSING), out, residual)
+
+
+def fused_sum_and_spikes(layer: nn.Module, residual: torch.Tensor, run) -> torch.Tensor:
+    """``bn(conv(x)) + residual`` and the spikes of the layer's sum neuron from one kernel of the layer's
+    (:func:`takes_fused_sum` holds): ``run(spec, v0)`` returns (spikes, new membrane, sum) from the neuron's spec and
+    membrane, the neuron firing from the stored sum (``spiking_conv2d(..., return_sum=True)``); the spikes are
+    offered to the neuron as :func:`sum_and_spikes` offers them, and the sum returned."""
+    neuron = sum_neuron_of(layer)
+    fwd = neuron.__dict__["forward"]
+    before = _state(neuron)
+    v0 = find_adapter(neuron).get_v(neuron, tuple(residual.shape[1:]), residual.device)
+    spikes, v, z = run(fwd.spec(), v0)
+    fwd.offer(z, spikes, v, before)
+    return z
+
+
 def sum_and_spikes(layer: nn.Module, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``y + residual`` (``y``: the layer's output), the spikes of the layer's sum neuron offered to it in the same
     kernel where it can take them (module docstring). A bias the convolution left out (``attach_shift`` on ``y``:

@@ -91,15 +91,22 @@ def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
 
 def _spiking_candidates(dt) -> dict:
     """What the spiking convolutions' dispatch measured in ``dt``, per layer kind (input shape, output channels,
-    stride, a residual): every candidate's median, us, fastest first."""
+    stride, a residual; or a layer writing a sum that a neuron reads): every candidate's median, us, fastest first."""
     from sparseflow_kernels import dispatch
 
     out = {}
-    for key, ms in dispatch.timings().items():  # keys as SparseConv2d's spiking layers build them: ("spiking",
-        # input shape, dtype, out channels, kernel, stride, padding, occupancy in, out, neuron, residual, ...)
-        if not (isinstance(key, tuple) and len(key) > 10 and key[0] == "spiking" and key[2] == dt):
+    for key, ms in dispatch.timings().items():
+        # keys as SparseConv2d builds them: ("spiking", input shape, dtype, out channels, kernel, stride, padding,
+        # occupancy in, out, neuron, residual, ...) and ("sum", input shape, its strides, dtype, out channels,
+        # kernel, stride, padding, ...)
+        if not (isinstance(key, tuple) and len(key) > 9):
             continue
-        name = f"{'x'.join(map(str, key[1]))} -> {key[3]} stride {key[5][0]}{' + residual' if key[10] else ''}"
+        if key[0] == "spiking" and len(key) > 10 and key[2] == dt:
+            name = f"{'x'.join(map(str, key[1]))} -> {key[3]} stride {key[5][0]}{' + residual' if key[10] else ''}"
+        elif key[0] == "sum" and key[3] == dt:
+            name = f"{'x'.join(map(str, key[1]))} -> {key[4]} stride {key[6][0]}, writing a sum"
+        else:
+            continue
         out[name] = {c: round(v * 1000, 2) for c, v in sorted(ms.items(), key=lambda kv: kv[1])}
     return out
 
@@ -307,15 +314,18 @@ def _table(r: dict) -> list[str]:
 
 def _layer_table(name: str, m: dict) -> list[str]:
     """One line per spiking layer kind of a model, from its dispatch's medians (graph-replayed, in the model's run):
-    the path taken, cuDNN's convolution + neuron-kernel pair, the fastest fused kernel and their ratio."""
+    the path taken, the pair (cuDNN's convolution, or the measured convolution of a layer writing a sum, then the
+    neuron kernel), the fastest fused kernel and their ratio."""
     kinds = m.get("spiking_candidates_us_fp16") or {}
     if not kinds:
         return []
     lines = [f"Spiking layers of {name} (N = {m.get('N')}), per layer kind: the dispatch's medians, us", "",
-             "| layer kind | taken | cuDNN + neuron kernel | fastest fused (tiling) | fused / pair |", "|---" * 5 + "|"]
+             "| layer kind | taken | pair: convolution + neuron kernel | fastest fused (tiling) | fused / pair |",
+             "|---" * 5 + "|"]
     for kind, c in kinds.items():
-        pair = c.get("cudnn", c.get("cudnn_static"))
-        fused = {k: v for k, v in c.items() if not k.startswith("cudnn") and v is not None and v != float("inf")}
+        pair = c.get("cudnn", c.get("cudnn_static", c.get("pair")))
+        fused = {k: v for k, v in c.items()
+                 if not k.startswith("cudnn") and k != "pair" and v is not None and v != float("inf")}
         best = min(fused, key=fused.get) if fused else None
         ratio = f"{fused[best] / pair:.2f}" if best and pair else "—"
         lines.append(f"| {kind} | {min(c, key=c.get)} | {pair if pair is not None else '—'} | "
