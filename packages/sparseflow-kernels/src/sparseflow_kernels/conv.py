@@ -236,7 +236,8 @@ def _conv_kernel(
                     SPARSE, OCC_H, OCC_W, NG_P2, NEURON, HARD_RESET, DECAY_INPUT, HAS_SCALE, HAS_SHIFT, HAS_RES,
                     HAS_V, STORE_V, WRITE_OCC, OCC_GROUP, T_P2, PREC, RES_POST, x_desc, w_desc, TMA, FLAT,
                     ws_ptr, cnt_ptr, SPLIT_K, TILE_N, sum_ptr, SUM_OUT, SK_CHUNK, SK_SLOTS, STREAM_K)
-        else:
+        else:  # one tile (a split of it with split-K); not a one-trip loop, which compiles to other code (Triton
+            # 3.6, sm_90a: tma_tm_4x4_nb2 with a residual 170 registers instead of 151)
             _t_in_m_tile(
                 pid // SPLIT_K, pid, 0, 0, x_ptr, sxb, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, y_ptr, syb, syc, syh, syw,
                 scale_ptr, shift_ptr, res_ptr, srb, src, srh, srw, v_ptr, svn, svc, svh, svw,
