@@ -20,6 +20,7 @@ from kernel_checks import (
 )
 
 from sparseflow_kernels import ConvConfig, spiking_conv2d
+from sparseflow_kernels.conv import tile_counters
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: (tile_h, tile_w, block_n, block_k, tma): pointer tiles run in any dtype, descriptor tiles in fp16
@@ -52,6 +53,7 @@ def test_split_k_matches_reference(tile, split, T, N, C, CO, H, W, k, residual, 
     ref_s, ref_h, ref_v = reference_neuron(p, z, v0.double())
     assert spikes.shape == ref_s.shape and spikes.dtype == dtype
     assert_spikes_match(spikes.cpu(), ref_s, ref_h, p["v_threshold"], v.cpu(), ref_v, tie_tol=2e-2, v_rtol=2e-2)
+    assert not tile_counters(xs.device, 1).any(), "a tile's counter was left set for the next launch"
 
 
 @pytest.mark.parametrize("tile", sorted(TILES))

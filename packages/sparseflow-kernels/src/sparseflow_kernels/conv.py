@@ -506,8 +506,8 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def tile_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least ``n`` zero int32 arrival counters for stream-K's tiles, kept per device and stream: the program
-    that combines a tile sets its counter back to 0, so they stay zero between launches and no launch pays for a
+    """At least ``n`` zero int32 arrival counters for split-K's and stream-K's tiles, kept per device and stream: the
+    program that combines a tile sets its counter back to 0, so they stay zero between launches and no launch pays for a
     fill of its own (a kernel more in a graph of 20-microsecond layers). Launches on one stream run in turn; a
     stream of its own gets counters of its own. Counters outgrown are kept: a captured CUDA graph may point at them."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
@@ -551,9 +551,9 @@ def launch_conv(
     affine rounded to ``out``'s type before the add and the sum to ``sum_out``'s after it, as separate ops store them;
     the neuron reads the stored sum.
     ``cfg.tile_n`` samples share each tile (dense, no occupancy written).
-    ``cfg.split_k`` shares each tile's reduction among that many programs (an fp32 workspace of the partial sums and a
-    counter per tile, allocated here); ``cfg.stream_k`` shares all tiles' reductions among that many programs per
-    multiprocessor (the workspace allocated here, the counters :func:`tile_counters`'). ``cfg.tma`` loads the tiles
+    ``cfg.split_k`` shares each tile's reduction among that many programs, ``cfg.stream_k`` all tiles' reductions
+    among that many programs per multiprocessor (both: an fp32 workspace of the partial sums, allocated here, and the
+    arrival counters of :func:`tile_counters`). ``cfg.tma`` loads the tiles
     through tensor descriptors (:func:`tma_supported` must hold, dense only); with ``cfg.tile_h == 1`` a tile is then
     ``tile_w`` pixels in row-major order across the map's rows. Traced by ``torch.compile`` / ``torch.export`` the same
     configuration gathers them by pointers: the same products summed in the same order."""
@@ -594,7 +594,7 @@ def launch_conv(
     sk_chunk = sk_slots = 1
     if split > 1:  # the partial sums, and one arrival counter per tile (reset by the tile's last program)
         ws = torch.empty(n_tiles * split * rows * cfg.block_n, device=x.device, dtype=torch.float32)
-        cnt = torch.zeros(n_tiles, device=x.device, dtype=torch.int32)
+        cnt = tile_counters(x.device, n_tiles)
     elif cfg.stream_k:  # the tiles' iterations in equal shares, one per program; a tile in at most sk_slots parts
         n_iter = ng * (KH if flat else KH * KW)
         sk_chunk = cdiv(n_tiles * n_iter, cfg.stream_k * multiprocessors(x.device))
