@@ -221,10 +221,10 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         if self.mode != "auto" or x.dim() != 5 or self.dilation != (1, 1) or repeated_over_steps(x):
             return {}
         T, N, C, H, W = x.shape
-        OH = conv_output_size(H, self.kernel_size[0], self.stride[0], self.padding[0], 1)
-        OW = conv_output_size(W, self.kernel_size[1], self.stride[1], self.padding[1], 1)
-        out = x.new_empty(()).expand(T, N, self.out_channels, OH, OW)
-        if residual.shape != out.shape or not takes_fused_sum(self, out, residual):
+        # (the residual shaped, typed and placed as the layer's output stands for it in the offer's conditions)
+        out_shape = (T, N, self.out_channels, *self._output_hw(H, W))
+        if (tuple(residual.shape) != out_shape or residual.dtype != x.dtype or residual.device != x.device
+                or not takes_fused_sum(self, residual)):
             return {}
         scale, shift = self._affine_with_bias()
 
@@ -404,8 +404,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         else:
             x5 = x.unsqueeze(0)
         T, N, C, H, W = x5.shape
-        OH = conv_output_size(H, self.kernel_size[0], self.stride[0], self.padding[0], 1)
-        OW = conv_output_size(W, self.kernel_size[1], self.stride[1], self.padding[1], 1)
+        OH, OW = self._output_hw(H, W)
         v0 = adapter.get_v(neuron, (N, self.out_channels, OH, OW), x.device)
         res5 = residual.reshape(T, N, self.out_channels, OH, OW) if residual is not None else None
         path = self.last_path or "fused_dense"
@@ -427,6 +426,11 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         return spikes.flatten(0, 1) if adapter.is_multistep(neuron) else spikes[0]
 
     # -- spiking layer
+    def _output_hw(self, H: int, W: int) -> tuple[int, int]:
+        """The output's height and width for an ``H x W`` input (the fused layers' dilation is 1)."""
+        return tuple(conv_output_size(n, k, s, p, 1) for n, k, s, p in zip((H, W), self.kernel_size, self.stride,
+                                                                             self.padding))
+
     def _neuron_spec(self):
         """(adapter, NeuronSpec) of the fused neuron, the spec cached under the neuron's parameters."""
         neuron = self._neuron
@@ -460,8 +464,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         T, N, C, H, W = x5.shape
         scale, shift = self._affine_with_bias()  # (the kernels take the convolution's bias folded in)
         cfg = self._config(C, self.out_channels)
-        OH = conv_output_size(H, self.kernel_size[0], self.stride[0], self.padding[0], 1)
-        OW = conv_output_size(W, self.kernel_size[1], self.stride[1], self.padding[1], 1)
+        OH, OW = self._output_hw(H, W)
         v0 = adapter.get_v(neuron, (N, self.out_channels, OH, OW), x.device)
         flat = x5.flatten(0, 1)
         occ = find_occupancy(x, flat) if x5 is x else None

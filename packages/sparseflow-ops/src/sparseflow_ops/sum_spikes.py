@@ -108,19 +108,19 @@ def _offers(neuron, fwd, y: torch.Tensor, residual: torch.Tensor) -> bool:
             and not compiling() and find_adapter(neuron).is_multistep(neuron))
 
 
-def takes_fused_sum(layer: nn.Module, out: torch.Tensor, residual: torch.Tensor) -> bool:
-    """Whether the sum neuron of ``layer`` takes its spikes from the layer's kernel for a sum like ``out`` (a
-    tensor of the layer's output's shape and dtype, e.g. its first step expanded: not read) plus ``residual``: the
-    conditions of :func:`sum_and_spikes`'s offer."""
+def takes_fused_sum(layer: nn.Module, residual: torch.Tensor) -> bool:
+    """Whether the sum neuron of ``layer`` takes its spikes from the layer's kernel for a sum of ``residual``'s
+    shape, dtype and device (the layer's output's): the conditions of :func:`sum_and_spikes`'s offer."""
     neuron = sum_neuron_of(layer)
-    return neuron is not None and _offers(neuron, neuron.__dict__.get("forward", _MISSING), out, residual)
+    return neuron is not None and _offers(neuron, neuron.__dict__.get("forward", _MISSING), residual, residual)
 
 
 def fused_sum_and_spikes(layer: nn.Module, residual: torch.Tensor, run) -> torch.Tensor:
-    """``bn(conv(x)) + residual`` and the spikes of the layer's sum neuron from one kernel of the layer's
-    (:func:`takes_fused_sum` holds): ``run(spec, v0)`` returns (spikes, new membrane, sum) from the neuron's spec and
-    membrane, the neuron firing from the stored sum (``spiking_conv2d(..., return_sum=True)``); the spikes are
-    offered to the neuron as :func:`sum_and_spikes` offers them, and the sum returned."""
+    """``bn(conv(x)) + residual`` and the spikes of the layer's sum neuron from one kernel (the sum neuron takes
+    spikes from the layer: :func:`takes_fused_sum`): ``run(spec, v0)`` returns (spikes, new membrane, sum) from the
+    neuron's spec and membrane, the neuron firing from the stored sum (``spiking_conv2d(..., return_sum=True)``, or
+    ``multistep_neuron(return_sum=True)`` after the convolution); the spikes are offered to the neuron, and the sum
+    returned."""
     neuron = sum_neuron_of(layer)
     fwd = neuron.__dict__["forward"]
     before = _state(neuron)
@@ -141,10 +141,6 @@ def sum_and_spikes(layer: nn.Module, y: torch.Tensor, residual: torch.Tensor) ->
     bias = None if bias is None else bias.to(y.dtype)
     if neuron is None or not _offers(neuron, fwd, y, residual):
         return (y if bias is None else y.add_(bias.view(-1, 1, 1))) + residual
-    adapter = find_adapter(neuron)
-    before = _state(neuron)
-    v0 = adapter.get_v(neuron, tuple(y.shape[1:]), y.device)
-    spikes, v, z = multistep_neuron(y, fwd.spec(), shift=bias, residual=residual, v=v0, return_v=True,
-                                    v_dtype=y.dtype, return_sum=True, round_affine=True)
-    fwd.offer(z, spikes, v, before)
-    return z
+    return fused_sum_and_spikes(layer, residual, lambda spec, v0: multistep_neuron(
+        y, spec, shift=bias, residual=residual, v=v0, return_v=True, v_dtype=y.dtype, return_sum=True,
+        round_affine=True))
