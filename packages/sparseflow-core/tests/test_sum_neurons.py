@@ -413,8 +413,8 @@ def test_sum_written_by_the_fused_convolution(dtype, path, monkeypatch):
     """The layers writing a sum on the fused kernel that also computes the reading neuron's spikes (the path the
     dispatch measures against the convolution + sum kernel pair; forced here): every sum neuron takes its spikes
     from it (no neuron kernel writes a sum), and over calls without a reset and after one the outputs and the sum
-    neurons' membranes follow those of the pair (the fp16 dense model is itself 2-5 % from the fp32 one on this
-    small net, so fp16 is compared with the pair, fp32 with the dense model too)."""
+    neurons' membranes follow those of the pair, and then in train mode (the fp16 dense model is itself 2-5 % from
+    the fp32 one on this small net, so fp16 is compared with the pair, fp32 with the dense model too)."""
     from sparseflow_kernels import dispatch
 
     base = tiny_net(dtype)
@@ -431,11 +431,15 @@ def test_sum_written_by_the_fused_convolution(dtype, path, monkeypatch):
         for net in (opt, *refs.values()):
             reset(net)
         with torch.no_grad():
-            for i, x in enumerate([*xs, None]):
-                if x is None:  # a reset, then the first input again
+            for i, x in enumerate([*xs, "reset", "train"]):
+                if isinstance(x, str) and x == "reset":  # a reset, then the first input again
                     for net in (opt, *refs.values()):
                         reset(net)
                     x = xs[0]
+                elif isinstance(x, str):  # "train": the modules' own forward, from the membranes the kernels left
+                    for net in (opt, *refs.values()):
+                        net.train()
+                    x = xs[1]
                 y = opt(x).double()
                 for what, ref_net in refs.items():
                     with dispatch.force_path({"sum": "pair"}):
