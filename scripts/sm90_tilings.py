@@ -10,7 +10,9 @@ A spec is ``name:C:CO:H``, ``name`` any configuration of ``sparseflow_kernels.ti
 loads too, such as ``fused_tm``), ``:r`` a residual before the neuron, ``:s`` that residual and the sum written
 (``return_sum``: a layer writing MS-ResNet's residual stream and its reading neuron's spikes); or ``neuron:C:C:H[:r]``, the multi-step neuron
 kernel over a ``[T, N, C, H, H]`` channels_last map (BatchNorm folded), ``:r`` with a residual in the other memory
-order (NCHW) and the sum written, as MS-ResNet's sum kernels run. Needs torch and triton, whose wheel carries
+order (NCHW) and the sum written, as MS-ResNet's sum kernels run; or ``pool:C:C:H[:3]``, the neuron with the max pool
+of its spikes (``multistep_neuron_pool``) over that map, windows of 2 / stride 2 (``:3``: 3 / 2 / 1, a ResNet
+stem's). Needs torch and triton, whose wheel carries
 ptxas and cuobjdump; no GPU and no interpreter (``TRITON_INTERPRET`` is ignored). The kernels are compiled, never run:
 the launcher is stopped after Triton's ``warmup``. Figures are static (instructions in the binary, not executed), for
 comparing tilings and kernel changes before they are timed on the GPU.
@@ -37,6 +39,7 @@ from triton.runtime.driver import driver  # noqa: E402
 
 import sparseflow_kernels.conv as kconv  # noqa: E402
 import sparseflow_kernels.neuron as kneuron  # noqa: E402
+import sparseflow_kernels.neuron_pool as kneuron_pool  # noqa: E402
 import sparseflow_kernels.spiking as kspiking  # noqa: E402
 from sparseflow_bench.sections.shapes import SHAPES  # noqa: E402  (spiking_resnet34's 3x3 layers: channels, map)
 from sparseflow_kernels import spiking_conv2d  # noqa: E402
@@ -106,6 +109,17 @@ def compile_neuron(C: int, H: int, T: int, N: int, residual: bool):
     raise RuntimeError("neuron: the launcher returned without launching")
 
 
+def compile_neuron_pool(C: int, H: int, T: int, N: int, overlap: bool):
+    x = torch.zeros(T * N, C, H, H, dtype=torch.float16).to(memory_format=torch.channels_last).view(T, N, C, H, H)
+    try:
+        kneuron_pool.multistep_neuron_pool(x, "lif", tau=2.0, scale=torch.ones(C), shift=torch.zeros(C),
+                                           kernel_size=3 if overlap else 2, stride=2, padding=1 if overlap else 0,
+                                           return_v=True)
+    except _Compiled as done:
+        return done.kernel
+    raise RuntimeError("pool: the launcher returned without launching")
+
+
 def resources(kernel) -> dict:
     ptx = kernel.asm["ptx"]
     with tempfile.TemporaryDirectory() as d:
@@ -129,9 +143,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     specs = a.specs or [f"{n}:{c}:{c}:{h}{r}" for c, h in SHAPES for n in TMA_CONFIGS for r in ("", ":r")]
     driver.set_active(_Hopper())
-    kconv.launch = kneuron.launch = _CompileOnly  # compile, never run
+    kconv.launch = kneuron.launch = kneuron_pool.launch = _CompileOnly  # compile, never run
     kconv.tma_supported = lambda *args, **kwargs: True  # (no GPU to ask)
-    kspiking.require_triton_device = kneuron.require_triton_device = lambda op, *tensors: tensors[0].device
+    kspiking.require_triton_device = kneuron.require_triton_device = kneuron_pool.require_triton_device = \
+        lambda op, *tensors: tensors[0].device
     print(f"triton {triton.__version__}, sm_90a, T={a.T}, N={a.N}")
     cols = ("regs", "spill", "smem", "sass", "HGMMA", "HMMA", "BAR", "STS", "LDS", "LDSM", "SHFL")
     print("| tiling | C / CO / map | residual | warps | " + " | ".join(cols) + " |")
@@ -141,6 +156,11 @@ def main(argv=None) -> int:
         if name == "neuron":
             r = resources(compile_neuron(int(C), int(H), a.T, a.N, flag == ["r"]))
             print(f"| neuron | {C} / {CO} / {H} | {'yes' if flag else 'no'} | 4 | "
+                  + " | ".join(str(r[c]) for c in cols) + " |")
+            continue
+        if name == "pool":
+            r = resources(compile_neuron_pool(int(C), int(H), a.T, a.N, flag == ["3"]))
+            print(f"| neuron + max pool {'3/2/1' if flag else '2/2'} | {C} / {CO} / {H} | no | 4 | "
                   + " | ".join(str(r[c]) for c in cols) + " |")
             continue
         if name not in spiking_configs(int(C), int(CO), a.T, tma=True):

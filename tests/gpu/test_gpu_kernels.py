@@ -155,3 +155,33 @@ def test_multistep_neuron_matches_reference(dtype):
         s, _v = multistep_neuron(x, spec, return_v=True)
         rs, rh, _rv = neuron_reference(x.double(), spec)
         assert _flips(s, rs, rh, spec.v_threshold, 1e-4 if dtype == torch.float32 else 1e-2) == 0
+
+
+@pytest.mark.parametrize("pool", [(2, 2, 0), (3, 2, 1)], ids=["2-2-0", "3-2-1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_neuron_pool_is_the_neuron_then_the_pool(dtype, pool):
+    """multistep_neuron_pool on the GPU (a DVS layer's layout: channels_last steps, 2 blocks of channels, T=16):
+    the max pool of the neuron kernel's spikes and its membrane, bit for bit; spiking_conv2d's cuDNN path with
+    ``pool`` the same, also on a static input."""
+    from sparseflow_kernels.neuron_pool import multistep_neuron_pool
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    T, N, C, H, W = 16, 2, 96, 18, 20
+    x = (torch.randn(T * N, H, W, C, generator=g, device="cuda") * 0.8 + 0.3).to(dtype)
+    x = x.permute(0, 3, 1, 2).view(T, N, C, H, W)
+    scale = torch.rand(C, generator=g, device="cuda") + 0.5
+    shift = torch.randn(C, generator=g, device="cuda") * 0.2
+    v0 = torch.randn(N, C, H, W, generator=g, device="cuda") * 0.3
+    for spec in (NeuronSpec.make("plif", decay=0.4), NeuronSpec.make("lif", tau=2.0, v_reset=None)):
+        y, v = multistep_neuron_pool(x, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2], scale=scale,
+                                     shift=shift, v=v0, return_v=True)
+        s, v_ref = multistep_neuron(x, spec, scale=scale, shift=shift, v=v0, return_v=True)
+        want = F.max_pool2d(s.flatten(0, 1).float(), *pool).to(dtype)
+        assert torch.equal(y.flatten(0, 1), want) and torch.equal(v, v_ref) and 0 < y.float().mean() < 1
+    w = (torch.randn(C, C, 3, 3, generator=g, device="cuda") * 0.05).to(dtype)
+    for xs in (x, x[:1].expand(T, *x.shape[1:])):
+        kw = dict(scale=scale, shift=shift, neuron="lif", return_v=True, path="cudnn")
+        y, v = spiking_conv2d(xs, w, None, 1, 1, pool=pool, **kw)
+        s, v_ref = spiking_conv2d(xs, w, None, 1, 1, **kw)
+        assert torch.equal(y.flatten(0, 1), F.max_pool2d(s.flatten(0, 1).float(), *pool).to(dtype))
+        assert torch.equal(v, v_ref)

@@ -53,6 +53,7 @@ from sparseflow_kernels.batchnorm import sparse_batch_norm2d
 from sparseflow_kernels.conv_transpose import sparse_conv_transpose2d
 from sparseflow_kernels.depthwise import grouped_conv2d
 from sparseflow_kernels.linear import sparse_conv1x1, sparse_linear
+from sparseflow_kernels.neuron_pool import multistep_neuron_pool
 from sparseflow_kernels.pool import max_pool2d
 from sparseflow_ops import (
     NeuronAdapter,
@@ -295,6 +296,22 @@ BAD_INPUTS = [
      ValueError, "eps must be >= 0"),
     ("sparse_batch_norm2d", "input of rank 2", lambda: sparse_batch_norm2d(_x(3, 4), _x(3), _x(3)), ValueError,
      "expected input of shape [N, C, H, W]"),
+    ("multistep_neuron_pool", "a map whose last row is in no window",
+     lambda: multistep_neuron_pool(_x(2, 1, 3, 7, 8), "lif", kernel_size=2), ValueError,
+     "every pixel must lie in a window of the pool (its membrane is computed there); the last of the 7 rows is in no "
+     "window (kernel 2, stride 2, padding 0)"),
+    ("multistep_neuron_pool", "windows with gaps between them",
+     lambda: multistep_neuron_pool(_x(2, 1, 3, 8, 8), "lif", kernel_size=2, stride=3), ValueError,
+     "stride 3 is larger than the kernel 2: rows between the windows are in none"),
+    ("spiking_conv2d", "a pool with a residual",
+     lambda: spiking_conv2d(_x(2, 1, 3, 4, 4), _x(4, 3, 3, 3), None, 1, 1, pool=(2, 2, 0), residual=_x(2, 1, 4, 4, 4)),
+     ValueError, "pool pools the spikes; not with a residual, return_sum or write_occupancy"),
+    ("SparseConv2d.from_dense", "a max pool without a neuron to pool for",
+     lambda: SparseConv2d.from_dense(nn.Conv2d(3, 4, 3), pool=nn.MaxPool2d(2)), ValueError,
+     "pool cannot be fused: there is no neuron whose spikes it pools"),
+    ("SparseConv2d.from_dense", "a max pool in ceil mode",
+     lambda: SparseConv2d.from_dense(nn.Conv2d(3, 4, 3), None, neuron.LIFNode(), pool=nn.MaxPool2d(2, ceil_mode=True)),
+     ValueError, "pool cannot be fused: ceil_mode=True"),
     ("max_pool2d", "padding over half the kernel", lambda: max_pool2d(_x(1, 3, 8, 8), 2, 2, 2), ValueError,
      "must be at most half the kernel size"),
     ("max_pool2d", "input of rank 2", lambda: max_pool2d(_x(8, 8), 2), ValueError,
@@ -306,6 +323,9 @@ BAD_INPUTS = [
     ("SparseConv1d", "residual for a projection without a fused neuron",
      lambda: SparseConv1d.from_dense(nn.Conv1d(4, 4, 1)).eval()(_x(2, 4, 5), residual=_x(2, 4, 5)), ValueError,
      "residual is only accepted by a fused spiking projection"),
+    ("SparseConv1d", "a residual to add before the neuron",
+     lambda: _fused_conv1d(2)(_x(2, 2, 4, 5), residual=_x(2, 2, 4, 5), residual_after=False), ValueError,
+     "adds a residual after its neuron only (residual_after=False was given)"),
     ("SparseConv1d", "flattened [T*N, C, L] input whose batch is not a multiple of the T it was fused for",
      lambda: _fused_conv1d(3)(_x(4, 4, 5)), RuntimeError,
      "does not match the T=3 seen when the model was optimized"),

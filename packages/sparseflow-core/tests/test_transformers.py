@@ -17,6 +17,7 @@ from spikingjelly.activation_based.model.spikformer import SpikformerBlock
 from torch import nn
 
 from sparseflow_core import get_report, optimize, restore
+from sparseflow_core.fx_fusion import fused_forward
 from sparseflow_ops import (
     SparseConv1d,
     SparseConv2d,
@@ -325,3 +326,194 @@ def test_hooked_projection_neuron_is_not_fused():
     calls.clear()
     same_over_calls(net, ref, x, calls=1)
     assert calls  # the hook still runs on the optimized model
+
+
+class MultiStepMLP(nn.Module):
+    """QKFormer's MLP: SpikingJelly's multi-step ``layer.Conv1d`` -> ``layer.BatchNorm1d`` -> LIF, twice, on
+    ``[T, N, C, L]`` (the layers themselves take the steps, no SeqToANNContainer)."""
+
+    def __init__(self, dim=16, hidden=32):
+        super().__init__()
+        self.fc1 = layer.Conv1d(dim, hidden, kernel_size=1, step_mode="m")
+        self.bn1 = layer.BatchNorm1d(hidden, step_mode="m")
+        self.lif1 = neuron.LIFNode(step_mode="m")
+        self.fc2 = layer.Conv1d(hidden, dim, kernel_size=1, step_mode="m")
+        self.bn2 = layer.BatchNorm1d(dim, step_mode="m")
+        self.lif2 = neuron.LIFNode(step_mode="m")
+
+    def forward(self, x):
+        return self.lif2(self.bn2(self.fc2(self.lif1(self.bn1(self.fc1(x))))))
+
+
+class MultiStepMLPNet(nn.Module):
+    def __init__(self, dim=16):
+        super().__init__()
+        self.lif = neuron.LIFNode(step_mode="m")
+        self.mlp = MultiStepMLP(dim)
+
+    def forward(self, x):  # [T, N, C, L]
+        return self.mlp(self.lif(x))
+
+
+def test_multi_step_conv1d_batchnorm1d_neuron_fused():
+    """Multi-step SpikingJelly Conv1d -> BatchNorm1d -> neuron on [T, N, C, L] (QKFormer's MLP): each projection
+    runs as one fused spiking layer, BatchNorm folded and neuron bypassed; outputs and membranes are the dense
+    model's over calls and after a reset."""
+    net, ref = twins(firing_bns(MultiStepMLPNet()))
+    x = torch.rand(2, 2, 16, 5) * 3
+    keys = list(net.state_dict())
+    net, rep = optimize(net, x, return_report=True)
+    for fc, bn, lif in (("fc1", "bn1", "lif1"), ("fc2", "bn2", "lif2")):
+        conv = getattr(net.mlp, fc)
+        assert isinstance(conv, SparseConv1d) and conv.kind() == "conv1x1+bn+neuron"
+        assert f"conv1x1+bn+neuron (mlp.{bn}, mlp.{lif})" in entry(rep, f"mlp.{fc}").detail
+        assert is_bypassed(getattr(net.mlp, bn)) and is_bypassed(getattr(net.mlp, lif))
+    assert list(net.state_dict()) == keys
+    r = same_over_calls(net, ref, x)
+    assert 0 < (r != 0).float().mean() < 1
+    assert {net.mlp.fc1.last_path, net.mlp.fc2.last_path}.isdisjoint({"torch", None})
+    with torch.no_grad():
+        net(x), ref(x)
+    for lif in ("lif1", "lif2"):  # (the folded BatchNorm rounds once where the dense one rounds twice)
+        torch.testing.assert_close(getattr(net.mlp, lif).v, getattr(ref.mlp, lif).v, rtol=1e-5, atol=1e-5)
+
+
+class TokensAsFeatures(nn.Module):
+    """A single-step projection over ``[N, C, L]`` read by a multi-step BatchNorm1d: SpikingJelly's multi-step
+    BatchNorm takes the 3-D tensor as ``[T, N, C]`` and normalises its last dim, the tokens (L equals the
+    BatchNorm's features here, so the dense model runs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lif = neuron.LIFNode(step_mode="s")
+        self.fc = nn.Conv1d(8, 6, kernel_size=1)
+        self.bn = layer.BatchNorm1d(6, step_mode="m")
+
+    def forward(self, x):  # [N, 8, 6]
+        return self.bn(self.fc(self.lif(x)))
+
+
+def test_batchnorm_over_the_tokens_is_not_folded():
+    net = firing_bns(TokensAsFeatures())
+    ref = copy.deepcopy(net)
+    x = torch.rand(3, 8, 6) * 3
+    net, rep = optimize(net, x, return_report=True)
+    assert isinstance(net.fc, SparseConv1d) and net.fc.kind() == "conv1x1"
+    assert not is_bypassed(net.bn)
+    assert ("BatchNorm not folded: the multi-step BatchNorm1d normalises the last dim of the output (3, 6, 6), "
+            "not its channels") in entry(rep, "fc").detail
+    r = same_over_calls(net, ref, x, tol=1e-5)
+    assert r.abs().max() > 0
+
+
+class ShapeBranching(nn.Module):
+    """A neuron behind a forward that fx cannot trace (it unpacks its input's shape), as QKFormer's attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.lif = neuron.LIFNode(step_mode="m", v_threshold=0.5)
+
+    def forward(self, x):
+        T, N, C, L = x.shape
+        return self.lif(x.reshape(T, N, C, L) * 0.75)
+
+
+class GatedMLP(MultiStepMLP):
+    """The MLP with a plain attribute its forward branches on (frozen in a trace that goes through it)."""
+
+    def __init__(self, dim=16):
+        super().__init__(dim)
+        self.enabled = True
+
+    def forward(self, x):
+        return super().forward(x) if self.enabled else torch.zeros_like(x)
+
+
+class SkipBlock(nn.Module):
+    """QKFormer's block: ``x + attn(x)``, then ``x + mlp(x)``, the MLP a module of its own (by default an attention
+    whose forward does not trace, and an MLP with a plain attribute)."""
+
+    def __init__(self, attn=None, mlp=None, dim=16):
+        super().__init__()
+        self.attn = attn if attn is not None else ShapeBranching()
+        self.mlp = mlp if mlp is not None else GatedMLP(dim)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class SkipNet(nn.Module):
+    def __init__(self, block=None):
+        super().__init__()
+        self.lif = neuron.LIFNode(step_mode="m")
+        self.block = block if block is not None else SkipBlock()
+
+    def forward(self, x):
+        return self.block(self.lif(x))
+
+
+def test_skip_add_around_a_projection_block_goes_into_its_epilogue():
+    """``x + mlp(x)`` where the MLP is a module of its own ending in a fused projection: the block around it is
+    traced through the MLP only (its attention sibling does not trace) and the add runs in the projection's
+    epilogue; outputs and membranes are the dense model's over calls and a reset, and the rewritten block gives way
+    to its own forward when the MLP's attribute changes or a hook is put on the fused chain."""
+    net, ref = twins(firing_bns(SkipNet()))
+    x = torch.rand(2, 2, 16, 5) * 3
+    net, rep = optimize(net, x, return_report=True)
+    fc2 = net.block.mlp.fc2
+    assert isinstance(fc2, SparseConv1d) and fc2.kind() == "conv1x1+bn+neuron"
+    assert "+ the skip connection's add after the neuron (in the epilogue)" in entry(rep, "block.mlp.fc2").detail
+    fwd = fused_forward(net.block)
+    assert fwd is not None and fwd.layers == (fc2,) and fused_forward(net.block.mlp) is None
+    r = same_over_calls(net, ref, x)
+    assert r.max() > 1 and 0 < (r != 0).float().mean() < 1  # the MLP's spikes added to a sum of spikes
+    assert fc2.last_path not in ("torch", None)
+    calls = []
+    for m in (net, ref):
+        m.block.mlp.enabled = False
+    assert not fwd.exact()
+    same_over_calls(net, ref, x, calls=1)
+    for m in (net, ref):
+        m.block.mlp.enabled = True
+    assert fwd.exact()
+    handle = net.block.mlp.lif2.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    assert not fwd.exact()
+    same_over_calls(net, ref, x, calls=1)
+    assert calls
+    handle.remove()
+    with torch.no_grad():
+        net(x), ref(x)
+    for lif in ("lif1", "lif2"):
+        torch.testing.assert_close(getattr(net.block.mlp, lif).v, getattr(ref.block.mlp, lif).v, rtol=1e-5,
+                                   atol=1e-5)
+    restore(net)
+    assert fused_forward(net.block) is None and type(net.block.mlp.fc2) is layer.Conv1d
+    functional.reset_net(net)
+    functional.reset_net(ref)
+    same_over_calls(net, ref, x, calls=1)
+
+
+def test_skip_add_after_an_attention_module_goes_into_its_output_projection():
+    """``x + attn(x)`` with Spikformer's attention in a block that is not SpikformerBlock: the attention takes the
+    add (``residual=``, in its fused output projection's epilogue), the MLP's add goes into fc2's; the outputs are
+    the dense model's over calls and a reset, and a hook on the attention module hands the block back to its own
+    forward (the hook then sees the attention's own output)."""
+    net, ref = twins(firing_bns(SkipNet(SkipBlock(SpikingSelfAttention(16, 2, tau=2.0, detach_reset=True),
+                                                  MultiStepMLP(16)))))
+    x = torch.rand(2, 2, 16, 5) * 3
+    net, rep = optimize(net, x, return_report=True)
+    attn = net.block.attn
+    assert isinstance(attn, SparseSpikingSelfAttention) and attn.kind().endswith("proj_conv_bn+lif")
+    assert entry(rep, "block.attn").detail.endswith("; + the skip connection's add after it")
+    fwd = fused_forward(net.block)
+    assert fwd is not None and set(fwd.layers) == {attn, net.block.mlp.fc2}
+    r = same_over_calls(net, ref, x)
+    assert r.max() > 1
+    assert attn.proj_conv_bn[0].last_path not in ("torch", None)
+    seen, expect = [], []
+    net.block.attn.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
+    ref.block.attn.register_forward_hook(lambda m, i, o: expect.append(o.clone()))
+    assert not fwd.exact()
+    same_over_calls(net, ref, x, calls=1)
+    assert len(seen) == len(expect) > 0 and all(torch.equal(a, b) for a, b in zip(seen, expect))

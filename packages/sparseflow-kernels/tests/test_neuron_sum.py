@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_checks import NEURONS, assert_fires, assert_spikes_match, kernel_neuron_kwargs
+from kernel_checks import NEURONS, assert_fires, assert_spikes_match, kernel_neuron_kwargs, poison_allocations
 
 from sparseflow_kernels import NeuronSpec, multistep_neuron
 from sparseflow_kernels.naive import as_float64, neuron_sum_reference
@@ -26,18 +26,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Every tensor the kernel's wrapper allocates starts as NaN: an element it forgets to write fails."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*a, **k):
-        t = empty(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    def nan_empty_like(*a, **k):
-        t = empty_like(*a, **k)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+    poison_allocations(monkeypatch)
 
 
 def currents(shape, dtype, layout="contiguous"):

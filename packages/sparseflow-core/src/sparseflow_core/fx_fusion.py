@@ -27,13 +27,26 @@ _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__ia
 
 
 class _LeafTracer(fx.Tracer):
+    """The analyzer's leaf modules stay leaves; with ``through`` (qualified names in the block), so does every
+    module not named there. ``inlined``: the modules whose forward the trace went through."""
+
+    def __init__(self, through: frozenset | None = None):
+        super().__init__()
+        self.through = through
+        self.inlined: list[str] = []
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # (a block already rewritten is called as a module: its FusedBlockForward decides at run time)
-        return is_leaf(m) or is_fused_block(m) or super().is_leaf_module(m, qualname)
+        leaf = is_leaf(m) or is_fused_block(m) or super().is_leaf_module(m, qualname) or (
+            self.through is not None and qualname not in self.through)
+        if not leaf and qualname not in self.inlined:
+            self.inlined.append(qualname)
+        return leaf
 
 
 _SIMPLE = (bool, int, float, str, type(None))
 _MISSING = object()
+_INLINED = "sparseflow_inlined"  # (GraphModule.meta key: the modules a trace went through)
 
 
 class FusedBlockForward:
@@ -45,8 +58,8 @@ class FusedBlockForward:
 
     * every module of the block is in eval mode (the trace froze ``self.training``; training-mode BatchNorms use
       batch statistics and update their running ones; dropout is active);
-    * the block's plain attributes (bools, numbers, strings, None) hold their traced values (a forward branching on
-      them was frozen by the trace);
+    * the plain attributes (bools, numbers, strings, None) of the block and of the modules whose forward the trace
+      went through hold their traced values (a forward branching on them was frozen by the trace);
     * no module of a fused chain has a hook, and no global module hook is registered (the fused call would hand
       the hooks other values, or skip the modules).
 
@@ -59,7 +72,9 @@ class FusedBlockForward:
         self.block = block
         self.gm = gm
         self.modules = tuple(block.modules())
-        self.state = tuple((k, v) for k, v in block.__dict__.items() if k != "training" and type(v) in _SIMPLE)
+        traced = (block, *(block.get_submodule(q) for q in gm.meta.get(_INLINED, ())))
+        self.state = tuple((m, k, v) for m in traced for k, v in m.__dict__.items()
+                           if k != "training" and type(v) in _SIMPLE)
         self.layers: tuple = ()
 
     def set_layers(self) -> None:
@@ -72,9 +87,8 @@ class FusedBlockForward:
         for m in self.modules:
             if m.training:
                 return False
-        block = self.block
-        for k, v in self.state:
-            cur = getattr(block, k, _MISSING)
+        for m, k, v in self.state:
+            cur = getattr(m, k, _MISSING)
             if cur is not v and cur != v:
                 return False
         return not any(layer.chain_hooked() for layer in self.layers)
@@ -142,7 +156,7 @@ def _layer_and(gm: fx.GraphModule, conv_rel: str, rel: str, what: str) -> tuple:
     if conv is None or node is None:
         return None, None, f"conv or {what} not called directly in the block's forward"
     if conv.kwargs or len(conv.args) != 1:
-        return None, None, "the convolution is called with more than its input"
+        return None, None, "the layer is called with more than its input"
     return conv, node, ""
 
 
@@ -179,16 +193,19 @@ def rel_name(name: str, parent: str) -> str:
     return name[len(parent) + 1:] if parent else name
 
 
-def trace_block(block: nn.Module) -> tuple[fx.GraphModule | None, str]:
+def trace_block(block: nn.Module, through: frozenset | None = None) -> tuple[fx.GraphModule | None, str]:
     """(the block traced with torch.fx, '') or (None, the reason). Tracing runs the block's forward on proxies; every
     attribute it sets (``self.feat = y``) is put back, and such a block is not rewritten: a graph would not set
-    it. A block already rewritten gives its graph, to be rewritten further."""
+    it. A block already rewritten gives its graph, to be rewritten further. ``through``: trace only through these
+    submodules (qualified names in the block), calling every other one as a module (a sibling whose forward does
+    not trace, such as an attention module branching on its input's shape, then does not stop the trace)."""
     fwd = fused_forward(block)
     if fwd is not None:
         return fwd.gm, ""
     snapshot = [(m, dict(m.__dict__)) for m in block.modules()]
+    tracer = _LeafTracer(through)
     try:
-        graph = _LeafTracer().trace(block)
+        graph = tracer.trace(block)
     except Exception:
         graph = None
     changed = []
@@ -206,7 +223,28 @@ def trace_block(block: nn.Module) -> tuple[fx.GraphModule | None, str]:
     own = [n.target for n in graph.nodes if n.op == "get_attr" and not _has_attr(block, n.target)]
     if own:
         return None, f"the traced graph holds constants of its own ({', '.join(own)})"
-    return fx.GraphModule(block, graph, class_name=type(block).__name__ + "Fused"), ""
+    gm = fx.GraphModule(block, graph, class_name=type(block).__name__ + "Fused")
+    gm.meta[_INLINED] = tuple(tracer.inlined)
+    return gm, ""
+
+
+def through_paths(*rels: str) -> frozenset:
+    """The submodules a trace must go through to reach the modules ``rels`` (names relative to the block)."""
+    out = set()
+    for rel in rels:
+        parts = rel.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return frozenset(out)
+
+
+def returns_only(gm: fx.GraphModule, rel: str) -> bool:
+    """Whether the call of the module ``rel`` in ``gm`` is what the graph returns, and used nowhere else (an add of
+    it then sits in the forward of a block around this one)."""
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == rel), None)
+    if node is None or len(node.users) != 1:
+        return False
+    out = next(iter(node.users))
+    return out.op == "output" and out.args == (node,)
 
 
 def residual_neuron(gm: fx.GraphModule | None, conv_rel: str, bn_rel: str) -> str | None:
@@ -275,6 +313,20 @@ def fuse_skip_add(block: nn.Module, gm: fx.GraphModule, conv_rel: str, neuron_re
         return why
     _rewrite(block, gm, conv, {"residual": other, "residual_after": True}, add, [add, *reversed(chain)],
              [n.target for n in chain[1:]])
+    return ""
+
+
+def fuse_module_skip_add(block: nn.Module, gm: fx.GraphModule, rel: str) -> str:
+    """Rewrite ``gm`` so that the module ``rel`` (one that takes ``residual``: ``forward(x, residual=r)`` is
+    ``r + forward(x)``) also does the add its output goes into: ``add(m(x), other)`` -> ``m(x, residual=other)``.
+    Returns '' on success (``gm`` recompiled), else the reason (``gm`` unchanged)."""
+    node, _same, why = _layer_and(gm, rel, rel, "module")
+    if node is None:
+        return why
+    add, other, why = _sole_add(node, "the module's output")
+    if add is None:
+        return why
+    _rewrite(block, gm, node, {"residual": other}, add, (add, node), ())
     return ""
 
 

@@ -161,14 +161,18 @@ def _is_bypassed(m: nn.Module) -> bool:
     return fwd is not None and type(fwd).__name__ == "Bypass"
 
 
-def dense_op(mod: nn.Module, with_fused: bool = True):
+def dense_op(mod: nn.Module, with_fused: bool = True, with_pool: bool | None = None):
     """A callable with ``mod``'s call signature running its dense equivalent: ``to_dense()`` of a copy, then (with
     ``with_fused``) the BatchNorm (``folded_bn``), the residual (before the neuron, or with ``residual_after`` after
-    it) and the neuron (``fused_neuron``, reset first) it fused."""
+    it), the neuron (``fused_neuron``, reset first) and (``with_pool``, by default as ``with_fused``) the max pool
+    after it (``fused_pool``) it fused."""
     work = copy.deepcopy(mod)
     bn, neuron = getattr(work, "folded_bn", None), getattr(work, "fused_neuron", None)
+    pool = getattr(work, "fused_pool", None)
     if not with_fused:
         bn = neuron = None
+    if not (with_fused if with_pool is None else with_pool):
+        pool = None
     base = work.to_dense()
 
     def run(x, *args, residual=None, residual_after=False, **kwargs):
@@ -184,6 +188,8 @@ def dense_op(mod: nn.Module, with_fused: bool = True):
         if neuron is not None:
             reset_states(nn.ModuleList([neuron]))
             y = neuron(y)
+        if pool is not None:
+            y = pool(y)
         return residual + y if residual is not None and residual_after else y
 
     return run
@@ -251,7 +257,7 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
     rows: dict[str, LayerProfile] = {}
     counts: dict[str, list[int]] = {}  # name -> [non-zeros, elements, active blocks, blocks]
     recorded: dict[str, list] = {}  # name -> [(args, kwargs)] of one forward (SparseFlow modules, for dense_ms)
-    tails: dict[str, bool] = {}  # name -> the SparseFlow layer ran its BatchNorm/neuron itself
+    tails: dict[str, tuple] = {}  # name -> (the SparseFlow layer ran its BatchNorm/neuron itself, and its max pool)
     starts: dict[str, list] = {}
     fires: dict[str, list[int]] = {}  # neuron name -> [spikes, outputs]
     handles = []
@@ -314,7 +320,8 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
                 if row.sparse_module:
                     # did it take over the BatchNorm/neuron after it (they are then skipped), or run the
                     # conv alone (CPU, training: they run themselves)?
-                    tails[name] = kwargs.get("residual") is not None or bool(mod.__dict__.get("_pending", False))
+                    tails[name] = (kwargs.get("residual") is not None or bool(mod.__dict__.get("_pending", False)),
+                                   bool(mod.__dict__.get("_pool_pending", False)))
                 return
             st = starts[name].pop()
             if cuda:
@@ -417,7 +424,8 @@ def profile(model: nn.Module, inputs, *, reps: int = 5, block_size: int | None =
             if not calls:
                 continue
             try:
-                row.dense_ms = _time_calls(dense_op(mods[row.name], tails.get(row.name, True)), calls, reps, cuda)
+                row.dense_ms = _time_calls(dense_op(mods[row.name], *tails.get(row.name, (True, None))), calls,
+                                           reps, cuda)
             except Exception as e:  # report the layer without a dense figure rather than fail the profile
                 row.dense_ms = None
                 row.path = f"{row.path or ''} (dense op failed: {type(e).__name__})".strip()

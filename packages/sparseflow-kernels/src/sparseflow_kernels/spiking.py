@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from ._utils import dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
 from .conv import launch_conv, pack_weight
 from .neuron import NeuronSpec, multistep_neuron
+from .neuron_pool import multistep_neuron_pool, pool_args, pool_uncovered
 from .occupancy import Occupancy, empty_codes, prescan
+from .pool import max_pool2d
 from .sparse_conv import conv_output_size, fold_affine, normalize_conv_args
 from .tiling import ConvConfig, default_config, require_conv_groups_fit
 
@@ -73,6 +75,7 @@ def spiking_conv2d(
     residual: torch.Tensor | None = None,
     residual_after: bool = False,
     return_sum: bool = False,
+    pool: tuple | None = None,
     occupancy: Occupancy | None = None,
     sparse: bool = False,
     write_occupancy: bool = False,
@@ -109,6 +112,13 @@ def spiking_conv2d(
     the spikes and membrane are those of :func:`multistep_neuron` run on it. This is the residual stream of a
     network whose neurons come before their convolutions (MS-ResNet): one kernel writes the sum, which the skip
     connection reads, and the spikes of the neuron that reads it.
+
+    ``pool`` ``(kernel_size, stride, padding)``: the spikes go through ``F.max_pool2d`` with these arguments (the
+    max pool after the neuron of a spiking VGG or DVS network) and only the pooled ones are returned; the membrane
+    stays the full map's. The ``"cudnn"`` path runs the neuron and the pool in one kernel
+    (:func:`~sparseflow_kernels.neuron_pool.multistep_neuron_pool`, which needs every output pixel in a window),
+    the fused one pools its spikes with :func:`~sparseflow_kernels.pool.max_pool2d`. Not with a residual, the sum
+    or the occupancy.
 
     An ``x`` repeated over the steps by stride 0 (``frame.expand(T, ...)``, see :func:`repeated_over_steps`) runs
     the ``"cudnn"`` path's convolution once, on ``x[0]``, and only the neuron over T: the same values, up to the
@@ -150,6 +160,16 @@ def spiking_conv2d(
                          "residual added before the neuron, and writes no occupancy")
     if v is not None and tuple(v.shape) != (N, CO, OH, OW):
         raise ValueError(f"{op}: v must have shape {(N, CO, OH, OW)}, got {tuple(v.shape)}")
+    if pool is not None:
+        if residual is not None or return_sum or write_occupancy:
+            raise ValueError(f"{op}: pool pools the spikes; not with a residual, return_sum or write_occupancy")
+        if not isinstance(pool, (tuple, list)) or len(pool) != 3:
+            raise ValueError(f"{op}: pool must be (kernel_size, stride, padding), got {pool!r}")
+        pool = pool_args(*pool, op=op)
+        why = pool_uncovered(OH, OW, *pool)
+        if why and path == "cudnn":
+            raise ValueError(f"{op}: the cuDNN path pools in its neuron kernel, which needs every pixel in a "
+                             f"window of the pool; {why}")
     require_triton_device(op, x, weight, bias, scale, shift, residual, v)
     require_int32_indexable(op, x, residual)
     require_int32_numel(op, "output", (T, N, CO, OH, OW))
@@ -177,9 +197,13 @@ def spiking_conv2d(
         else:
             y = F.conv2d(_flat_tn(x).contiguous(memory_format=torch.channels_last), wl, None, stride, padding)
             y = y.view(T, N, CO, OH, OW)
-        res = multistep_neuron(y, spec, scale=sc, shift=sh, residual=residual,
-                               residual_after=residual_after, v=v, return_v=return_v, v_dtype=v_dtype,
-                               out_dtype=x.dtype, return_sum=return_sum, round_affine=return_sum)
+        if pool is not None:
+            res = multistep_neuron_pool(y, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2], scale=sc,
+                                        shift=sh, v=v, return_v=return_v, v_dtype=v_dtype, out_dtype=x.dtype)
+        else:
+            res = multistep_neuron(y, spec, scale=sc, shift=sh, residual=residual,
+                                   residual_after=residual_after, v=v, return_v=return_v, v_dtype=v_dtype,
+                                   out_dtype=x.dtype, return_sum=return_sum, round_affine=return_sum)
         res = res if isinstance(res, tuple) else (res,)
         out = res[0]
         v_out = res[1] if return_v else None
@@ -207,6 +231,9 @@ def spiking_conv2d(
                 residual_post=residual_after, sum_out=_flat_tn(z) if z is not None else None,
                 **spec.kernel_args(),
             )
+        if pool is not None:
+            pooled = max_pool2d(out.view(T * N, CO, OH, OW), *pool)
+            out = pooled.view(T, N, *pooled.shape[1:])
     result = [out]
     if return_v:
         result.append(v_out)

@@ -171,6 +171,8 @@ if SpikingSelfAttention is not None:
         """Spikformer's ``SpikingSelfAttention`` with sparse projections and the SSA product on
         :func:`ssa_attention`; same children, ``state_dict`` keys and neuron state."""
 
+        takes_skip_add = True
+
         @classmethod
         def from_dense(cls, attn, *, block_size=None, mode: str = "auto",
                        projections=("qkv_conv_bn", "proj_conv_bn"), neurons=None):

@@ -109,13 +109,17 @@ class SparseModule:
     #: the VersionCache attributes of this drop-in (packed weights, folded BatchNorm, ...)
     _caches: tuple[str, ...] = ("_acache",)
     #: attributes that are the drop-in's own: not carried over to the module ``to_dense`` returns
-    _runtime: tuple[str, ...] = ("_pending", "_bn", "_neuron", "_original_class", "_wcache", "_acache", "_bcache",
+    _runtime: tuple[str, ...] = ("_pending", "_pool_pending", "_bn", "_neuron", "_pool", "_original_class",
+                                 "_wcache", "_acache", "_bcache",
                                  "_scache", "_tcache", "block_size", "mode", "config", "write_occupancy", "defer_shift",
                                  "static_passthrough",
                                  "time_steps", "last_path", "step_mode", "numerics", "residual_chain",
                                  "_sum_neuron")
     #: "fast" or "faithful" (set per instance by ``optimize(..., numerics=...)``)
     numerics = "fast"
+    #: whether ``forward(x, residual=r)`` returns ``r + forward(x)``, the add run by the module itself (in a kernel's
+    #: epilogue where it can), so that ``optimize`` may move a skip connection's add into the call
+    takes_skip_add = False
 
     def to_dense(self):  # pragma: no cover - every subclass implements it
         raise NotImplementedError(f"{type(self).__name__}.to_dense")
@@ -128,10 +132,12 @@ class SparseModule:
         self.time_steps: int | None = None
         self.__dict__["_bn"] = None
         self.__dict__["_neuron"] = None
+        self.__dict__["_pool"] = None
         self._init_runtime()
 
     def _init_runtime(self) -> None:
         self.__dict__["_pending"] = False
+        self.__dict__["_pool_pending"] = False
         for name in self._caches:
             self.__dict__[name] = VersionCache()
         self.last_path: str | None = None
@@ -141,9 +147,10 @@ class SparseModule:
         if any(name not in self.__dict__ for name in ("_pending", *self._caches)):
             self._init_runtime()
 
-    def _adopt(self, dense: nn.Module, bn=None, neuron=None):
-        """Take over ``dense``'s parameters; fold ``bn`` and fuse ``neuron`` (both bypassed). Returns self."""
-        adopt_dense(self, dense, bn, neuron)
+    def _adopt(self, dense: nn.Module, bn=None, neuron=None, pool=None):
+        """Take over ``dense``'s parameters; fold ``bn`` and fuse ``neuron`` (and ``pool``, the max pool after it),
+        all bypassed. Returns self."""
+        adopt_dense(self, dense, bn, neuron, pool)
         return self
 
     def _dense_copy(self, default_cls: type) -> nn.Module:
@@ -158,6 +165,11 @@ class SparseModule:
     @property
     def fused_neuron(self):
         return self.__dict__.get("_neuron")
+
+    @property
+    def fused_pool(self):
+        """The max pool after the fused neuron that this layer pools for (on the paths that return pooled spikes)."""
+        return self.__dict__.get("_pool")
 
     def _affine(self):
         """(scale, shift) of the folded BatchNorm (fp32, cached under its versions), or (None, None)."""
@@ -182,14 +194,20 @@ class SparseModule:
         """numerics="faithful": the dense modules' arithmetic and layouts."""
         return self.numerics == "faithful"
 
+    def chain_hooked(self) -> bool:
+        """Whether this layer, its folded BatchNorm or its fused neuron has a hook (or a global module hook is
+        registered). The chain then runs through its modules (the layer on its own weights, the BatchNorm module,
+        the neuron module from its stored membrane), so that every hook sees what it sees in the dense model."""
+        return has_hooks(self, self.folded_bn, self.fused_neuron, self.fused_pool)
+
     def _use_kernels(self, x: torch.Tensor) -> bool:
         """Whether this call can run on the kernels: eval mode (this module, its folded BatchNorm and fused neuron),
-        no hook on the chain (it then runs through its modules, so that each hook sees what it sees in the dense
-        model), an input the kernels take with this module's weight, and no autograd to record."""
+        no hook on the chain (:meth:`chain_hooked`), an input the kernels take with this module's weight, and no
+        autograd to record."""
         bn, neuron = self.folded_bn, self.fused_neuron
         if self.training or any(m is not None and m.training for m in (bn, neuron)):
             return False
-        if (bn is not None or neuron is not None) and has_hooks(self, bn, neuron):
+        if (bn is not None or neuron is not None) and self.chain_hooked():
             return False
         return kernels_take(x, self.weight, type(self).__name__) and not needs_autograd(x, self, bn, neuron)
 

@@ -21,15 +21,19 @@ from .neurons import find_adapter
 class Bypass:
     """Instance ``forward`` of a module whose work a drop-in upstream (``owner``) has taken over."""
 
-    def __init__(self, module: nn.Module, owner: nn.Module, last: bool):
+    def __init__(self, module: nn.Module, owner: nn.Module, last: bool, flag: str = "_pending"):
         self.module = module
         self.owner = owner
         self.last = last  # the neuron closes the handshake
+        # the owner's flag this module follows: "_pending" (BatchNorm and neuron), "_pool_pending" (a max pool after
+        # the neuron, which the owner pools on some of its paths only)
+        self.flag = flag
 
     def __call__(self, x, *args, **kwargs):
-        if self.owner._pending:
+        if getattr(self.owner, self.flag, False):
             if self.last:
-                self.owner._pending = False
+                setattr(self.owner, self.flag, False)
+            if self.last and self.flag == "_pending":
                 T = self.owner.time_steps
                 if T and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] != T:
                     raise RuntimeError(
@@ -44,8 +48,8 @@ class Bypass:
         return type(self.module).forward(self.module, x, *args, **kwargs)
 
 
-def install_bypass(module: nn.Module, owner: nn.Module, last: bool) -> None:
-    module.forward = Bypass(module, owner, last)
+def install_bypass(module: nn.Module, owner: nn.Module, last: bool, flag: str = "_pending") -> None:
+    module.forward = Bypass(module, owner, last, flag)
 
 
 def remove_bypass(module: nn.Module) -> None:
@@ -57,10 +61,12 @@ def is_bypassed(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("forward"), Bypass)
 
 
-def adopt_dense(new: nn.Module, dense: nn.Module, bn: nn.Module | None, neuron: nn.Module | None = None) -> None:
+def adopt_dense(new: nn.Module, dense: nn.Module, bn: nn.Module | None, neuron: nn.Module | None = None,
+                pool: nn.Module | None = None) -> None:
     """Let the drop-in ``new`` take over ``dense``'s parameters, train/eval mode, SpikingJelly step mode and class
     (for ``to_dense``); fold ``bn`` (kept as ``_bn``) and fuse ``neuron`` (kept as ``_neuron``), both bypassed, the
-    last of the chain closing the hand-over."""
+    last of the chain closing the hand-over; ``pool`` (kept as ``_pool``, the max pool after the neuron) is
+    bypassed on its own flag, ``_pool_pending``, which ``new`` sets on the calls that return pooled spikes."""
     new.weight = dense.weight
     new.bias = dense.bias
     new.training = dense.training
@@ -73,13 +79,16 @@ def adopt_dense(new: nn.Module, dense: nn.Module, bn: nn.Module | None, neuron: 
         install_bypass(bn, new, last=neuron is None)
     if neuron is not None:
         install_bypass(neuron, new, last=True)
+    new.__dict__["_pool"] = pool
+    if pool is not None:
+        install_bypass(pool, new, last=True, flag="_pool_pending")
 
 
 def dense_copy(module: nn.Module, default_cls: type, runtime: tuple) -> nn.Module:
     """The dense module ``module`` took over (its original class, else ``default_cls``) with the same parameters
     and state, without the drop-in's ``runtime`` attributes; the folded BatchNorm and fused neuron run on their
     own again."""
-    for m in (module.__dict__.get("_bn"), module.__dict__.get("_neuron")):
+    for m in (module.__dict__.get("_bn"), module.__dict__.get("_neuron"), module.__dict__.get("_pool")):
         if m is not None:
             remove_bypass(m)
     klass = module.__dict__.get("_original_class", default_cls)

@@ -28,10 +28,12 @@ from sparseflow_kernels import ConvConfig, sparse_conv2d, tiling
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_weight, tma_supported
 from sparseflow_kernels.library import compiling, neuron_args
+from sparseflow_kernels.neuron_pool import pool_args, pool_uncovered
+from sparseflow_kernels.pool import max_pool2d
 from sparseflow_kernels.sparse_conv import conv_output_size, fold_affine
 from sparseflow_kernels.spiking import repeated_over_steps, spiking_conv2d
 
-from ._common import attach_occupancy, attach_shift, find_occupancy, has_hooks, residual_as, version_key
+from ._common import attach_occupancy, attach_shift, find_occupancy, residual_as, version_key
 
 # (fold_bn, bn_affine and bn_key stay importable from this module: sparseflow_bench imports them here)
 from .base import SparseModule, bn_affine, bn_key, check_foldable_bn, check_mode, fold_bn
@@ -73,10 +75,14 @@ class SparseConv2d(SparseModule, nn.Conv2d):
     # -------------------------------------------------------------------------------------- building
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, neuron: nn.Module | None = None,
-                   *, block_size=None, mode: str = "auto", time_steps: int | None = None) -> SparseConv2d:
+                   *, block_size=None, mode: str = "auto", time_steps: int | None = None,
+                   pool: nn.MaxPool2d | None = None) -> SparseConv2d:
         """Wrap ``conv`` (sharing its parameters). With ``bn`` (eval-mode BatchNorm fed by ``conv``) it is
-        folded; with ``neuron`` (fed by ``bn``, or by ``conv``) the whole spiking layer runs fused. The caller puts
-        the new module where ``conv`` was; ``bn`` and ``neuron`` stay where they are and are bypassed."""
+        folded; with ``neuron`` (fed by ``bn``, or by ``conv``) the whole spiking layer runs fused; with ``pool`` (the
+        max pool that alone reads the neuron's spikes) the layer returns the pooled spikes where its kernels run
+        (the neuron and the pool in one kernel after cuDNN's convolution, or the fused kernel then the pool), and
+        the pool runs itself elsewhere. The caller puts the new module where ``conv`` was; ``bn``, ``neuron`` and
+        ``pool`` stay where they are and are bypassed."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
@@ -93,11 +99,15 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             if conv.dilation != (1, 1):
                 raise ValueError("the fused spiking layer supports dilation 1 only")
         check_foldable_bn(bn, conv.out_channels, owner="conv")
+        if pool is not None:
+            why = "there is no neuron whose spikes it pools" if neuron is None else pool_problem(pool)
+            if why:
+                raise ValueError(f"pool cannot be fused: {why}")
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                   conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                   device="meta", block_size=block_size, mode=mode)
         new.time_steps = time_steps
-        return new._adopt(conv, bn, neuron)
+        return new._adopt(conv, bn, neuron, pool)
 
     def to_dense(self) -> nn.Conv2d:
         """The plain convolution back (same parameters), and the bypassed modules restored."""
@@ -105,20 +115,14 @@ class SparseConv2d(SparseModule, nn.Conv2d):
 
     def kind(self) -> str:
         if self._neuron is not None:
-            return "conv+bn+neuron" if self._bn is not None else "conv+neuron"
+            return ("conv+bn+neuron" if self._bn is not None else "conv+neuron") + \
+                ("+pool" if self.fused_pool is not None else "")
         return "conv+bn" if self._bn is not None else "conv"
 
     # -------------------------------------------------------------------------------------- running
     def _use_kernels(self, x: torch.Tensor) -> bool:
         return super()._use_kernels(x) and (self.block_size != "dense" or self._neuron is not None
                                             or self._bn is not None)
-
-    def chain_hooked(self) -> bool:
-        """Whether this layer, its folded BatchNorm or its fused neuron has a hook (or a global module hook is
-        registered). The chain then runs through its modules (the convolution on its own weights, the BatchNorm
-        module, the neuron module from its stored membrane), so that every hook sees what it sees in the dense
-        model."""
-        return has_hooks(self, self._bn, self._neuron)
 
     def _route(self, x: torch.Tensor, residual) -> str:
         """The forward's path for this call, decided here only:
@@ -164,7 +168,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                 raise ValueError("SparseConv2d: residual is only accepted by a fused spiking layer or a layer "
                                  "writing a sum (link_sum_neuron)")
             return self._sum_forward(x, residual)
-        self._pending = False
+        self._pending = self._pool_pending = False
         route = self._route(x, residual)
         if route == "torch":
             self.last_path = "torch"
@@ -407,9 +411,8 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         OH, OW = self._output_hw(H, W)
         v0 = adapter.get_v(neuron, (N, self.out_channels, OH, OW), x.device)
         res5 = residual.reshape(T, N, self.out_channels, OH, OW) if residual is not None else None
-        path = self.last_path or "fused_dense"
-        if path == "cudnn_static":  # (the operator convolves once itself when its input is repeated by stride 0)
-            path = "cudnn"
+        # (the operator convolves a static input once itself; a max pool after the neuron runs as its own module here)
+        path = (self.last_path or "fused_dense").removesuffix("_then_pool").removesuffix("_static")
         cfgs = spiking_configs(C, self.out_channels, T, tma=path.startswith("tma"))
         cfg = cfgs.get(path) or (self._config(C, self.out_channels) if path == "fused_sparse" else None)
         packed = None if cfg is None or path == "cudnn" else pack_weight(self.weight, cfg.block_k, cfg.block_n,
@@ -472,6 +475,9 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         after = res5 is not None and residual_after
         common = dict(scale=scale, shift=shift, neuron=spec, v=v0, return_v=True, residual=res5, residual_after=after)
         write_occ = self.write_occupancy and not after  # (the output is not spikes then)
+        pool = self._pool_args(OH, OW) if res5 is None and not write_occ else None
+        if pool is not None:
+            common["pool"] = pool
         weight = self.weight
 
         def fused(c, sparse):
@@ -479,9 +485,14 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                                   packed_weight=self._packed(c, x.dtype), occupancy=occ if sparse else None,
                                   sparse=sparse and occ is None, write_occupancy=write_occ, **common)
 
-        def cudnn():
+        def cudnn(pool_in_neuron=True):
             w, _ = self._torch_weights(fold=False)
-            return spiking_conv2d(x5, w, None, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **common)
+            if pool_in_neuron or pool is None:
+                return spiking_conv2d(x5, w, None, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **common)
+            kw = {k: v for k, v in common.items() if k != "pool"}
+            spikes, v = spiking_conv2d(x5, w, None, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **kw)
+            pooled = max_pool2d(spikes.flatten(0, 1), *pool)
+            return pooled.view(T, N, *pooled.shape[1:]), v
 
         cands = {}
         tma = not write_occ and tma_supported(flat, self.kernel_size, self.stride, self.padding, self.dilation)
@@ -492,8 +503,10 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         static = repeated_over_steps(x5)  # the cuDNN path then convolves x[0] once (spiking_conv2d)
         if not write_occ:
             cands["cudnn_static" if static else "cudnn"] = cudnn
+            if pool is not None:  # (the neuron kernel, then the max pool kernel: measured against the one pass)
+                cands["cudnn_static_then_pool" if static else "cudnn_then_pool"] = lambda: cudnn(False)
         key = ("spiking", tuple(x5.shape), x.dtype, self.out_channels, self.kernel_size, self.stride,
-               self.padding, occ is not None, write_occ, spec.kind, residual is not None, after, static)
+               self.padding, occ is not None, write_occ, spec.kind, residual is not None, after, static, pool)
         res = self._dispatch(key, cands, x, fallback="fused_dense", default="fused_dense",
                              forced={"sparse": "fused_sparse", "dense": "fused_dense",
                                      "torch": "cudnn_static" if static else "cudnn"})
@@ -501,9 +514,37 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         if write_occ and len(res) == 3:
             attach_occupancy(spikes, spikes.flatten(0, 1), res[2])
         adapter.set_v(neuron, v, x.dtype)
+        self._pool_pending = pool is not None  # (the pool module hands the pooled spikes through)
         if x.dim() == 5:
             return spikes
         return spikes.flatten(0, 1) if adapter.is_multistep(neuron) else spikes[0]
+
+    def _pool_args(self, OH: int, OW: int):
+        """``(kernel, stride, padding)`` of the fused max pool where this layer pools an ``OH x OW`` map of spikes in
+        this call (every pixel in a window: the neuron's membrane is computed there), else None."""
+        pool = self.fused_pool
+        if pool is None:
+            return None
+        args = pool_args(pool.kernel_size, pool.stride, pool.padding, "SparseConv2d")
+        return None if pool_uncovered(OH, OW, *args) else args
+
+
+def pool_problem(pool: nn.Module, hw: tuple[int, int] | None = None) -> str:
+    """Why the max pool ``pool`` cannot be run by the spiking layer before it (:meth:`SparseConv2d.from_dense`'s
+    ``pool``), on spike maps of ``hw`` (height, width) where given, or ''."""
+    if not isinstance(pool, nn.MaxPool2d):
+        return f"{type(pool).__name__} is not an nn.MaxPool2d"
+    if pool.return_indices:
+        return "it returns indices"
+    if pool.ceil_mode:
+        return "ceil_mode=True"
+    if pool.dilation not in (1, (1, 1)):
+        return f"dilation={pool.dilation}"
+    try:
+        args = pool_args(pool.kernel_size, pool.stride, pool.padding, "max pool")
+    except ValueError as e:
+        return str(e)
+    return pool_uncovered(*hw, *args) if hw is not None else ""
 
 
 def spiking_configs(C: int, CO: int, T: int, tma: bool = False, N: int | None = None) -> dict[str, ConvConfig]:

@@ -246,10 +246,14 @@ class SparseConv1d(_GemmModule, nn.Conv1d):
     def _feature_dim(y):
         return 1
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``residual`` (only with a fused neuron; shaped like the output): returns ``residual + spikes``.
-        ``numerics="faithful"``: the convolution and BatchNorm as the dense modules compute them, only the neuron
-        (and the residual add) on the multi-step kernel (see ``SparseConv2d.forward``)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                residual_after: bool = True) -> torch.Tensor:
+        """``residual`` (only with a fused neuron; shaped like the output): returns ``residual + spikes``, a skip
+        connection after the neuron (``residual_after``, as ``SparseConv2d`` names it; a residual before the
+        neuron is not taken). ``numerics="faithful"``: the convolution and BatchNorm as the dense modules compute
+        them, only the neuron (and the residual add) on the multi-step kernel (see ``SparseConv2d.forward``)."""
+        if not residual_after:
+            raise ValueError("SparseConv1d adds a residual after its neuron only (residual_after=False was given)")
         if x.dim() not in (2, 3, 4):
             raise ValueError(f"SparseConv1d expects [C, L], [N, C, L] or [T, N, C, L], got {tuple(x.shape)}")
         if getattr(self, "step_mode", None) == "m" and x.dim() != 4:  # as the multi-step SpikingJelly layer says

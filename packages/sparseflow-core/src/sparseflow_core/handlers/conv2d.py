@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparseflow_ops import SparseConv2d, neuron_support
+from sparseflow_ops.conv import pool_problem
 
 from ..blocks import dense_reason, select_block_size
 from ..hooks import module_hooks
@@ -109,19 +110,58 @@ def _neuron_problem(an, conv_name, conv, bn_name, user, neuron) -> str:
     return ""
 
 
+def chain_pool(an, model: nn.Module, neuron_name: str):
+    """(pool, pool_name, note): the max pool that alone reads the neuron's spikes, where the spiking layer can pool
+    them itself (:meth:`SparseConv2d.from_dense`'s ``pool``); else (None, None, why not, or '' when no max pool
+    reads them)."""
+    user, _why = an.sole_user(neuron_name)
+    if user is None:
+        return None, None, ""
+    pool = model.get_submodule(user)
+    if not isinstance(pool, nn.MaxPool2d):
+        return None, None, ""
+    n_out, p_in = an.first(neuron_name).out_shape, an.first(user).in_shape
+    why = pool_problem(pool, tuple(n_out[-2:]) if n_out is not None else None)
+    if not why and module_hooks(pool):
+        why = f"it has {module_hooks(pool)} hooks"
+    if not why:
+        _ok, why = an.chained(neuron_name, user)
+    if not why and (n_out is None or tuple(p_in) != tuple(n_out)):
+        why = f"it sees a reshaped view {p_in} of the spikes {n_out}"
+    multi = getattr(pool, "multi_step", getattr(pool, "step_mode", "s") == "m")
+    if not why and (len(n_out) == 5) != bool(multi):
+        why = "its step mode does not match the spikes' shape"
+    if why:
+        return None, None, f"max pool {user} not fused: {why}"
+    return pool, user, ""
+
+
 def _fuse(st, conv, name, info, chain, block_size):
-    """The SparseConv2d of ``conv`` with its chain (bn, bn_name, neuron, neuron_name) folded / fused in."""
+    """(the SparseConv2d of ``conv`` with its chain (bn, bn_name, neuron, neuron_name) folded / fused in, the name
+    of the max pool after the neuron that it pools for, or None, and why a max pool there is not fused, or '')."""
     bn, bn_name, neuron, neuron_name = chain
     time_steps = None
     if neuron is not None and len(info.in_shape) == 4 and len(st.analysis.first(neuron_name).in_shape) == 5:
         time_steps = st.analysis.first(neuron_name).in_shape[0]  # [T*N, ...] into the conv, [T, N, ...] neuron
+    pool = pool_name = None
+    pool_note = ""
+    if neuron is not None and time_steps is None:  # (not where the model reshapes the spikes between the two)
+        pool, pool_name, pool_note = chain_pool(st.analysis, st.model, neuron_name)
     new = SparseConv2d.from_dense(conv, bn, neuron, block_size=block_size, mode=st.options.mode,
-                                  time_steps=time_steps)
+                                  time_steps=time_steps, pool=pool)
     if bn is not None:
         st.report.folded.append((bn_name, name))
     if neuron is not None:
         st.fused_neurons.add(neuron_name)
-    return new
+    if pool is not None:
+        entry = st.entry(pool_name)
+        if entry is not None:
+            entry.detail = (entry.detail or "") + f"; pooled by {name} where its kernels run (one pass with the neuron)"
+    return new, pool_name, pool_note
+
+
+def _names(*names) -> str:
+    return ", ".join(n for n in names if n)
 
 
 def _replace_dense_input(conv, ctx, why):
@@ -135,11 +175,11 @@ def _replace_dense_input(conv, ctx, why):
         return None, why
     # (conv -> BN, then e.g. a max pool before the neuron, Spikformer's patch stem: the BN folded into the
     # convolution's weights, one channels_last cuDNN call instead of conv + BN passes)
-    new = _fuse(st, conv, name, info, (bn, bn_name, neuron, neuron_name), "dense")
+    new, pool_name, pool_note = _fuse(st, conv, name, info, (bn, bn_name, neuron, neuron_name), "dense")
     if neuron is not None:
         entry.action = "fused"
-        entry.detail = f"{new.kind()} ({', '.join(n for n in (bn_name, neuron_name) if n)}), dense input"
-        entry.reason = f"no skipping: {why}"
+        entry.detail = f"{new.kind()} ({_names(bn_name, neuron_name, pool_name)}), dense input"
+        entry.reason = f"no skipping: {why}" + (f"; {pool_note}" if pool_note else "")
     else:
         entry.action = "sparse"
         entry.detail = f"conv+bn ({bn_name}), dense input"
@@ -192,14 +232,14 @@ def _replace(conv: nn.Conv2d, ctx):
         entry.reason = dense_reason(st.options.block_size, name, info.in_shape[-2]) + (f"; {note}" if note else "")
         entry.block_size = None
         return None, entry.reason
-    new = _fuse(st, conv, name, info, (bn, bn_name, neuron, neuron_name), bs)
+    new, pool_name, pool_note = _fuse(st, conv, name, info, (bn, bn_name, neuron, neuron_name), bs)
     if neuron is not None:
         entry.action = "fused"
-        entry.detail = f"{new.kind()} ({', '.join(n for n in (bn_name, neuron_name) if n)})"
+        entry.detail = f"{new.kind()} ({_names(bn_name, neuron_name, pool_name)})"
     else:
         entry.action = "sparse"
         entry.detail = new.kind() + (f" ({bn_name})" if bn_name else "")
-    entry.reason = note
+    entry.reason = "; ".join(n for n in (note, pool_note) if n)
     return new, entry.detail
 
 

@@ -64,14 +64,29 @@ def _replace_linear(m: nn.Linear, ctx):
     return new, "sparse linear"
 
 
+def _bn_channel_problem(bn: nn.BatchNorm1d, out_shape) -> str:
+    """Why ``bn`` would not normalise the channels of a projection's output ``out_shape`` (the dim before the
+    tokens), or ''. A single-step BatchNorm1d normalises dim 1: the channels of ``[N, C, L]`` (of an unbatched
+    ``[C, L]`` it would be the tokens). A multi-step SpikingJelly one (``step_mode="m"``) merges the two leading
+    dims first: the channels of ``[T, N, C, L]`` (of ``[T*N, C, L]`` it would be the tokens)."""
+    multistep = getattr(bn, "step_mode", "s") == "m"
+    want = 4 if multistep else 3
+    if len(out_shape) == want:
+        return ""
+    kind = "the multi-step BatchNorm1d" if multistep else "the BatchNorm1d"
+    return f"{kind} normalises the last dim of the output {tuple(out_shape)}, not its channels"
+
+
 def _replace_conv1d(m: nn.Conv1d, ctx):
     why = SparseConv1d.problem(m)
     if why:
         return None, why
     bn, bn_name = ctx.foldable_bn(nn.BatchNorm1d, m.out_channels)
     info = ctx.info
-    if bn is not None and info is not None and info.out_shape is not None and len(info.out_shape) != 3:
-        bn, bn_name = None, "BatchNorm not folded: output is not [N, C, L]"
+    if bn is not None and info is not None and info.out_shape is not None:
+        why = _bn_channel_problem(bn, info.out_shape)
+        if why:
+            bn, bn_name = None, f"BatchNorm not folded: {why}"
     neuron = neuron_name = steps = None
     note = ""
     if bn is not None or not bn_name:  # BatchNorm folded, or no BatchNorm after the projection

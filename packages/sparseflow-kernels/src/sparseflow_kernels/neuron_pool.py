@@ -1,0 +1,177 @@
+"""A multi-step neuron and the max pool that reads its spikes, in one Triton pass over all time steps.
+
+``multistep_neuron_pool`` computes ``max_pool2d(neuron(x * scale + shift))`` for ``x`` ``[T, N, C, H, W]``: a
+spiking VGG's or a DVS network's ``conv -> BatchNorm -> neuron -> MaxPool2d`` after the convolution. The neuron's
+spikes are pooled in registers and only the pooled ones are written: on the DVS Gesture network's first layer
+(T=16, N=8, 128 channels at 128 x 128) the separate pool read back 537 MB of fp16 spikes that the neuron had just
+written.
+
+A program owns a block of output pixels and channels of one sample; it loads every window position of its pixels
+(``[pixels, window, channels]``), runs the neuron over t on all of them with their membranes in registers, and
+stores the window's maximum at each step. The spikes are the neuron kernel's bit for bit (the same ``_neuron_step``),
+so their maximum is exactly the max pool of the spikes. Every input pixel must lie in some window (``stride <=
+kernel_size``, the last window reaching the last row and column): its membrane is computed there. A pixel in
+several windows (``kernel_size`` 3, ``stride`` 2) is computed by each, with the same arithmetic, so every copy of
+its final membrane holds the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._epilogue_jit import _neuron_step
+from ._utils import cdiv, launch, next_power_of_2, pair, require_dtype, require_int32_indexable, require_triton_device
+from .neuron import NeuronSpec, _per_channel
+from .pool import _out_size
+
+
+@triton.jit
+def _neuron_pool_kernel(
+    x_ptr, sxt, sxn, sxc, sxh, sxw,
+    y_ptr, syt, syn, syc, syh, syw,
+    v_ptr, svn, svc, svh, svw,
+    vo_ptr, son, soc, soh, sow,
+    scale_ptr, shift_ptr,
+    T, C, H, W, OH, OW,
+    leak, v_th, v_reset, v_init,
+    NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_V: tl.constexpr, STORE_V: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    KK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Tiles ``[BLOCK_P output pixels, KK window positions, BLOCK_C channels]`` of one sample; window positions
+    past ``KH * KW`` (``KK`` is a power of two) or in the padding are masked and never fire."""
+    leak = tl.cast(leak, tl.float32)
+    v_th = tl.cast(v_th, tl.float32)
+    v_reset = tl.cast(v_reset, tl.float32)
+    v_init = tl.cast(v_init, tl.float32)
+    n = tl.program_id(2).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.arange(0, KK)
+    oh = p // OW
+    ow = p % OW
+    ih = oh[:, None] * SH - PH + (k // KW)[None, :]
+    iw = ow[:, None] * SW - PW + (k % KW)[None, :]
+    p_ok = p < OH * OW
+    win = p_ok[:, None] & (k < KH * KW)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    c_ok = c < C
+    ok = win[:, :, None] & c_ok[None, None, :]
+    c3 = c[None, None, :]
+    xo = n * sxn + (ih * sxh + iw * sxw)[:, :, None] + c3 * sxc
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + c, mask=c_ok, other=1.0).to(tl.float32)[None, None, :]
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, None, :]
+    if HAS_V:
+        v = tl.load(v_ptr + n * svn + (ih * svh + iw * svw)[:, :, None] + c3 * svc, mask=ok, other=0.0)
+        v = v.to(tl.float32)
+    else:
+        v = tl.full([BLOCK_P, KK, BLOCK_C], v_init, dtype=tl.float32)
+    yo = n * syn + (oh * syh + ow * syw)[:, None] + c[None, :] * syc
+    y_ok = p_ok[:, None] & c_ok[None, :]
+    for t in range(T):
+        z = tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            z = z * scale
+        if HAS_SHIFT:
+            z = z + shift
+        spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+        pooled = tl.max(tl.where(ok, spike.to(tl.float32), 0.0), axis=1)
+        tl.store(y_ptr + t * syt + yo, pooled.to(y_ptr.dtype.element_ty), mask=y_ok)
+    if STORE_V:
+        tl.store(vo_ptr + n * son + (ih * soh + iw * sow)[:, :, None] + c3 * soc, v, mask=ok)
+
+
+def pool_args(kernel_size, stride=None, padding=0, op: str = "multistep_neuron_pool"):
+    """``(kernel, stride, padding)`` as pairs of ints (``stride`` None: the kernel size), checked as
+    ``F.max_pool2d`` checks them."""
+    kh, kw = pair(kernel_size, "kernel_size", op)
+    sh, sw = pair(stride if stride is not None and stride != [] else (kh, kw), "stride", op)
+    ph, pw = pair(padding, "padding", op)
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"{op}: kernel_size and stride must be >= 1 and padding >= 0")
+    if ph > kh // 2 or pw > kw // 2:
+        raise ValueError(f"{op}: padding ({ph}, {pw}) must be at most half the kernel size ({kh}, {kw})")
+    return (kh, kw), (sh, sw), (ph, pw)
+
+
+def pool_uncovered(H: int, W: int, kernel_size, stride, padding) -> str:
+    """Why some pixel of an ``H x W`` map lies in no window of the max pool (``F.max_pool2d`` without
+    ``ceil_mode``), or ''. The fused neuron computes each pixel's membrane in a window that holds it."""
+    for name, size, k, s, p in (("rows", H, kernel_size[0], stride[0], padding[0]),
+                                ("columns", W, kernel_size[1], stride[1], padding[1])):
+        if s > k:
+            return f"stride {s} is larger than the kernel {k}: {name} between the windows are in none"
+        out = _out_size(size, k, s, p, 1, False)
+        if out < 1:
+            return f"the {size} {name} are fewer than the kernel {k} spans"
+        if (out - 1) * s - p + k < size:
+            return f"the last of the {size} {name} is in no window (kernel {k}, stride {s}, padding {p})"
+    return ""
+
+
+def multistep_neuron_pool(
+    x: torch.Tensor,
+    neuron: NeuronSpec | str = "lif",
+    *,
+    kernel_size,
+    stride=None,
+    padding=0,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    return_v: bool = False,
+    v_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+    **neuron_kwargs,
+):
+    """``max_pool2d(neuron(x * scale + shift), kernel_size, stride, padding)`` per step for ``x``
+    ``[T, N, C, H, W]`` in one kernel (see the module docstring): returns the pooled spikes
+    ``[T, N, C, OH, OW]`` (channels innermost, in ``out_dtype``, ``x``'s by default), and the final membrane
+    ``[N, C, H, W]`` (channels_last, ``v_dtype``) when ``return_v``. ``v``: the initial membrane ``[N, C, H, W]``;
+    None starts at the neuron's initial value. ``scale`` / ``shift`` ``[C]`` as in :func:`multistep_neuron`."""
+    op = "multistep_neuron_pool"
+    spec = NeuronSpec.make(neuron, **neuron_kwargs)
+    if x.dim() != 5:
+        raise ValueError(f"{op}: expected x of shape [T, N, C, H, W], got {tuple(x.shape)}")
+    require_dtype(op, "x", x)
+    require_triton_device(op, x, scale, shift, v)
+    T, N, C, H, W = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = pool_args(kernel_size, stride, padding, op)
+    why = pool_uncovered(H, W, (kh, kw), (sh, sw), (ph, pw))
+    if why:
+        raise ValueError(f"{op}: every pixel must lie in a window of the pool (its membrane is computed there); {why}")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != C):
+            raise ValueError(f"{op}: {name} must have shape [{C}], got {tuple(t.shape)}")
+    if v is not None and tuple(v.shape) != (N, C, H, W):
+        raise ValueError(f"{op}: v must have shape {(N, C, H, W)}, got {tuple(v.shape)}")
+    if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{op}: v_dtype must be float32, float16 or bfloat16, got {v_dtype}")
+    require_int32_indexable(op, x, v)
+    OH, OW = _out_size(H, kh, sh, ph, 1, False), _out_size(W, kw, sw, pw, 1, False)
+    y = torch.empty((T, N, OH, OW, C), dtype=out_dtype or x.dtype, device=x.device).permute(0, 1, 4, 2, 3)
+    v_out = torch.empty((N, C, H, W), dtype=v_dtype, device=x.device, memory_format=torch.channels_last) \
+        if return_v else None
+    if y.numel():
+        KK = next_power_of_2(kh * kw)
+        BLOCK_C = min(64, next_power_of_2(C))
+        BLOCK_P = max(1, 4096 // (KK * BLOCK_C))
+        v0 = v if v is not None else y[0, :, :, :1, :1]
+        vo = v_out if v_out is not None else y[0, :, :, :1, :1]
+        ka = spec.kernel_args()
+        launch(_neuron_pool_kernel)[(cdiv(OH * OW, BLOCK_P), cdiv(C, BLOCK_C), N)](
+            x, *x.stride(), y, *y.stride(), v0, *v0.stride(), vo, *vo.stride(),
+            _per_channel(scale) if scale is not None else y, _per_channel(shift) if shift is not None else y,
+            T, C, H, W, OH, OW,
+            ka["leak"], ka["v_threshold"], ka["v_reset"], ka["v_init"],
+            NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
+            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_V=v is not None, STORE_V=return_v,
+            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, KK=KK, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4,
+        )
+    elif v_out is not None:  # (no step: the membrane is the initial one)
+        v_out.copy_(v if v is not None else torch.full_like(v_out, spec.v_init))
+    return (y, v_out) if return_v else y
