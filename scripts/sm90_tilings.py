@@ -8,7 +8,8 @@ count (SASS).
 
 A spec is ``name:C:CO:H``, ``name`` any configuration of ``sparseflow_kernels.tiling.spiking_configs`` (pointer
 loads too, such as ``fused_tm``), ``:r`` a residual before the neuron, ``:s`` that residual and the sum written
-(``return_sum``: a layer writing MS-ResNet's residual stream and its reading neuron's spikes); or ``neuron:C:C:H[:r]``, the multi-step neuron
+(``return_sum``: a layer writing MS-ResNet's residual stream and its reading neuron's spikes), ``:p`` the spikes max
+pooled 2 / 2 in the epilogue (a steps-looped tiling); or ``neuron:C:C:H[:r]``, the multi-step neuron
 kernel over a ``[T, N, C, H, H]`` channels_last map (BatchNorm folded), ``:r`` with a residual in the other memory
 order (NCHW) and the sum written, as MS-ResNet's sum kernels run; or ``pool:C:C:H[:3]``, the neuron with the max pool
 of its spikes (``multistep_neuron_pool``) over that map, windows of 2 / stride 2 (``:3``: 3 / 2 / 1, a ResNet
@@ -84,7 +85,8 @@ class _CompileOnly:
         return run
 
 
-def compile_tiling(name: str, C: int, CO: int, H: int, T: int, N: int, residual: bool, write_sum: bool = False):
+def compile_tiling(name: str, C: int, CO: int, H: int, T: int, N: int, residual: bool, write_sum: bool = False,
+                   pool: bool = False):
     cfg = spiking_configs(C, CO, T, tma=True)[name]
     cl = torch.channels_last
     x = torch.zeros(T * N, C, H, H, dtype=torch.float16).to(memory_format=cl).view(T, N, C, H, H)
@@ -92,7 +94,7 @@ def compile_tiling(name: str, C: int, CO: int, H: int, T: int, N: int, residual:
     try:
         spiking_conv2d(x, torch.zeros(CO, C, 3, 3, dtype=torch.float16), None, 1, 1, scale=torch.ones(CO),
                        shift=torch.zeros(CO), config=cfg, residual=res if residual or write_sum else None, neuron="lif",
-                       tau=2.0, v_threshold=1.0, return_sum=write_sum)
+                       tau=2.0, v_threshold=1.0, return_sum=write_sum, pool=(2, 2, 0) if pool else None)
     except _Compiled as done:
         return cfg, done.kernel
     raise RuntimeError(f"{name}: the launcher returned without launching")
@@ -165,9 +167,10 @@ def main(argv=None) -> int:
             continue
         if name not in spiking_configs(int(C), int(CO), a.T, tma=True):
             continue  # (a tiling wider than the layer's output channels, or with T in M where T > 8)
-        cfg, kernel = compile_tiling(name, int(C), int(CO), int(H), a.T, a.N, flag == ["r"], flag == ["s"])
+        cfg, kernel = compile_tiling(name, int(C), int(CO), int(H), a.T, a.N, flag == ["r"], flag == ["s"],
+                                     flag == ["p"])
         r = resources(kernel)
-        res = {"r": "yes", "s": "yes, sum written"}.get(flag[0] if flag else "", "no")
+        res = {"r": "yes", "s": "yes, sum written", "p": "no, spikes pooled"}.get(flag[0] if flag else "", "no")
         print(f"| {name} | {C} / {CO} / {H} | {res} | {cfg.num_warps} | "
               + " | ".join(str(r[c]) for c in cols) + " |")
     return 0

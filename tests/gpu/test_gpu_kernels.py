@@ -185,3 +185,13 @@ def test_neuron_pool_is_the_neuron_then_the_pool(dtype, pool):
         s, v_ref = spiking_conv2d(xs, w, None, 1, 1, **kw)
         assert torch.equal(y.flatten(0, 1), F.max_pool2d(s.flatten(0, 1).float(), *pool).to(dtype))
         assert torch.equal(v, v_ref)
+    # the fused kernel's steps-looped tilings, pooling in their epilogue (2 / 2) or after the kernel (3 / 2 / 1)
+    from sparseflow_kernels.tiling import spiking_configs
+
+    names = ["fused_dense"] + (["tma_8x8", "tma_8x16"] if dtype != torch.float32 else [])
+    for name in names:
+        kw = dict(scale=scale, shift=shift, neuron="lif", return_v=True, config=spiking_configs(C, C, T, True)[name])
+        y, v = spiking_conv2d(x, w, None, 1, 1, pool=pool, **kw)
+        s, v_ref = spiking_conv2d(x, w, None, 1, 1, **kw)
+        assert torch.equal(y.flatten(0, 1), F.max_pool2d(s.flatten(0, 1).float(), *pool).to(dtype)), name
+        assert torch.equal(v, v_ref), name

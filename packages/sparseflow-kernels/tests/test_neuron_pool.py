@@ -168,3 +168,33 @@ def test_spiking_conv2d_pool_refusals():
     # the fused path pools whatever F.max_pool2d pools (its neuron ran on the whole map)
     y = spiking_conv2d(x, w, None, 1, 1, pool=(2, 2, 0))
     assert torch.equal(y, pooled(spiking_conv2d(x, w, None, 1, 1), (2, 2, 0)))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("name", ["fused_dense", "tma_8x8", "tma_8x16", "tma_row64_n128"])
+def test_fused_kernel_pools_in_its_epilogue(name, k):
+    """The fused kernel's own pooling (windows inside its steps-looped tiles, maps of partial tiles): the max pool
+    of the same kernel's unpooled spikes and the same membrane, bit for bit, against an output poisoned as NaN; the
+    row tiles (``tma_row64_n128``) and maps the windows do not divide pool after the kernel instead."""
+    from sparseflow_kernels.conv import pools_in_epilogue
+    from sparseflow_kernels.neuron_pool import pool_args
+    from sparseflow_kernels.spiking import new_spike_tensor
+    from sparseflow_kernels.tiling import spiking_configs
+
+    g = torch.Generator().manual_seed(k)
+    T, N, C, CO = 3, 2, 16, 128 if name.endswith("n128") else 64
+    for H, W in ((12, 20), (6, 10)):
+        xs = (torch.rand(T, N, C, H, W, generator=g) < 0.4).half()
+        x = new_spike_tensor(T, N, C, H, W, torch.float16, DEVICE)
+        x.copy_(xs.to(DEVICE))
+        w = (torch.randn(CO, C, 3, 3, generator=g) * 0.25).half().to(DEVICE)
+        scale, shift = (torch.rand(CO, generator=g) + 0.5).to(DEVICE), (torch.rand(CO, generator=g) * 0.3).to(DEVICE)
+        cfg = spiking_configs(C, CO, T, tma=True)[name]
+        pool = (k, k, 0)
+        kw = dict(scale=scale, shift=shift, neuron="lif", tau=2.0, v_threshold=0.6, return_v=True, config=cfg)
+        y, v = spiking_conv2d(x, w, None, 1, 1, pool=pool, **kw)
+        s, v_ref = spiking_conv2d(x, w, None, 1, 1, **kw)
+        assert torch.equal(y, pooled(s, pool)) and torch.equal(v, v_ref)
+        assert 0 < y.float().mean() < 1
+        in_kernel = pools_in_epilogue(cfg, pool_args(*pool), H, W)
+        assert in_kernel == (name != "tma_row64_n128" and H % k == 0 and W % k == 0 and (H, W, k) != (6, 10, 4))

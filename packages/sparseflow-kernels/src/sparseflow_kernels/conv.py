@@ -211,7 +211,7 @@ def _conv_kernel(
     FLATTEN_T: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
     ws_ptr=None, cnt_ptr=None, SPLIT_K: tl.constexpr = 1, TILE_N: tl.constexpr = 1,
     sum_ptr=None, SUM_OUT: tl.constexpr = False,
-    SK_CHUNK=1, SK_SLOTS=1, STREAM_K: tl.constexpr = False,
+    SK_CHUNK=1, SK_SLOTS=1, STREAM_K: tl.constexpr = False, POOL: tl.constexpr = 1,
 ):
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     leak = tl.cast(leak, tl.float32)
@@ -286,10 +286,14 @@ def _conv_kernel(
                 tl.store(yp, z.to(y_ptr.dtype.element_ty), mask=out_ok)
             else:
                 spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
-                _store_step(spike, y_ptr, b, oh, ow, co, out_ok, syb, syc, syh, syw,
-                            occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
-                            WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
-                            res_ptr, srb, src, srh, srw, RES_POST)
+                if POOL > 1:  # only the max over each POOL x POOL window of the spikes is stored
+                    _store_pooled(spike, y_ptr, b, th, tw, co, co_ok, syb, syc, syh, syw, OH // POOL, OW // POOL,
+                                  TILE_H, TILE_W, BLOCK_N, POOL)
+                else:
+                    _store_step(spike, y_ptr, b, oh, ow, co, out_ok, syb, syc, syh, syw,
+                                occo_ptr, sqb, sqh, sqw, th, tw, cb, NG_OUT,
+                                WRITE_OCC, TILE_H, TILE_W, BLOCK_N, OCC_GROUP,
+                                res_ptr, srb, src, srh, srw, RES_POST)
         if STORE_V:  # the final membrane, [N, CO, OH, OW]
             vp = vout_ptr + (n * son + oh * soh + ow * sow)[:, None] + co[None, :] * soc
             tl.store(vp, v, mask=out_ok)
@@ -456,6 +460,36 @@ def _store_step(spike, y_ptr, b, oh, ow, co, ok, syb, syc, syh, syw,
         tl.store(occo_ptr + b * sqb + th * sqh + tw * sqw + g, code.to(tl.int16), mask=g < NG_OUT)
 
 
+@triton.jit
+def _store_pooled(spike, y_ptr, b, th, tw, co, co_ok, syb, syc, syh, syw, PH, PW,
+                  TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, POOL: tl.constexpr):
+    """The max pool (``POOL`` wide, stride ``POOL``) of one step's spikes of tile (th, tw), stored at its
+    ``TILE_H / POOL x TILE_W / POOL`` pooled pixels of the ``PH x PW`` pooled map. The windows lie inside the tile (its
+    sides are multiples of ``POOL``), and inside the map or outside it whole (the map's sides are too): a window past
+    the map's edge, whose rows computed spikes from zero padding, is not stored."""
+    QH: tl.constexpr = TILE_H // POOL
+    QW: tl.constexpr = TILE_W // POOL
+    s = tl.reshape(spike.to(tl.int32), [QH, POOL, QW, POOL, BLOCK_N])
+    s = tl.reshape(tl.max(tl.max(s, axis=3), axis=1), [QH * QW, BLOCK_N])
+    q = tl.arange(0, QH * QW)
+    ph = th * QH + q // QW
+    pw = tw * QW + q % QW
+    ok = ((ph < PH) & (pw < PW))[:, None] & co_ok[None, :]
+    tl.store(y_ptr + (b * syb + ph * syh + pw * syw)[:, None] + co[None, :] * syc, s.to(y_ptr.dtype.element_ty),
+             mask=ok)
+
+
+def pools_in_epilogue(cfg: ConvConfig, pool, OH: int, OW: int) -> bool:
+    """Whether the fused kernel with ``cfg`` pools its spikes itself (:func:`launch_conv`'s ``pool``): a max pool
+    ``pool`` ``((k, k), (k, k), (0, 0))`` of non-overlapping windows, ``k`` 2 or 4, that divides the steps-looped
+    tile (``cfg.t_in_m`` False, rows of ``tile_h > 1``) and the ``OH x OW`` map."""
+    (kh, kw), (sh, sw), (ph, pw) = pool
+    k = kh
+    return (kh == kw == sh == sw == k and ph == pw == 0 and k in (2, 4) and not cfg.t_in_m and cfg.tile_h > 1
+            and cfg.tile_h % k == 0 and cfg.tile_w % k == 0 and OH % k == 0 and OW % k == 0
+            and cfg.split_k == 1 and not cfg.stream_k and cfg.tile_n == 1)
+
+
 def pack_weight(weight: torch.Tensor, block_k: int, block_n: int, dtype: torch.dtype) -> torch.Tensor:
     """``[CO, C, KH, KW]`` -> ``[KH*KW, C_PAD, CO_PAD]`` in ``dtype``, zero-padded so the kernel loads
     ``[BLOCK_K, BLOCK_N]`` weight tiles without masks, contiguous along the output channels."""
@@ -541,7 +575,7 @@ def launch_conv(
     x, w_packed, CO, KH, KW, stride, padding, dilation, *, T, N, out, cfg: ConvConfig, prec: str,
     scale=None, shift=None, residual=None, v=None, v_out=None, occ=None, occ_out=None,
     occ_group=16, neuron=NEURON_NONE, hard_reset=True, decay_input=True, leak=1.0, v_threshold=1.0,
-    v_reset=0.0, v_init=0.0, residual_post=False, sum_out=None,
+    v_reset=0.0, v_init=0.0, residual_post=False, sum_out=None, pool: int = 1,
 ):
     """Launch :func:`_conv_kernel`. ``x`` ``[T*N, C, H, W]``, ``out`` ``[T*N, CO, OH, OW]``,
     ``residual`` like ``out``, ``v``/``v_out`` ``[N, CO, OH, OW]`` fp32, ``occ`` an Occupancy of ``x``
@@ -550,6 +584,8 @@ def launch_conv(
     ``sum_out`` (strided as ``out``): the neuron's input ``x * scale + shift + residual`` is stored there too, the
     affine rounded to ``out``'s type before the add and the sum to ``sum_out``'s after it, as separate ops store them;
     the neuron reads the stored sum.
+    ``pool`` (2 or 4, where :func:`pools_in_epilogue` holds): ``out`` is ``[T*N, CO, OH / pool, OW / pool]``, the max
+    over each ``pool x pool`` window of the spikes (no residual, sum or occupancy then).
     ``cfg.tile_n`` samples share each tile (dense, no occupancy written).
     ``cfg.split_k`` shares each tile's reduction among that many programs, ``cfg.stream_k`` all tiles' reductions
     among that many programs per multiprocessor (both: an fp32 workspace of the partial sums, allocated here, and the
@@ -559,6 +595,11 @@ def launch_conv(
     configuration gathers them by pointers: the same products summed in the same order."""
     _B, C, H, W = x.shape
     _, _, OH, OW = out.shape
+    OH, OW = OH * pool, OW * pool  # (the convolution's output; out holds its pooled map)
+    if pool > 1 and (neuron == NEURON_NONE or residual is not None or sum_out is not None or occ_out is not None
+                     or not pools_in_epilogue(cfg, ((pool, pool), (pool, pool), (0, 0)), OH, OW)):
+        raise ValueError(f"launch_conv: pool={pool} needs a neuron, no residual, sum or occupancy output, and a "
+                         "configuration whose steps-looped tiles the pool's windows divide")
     tma = cfg.tma and not _traced((x,))
     flat = tma and cfg.tile_h == 1
     if flat and KW not in (1, 3):
@@ -635,7 +676,7 @@ def launch_conv(
         x_desc=descs[0], w_desc=descs[1], TMA=tma, FLAT=flat,
         FLATTEN_T=tma and TMA_LOOP["flatten"], WARP_SPEC=tma and TMA_LOOP["warp_specialize"],
         ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=split, TILE_N=cfg.tile_n, sum_ptr=sum_out, SUM_OUT=sum_out is not None,
-        SK_CHUNK=sk_chunk, SK_SLOTS=sk_slots, STREAM_K=bool(cfg.stream_k),
+        SK_CHUNK=sk_chunk, SK_SLOTS=sk_slots, STREAM_K=bool(cfg.stream_k), POOL=pool,
         num_warps=cfg.num_warps, num_stages=num_stages,
     )
     return out

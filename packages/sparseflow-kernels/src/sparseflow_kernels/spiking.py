@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
-from .conv import launch_conv, pack_weight
+from .conv import launch_conv, pack_weight, pools_in_epilogue
 from .neuron import NeuronSpec, multistep_neuron
 from .neuron_pool import multistep_neuron_pool, pool_args, pool_uncovered
 from .occupancy import Occupancy, empty_codes, prescan
@@ -117,8 +117,10 @@ def spiking_conv2d(
     max pool after the neuron of a spiking VGG or DVS network) and only the pooled ones are returned; the membrane
     stays the full map's. The ``"cudnn"`` path runs the neuron and the pool in one kernel
     (:func:`~sparseflow_kernels.neuron_pool.multistep_neuron_pool`, which needs every output pixel in a window),
-    the fused one pools its spikes with :func:`~sparseflow_kernels.pool.max_pool2d`. Not with a residual, the sum
-    or the occupancy.
+    the fused one pools its spikes in its epilogue where the windows do not overlap and divide its steps-looped
+    tiles and the map (:func:`~sparseflow_kernels.conv.pools_in_epilogue`: only the pooled spikes are written), and
+    with :func:`~sparseflow_kernels.pool.max_pool2d` after it otherwise. Not with a residual, the sum or the
+    occupancy.
 
     An ``x`` repeated over the steps by stride 0 (``frame.expand(T, ...)``, see :func:`repeated_over_steps`) runs
     the ``"cudnn"`` path's convolution once, on ``x[0]``, and only the neuron over T: the same values, up to the
@@ -175,7 +177,10 @@ def spiking_conv2d(
     require_int32_numel(op, "output", (T, N, CO, OH, OW))
 
     sc, sh = fold_affine(bias, scale, shift)
-    out = new_spike_tensor(T, N, CO, OH, OW, x.dtype, x.device)
+    cfg = (config or default_config(C, CO)) if path == "fused" else None
+    # the fused kernel pools its spikes itself where the windows divide its tiles and the map; else the pool follows
+    k = pool[0][0] if pool is not None and cfg is not None and pools_in_epilogue(cfg, pool, OH, OW) else 1
+    out = new_spike_tensor(T, N, CO, OH // k, OW // k, x.dtype, x.device) if path == "fused" else None
     if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"{op}: v_dtype must be float32, float16 or bfloat16, got {v_dtype}")
     # the fused kernel's final membrane channels innermost, as its spikes: its stores coalesce (NCHW scattered them)
@@ -209,7 +214,6 @@ def spiking_conv2d(
         v_out = res[1] if return_v else None
         z = res[-1] if return_sum else None
     else:
-        cfg = config or default_config(C, CO)
         require_conv_groups_fit(op, C, cfg)
         xf = _flat_tn(x)
         occ = None
@@ -225,13 +229,13 @@ def spiking_conv2d(
         if T * N:
             launch_conv(
                 xf, w, CO, KH, KW, stride, padding, (1, 1), T=T, N=N,
-                out=out.view(T * N, CO, OH, OW), cfg=cfg, prec=dot_precision(x.dtype, fp32_precision),
+                out=out.view(T * N, CO, OH // k, OW // k), cfg=cfg, prec=dot_precision(x.dtype, fp32_precision),
                 scale=sc, shift=sh, residual=_flat_tn(residual) if residual is not None else None,
                 v=v, v_out=v_out, occ=occ, occ_out=occ_out, occ_group=occupancy_group,
-                residual_post=residual_after, sum_out=_flat_tn(z) if z is not None else None,
+                residual_post=residual_after, sum_out=_flat_tn(z) if z is not None else None, pool=k,
                 **spec.kernel_args(),
             )
-        if pool is not None:
+        if pool is not None and k == 1:
             pooled = max_pool2d(out.view(T * N, CO, OH, OW), *pool)
             out = pooled.view(T, N, *pooled.shape[1:])
     result = [out]
