@@ -159,3 +159,18 @@ def test_compiled_branch_pools_with_the_pool_module(monkeypatch, path):
         functional.reset_net(net)
         got = [net(x) for x in xs]
     assert not net[0]._pool_pending and all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_saved_pooling_model_keeps_its_chain(how):
+    import pickle
+
+    net, dense, xs = built(6)
+    optimize(net, xs[0])
+    with torch.no_grad():
+        net(xs[0])
+    functional.reset_net(net)
+    loaded = pickle.loads(pickle.dumps(net)) if how == "pickle" else copy.deepcopy(net)
+    assert loaded[0].fused_pool is loaded[3] and is_bypassed(loaded[3]) and not loaded[0]._pool_pending
+    with torch.no_grad():
+        compare_calls(loaded, dense, xs)

@@ -21,6 +21,8 @@ from .neurons import find_adapter
 class Bypass:
     """Instance ``forward`` of a module whose work a drop-in upstream (``owner``) has taken over."""
 
+    flag = "_pending"  # (the default of an instance pickled before it had one)
+
     def __init__(self, module: nn.Module, owner: nn.Module, last: bool, flag: str = "_pending"):
         self.module = module
         self.owner = owner
