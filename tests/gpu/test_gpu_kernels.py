@@ -195,3 +195,41 @@ def test_neuron_pool_is_the_neuron_then_the_pool(dtype, pool):
         s, v_ref = spiking_conv2d(x, w, None, 1, 1, **kw)
         assert torch.equal(y.flatten(0, 1), F.max_pool2d(s.flatten(0, 1).float(), *pool).to(dtype)), name
         assert torch.equal(v, v_ref), name
+
+
+def test_every_pooling_candidate_on_the_dvs_layers():
+    """Every candidate a pooling spiking layer measures, on the DVS Gesture network's five layer shapes (T=16, N=8,
+    2 -> 128 channels at 128 x 128, then 128 at 64 ... 8; pool 2 / 2), run as the dispatch runs it: eagerly, from a
+    carried membrane, then captured in a CUDA graph and replayed, each synchronised: the max pool of the same
+    candidate's unpooled spikes, and the same membrane, with no fault."""
+    from sparseflow_kernels.spiking import new_spike_tensor
+    from sparseflow_kernels.tiling import spiking_configs
+
+    T, N = 16, 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for C, H in ((2, 128), (128, 64), (128, 32), (128, 16), (128, 8)):
+        x = new_spike_tensor(T, N, C, H, H, torch.float16, "cuda")
+        x.copy_((torch.rand(T, N, C, H, H, generator=g, device="cuda") < 0.15).half())
+        w = (torch.randn(128, C, 3, 3, generator=g, device="cuda") * 0.1).half()
+        sc, sh = torch.rand(128, device="cuda") + 0.5, torch.rand(128, device="cuda") * 0.2
+        cands = {n: dict(config=c) for n, c in spiking_configs(C, 128, T, tma=C >= 8, N=N).items()}
+        cands["cudnn"] = dict(path="cudnn")
+        kw = dict(scale=sc, shift=sh, neuron=NeuronSpec.make("plif", decay=0.5), return_v=True,
+                  v_dtype=torch.float16)
+        for name, how in cands.items():
+            s, v = spiking_conv2d(x, w, None, 1, 1, **kw, **how)
+            y, v1 = spiking_conv2d(x, w, None, 1, 1, pool=(2, 2, 0), **kw, **how)
+            torch.cuda.synchronize()
+            want = F.max_pool2d(s.flatten(0, 1).float(), 2).half()
+            assert torch.equal(y.flatten(0, 1), want) and torch.equal(v1, v), (C, H, name)
+            y2, _ = spiking_conv2d(x, w, None, 1, 1, pool=(2, 2, 0), v=v, **kw, **how)
+            graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.cuda.graph(graph):
+                y3, _ = spiking_conv2d(x, w, None, 1, 1, pool=(2, 2, 0), v=v, **kw, **how)
+            torch.cuda.current_stream().wait_stream(stream)
+            for _ in range(3):
+                y3.fill_(float("nan"))
+                graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y3, y2), (C, H, name)

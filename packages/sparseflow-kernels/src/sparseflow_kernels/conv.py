@@ -601,6 +601,12 @@ def launch_conv(
         raise ValueError(f"launch_conv: pool={pool} needs a neuron, no residual, sum or occupancy output, and a "
                          "configuration whose steps-looped tiles the pool's windows divide")
     tma = cfg.tma and not _traced((x,))
+    if cfg.tma and cfg.stream_k:
+        # (on the H200 the stream-K tiles with tensor-descriptor loads gave other bits on repeated calls of the same
+        # input, where the same tiles with pointer loads gave the same bits on every call, on two streams and in a
+        # CUDA graph: a race not understood yet, so the combination is not run)
+        raise ValueError(f"ConvConfig(stream_k={cfg.stream_k}) with tensor descriptors (tma=True) is not supported: "
+                         "its results differed between repeated calls on the GPU; use tma=False")
     flat = tma and cfg.tile_h == 1
     if flat and KW not in (1, 3):
         raise ValueError(f"ConvConfig(tma=True, tile_h=1) takes kernels 1 or 3 wide, got {KW}")

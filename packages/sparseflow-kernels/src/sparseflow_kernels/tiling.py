@@ -197,9 +197,9 @@ def spiking_configs(C: int, CO: int, T: int, tma: bool = False, N: int | None = 
 #: on one warp group uses all 255 registers a thread has). The ``nb`` ones hold the same pixels of ``tile_n`` samples
 #: (:class:`ConvConfig`): 128 rows that the map's sides divide, on 28 x 28 (``4x4_nb2``) and 14 x 14 (``2x2_nb8``),
 #: where power-of-two tiles of one sample compute 12-23 % of their rows beyond the map; on 7 x 7, rows of 8 pixels run
-#: across the map's rows (``row8``: 56 rows for 49). The ``sk`` ones share all tiles' reduction among one program per
-#: multiprocessor (stream-K): at N = 8 the 14 x 14 and 7 x 7 layers have 98 and 112 such tiles for the H200's 132
-#: multiprocessors
+#: across the map's rows (``row8``: 56 rows for 49). Stream-K (``ConvConfig.stream_k``) is not among them: with tensor
+#: descriptors it gave other bits on repeated calls on the H200, and :func:`~sparseflow_kernels.conv.launch_conv`
+#: refuses that combination
 TMA_CONFIGS = {
     "tma_row64_n128": (1, 64, 128, False, 8, 1),
     "tma_8x8": (8, 8, 64, False, 4, 1),
@@ -217,9 +217,6 @@ TMA_CONFIGS = {
     "tma_tm_2x2_nb8_n128": (2, 2, 128, True, 8, 1, 8),
     "tma_tm_row8_nb4": (1, 8, 64, True, 8, 1, 4),
     "tma_tm_row8_nb4_split2": (1, 8, 64, True, 8, 2, 4),
-    "tma_tm_2x2_nb8_n128_sk": (2, 2, 128, True, 8, 1, 8, 1),
-    "tma_tm_4x8_n128_sk": (4, 8, 128, True, 8, 1, 1, 1),
-    "tma_tm_row8_nb4_sk": (1, 8, 64, True, 8, 1, 4, 1),
 }
 
 
