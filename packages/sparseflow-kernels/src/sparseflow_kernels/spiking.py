@@ -45,6 +45,14 @@ def repeated_over_steps(x: torch.Tensor) -> bool:
     return x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0
 
 
+def pool_steps(spikes: torch.Tensor, pool) -> torch.Tensor:
+    """``F.max_pool2d`` of every step of ``spikes`` ``[T, N, C, H, W]`` (``pool``: ``(kernel_size, stride, padding)``)
+    with :func:`~sparseflow_kernels.pool.max_pool2d`, in the spikes' layout."""
+    T, N = spikes.shape[:2]
+    pooled = max_pool2d(_flat_tn(spikes), *pool)
+    return pooled.view(T, N, *pooled.shape[1:])
+
+
 def _flat_tn(t: torch.Tensor) -> torch.Tensor:
     """[T, N, C, H, W] -> [T*N, C, H, W]: a view when T and N merge (always for our own outputs, which the
     kernels write through it), else a copy (inputs only)."""
@@ -236,8 +244,7 @@ def spiking_conv2d(
                 **spec.kernel_args(),
             )
         if pool is not None and k == 1:
-            pooled = max_pool2d(out.view(T * N, CO, OH, OW), *pool)
-            out = pooled.view(T, N, *pooled.shape[1:])
+            out = pool_steps(out, pool)
     result = [out]
     if return_v:
         result.append(v_out)

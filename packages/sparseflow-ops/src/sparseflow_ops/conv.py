@@ -29,9 +29,8 @@ from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_weight, tma_supported
 from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.neuron_pool import pool_args, pool_uncovered
-from sparseflow_kernels.pool import max_pool2d
 from sparseflow_kernels.sparse_conv import conv_output_size, fold_affine
-from sparseflow_kernels.spiking import repeated_over_steps, spiking_conv2d
+from sparseflow_kernels.spiking import pool_steps, repeated_over_steps, spiking_conv2d
 
 from ._common import attach_occupancy, attach_shift, find_occupancy, residual_as, version_key
 
@@ -491,8 +490,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                 return spiking_conv2d(x5, w, None, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **common)
             kw = {k: v for k, v in common.items() if k != "pool"}
             spikes, v = spiking_conv2d(x5, w, None, self.stride, self.padding, path="cudnn", v_dtype=x.dtype, **kw)
-            pooled = max_pool2d(spikes.flatten(0, 1), *pool)
-            return pooled.view(T, N, *pooled.shape[1:]), v
+            return pool_steps(spikes, pool), v
 
         cands = {}
         tma = not write_occ and tma_supported(flat, self.kernel_size, self.stride, self.padding, self.dilation)
