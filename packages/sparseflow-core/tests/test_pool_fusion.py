@@ -174,3 +174,16 @@ def test_saved_pooling_model_keeps_its_chain(how):
     assert loaded[0].fused_pool is loaded[3] and is_bypassed(loaded[3]) and not loaded[0]._pool_pending
     with torch.no_grad():
         compare_calls(loaded, dense, xs)
+
+
+def test_train_mode_after_pooling_calls_runs_the_dense_chain():
+    """After kernel calls, train(): the chain runs through its modules (the pool too, on the full map), as the dense
+    model in train mode, over calls and a reset."""
+    net, dense, xs = built(7)
+    optimize(net, xs[0])
+    with torch.no_grad():
+        compare_calls(net, dense, xs)
+        net.train()
+        dense.train()
+        compare_calls(net, dense, xs)
+    assert net[0].last_path == "torch" and not net[0]._pool_pending
