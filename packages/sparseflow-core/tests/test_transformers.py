@@ -376,6 +376,10 @@ def test_multi_step_conv1d_batchnorm1d_neuron_fused():
         net(x), ref(x)
     for lif in ("lif1", "lif2"):  # (the folded BatchNorm rounds once where the dense one rounds twice)
         torch.testing.assert_close(getattr(net.mlp, lif).v, getattr(ref.mlp, lif).v, rtol=1e-5, atol=1e-5)
+    net.train()
+    ref.train()
+    same_over_calls(net, ref, x, calls=1)  # train mode: the modules' own forwards
+    assert net.mlp.fc2.last_path == "torch"
 
 
 class TokensAsFeatures(nn.Module):
@@ -511,6 +515,12 @@ def test_skip_add_after_an_attention_module_goes_into_its_output_projection():
     r = same_over_calls(net, ref, x)
     assert r.max() > 1
     assert attn.proj_conv_bn[0].last_path not in ("torch", None)
+    net.train()
+    ref.train()
+    assert not fused_forward(net.block).exact()
+    same_over_calls(net, ref, x, calls=1)
+    net.eval()
+    ref.eval()
     seen, expect = [], []
     net.block.attn.register_forward_hook(lambda m, i, o: seen.append(o.clone()))
     ref.block.attn.register_forward_hook(lambda m, i, o: expect.append(o.clone()))
