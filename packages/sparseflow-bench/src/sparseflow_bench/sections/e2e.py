@@ -115,7 +115,10 @@ def _baselines(ctx, r, energy, model, x, ref_logits, ref_spk, compile_only):
     """The dense model in fp16 channels_last: its drift from fp32, then the strongest dense runs, each timed on the
     same input: eager in a CUDA graph (``graph_eager_fp16``), ``torch.compile`` default captured with the reset in a
     CUDA graph (``compile_fp16_default_graph``) and ``torch.compile`` ``reduce-overhead``
-    (``compile_fp16_reduce-overhead``). The fastest is the baseline (``baseline_ms``, ``baseline_kind``)."""
+    (``compile_fp16_reduce-overhead``). The fastest is the baseline (``baseline_ms``, ``baseline_kind``).
+
+    Each run has its own copy of the model and is timed, and its energy read, as soon as it exists, before the next
+    one is built: a captured graph is never replayed after another run has compiled, captured or freed memory."""
     from sparseflow_core import reset_states
 
     from ..timing import bench_ms, graph_of, kernels_per_call
@@ -127,44 +130,48 @@ def _baselines(ctx, r, energy, model, x, ref_logits, ref_spk, compile_only):
     except Exception as e:
         r["dense_fp16_error"] = f"{type(e).__name__}: {e}"[:200]
 
-    def with_reset(fn):
+    def with_reset(m, fn):
         def run(xx):
-            reset_states(m16)
+            reset_states(m)
             return fn(xx)
         return run
 
-    r["kernels_per_forward_dense_fp16"] = kernels_per_call(lambda: with_reset(m16)(x16))
-    runs = {}
+    r["kernels_per_forward_dense_fp16"] = kernels_per_call(lambda: with_reset(m16, m16)(x16))
+    timed = []
 
-    def add(kind, fn):  # timed as soon as it exists: a later candidate's failure cannot take its figure with it
-        runs[kind] = fn
+    def add(kind, fn):  # timed, and its energy read, while it is the newest thing on the device
         r[f"{kind}_ms"] = bench_ms(fn, graph=False)["median"]
+        r[f"energy_{kind}_J"] = energy.joules_per_call(fn)
+        timed.append(kind)
 
-    cap = graph_of(with_reset(m16), x16)
+    cap = graph_of(with_reset(m16, m16), x16)
     if cap is not None:
         add("graph_eager_fp16", cap[0])
+    del cap
     for mode in (() if ctx.dry else ("default", "reduce-overhead")):
         if ctx.left() < (45 if compile_only else 100):
             r.setdefault("baseline_skipped", []).append(f"compile_fp16_{mode}: the section's time budget ran out")
             continue
         try:
             t0 = time.time()
-            cm = torch.compile(m16, mode=mode)
+            mc = copy.deepcopy(m16)
+            cm = torch.compile(mc, mode=mode)
             for _ in range(3):
-                with_reset(cm)(x16)
+                with_reset(mc, cm)(x16)
             r[f"compile_fp16_{mode}_compile_s"] = time.time() - t0
             if mode == "default":
-                cap = graph_of(with_reset(cm), x16)
+                cap = graph_of(with_reset(mc, cm), x16)
                 if cap is not None:
                     add("compile_fp16_default_graph", cap[0])
+                del cap
             else:
-                add(f"compile_fp16_{mode}", lambda cm=cm: with_reset(cm)(x16))
+                add(f"compile_fp16_{mode}", lambda: with_reset(mc, cm)(x16))
         except Exception as e:
             r[f"compile_fp16_{mode}_error"] = f"{type(e).__name__}: {e}"[:300]
-    if runs:
-        kind = min(runs, key=lambda k: r[f"{k}_ms"])
+    if timed:
+        kind = min(timed, key=lambda k: r[f"{k}_ms"])
         r["baseline_ms"], r["baseline_kind"] = r[f"{kind}_ms"], kind
-        r["energy_baseline_J"] = energy.joules_per_call(runs[kind])
+        r["energy_baseline_J"] = r[f"energy_{kind}_J"]
         # a best of fewer than the three dense runs is no baseline to claim a speed-up against
         if r["sparseflow_ms"] and not r.get("baseline_skipped"):
             r["speedup_vs_best_dense"] = r["baseline_ms"] / r["sparseflow_ms"]
