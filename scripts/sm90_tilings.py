@@ -133,7 +133,7 @@ def resources(kernel) -> dict:
     regs = re.search(r"Used (\d+) registers", info)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return {"regs": int(regs.group(1)) if regs else None, "spill": f"{spill.group(1)}/{spill.group(2)}" if spill else "",
-            "smem": kernel.metadata.shared, "sass": len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)),
+            "smem": kernel.metadata.shared, "warps": kernel.metadata.num_warps, "sass": len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)),
             **{op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "BAR", "STS", "LDS", "LDSM", "SHFL")}}
 
 
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     driver.set_active(_Hopper())
     kconv.launch = kneuron.launch = kneuron_pool.launch = _CompileOnly  # compile, never run
     kconv.tma_supported = lambda *args, **kwargs: True  # (no GPU to ask)
+    kneuron_pool.multiprocessors = lambda device: 132  # (an H200's, for the tile the launcher picks)
     kspiking.require_triton_device = kneuron.require_triton_device = kneuron_pool.require_triton_device = \
         lambda op, *tensors: tensors[0].device
     print(f"triton {triton.__version__}, sm_90a, T={a.T}, N={a.N}")
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
             continue
         if name == "pool":
             r = resources(compile_neuron_pool(int(C), int(H), a.T, a.N, flag == ["3"]))
-            print(f"| neuron + max pool {'3/2/1' if flag else '2/2'} | {C} / {CO} / {H} | no | 4 | "
+            print(f"| neuron + max pool {'3/2/1' if flag else '2/2'} | {C} / {CO} / {H} | no | {r['warps']} | "
                   + " | ".join(str(r[c]) for c in cols) + " |")
             continue
         if name not in spiking_configs(int(C), int(CO), a.T, tma=True):

@@ -197,3 +197,15 @@ def launch(kernel) -> _Launch:
     if got is None:
         got = _LAUNCHERS[kernel] = _Launch(kernel)
     return got
+
+
+_MULTIPROCESSORS: dict = {}
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessors (streaming multiprocessors); 1 for the CPU interpreter."""
+    if device.type != "cuda":
+        return 1
+    if device not in _MULTIPROCESSORS:
+        _MULTIPROCESSORS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _MULTIPROCESSORS[device]

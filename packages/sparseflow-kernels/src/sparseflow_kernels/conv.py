@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_NONE, NEURON_PLIF, _neuron_step, _step_of
 from ._occupancy_jit import _active_groups, _block_of, _edge_codes, _visit_group, _visit_list
-from ._utils import _traced, cdiv, interpreter_active, launch, next_power_of_2
+from ._utils import _traced, cdiv, interpreter_active, launch, multiprocessors, next_power_of_2
 from .tiling import ConvConfig
 
 __all__ = ["NEURON_IF", "NEURON_LEAKY", "NEURON_LIF", "NEURON_NONE", "NEURON_PLIF", "ConvConfig", "launch_conv",
@@ -526,17 +526,7 @@ def tma_supported(x: torch.Tensor, kernel_size, stride, padding, dilation=(1, 1)
     return interpreter_active()
 
 
-_MULTIPROCESSORS: dict = {}
 _COUNTERS: dict = {}
-
-
-def multiprocessors(device: torch.device) -> int:
-    """The GPU's multiprocessors (streaming multiprocessors); 1 for the CPU interpreter."""
-    if device.type != "cuda":
-        return 1
-    if device not in _MULTIPROCESSORS:
-        _MULTIPROCESSORS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _MULTIPROCESSORS[device]
 
 
 def tile_counters(device: torch.device, n: int) -> torch.Tensor:

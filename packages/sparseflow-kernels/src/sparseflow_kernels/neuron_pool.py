@@ -22,9 +22,19 @@ import triton
 import triton.language as tl
 
 from ._epilogue_jit import _neuron_step
-from ._utils import cdiv, launch, next_power_of_2, pair, require_dtype, require_int32_indexable, require_triton_device
+from ._utils import (
+    cdiv,
+    launch,
+    multiprocessors,
+    next_power_of_2,
+    pair,
+    require_dtype,
+    require_int32_indexable,
+    require_triton_device,
+)
 from .neuron import NeuronSpec, _per_channel
 from .pool import _out_size
+from .tiling import neuron_pool_tile
 
 
 @triton.jit
@@ -39,10 +49,11 @@ def _neuron_pool_kernel(
     NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_V: tl.constexpr, STORE_V: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    KK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    KK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Tiles ``[BLOCK_P output pixels, KK window positions, BLOCK_C channels]`` of one sample; window positions
-    past ``KH * KW`` (``KK`` is a power of two) or in the padding are masked and never fire."""
+    past ``KH * KW`` (``KK`` is a power of two) or in the padding are masked and never fire. ``PREFETCH``: step
+    ``t + 1`` is loaded before step ``t`` is computed (small tiles, whose programs would wait on each load)."""
     leak = tl.cast(leak, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_reset = tl.cast(v_reset, tl.float32)
@@ -72,8 +83,15 @@ def _neuron_pool_kernel(
         v = tl.full([BLOCK_P, KK, BLOCK_C], v_init, dtype=tl.float32)
     yo = n * syn + (oh * syh + ow * syw)[:, None] + c[None, :] * syc
     y_ok = p_ok[:, None] & c_ok[None, :]
+    if PREFETCH:
+        nxt = tl.load(x_ptr + xo, mask=ok, other=0.0)
     for t in range(T):
-        z = tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0).to(tl.float32)
+        if PREFETCH:
+            cur = nxt
+            nxt = tl.load(x_ptr + (t + 1) * sxt + xo, mask=ok & (t + 1 < T), other=0.0)
+        else:
+            cur = tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0)
+        z = cur.to(tl.float32)
         if HAS_SCALE:
             z = z * scale
         if HAS_SHIFT:
@@ -158,8 +176,7 @@ def multistep_neuron_pool(
         if return_v else None
     if y.numel():
         KK = next_power_of_2(kh * kw)
-        BLOCK_C = min(64, next_power_of_2(C))
-        BLOCK_P = max(1, 4096 // (KK * BLOCK_C))
+        BLOCK_P, BLOCK_C, warps, prefetch = neuron_pool_tile(C, OH * OW, KK, N, 4 * multiprocessors(x.device))
         v0 = v if v is not None else y[0, :, :, :1, :1]
         vo = v_out if v_out is not None else y[0, :, :, :1, :1]
         ka = spec.kernel_args()
@@ -170,7 +187,8 @@ def multistep_neuron_pool(
             ka["leak"], ka["v_threshold"], ka["v_reset"], ka["v_init"],
             NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_V=v is not None, STORE_V=return_v,
-            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, KK=KK, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4,
+            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, KK=KK, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+            PREFETCH=prefetch, num_warps=warps,
         )
     elif v_out is not None:  # (no step: the membrane is the initial one)
         v_out.copy_(v if v is not None else torch.full_like(v_out, spec.v_init))

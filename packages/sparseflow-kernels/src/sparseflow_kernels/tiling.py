@@ -12,8 +12,8 @@ or measured among the candidates listed here (:mod:`.dispatch` keeps the winner)
   :func:`occupancy_group`, :data:`TENSOR_CORE_MIN_CG`, :func:`grouped_block_size`;
 * linear (:mod:`.linear`): :class:`LinearConfig`, :func:`default_linear_config` / :func:`linear_config`,
   :func:`wide_linear_config`, :func:`linear_blocks_fit`;
-* batchnorm (:mod:`.batchnorm`): :func:`batchnorm_tile`; neuron (:mod:`.neuron`): :func:`neuron_tile`;
-  channel_dot (:mod:`.attention`): :func:`channel_dot_tile`.
+* batchnorm (:mod:`.batchnorm`): :func:`batchnorm_tile`; neuron (:mod:`.neuron`): :func:`neuron_tile`; neuron +
+  max pool (:mod:`.neuron_pool`): :func:`neuron_pool_tile`; channel_dot (:mod:`.attention`): :func:`channel_dot_tile`.
 """
 
 from __future__ import annotations
@@ -314,6 +314,30 @@ def neuron_tile(C: int, S: int, T: int = 1) -> tuple[int, int, int]:
     block_c = min(64, next_power_of_2(C))
     t_chunk = 8 if T % 8 == 0 else 4 if T % 4 == 0 else 1
     return max(1, min(1024 // block_c, next_power_of_2(S))), block_c, t_chunk
+
+
+def neuron_pool_tile(C: int, P: int, KK: int, N: int, programs: int = 1) -> tuple[int, int, int, bool]:
+    """(BLOCK_P, BLOCK_C, num_warps, PREFETCH) of the neuron + max pool kernel over ``P`` output pixels of ``C``
+    channels, ``KK`` window positions each, for ``N`` samples: up to 64 channels and 4096 lanes (pixels x window x
+    channels) a program. Where that leaves fewer than ``programs`` programs (small maps: the DVS network's 32, 16 and
+    8 px layers gave 16 to 256 programs to 132 multiprocessors, each walking its 16 steps one dependent load at a
+    time), the tile halves, pixels first, down to 256 lanes, and each program loads the next step while it computes
+    this one (``PREFETCH``)."""
+    block_c = min(64, next_power_of_2(C))
+    block_p = max(1, min(4096 // (KK * block_c), next_power_of_2(P)))
+
+    def count(bp, bc):
+        return cdiv(P, bp) * cdiv(C, bc) * N
+
+    small = count(block_p, block_c) < programs
+    while count(block_p, block_c) < programs and block_p * KK * block_c > 256:
+        if block_p > 1:
+            block_p //= 2
+        elif block_c > 16:
+            block_c //= 2
+        else:
+            break
+    return block_p, block_c, 4 if block_p * KK * block_c >= 512 else 2, small
 
 
 # ------------------------------------------------------------------------------------------ channel_dot
