@@ -5,7 +5,7 @@ Depends only on torch and triton. Kernels run on CUDA tensors, or on the CPU und
 
 from . import library  # noqa: F401  (registers the torch.ops.sparseflow operators)
 from ._utils import can_run_triton
-from .attention import channel_dot, ssa_attention
+from .attention import channel_dot, qk_token_attention, ssa_attention
 from .batchnorm import sparse_batch_norm2d
 from .conv import ConvConfig
 from .conv_transpose import sparse_conv_transpose2d
@@ -33,6 +33,7 @@ __all__ = [
     "linear_block_flags",
     "multistep_neuron",
     "prescan",
+    "qk_token_attention",
     "repeated_over_steps",
     "sparse_batch_norm2d",
     "sparse_conv1x1",

@@ -9,6 +9,9 @@ Transformer's Hadamard attention, skipping blocks whose spikes are all zero.
   (``tf32x3``, exact for integers below 2^21) whatever the input dtype.
 * :func:`channel_dot` - ``SpikeDrivenSelfAttention``'s ``sum over tokens of k * v`` per (sample, channel), the
   input of its ``attn_lif``; the output ``q * attn`` is one broadcast multiply in the caller.
+* :func:`qk_token_attention` - QKFormer's token Q-K attention (SpikingJelly ``QKAttention``, ``qka_type="token"``):
+  per (step, sample, head, token) the sum of ``q`` over the head's channels, its ``attn_lif`` over the steps with
+  the membrane in registers, and ``attn * k``, in one kernel that reads the ``qk`` spikes once.
 
 NaN and Inf count as non-zero (never skipped), so they propagate as in the dense op; a zero block is skipped only
 when the dense product with it is zero too (``0 * Inf = NaN``: a zero ``k`` block next to an Inf or NaN in ``v``,
@@ -21,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import _neuron_step
 from ._utils import (
     cdiv,
     dot_precision,
@@ -30,7 +34,8 @@ from ._utils import (
     require_int32_indexable,
     require_triton_device,
 )
-from .tiling import channel_dot_tile
+from .neuron import NeuronSpec
+from .tiling import channel_dot_tile, qk_token_tile
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:
@@ -206,3 +211,105 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         BLOCK_C=block_c, BLOCK_L=block_l, num_warps=4,
     )
     return y
+
+
+@triton.jit
+def _qk_token_kernel(
+    qk_ptr, sqt, sqn, sqc, sql,
+    y_ptr, syt, syn, syc, syl,
+    v_ptr, svn, svh, svl,
+    vo_ptr, son, soh, sol,
+    T, C, L, D,
+    leak, v_th, v_reset, v_init,
+    NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    HAS_V: tl.constexpr, STORE_V: tl.constexpr, D_P2: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """A program owns ``[D_P2 head channels, BLOCK_L tokens]`` of one (sample, head) and loops over the steps: the
+    sum of ``q`` over the head's channels (fp32, rounded to the input's dtype as the dense sum), the neuron step on
+    it, and ``spike * k`` stored."""
+    leak = tl.cast(leak, tl.float32)
+    v_th = tl.cast(v_th, tl.float32)
+    v_reset = tl.cast(v_reset, tl.float32)
+    v_init = tl.cast(v_init, tl.float32)
+    n = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1)
+    tok = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    d = tl.arange(0, D_P2)
+    tok_ok = tok < L
+    ok = (d < D)[:, None] & tok_ok[None, :]
+    ch = h * D + d
+    qo = n * sqn + ch[:, None] * sqc + tok[None, :] * sql
+    ko = qo + C * sqc
+    yo = n * syn + ch[:, None] * syc + tok[None, :] * syl
+    if HAS_V:
+        v = tl.load(v_ptr + n * svn + h * svh + tok * svl, mask=tok_ok, other=0.0).to(tl.float32)
+    else:
+        v = tl.full([BLOCK_L], v_init, dtype=tl.float32)
+    for t in range(T):
+        q = tl.load(qk_ptr + t * sqt + qo, mask=ok, other=0.0)
+        z = tl.sum(q.to(tl.float32), axis=0).to(q.dtype).to(tl.float32)
+        spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+        k = tl.load(qk_ptr + t * sqt + ko, mask=ok, other=0.0)
+        y = spike.to(k.dtype)[None, :] * k
+        tl.store(y_ptr + t * syt + yo, y.to(y_ptr.dtype.element_ty), mask=ok)
+    if STORE_V:
+        tl.store(vo_ptr + n * son + h * soh + tok * sol, v.to(vo_ptr.dtype.element_ty), mask=tok_ok)
+
+
+def qk_token_attention(
+    qk: torch.Tensor,
+    num_heads: int,
+    neuron: NeuronSpec | str = "lif",
+    *,
+    v: torch.Tensor | None = None,
+    return_v: bool = False,
+    v_dtype: torch.dtype | None = None,
+    **neuron_kwargs,
+):
+    """QKFormer's token attention over ``qk`` ``[T, N, 2C, L]`` (``q``: channels ``[0, C)``, ``k``: ``[C, 2C)``,
+    ``C / num_heads`` channels a head): ``attn = neuron(q summed over each head's channels)`` over the steps, and
+    ``attn * k`` returned ``[T, N, C, L]`` in ``qk``'s dtype and channel order (channels innermost per token when
+    ``qk``'s are). ``v``: the neuron's initial membrane ``[N, num_heads, 1, L]`` (None: its initial value);
+    ``return_v``: also the final one, in ``v_dtype`` (``qk``'s by default).
+
+    The sum is accumulated in fp32 and rounded to ``qk``'s dtype, the neuron runs on that in fp32 (the multi-step
+    neuron kernel's arithmetic, :func:`~sparseflow_kernels.multistep_neuron`), so for spikes (head sums exact in
+    fp32) the result is the dense ``attn_lif(q.sum(...)) * k`` with the neuron on that kernel, bit for bit."""
+    op = "qk_token_attention"
+    spec = NeuronSpec.make(neuron, **neuron_kwargs)
+    require_dtype(op, "qk", qk)
+    if qk.dim() != 4:
+        raise ValueError(f"{op}: expected qk of shape [T, N, 2C, L], got {tuple(qk.shape)}")
+    T, N, C2, L = qk.shape
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"{op}: num_heads must be a positive int, got {num_heads!r}")
+    if C2 % (2 * num_heads):
+        raise ValueError(f"{op}: qk's {C2} channels are not 2 x num_heads ({num_heads}) x head channels")
+    C, D = C2 // 2, C2 // (2 * num_heads)
+    if v is not None and tuple(v.shape) != (N, num_heads, 1, L):
+        raise ValueError(f"{op}: v must have shape {(N, num_heads, 1, L)}, got {tuple(v.shape)}")
+    v_dtype = v_dtype or qk.dtype
+    if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{op}: v_dtype must be float32, float16 or bfloat16, got {v_dtype}")
+    require_triton_device(op, qk, v)
+    require_int32_indexable(op, qk)
+    if qk.stride(2) == 1 and qk.stride(3) == C2:  # channels innermost per token: the fused projection's output
+        y = new_output((T, N, L, C), qk.dtype, qk.device).permute(0, 1, 3, 2)
+    else:
+        y = new_output((T, N, C, L), qk.dtype, qk.device)
+    v_out = new_output((N, num_heads, 1, L), v_dtype, qk.device) if return_v else None
+    if y.numel():
+        d_p2, block_l = qk_token_tile(D, L)
+        v0 = v if v is not None else y[0, :, :num_heads, :1]
+        vo = v_out if v_out is not None else y[0, :, :num_heads, :1]
+        ka = spec.kernel_args()
+        launch(_qk_token_kernel)[(cdiv(L, block_l), num_heads, N)](
+            qk, *qk.stride(), y, *y.stride(), v0, v0.stride(0), v0.stride(1), v0.stride(-1),
+            vo, vo.stride(0), vo.stride(1), vo.stride(-1), T, C, L, D,
+            ka["leak"], ka["v_threshold"], ka["v_reset"], ka["v_init"],
+            NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
+            HAS_V=v is not None, STORE_V=return_v, D_P2=d_p2, BLOCK_L=block_l, num_warps=4,
+        )
+    elif v_out is not None:  # (no step: the membrane is the initial one)
+        v_out.copy_(v if v is not None else torch.full_like(v_out, spec.v_init))
+    return (y, v_out) if return_v else y

@@ -181,3 +181,15 @@ def sdt_attention_reference(q, k, v, num_heads, attn):
     qs, ks, vs = split(q), split(k), split(v)
     kv = attn((ks * vs).sum(dim=-2, keepdim=True))
     return (qs * kv).transpose(3, 4).reshape(T, N, C, H, W)
+
+
+def qk_token_attention_reference(qk, num_heads, spec: NeuronSpec, v=None):
+    """QKFormer's token attention over ``qk`` ``[T, N, 2C, L]`` in ``qk``'s dtype, in SpikingJelly's order: the
+    head sums of ``q`` (``[T, N, heads, 1, L]``), the neuron over them (:func:`neuron_reference`), ``attn * k``.
+    Returns (output ``[T, N, C, L]``, the neuron's (spikes, h per step, final v))."""
+    T, N, C2, L = qk.shape
+    C = C2 // 2
+    q = qk[:, :, :C].reshape(T, N, num_heads, C // num_heads, L)
+    k = qk[:, :, C:].reshape(T, N, num_heads, C // num_heads, L)
+    attn, h, v = neuron_reference(q.sum(dim=3, keepdim=True), spec, v)
+    return (attn * k).reshape(T, N, C, L), (attn, h, v)

@@ -13,7 +13,8 @@ or measured among the candidates listed here (:mod:`.dispatch` keeps the winner)
 * linear (:mod:`.linear`): :class:`LinearConfig`, :func:`default_linear_config` / :func:`linear_config`,
   :func:`wide_linear_config`, :func:`linear_blocks_fit`;
 * batchnorm (:mod:`.batchnorm`): :func:`batchnorm_tile`; neuron (:mod:`.neuron`): :func:`neuron_tile`; neuron +
-  max pool (:mod:`.neuron_pool`): :func:`neuron_pool_tile`; channel_dot (:mod:`.attention`): :func:`channel_dot_tile`.
+  max pool (:mod:`.neuron_pool`): :func:`neuron_pool_tile`; channel_dot (:mod:`.attention`): :func:`channel_dot_tile`;
+  qk_token_attention (:mod:`.attention`): :func:`qk_token_tile`.
 """
 
 from __future__ import annotations
@@ -346,3 +347,11 @@ def channel_dot_tile(C: int, L: int, channels_innermost: bool) -> tuple[int, int
     one load (up to 256), 32 channels when channels are innermost (the fused convolutions' spikes: 3.9 us against
     5.6 us for 64 x 128 tiles), 16 when tokens are (5.1 us against 15.3 us)."""
     return min(32 if channels_innermost else 16, max(16, next_pow2(C))), min(256, max(16, next_pow2(L)))
+
+
+# ------------------------------------------------------------------------------------------ qk attention
+def qk_token_tile(D: int, L: int) -> tuple[int, int]:
+    """(D_P2, BLOCK_L) of ``qk_token_attention``: a head's ``D`` channels (a power of two at least) by up to 2048
+    elements' worth of tokens (16 at least)."""
+    d_p2 = next_power_of_2(max(1, D))
+    return d_p2, max(16, min(next_power_of_2(max(1, L)), 2048 // d_p2))
