@@ -197,6 +197,28 @@ def test_neuron_pool_is_the_neuron_then_the_pool(dtype, pool):
         assert torch.equal(v, v_ref), name
 
 
+@pytest.mark.parametrize("layout", ["channels_innermost", "contiguous"])
+def test_qk_token_attention_is_the_dense_composition(layout):
+    """QKFormer's token attention on the GPU at its first stage's shape (T=4, N=8, 96 channels in 8 heads, 56 x 56
+    tokens), fp16 spikes: the head sums in fp16, the multi-step neuron kernel and ``attn * k``, bit for bit, from a
+    carried membrane."""
+    from sparseflow_kernels import qk_token_attention
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    T, N, C, heads, L = 4, 8, 96, 8, 56 * 56
+    qk = (torch.rand(T, N, L, 2 * C, generator=g, device="cuda") < 0.2).half()
+    qk = qk.transpose(2, 3) if layout == "channels_innermost" else qk.transpose(2, 3).contiguous()
+    spec = NeuronSpec.make("lif", tau=2.0, v_threshold=1.5)
+    v0 = (torch.rand(N, heads, 1, L, generator=g, device="cuda") * 1.2).half()
+    y, v = qk_token_attention(qk, heads, spec, v=v0, return_v=True)
+    q = qk[:, :, :C].reshape(T, N, heads, C // heads, L)
+    k = qk[:, :, C:].reshape(T, N, heads, C // heads, L)
+    attn, v_ref = multistep_neuron(q.sum(dim=3, keepdim=True), spec, v=v0.float(), return_v=True,
+                                   v_dtype=torch.float16)
+    assert torch.equal(y, (attn * k).reshape(T, N, C, L)) and torch.equal(v, v_ref)
+    assert 0 < attn.float().mean() < 1
+
+
 def test_every_pooling_candidate_on_the_dvs_layers():
     """Every candidate a pooling spiking layer measures, on the DVS Gesture network's five layer shapes (T=16, N=8,
     2 -> 128 channels at 128 x 128, then 128 at 64 ... 8; pool 2 / 2), run as the dispatch runs it: eagerly, from a

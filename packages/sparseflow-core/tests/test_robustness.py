@@ -48,7 +48,7 @@ from sparseflow_core import (
 from sparseflow_core.registry import OpHandler, find_op_handler, is_spiking_module
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels import multistep_neuron, prescan, sparse_conv2d, spiking_conv2d
-from sparseflow_kernels.attention import channel_dot, ssa_attention
+from sparseflow_kernels.attention import channel_dot, qk_token_attention, ssa_attention
 from sparseflow_kernels.batchnorm import sparse_batch_norm2d
 from sparseflow_kernels.conv_transpose import sparse_conv_transpose2d
 from sparseflow_kernels.depthwise import grouped_conv2d
@@ -303,6 +303,12 @@ BAD_INPUTS = [
     ("multistep_neuron_pool", "windows with gaps between them",
      lambda: multistep_neuron_pool(_x(2, 1, 3, 8, 8), "lif", kernel_size=2, stride=3), ValueError,
      "stride 3 is larger than the kernel 2: rows between the windows are in none"),
+    ("qk_token_attention", "channels that do not split into q and k heads",
+     lambda: qk_token_attention(_x(2, 1, 12, 5), 4), ValueError,
+     "qk's 12 channels are not 2 x num_heads (4) x head channels"),
+    ("qk_token_attention", "a membrane of the wrong shape",
+     lambda: qk_token_attention(_x(2, 1, 12, 5), 2, v=_x(1, 2, 5)), ValueError,
+     "v must have shape (1, 2, 1, 5), got (1, 2, 5)"),
     ("spiking_conv2d", "a pool with a residual",
      lambda: spiking_conv2d(_x(2, 1, 3, 4, 4), _x(4, 3, 3, 3), None, 1, 1, pool=(2, 2, 0), residual=_x(2, 1, 4, 4, 4)),
      ValueError, "pool pools the spikes; not with a residual, return_sum or write_occupancy"),

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from spikingjelly.activation_based import functional, layer, neuron
-from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
+from spikingjelly.activation_based.layer.attention import QKAttention, SpikeDrivenSelfAttention, SpikingSelfAttention
 from spikingjelly.activation_based.model.spike_driven_transformer import _Block as SDTBlock
 from spikingjelly.activation_based.model.spikformer import SpikformerBlock
+from test_model_zoo import first_state_difference
 from torch import nn
 
 from sparseflow_core import get_report, optimize, restore
@@ -24,6 +25,7 @@ from sparseflow_ops import (
     SparseLinear,
     SparseModule,
     SparseMultiheadAttention,
+    SparseQKAttention,
     SparseSpikeDrivenSelfAttention,
     SparseSpikformerBlock,
     SparseSpikingSelfAttention,
@@ -527,3 +529,55 @@ def test_skip_add_after_an_attention_module_goes_into_its_output_projection():
     assert not fwd.exact()
     same_over_calls(net, ref, x, calls=1)
     assert len(seen) == len(expect) > 0 and all(torch.equal(a, b) for a, b in zip(seen, expect))
+
+
+@pytest.mark.parametrize("qka_type", ["token", "channel"])
+def test_qk_attention_token_kernel_and_its_skip_add(qka_type):
+    """QKFormer's ``x + attn(x)`` with its Q-K attention: the token attention (head sums of q, ``attn_lif``,
+    ``attn * k``) runs as one kernel from ``attn_lif``'s stored membrane and stores it back, the add goes into the
+    fused output projection's epilogue; outputs and every membrane are the dense model's over calls and a reset.
+    The channel attention, a hook on ``attn_lif``, train mode and numerics="faithful" run the module's own ops;
+    restore() gives the module back."""
+    attn = QKAttention(16, 2, qka_type=qka_type)
+    attn.attn_lif.v_threshold = 1.5  # (at its 0.5, any head sum fires and resets: no membrane carried)
+    net, ref = twins(firing_bns(SkipNet(SkipBlock(attn, MultiStepMLP(16)))))
+    x = torch.rand(2, 2, 16, 5) * 3
+    net, rep = optimize(net, x, return_report=True)
+    attn = net.block.attn
+    assert isinstance(attn, SparseQKAttention) and isinstance(attn.proj_conv_bn[0], SparseConv1d)
+    assert entry(rep, "block.attn").detail.endswith("; + the skip connection's add after it")
+    assert fused_forward(net.block) is not None and attn in fused_forward(net.block).layers
+    r = same_over_calls(net, ref, x)
+    assert r.max() > 1
+    assert attn.last_path == ("sparse" if qka_type == "token" else "torch")
+    with torch.no_grad():
+        net(x), ref(x)
+    assert first_state_difference(net, ref, exact=False) is None
+    attn_v = ref.block.attn.attn_lif.v
+    assert 0 < (attn_v != 0).float().mean() < 1 and torch.equal(attn.attn_lif.v, attn_v)
+    seen, expect = [], []
+    handle = attn.attn_lif.register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    ref.block.attn.attn_lif.register_forward_hook(lambda m, i, o: expect.append(i[0].clone()))
+    same_over_calls(net, ref, x, calls=1)
+    assert attn.last_path == "torch" and len(seen) == len(expect) > 0
+    assert all(torch.equal(a, b) for a, b in zip(seen, expect))
+    handle.remove()
+    ref.block.attn.attn_lif._forward_hooks.clear()
+    net.train()
+    ref.train()
+    same_over_calls(net, ref, x, calls=1)
+    net.eval()
+    ref.eval()
+    restore(net)
+    assert type(net.block.attn) is QKAttention
+    same_over_calls(net, ref, x, calls=1)
+
+
+
+def test_qk_attention_faithful_runs_the_module_arithmetic():
+    net, ref = twins(firing_bns(SkipNet(SkipBlock(QKAttention(16, 2), MultiStepMLP(16)))))
+    x = torch.rand(2, 2, 16, 5) * 3
+    net = optimize(net, x, numerics="faithful")
+    assert isinstance(net.block.attn, SparseQKAttention)
+    same_over_calls(net, ref, x)
+    assert net.block.attn.last_path == "torch"

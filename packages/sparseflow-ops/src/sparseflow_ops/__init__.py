@@ -5,8 +5,9 @@
 * :class:`SparseBatchNorm2d` - eval ``nn.BatchNorm2d`` fed by spikes: all-zero blocks are written, not read.
 * :class:`SparseLinear` / :class:`SparseConv1d` - ``nn.Linear`` / ``nn.Conv1d(k=1)`` on the sparse GEMM
   (optionally with a BatchNorm1d folded in; a Conv1d also with the spiking neuron after it fused).
-* :class:`SparseSpikingSelfAttention`, :class:`SparseSpikeDrivenSelfAttention`, :class:`SparseMultiheadAttention` -
-  Spikformer / Spike-driven Transformer attention and ``nn.MultiheadAttention`` on the sparse kernels;
+* :class:`SparseSpikingSelfAttention`, :class:`SparseSpikeDrivenSelfAttention`, :class:`SparseQKAttention`,
+  :class:`SparseMultiheadAttention` - Spikformer / Spike-driven Transformer / QKFormer attention and
+  ``nn.MultiheadAttention`` on the sparse kernels;
   :class:`SparseSpikformerBlock` - Spikformer's block with its skip connections in the fused projections.
 * :class:`SparseGroupedConv2d` / :class:`SparseConvTranspose2d` - depthwise / grouped ``nn.Conv2d`` and
   ``nn.ConvTranspose2d`` on the tile-skipping kernels (optionally with the BatchNorm they feed folded in).
@@ -18,6 +19,7 @@
 from ._common import OBSERVER_ATTR, has_hooks, needs_autograd
 from .attention import (
     SparseMultiheadAttention,
+    SparseQKAttention,
     SparseSpikeDrivenSelfAttention,
     SparseSpikformerBlock,
     SparseSpikingSelfAttention,
@@ -57,6 +59,7 @@ __all__ = [
     "SparseLinear",
     "SparseModule",
     "SparseMultiheadAttention",
+    "SparseQKAttention",
     "SparseSpikeDrivenSelfAttention",
     "SparseSpikformerBlock",
     "SparseSpikingSelfAttention",

@@ -9,6 +9,11 @@
   per-head token sums ``(k * v).sum(tokens)`` run on :func:`channel_dot` straight from the ``[T, N, C, H, W]``
   maps and ``q * attn_lif(...)`` is one broadcast multiply, without the module's head split/merge copies. Its
   1x1 convolutions stay ordinary children (``optimize`` fuses them with their BatchNorm and neuron).
+* :class:`SparseQKAttention` - QKFormer's ``QKAttention``: with ``qka_type="token"``, the head sums of ``q``, its
+  ``attn_lif`` over the steps and ``attn * k`` run as one kernel (:func:`qk_token_attention`) that reads the ``qk``
+  spikes once, with ``attn_lif``'s membrane read from and stored back to the module. Its 1x1 projections stay
+  ordinary children (``optimize`` fuses each with its BatchNorm and neuron); a skip connection's add goes into the
+  fused output projection's epilogue, as for Spikformer's attention.
 * :class:`SparseMultiheadAttention` - ``nn.MultiheadAttention`` (same ``state_dict``) whose input and output
   projections run on :func:`sparse_linear` and whose softmax attention is
   ``F.scaled_dot_product_attention``; arguments it does not cover fall back to the module's own forward
@@ -23,28 +28,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseflow_kernels import channel_dot, sparse_linear, ssa_attention
+from sparseflow_kernels import channel_dot, qk_token_attention, sparse_linear, ssa_attention
 from sparseflow_kernels.library import compiling
 from sparseflow_kernels.linear import default_linear_config, pack_linear_weight
 
-from ._common import VersionCache, kernels_can_run, notice_once, version_key
+from ._common import VersionCache, has_hooks, kernels_can_run, needs_autograd, notice_once, version_key
 from .base import SparseModule
 from .linear import SparseConv1d
+from .neurons import find_adapter, neuron_support
 
 
 def _spikingjelly_attention():
     try:
         from spikingjelly.activation_based.layer.attention import SpikeDrivenSelfAttention, SpikingSelfAttention
     except Exception:  # SpikingJelly is optional
-        return None, None, None, None
+        return None, None, None, None, None
+    try:
+        from spikingjelly.activation_based.layer.attention import QKAttention
+    except Exception:  # a SpikingJelly without QKFormer's attention
+        QKAttention = None
     try:
         from spikingjelly.activation_based.model.spikformer import SpikformerBlock, SpikformerMLP
     except Exception:  # a SpikingJelly without the model zoo's Spikformer
         SpikformerBlock = SpikformerMLP = None
-    return SpikingSelfAttention, SpikeDrivenSelfAttention, SpikformerBlock, SpikformerMLP
+    return SpikingSelfAttention, SpikeDrivenSelfAttention, SpikformerBlock, SpikformerMLP, QKAttention
 
 
-SpikingSelfAttention, SpikeDrivenSelfAttention, SpikformerBlock, SpikformerMLP = _spikingjelly_attention()
+SpikingSelfAttention, SpikeDrivenSelfAttention, SpikformerBlock, SpikformerMLP, QKAttention = \
+    _spikingjelly_attention()
 
 
 class _AttentionModule(SparseModule):
@@ -155,6 +166,19 @@ def _fused_projection(container: nn.Module, neuron: nn.Module):
     return None
 
 
+def _project_out(attn: nn.Module, x_seq: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``proj_lif(proj_conv_bn(x_seq))`` of an attention module, plus ``residual`` where given: in the fused output
+    projection's epilogue where ``optimize`` fused it with ``proj_lif``, else a separate add."""
+    if residual is None:
+        return attn.proj_lif(attn.proj_conv_bn(x_seq))
+    proj = _fused_projection(attn.proj_conv_bn, attn.proj_lif)
+    if proj is None:
+        return residual + attn.proj_lif(attn.proj_conv_bn(x_seq))
+    T, N = x_seq.shape[:2]
+    y = proj(x_seq.flatten(0, 1), residual=residual.reshape(T * N, *residual.shape[2:]))
+    return y.view(T, N, *y.shape[1:])
+
+
 def _hooked(*modules) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
@@ -223,13 +247,7 @@ if SpikingSelfAttention is not None:
                 self.last_path = "torch"
                 x_seq = self._ssa_kernel_torch(qkv, self.scale)
             x_seq = self.attn_lif(x_seq).reshape(T, N, local_dim, L)
-            if residual is None:
-                return self.proj_lif(self.proj_conv_bn(x_seq))
-            proj = _fused_projection(self.proj_conv_bn, self.proj_lif)
-            if proj is None:
-                return residual + self.proj_lif(self.proj_conv_bn(x_seq))
-            y = proj(x_seq.flatten(0, 1), residual=residual.reshape(T * N, *residual.shape[2:]))
-            return y.view(T, N, *y.shape[1:])
+            return _project_out(self, x_seq, residual)
 
     _PROJECTION_NEURON = {"qkv_conv_bn": "qkv_lif", "proj_conv_bn": "proj_lif"}
 
@@ -309,6 +327,66 @@ if SpikingSelfAttention is not None:
 
 else:  # pragma: no cover - without SpikingJelly
     SparseSpikingSelfAttention = SparseSpikeDrivenSelfAttention = SparseSpikformerBlock = None
+
+
+# ---------------------------------------------------------------------------------------------- QKFormer
+def _token_attention(neuron: nn.Module, qk: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """:func:`qk_token_attention` with ``neuron`` (the module's ``attn_lif``) from its stored membrane, its final
+    membrane stored back as the neuron module itself stores it (see ``neuron_kernel``)."""
+    adapter = find_adapter(neuron)
+    _T, N, _C2, L = qk.shape
+    v0 = adapter.get_v(neuron, (N, num_heads, 1, L), qk.device)
+    y, v = qk_token_attention(qk, num_heads, adapter.spec(neuron), v=v0, return_v=True, v_dtype=qk.dtype)
+    adapter.set_v(neuron, v, qk.dtype)
+    return y
+
+
+if QKAttention is not None:
+
+    class SparseQKAttention(_AttentionModule, QKAttention):
+        """QKFormer's ``QKAttention`` with its token attention on :func:`qk_token_attention` (see the module
+        docstring); same children, ``state_dict`` keys and neuron state."""
+
+        _dense_base = QKAttention
+        takes_skip_add = True
+
+        @classmethod
+        def from_dense(cls, module, *, mode: str = "auto"):
+            return _wrap_exact(cls, module, QKAttention, mode, ("forward", "_qka_forward_torch"))
+
+        def kind(self) -> str:
+            return "qk attention" + (" (token kernel)" if self.qka_type == "token" else "")
+
+        def _token_kernel(self, qk: torch.Tensor) -> bool:
+            """Whether this call's token attention runs on the kernel: token type, eval mode, no hook on
+            ``attn_lif`` (its hooks see its input then), a neuron the kernels run, not faithful numerics (the
+            module's own arithmetic), not under ``torch.compile`` (the module's own ops are traced)."""
+            lif = self.attn_lif
+            if self.qka_type != "token" or self.faithful or compiling() or not self._use_kernels(qk):
+                return False
+            if lif.training or has_hooks(lif) or needs_autograd(qk, lif):
+                return False
+            adapter, _why = neuron_support(lif)
+            return adapter is not None and adapter.is_multistep(lif)
+
+        def forward(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None):
+            """``residual`` (SparseFlow's addition, ``[T, N, C, L]``): returns ``residual + attn(x_seq)``, the add
+            in the fused output projection's epilogue where it runs fused with ``proj_lif``."""
+            if x_seq.ndim != 4:
+                raise ValueError(f"expected 4D input with shape [T, N, C, L], but got input with shape {x_seq.shape}")
+            T, N, C, L = x_seq.shape
+            qk = self.qk_lif(self.qk_conv_bn(x_seq))  # [T, N, 2C, L]
+            if self._token_kernel(qk):
+                self.last_path = "sparse"
+                x_seq = _token_attention(self.attn_lif, qk, self.num_heads)
+            else:
+                self.last_path = "torch"
+                qk = qk.reshape(T, N, 2, self.num_heads, C // self.num_heads, L)
+                x_seq = self._qka_forward_torch(qk).flatten(2, 3)
+            return _project_out(self, x_seq, residual)
+
+else:  # pragma: no cover - a SpikingJelly without QKFormer's attention
+    SparseQKAttention = None
 
 
 # ------------------------------------------------------------------------------------- MultiheadAttention

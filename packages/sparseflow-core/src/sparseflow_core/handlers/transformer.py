@@ -5,7 +5,8 @@ The attention handlers replace the whole attention module by a subclass that kee
 ``state_dict`` keys, neuron state and ``reset_net``): Spikformer's ``SpikingSelfAttention`` gets sparse
 projections and the SSA product on the Triton kernel; the Spike-driven Transformer's
 ``SpikeDrivenSelfAttention`` gets its Hadamard attention on the kernel (its 1x1 convolutions stay children
-that the convolution pass of ``optimize`` fuses with their BatchNorm and neuron).
+that the convolution pass of ``optimize`` fuses with their BatchNorm and neuron); QKFormer's ``QKAttention`` gets its
+token attention (head sums, ``attn_lif``, ``attn * k``) as one kernel, its projections handled as children.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sparseflow_ops import (
     SparseConv1d,
     SparseLinear,
     SparseMultiheadAttention,
+    SparseQKAttention,
     SparseSpikeDrivenSelfAttention,
     SparseSpikformerBlock,
     SparseSpikingSelfAttention,
@@ -131,6 +133,14 @@ def _replace_sdsa(m, ctx):
     return new, "spike-driven attention kernel (1x1 convs fused by the conv pass)"
 
 
+def _replace_qka(m, ctx):
+    new = SparseQKAttention.from_dense(m, mode=_mode(ctx))
+    if m.qka_type != "token":
+        return new, "qk attention: channel attention runs as the module's own ops; a skip add goes into the fused " \
+                    "output projection"
+    return new, "qk attention: the head sums of q, attn_lif and attn * k in one kernel (token attention)"
+
+
 def _replace_mha(m, ctx):
     why = SparseMultiheadAttention.unsupported(m)
     if why:
@@ -153,3 +163,8 @@ if SparseSpikformerBlock is not None:
     register_op_handler(SpikformerBlock, OpHandler("spikformer-block", _replace_spikformer_block,
                                                    needs_spikes=False, action="kernel", uses_blocks=False,
                                                    descend=True, faithful=True))
+if SparseQKAttention is not None:
+    from sparseflow_ops.attention import QKAttention
+
+    register_op_handler(QKAttention, OpHandler("qka", _replace_qka, needs_spikes=False, action="kernel",
+                                               uses_blocks=False, descend=True, faithful=True))
