@@ -115,6 +115,37 @@ def test_spiking_conv2d_paths(dt, path, neuron):
     assert s.sum() > 0
 
 
+@pytest.mark.parametrize("dt", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layer", ["dvs-2ch-3x3", "stem-3ch-7x7-s2", "7ch-3x3-residual"])
+def test_spiking_conv2d_im2col(dt, layer):
+    """The im2col tilings (the (tap, channel) reduction of layers of few channels) on the GPU, every one of them,
+    against the float64 reference: spikes equal except at threshold ties, channels_last and contiguous inputs."""
+    from sparseflow_kernels.tiling import IM2COL_CONFIGS, spiking_configs
+
+    dtype = _DT[dt]
+    C, k, st, pad, res = {"dvs-2ch-3x3": (2, 3, 1, 1, False), "stem-3ch-7x7-s2": (3, 7, 2, 3, False),
+                          "7ch-3x3-residual": (7, 3, 1, 1, True)}[layer]
+    g = torch.Generator(device="cuda").manual_seed(C)
+    T, N, H, W, CO = 4, 3, 37, 30, 128
+    x = sparse_input((T, N, C, H, W), 0.15, g, dtype, False)
+    w = (torch.randn(CO, C, k, k, generator=g, device="cuda") * 0.5).to(dtype)
+    sc = torch.rand(CO, generator=g, device="cuda") + 0.5
+    sh = torch.randn(CO, generator=g, device="cuda") * 0.2
+    OH, OW = (H + 2 * pad - k) // st + 1, (W + 2 * pad - k) // st + 1
+    r = (torch.rand(T, N, CO, OH, OW, generator=g, device="cuda") < 0.2).to(dtype) if res else None
+    spec = NeuronSpec.make("lif", tau=2.0)
+    rs, rh, _rv = spiking_conv2d_reference(x.double(), w.double(), None, st, pad, scale=sc.double(),
+                                          shift=sh.double(), residual=None if r is None else r.double(), spec=spec)
+    cfgs = spiking_configs(C, CO, T)
+    for name in IM2COL_CONFIGS:
+        for xs in (x, x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)):
+            s, _v = spiking_conv2d(xs, w, None, st, pad, scale=sc, shift=sh, residual=r, neuron="lif", tau=2.0,
+                                   return_v=True, config=cfgs[name])
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            assert _flips(s, rs, rh, spec.v_threshold, tol) == 0, name
+            assert 0 < s.float().mean() < 1
+
+
 _TOKEN_PATHS = {"fused": {"config": ConvConfig(1, 64, 64, 64)},
                 "tm": {"config": ConvConfig(1, 32, 64, 64, t_in_m=True)},
                 "tm_n128": {"config": ConvConfig(1, 32, 128, 64, t_in_m=True, num_warps=8)},

@@ -37,7 +37,7 @@ from ._utils import _traced, cdiv, interpreter_active, launch, multiprocessors, 
 from .tiling import ConvConfig
 
 __all__ = ["NEURON_IF", "NEURON_LEAKY", "NEURON_LIF", "NEURON_NONE", "NEURON_PLIF", "ConvConfig", "launch_conv",
-           "multiprocessors", "pack_weight", "tile_counters", "tma_supported"]
+           "multiprocessors", "pack_conv_weight", "pack_weight", "tile_counters", "tma_supported"]
 
 
 # -------------------------------------------------------------------------------------------- mainloop
@@ -69,6 +69,32 @@ def _mainloop(
             mask=ok[:, None] & (cc < C)[None, :], other=0.0,
         )
         wt = tl.load(w_ptr + ((tap * C_PAD + cc) * CO_PAD)[:, None] + co[None, :])
+        acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _mainloop_im2col(
+    acc, xrow_ptr, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw, w_ptr, CO_PAD, co,
+    KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr, K_BLOCKS: tl.constexpr,
+):
+    """acc += x[rows, (tap, channel) block] @ w[(tap, channel) block, co] over the flattened reduction index
+    ``k = tap * C + c`` (``ConvConfig.im2col``), ``K_BLOCKS`` blocks, unrolled (a few: 1 for 3 x 3 taps of up to
+    3 channels, 5 for a 7 x 7 stem's 3); the weight is packed ``[1, K_BLOCKS * BLOCK_K, CO_PAD]`` in that order,
+    zero past ``KH * KW * C``."""
+    kk0 = tl.arange(0, BLOCK_K)
+    row = xrow_ptr + ih0 * sxh + iw0 * sxw
+    for i in tl.static_range(K_BLOCKS):
+        kk = i * BLOCK_K + kk0
+        tap = kk // C
+        dh = (tap // KW) * DH
+        dw = (tap % KW) * DW
+        ih = ih0[:, None] + dh[None, :]
+        iw = iw0[:, None] + dw[None, :]
+        ok = row_ok[:, None] & (kk < KH * KW * C)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(row[:, None] + (dh * sxh + dw * sxw + (kk - tap * C) * sxc)[None, :], mask=ok, other=0.0)
+        wt = tl.load(w_ptr + (kk * CO_PAD)[:, None] + co[None, :])
         acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PREC)
     return acc
 
@@ -211,7 +237,8 @@ def _conv_kernel(
     FLATTEN_T: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
     ws_ptr=None, cnt_ptr=None, SPLIT_K: tl.constexpr = 1, TILE_N: tl.constexpr = 1,
     sum_ptr=None, SUM_OUT: tl.constexpr = False,
-    SK_CHUNK=1, SK_SLOTS=1, STREAM_K: tl.constexpr = False, POOL: tl.constexpr = 1,
+    SK_CHUNK=1, SK_SLOTS=1, STREAM_K: tl.constexpr = False, POOL: tl.constexpr = 1, IM2COL: tl.constexpr = False,
+    K_BLOCKS: tl.constexpr = 1,
 ):
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     leak = tl.cast(leak, tl.float32)
@@ -273,6 +300,10 @@ def _conv_kernel(
             elif TMA:
                 acc = _mainloop_tma(acc, x_desc, w_desc, t, n, th * TILE_H - PAD_H, tw * TILE_W - PAD_W, cb * BLOCK_N,
                                     0, NG * KH * KW, C_PAD, KH, KW, P, BLOCK_K, PREC)
+            elif IM2COL:
+                acc = _mainloop_im2col(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
+                                       C, H, W, sxc, sxh, sxw, w_ptr, CO_PAD, co, KH, KW, DH, DW, BLOCK_K, PREC,
+                                       K_BLOCKS)
             else:
                 acc = _mainloop(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
                                 C, H, W, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, co, idx, 0, n_groups * KH * KW,
@@ -490,6 +521,15 @@ def pools_in_epilogue(cfg: ConvConfig, pool, OH: int, OW: int) -> bool:
             and cfg.split_k == 1 and not cfg.stream_k and cfg.tile_n == 1)
 
 
+def pack_conv_weight(weight: torch.Tensor, cfg: ConvConfig, dtype: torch.dtype) -> torch.Tensor:
+    """The weight packed as configuration ``cfg`` reads it: :func:`pack_weight`, or with ``cfg.im2col`` the
+    ``[1, K_PAD, CO_PAD]`` matrix of the flattened (tap, channel) reduction (``k = (kh * KW + kw) * C + c``)."""
+    if cfg.im2col:
+        CO, C, KH, KW = weight.shape
+        weight = weight.detach().permute(0, 2, 3, 1).reshape(CO, KH * KW * C, 1, 1)
+    return pack_weight(weight, cfg.block_k, cfg.block_n, dtype)
+
+
 def pack_weight(weight: torch.Tensor, block_k: int, block_n: int, dtype: torch.dtype) -> torch.Tensor:
     """``[CO, C, KH, KW]`` -> ``[KH*KW, C_PAD, CO_PAD]`` in ``dtype``, zero-padded so the kernel loads
     ``[BLOCK_K, BLOCK_N]`` weight tiles without masks, contiguous along the output channels."""
@@ -591,6 +631,14 @@ def launch_conv(
         raise ValueError(f"launch_conv: pool={pool} needs a neuron, no residual, sum or occupancy output, and a "
                          "configuration whose steps-looped tiles the pool's windows divide")
     tma = cfg.tma and not _traced((x,))
+    want = (1, cdiv(KH * KW * C, cfg.block_k) * cfg.block_k) if cfg.im2col else (KH * KW, cdiv(C, cfg.block_k) *
+                                                                                   cfg.block_k)
+    if tuple(w_packed.shape[:2]) != want or w_packed.shape[2] != cdiv(CO, cfg.block_n) * cfg.block_n:
+        raise ValueError(f"launch_conv: the packed weight {tuple(w_packed.shape)} is not packed for this layer and "
+                         f"configuration (expected {(*want, cdiv(CO, cfg.block_n) * cfg.block_n)}; pack it with "
+                         "pack_conv_weight)")
+    if cfg.im2col and (occ is not None or cfg.t_in_m or cfg.tma):
+        raise ValueError("ConvConfig(im2col=True) runs dense steps-looped tiles (no occupancy, t_in_m or tma)")
     if cfg.tma and cfg.stream_k:
         # (on the H200 the stream-K tiles with tensor-descriptor loads gave other bits on repeated calls of the same
         # input, where the same tiles with pointer loads gave the same bits on every call, on two streams and in a
@@ -672,7 +720,7 @@ def launch_conv(
         x_desc=descs[0], w_desc=descs[1], TMA=tma, FLAT=flat,
         FLATTEN_T=tma and TMA_LOOP["flatten"], WARP_SPEC=tma and TMA_LOOP["warp_specialize"],
         ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=split, TILE_N=cfg.tile_n, sum_ptr=sum_out, SUM_OUT=sum_out is not None,
-        SK_CHUNK=sk_chunk, SK_SLOTS=sk_slots, STREAM_K=bool(cfg.stream_k), POOL=pool,
-        num_warps=cfg.num_warps, num_stages=num_stages,
+        SK_CHUNK=sk_chunk, SK_SLOTS=sk_slots, STREAM_K=bool(cfg.stream_k), POOL=pool, IM2COL=cfg.im2col,
+        K_BLOCKS=w_packed.shape[1] // cfg.block_k if cfg.im2col else 1, num_warps=cfg.num_warps, num_stages=num_stages,
     )
     return out

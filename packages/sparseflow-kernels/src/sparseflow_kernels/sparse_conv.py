@@ -13,7 +13,7 @@ from ._utils import (
     require_int32_numel,
     require_triton_device,
 )
-from .conv import launch_conv, pack_weight
+from .conv import launch_conv, pack_conv_weight
 from .occupancy import Occupancy, input_occupancy, prescan
 from .tiling import MAX_GROUPS, ConvConfig, default_config, require_conv_groups_fit
 
@@ -125,7 +125,7 @@ def sparse_conv2d(
     out = empty_like_layout(x, (N, CO, OH, OW))
     if N == 0:
         return out.squeeze(0) if unbatched else out
-    w = packed_weight if packed_weight is not None else pack_weight(weight, cfg.block_k, cfg.block_n, x.dtype)
+    w = packed_weight if packed_weight is not None else pack_conv_weight(weight, cfg, x.dtype)
     occ = None
     if not dense:  # (the prescan through this module's name: what a layer's own prescans are counted by)
         tile = (cfg.tile_h, cfg.tile_w)

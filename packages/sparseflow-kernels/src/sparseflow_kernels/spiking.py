@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
-from .conv import launch_conv, pack_weight, pools_in_epilogue
+from .conv import launch_conv, pack_conv_weight, pools_in_epilogue
 from .neuron import NeuronSpec, multistep_neuron
 from .neuron_pool import multistep_neuron_pool, pool_args, pool_uncovered
 from .occupancy import Occupancy, empty_codes, prescan
@@ -232,8 +232,7 @@ def spiking_conv2d(
             occ = prescan(xf, (cfg.tile_h, cfg.tile_w), cfg.block_k)
         if write_occupancy:
             occ_out = empty_codes(T * N, CO, OH, OW, (cfg.tile_h, cfg.tile_w), occupancy_group, x.device)
-        w = packed_weight if packed_weight is not None else pack_weight(weight, cfg.block_k, cfg.block_n,
-                                                                         x.dtype)
+        w = packed_weight if packed_weight is not None else pack_conv_weight(weight, cfg, x.dtype)
         if T * N:
             launch_conv(
                 xf, w, CO, KH, KW, stride, padding, (1, 1), T=T, N=N,

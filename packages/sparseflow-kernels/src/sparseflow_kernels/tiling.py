@@ -69,20 +69,27 @@ class ConvConfig(_Config):
     programs per multiprocessor of the GPU (0: off) share the reduction iterations of all tiles equally, a program's
     share running from the tail of one tile into the head of the next; a tile's parts are combined as split-K's
     (dense, no occupancy written, not with ``split_k``): where the tiles are fewer than the multiprocessors (the
-    deep layers at small batches) or leave the last wave part full, every multiprocessor gets the same work."""
+    deep layers at small batches) or leave the last wave part full, every multiprocessor gets the same work.
+    ``im2col``: the reduction runs over the flattened (tap, channel) index in blocks of ``block_k`` instead of one tap
+    and ``block_k`` channels at a time (the weight packed ``[1, K_PAD, CO_PAD]``, :func:`~.conv.pack_conv_weight`):
+    for inputs of few channels (a DVS network's 2 polarities, an image's 3) whose channel blocks would be mostly
+    padding, 3 x 3 taps of 2 channels are one K block of 32 instead of 9 of 16 (steps looped, pointer loads, dense)."""
 
-    __slots__ = ("block_k", "block_n", "num_stages", "num_warps", "split_k", "stream_k", "t_in_m", "tile_h", "tile_n",
-                 "tile_w", "tma")
+    __slots__ = ("block_k", "block_n", "im2col", "num_stages", "num_warps", "split_k", "stream_k", "t_in_m", "tile_h",
+                 "tile_n", "tile_w", "tma")
     _KEY = ("tile_h", "tile_w", "block_n", "block_k", "t_in_m", "num_warps", "num_stages", "tma", "split_k", "tile_n",
-            "stream_k")
+            "stream_k", "im2col")
 
     def __init__(self, tile_h=8, tile_w=8, block_n=64, block_k=16, t_in_m=False, num_warps=4, num_stages=3,
-                 tma=False, split_k=1, tile_n=1, stream_k=0):
+                 tma=False, split_k=1, tile_n=1, stream_k=0, im2col=False):
         self.tile_h, self.tile_w = int(tile_h), int(tile_w)
         self.block_n, self.block_k = int(block_n), int(block_k)
         self.t_in_m, self.tma = bool(t_in_m), bool(tma)
         self.num_warps, self.num_stages = int(num_warps), int(num_stages)
         self.split_k, self.tile_n, self.stream_k = int(split_k), int(tile_n), int(stream_k)
+        self.im2col = bool(im2col)
+        if self.im2col and (self.t_in_m or self.tma):
+            raise ValueError("ConvConfig: im2col runs steps-looped tiles with pointer loads (not t_in_m, not tma)")
         if self.stream_k < 0 or (self.stream_k and (not self.t_in_m or self.split_k > 1)):
             raise ValueError(f"ConvConfig: stream_k (programs per multiprocessor) must be 0, or more with t_in_m and "
                              f"without split_k, got stream_k={self.stream_k}, t_in_m={self.t_in_m}, "
@@ -176,6 +183,10 @@ def spiking_configs(C: int, CO: int, T: int, tma: bool = False, N: int | None = 
         cfgs["fused_tm"] = ConvConfig(4, 4, 64, bk, True, 4, 3)
         if CO >= 128:
             cfgs["fused_tm_n128"] = ConvConfig(4, 4, 128, bk, True, 4, 3)
+    if C < 16:  # channel blocks mostly padding: the (tap, channel) reduction in blocks of 32
+        for name, (th, tw, bn, warps) in IM2COL_CONFIGS.items():
+            if bn <= max(64, next_pow2(CO)):
+                cfgs[name] = ConvConfig(th, tw, bn, 32, False, warps, 3, im2col=True)
     if tma:
         tbk = min(64, max(16, next_pow2(C)))
         for name, (th, tw, bn, t_in_m, warps, split, *more) in TMA_CONFIGS.items():
@@ -185,6 +196,15 @@ def spiking_configs(C: int, CO: int, T: int, tma: bool = False, N: int | None = 
                 continue
             cfgs[name] = ConvConfig(th, tw, bn, tbk, t_in_m, warps, 3, tma=True, split_k=split, tile_n=tn, stream_k=sk)
     return cfgs
+
+
+#: the im2col configurations of :func:`spiking_configs` (layers of fewer than 16 input channels): ``{name: (tile_h,
+#: tile_w, block_n, num_warps)}``, steps looped, K blocks of 32 (tap, channel) pairs
+IM2COL_CONFIGS = {
+    "im2col_8x8": (8, 8, 64, 4),
+    "im2col_8x8_n128": (8, 8, 128, 8),
+    "im2col_8x16": (8, 16, 64, 8),
+}
 
 
 #: the tensor-descriptor configurations of :func:`spiking_configs`: ``{name: (tile_h, tile_w, block_n, t_in_m,

@@ -26,7 +26,7 @@ from torch import nn
 
 from sparseflow_kernels import ConvConfig, sparse_conv2d, tiling
 from sparseflow_kernels import dispatch as kdispatch
-from sparseflow_kernels.conv import pack_weight, tma_supported
+from sparseflow_kernels.conv import pack_conv_weight, tma_supported
 from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.neuron_pool import pool_args, pool_uncovered
 from sparseflow_kernels.sparse_conv import conv_output_size, fold_affine
@@ -285,8 +285,8 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         return tiling.conv_config(C, CO, self.block_size)
 
     def _packed(self, cfg: ConvConfig, dtype):
-        key = (*version_key(self.weight), cfg.block_k, cfg.block_n, dtype)
-        return self._wcache.get(key, lambda: pack_weight(self.weight, cfg.block_k, cfg.block_n, dtype))
+        key = (*version_key(self.weight), cfg.block_k, cfg.block_n, cfg.im2col, dtype)
+        return self._wcache.get(key, lambda: pack_conv_weight(self.weight, cfg, dtype))
 
     def _torch_weights(self, fold: bool, pad_to: int | None = None):
         """(weight, bias) for the cuDNN paths, which run channels_last: the weight channels_last too (with an NCHW
@@ -391,7 +391,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                     y = y + b.view(1, -1, 1, 1)
             else:  # eager's configuration and packed weight (a constant of the weights: folded by export)
                 cfg = self._config(flat.shape[1], self.out_channels)
-                packed = pack_weight(self.weight, cfg.block_k, cfg.block_n, x.dtype)
+                packed = pack_conv_weight(self.weight, cfg, x.dtype)
                 y = torch.ops.sparseflow.conv2d(flat, self.weight, self.bias, list(self.stride), list(self.padding),
                                                 list(self.dilation), scale, shift, packed, list(cfg.key()),
                                                 path == "dense")
@@ -414,7 +414,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         path = (self.last_path or "fused_dense").removesuffix("_then_pool").removesuffix("_static")
         cfgs = spiking_configs(C, self.out_channels, T, tma=path.startswith("tma"))
         cfg = cfgs.get(path) or (self._config(C, self.out_channels) if path == "fused_sparse" else None)
-        packed = None if cfg is None or path == "cudnn" else pack_weight(self.weight, cfg.block_k, cfg.block_n,
+        packed = None if cfg is None or path == "cudnn" else pack_conv_weight(self.weight, cfg,
                                                                          x.dtype)
         # the cuDNN path's weight channels_last, as eager's (cuDNN's algorithm, hence its rounding, follows layouts)
         weight = self.weight.contiguous(memory_format=torch.channels_last) if path == "cudnn" else self.weight
