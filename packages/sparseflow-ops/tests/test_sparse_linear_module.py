@@ -280,6 +280,42 @@ def test_conv1d_fused_neuron_matches_spikingjelly(neuron_kind, mode, layout):
     assert m._tokens_merge(net.lif.v) and net.lif.v.stride(-2) == 1
 
 
+def test_conv1d_fused_bias_folded_once(monkeypatch):
+    """A fused projection with a bias (Spikformer's and QKFormer's MLPs) hands the kernels its bias folded into the
+    BatchNorm's shift, computed once and kept while the parameters are unchanged (no small folding kernels per
+    call, in every CUDA-graph replay); the SpikingJelly modules' spikes over calls, and a new bias is taken."""
+    from spikingjelly.activation_based import functional
+
+    import sparseflow_kernels.spiking as kspk
+    import sparseflow_ops.base as ops_base
+    import sparseflow_ops.linear as ops_linear
+
+    torch.manual_seed(5)
+    net = _SpikingProjection(20, 24, "lif", bias=True).eval()
+    ref = copy.deepcopy(net).double()
+    m = _fuse_projection(net)
+    folds, biases = [], []
+    fold = ops_base.fold_affine
+    monkeypatch.setattr(ops_base, "fold_affine", lambda b, sc, sh: (folds.append(b is not None), fold(b, sc, sh))[1])
+    real = kspk.spiking_conv2d
+    monkeypatch.setattr(ops_linear, "spiking_conv2d", lambda *a, **k: (biases.append(a[2]), real(*a, **k))[1])
+    x = spikes(3, 2, 20, 13)
+    with torch.no_grad():
+        for step in range(3):
+            if step == 2:
+                functional.reset_net(net)
+                functional.reset_net(ref)
+            assert torch.equal(net(x).double(), ref(x.double()))
+        assert folds == [True] and biases and all(b is None for b in biases)
+        for model in (net, ref):
+            model.fc[0].bias.add_(0.5)
+        functional.reset_net(net)
+        functional.reset_net(ref)
+        y = net(x)
+        assert torch.equal(y.double(), ref(x.double())) and folds == [True, True] and 0 < y.mean() < 1
+    assert m.last_path not in ("torch", None)
+
+
 def test_conv1d_fused_neuron_residual_after():
     """forward(x, residual=r) returns r + spikes (the skip connection in the kernel's epilogue); on the torch
     path (training) the same through the original modules."""

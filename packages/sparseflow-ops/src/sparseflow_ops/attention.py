@@ -35,6 +35,7 @@ from sparseflow_kernels.linear import default_linear_config, pack_linear_weight
 from ._common import VersionCache, has_hooks, kernels_can_run, needs_autograd, notice_once, version_key
 from .base import SparseModule
 from .linear import SparseConv1d
+from .neuron import KernelNeuronForward
 from .neurons import find_adapter, neuron_support
 
 
@@ -179,6 +180,16 @@ def _project_out(attn: nn.Module, x_seq: torch.Tensor, residual: torch.Tensor | 
     return y.view(T, N, *y.shape[1:])
 
 
+def _spikes_in_layout(neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``neuron(x)``, its spikes in ``x``'s memory layout where it runs on the multi-step kernel and has no hook (the
+    heads of ``[T, N, heads, head_dim, L]`` then merge back into channels as a view, where the kernel's channels-
+    innermost spikes took a copy); else the module call as it is."""
+    fwd = neuron.__dict__.get("forward")
+    if isinstance(fwd, KernelNeuronForward) and not has_hooks(neuron):
+        return fwd.call(x, preserve_layout=True)
+    return neuron(x)
+
+
 def _hooked(*modules) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
@@ -246,7 +257,7 @@ if SpikingSelfAttention is not None:
             else:
                 self.last_path = "torch"
                 x_seq = self._ssa_kernel_torch(qkv, self.scale)
-            x_seq = self.attn_lif(x_seq).reshape(T, N, local_dim, L)
+            x_seq = _spikes_in_layout(self.attn_lif, x_seq).reshape(T, N, local_dim, L)
             return _project_out(self, x_seq, residual)
 
     _PROJECTION_NEURON = {"qkv_conv_bn": "qkv_lif", "proj_conv_bn": "proj_lif"}

@@ -27,6 +27,7 @@ from torch import nn
 
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.library import bn_fold_affine, bn_fold_weights
+from sparseflow_kernels.sparse_conv import fold_affine
 
 from ._common import VersionCache, has_hooks, kernels_take, needs_autograd, version_key
 from .bypass import adopt_dense, dense_copy
@@ -177,6 +178,16 @@ class SparseModule:
         if bn is None:
             return None, None
         return self._acache.get(bn_key(bn), lambda: bn_affine(bn))
+
+    def _affine_with_bias(self):
+        """(scale, shift) of the folded BatchNorm with the layer's own bias folded into the shift
+        (``fold_affine``: ``(conv + bias) * scale + shift``), fp32, cached under the versions of both (in ``_bcache``,
+        which a drop-in calling this lists in its ``_caches``); the kernels then take no bias, and nothing is folded
+        per call (two small kernels a layer, in every replay of a CUDA graph)."""
+        if self.bias is None:
+            return self._affine()
+        key = (bn_key(self.folded_bn), *version_key(self.bias), self.bias.dtype)
+        return self._bcache.get(key, lambda: fold_affine(self.bias.detach(), *self._affine()))
 
     def kind(self) -> str:
         return self._kind + ("+bn" if self.folded_bn is not None else "")

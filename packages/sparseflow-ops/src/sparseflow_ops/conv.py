@@ -29,7 +29,7 @@ from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_conv_weight, tma_supported
 from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.neuron_pool import pool_args, pool_uncovered
-from sparseflow_kernels.sparse_conv import conv_output_size, fold_affine
+from sparseflow_kernels.sparse_conv import conv_output_size
 from sparseflow_kernels.spiking import pool_steps, repeated_over_steps, spiking_conv2d
 
 from ._common import attach_occupancy, attach_shift, find_occupancy, residual_as, version_key
@@ -271,15 +271,6 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         if y.dim() == 5:
             return spikes
         return spikes.flatten(0, 1) if adapter.is_multistep(neuron) else spikes[0]
-
-    def _affine_with_bias(self):
-        """(scale, shift) of the folded BatchNorm with the convolution's own bias folded into the shift
-        (``fold_affine``: ``(conv + bias) * scale + shift``), fp32, cached under the versions of both; the kernels
-        then take no bias, and nothing is folded per call."""
-        if self.bias is None:
-            return self._affine()
-        key = (bn_key(self.folded_bn), *version_key(self.bias), self.bias.dtype)
-        return self._bcache.get(key, lambda: fold_affine(self.bias.detach(), *self._affine()))
 
     def _config(self, C, CO):
         return tiling.conv_config(C, CO, self.block_size)

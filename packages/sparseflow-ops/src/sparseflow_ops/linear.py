@@ -48,7 +48,7 @@ class _GemmModule(SparseModule):
     """What SparseLinear and SparseConv1d share: the GEMM's configuration and packed weight, the cuBLAS weights
     with the BatchNorm folded in, and the dispatch between kernels and torch."""
 
-    _caches = ("_wcache", "_acache", "_tcache")
+    _caches = ("_wcache", "_acache", "_bcache", "_tcache")
 
     def _init_gemm(self, block_size, mode: str, config: LinearConfig | None) -> None:
         check_mode(mode)
@@ -384,29 +384,31 @@ class SparseConv1d(_GemmModule, nn.Conv1d):
 
         x5, v05, res5 = tokens(x4, (T,)), tokens(v0, ()), tokens(res4, (T,))
         bn = self.folded_bn
+        bias = None  # (eager: folded into the cached shift)
         if traced:  # the fold is part of the traced graph
             scale, shift = bn_affine(bn) if bn is not None else (None, None)
+            bias = self.bias
         else:
-            scale, shift = self._affine()
+            scale, shift = self._affine_with_bias()
         cfgs = self._spiking_configs(C, CO, T)
         if traced:
             path = self.last_path if self.last_path in (*cfgs, "cudnn", "fused_sparse") else "fused_dense"
             cfg = cfgs.get(path) or cfgs["fused_dense"]
             spikes, v = torch.ops.sparseflow.spiking_conv2d(
-                x5, w4, self.bias, [1, 1], [0, 0], scale, shift, res5, v05, None, *neuron_args(spec),
+                x5, w4, bias, [1, 1], [0, 0], scale, shift, res5, v05, None, *neuron_args(spec),
                 list(cfg.key()), path == "cudnn", path == "fused_sparse", x.dtype, residual is not None)
         else:
             common = dict(scale=scale, shift=shift, neuron=spec, v=v05, return_v=True, residual=res5,
                           residual_after=residual is not None, v_dtype=x.dtype)
 
             def fused(c, sparse):
-                return spiking_conv2d(x5, w4, self.bias, 1, 0, config=c, packed_weight=self._packed4(c, x.dtype),
+                return spiking_conv2d(x5, w4, bias, 1, 0, config=c, packed_weight=self._packed4(c, x.dtype),
                                       sparse=sparse, **common)
 
             def cudnn():
                 key = (*version_key(self.weight), "cl")
                 wcl = self._tcache.get(key, lambda: w4.detach().contiguous(memory_format=torch.channels_last))
-                return spiking_conv2d(x5, wcl, self.bias, 1, 0, path="cudnn", **common)
+                return spiking_conv2d(x5, wcl, bias, 1, 0, path="cudnn", **common)
 
             cands = {name: (lambda c=c: fused(c, False)) for name, c in cfgs.items()}
             if self.block_size != "dense" and tiling.conv_groups_fit(C, cfgs["fused_dense"]):

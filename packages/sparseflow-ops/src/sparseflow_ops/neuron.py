@@ -55,6 +55,12 @@ class KernelNeuronForward:
         self._plan = VersionCache()  # (an adapter's step plan, kept across calls)
 
     def __call__(self, x, *args, **kwargs):
+        return self.call(x, *args, **kwargs)
+
+    def call(self, x, *args, preserve_layout: bool | None = None, **kwargs):
+        """The instance ``forward``; ``preserve_layout`` (None: this forward's own) for this call only: a caller
+        that reshapes the spikes (a head split merged back into channels) gets them in the input's layout, where
+        the reshape is a view instead of a copy."""
         m = self.module
         adapter = find_adapter(m)
         if adapter.step_forward:  # snnTorch: one step per call, with the framework's own signature
@@ -72,7 +78,8 @@ class KernelNeuronForward:
         if multistep and x.dim() < 2:
             raise ValueError(f"{type(m).__name__} in multi-step mode expects [T, N, ...], got {tuple(x.shape)}")
         x5 = x if multistep else x.unsqueeze(0)
-        spikes = neuron_kernel(m, x5, spec=self._spec, preserve_layout=self.preserve_layout)
+        keep = self.preserve_layout if preserve_layout is None else preserve_layout
+        spikes = neuron_kernel(m, x5, spec=self._spec, preserve_layout=keep)
         return spikes if multistep else spikes[0]
 
     def __getstate__(self):
