@@ -203,25 +203,28 @@ def test_fused_kernel_pools_in_its_epilogue(name, k):
 @_prop
 def test_property_tile_fills_the_device_or_reaches_its_floor(data):
     """The tile's lanes are powers of two within [256, 4096] (channels up to 64, at least 16 unless the layer has
-    fewer), and it is halved only while the programs fall short of those wanted, so a shrunk tile either gives
-    that many programs or sits at its floor; an unshrunk one keeps the large maps' tile and loads step by step."""
+    fewer); it is halved only where the default tile leaves multiprocessors idle, and then until there are four
+    programs a multiprocessor or it is at its floor; otherwise it is the large maps' tile, loading step by step."""
     from sparseflow_kernels.tiling import neuron_pool_tile
 
     C = data.draw(st.integers(1, 600))
     P = data.draw(st.integers(1, 20000))
     KK = data.draw(st.sampled_from([1, 2, 4, 8, 16]))
     N = data.draw(st.integers(1, 64))
-    wanted = data.draw(st.sampled_from([1, 528, 4 * 132, 10**5]))
-    bp, bc, warps, prefetch = neuron_pool_tile(C, P, KK, N, wanted)
+    sms = data.draw(st.sampled_from([1, 132, 10**4]))
+    bp, bc, warps, prefetch = neuron_pool_tile(C, P, KK, N, sms)
     lanes = bp * KK * bc
     assert bp & (bp - 1) == 0 and bc & (bc - 1) == 0 and lanes <= max(4096, KK * bc)
     assert bc <= 64 and (bc >= 16 or bc >= C) and warps in (2, 4)
-    programs = -(-P // bp) * -(-C // bc) * N
     full_bc = min(64, 1 << (C - 1).bit_length())
     full_bp = max(1, min(4096 // (KK * full_bc), 1 << (P - 1).bit_length()))
+
+    def programs(p_, c_):
+        return -(-P // p_) * -(-C // c_) * N
+
+    assert prefetch == (programs(full_bp, full_bc) < sms)
     if prefetch:
-        assert programs >= wanted or lanes <= 256 or (bp == 1 and bc <= 16)
-        assert (bp, bc) != (full_bp, full_bc) or lanes <= 256
+        assert programs(bp, bc) >= 4 * sms or lanes <= 256 or (bp == 1 and bc <= 16)
     else:
         assert (bp, bc) == (full_bp, full_bc)
 
@@ -237,7 +240,7 @@ def test_small_tiles_prefetching_the_next_step(neuron, pool, monkeypatch):
 
     monkeypatch.setattr(neuron_pool, "multiprocessors", lambda device: 10**4)
     T, N, C, H, W = 4, 2, 40, 4, 6
-    assert neuron_pool_tile(C, 6, 4, N, 4 * 10**4)[3]
+    assert neuron_pool_tile(C, 6, 4, N, 10**4)[3]
     x = currents((T, N, C, H, W), torch.float16, "channels_last", seed=3)
     scale, shift = (torch.rand(C) + 0.5).to(DEVICE), (torch.randn(C) * 0.2 + 0.3).to(DEVICE)
     v0 = (torch.randn(N, C, H, W) * 0.4).to(DEVICE)

@@ -717,6 +717,36 @@ def test_conv_bn_pool_stem_cudnn_paths(path, defer, monkeypatch):
             assert take_shift(z) is None
 
 
+@pytest.mark.parametrize("defer", [False, True], ids=["bias-in-conv", "bias-after-pool"])
+@pytest.mark.parametrize("geom", [(3, 1, 1), (7, 2, 3)], ids=["3x3", "7x7-s2"])
+def test_conv_bn_stem_im2col_path(geom, defer, monkeypatch):
+    """An image stem's conv -> BN (3 channels) on the im2col kernel (the reduction over (tap, channel) pairs): the
+    dense modules' result, the bias added in the kernel whether or not a max pool would take it (nothing owed), on
+    [N, C, H, W] and multi-step inputs, and the path recorded for the compiled forward."""
+    import sparseflow_ops.conv as conv_mod
+    from sparseflow_ops._common import take_shift
+
+    monkeypatch.setattr(conv_mod.kdispatch, "choose", lambda key, cands, fallback, device=None: "im2col")
+    k, st, pad = geom
+    torch.manual_seed(1)
+    conv, bn = nn.Conv2d(3, 80, k, st, pad).eval(), nn.BatchNorm2d(80).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.bias.uniform_(-2, 2)
+    seq = nn.Sequential(conv, bn)
+    x = torch.randn(2, 2, 3, 13, 11)
+    with torch.no_grad():
+        ref = seq.double()(x.double().flatten(0, 1))
+        seq.float()
+        seq[0] = SparseConv2d.from_dense(conv, bn)
+        seq[0].defer_shift = defer
+        for xi, want in ((x.flatten(0, 1), ref), (x, ref.view(2, 2, *ref.shape[1:]))):
+            y = seq(xi)
+            assert seq[0].last_path == "im2col" and take_shift(y) is None
+            torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ a biased convolution
 @pytest.mark.parametrize("neuron_kind", [None, "lif-hard"], ids=["conv+bn", "conv+bn+lif"])
 @pytest.mark.parametrize("mode", ["dense", "torch"])

@@ -80,23 +80,35 @@ def _mainloop_im2col(
     PREC: tl.constexpr, K_BLOCKS: tl.constexpr,
 ):
     """acc += x[rows, (tap, channel) block] @ w[(tap, channel) block, co] over the flattened reduction index
-    ``k = tap * C + c`` (``ConvConfig.im2col``), ``K_BLOCKS`` blocks, unrolled (a few: 1 for 3 x 3 taps of up to
-    3 channels, 5 for a 7 x 7 stem's 3); the weight is packed ``[1, K_BLOCKS * BLOCK_K, CO_PAD]`` in that order,
+    ``k = tap * C + c`` (``ConvConfig.im2col``), ``K_BLOCKS`` blocks (1 for 3 x 3 taps of up to 3 channels, 5 for a
+    7 x 7 stem's 3), unrolled up to 2; the weight is packed ``[1, K_BLOCKS * BLOCK_K, CO_PAD]`` in that order,
     zero past ``KH * KW * C``."""
     kk0 = tl.arange(0, BLOCK_K)
     row = xrow_ptr + ih0 * sxh + iw0 * sxw
-    for i in tl.static_range(K_BLOCKS):
-        kk = i * BLOCK_K + kk0
-        tap = kk // C
-        dh = (tap // KW) * DH
-        dw = (tap % KW) * DW
-        ih = ih0[:, None] + dh[None, :]
-        iw = iw0[:, None] + dw[None, :]
-        ok = row_ok[:, None] & (kk < KH * KW * C)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(row[:, None] + (dh * sxh + dw * sxw + (kk - tap * C) * sxc)[None, :], mask=ok, other=0.0)
-        wt = tl.load(w_ptr + (kk * CO_PAD)[:, None] + co[None, :])
-        acc = tl.dot(a.to(wt.dtype), wt, acc, input_precision=PREC)
+    if K_BLOCKS <= 2:  # unrolled
+        for i in tl.static_range(K_BLOCKS):
+            acc = _im2col_block(acc, row, i * BLOCK_K + kk0, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw, w_ptr, CO_PAD,
+                                co, KH, KW, DH, DW, PREC)
+    else:  # a loop (unrolled, each block's operands took shared memory of their own: 278 KB for 5 in fp32)
+        for i in range(K_BLOCKS):
+            acc = _im2col_block(acc, row, i * BLOCK_K + kk0, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw, w_ptr, CO_PAD,
+                                co, KH, KW, DH, DW, PREC)
     return acc
+
+
+@triton.jit
+def _im2col_block(acc, row, kk, ih0, iw0, row_ok, C, H, W, sxc, sxh, sxw, w_ptr, CO_PAD, co,
+                  KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, PREC: tl.constexpr):
+    """One K block ``kk`` of :func:`_mainloop_im2col`: the gathered ``x`` tile times the weight rows."""
+    tap = kk // C
+    dh = (tap // KW) * DH
+    dw = (tap % KW) * DW
+    ih = ih0[:, None] + dh[None, :]
+    iw = iw0[:, None] + dw[None, :]
+    ok = row_ok[:, None] & (kk < KH * KW * C)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    a = tl.load(row[:, None] + (dh * sxh + dw * sxw + (kk - tap * C) * sxc)[None, :], mask=ok, other=0.0)
+    wt = tl.load(w_ptr + (kk * CO_PAD)[:, None] + co[None, :])
+    return tl.dot(a.to(wt.dtype), wt, acc, input_precision=PREC)
 
 
 @triton.jit

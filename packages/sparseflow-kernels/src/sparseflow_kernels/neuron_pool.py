@@ -176,7 +176,7 @@ def multistep_neuron_pool(
         if return_v else None
     if y.numel():
         KK = next_power_of_2(kh * kw)
-        BLOCK_P, BLOCK_C, warps, prefetch = neuron_pool_tile(C, OH * OW, KK, N, 4 * multiprocessors(x.device))
+        BLOCK_P, BLOCK_C, warps, prefetch = neuron_pool_tile(C, OH * OW, KK, N, multiprocessors(x.device))
         v0 = v if v is not None else y[0, :, :, :1, :1]
         vo = v_out if v_out is not None else y[0, :, :, :1, :1]
         ka = spec.kernel_args()

@@ -348,6 +348,15 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         cands = {"dense": lambda: run_kernel(True), "torch": run_torch}
         if C < 8 and self.dilation == (1, 1):
             cands["torch_pad8"] = run_torch_pad8
+        if C < 16:  # few channels (an image): the reduction over (tap, channel) pairs in blocks of 32
+            icfg = tiling.im2col_conv_config(self.out_channels)
+
+            def run_im2col():
+                sc, sh = self._affine_with_bias()
+                return sparse_conv2d(flat, self.weight, None, self.stride, self.padding, self.dilation, config=icfg,
+                                     packed_weight=self._packed(icfg, x.dtype), scale=sc, shift=sh, dense=True)
+
+            cands["im2col"] = run_im2col
         if self.block_size != "dense" and triton_groups_ok(C, cfg):
             cands["sparse"] = lambda: run_kernel(False)
         key = ("conv", tuple(flat.shape), flat.stride(), x.dtype, self.out_channels, self.kernel_size,
@@ -366,7 +375,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         if self._neuron is None:
             flat = x.flatten(0, 1) if x.dim() == 5 else x
             path = (self.last_path or "torch").removesuffix("_static")
-            if path not in ("sparse", "dense"):
+            if path not in ("sparse", "dense", "im2col"):
                 # the eager cuDNN candidates' arithmetic, rounding for rounding: the BatchNorm folded into the
                 # weights, channels_last, the bias added to the rounded conv output (as cuDNN's separate bias pass,
                 # and as the max pool that takes a deferred bias); a scale applied after an fp16 conv rounds
@@ -381,11 +390,12 @@ class SparseConv2d(SparseModule, nn.Conv2d):
                 if b is not None:
                     y = y + b.view(1, -1, 1, 1)
             else:  # eager's configuration and packed weight (a constant of the weights: folded by export)
-                cfg = self._config(flat.shape[1], self.out_channels)
+                cfg = tiling.im2col_conv_config(self.out_channels) if path == "im2col" else \
+                    self._config(flat.shape[1], self.out_channels)
                 packed = pack_conv_weight(self.weight, cfg, x.dtype)
                 y = torch.ops.sparseflow.conv2d(flat, self.weight, self.bias, list(self.stride), list(self.padding),
                                                 list(self.dilation), scale, shift, packed, list(cfg.key()),
-                                                path == "dense")
+                                                path in ("dense", "im2col"))
             return y.view(*x.shape[:2], *y.shape[1:]) if x.dim() == 5 else y
         neuron = self._neuron
         adapter = find_adapter(neuron)
