@@ -256,3 +256,22 @@ def test_neuron_tile_step_chunk_divides_the_steps(T, C, S):
     assert t_chunk in (1, 4, 8) and T % t_chunk == 0
     assert t_chunk == 8 or (t_chunk == 4 and T % 8 != 0) or T % 4 != 0
     assert block_s * block_c <= 1024 and block_c <= 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_preserve_layout_on_strides_whose_spatial_dims_do_not_merge(dtype, monkeypatch):
+    """``preserve_layout`` on an input whose spatial dims do not merge into one (heads x head channels x tokens
+    stored tokens-outer, as an attention's output may be): the spikes and membrane of the same input made contiguous,
+    written into the returned tensor itself (outputs start as NaN), contiguous."""
+    from kernel_checks import poison_allocations
+
+    poison_allocations(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    T, N, H, D, L = 3, 2, 3, 4, 5
+    x = (torch.rand(T, N, L, H, D, generator=g) * 2).to(dtype).movedim(2, -1)
+    v0 = torch.rand(N, H, D, L, generator=g)
+    assert x.stride()[2:] == (D, 1, H * D)
+    y, v = multistep_neuron(x, "lif", tau=2.0, v=v0, return_v=True, preserve_layout=True)
+    want, v_want = multistep_neuron(x.contiguous(), "lif", tau=2.0, v=v0, return_v=True, preserve_layout=True)
+    assert torch.equal(y, want) and torch.equal(v, v_want) and y.is_contiguous()
+    assert 0 < y.float().mean() < 1

@@ -122,14 +122,11 @@ def ssa_attention(
     block_l: int = 32,
     fp32_precision: str = "tf32x3",
     dense: bool = False,
-    channels_innermost: bool = False,
 ) -> torch.Tensor:
     """Spikformer's spiking self-attention ``(v @ k^T) @ q * scale`` over ``[..., H, D, L]`` tensors
     (``D`` = head channels, ``L`` = tokens; any strides, e.g. the q/k/v slices of one qkv tensor), as
     SpikingJelly's ``SpikingSelfAttention._ssa_kernel_torch``. Returns ``[..., H, D, L]`` contiguous (or
-    fills ``out``); with ``channels_innermost``, stored ``[..., L, H, D]`` (each token's ``H * D`` channels
-    contiguous, the layout the 1x1 projection after it reads without a copy). Skips token blocks where the spikes
-    are all zero (``dense=True``: never)."""
+    fills ``out``). Skips token blocks where the spikes are all zero (``dense=True``: never)."""
     op = "ssa_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         require_dtype(op, name, t)
@@ -143,10 +140,7 @@ def ssa_attention(
         raise ValueError(f"{op}: block_l must be a power of two >= 16, got {block_l}")
     require_triton_device(op, q, k, v, out)
     shape = q.shape
-    if out is None and channels_innermost:
-        out = new_output((*shape[:-3], shape[-1], shape[-3], shape[-2]), q.dtype, q.device).movedim(-1, -3) \
-            .movedim(-1, -3)
-    elif out is None:
+    if out is None:
         out = new_output(shape, q.dtype, q.device)
     elif tuple(out.shape) != tuple(shape) or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"{op}: out must be a contiguous {tuple(shape)} {q.dtype} tensor, got "

@@ -284,6 +284,8 @@ def multistep_neuron(
     require_int32_indexable(op, x, residual, v)
     if preserve_layout:  # (strides of x when they are dense, else contiguous)
         y = torch.empty_like(xv, dtype=out_dtype or x.dtype, memory_format=torch.preserve_format)
+        if y.dim() > 3 and not _merges(y):  # (the kernel writes a [T, N, C, S] view, which must be y itself)
+            y = torch.empty(xv.shape, dtype=out_dtype or x.dtype, device=x.device)
     else:
         y = _empty_like_channels_last(xv, out_dtype or x.dtype)
     if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):

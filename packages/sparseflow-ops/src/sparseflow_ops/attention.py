@@ -132,11 +132,10 @@ def _unwrap(module):
 
 
 def _ssa(q, k, v, scale, dense):
-    """:func:`ssa_attention`, as the registered operator while ``torch.compile`` / ``torch.export`` trace; eagerly
-    with each token's channels contiguous (the output projection then reads the attention's spikes in place)."""
+    """:func:`ssa_attention`, as the registered operator while ``torch.compile`` / ``torch.export`` trace."""
     if compiling():
         return torch.ops.sparseflow.ssa_attention(q, k, v, float(scale), bool(dense))
-    return ssa_attention(q, k, v, scale, dense=dense, channels_innermost=True)
+    return ssa_attention(q, k, v, scale, dense=dense)
 
 
 def _channel_dot(a, b):
