@@ -167,6 +167,12 @@ def _fused_projection(container: nn.Module, neuron: nn.Module):
     return None
 
 
+def _require_tokens(x_seq: torch.Tensor) -> None:
+    """The attention modules' own check of their ``[T, N, C, L]`` input, with their message."""
+    if x_seq.ndim != 4:
+        raise ValueError(f"expected 4D input with shape [T, N, C, L], but got input with shape {x_seq.shape}")
+
+
 def _project_out(attn: nn.Module, x_seq: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
     """``proj_lif(proj_conv_bn(x_seq))`` of an attention module, plus ``residual`` where given: in the fused output
     projection's epilogue where ``optimize`` fused it with ``proj_lif``, else a separate add."""
@@ -241,8 +247,7 @@ if SpikingSelfAttention is not None:
         def forward(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None):
             """``residual`` (SparseFlow's addition, ``[T, N, C, L]``): returns ``residual + attn(x_seq)``, the add
             in the fused output projection's epilogue where it runs fused with ``proj_lif``."""
-            if x_seq.ndim != 4:
-                raise ValueError(f"expected 4D input with shape [T, N, C, L], but got input with shape {x_seq.shape}")
+            _require_tokens(x_seq)
             T, N, _, L = x_seq.shape
             qkv = self.qkv_lif(self.qkv_conv_bn(x_seq))  # [T, N, 3C, L]
             local_dim = qkv.shape[2] // 3
@@ -383,8 +388,7 @@ if QKAttention is not None:
         def forward(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None):
             """``residual`` (SparseFlow's addition, ``[T, N, C, L]``): returns ``residual + attn(x_seq)``, the add
             in the fused output projection's epilogue where it runs fused with ``proj_lif``."""
-            if x_seq.ndim != 4:
-                raise ValueError(f"expected 4D input with shape [T, N, C, L], but got input with shape {x_seq.shape}")
+            _require_tokens(x_seq)
             T, N, C, L = x_seq.shape
             qk = self.qk_lif(self.qk_conv_bn(x_seq))  # [T, N, 2C, L]
             if self._token_kernel(qk):
