@@ -35,7 +35,7 @@ from sparseflow_kernels.linear import default_linear_config, pack_linear_weight
 from ._common import VersionCache, has_hooks, kernels_can_run, needs_autograd, notice_once, version_key
 from .base import SparseModule
 from .linear import SparseConv1d
-from .neuron import KernelNeuronForward
+from .neuron import KernelNeuronForward, neuron_kernel
 from .neurons import find_adapter, neuron_support
 
 
@@ -186,14 +186,22 @@ def _project_out(attn: nn.Module, x_seq: torch.Tensor, residual: torch.Tensor | 
     return y.view(T, N, *y.shape[1:])
 
 
-def _spikes_in_layout(neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``neuron(x)``, its spikes in ``x``'s memory layout where it runs on the multi-step kernel and has no hook (the
-    heads of ``[T, N, heads, head_dim, L]`` then merge back into channels as a view, where the kernel's channels-
-    innermost spikes took a copy); else the module call as it is."""
+def _neuron_over_heads(neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``neuron(x)`` for an attention's ``[T, N, heads, head_dim, L]`` output, returned ``[T, N, C, L]``. Where the
+    neuron runs on the multi-step kernel (accelerated, eval mode, no hook, nothing for autograd), it runs over the
+    ``[T, N, C, L]`` view of ``x`` with its stored ``[N, heads, head_dim, L]`` membrane viewed alike and stored back
+    so: the neuron is elementwise, so the same spikes and membrane, and the spikes come channels innermost per token,
+    what the output projection reads in place (over the 5-D tensor the heads merged into channels through a copy,
+    and cuDNN's channels_last input took another). Else the module call, reshaped."""
+    T, N, H, D, L = x.shape
     fwd = neuron.__dict__.get("forward")
-    if isinstance(fwd, KernelNeuronForward) and not has_hooks(neuron):
-        return fwd.call(x, preserve_layout=True)
-    return neuron(x)
+    if (not isinstance(fwd, KernelNeuronForward) or neuron.training or has_hooks(neuron) or not kernels_can_run(x)
+            or needs_autograd(x, neuron)):
+        return neuron(x).reshape(T, N, H * D, L)
+    adapter = find_adapter(neuron)
+    if adapter.step_forward or not adapter.is_multistep(neuron):
+        return neuron(x).reshape(T, N, H * D, L)
+    return neuron_kernel(neuron, x.reshape(T, N, H * D, L), spec=fwd.current_spec(), state_shape=(N, H, D, L))
 
 
 def _hooked(*modules) -> bool:
@@ -262,7 +270,7 @@ if SpikingSelfAttention is not None:
             else:
                 self.last_path = "torch"
                 x_seq = self._ssa_kernel_torch(qkv, self.scale)
-            x_seq = _spikes_in_layout(self.attn_lif, x_seq).reshape(T, N, local_dim, L)
+            x_seq = _neuron_over_heads(self.attn_lif, x_seq)
             return _project_out(self, x_seq, residual)
 
     _PROJECTION_NEURON = {"qkv_conv_bn": "qkv_lif", "proj_conv_bn": "proj_lif"}

@@ -23,14 +23,19 @@ from .neurons import find_adapter, standalone_neuron_support
 
 
 def neuron_kernel(neuron: nn.Module, x5: torch.Tensor, *, spec=None, residual: torch.Tensor | None = None,
-                  residual_after: bool = False, preserve_layout: bool = False) -> torch.Tensor:
+                  residual_after: bool = False, preserve_layout: bool = False, state_shape=None) -> torch.Tensor:
     """Run ``neuron`` (a supported neuron module) over ``x5`` ``[T, N, ...]`` on the multi-step kernel, from its
     stored membrane, and store the final membrane back (as the module itself would); the registered op under
     ``torch.compile``. ``residual`` is added before the neuron, or to its spikes with ``residual_after``.
-    ``preserve_layout``: spikes in ``x5``'s memory layout (else channels innermost)."""
+    ``preserve_layout``: spikes in ``x5``'s memory layout (else channels innermost). ``state_shape``: the membrane's
+    shape in the module where ``x5`` is a reshaped view of the module's input (the neuron is elementwise: its
+    membrane is read and stored back reshaped alike)."""
     adapter = find_adapter(neuron)
     spec = spec or adapter.spec(neuron)
-    v0 = adapter.get_v(neuron, tuple(x5.shape[1:]), x5.device)
+    step = tuple(x5.shape[1:])
+    v0 = adapter.get_v(neuron, tuple(state_shape or step), x5.device)
+    if v0 is not None and state_shape is not None:
+        v0 = v0.reshape(step)
     after = residual is not None and residual_after
     if compiling():  # the registered op: torch.compile keeps it in its graph
         spikes, v = torch.ops.sparseflow.multistep_neuron(x5, None, None, residual, v0, *neuron_args(spec), x5.dtype,
@@ -38,7 +43,7 @@ def neuron_kernel(neuron: nn.Module, x5: torch.Tensor, *, spec=None, residual: t
     else:
         spikes, v = multistep_neuron(x5, spec, residual=residual, residual_after=after, v=v0, return_v=True,
                                      v_dtype=x5.dtype, preserve_layout=preserve_layout)
-    adapter.set_v(neuron, v, x5.dtype)
+    adapter.set_v(neuron, v if state_shape is None else v.reshape(state_shape), x5.dtype)
     return spikes
 
 
@@ -54,13 +59,17 @@ class KernelNeuronForward:
         self._spec_key = None
         self._plan = VersionCache()  # (an adapter's step plan, kept across calls)
 
-    def __call__(self, x, *args, **kwargs):
-        return self.call(x, *args, **kwargs)
+    def current_spec(self):
+        """The module's neuron spec, recomputed only when its adapter's ``spec_key`` changes (a PLIF's decay is read
+        from its parameter: a device sync, not to be paid per call)."""
+        m = self.module
+        adapter = find_adapter(m)
+        key = adapter.spec_key(m)
+        if key is None or key != self._spec_key or self._spec is None:
+            self._spec, self._spec_key = adapter.spec(m), key
+        return self._spec
 
-    def call(self, x, *args, preserve_layout: bool | None = None, **kwargs):
-        """The instance ``forward``; ``preserve_layout`` (None: this forward's own) for this call only: a caller
-        that reshapes the spikes (a head split merged back into channels) gets them in the input's layout, where
-        the reshape is a view instead of a copy."""
+    def __call__(self, x, *args, **kwargs):
         m = self.module
         adapter = find_adapter(m)
         if adapter.step_forward:  # snnTorch: one step per call, with the framework's own signature
@@ -71,15 +80,12 @@ class KernelNeuronForward:
                 notice_once("cpu-neuron", "sparseflow: CPU tensors run the neurons' own torch code")
             adapter.restore_layout(m, x)  # (a membrane a fused kernel stored channels innermost)
             return type(m).forward(m, x, *args, **kwargs)
-        key = adapter.spec_key(m)
-        if key is None or key != self._spec_key or self._spec is None:
-            self._spec, self._spec_key = adapter.spec(m), key
+        spec = self.current_spec()
         multistep = adapter.is_multistep(m)
         if multistep and x.dim() < 2:
             raise ValueError(f"{type(m).__name__} in multi-step mode expects [T, N, ...], got {tuple(x.shape)}")
         x5 = x if multistep else x.unsqueeze(0)
-        keep = self.preserve_layout if preserve_layout is None else preserve_layout
-        spikes = neuron_kernel(m, x5, spec=self._spec, preserve_layout=keep)
+        spikes = neuron_kernel(m, x5, spec=spec, preserve_layout=self.preserve_layout)
         return spikes if multistep else spikes[0]
 
     def __getstate__(self):
