@@ -46,8 +46,8 @@ from sparseflow_core import (
     unregister_spiking_module,
 )
 from sparseflow_core.registry import OpHandler, find_op_handler, is_spiking_module
+from sparseflow_kernels import ConvConfig, multistep_neuron, prescan, sparse_conv2d, spiking_conv2d
 from sparseflow_kernels import dispatch as kdispatch
-from sparseflow_kernels import multistep_neuron, prescan, sparse_conv2d, spiking_conv2d
 from sparseflow_kernels.attention import channel_dot, qk_token_attention, ssa_attention
 from sparseflow_kernels.batchnorm import sparse_batch_norm2d
 from sparseflow_kernels.conv_transpose import sparse_conv_transpose2d
@@ -303,6 +303,13 @@ BAD_INPUTS = [
     ("multistep_neuron_pool", "windows with gaps between them",
      lambda: multistep_neuron_pool(_x(2, 1, 3, 8, 8), "lif", kernel_size=2, stride=3), ValueError,
      "stride 3 is larger than the kernel 2: rows between the windows are in none"),
+    ("ConvConfig", "im2col with time steps in M", lambda: ConvConfig(4, 4, 64, 32, t_in_m=True, im2col=True),
+     ValueError, "im2col runs steps-looped tiles with pointer loads (not t_in_m, not tma)"),
+    ("spiking_conv2d", "a weight packed for another configuration",
+     lambda: spiking_conv2d(_x(2, 1, 3, 8, 8), _w(), None, 1, 1, config=ConvConfig(8, 8, 64, 32, im2col=True),
+                            packed_weight=torch.zeros(9, 32, 64)), ValueError,
+     "the packed weight (9, 32, 64) is not packed for this layer and configuration (expected (1, 32, 64); pack it "
+     "with pack_conv_weight)"),
     ("qk_token_attention", "channels that do not split into q and k heads",
      lambda: qk_token_attention(_x(2, 1, 12, 5), 4), ValueError,
      "qk's 12 channels are not 2 x num_heads (4) x head channels"),
