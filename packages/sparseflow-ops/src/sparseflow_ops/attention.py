@@ -201,7 +201,7 @@ def _neuron_over_heads(neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
     adapter = find_adapter(neuron)
     if adapter.step_forward or not adapter.is_multistep(neuron):
         return neuron(x).reshape(T, N, H * D, L)
-    return neuron_kernel(neuron, x.reshape(T, N, H * D, L), spec=fwd.current_spec(), state_shape=(N, H, D, L))
+    return neuron_kernel(neuron, x.reshape(T, N, H * D, L), spec=fwd.spec(), state_shape=(N, H, D, L))
 
 
 def _hooked(*modules) -> bool:

@@ -59,7 +59,7 @@ class KernelNeuronForward:
         self._spec_key = None
         self._plan = VersionCache()  # (an adapter's step plan, kept across calls)
 
-    def current_spec(self):
+    def spec(self):
         """The module's neuron spec, recomputed only when its adapter's ``spec_key`` changes (a PLIF's decay is read
         from its parameter: a device sync, not to be paid per call)."""
         m = self.module
@@ -80,7 +80,7 @@ class KernelNeuronForward:
                 notice_once("cpu-neuron", "sparseflow: CPU tensors run the neurons' own torch code")
             adapter.restore_layout(m, x)  # (a membrane a fused kernel stored channels innermost)
             return type(m).forward(m, x, *args, **kwargs)
-        spec = self.current_spec()
+        spec = self.spec()
         multistep = adapter.is_multistep(m)
         if multistep and x.dim() < 2:
             raise ValueError(f"{type(m).__name__} in multi-step mode expects [T, N, ...], got {tuple(x.shape)}")

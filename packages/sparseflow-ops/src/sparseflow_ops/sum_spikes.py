@@ -45,14 +45,6 @@ class SumNeuronForward(KernelNeuronForward):
         super().__init__(module, preserve_layout)
         self.pending = None  # (sum, its version, spikes, new membrane, membrane before, its version)
 
-    def spec(self):
-        m = self.module
-        adapter = find_adapter(m)
-        key = adapter.spec_key(m)
-        if key is None or key != self._spec_key or self._spec is None:
-            self._spec, self._spec_key = adapter.spec(m), key
-        return self._spec
-
     def offer(self, z: torch.Tensor, spikes: torch.Tensor, v: torch.Tensor, before) -> None:
         self.pending = (z, tensor_version(z), spikes, v, *before)
 
