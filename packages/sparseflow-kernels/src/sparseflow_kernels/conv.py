@@ -649,7 +649,7 @@ def launch_conv(
         raise ValueError(f"launch_conv: the packed weight {tuple(w_packed.shape)} is not packed for this layer and "
                          f"configuration (expected {(*want, cdiv(CO, cfg.block_n) * cfg.block_n)}; pack it with "
                          "pack_conv_weight)")
-    if cfg.im2col and (occ is not None or cfg.t_in_m or cfg.tma):
+    if cfg.im2col and occ is not None:  # (ConvConfig itself refuses im2col with t_in_m or tma)
         raise ValueError("ConvConfig(im2col=True) runs dense steps-looped tiles (no occupancy, t_in_m or tma)")
     if cfg.tma and cfg.stream_k:
         # (on the H200 the stream-K tiles with tensor-descriptor loads gave other bits on repeated calls of the same

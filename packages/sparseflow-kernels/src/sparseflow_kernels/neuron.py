@@ -217,6 +217,16 @@ def _merges(t: torch.Tensor) -> bool:
         return False
 
 
+def _empty_in_layout(x: torch.Tensor, dtype) -> torch.Tensor:
+    """An output shaped like ``x`` ``[T, N, C, *spatial]`` in ``x``'s memory layout where that is dense and its
+    spatial dims merge, else contiguous: the kernel writes its ``[T, N, C, S]`` view, which must be the tensor
+    itself."""
+    y = torch.empty_like(x, dtype=dtype, memory_format=torch.preserve_format)
+    if y.dim() > 3 and not _merges(y):
+        y = torch.empty(x.shape, dtype=dtype, device=x.device)
+    return y
+
+
 def _empty_like_channels_last(x: torch.Tensor, dtype=None) -> torch.Tensor:
     """Empty tensor shaped like ``x`` ``[T, N, C, *sp]`` with channels innermost in memory."""
     perm = (0, 1, *range(3, x.dim()), 2)
@@ -282,10 +292,8 @@ def multistep_neuron(
     if v is not None and tuple(v.shape) != tuple(x.shape[1:]):
         raise ValueError(f"{op}: v must have shape {tuple(x.shape[1:])}, got {tuple(v.shape)}")
     require_int32_indexable(op, x, residual, v)
-    if preserve_layout:  # (strides of x when they are dense, else contiguous)
-        y = torch.empty_like(xv, dtype=out_dtype or x.dtype, memory_format=torch.preserve_format)
-        if y.dim() > 3 and not _merges(y):  # (the kernel writes a [T, N, C, S] view, which must be y itself)
-            y = torch.empty(xv.shape, dtype=out_dtype or x.dtype, device=x.device)
+    if preserve_layout:
+        y = _empty_in_layout(xv, out_dtype or x.dtype)
     else:
         y = _empty_like_channels_last(xv, out_dtype or x.dtype)
     if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -296,9 +304,7 @@ def multistep_neuron(
         if residual is not None:
             require_dtype(op, "residual", residual)
         z_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
-        z = torch.empty_like(xv, dtype=z_dtype, memory_format=torch.preserve_format)
-        if z.dim() > 3 and not _merges(z):  # (spatial dims that do not merge: the kernel writes a [T, N, C, S] view)
-            z = torch.empty(xv.shape, dtype=z_dtype, device=x.device)
+        z = _empty_in_layout(xv, z_dtype)
     x4, y4 = _as_tncs(xv), _as_tncs(y)
     z4 = _as_tncs(z) if z is not None else y4
     r4 = _as_tncs(residual if residual.dim() >= 3 else residual.unsqueeze(-1)) if residual is not None else y4

@@ -184,9 +184,9 @@ def spiking_configs(C: int, CO: int, T: int, tma: bool = False, N: int | None = 
         if CO >= 128:
             cfgs["fused_tm_n128"] = ConvConfig(4, 4, 128, bk, True, 4, 3)
     if C < 16:  # channel blocks mostly padding: the (tap, channel) reduction in blocks of 32
-        for name, (th, tw, bn, warps) in IM2COL_CONFIGS.items():
+        for name, (_th, _tw, bn, _warps) in IM2COL_CONFIGS.items():
             if bn <= max(64, next_pow2(CO)):
-                cfgs[name] = ConvConfig(th, tw, bn, 32, False, warps, 3, im2col=True)
+                cfgs[name] = _im2col_config(name)
     if tma:
         tbk = min(64, max(16, next_pow2(C)))
         for name, (th, tw, bn, t_in_m, warps, split, *more) in TMA_CONFIGS.items():
@@ -200,9 +200,14 @@ def spiking_configs(C: int, CO: int, T: int, tma: bool = False, N: int | None = 
 
 def im2col_conv_config(CO: int) -> ConvConfig:
     """The im2col configuration of a convolution without a neuron (an image stem's conv -> BatchNorm, measured
-    against cuDNN): 8 x 8 pixels, 64 output channels (128 on two warp groups for wider layers), K blocks of 32."""
-    return ConvConfig(8, 8, 64, 32, num_warps=4, im2col=True) if CO <= 64 else \
-        ConvConfig(8, 8, 128, 32, num_warps=8, im2col=True)
+    against cuDNN): ``im2col_8x8``, or ``im2col_8x8_n128`` (128 output channels on two warp groups) for wider
+    layers."""
+    return _im2col_config("im2col_8x8" if CO <= 64 else "im2col_8x8_n128")
+
+
+def _im2col_config(name: str) -> ConvConfig:
+    th, tw, bn, warps = IM2COL_CONFIGS[name]
+    return ConvConfig(th, tw, bn, 32, False, warps, 3, im2col=True)
 
 
 #: the im2col configurations of :func:`spiking_configs` (layers of fewer than 16 input channels): ``{name: (tile_h,

@@ -36,7 +36,7 @@ from ._common import VersionCache, has_hooks, kernels_can_run, needs_autograd, n
 from .base import SparseModule
 from .linear import SparseConv1d
 from .neuron import KernelNeuronForward, neuron_kernel
-from .neurons import find_adapter, neuron_support
+from .neurons import find_adapter
 
 
 def _spikingjelly_attention():
@@ -186,20 +186,28 @@ def _project_out(attn: nn.Module, x_seq: torch.Tensor, residual: torch.Tensor | 
     return y.view(T, N, *y.shape[1:])
 
 
-def _neuron_over_heads(neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``neuron(x)`` for an attention's ``[T, N, heads, head_dim, L]`` output, returned ``[T, N, C, L]``. Where the
-    neuron runs on the multi-step kernel (accelerated, eval mode, no hook, nothing for autograd), it runs over the
-    ``[T, N, C, L]`` view of ``x`` with its stored ``[N, heads, head_dim, L]`` membrane viewed alike and stored back
-    so: the neuron is elementwise, so the same spikes and membrane, and the spikes come channels innermost per token,
-    what the output projection reads in place (over the 5-D tensor the heads merged into channels through a copy,
-    and cuDNN's channels_last input took another). Else the module call, reshaped."""
-    T, N, H, D, L = x.shape
+def _kernel_forward(neuron: nn.Module, x: torch.Tensor) -> KernelNeuronForward | None:
+    """The neuron's kernel forward where this call may run it on the multi-step kernel outside a module call, as a
+    drop-in fusing it does (accelerated, multi-step, eval mode, no hook, an input the kernels take, nothing for
+    autograd), else None: the module is called then."""
     fwd = neuron.__dict__.get("forward")
     if (not isinstance(fwd, KernelNeuronForward) or neuron.training or has_hooks(neuron) or not kernels_can_run(x)
             or needs_autograd(x, neuron)):
-        return neuron(x).reshape(T, N, H * D, L)
+        return None
     adapter = find_adapter(neuron)
-    if adapter.step_forward or not adapter.is_multistep(neuron):
+    return None if adapter.step_forward or not adapter.is_multistep(neuron) else fwd
+
+
+def _neuron_over_heads(neuron: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``neuron(x)`` for an attention's ``[T, N, heads, head_dim, L]`` output, returned ``[T, N, C, L]``. Where the
+    neuron runs on the multi-step kernel (:func:`_kernel_forward`), it runs over the ``[T, N, C, L]`` view of ``x``
+    with its stored ``[N, heads, head_dim, L]`` membrane viewed alike and stored back so: the neuron is elementwise,
+    so the same spikes and membrane, and the spikes come channels innermost per token, what the output projection
+    reads in place (over the 5-D tensor the heads merged into channels through a copy, and cuDNN's channels_last
+    input took another). Else the module call, reshaped."""
+    T, N, H, D, L = x.shape
+    fwd = _kernel_forward(neuron, x)
+    if fwd is None:
         return neuron(x).reshape(T, N, H * D, L)
     return neuron_kernel(neuron, x.reshape(T, N, H * D, L), spec=fwd.spec(), state_shape=(N, H, D, L))
 
@@ -354,13 +362,14 @@ else:  # pragma: no cover - without SpikingJelly
 
 
 # ---------------------------------------------------------------------------------------------- QKFormer
-def _token_attention(neuron: nn.Module, qk: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """:func:`qk_token_attention` with ``neuron`` (the module's ``attn_lif``) from its stored membrane, its final
-    membrane stored back as the neuron module itself stores it (see ``neuron_kernel``)."""
+def _token_attention(neuron: nn.Module, fwd: KernelNeuronForward, qk: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """:func:`qk_token_attention` with ``neuron`` (the module's ``attn_lif``, on the kernel through ``fwd``, whose
+    spec is cached) from its stored membrane, its final membrane stored back as the neuron module itself stores it
+    (see ``neuron_kernel``)."""
     adapter = find_adapter(neuron)
     _T, N, _C2, L = qk.shape
     v0 = adapter.get_v(neuron, (N, num_heads, 1, L), qk.device)
-    y, v = qk_token_attention(qk, num_heads, adapter.spec(neuron), v=v0, return_v=True, v_dtype=qk.dtype)
+    y, v = qk_token_attention(qk, num_heads, fwd.spec(), v=v0, return_v=True, v_dtype=qk.dtype)
     adapter.set_v(neuron, v, qk.dtype)
     return y
 
@@ -381,17 +390,14 @@ if QKAttention is not None:
         def kind(self) -> str:
             return "qk attention" + (" (token kernel)" if self.qka_type == "token" else "")
 
-        def _token_kernel(self, qk: torch.Tensor) -> bool:
-            """Whether this call's token attention runs on the kernel: token type, eval mode, no hook on
-            ``attn_lif`` (its hooks see its input then), a neuron the kernels run, not faithful numerics (the
-            module's own arithmetic), not under ``torch.compile`` (the module's own ops are traced)."""
-            lif = self.attn_lif
+        def _token_kernel(self, qk: torch.Tensor) -> KernelNeuronForward | None:
+            """``attn_lif``'s kernel forward where this call's token attention runs on the kernel: token type, this
+            module's kernels usable, ``attn_lif`` on the multi-step kernel without a hook (its hooks see its input
+            then; :func:`_kernel_forward`), not faithful numerics (the module's own arithmetic), not under
+            ``torch.compile`` (the module's own ops are traced); else None."""
             if self.qka_type != "token" or self.faithful or compiling() or not self._use_kernels(qk):
-                return False
-            if lif.training or has_hooks(lif) or needs_autograd(qk, lif):
-                return False
-            adapter, _why = neuron_support(lif)
-            return adapter is not None and adapter.is_multistep(lif)
+                return None
+            return _kernel_forward(self.attn_lif, qk)
 
         def forward(self, x_seq: torch.Tensor, residual: torch.Tensor | None = None):
             """``residual`` (SparseFlow's addition, ``[T, N, C, L]``): returns ``residual + attn(x_seq)``, the add
@@ -399,9 +405,10 @@ if QKAttention is not None:
             _require_tokens(x_seq)
             T, N, C, L = x_seq.shape
             qk = self.qk_lif(self.qk_conv_bn(x_seq))  # [T, N, 2C, L]
-            if self._token_kernel(qk):
+            fwd = self._token_kernel(qk)
+            if fwd is not None:
                 self.last_path = "sparse"
-                x_seq = _token_attention(self.attn_lif, qk, self.num_heads)
+                x_seq = _token_attention(self.attn_lif, fwd, qk, self.num_heads)
             else:
                 self.last_path = "torch"
                 qk = qk.reshape(T, N, 2, self.num_heads, C // self.num_heads, L)

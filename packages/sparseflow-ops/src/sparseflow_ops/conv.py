@@ -319,10 +319,10 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         scale, _ = self._affine()
         occ = find_occupancy(x, flat)
 
-        def run_kernel(dense):
+        def run_kernel(dense, c=cfg):
             sc, sh = self._affine_with_bias()
             return sparse_conv2d(flat, self.weight, None, self.stride, self.padding, self.dilation,
-                                 config=cfg, packed_weight=self._packed(cfg, x.dtype), scale=sc,
+                                 config=c, packed_weight=self._packed(c, x.dtype), scale=sc,
                                  shift=sh, occupancy=occ, dense=dense)
 
         defer = self.defer_shift
@@ -349,14 +349,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         if C < 8 and self.dilation == (1, 1):
             cands["torch_pad8"] = run_torch_pad8
         if C < 16:  # few channels (an image): the reduction over (tap, channel) pairs in blocks of 32
-            icfg = tiling.im2col_conv_config(self.out_channels)
-
-            def run_im2col():
-                sc, sh = self._affine_with_bias()
-                return sparse_conv2d(flat, self.weight, None, self.stride, self.padding, self.dilation, config=icfg,
-                                     packed_weight=self._packed(icfg, x.dtype), scale=sc, shift=sh, dense=True)
-
-            cands["im2col"] = run_im2col
+            cands["im2col"] = lambda: run_kernel(True, tiling.im2col_conv_config(self.out_channels))
         if self.block_size != "dense" and triton_groups_ok(C, cfg):
             cands["sparse"] = lambda: run_kernel(False)
         key = ("conv", tuple(flat.shape), flat.stride(), x.dtype, self.out_channels, self.kernel_size,
