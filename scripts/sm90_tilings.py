@@ -9,7 +9,9 @@ count (SASS).
 A spec is ``name:C:CO:H``, ``name`` any configuration of ``sparseflow_kernels.tiling.spiking_configs`` (pointer
 loads too, such as ``fused_tm``), ``:r`` a residual before the neuron, ``:s`` that residual and the sum written
 (``return_sum``: a layer writing MS-ResNet's residual stream and its reading neuron's spikes), ``:p`` the spikes max
-pooled 2 / 2 in the epilogue (a steps-looped tiling); or ``neuron:C:C:H[:r]``, the multi-step neuron
+pooled 2 / 2 in the epilogue (a steps-looped tiling), ``:t`` a static input (one frame per sample repeated over T by
+stride 0, which a steps-looped tiling convolves once); ``--k`` and ``--stride`` set the convolution's kernel and stride
+(default 3 and 1, padding ``k // 2``: ``--k 7 --stride 2`` is a ResNet's stem); or ``neuron:C:C:H[:r]``, the multi-step neuron
 kernel over a ``[T, N, C, H, H]`` channels_last map (BatchNorm folded), ``:r`` with a residual in the other memory
 order (NCHW) and the sum written, as MS-ResNet's sum kernels run; or ``pool:C:C:H[:3]``, the neuron with the max pool
 of its spikes (``multistep_neuron_pool``) over that map, windows of 2 / stride 2 (``:3``: 3 / 2 / 1, a ResNet
@@ -86,13 +88,17 @@ class _CompileOnly:
 
 
 def compile_tiling(name: str, C: int, CO: int, H: int, T: int, N: int, residual: bool, write_sum: bool = False,
-                   pool: bool = False):
+                   pool: bool = False, static: bool = False, k: int = 3, stride: int = 1):
     cfg = spiking_configs(C, CO, T, tma=True)[name]
     cl = torch.channels_last
-    x = torch.zeros(T * N, C, H, H, dtype=torch.float16).to(memory_format=cl).view(T, N, C, H, H)
-    res = torch.zeros(T * N, CO, H, H, dtype=torch.float16).to(memory_format=cl).view(T, N, CO, H, H)
+    if static:
+        x = torch.zeros(N, C, H, H, dtype=torch.float16).to(memory_format=cl).expand(T, N, C, H, H)
+    else:
+        x = torch.zeros(T * N, C, H, H, dtype=torch.float16).to(memory_format=cl).view(T, N, C, H, H)
+    OH = (H + 2 * (k // 2) - k) // stride + 1
+    res = torch.zeros(T * N, CO, OH, OH, dtype=torch.float16).to(memory_format=cl).view(T, N, CO, OH, OH)
     try:
-        spiking_conv2d(x, torch.zeros(CO, C, 3, 3, dtype=torch.float16), None, 1, 1, scale=torch.ones(CO),
+        spiking_conv2d(x, torch.zeros(CO, C, k, k, dtype=torch.float16), None, stride, k // 2, scale=torch.ones(CO),
                        shift=torch.zeros(CO), config=cfg, residual=res if residual or write_sum else None, neuron="lif",
                        tau=2.0, v_threshold=1.0, return_sum=write_sum, pool=(2, 2, 0) if pool else None)
     except _Compiled as done:
@@ -139,9 +145,11 @@ def resources(kernel) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("specs", nargs="*", help="name:C:CO:H[:r|:s] (default: every TMA tiling on every layer shape)")
+    p.add_argument("specs", nargs="*", help="name:C:CO:H[:r|:s|:p|:t] (default: every TMA tiling on every layer shape)")
     p.add_argument("--T", type=int, default=4)
     p.add_argument("--N", type=int, default=8)
+    p.add_argument("--k", type=int, default=3, help="the convolution's kernel size (padding k // 2)")
+    p.add_argument("--stride", type=int, default=1)
     a = p.parse_args(argv)
     specs = a.specs or [f"{n}:{c}:{c}:{h}{r}" for c, h in SHAPES for n in TMA_CONFIGS for r in ("", ":r")]
     driver.set_active(_Hopper())
@@ -169,9 +177,10 @@ def main(argv=None) -> int:
         if name not in spiking_configs(int(C), int(CO), a.T, tma=True):
             continue  # (a tiling wider than the layer's output channels, or with T in M where T > 8)
         cfg, kernel = compile_tiling(name, int(C), int(CO), int(H), a.T, a.N, flag == ["r"], flag == ["s"],
-                                     flag == ["p"])
+                                     flag == ["p"], flag == ["t"], a.k, a.stride)
         r = resources(kernel)
-        res = {"r": "yes", "s": "yes, sum written", "p": "no, spikes pooled"}.get(flag[0] if flag else "", "no")
+        res = {"r": "yes", "s": "yes, sum written", "p": "no, spikes pooled",
+               "t": "no, static input"}.get(flag[0] if flag else "", "no")
         print(f"| {name} | {C} / {CO} / {H} | {res} | {cfg.num_warps} | "
               + " | ".join(str(r[c]) for c in cols) + " |")
     return 0

@@ -146,6 +146,35 @@ def test_spiking_conv2d_im2col(dt, layer):
             assert 0 < s.float().mean() < 1
 
 
+@pytest.mark.parametrize("dt", ["fp32", "fp16"])
+def test_spiking_conv2d_static_stem(dt):
+    """A ResNet stem (3 -> 64, 7 x 7 / 2) on a static image repeated over T by stride 0, every steps-looped tiling
+    (the frame convolved once per tile): the spikes and membrane of the same tiling on the input repeated in memory,
+    bit for bit, and the float64 reference's except at threshold ties."""
+    from sparseflow_kernels.tiling import spiking_configs
+
+    dtype = _DT[dt]
+    g = torch.Generator(device="cuda").manual_seed(7)
+    T, N, C, H, CO = 4, 3, 3, 61, 64
+    frame = (torch.randn(N, C, H, H, generator=g, device="cuda") * 1.5).to(dtype)
+    x = frame.unsqueeze(0).expand(T, *frame.shape)
+    w = (torch.randn(CO, C, 7, 7, generator=g, device="cuda") * 0.3).to(dtype)
+    sc = torch.rand(CO, generator=g, device="cuda") + 0.5
+    sh = torch.randn(CO, generator=g, device="cuda") * 0.2
+    spec = NeuronSpec.make("lif", tau=2.0)
+    rs, rh, _rv = spiking_conv2d_reference(x.double(), w.double(), None, 2, 3, scale=sc.double(), shift=sh.double(),
+                                          spec=spec)
+    looped = {n: c for n, c in spiking_configs(C, CO, T).items() if not c.t_in_m}
+    assert any(c.im2col for c in looped.values())
+    for name, cfg in looped.items():
+        kw = dict(scale=sc, shift=sh, neuron="lif", tau=2.0, return_v=True, config=cfg)
+        s, v = spiking_conv2d(x, w, None, 2, 3, **kw)
+        ms, mv = spiking_conv2d(x.contiguous(), w, None, 2, 3, **kw)
+        assert torch.equal(s, ms) and torch.equal(v, mv), name
+        assert _flips(s, rs, rh, spec.v_threshold, 1e-4 if dtype == torch.float32 else 3e-2) == 0, name
+        assert 0 < s.float().mean() < 1
+
+
 _TOKEN_PATHS = {"fused": {"config": ConvConfig(1, 64, 64, 64)},
                 "tm": {"config": ConvConfig(1, 32, 64, 64, t_in_m=True)},
                 "tm_n128": {"config": ConvConfig(1, 32, 128, 64, t_in_m=True, num_warps=8)},

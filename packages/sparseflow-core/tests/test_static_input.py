@@ -66,13 +66,15 @@ def test_stride_zero_input_runs_the_stem_once_and_matches_dense(net):
     assert torch.allclose(out, out2, atol=1e-4, rtol=1e-4)
 
 
-def test_static_path_follows_dense_over_calls_resets_and_train(net):
-    """A stride-0 input on the static path, against the dense model: first call, a second call without reset (the
-    membranes carry over), a call after reset_net, and a call after train() (the dense modules run then)."""
+@pytest.mark.parametrize("path", ["cudnn_static", "fused_dense_static", "im2col_8x8_static"])
+def test_static_path_follows_dense_over_calls_resets_and_train(net, path):
+    """A stride-0 input on each static path of the stem (cuDNN and the fused kernel's steps-looped tilings, which
+    convolve the frame once), against the dense model: first call, a second call without reset (the membranes
+    carry over), a call after reset_net, and a call after train() (the dense modules run then)."""
     x = _frames(seed=3)
     opt = optimize(copy.deepcopy(net), x)
     dense = copy.deepcopy(net)
-    with torch.no_grad(), force_path(STATIC):
+    with torch.no_grad(), force_path({"spiking": path}):
         functional.reset_net(opt)
         functional.reset_net(dense)
         for step in ("first", "no reset", "after reset", "after train"):
@@ -85,7 +87,7 @@ def test_static_path_follows_dense_over_calls_resets_and_train(net):
             out, ref = opt(x), dense(x.contiguous())
             assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), (step, (out - ref).abs().max())
             if step == "first":
-                assert opt[0].last_path == "cudnn_static"
+                assert opt[0].last_path == path
 
 
 def test_static_input_flag_checks_and_repeats(net):
@@ -199,6 +201,90 @@ def test_stem_output_written_in_place_is_not_repeated_by_stride_zero(writer):
     assert opt.stem[0].last_path == "torch" and not opt.stem[0].static_passthrough
     entry = {e.name: e for e in rep.layers}["stem.0"]
     assert "a static input is convolved at every step" in entry.reason, entry.reason
+
+
+class _PooledStem(torch.nn.Module):
+    """A Spikformer / QKFormer patch stem: conv -> BN -> max pool 3 / 2 / 1 -> LIF, then a spiking layer; with
+    ``writer`` an in-place ReLU between the pool and the neuron."""
+
+    def __init__(self, writer=False):
+        super().__init__()
+        from spikingjelly.activation_based import layer, neuron
+
+        self.stem = torch.nn.Sequential(layer.Conv2d(3, 8, 3, 1, 1, bias=True), layer.BatchNorm2d(8))
+        self.pool = layer.MaxPool2d(3, 2, 1)
+        self.relu = torch.nn.ReLU(inplace=True) if writer else torch.nn.Identity()
+        self.lif = neuron.LIFNode(tau=2.0, step_mode="m")
+        self.conv = layer.Conv2d(8, 8, 3, 1, 1, bias=False)
+        self.bn = layer.BatchNorm2d(8)
+        self.lif2 = neuron.LIFNode(tau=2.0, step_mode="m")
+
+    def forward(self, x):
+        return self.lif2(self.bn(self.conv(self.lif(self.relu(self.pool(self.stem(x)))))))
+
+
+def _pooled_stem(writer):
+    torch.manual_seed(0)
+    net = _PooledStem(writer)
+    functional.set_step_mode(net, "m")
+    frame = torch.randn(2, 3, 12, 12) * 1.5 + 0.2
+    with torch.no_grad():
+        calibrate_bns(net, frame.unsqueeze(0).expand(3, *frame.shape).contiguous())
+    return net.eval(), frame
+
+
+@pytest.mark.parametrize("path", ["torch", "dense"])
+def test_pooled_stem_convolves_and_pools_the_frame_once(path):
+    """conv -> BN -> max pool -> LIF on a stride-0 input: the stem convolves each frame once (its bias left to the
+    pool on the cuDNN path), the pool pools it once, and both hand their output on repeated by stride 0; the neuron
+    runs over the steps. Outputs and membranes equal the same optimized model's on the materialized input and the
+    dense model's, over calls without and after a reset."""
+    from test_sum_neurons import neuron_states
+
+    net, frame = _pooled_stem(False)
+    paths = {"conv": path, "spiking": "cudnn"}
+    x = frame.unsqueeze(0).expand(3, *frame.shape)
+    with force_path(paths):
+        opt, rep = optimize(copy.deepcopy(net), x, block_size=8, return_report=True)
+        moving = optimize(copy.deepcopy(net), x.contiguous(), block_size=8)
+    assert opt.pool.static_passthrough and opt.stem[0].static_passthrough
+    assert opt.stem[0].defer_shift  # (the cuDNN path leaves its bias to the pool)
+    dense = copy.deepcopy(net)
+    seen = {}
+    opt.pool.register_forward_hook(lambda m, i, o: seen.update(pool_in=i[0], pool=o))
+    with torch.no_grad(), force_path(paths):
+        for call in ("first", "no reset", "after reset"):
+            if call == "after reset":
+                for m in (opt, moving, dense):
+                    functional.reset_net(m)
+            out, ref, dref = opt(x), moving(x.contiguous()), dense(x.contiguous())
+            assert seen["pool_in"].stride(0) == 0 and seen["pool"].stride(0) == 0
+            assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (call, (out - ref).abs().max())
+            assert torch.allclose(out, dref, atol=1e-4, rtol=1e-4), (call, (out - dref).abs().max())
+            assert 0 < out.mean() < 1
+            a, b = neuron_states(opt), neuron_states(moving)
+            assert all(torch.allclose(torch.as_tensor(a[n]), torch.as_tensor(b[n]), atol=1e-5) for n in a)
+    assert opt.stem[0].last_path == f"{path}_static" and moving.stem[0].last_path == path
+
+
+def test_pooled_stem_with_a_writer_after_the_pool_pools_every_step():
+    """An in-place ReLU reads the pool's output: the pool then returns every step's map (no stride-0 output), the
+    model runs as the dense one, and the pool's report entry says why."""
+    net, frame = _pooled_stem(True)
+    x = frame.unsqueeze(0).expand(3, *frame.shape)
+    seen = {}
+    with force_path({"conv": "torch", "spiking": "cudnn"}):
+        opt, rep = optimize(copy.deepcopy(net), x, block_size=8, return_report=True)
+        opt.pool.register_forward_hook(lambda m, i, o: seen.update(pool_in=i[0], pool=o))
+        with torch.no_grad():
+            functional.reset_net(opt)
+            out = opt(x)
+    assert not opt.pool.static_passthrough
+    assert seen["pool_in"].stride(0) == 0 and seen["pool"].stride(0) != 0
+    ref = _dense(net, x)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5) and ref.abs().sum() > 0
+    entry = {e.name: e for e in rep.layers}["pool"]
+    assert "a static input is pooled at every step: its output is read by relu" in (entry.detail or ""), entry
 
 
 @settings(max_examples=25, deadline=None)

@@ -250,7 +250,7 @@ def _conv_kernel(
     ws_ptr=None, cnt_ptr=None, SPLIT_K: tl.constexpr = 1, TILE_N: tl.constexpr = 1,
     sum_ptr=None, SUM_OUT: tl.constexpr = False,
     SK_CHUNK=1, SK_SLOTS=1, STREAM_K: tl.constexpr = False, POOL: tl.constexpr = 1, IM2COL: tl.constexpr = False,
-    K_BLOCKS: tl.constexpr = 1,
+    K_BLOCKS: tl.constexpr = 1, STATIC: tl.constexpr = False,
 ):
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     leak = tl.cast(leak, tl.float32)
@@ -296,30 +296,22 @@ def _conv_kernel(
         iw0 = ow * SW - PAD_W
         if NEURON != 0:
             v = _initial_v(v_ptr, n, oh, ow, co, out_ok, svn, svc, svh, svw, v_init, HAS_V, P, BLOCK_N)
+        if STATIC:  # one frame per sample (x is [N, C, H, W]): its convolution once, the neuron over every step
+            acc_static = _step_conv(0, n, n, th, tw, cb, ow, ih0, iw0, row_ok, co, x_ptr, sxb, sxc, sxh, sxw, w_ptr,
+                                    C_PAD, CO_PAD, occ_ptr, sob, soth, sotw, C, H, W, NG, PAD_H, PAD_W, x_desc, w_desc,
+                                    KH, KW, SH, SW, DH, DW, TILE_H, TILE_W, BLOCK_N, BLOCK_K, SPARSE, OCC_H, OCC_W,
+                                    NG_P2, PREC, TMA, FLAT, IM2COL, K_BLOCKS)
         # FLATTEN_T: the steps' K loops run as one software pipeline (the loads of step t + 1 are in flight during
         # step t's epilogue); WARP_SPEC: producer and consumer warps
         for t in tl.range(0, T, flatten=FLATTEN_T, warp_specialize=WARP_SPEC):
             b = t * N + n
-            act = tl.zeros([NG_P2], dtype=tl.int32)
-            if SPARSE:
-                act = _active_groups(act, occ_ptr, b, th, tw, sob, soth, sotw, NG, H, W,
-                                     PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
-            idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
-            acc = tl.zeros([P, BLOCK_N], dtype=tl.float32)
-            if FLAT:
-                acc = _mainloop_tma_flat(x_desc, w_desc, t, n, tw * TILE_W, ow, W, cb * BLOCK_N, 0, NG * KH, C_PAD,
-                                         PAD_H, PAD_W, KH, KW, P, BLOCK_N, BLOCK_K, PREC)
-            elif TMA:
-                acc = _mainloop_tma(acc, x_desc, w_desc, t, n, th * TILE_H - PAD_H, tw * TILE_W - PAD_W, cb * BLOCK_N,
-                                    0, NG * KH * KW, C_PAD, KH, KW, P, BLOCK_K, PREC)
-            elif IM2COL:
-                acc = _mainloop_im2col(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
-                                       C, H, W, sxc, sxh, sxw, w_ptr, CO_PAD, co, KH, KW, DH, DW, BLOCK_K, PREC,
-                                       K_BLOCKS)
+            if STATIC:
+                acc = acc_static
             else:
-                acc = _mainloop(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
-                                C, H, W, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, co, idx, 0, n_groups * KH * KW,
-                                KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
+                acc = _step_conv(t, n, b, th, tw, cb, ow, ih0, iw0, row_ok, co, x_ptr, sxb, sxc, sxh, sxw,
+                                 w_ptr, C_PAD, CO_PAD, occ_ptr, sob, soth, sotw, C, H, W, NG,
+                                 PAD_H, PAD_W, x_desc, w_desc, KH, KW, SH, SW, DH, DW, TILE_H, TILE_W, BLOCK_N,
+                                 BLOCK_K, SPARSE, OCC_H, OCC_W, NG_P2, PREC, TMA, FLAT, IM2COL, K_BLOCKS)
             rp = res_ptr + b * srb + (oh * srh + ow * srw)[:, None] + co[None, :] * src
             z = _affine_residual(acc, scale, shift, rp, out_ok, HAS_SCALE, HAS_SHIFT, HAS_RES, SUM_OUT, y_ptr,
                                  sum_ptr + b * syb + (oh * syh + ow * syw)[:, None] + co[None, :] * syc
@@ -340,6 +332,41 @@ def _conv_kernel(
         if STORE_V:  # the final membrane, [N, CO, OH, OW]
             vp = vout_ptr + (n * son + oh * soh + ow * sow)[:, None] + co[None, :] * soc
             tl.store(vp, v, mask=out_ok)
+
+
+@triton.jit
+def _step_conv(t, n, b, th, tw, cb, ow, ih0, iw0, row_ok, co, x_ptr, sxb, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD,
+               occ_ptr, sob, soth, sotw, C, H, W, NG, PAD_H, PAD_W, x_desc, w_desc,
+               KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+               DH: tl.constexpr, DW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPARSE: tl.constexpr, OCC_H: tl.constexpr,
+               OCC_W: tl.constexpr, NG_P2: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, FLAT: tl.constexpr,
+               IM2COL: tl.constexpr, K_BLOCKS: tl.constexpr):
+    """The fp32 convolution of one steps-looped tile (th, tw) of output channel block ``cb``: input frame ``b``
+    of ``x`` (step ``t`` of sample ``n`` in the tensor descriptor), by tensor-descriptor loads (``TMA``, ``FLAT``),
+    (tap, channel) blocks (``IM2COL``) or channel groups by pointers (``SPARSE``: only the groups the occupancy
+    lists)."""
+    P: tl.constexpr = TILE_H * TILE_W
+    acc = tl.zeros([P, BLOCK_N], dtype=tl.float32)
+    if FLAT:
+        acc = _mainloop_tma_flat(x_desc, w_desc, t, n, tw * TILE_W, ow, W, cb * BLOCK_N, 0, NG * KH, C_PAD,
+                                 PAD_H, PAD_W, KH, KW, P, BLOCK_N, BLOCK_K, PREC)
+    elif TMA:
+        acc = _mainloop_tma(acc, x_desc, w_desc, t, n, th * TILE_H - PAD_H, tw * TILE_W - PAD_W, cb * BLOCK_N,
+                            0, NG * KH * KW, C_PAD, KH, KW, P, BLOCK_K, PREC)
+    elif IM2COL:
+        acc = _mainloop_im2col(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
+                               C, H, W, sxc, sxh, sxw, w_ptr, CO_PAD, co, KH, KW, DH, DW, BLOCK_K, PREC, K_BLOCKS)
+    else:
+        act = tl.zeros([NG_P2], dtype=tl.int32)
+        if SPARSE:
+            act = _active_groups(act, occ_ptr, b, th, tw, sob, soth, sotw, NG, H, W,
+                                 PAD_H, PAD_W, TILE_H, TILE_W, OCC_H, OCC_W, KH, KW, SH, SW, DH, DW, NG_P2)
+        idx, n_groups = _visit_list(act, NG, SPARSE, NG_P2)
+        acc = _mainloop(acc, x_ptr + b * sxb + tl.zeros([P], dtype=tl.int32), ih0, iw0, row_ok,
+                        C, H, W, sxc, sxh, sxw, w_ptr, C_PAD, CO_PAD, co, idx, 0, n_groups * KH * KW,
+                        KH, KW, DH, DW, BLOCK_K, SPARSE, NG_P2, PREC)
+    return acc
 
 
 @triton.jit
@@ -617,7 +644,7 @@ def launch_conv(
     x, w_packed, CO, KH, KW, stride, padding, dilation, *, T, N, out, cfg: ConvConfig, prec: str,
     scale=None, shift=None, residual=None, v=None, v_out=None, occ=None, occ_out=None,
     occ_group=16, neuron=NEURON_NONE, hard_reset=True, decay_input=True, leak=1.0, v_threshold=1.0,
-    v_reset=0.0, v_init=0.0, residual_post=False, sum_out=None, pool: int = 1,
+    v_reset=0.0, v_init=0.0, residual_post=False, sum_out=None, pool: int = 1, static: bool = False,
 ):
     """Launch :func:`_conv_kernel`. ``x`` ``[T*N, C, H, W]``, ``out`` ``[T*N, CO, OH, OW]``,
     ``residual`` like ``out``, ``v``/``v_out`` ``[N, CO, OH, OW]`` fp32, ``occ`` an Occupancy of ``x``
@@ -628,6 +655,9 @@ def launch_conv(
     the neuron reads the stored sum.
     ``pool`` (2 or 4, where :func:`pools_in_epilogue` holds): ``out`` is ``[T*N, CO, OH / pool, OW / pool]``, the max
     over each ``pool x pool`` window of the spikes (no residual, sum or occupancy then).
+    ``static``: ``x`` is ``[N, C, H, W]``, the one input of every step (a static image): each tile convolves it once
+    and runs the epilogue and the neuron over the T steps (steps-looped configurations, dense); the sums are those
+    of the same configuration on the input repeated T times, bit for bit.
     ``cfg.tile_n`` samples share each tile (dense, no occupancy written).
     ``cfg.split_k`` shares each tile's reduction among that many programs, ``cfg.stream_k`` all tiles' reductions
     among that many programs per multiprocessor (both: an fp32 workspace of the partial sums, allocated here, and the
@@ -635,9 +665,15 @@ def launch_conv(
     through tensor descriptors (:func:`tma_supported` must hold, dense only); with ``cfg.tile_h == 1`` a tile is then
     ``tile_w`` pixels in row-major order across the map's rows. Traced by ``torch.compile`` / ``torch.export`` the same
     configuration gathers them by pointers: the same products summed in the same order."""
-    _B, C, H, W = x.shape
+    B, C, H, W = x.shape
     _, _, OH, OW = out.shape
     OH, OW = OH * pool, OW * pool  # (the convolution's output; out holds its pooled map)
+    if (N if static else T * N) != B or out.shape[0] != T * N:
+        raise ValueError(f"launch_conv: x holds {B} frames and out {out.shape[0]} for T={T}, N={N}"
+                         f"{' with static=True (x: one frame per sample)' if static else ''}")
+    if static and (cfg.t_in_m or occ is not None):
+        raise ValueError("launch_conv: static=True convolves each steps-looped tile's frame once: not with "
+                         "ConvConfig(t_in_m=True) or an input occupancy")
     if pool > 1 and (neuron == NEURON_NONE or residual is not None or sum_out is not None or occ_out is not None
                      or not pools_in_epilogue(cfg, ((pool, pool), (pool, pool), (0, 0)), OH, OW)):
         raise ValueError(f"launch_conv: pool={pool} needs a neuron, no residual, sum or occupancy output, and a "
@@ -680,7 +716,7 @@ def launch_conv(
         raise ValueError("ConvConfig(tma=True) needs a dense 'same' convolution (stride and dilation 1, padding "
                          "(kernel - 1) / 2) of an fp16/bf16 channels_last input on a GPU with a tensor-memory "
                          "accelerator")
-    descs = _descriptors(x, w_packed, T, N, cfg) if tma else (None, None)
+    descs = _descriptors(x, w_packed, 1 if static else T, N, cfg) if tma else (None, None)
     split = cfg.split_k
     if (split > 1 or cfg.tile_n > 1 or cfg.stream_k) and (occ is not None or occ_out is not None):
         raise ValueError(f"ConvConfig(split_k={split}, tile_n={cfg.tile_n}, stream_k={cfg.stream_k}) runs dense and "
@@ -733,6 +769,7 @@ def launch_conv(
         FLATTEN_T=tma and TMA_LOOP["flatten"], WARP_SPEC=tma and TMA_LOOP["warp_specialize"],
         ws_ptr=ws, cnt_ptr=cnt, SPLIT_K=split, TILE_N=cfg.tile_n, sum_ptr=sum_out, SUM_OUT=sum_out is not None,
         SK_CHUNK=sk_chunk, SK_SLOTS=sk_slots, STREAM_K=bool(cfg.stream_k), POOL=pool, IM2COL=cfg.im2col,
-        K_BLOCKS=w_packed.shape[1] // cfg.block_k if cfg.im2col else 1, num_warps=cfg.num_warps, num_stages=num_stages,
+        K_BLOCKS=w_packed.shape[1] // cfg.block_k if cfg.im2col else 1, STATIC=bool(static),
+        num_warps=cfg.num_warps, num_stages=num_stages,
     )
     return out

@@ -130,9 +130,11 @@ def spiking_conv2d(
     with :func:`~sparseflow_kernels.pool.max_pool2d` after it otherwise. Not with a residual, the sum or the
     occupancy.
 
-    An ``x`` repeated over the steps by stride 0 (``frame.expand(T, ...)``, see :func:`repeated_over_steps`) runs
-    the ``"cudnn"`` path's convolution once, on ``x[0]``, and only the neuron over T: the same values, up to the
-    rounding of a convolution over another batch size (cuDNN may pick another algorithm for it).
+    An ``x`` repeated over the steps by stride 0 (``frame.expand(T, ...)``, see :func:`repeated_over_steps`) is
+    convolved once, on ``x[0]``, and only the epilogue and the neuron run over T: by the ``"cudnn"`` path, the same
+    values up to the rounding of a convolution over another batch size (cuDNN may pick another algorithm for it);
+    by the fused kernel with its steps looped (not ``t_in_m``, no occupancy), each tile's sums once, bit for bit those
+    of the input repeated in memory.
 
     Skipping: ``occupancy`` (of ``x`` viewed as ``[T*N, C, H, W]``, e.g. written by the previous layer) or
     ``sparse=True`` (run the prescan here) skip all-zero blocks; otherwise every block is computed.
@@ -223,7 +225,9 @@ def spiking_conv2d(
         z = res[-1] if return_sum else None
     else:
         require_conv_groups_fit(op, C, cfg)
-        xf = _flat_tn(x)
+        # the same frame at every step: a steps-looped tile convolves it once (same sums, bit for bit)
+        static = repeated_over_steps(x) and not cfg.t_in_m and occupancy is None and not sparse
+        xf = x[0] if static else _flat_tn(x)
         occ = None
         if occupancy is not None:
             occupancy.check_matches(op, xf.shape, cfg.block_k)
@@ -240,7 +244,7 @@ def spiking_conv2d(
                 scale=sc, shift=sh, residual=_flat_tn(residual) if residual is not None else None,
                 v=v, v_out=v_out, occ=occ, occ_out=occ_out, occ_group=occupancy_group,
                 residual_post=residual_after, sum_out=_flat_tn(z) if z is not None else None, pool=k,
-                **spec.kernel_args(),
+                static=static, **spec.kernel_args(),
             )
         if pool is not None and k == 1:
             out = pool_steps(out, pool)

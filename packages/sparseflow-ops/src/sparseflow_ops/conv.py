@@ -306,10 +306,10 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         """The convolution (+ folded BatchNorm; never a residual) on the path measured fastest: the sparse or dense
         kernel, cuDNN channels_last, or cuDNN on the image's channels zero-padded to 8. With ``static_passthrough``,
         an input repeated over the steps by stride 0 (a static image, or such a layer's output) is convolved once per
-        sample and handed on repeated by stride 0 (path ``<path>_static``): ``conv(x[t]) = conv(x[0])``. Not where a
-        max pool takes the bias (``defer_shift``: the pool reads one tensor of all the steps)."""
+        sample and handed on repeated by stride 0 (path ``<path>_static``): ``conv(x[t]) = conv(x[0])``; a bias left
+        to the max pool (``defer_shift``) stays attached to the repeated output, which that pool then pools once."""
         five = x.dim() == 5
-        if five and self.static_passthrough and not self.defer_shift and x.shape[0] > 1 and repeated_over_steps(x):
+        if five and self.static_passthrough and x.shape[0] > 1 and repeated_over_steps(x):
             y = self._conv_forward_kernels(x[0])
             self.last_path = f"{self.last_path}_static"
             return y.unsqueeze(0).expand(x.shape[0], *y.shape)
@@ -462,8 +462,11 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         cfg = self._config(C, self.out_channels)
         OH, OW = self._output_hw(H, W)
         v0 = adapter.get_v(neuron, (N, self.out_channels, OH, OW), x.device)
-        flat = x5.flatten(0, 1)
-        occ = find_occupancy(x, flat) if x5 is x else None
+        # a static input (repeated over the steps by stride 0): the cuDNN path and the fused steps-looped tiles
+        # convolve each sample's frame once (spiking_conv2d), named "<path>_static"
+        static = repeated_over_steps(x5)
+        flat = x5[0] if static else x5.flatten(0, 1)  # (the frames the convolution reads; no copy of a static one)
+        occ = find_occupancy(x, flat) if x5 is x and not static else None
         res5 = residual_as("SparseConv2d", residual, (T, N, self.out_channels, OH, OW))
         after = res5 is not None and residual_after
         common = dict(scale=scale, shift=shift, neuron=spec, v=v0, return_v=True, residual=res5, residual_after=after)
@@ -489,18 +492,19 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         cands = {}
         tma = not write_occ and tma_supported(flat, self.kernel_size, self.stride, self.padding, self.dilation)
         for cname, c in spiking_configs(C, self.out_channels, T, tma, N=N).items():
-            cands[cname] = (lambda c=c: fused(c, False))
+            cands[f"{cname}_static" if static and not c.t_in_m else cname] = \
+                (lambda c=c: fused(c, False))
         if self.block_size != "dense" and triton_groups_ok(C, cfg):
             cands["fused_sparse"] = lambda: fused(cfg, True)
-        static = repeated_over_steps(x5)  # the cuDNN path then convolves x[0] once (spiking_conv2d)
         if not write_occ:
             cands["cudnn_static" if static else "cudnn"] = cudnn
             if pool is not None:  # (the neuron kernel, then the max pool kernel: measured against the one pass)
                 cands["cudnn_static_then_pool" if static else "cudnn_then_pool"] = lambda: cudnn(False)
         key = ("spiking", tuple(x5.shape), x.dtype, self.out_channels, self.kernel_size, self.stride,
                self.padding, occ is not None, write_occ, spec.kind, residual is not None, after, static, pool)
-        res = self._dispatch(key, cands, x, fallback="fused_dense", default="fused_dense",
-                             forced={"sparse": "fused_sparse", "dense": "fused_dense",
+        dense = "fused_dense_static" if "fused_dense_static" in cands else "fused_dense"
+        res = self._dispatch(key, cands, x, fallback=dense, default=dense,
+                             forced={"sparse": "fused_sparse", "dense": dense,
                                      "torch": "cudnn_static" if static else "cudnn"})
         spikes, v = res[0], res[1]
         if write_occ and len(res) == 3:

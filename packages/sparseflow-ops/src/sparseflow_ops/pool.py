@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseflow_kernels import repeated_over_steps
 from sparseflow_kernels.library import compiling
 from sparseflow_kernels.pool import max_pool2d
 
@@ -29,6 +30,9 @@ class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
 
     _caches = ()
     _kind = "max_pool2d"
+    # multi-step: an input repeated over the steps by stride 0 (a static image's convolution) pooled once and handed
+    # on repeated so (set by optimize where no reader of the output writes into it)
+    static_passthrough = False
 
     def _repr_fields(self) -> dict:
         return {}
@@ -63,9 +67,14 @@ class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A convolution whose folded bias was left to this pool (``SparseConv2d.defer_shift``, the producer
-        attached it to its output) gets it added here, after the max: the same value, on 4x fewer elements."""
+        attached it to its output) gets it added here, after the max: the same value, on 4x fewer elements. With
+        ``static_passthrough``, a multi-step input repeated over the steps by stride 0 is pooled once per sample
+        and returned repeated by stride 0."""
         shift = None if compiling() else take_shift(x)  # (a traced conv adds its own bias)
         if getattr(self, "multi_step", False) and x.dim() == 5:
+            if self.static_passthrough and repeated_over_steps(x):  # max_pool(x[t]) = max_pool(x[0])
+                y = self._pool(x[0], shift)
+                return y.unsqueeze(0).expand(x.shape[0], *y.shape)
             y = self._pool(x.flatten(0, 1), shift)
             return y.view(*x.shape[:2], *y.shape[1:])
         return self._pool(x, shift)

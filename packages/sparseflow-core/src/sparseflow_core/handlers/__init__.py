@@ -14,6 +14,22 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..hooks import module_hooks  # (the handlers' hook check: the one the passes use)
+from ..registry import is_spiking_module
+
+#: readers that leave their input as it is (unless built with ``inplace=True``)
+_READ_ONLY = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Linear,
+              nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+              nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity)
+
+
+def static_writer(analysis, model: nn.Module, name: str) -> str:
+    """'' when an output of ``name`` may be handed on repeated over the steps by stride 0 (a static input's frame
+    computed once): no reader of it writes into it, which every step would share; else that reader, named."""
+    def reads_only(n: str) -> bool:
+        m = model.get_submodule(n)
+        return (is_spiking_module(m) or isinstance(m, _READ_ONLY)) and not getattr(m, "inplace", False)
+
+    return analysis.writing_reader(name, reads_only)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from sparseflow_ops.conv import pool_problem
 from ..blocks import dense_reason, select_block_size
 from ..hooks import module_hooks
 from ..registry import OpHandler, is_spiking_module, register_op_handler
+from . import static_writer
 
 
 def conv_problem(conv: nn.Conv2d) -> str | None:
@@ -186,21 +187,11 @@ def _replace_dense_input(conv, ctx, why):
         entry.reason = f"no skipping: {why}" + (f"; {note}" if note else "")
         # a static input's frame convolved once and handed on repeated by stride 0: only where no reader writes
         # into the output (every step would share that write)
-        writer = st.analysis.writing_reader(bn_name or name, lambda n: _reads_only(st.model.get_submodule(n)))
+        writer = static_writer(st.analysis, st.model, bn_name or name)
         new.static_passthrough = not writer
         if writer:
             entry.reason += f"; a static input is convolved at every step: {writer}"
     return new, entry.detail
-
-
-#: readers that leave their input as it is (unless built with ``inplace=True``)
-_READ_ONLY = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Linear,
-              nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-              nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity)
-
-
-def _reads_only(m: nn.Module) -> bool:
-    return (is_spiking_module(m) or isinstance(m, _READ_ONLY)) and not getattr(m, "inplace", False)
 
 
 def _replace(conv: nn.Conv2d, ctx):

@@ -8,12 +8,19 @@ from torch import nn
 from sparseflow_ops.pool import TritonMaxPool2d
 
 from ..registry import OpHandler, register_op_handler
+from . import static_writer
 
 
 def _replace(m: nn.MaxPool2d, ctx):
     if ctx.mode == "torch":
         return None, "mode='torch'"
-    return TritonMaxPool2d.from_dense(m), "max pool (Triton, layout kept)"
+    new = TritonMaxPool2d.from_dense(m)
+    # a static input's frame (its stem convolved once) pooled once and handed on repeated by stride 0: only where
+    # no reader writes into the output
+    writer = static_writer(ctx.analysis, ctx.model, ctx.name)
+    new.static_passthrough = not writer
+    detail = "max pool (Triton, layout kept)"
+    return new, detail + (f"; a static input is pooled at every step: {writer}" if writer and new.multi_step else "")
 
 
 register_op_handler(nn.MaxPool2d, OpHandler("maxpool2d", _replace, accepts=lambda m: not m.return_indices,
