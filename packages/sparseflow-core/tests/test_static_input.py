@@ -248,6 +248,7 @@ def test_pooled_stem_convolves_and_pools_the_frame_once(path):
         opt, rep = optimize(copy.deepcopy(net), x, block_size=8, return_report=True)
         moving = optimize(copy.deepcopy(net), x.contiguous(), block_size=8)
     assert opt.pool.static_passthrough and opt.stem[0].static_passthrough
+    assert any("static input" in n and "a max pool included" in n for n in rep.notes)
     assert opt.stem[0].defer_shift  # (the cuDNN path leaves its bias to the pool)
     dense = copy.deepcopy(net)
     seen = {}

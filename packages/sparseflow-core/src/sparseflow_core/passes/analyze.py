@@ -36,6 +36,6 @@ def analyze_model(model: nn.Module, example_inputs, options: Options) -> Optimiz
             "spiking convolutions that read it (paths 'cudnn_static' and the fused kernel's '<tiling>_static') "
             "convolve each sample's frame once and run only the BatchNorm and the neuron over the steps; a "
             "convolution without a neuron (path '<path>_static') convolves the frame once and hands it on repeated "
-            "by stride 0, so the layers after it do the same (equal inputs give equal convolutions, up to the "
-            "rounding of another batch size)")
+            "by stride 0, so the layers after it do the same, a max pool included (equal inputs give equal "
+            "convolutions, up to the rounding of another batch size)")
     return st
