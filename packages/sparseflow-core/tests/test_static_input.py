@@ -16,6 +16,7 @@ from spikingjelly.activation_based import functional
 from sparseflow_core import CudaGraphModel, optimize, restore
 from sparseflow_core.arguments import StaticInput, cast_inputs
 from sparseflow_kernels import force_path, repeated_over_steps
+from sparseflow_ops import runs_static_frames_once
 
 STATIC = {"spiking": "cudnn_static"}  # the path a stride-0 input offers the stem (measured on a GPU, forced here)
 
@@ -286,6 +287,101 @@ def test_pooled_stem_with_a_writer_after_the_pool_pools_every_step():
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5) and ref.abs().sum() > 0
     entry = {e.name: e for e in rep.layers}["pool"]
     assert "a static input is pooled at every step: its output is read by relu" in (entry.detail or ""), entry
+
+
+class _ContainerStem(torch.nn.Module):
+    """Spikformer's patch stem: ``SeqToANNContainer(Conv2d, BatchNorm2d, MaxPool2d)`` -> LIF, then a spiking
+    layer; ``inner`` a module put after the pool inside the container."""
+
+    def __init__(self, inner=None):
+        super().__init__()
+        from spikingjelly.activation_based import layer, neuron
+
+        mods = [torch.nn.Conv2d(3, 8, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.MaxPool2d(3, 2, 1)]
+        self.stem = layer.SeqToANNContainer(*mods, *([inner] if inner is not None else []))
+        self.lif = neuron.LIFNode(tau=2.0, step_mode="m")
+        self.conv = layer.Conv2d(8, 8, 3, 1, 1, bias=False, step_mode="m")
+        self.bn = layer.BatchNorm2d(8, step_mode="m")
+        self.lif2 = neuron.LIFNode(tau=2.0, step_mode="m")
+
+    def forward(self, x):
+        return self.lif2(self.bn(self.conv(self.lif(self.stem(x)))))
+
+
+def _container_stem(inner=None):
+    torch.manual_seed(1)
+    net = _ContainerStem(inner)
+    frame = torch.randn(2, 3, 12, 12) * 1.5 + 0.2
+    with torch.no_grad():
+        calibrate_bns(net, frame.unsqueeze(0).expand(3, *frame.shape).contiguous())
+    return net.eval(), frame
+
+
+@pytest.mark.parametrize("path", ["torch", "dense"])
+def test_container_stem_runs_one_frame_per_sample(path):
+    """A SeqToANNContainer of frame-wise modules on a stride-0 input runs them on x[0] and hands the result on
+    repeated by stride 0: outputs and membranes equal the same optimized model's on the materialized input and the
+    dense model's, over calls without and after a reset; a hook on a module inside, train mode and restore() run
+    the container's own forward (every step)."""
+    from test_sum_neurons import neuron_states
+
+    net, frame = _container_stem()
+    paths = {"conv": path, "spiking": "cudnn"}
+    x = frame.unsqueeze(0).expand(3, *frame.shape)
+    with force_path(paths):
+        opt, rep = optimize(copy.deepcopy(net), x, block_size=8, return_report=True)
+        moving = optimize(copy.deepcopy(net), x.contiguous(), block_size=8)
+    assert runs_static_frames_once(opt.stem)
+    assert any("frame-wise containers stem run their modules on one frame per sample" in n for n in rep.notes)
+    dense = copy.deepcopy(net)
+    seen = {}
+    opt.stem.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    with torch.no_grad(), force_path(paths):
+        for call in ("first", "no reset", "after reset"):
+            if call == "after reset":
+                for m in (opt, moving, dense):
+                    functional.reset_net(m)
+            out, ref, dref = opt(x), moving(x.contiguous()), dense(x.contiguous())
+            assert seen["out"].stride(0) == 0 and seen["out"].shape[:2] == (3, 2)
+            assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (call, (out - ref).abs().max())
+            assert torch.allclose(out, dref, atol=1e-4, rtol=1e-4), (call, (out - dref).abs().max())
+            assert 0 < out.mean() < 1
+            a, b = neuron_states(opt), neuron_states(moving)
+            assert all(torch.allclose(torch.as_tensor(a[n]), torch.as_tensor(b[n]), atol=1e-5) for n in a)
+        # a hook inside the container sees what it sees in the dense model: every step's frames
+        shapes = []
+        h = opt.stem[2].register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+        functional.reset_net(opt)
+        functional.reset_net(dense)
+        out, dref = opt(x), dense(x.contiguous())
+        h.remove()
+        assert shapes == [(6, 8, 12, 12)] and seen["out"].stride(0) != 0
+        assert torch.allclose(out, dref, atol=1e-4, rtol=1e-4)
+    restore(opt)
+    assert not runs_static_frames_once(opt.stem)
+
+
+@pytest.mark.parametrize("inner", ["relu_inplace", "batchnorm_1d"])
+def test_container_stem_not_frame_wise_runs_every_step(inner):
+    """A container holding a module that writes in place, or one not known to be frame-wise, keeps its own forward;
+    the report's note says why; the model is the dense one."""
+    class PerBatch(torch.nn.Module):  # (any module of unknown kind)
+        def forward(self, y):
+            return y - y.mean(0, keepdim=True)
+
+    mod = torch.nn.ReLU(inplace=True) if inner == "relu_inplace" else PerBatch()
+    net, frame = _container_stem(mod)
+    x = frame.unsqueeze(0).expand(3, *frame.shape)
+    with force_path({"conv": "torch", "spiking": "cudnn"}):
+        opt, rep = optimize(copy.deepcopy(net), x, block_size=8, return_report=True)
+        with torch.no_grad():
+            functional.reset_net(opt)
+            out = opt(x)
+    assert not runs_static_frames_once(opt.stem)
+    why = "writes in place" if inner == "relu_inplace" else "is not known to compute each frame on its own"
+    assert any("these run every step: stem (3 (" in n and why in n for n in rep.notes), rep.notes
+    ref = _dense(net, x)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5) and ref.abs().sum() > 0
 
 
 @settings(max_examples=25, deadline=None)

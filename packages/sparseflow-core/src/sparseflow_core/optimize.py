@@ -18,7 +18,14 @@ import copy
 import torch
 from torch import nn
 
-from sparseflow_ops import SparseConv2d, SparseModule, adopt_neurons, is_accelerated, restore_neuron
+from sparseflow_ops import (
+    SparseConv2d,
+    SparseModule,
+    adopt_neurons,
+    is_accelerated,
+    remove_static_frames,
+    restore_neuron,
+)
 
 from .accounting import unchanged_report
 from .arguments import NUMERICS, CastInputs, StaticInput, cast_inputs, check_arguments  # noqa: F401 (NUMERICS: re-export)
@@ -186,8 +193,9 @@ def _invalidate_reset_cache(model):
 
 def restore(model: nn.Module) -> nn.Module:
     """Undo ``optimize``: the original dense modules back in place (same parameter objects), in place."""
-    for m in model.modules():  # blocks whose chains ran fused: their own forward again
+    for m in model.modules():  # blocks whose chains ran fused, frame-wise containers: their own forward again
         remove_fused_forward(m)
+        remove_static_frames(m)
     # (a GraphModule in place of a block, from an earlier SparseFlow: the block it saved goes back)
     for name, m in list(model.named_modules()):
         holder = m.__dict__.get(ORIGINAL_BLOCK_ATTR) if name else None

@@ -42,6 +42,12 @@ from .neurons import (
     register_neuron_adapter,
     standalone_neuron_support,
 )
+from .static_frames import (
+    frame_wise_problem,
+    remove_static_frames,
+    run_static_frames_once,
+    runs_static_frames_once,
+)
 from .sum_spikes import SumNeuronForward, link_sum_neuron, sum_neuron_of, sum_neuron_support
 
 __version__ = "0.1.0"
@@ -68,6 +74,7 @@ __all__ = [
     "accelerate_neuron",
     "adopt_neurons",
     "find_adapter",
+    "frame_wise_problem",
     "frozen_specs",
     "has_hooks",
     "is_accelerated",
@@ -77,7 +84,10 @@ __all__ = [
     "neuron_support",
     "register_neuron_adapter",
     "remove_bypass",
+    "remove_static_frames",
     "restore_neuron",
+    "run_static_frames_once",
+    "runs_static_frames_once",
     "standalone_neuron_support",
     "sum_neuron_of",
     "sum_neuron_support",

@@ -10,9 +10,11 @@
    and that neuron's spikes in one kernel of the layer writing the sum; then ``chains.settle_chains`` (folded
    BatchNorms out of the report, measured block sizes installed).
 7. ``neurons``: the remaining spiking neurons on the multi-step Triton kernel.
-8. ``occupancy``: fused layers write the occupancy of their spikes for sparse consumers (opt-in).
-9. ``numerics``: ``numerics="faithful"`` set on every SparseFlow module, or folded biases deferred to max pools.
-10. ``report``: every compute layer accounted for, in model order.
+8. ``static_frames``: containers of frame-wise modules (Spikformer's ``SeqToANNContainer`` patch stem) run them
+   on one frame per sample when the input repeats over the steps by stride 0.
+9. ``occupancy``: fused layers write the occupancy of their spikes for sparse consumers (opt-in).
+10. ``numerics``: ``numerics="faithful"`` set on every SparseFlow module, or folded biases deferred to max pools.
+11. ``report``: every compute layer accounted for, in model order.
 
 The op handlers (2) run before the chains (3): the chains pass then sees the modules handlers kept as children
 (the 1x1 convolutions of spike-driven attention), and spike-fed BatchNorms are the handlers' while BatchNorms after
@@ -31,10 +33,11 @@ from .report import finish_report
 from .residual import fuse_residual_chains
 from .skip_add import fuse_skip_adds
 from .state import OptimizeState, Options, parent_and_child
+from .static_frames import run_static_frames
 from .sum_neurons import fuse_sum_neurons
 
 #: the passes after the analysis, in order; each takes the OptimizeState
 PIPELINE = (run_handlers, fuse_chains, fuse_residual_chains, fuse_skip_adds, fuse_sum_neurons, settle_chains,
-            accelerate_neurons, write_occupancy, set_numerics, finish_report)
+            accelerate_neurons, run_static_frames, write_occupancy, set_numerics, finish_report)
 
 __all__ = ["PIPELINE", "OptimizeState", "Options", "analyze_model", "parent_and_child"]

@@ -30,7 +30,8 @@ def analyze_model(model: nn.Module, example_inputs, options: Options) -> Optimiz
                                "layers run their dense torch ops until they get CUDA tensors (bfloat16 kernels need "
                                "a GPU)")
     first = example_inputs[0] if isinstance(example_inputs, tuple) and example_inputs else example_inputs
-    if isinstance(first, torch.Tensor) and repeated_over_steps(first):
+    st.static_example = isinstance(first, torch.Tensor) and repeated_over_steps(first)
+    if st.static_example:
         st.report.notes.append(
             f"static input: the input repeats one frame over its {first.shape[0]} steps by stride 0, so the "
             "spiking convolutions that read it (paths 'cudnn_static' and the fused kernel's '<tiling>_static') "

@@ -1,4 +1,4 @@
-"""Pass 9, numerics: with ``numerics="faithful"`` every SparseFlow module computes as the dense model does; with
+"""Pass 10, numerics: with ``numerics="faithful"`` every SparseFlow module computes as the dense model does; with
 ``"fast"``, a conv -> BN (folded) -> max pool chain leaves the folded bias to the pool.
 
 Input: the model with its replacements, ``state.replaced``. Output: ``numerics="faithful"`` set on every

@@ -1,4 +1,4 @@
-"""Pass 8, occupancy: fused layers whose spikes feed sparse consumers write the occupancy of their output, so the
+"""Pass 9, occupancy: fused layers whose spikes feed sparse consumers write the occupancy of their output, so the
 consumers skip their own one-pass prescan (``write_occupancy=True``; opt-in: measured on the H100, the epilogue
 write cost more than the consumer's prescan; see docs/design.md).
 

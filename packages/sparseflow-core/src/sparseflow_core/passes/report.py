@@ -1,4 +1,4 @@
-"""Pass 10, report: the report accounts for every compute layer and reads in model order.
+"""Pass 11, report: the report accounts for every compute layer and reads in model order.
 
 Input: the state after every other pass. Output: ``state.report`` complete: an entry for each convolution /
 linear layer no pass reported, the reasons of BatchNorms left unfolded, the layers sorted in model order, and a

@@ -55,6 +55,8 @@ class OptimizeState:
     neuron_notes: dict = field(default_factory=dict)
     #: convolutions whose block size is measured on their first CUDA call (block_size="auto")
     auto_names: set = field(default_factory=set)
+    #: whether the example input repeats one frame over its steps by stride 0 (a static image)
+    static_example: bool = False
 
     def refresh_named(self) -> None:
         self.named = dict(self.model.named_modules())
