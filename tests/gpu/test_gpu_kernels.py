@@ -173,6 +173,19 @@ def test_spiking_conv2d_static_stem(dt):
         assert torch.equal(s, ms) and torch.equal(v, mv), name
         assert _flips(s, rs, rh, spec.v_threshold, 1e-4 if dtype == torch.float32 else 3e-2) == 0, name
         assert 0 < s.float().mean() < 1
+    # the pair on the im2col kernel: the frames convolved once, then the neuron kernel (and the stem's max pool)
+    pc = spiking_configs(C, CO, T)["im2col_8x8"]
+    for pool in (None, (3, 2, 1)):
+        kw = dict(scale=sc, shift=sh, neuron="lif", tau=2.0, return_v=True, config=pc, path="triton_conv", pool=pool)
+        s, v = spiking_conv2d(x, w, None, 2, 3, **kw)
+        ms, mv = spiking_conv2d(x.contiguous(), w, None, 2, 3, **kw)
+        assert torch.equal(s, ms) and torch.equal(v, mv), pool
+        if pool is None:
+            assert _flips(s, rs, rh, spec.v_threshold, 1e-4 if dtype == torch.float32 else 3e-2) == 0
+        else:
+            ref = F.max_pool2d(rs.flatten(0, 1).float(), 3, 2, 1).view(s.shape)
+            assert (s.float() != ref).float().mean() < (1e-3 if dtype == torch.float32 else 2e-2)  # (ties)
+            assert 0 < s.float().mean() < 1
 
 
 _TOKEN_PATHS = {"fused": {"config": ConvConfig(1, 64, 64, 64)},

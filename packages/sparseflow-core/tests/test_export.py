@@ -107,3 +107,45 @@ def test_fold_constants_computes_the_weight_preparation_once():
     torch.testing.assert_close(folded(x), m(x), rtol=0, atol=0)
     x2 = torch.randn(5, 3)
     torch.testing.assert_close(folded(x2), m(x2), rtol=0, atol=0)
+
+
+class _StaticStemNet(nn.Module):
+    """An image stem computed once per frame on a static input (conv -> BN -> max pool -> LIF, as multi-step layers
+    or as Spikformer's SeqToANNContainer), then a spiking layer and a linear head."""
+
+    def __init__(self, container: bool):
+        super().__init__()
+        from spikingjelly.activation_based import layer, neuron
+
+        if container:
+            self.stem = layer.SeqToANNContainer(nn.Conv2d(3, 8, 3, 1, 1), nn.BatchNorm2d(8), nn.MaxPool2d(3, 2, 1))
+        else:
+            self.stem = nn.Sequential(layer.Conv2d(3, 8, 3, 1, 1, step_mode="m"), layer.BatchNorm2d(8, step_mode="m"),
+                                      layer.MaxPool2d(3, 2, 1, step_mode="m"))
+        self.lif = neuron.LIFNode(tau=2.0, step_mode="m")
+        self.conv = layer.Conv2d(8, 8, 3, 1, 1, bias=False, step_mode="m")
+        self.bn = layer.BatchNorm2d(8, step_mode="m")
+        self.lif2 = neuron.LIFNode(tau=2.0, step_mode="m")
+        self.fc = layer.Linear(8 * 8 * 8, 4, step_mode="m")
+
+    def forward(self, x):
+        return self.fc(self.lif2(self.bn(self.conv(self.lif(self.stem(x))))).flatten(2))
+
+
+@pytest.mark.parametrize("container", [False, True], ids=["layers", "container"])
+def test_export_of_a_static_example_holds_for_any_input(container):
+    """Exported with a static example (one frame repeated over T by stride 0), the program does not keep the
+    once-per-frame stem: on inputs whose steps differ it gives the dense model's logits."""
+    torch.manual_seed(0)
+    net = _StaticStemNet(container)
+    frame = torch.randn(1, 3, 16, 16)
+    x = frame.unsqueeze(0).expand(2, *frame.shape)
+    calibrate_bns(net, x.contiguous())
+    net.eval()
+    opt = optimize(copy.deepcopy(net), x)
+    prog = export(opt, x, None).program.module()
+    xi = torch.randn(2, 1, 3, 16, 16) * 2
+    reset(net)
+    want = net(xi)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(prog(xi), want, rtol=1e-4, atol=1e-4)

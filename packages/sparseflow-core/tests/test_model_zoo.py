@@ -161,7 +161,7 @@ def first_state_difference(opt: nn.Module, dense: nn.Module, exact: bool, rtol: 
 @torch.no_grad()
 def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torch.float32, rtol=1e-4,
                  metric: str = "max", errors: list | None = None, numerics: str = "fast", batch: int | None = None,
-                 drift_factor: float | None = None):
+                 drift_factor: float | None = None, static: bool = False):
     """Build ``name``, calibrate it, optimize a copy, compare three calls (a first call, a second without reset,
     the membranes carried over, and one after ``reset_net``); returns the report.
 
@@ -176,7 +176,10 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
     dense model's own error in ``dtype`` against it (or ``rtol``, whichever is larger); ``errors`` receives both,
     optimized then dense. A deep randomly initialised spiking net amplifies every rounding change (a spike flips at
     a threshold), so two computations of it in different orders differ by as much as the dtype differs from the
-    wider one; a membrane that is not carried over from one call to the next differs by far more than that."""
+    wider one; a membrane that is not carried over from one call to the next differs by far more than that.
+
+    ``static``: the input is one frame per sample repeated over T by stride 0 (a static image; a ZOO entry's 4-D input
+    gets the T of its constructor), optimized so; the dense model gets it in memory."""
     from spikingjelly.activation_based import functional
 
     torch.manual_seed(0)
@@ -185,6 +188,10 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
         shape = list(shape)
         shape[1 if len(shape) == 5 else 0] = batch
     x = torch.rand(shape) * 2
+    if static:
+        frames = x[0] if x.dim() == 5 else x
+        T = x.shape[0] if x.dim() == 5 else next(z[3]["T"] for z in ZOO if z[0] == name)
+        x = frames.unsqueeze(0).expand(T, *frames.shape)
     net = net.to(device)
     x = x.to(device)
     recalibrate(net, x)
@@ -217,7 +224,7 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
             for m in (dense, opt, dense32):
                 if m is not None:
                     functional.reset_net(m)
-        ref = dense(x)
+        ref = dense(x.contiguous())
         y = opt(x)
         assert y.shape == ref.shape and torch.isfinite(y).all()
         if dense32 is None:
@@ -235,7 +242,7 @@ def run_zoo_case(name: str, device: str = "cpu", mode: str = "torch", dtype=torc
                                  f"(bound {bound:.2e}); "
                                  f"first neuron state that differs: {state}")
     functional.reset_net(opt)
-    return rep
+    return rep.refresh(opt)  # (the path each layer took on its last call)
 
 
 FAST = [z[0] for z in ZOO if z[5]]
@@ -270,6 +277,38 @@ def test_zoo_faithful_cpu_smallest():
 @pytest.mark.parametrize("name", SLOW)
 def test_zoo_model_slow(name):
     run_zoo_case(name, mode="torch")
+
+
+#: a static image repeated over T by stride 0, per family, with the paths forced (outermost first; the innermost
+#: rule a layer offers wins): the spiking stem's fused steps-looped kernel convolving the frame once (spiking
+#: ResNet), a stem without a neuron handed on repeated (MS-ResNet), a conv -> BN -> max pool stem as one
+#: SeqToANNContainer (Spikformer) or as multi-step layers (QKFormer); cuDNN's paths run torch's conv on the CPU
+STATIC_CASES = {
+    "spiking_resnet18": (({"conv": "torch", "spiking": "cudnn"}, {"spiking": "fused_dense_static"}), True),
+    "ms_resnet18": (({"conv": "torch", "spiking": "cudnn"}, {"spiking": "cudnn_static"}), False),
+    "spikformer_ti": (({"conv": "torch", "spiking": "cudnn", "linear": "torch"},), True),
+    "qkformer_10_384": (({"conv": "torch", "spiking": "cudnn", "linear": "torch"},), True),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", list(STATIC_CASES))
+def test_zoo_static_input(name):
+    """Zoo models on a static input: the dense model's outputs over the three calls, and the layers that compute
+    the frame once report their ``_static`` path (or, for Spikformer's container stem, the report's note)."""
+    import contextlib
+
+    from sparseflow_kernels import force_path
+
+    rules, slow = STATIC_CASES[name]
+    if slow and os.environ.get("SPARSEFLOW_SLOW") != "1":
+        pytest.skip("minutes on the CPU: SPARSEFLOW_SLOW=1 runs it")
+    with contextlib.ExitStack() as stack:
+        for rule in rules:
+            stack.enter_context(force_path(rule))
+        rep = run_zoo_case(name, mode="auto", static=True)
+    static = [e.name for e in rep.layers if (e.path or "").endswith("_static")]
+    assert static or any("frame-wise containers" in n for n in rep.notes), rep.table()
 
 
 def test_zoo_lists_every_constructor():

@@ -93,10 +93,12 @@ def test_restore_gives_the_pool_its_own_forward_back():
         compare_calls(net, dense, xs)
 
 
-@pytest.mark.parametrize("path", ["cudnn_static", "cudnn_static_then_pool"])
+@pytest.mark.parametrize("path", ["cudnn_static", "cudnn_static_then_pool", "im2col_pair_static",
+                                  "fused_dense_static", "im2col_8x8_static"])
 def test_static_image_stem_pooled_once_per_frame_convolution(path):
     """A ResNet-style stem (image conv -> BN -> LIF -> max pool 3 / 2 / 1) on a frame repeated by stride 0: the
-    convolution runs once, the neuron and the pool over T (in one kernel, or the neuron's then the pool's)."""
+    convolution runs once (cuDNN's or the im2col kernel's, then the neuron and the pool over T in one kernel, or the
+    neuron's then the pool's; or the fused kernel's tiles, each convolving its frame once, then the pool)."""
     torch.manual_seed(3)
     net = nn.Sequential(layer.Conv2d(3, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8), neuron.LIFNode(),
                         layer.MaxPool2d(3, 2, 1), layer.Flatten(), layer.Linear(8 * 4 * 4, 4))

@@ -63,6 +63,7 @@ from sparseflow_ops import (
     is_accelerated,
     neuron_support,
     register_neuron_adapter,
+    run_static_frames_once,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -316,6 +317,13 @@ BAD_INPUTS = [
     ("qk_token_attention", "a membrane of the wrong shape",
      lambda: qk_token_attention(_x(2, 1, 12, 5), 2, v=_x(1, 2, 5)), ValueError,
      "v must have shape (1, 2, 1, 5), got (1, 2, 5)"),
+    ("spiking_conv2d", "the Triton convolution's pair with time steps in M",
+     lambda: spiking_conv2d(_x(2, 1, 3, 4, 4), _w(), None, 1, 1, path="triton_conv",
+                            config=ConvConfig(4, 4, 16, 16, t_in_m=True)), ValueError,
+     "path='triton_conv' convolves the frames on their own: a steps-looped config, not t_in_m"),
+    ("run_static_frames_once", "a container of a module not known to be frame-wise",
+     lambda: run_static_frames_once(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm(4))), ValueError,
+     "1 (LayerNorm) is not known to compute each frame on its own"),
     ("spiking_conv2d", "a pool with a residual",
      lambda: spiking_conv2d(_x(2, 1, 3, 4, 4), _x(4, 3, 3, 3), None, 1, 1, pool=(2, 2, 0), residual=_x(2, 1, 4, 4, 4)),
      ValueError, "pool pools the spikes; not with a residual, return_sum or write_occupancy"),

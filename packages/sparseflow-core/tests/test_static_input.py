@@ -67,11 +67,12 @@ def test_stride_zero_input_runs_the_stem_once_and_matches_dense(net):
     assert torch.allclose(out, out2, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("path", ["cudnn_static", "fused_dense_static", "im2col_8x8_static"])
+@pytest.mark.parametrize("path", ["cudnn_static", "fused_dense_static", "im2col_8x8_static", "im2col_pair_static"])
 def test_static_path_follows_dense_over_calls_resets_and_train(net, path):
-    """A stride-0 input on each static path of the stem (cuDNN and the fused kernel's steps-looped tilings, which
-    convolve the frame once), against the dense model: first call, a second call without reset (the membranes
-    carry over), a call after reset_net, and a call after train() (the dense modules run then)."""
+    """A stride-0 input on each static path of the stem (the cuDNN pair, the fused kernel's steps-looped tilings and
+    the im2col kernel's pair, which convolve the frame once), against the dense model: first call, a second call
+    without reset (the membranes carry over), a call after reset_net, and a call after train() (the dense modules
+    run then)."""
     x = _frames(seed=3)
     opt = optimize(copy.deepcopy(net), x)
     dense = copy.deepcopy(net)

@@ -30,6 +30,7 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(ksc, "empty_like_layout", nan_fill(ksc.empty_like_layout))
     monkeypatch.setattr(kspk, "new_spike_tensor", nan_fill(kspk.new_spike_tensor))
     monkeypatch.setattr(kspk, "new_membrane", nan_fill(kspk.new_membrane))
+    monkeypatch.setattr(kspk, "new_frames", nan_fill(kspk.new_frames))
     monkeypatch.setattr(kspk, "empty_codes", nan_fill(kspk.empty_codes))
     monkeypatch.setattr(kocc, "empty_codes", nan_fill(kocc.empty_codes))
     monkeypatch.setattr(kneuron, "_empty_like_channels_last", nan_fill(kneuron._empty_like_channels_last))

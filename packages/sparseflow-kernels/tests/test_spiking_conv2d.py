@@ -153,6 +153,7 @@ POST_PATHS = {
     "fused-t_in_m": dict(config=TM_CONFIG),
     "sparse-prescan": dict(sparse=True),
     "cudnn": dict(path="cudnn"),
+    "triton_conv": dict(path="triton_conv", config=ConvConfig(tile_h=4, tile_w=8, block_n=16, block_k=16)),
     "tokens-1x1-tile1x16": dict(config=ConvConfig(tile_h=1, tile_w=16, block_n=16, block_k=16)),
     "tokens-1x1-tile1x8-t_in_m": dict(config=ConvConfig(tile_h=1, tile_w=8, block_n=32, block_k=16, t_in_m=True)),
 }
@@ -208,6 +209,7 @@ PATHS = {
     "sparse-t_in_m": dict(sparse=True, config=TM_CONFIG),
     "occupancy-given": "occ",
     "cudnn": dict(path="cudnn"),
+    "triton_conv": dict(path="triton_conv", config=ConvConfig(tile_h=4, tile_w=8, block_n=16, block_k=16)),
 }
 
 

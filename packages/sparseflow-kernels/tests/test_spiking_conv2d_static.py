@@ -1,7 +1,8 @@
-"""The fused spiking convolution of a static input: ``x`` repeated over the steps by stride 0 (``frame.expand(T,
-...)``). A steps-looped tile convolves its sample's frame once and runs the BatchNorm, the residual, the neuron and the
+"""The spiking convolution of a static input: ``x`` repeated over the steps by stride 0 (``frame.expand(T, ...)``).
+A fused steps-looped tile convolves its sample's frame once and runs the BatchNorm, the residual, the neuron and the
 pool over the T steps; its spikes, membrane and sum are those of the same configuration on the input repeated in
-memory, bit for bit, and match the float64 reference."""
+memory, bit for bit, and match the float64 reference. The ``"triton_conv"`` pair (the Triton convolution, then the
+neuron kernel) convolves the frames once as well."""
 
 from __future__ import annotations
 
@@ -147,3 +148,31 @@ def test_launch_static_errors():
     with pytest.raises(ValueError, match=r"x holds 6 frames .* with static=True"):
         launch_conv(torch.randn(6, 16, 5, 5), pack_conv_weight(w, looped, x.dtype), 8, 3, 3, (1, 1), (1, 1), (1, 1),
                     T=3, N=2, out=out, cfg=looped, prec="ieee", static=True)
+
+
+@pytest.mark.parametrize("pool", [None, (3, 2, 1)], ids=["neuron", "neuron+pool3/2/1"])
+def test_triton_conv_pair_on_a_static_stem(pool):
+    """An image stem (3 channels, 7 x 7 / 2) on the ``"triton_conv"`` path, the (tap, channel) im2col tiling: a static
+    input's frames convolved once give the repeated input's spikes and membrane bit for bit, and the float64
+    reference's (pooled 3 / 2 / 1 where asked)."""
+    p = NEURONS["lif-hard"]
+    layer = _static_layer(3, 2, 3, 16, 19, 7, torch.float32, 11)
+    cfg = spiking_configs(3, 16, 3)["im2col_8x8"]
+    kw = dict(path="triton_conv", pool=pool)
+    spikes, v = _run(layer, layer["x"], 2, 3, cfg, p, **kw)
+    ms, mv = _run(layer, layer["x"].contiguous(), 2, 3, cfg, p, **kw)
+    assert torch.equal(spikes, ms) and torch.equal(v, mv)
+    ref_s, ref_h, ref_v = reference_neuron(p, _reference_z(layer, 2, 3, 10, 10))
+    if pool is None:
+        assert_spikes_match(spikes, ref_s, ref_h, p["v_threshold"], v, ref_v)
+    else:
+        pooled = torch.nn.functional.max_pool2d(ref_s.flatten(0, 1), 3, 2, 1).view(spikes.shape)
+        assert 0 < pooled.float().mean() < 1
+        assert (spikes.double() != pooled).double().mean() < 1e-3  # (threshold ties of the float32 sums)
+        torch.testing.assert_close(v.double(), ref_v, rtol=1e-4, atol=1e-4)  # (the full map's membrane)
+
+
+def test_triton_conv_refuses_t_in_m():
+    layer = _static_layer(3, 1, 16, 16, 6, 3, torch.float32, 2)
+    with pytest.raises(ValueError, match="path='triton_conv' convolves the frames on their own"):
+        _run(layer, layer["x"], 1, 1, ConvConfig(4, 4, 16, 16, True, 4, 2), NEURONS["lif-hard"], path="triton_conv")

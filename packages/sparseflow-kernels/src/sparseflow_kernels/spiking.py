@@ -9,6 +9,8 @@ Three ways to run one layer, all exact to the same semantics (see :func:`spiking
 * ``"fused"`` with ``ConvConfig(t_in_m=True)``: the GEMM rows hold every time step of a tile, for deep layers
   whose few pixels would otherwise leave most of the GPU idle.
 * ``"cudnn"``: ``F.conv2d`` over the T*N batch, then :func:`multistep_neuron` (BatchNorm + neuron in one pass).
+* ``"triton_conv"``: the same pair with the convolution on the Triton kernel (a steps-looped ``ConvConfig``, no
+  neuron): an image stem of few channels, whose cuDNN kernels pad the channels.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .pool import max_pool2d
 from .sparse_conv import conv_output_size, fold_affine, normalize_conv_args
 from .tiling import ConvConfig, default_config, require_conv_groups_fit
 
-PATHS = ("fused", "cudnn")
+PATHS = ("fused", "cudnn", "triton_conv")
 
 
 def new_spike_tensor(T, N, C, H, W, dtype, device) -> torch.Tensor:
@@ -37,6 +39,11 @@ def new_membrane(N, C, H, W, dtype, device) -> torch.Tensor:
     """[N, C, H, W] channels_last, the spikes' layout: a tensor of its own, not a view (a neuron may detach its
     membrane in place, as SpikingJelly's ``detach`` does)."""
     return torch.empty((N, C, H, W), dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
+def new_frames(B, C, H, W, dtype, device) -> torch.Tensor:
+    """[B, C, H, W] channels_last: a convolution's output frames, as cuDNN writes them for channels_last input."""
+    return torch.empty((B, C, H, W), dtype=dtype, device=device, memory_format=torch.channels_last)
 
 
 def repeated_over_steps(x: torch.Tensor) -> bool:
@@ -138,7 +145,8 @@ def spiking_conv2d(
 
     Skipping: ``occupancy`` (of ``x`` viewed as ``[T*N, C, H, W]``, e.g. written by the previous layer) or
     ``sparse=True`` (run the prescan here) skip all-zero blocks; otherwise every block is computed.
-    ``path="cudnn"`` runs ``F.conv2d`` plus one fused BatchNorm/neuron kernel instead.
+    ``path="cudnn"`` runs ``F.conv2d`` plus one fused BatchNorm/neuron kernel instead; ``path="triton_conv"`` the
+    same with the convolution on the Triton kernel of ``config`` (steps looped), which writes it channels_last.
     """
     op = "spiking_conv2d"
     if x.dim() != 5:
@@ -179,7 +187,7 @@ def spiking_conv2d(
             raise ValueError(f"{op}: pool must be (kernel_size, stride, padding), got {pool!r}")
         pool = pool_args(*pool, op=op)
         why = pool_uncovered(OH, OW, *pool)
-        if why and path == "cudnn":
+        if why and path != "fused":
             raise ValueError(f"{op}: the cuDNN path pools in its neuron kernel, which needs every pixel in a "
                              f"window of the pool; {why}")
     require_triton_device(op, x, weight, bias, scale, shift, residual, v)
@@ -187,7 +195,10 @@ def spiking_conv2d(
     require_int32_numel(op, "output", (T, N, CO, OH, OW))
 
     sc, sh = fold_affine(bias, scale, shift)
-    cfg = (config or default_config(C, CO)) if path == "fused" else None
+    cfg = (config or default_config(C, CO)) if path != "cudnn" else None
+    if path == "triton_conv" and cfg.t_in_m:
+        raise ValueError(f"{op}: path='triton_conv' convolves the frames on their own: a steps-looped config, not "
+                         "t_in_m")
     # the fused kernel pools its spikes itself where the windows divide its tiles and the map; else the pool follows
     k = pool[0][0] if pool is not None and cfg is not None and pools_in_epilogue(cfg, pool, OH, OW) else 1
     out = new_spike_tensor(T, N, CO, OH // k, OW // k, x.dtype, x.device) if path == "fused" else None
@@ -199,19 +210,32 @@ def spiking_conv2d(
     z = new_spike_tensor(T, N, CO, OH, OW, torch.promote_types(x.dtype, residual.dtype), x.device) \
         if return_sum and path == "fused" else None
 
-    if path == "cudnn":
+    if path != "fused":
         if write_occupancy:
             raise ValueError(f"{op}: write_occupancy needs path='fused'")
-        # channels_last in and out: cuDNN's NHWC kernels without its own layout conversions (an NCHW image into
-        # the stem cost two transposes of the [T*N, 64, 112, 112] output on the H100), and the neuron kernel
-        # reads channels fastest
-        wl = weight.contiguous(memory_format=torch.channels_last)
+        if path == "cudnn":
+            # channels_last in and out: cuDNN's NHWC kernels without its own layout conversions (an NCHW image into
+            # the stem cost two transposes of the [T*N, 64, 112, 112] output on the H100), and the neuron kernel
+            # reads channels fastest
+            wl = weight.contiguous(memory_format=torch.channels_last)
+
+            def conv(frames):
+                return F.conv2d(frames.contiguous(memory_format=torch.channels_last), wl, None, stride, padding)
+        else:
+            require_conv_groups_fit(op, C, cfg)
+            w = packed_weight if packed_weight is not None else pack_conv_weight(weight, cfg, x.dtype)
+
+            def conv(frames):
+                y = new_frames(frames.shape[0], CO, OH, OW, x.dtype, x.device)
+                if frames.shape[0]:
+                    launch_conv(frames, w, CO, KH, KW, stride, padding, (1, 1), T=1, N=frames.shape[0], out=y,
+                                cfg=cfg, prec=dot_precision(x.dtype, fp32_precision))
+                return y
         if repeated_over_steps(x):  # the same input at every step: conv(x[t]) = conv(x[0]), computed once
-            y = F.conv2d(x[0].contiguous(memory_format=torch.channels_last), wl, None, stride, padding)
+            y = conv(x[0])
             y = y.unsqueeze(0).expand(T, *y.shape)
         else:
-            y = F.conv2d(_flat_tn(x).contiguous(memory_format=torch.channels_last), wl, None, stride, padding)
-            y = y.view(T, N, CO, OH, OW)
+            y = conv(_flat_tn(x)).view(T, N, CO, OH, OW)
         if pool is not None:
             res = multistep_neuron_pool(y, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2], scale=sc,
                                         shift=sh, v=v, return_v=return_v, v_dtype=v_dtype, out_dtype=x.dtype)

@@ -27,7 +27,7 @@ from torch import nn
 from sparseflow_kernels import ConvConfig, sparse_conv2d, tiling
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_conv_weight, tma_supported
-from sparseflow_kernels.library import compiling, neuron_args
+from sparseflow_kernels.library import compiling, exporting, neuron_args
 from sparseflow_kernels.neuron_pool import pool_args, pool_uncovered
 from sparseflow_kernels.sparse_conv import conv_output_size
 from sparseflow_kernels.spiking import pool_steps, repeated_over_steps, spiking_conv2d
@@ -307,9 +307,10 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         kernel, cuDNN channels_last, or cuDNN on the image's channels zero-padded to 8. With ``static_passthrough``,
         an input repeated over the steps by stride 0 (a static image, or such a layer's output) is convolved once per
         sample and handed on repeated by stride 0 (path ``<path>_static``): ``conv(x[t]) = conv(x[0])``; a bias left
-        to the max pool (``defer_shift``) stays attached to the repeated output, which that pool then pools once."""
+        to the max pool (``defer_shift``) stays attached to the repeated output, which that pool then pools once.
+        Not while ``torch.export`` traces the call: the program must hold for any input of the example's shape."""
         five = x.dim() == 5
-        if five and self.static_passthrough and x.shape[0] > 1 and repeated_over_steps(x):
+        if five and self.static_passthrough and x.shape[0] > 1 and repeated_over_steps(x) and not exporting():
             y = self._conv_forward_kernels(x[0])
             self.last_path = f"{self.last_path}_static"
             return y.unsqueeze(0).expand(x.shape[0], *y.shape)
@@ -406,6 +407,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         res5 = residual.reshape(T, N, self.out_channels, OH, OW) if residual is not None else None
         # (the operator convolves a static input once itself; a max pool after the neuron runs as its own module here)
         path = (self.last_path or "fused_dense").removesuffix("_then_pool").removesuffix("_static")
+        path = "cudnn" if path == "im2col_pair" else path  # (the operator's pair convolves on cuDNN)
         cfgs = spiking_configs(C, self.out_channels, T, tma=path.startswith("tma"))
         cfg = cfgs.get(path) or (self._config(C, self.out_channels) if path == "fused_sparse" else None)
         packed = None if cfg is None or path == "cudnn" else pack_conv_weight(self.weight, cfg,
@@ -491,7 +493,8 @@ class SparseConv2d(SparseModule, nn.Conv2d):
 
         cands = {}
         tma = not write_occ and tma_supported(flat, self.kernel_size, self.stride, self.padding, self.dilation)
-        for cname, c in spiking_configs(C, self.out_channels, T, tma, N=N).items():
+        cands_cfgs = spiking_configs(C, self.out_channels, T, tma, N=N)
+        for cname, c in cands_cfgs.items():
             cands[f"{cname}_static" if static and not c.t_in_m else cname] = \
                 (lambda c=c: fused(c, False))
         if self.block_size != "dense" and triton_groups_ok(C, cfg):
@@ -500,6 +503,12 @@ class SparseConv2d(SparseModule, nn.Conv2d):
             cands["cudnn_static" if static else "cudnn"] = cudnn
             if pool is not None:  # (the neuron kernel, then the max pool kernel: measured against the one pass)
                 cands["cudnn_static_then_pool" if static else "cudnn_then_pool"] = lambda: cudnn(False)
+            if any(c.im2col for c in cands_cfgs.values()):  # an image stem of few channels: the same pair with the
+                # convolution on the (tap, channel) im2col kernel, where cuDNN pads the channels
+                pc = tiling.im2col_conv_config(self.out_channels)
+                cands["im2col_pair_static" if static else "im2col_pair"] = lambda: spiking_conv2d(
+                    x5, weight, None, self.stride, self.padding, path="triton_conv", config=pc,
+                    packed_weight=self._packed(pc, x.dtype), v_dtype=x.dtype, **common)
         key = ("spiking", tuple(x5.shape), x.dtype, self.out_channels, self.kernel_size, self.stride,
                self.padding, occ is not None, write_occ, spec.kind, residual is not None, after, static, pool)
         dense = "fused_dense_static" if "fused_dense_static" in cands else "fused_dense"

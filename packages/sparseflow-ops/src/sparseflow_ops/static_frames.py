@@ -7,8 +7,8 @@ steps by stride 0 (a static image, ``frame.expand(T, ...)``), flattening would c
 it T times. :class:`StaticFramesForward`, the container's instance ``forward``, runs the modules on ``x[0]``
 (``[N, ...]``) instead and returns the result repeated by stride 0: equal frames give equal outputs (up to the
 rounding of a convolution algorithm picked for another batch size). Every other call (an input whose steps are in
-memory, a module in training mode or with hooks, under ``torch.compile``, extra arguments) runs the container's own
-``forward``.
+memory, a module in training mode or with hooks, extra arguments, and while ``torch.export`` traces it: the program
+must hold for any input of the example's shape) runs the container's own ``forward``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sparseflow_kernels import repeated_over_steps
-from sparseflow_kernels.library import compiling
+from sparseflow_kernels.library import exporting
 
 from ._common import has_hooks
 
@@ -49,7 +49,7 @@ class StaticFramesForward:
     def __call__(self, x, *args, **kwargs):
         m = self.module
         if (not args and not kwargs and isinstance(x, torch.Tensor) and x.dim() >= 3 and repeated_over_steps(x)
-                and not compiling() and not any(c.training or has_hooks(c) for c in m.children())):
+                and not exporting() and not any(c.training or has_hooks(c) for c in m.children())):
             y = nn.Sequential.forward(m, x[0])
             return y.unsqueeze(0).expand(x.shape[0], *y.shape)
         return type(m).forward(m, x, *args, **kwargs)
