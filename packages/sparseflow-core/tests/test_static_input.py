@@ -225,14 +225,46 @@ class _PooledStem(torch.nn.Module):
         return self.lif2(self.bn(self.conv(self.lif(self.relu(self.pool(self.stem(x)))))))
 
 
-def _pooled_stem(writer):
-    torch.manual_seed(0)
-    net = _PooledStem(writer)
+def _calibrated(net):
+    """(``net`` in eval mode with its BatchNorms calibrated on a static input, that input's frames [N, 3, 12, 12])."""
     functional.set_step_mode(net, "m")
     frame = torch.randn(2, 3, 12, 12) * 1.5 + 0.2
     with torch.no_grad():
         calibrate_bns(net, frame.unsqueeze(0).expand(3, *frame.shape).contiguous())
     return net.eval(), frame
+
+
+def _pooled_stem(writer):
+    torch.manual_seed(0)
+    return _calibrated(_PooledStem(writer))
+
+
+def _static_and_materialized(net, frame, paths):
+    """(the stride-0 input, ``net`` optimized on it with its report, ``net`` optimized on it materialized)."""
+    x = frame.unsqueeze(0).expand(3, *frame.shape)
+    with force_path(paths):
+        opt, rep = optimize(copy.deepcopy(net), x, block_size=8, return_report=True)
+        moving = optimize(copy.deepcopy(net), x.contiguous(), block_size=8)
+    return x, opt, rep, moving
+
+
+def _matches_over_calls(opt, moving, dense, x, paths, repeated):
+    """Three calls (first, no reset, after reset): ``opt`` on the stride-0 ``x`` gives ``moving``'s outputs and
+    membranes on it materialized and the dense model's outputs; ``repeated()`` (the stride-0 outputs) holds."""
+    from test_sum_neurons import neuron_states
+
+    with torch.no_grad(), force_path(paths):
+        for call in ("first", "no reset", "after reset"):
+            if call == "after reset":
+                for m in (opt, moving, dense):
+                    functional.reset_net(m)
+            out, ref, dref = opt(x), moving(x.contiguous()), dense(x.contiguous())
+            assert repeated(), call
+            assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (call, (out - ref).abs().max())
+            assert torch.allclose(out, dref, atol=1e-4, rtol=1e-4), (call, (out - dref).abs().max())
+            assert 0 < out.mean() < 1
+            a, b = neuron_states(opt), neuron_states(moving)
+            assert all(torch.allclose(torch.as_tensor(a[n]), torch.as_tensor(b[n]), atol=1e-5) for n in a)
 
 
 @pytest.mark.parametrize("path", ["torch", "dense"])
@@ -241,32 +273,16 @@ def test_pooled_stem_convolves_and_pools_the_frame_once(path):
     pool on the cuDNN path), the pool pools it once, and both hand their output on repeated by stride 0; the neuron
     runs over the steps. Outputs and membranes equal the same optimized model's on the materialized input and the
     dense model's, over calls without and after a reset."""
-    from test_sum_neurons import neuron_states
-
     net, frame = _pooled_stem(False)
     paths = {"conv": path, "spiking": "cudnn"}
-    x = frame.unsqueeze(0).expand(3, *frame.shape)
-    with force_path(paths):
-        opt, rep = optimize(copy.deepcopy(net), x, block_size=8, return_report=True)
-        moving = optimize(copy.deepcopy(net), x.contiguous(), block_size=8)
+    x, opt, rep, moving = _static_and_materialized(net, frame, paths)
     assert opt.pool.static_passthrough and opt.stem[0].static_passthrough
     assert any("static input" in n and "a max pool included" in n for n in rep.notes)
     assert opt.stem[0].defer_shift  # (the cuDNN path leaves its bias to the pool)
-    dense = copy.deepcopy(net)
     seen = {}
     opt.pool.register_forward_hook(lambda m, i, o: seen.update(pool_in=i[0], pool=o))
-    with torch.no_grad(), force_path(paths):
-        for call in ("first", "no reset", "after reset"):
-            if call == "after reset":
-                for m in (opt, moving, dense):
-                    functional.reset_net(m)
-            out, ref, dref = opt(x), moving(x.contiguous()), dense(x.contiguous())
-            assert seen["pool_in"].stride(0) == 0 and seen["pool"].stride(0) == 0
-            assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (call, (out - ref).abs().max())
-            assert torch.allclose(out, dref, atol=1e-4, rtol=1e-4), (call, (out - dref).abs().max())
-            assert 0 < out.mean() < 1
-            a, b = neuron_states(opt), neuron_states(moving)
-            assert all(torch.allclose(torch.as_tensor(a[n]), torch.as_tensor(b[n]), atol=1e-5) for n in a)
+    _matches_over_calls(opt, moving, copy.deepcopy(net), x, paths,
+                        lambda: seen["pool_in"].stride(0) == 0 and seen["pool"].stride(0) == 0)
     assert opt.stem[0].last_path == f"{path}_static" and moving.stem[0].last_path == path
 
 
@@ -311,11 +327,7 @@ class _ContainerStem(torch.nn.Module):
 
 def _container_stem(inner=None):
     torch.manual_seed(1)
-    net = _ContainerStem(inner)
-    frame = torch.randn(2, 3, 12, 12) * 1.5 + 0.2
-    with torch.no_grad():
-        calibrate_bns(net, frame.unsqueeze(0).expand(3, *frame.shape).contiguous())
-    return net.eval(), frame
+    return _calibrated(_ContainerStem(inner))
 
 
 @pytest.mark.parametrize("path", ["torch", "dense"])
@@ -324,31 +336,17 @@ def test_container_stem_runs_one_frame_per_sample(path):
     repeated by stride 0: outputs and membranes equal the same optimized model's on the materialized input and the
     dense model's, over calls without and after a reset; a hook on a module inside, train mode and restore() run
     the container's own forward (every step)."""
-    from test_sum_neurons import neuron_states
-
     net, frame = _container_stem()
     paths = {"conv": path, "spiking": "cudnn"}
-    x = frame.unsqueeze(0).expand(3, *frame.shape)
-    with force_path(paths):
-        opt, rep = optimize(copy.deepcopy(net), x, block_size=8, return_report=True)
-        moving = optimize(copy.deepcopy(net), x.contiguous(), block_size=8)
+    x, opt, rep, moving = _static_and_materialized(net, frame, paths)
     assert runs_static_frames_once(opt.stem)
     assert any("frame-wise containers stem run their modules on one frame per sample" in n for n in rep.notes)
     dense = copy.deepcopy(net)
     seen = {}
     opt.stem.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    _matches_over_calls(opt, moving, dense, x, paths,
+                        lambda: seen["out"].stride(0) == 0 and seen["out"].shape[:2] == (3, 2))
     with torch.no_grad(), force_path(paths):
-        for call in ("first", "no reset", "after reset"):
-            if call == "after reset":
-                for m in (opt, moving, dense):
-                    functional.reset_net(m)
-            out, ref, dref = opt(x), moving(x.contiguous()), dense(x.contiguous())
-            assert seen["out"].stride(0) == 0 and seen["out"].shape[:2] == (3, 2)
-            assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (call, (out - ref).abs().max())
-            assert torch.allclose(out, dref, atol=1e-4, rtol=1e-4), (call, (out - dref).abs().max())
-            assert 0 < out.mean() < 1
-            a, b = neuron_states(opt), neuron_states(moving)
-            assert all(torch.allclose(torch.as_tensor(a[n]), torch.as_tensor(b[n]), atol=1e-5) for n in a)
         # a hook inside the container sees what it sees in the dense model: every step's frames
         shapes = []
         h = opt.stem[2].register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
