@@ -27,6 +27,10 @@
 #   GPU_TEST_SELECT   a pytest -k expression (may hold spaces: "compile or spikformer")
 #   (with OUT set, each failed test's traceback goes to $OUT/gpu_failures.log as it fails: conftest.py)
 #   PROFILE_MODELS    after the benchmarks, scripts/profile_e2e.py on these models (comma-separated)
+#   GPU_CACHE         a folder (e.g. .gpu_cache, ignored by git) for Triton's and Inductor's compile caches
+#                     (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR): a run that finds the folder filled (carried
+#                     back from an earlier run) reuses its compiled kernels; with OUT set, the folder is packed
+#                     into $OUT/gpu_cache.tgz at the end while it is under GPU_CACHE_MAX_MB (default 48)
 #   GPU_BENCH=nox     run the benchmarks as `nox -s bench` (nox from .whl/nox/, in this machine's python:
 #                     --no-venv --no-install, our packages on PYTHONPATH) with the arguments given to this
 #                     script going to the sparseflow-bench CLI; default: python3 -m sparseflow_bench.gpu_run
@@ -57,6 +61,25 @@ fi
 SRC_PATH="$ROOT/packages/sparseflow-kernels/src:$ROOT/packages/sparseflow-ops/src"
 SRC_PATH="$SRC_PATH:$ROOT/packages/sparseflow-core/src:$ROOT/packages/sparseflow-bench/src:$ROOT/src"
 export PYTHONPATH="$SRC_PATH${PYTHONPATH:+:$PYTHONPATH}"
+
+# compile caches kept in the working tree, to be carried from one run to the next (GPU_CACHE)
+if [ -n "${GPU_CACHE:-}" ]; then
+    mkdir -p "$GPU_CACHE/triton" "$GPU_CACHE/inductor"
+    TRITON_CACHE_DIR="$(cd "$GPU_CACHE" && pwd)/triton"
+    TORCHINDUCTOR_CACHE_DIR="$(cd "$GPU_CACHE" && pwd)/inductor"
+    export TRITON_CACHE_DIR TORCHINDUCTOR_CACHE_DIR
+fi
+
+pack_cache() {
+    [ -n "${GPU_CACHE:-}" ] && [ -n "${OUT:-}" ] || return 0
+    local mb
+    mb=$(du -sm "$GPU_CACHE" | cut -f1)
+    if [ "$mb" -le "${GPU_CACHE_MAX_MB:-48}" ]; then
+        tar czf "$OUT/gpu_cache.tgz" -C "$GPU_CACHE" . && log "compile caches ($mb MB) packed into $OUT/gpu_cache.tgz"
+    else
+        log "compile caches: $mb MB, over GPU_CACHE_MAX_MB=${GPU_CACHE_MAX_MB:-48}: not packed"
+    fi
+}
 
 # 3. environment report
 log "environment"
@@ -145,6 +168,7 @@ if [ -n "${PROFILE_MODELS:-}" ]; then
     python3 scripts/profile_e2e.py --models "$PROFILE_MODELS" --out "$RESULTS_DIR" || bench_rc=1
 fi
 
+pack_cache
 log "summary: tests exit $tests_rc, benchmarks exit $bench_rc, results in $RESULTS_DIR"
 if [ "$tests_rc" -ne 0 ] || [ "$bench_rc" -ne 0 ]; then
     exit 1
