@@ -188,7 +188,7 @@ def spiking_conv2d(
         pool = pool_args(*pool, op=op)
         why = pool_uncovered(OH, OW, *pool)
         if why and path != "fused":
-            raise ValueError(f"{op}: the cuDNN path pools in its neuron kernel, which needs every pixel in a "
+            raise ValueError(f"{op}: the {path!r} path pools in its neuron kernel, which needs every pixel in a "
                              f"window of the pool; {why}")
     require_triton_device(op, x, weight, bias, scale, shift, residual, v)
     require_int32_indexable(op, x, residual)

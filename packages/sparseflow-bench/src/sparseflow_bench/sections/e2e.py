@@ -332,7 +332,8 @@ def _layer_table(name: str, m: dict) -> list[str]:
     for kind, c in kinds.items():
         pair = c.get("cudnn", c.get("cudnn_static", c.get("pair")))
         fused = {k: v for k, v in c.items()
-                 if not k.startswith("cudnn") and k != "pair" and v is not None and v != float("inf")}
+                 if not k.startswith("cudnn") and k != "pair" and "_pair" not in k  # (im2col_pair: a pair too)
+                 and v is not None and v != float("inf")}
         best = min(fused, key=fused.get) if fused else None
         ratio = f"{fused[best] / pair:.2f}" if best and pair else "—"
         lines.append(f"| {kind} | {min(c, key=c.get)} | {pair if pair is not None else '—'} | "
