@@ -5,6 +5,7 @@ report, survives the ``dtype=`` cast and the CUDA graph, and an input whose step
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -342,6 +343,12 @@ def test_container_stem_runs_one_frame_per_sample(path):
     assert runs_static_frames_once(opt.stem)
     assert any("frame-wise containers stem run their modules on one frame per sample" in n for n in rep.notes)
     dense = copy.deepcopy(net)
+    # pickled and loaded (torch.save), the container runs one frame per sample again
+    back = pickle.loads(pickle.dumps(opt))
+    assert runs_static_frames_once(back.stem) and back.stem.forward.module is back.stem
+    with torch.no_grad(), force_path(paths):
+        torch.testing.assert_close(back(x), dense(x.contiguous()), atol=1e-4, rtol=1e-4)
+        functional.reset_net(dense)
     seen = {}
     opt.stem.register_forward_hook(lambda m, i, o: seen.update(out=o))
     _matches_over_calls(opt, moving, dense, x, paths,
