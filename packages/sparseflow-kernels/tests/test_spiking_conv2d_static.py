@@ -176,3 +176,18 @@ def test_triton_conv_refuses_t_in_m():
     layer = _static_layer(3, 1, 16, 16, 6, 3, torch.float32, 2)
     with pytest.raises(ValueError, match="path='triton_conv' convolves the frames on their own"):
         _run(layer, layer["x"], 1, 1, ConvConfig(4, 4, 16, 16, True, 4, 2), NEURONS["lif-hard"], path="triton_conv")
+
+
+def test_static_channels_last_input_on_a_tensor_descriptor_t_in_m_tiling():
+    """A tiling with the steps in the GEMM's rows reads the static input repeated in memory: copied channels_last,
+    as each step is, so tensor-descriptor loads take it; the result is the materialized input's, bit for bit."""
+    p = NEURONS["lif-hard"]
+    layer = _static_layer(3, 2, 16, 16, 6, 3, torch.float16, 4)
+    cfg = spiking_configs(16, 16, 3, tma=True)["tma_tm_2x4"]
+    x = layer["x"]
+    moved = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
+    assert x.stride(0) == 0 and x[0].is_contiguous(memory_format=torch.channels_last)
+    a = _run(layer, x, 1, 1, cfg, p)
+    b = _run(layer, moved, 1, 1, cfg, p)
+    assert all(torch.equal(u, w) for u, w in zip(a, b))
+    assert 0 < a[0].float().mean() < 1

@@ -62,10 +62,16 @@ def pool_steps(spikes: torch.Tensor, pool) -> torch.Tensor:
 
 def _flat_tn(t: torch.Tensor) -> torch.Tensor:
     """[T, N, C, H, W] -> [T*N, C, H, W]: a view when T and N merge (always for our own outputs, which the
-    kernels write through it), else a copy (inputs only)."""
+    kernels write through it), else a copy (inputs only: a static input repeated by stride 0, say), channels_last
+    where each step is."""
     try:
         return t.view(t.shape[0] * t.shape[1], *t.shape[2:])
     except RuntimeError:
+        if t.dim() == 5 and t[0].is_contiguous(memory_format=torch.channels_last) and not t[0].is_contiguous():
+            flat = torch.empty((t.shape[0] * t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device,
+                               memory_format=torch.channels_last)
+            flat.view(t.shape).copy_(t)
+            return flat
         return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
 
 
