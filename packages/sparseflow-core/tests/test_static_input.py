@@ -251,7 +251,9 @@ def _static_and_materialized(net, frame, paths):
 
 def _matches_over_calls(opt, moving, dense, x, paths, repeated):
     """Three calls (first, no reset, after reset): ``opt`` on the stride-0 ``x`` gives ``moving``'s outputs and
-    membranes on it materialized and the dense model's outputs; ``repeated()`` (the stride-0 outputs) holds."""
+    membranes on it materialized and the dense model's outputs; ``repeated()`` (the stride-0 outputs) holds. Then in
+    train mode (the dense modules run, every step): the dense model's outputs, and ``repeated()`` does not hold. The
+    models are back in eval mode and reset afterwards."""
     from test_sum_neurons import neuron_states
 
     with torch.no_grad(), force_path(paths):
@@ -266,6 +268,15 @@ def _matches_over_calls(opt, moving, dense, x, paths, repeated):
             assert 0 < out.mean() < 1
             a, b = neuron_states(opt), neuron_states(moving)
             assert all(torch.allclose(torch.as_tensor(a[n]), torch.as_tensor(b[n]), atol=1e-5) for n in a)
+        for m in (opt, dense):
+            m.train()
+            functional.reset_net(m)
+        out, dref = opt(x), dense(x.contiguous())
+        assert not repeated()
+        assert torch.allclose(out, dref, atol=1e-4, rtol=1e-4), (out - dref).abs().max()
+        for m in (opt, moving, dense):
+            m.eval()
+            functional.reset_net(m)
 
 
 @pytest.mark.parametrize("path", ["torch", "dense"])
@@ -284,6 +295,8 @@ def test_pooled_stem_convolves_and_pools_the_frame_once(path):
     opt.pool.register_forward_hook(lambda m, i, o: seen.update(pool_in=i[0], pool=o))
     _matches_over_calls(opt, moving, copy.deepcopy(net), x, paths,
                         lambda: seen["pool_in"].stride(0) == 0 and seen["pool"].stride(0) == 0)
+    with torch.no_grad(), force_path(paths):
+        opt(x), moving(x.contiguous())
     assert opt.stem[0].last_path == f"{path}_static" and moving.stem[0].last_path == path
 
 

@@ -69,10 +69,11 @@ class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
         """A convolution whose folded bias was left to this pool (``SparseConv2d.defer_shift``, the producer
         attached it to its output) gets it added here, after the max: the same value, on 4x fewer elements. With
         ``static_passthrough``, a multi-step input repeated over the steps by stride 0 is pooled once per sample
-        and returned repeated by stride 0 (not while ``torch.export`` traces the call)."""
+        and returned repeated by stride 0, ``max_pool(x[t]) = max_pool(x[0])`` (in eval mode, and not while
+        ``torch.export`` traces the call)."""
         shift = None if compiling() else take_shift(x)  # (a traced conv adds its own bias)
         if getattr(self, "multi_step", False) and x.dim() == 5:
-            if self.static_passthrough and repeated_over_steps(x) and not exporting():  # max_pool(x[t]) = ...(x[0])
+            if self.static_passthrough and not self.training and repeated_over_steps(x) and not exporting():
                 y = self._pool(x[0], shift)
                 return y.unsqueeze(0).expand(x.shape[0], *y.shape)
             y = self._pool(x.flatten(0, 1), shift)
