@@ -16,11 +16,13 @@ def _replace(m: nn.MaxPool2d, ctx):
         return None, "mode='torch'"
     new = TritonMaxPool2d.from_dense(m)
     # a static input's frame (its stem convolved once) pooled once and handed on repeated by stride 0: only where
-    # no reader writes into the output
+    # no reader writes into the output; said in the report where the pool reads a stem's output, not spikes
     writer = static_writer(ctx.analysis, ctx.model, ctx.name)
     new.static_passthrough = not writer
     detail = "max pool (Triton, layout kept)"
-    return new, detail + (f"; a static input is pooled at every step: {writer}" if writer and new.multi_step else "")
+    if writer and new.multi_step and not ctx.analysis.spike_fed(ctx.name)[0]:
+        detail += f"; a static input is pooled at every step: {writer}"
+    return new, detail
 
 
 register_op_handler(nn.MaxPool2d, OpHandler("maxpool2d", _replace, accepts=lambda m: not m.return_indices,
