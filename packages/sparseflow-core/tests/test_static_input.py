@@ -322,26 +322,27 @@ def test_pooled_stem_with_a_writer_after_the_pool_pools_every_step():
 
 class _ContainerStem(torch.nn.Module):
     """Spikformer's patch stem: ``SeqToANNContainer(Conv2d, BatchNorm2d, MaxPool2d)`` -> LIF, then a spiking
-    layer; ``inner`` a module put after the pool inside the container."""
+    layer; ``inner`` a module put after the pool inside the container; ``after`` one between it and the LIF."""
 
-    def __init__(self, inner=None):
+    def __init__(self, inner=None, after=None):
         super().__init__()
         from spikingjelly.activation_based import layer, neuron
 
         mods = [torch.nn.Conv2d(3, 8, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.MaxPool2d(3, 2, 1)]
         self.stem = layer.SeqToANNContainer(*mods, *([inner] if inner is not None else []))
+        self.after = after if after is not None else torch.nn.Identity()
         self.lif = neuron.LIFNode(tau=2.0, step_mode="m")
         self.conv = layer.Conv2d(8, 8, 3, 1, 1, bias=False, step_mode="m")
         self.bn = layer.BatchNorm2d(8, step_mode="m")
         self.lif2 = neuron.LIFNode(tau=2.0, step_mode="m")
 
     def forward(self, x):
-        return self.lif2(self.bn(self.conv(self.lif(self.stem(x)))))
+        return self.lif2(self.bn(self.conv(self.lif(self.after(self.stem(x))))))
 
 
-def _container_stem(inner=None):
+def _container_stem(inner=None, after=None):
     torch.manual_seed(1)
-    return _calibrated(_ContainerStem(inner))
+    return _calibrated(_ContainerStem(inner, after))
 
 
 @pytest.mark.parametrize("path", ["torch", "dense"])
@@ -380,7 +381,7 @@ def test_container_stem_runs_one_frame_per_sample(path):
     assert not runs_static_frames_once(opt.stem)
 
 
-@pytest.mark.parametrize("inner", ["relu_inplace", "batchnorm_1d"])
+@pytest.mark.parametrize("inner", ["relu_inplace", "batchnorm_1d", "writer_after"])
 def test_container_stem_not_frame_wise_runs_every_step(inner):
     """A container holding a module that writes in place, or one not known to be frame-wise, keeps its own forward;
     the report's note says why; the model is the dense one."""
@@ -388,8 +389,8 @@ def test_container_stem_not_frame_wise_runs_every_step(inner):
         def forward(self, y):
             return y - y.mean(0, keepdim=True)
 
-    mod = torch.nn.ReLU(inplace=True) if inner == "relu_inplace" else PerBatch()
-    net, frame = _container_stem(mod)
+    mod = {"relu_inplace": torch.nn.ReLU(inplace=True), "batchnorm_1d": PerBatch(), "writer_after": None}[inner]
+    net, frame = _container_stem(mod, torch.nn.ReLU(inplace=True) if inner == "writer_after" else None)
     x = frame.unsqueeze(0).expand(3, *frame.shape)
     with force_path({"conv": "torch", "spiking": "cudnn"}):
         opt, rep = optimize(copy.deepcopy(net), x, block_size=8, return_report=True)
@@ -397,8 +398,10 @@ def test_container_stem_not_frame_wise_runs_every_step(inner):
             functional.reset_net(opt)
             out = opt(x)
     assert not runs_static_frames_once(opt.stem)
-    why = "writes in place" if inner == "relu_inplace" else "is not known to compute each frame on its own"
-    assert any("these run every step: stem (3 (" in n and why in n for n in rep.notes), rep.notes
+    why = {"relu_inplace": "stem (3 (ReLU) writes in place",
+           "batchnorm_1d": "stem (3 (PerBatch) is not known to compute each frame on its own",
+           "writer_after": "stem (its output is read by after (ReLU), which may write into it"}[inner]
+    assert any("these run every step: " + why in n for n in rep.notes), rep.notes
     ref = _dense(net, x)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5) and ref.abs().sum() > 0
 
