@@ -10,7 +10,7 @@ import threading
 import torch
 from torch.nn.modules import module as _mm
 
-from sparseflow_kernels import Occupancy, can_run_triton
+from sparseflow_kernels import Occupancy, can_run_triton, repeated_over_steps
 from sparseflow_kernels.library import compiling, exporting
 
 logger = logging.getLogger("sparseflow")
@@ -248,3 +248,9 @@ def take_shift(x: torch.Tensor) -> torch.Tensor | None:
                 return shift
     return None
 
+
+def passes_repeated(x: torch.Tensor) -> bool:
+    """Whether a layer may compute ``x`` ``[T, N, ...]`` once per frame and hand its result on repeated by stride 0
+    (a static passthrough): ``x`` repeats one frame over its steps by stride 0, and ``torch.export`` is not tracing
+    the call (the exported program must hold for any input of the example's shape)."""
+    return repeated_over_steps(x) and not exporting()

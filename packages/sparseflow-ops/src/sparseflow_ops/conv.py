@@ -27,12 +27,12 @@ from torch import nn
 from sparseflow_kernels import ConvConfig, sparse_conv2d, tiling
 from sparseflow_kernels import dispatch as kdispatch
 from sparseflow_kernels.conv import pack_conv_weight, tma_supported
-from sparseflow_kernels.library import compiling, exporting, neuron_args
+from sparseflow_kernels.library import compiling, neuron_args
 from sparseflow_kernels.neuron_pool import pool_args, pool_uncovered
 from sparseflow_kernels.sparse_conv import conv_output_size
 from sparseflow_kernels.spiking import pool_steps, repeated_over_steps, spiking_conv2d
 
-from ._common import attach_occupancy, attach_shift, find_occupancy, residual_as, version_key
+from ._common import attach_occupancy, attach_shift, find_occupancy, passes_repeated, residual_as, version_key
 
 # (fold_bn, bn_affine and bn_key stay importable from this module: sparseflow_bench imports them here)
 from .base import SparseModule, bn_affine, bn_key, check_foldable_bn, check_mode, fold_bn
@@ -310,7 +310,7 @@ class SparseConv2d(SparseModule, nn.Conv2d):
         to the max pool (``defer_shift``) stays attached to the repeated output, which that pool then pools once.
         Not while ``torch.export`` traces the call: the program must hold for any input of the example's shape."""
         five = x.dim() == 5
-        if five and self.static_passthrough and x.shape[0] > 1 and repeated_over_steps(x) and not exporting():
+        if five and self.static_passthrough and passes_repeated(x):
             y = self._conv_forward_kernels(x[0])
             self.last_path = f"{self.last_path}_static"
             return y.unsqueeze(0).expand(x.shape[0], *y.shape)

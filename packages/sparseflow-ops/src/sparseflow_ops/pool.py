@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseflow_kernels import repeated_over_steps
-from sparseflow_kernels.library import compiling, exporting
+from sparseflow_kernels.library import compiling
 from sparseflow_kernels.pool import max_pool2d
 
-from ._common import kernels_can_run, take_shift
+from ._common import kernels_can_run, passes_repeated, take_shift
 from .base import SparseModule
 
 
@@ -73,7 +72,7 @@ class TritonMaxPool2d(SparseModule, nn.MaxPool2d):
         ``torch.export`` traces the call)."""
         shift = None if compiling() else take_shift(x)  # (a traced conv adds its own bias)
         if getattr(self, "multi_step", False) and x.dim() == 5:
-            if self.static_passthrough and not self.training and repeated_over_steps(x) and not exporting():
+            if self.static_passthrough and not self.training and passes_repeated(x):
                 y = self._pool(x[0], shift)
                 return y.unsqueeze(0).expand(x.shape[0], *y.shape)
             y = self._pool(x.flatten(0, 1), shift)

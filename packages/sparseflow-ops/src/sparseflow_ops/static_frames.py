@@ -16,10 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseflow_kernels import repeated_over_steps
-from sparseflow_kernels.library import exporting
-
-from ._common import has_hooks
+from ._common import has_hooks, passes_repeated
 
 #: modules that compute each sample of a batch on its own in eval mode
 FRAME_WISE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.MaxPool1d,
@@ -48,8 +45,8 @@ class StaticFramesForward:
 
     def __call__(self, x, *args, **kwargs):
         m = self.module
-        if (not args and not kwargs and isinstance(x, torch.Tensor) and x.dim() >= 3 and repeated_over_steps(x)
-                and not exporting() and not any(c.training or has_hooks(c) for c in m.children())):
+        if (not args and not kwargs and isinstance(x, torch.Tensor) and x.dim() >= 3 and passes_repeated(x)
+                and not any(c.training or has_hooks(c) for c in m.children())):
             y = nn.Sequential.forward(m, x[0])
             return y.unsqueeze(0).expand(x.shape[0], *y.shape)
         return type(m).forward(m, x, *args, **kwargs)
