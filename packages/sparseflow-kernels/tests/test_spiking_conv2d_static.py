@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from kernel_checks import NEURONS, assert_spikes_match, kernel_neuron_kwargs, reference_neuron
 
@@ -37,6 +37,12 @@ def _static_layer(T, N, C, CO, H, k, dtype, seed, residual=False, v0=False):
     res = (torch.randn(T, N, CO, 1, 1, generator=g) * 0.7).to(dtype) if residual else None
     v = torch.rand(N, CO, 1, 1, generator=g) * 1.2 - 0.4 if v0 else None
     return dict(x=x, w=w, scale=scale, shift=shift, res=res, v=v)
+
+
+def _materialized(x):
+    """The static input ``x`` repeated in memory, each step channels_last as the frame is (tensor descriptors need
+    that layout)."""
+    return x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
 
 
 def _run(layer, x, stride, padding, cfg, p, **kw):
@@ -70,11 +76,13 @@ def _expand_hw(layer, OH, OW):
        CO=st.sampled_from([8, 24]), H=st.integers(3, 10), geom=st.sampled_from(sorted(GEOMETRIES)),
        neuron=st.sampled_from(["lif-hard", "if-soft", "plif-soft-nodecayinput", "leaky-zero"]),
        residual=st.booleans(), v0=st.booleans(), seed=st.integers(0, 2**16))
+@example(cfg="tma-4x4", T=2, N=1, C=16, CO=8, H=3, geom="1x1", neuron="lif-hard", residual=False, v0=False, seed=0)
+@example(cfg="tma-4x4", T=3, N=2, C=16, CO=24, H=7, geom="3x3s1", neuron="if-soft", residual=True, v0=True, seed=1)
 def test_static_equals_materialized_and_reference(cfg, T, N, C, CO, H, geom, neuron, residual, v0, seed):
     k, stride, padding = GEOMETRIES[geom]
     c = CONFIGS[cfg]
-    if c.tma and (stride != 1 or C < 16):
-        c = CONFIGS["looped-8x8"]  # (tensor descriptors take "same" convolutions of at least 16 channels)
+    if c.tma and (stride != 1 or C % 8):
+        c = CONFIGS["looped-8x8"]  # (tensor descriptors take "same" convolutions whose pixels are 16-byte rows)
     dtype = torch.float16 if c.tma else torch.float32
     p = NEURONS[neuron]
     layer = _static_layer(T, N, C, CO, H, k, dtype, seed, residual, v0)
@@ -83,7 +91,7 @@ def test_static_equals_materialized_and_reference(cfg, T, N, C, CO, H, geom, neu
     x = layer["x"]
     assert x.stride(0) == 0
     spikes, v = _run(layer, x, stride, padding, c, p)
-    ms, mv = _run(layer, x.contiguous(), stride, padding, c, p)
+    ms, mv = _run(layer, _materialized(x), stride, padding, c, p)
     assert torch.equal(spikes, ms) and torch.equal(v, mv)
     ref_s, ref_h, ref_v = reference_neuron(p, _reference_z(layer, stride, padding, OH, OH), layer["v"])
     tol = dict(tie_tol=2e-2, v_rtol=2e-2) if dtype == torch.float16 else {}
@@ -98,7 +106,7 @@ def test_static_pool_in_the_epilogue(cfg):
     layer = _static_layer(3, 2, 3, 16, 16, 3, torch.float32, 5)
     kw = dict(pool=(2, 2, 0))
     spikes, v = _run(layer, layer["x"], 1, 1, CONFIGS[cfg], p, **kw)
-    ms, mv = _run(layer, layer["x"].contiguous(), 1, 1, CONFIGS[cfg], p, **kw)
+    ms, mv = _run(layer, _materialized(layer["x"]), 1, 1, CONFIGS[cfg], p, **kw)
     assert spikes.shape == (3, 2, 16, 8, 8)
     assert torch.equal(spikes, ms) and torch.equal(v, mv)
     ref_s, _, _ = reference_neuron(p, _reference_z(layer, 1, 1, 16, 16))
@@ -114,7 +122,7 @@ def test_static_sum_and_spikes():
     layer = _static_layer(3, 2, 16, 16, 7, 3, torch.float32, 9, residual=True)
     _expand_hw(layer, 7, 7)
     outs = [_run(layer, x, 1, 1, CONFIGS["looped-4x4"], p, return_sum=True)
-            for x in (layer["x"], layer["x"].contiguous())]
+            for x in (layer["x"], _materialized(layer["x"]))]
     for a, b in zip(*outs):
         assert torch.equal(a, b)
     assert torch.isfinite(outs[0][2]).all()
@@ -128,7 +136,7 @@ def test_static_input_on_every_configuration(name):
     p = NEURONS["lif-hard"]
     layer = _static_layer(3, 1, 16, 16, 6, 3, torch.float32, 3)
     a = _run(layer, layer["x"], 1, 1, cfg, p)
-    b = _run(layer, layer["x"].contiguous(), 1, 1, cfg, p)
+    b = _run(layer, _materialized(layer["x"]), 1, 1, cfg, p)
     assert all(torch.equal(u, w) for u, w in zip(a, b))
 
 
@@ -160,7 +168,7 @@ def test_triton_conv_pair_on_a_static_stem(pool):
     cfg = spiking_configs(3, 16, 3)["im2col_8x8"]
     kw = dict(path="triton_conv", pool=pool)
     spikes, v = _run(layer, layer["x"], 2, 3, cfg, p, **kw)
-    ms, mv = _run(layer, layer["x"].contiguous(), 2, 3, cfg, p, **kw)
+    ms, mv = _run(layer, _materialized(layer["x"]), 2, 3, cfg, p, **kw)
     assert torch.equal(spikes, ms) and torch.equal(v, mv)
     ref_s, ref_h, ref_v = reference_neuron(p, _reference_z(layer, 2, 3, 10, 10))
     if pool is None:
@@ -185,9 +193,8 @@ def test_static_channels_last_input_on_a_tensor_descriptor_t_in_m_tiling():
     layer = _static_layer(3, 2, 16, 16, 6, 3, torch.float16, 4)
     cfg = spiking_configs(16, 16, 3, tma=True)["tma_tm_2x4"]
     x = layer["x"]
-    moved = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
     assert x.stride(0) == 0 and x[0].is_contiguous(memory_format=torch.channels_last)
     a = _run(layer, x, 1, 1, cfg, p)
-    b = _run(layer, moved, 1, 1, cfg, p)
+    b = _run(layer, _materialized(x), 1, 1, cfg, p)
     assert all(torch.equal(u, w) for u, w in zip(a, b))
     assert 0 < a[0].float().mean() < 1
