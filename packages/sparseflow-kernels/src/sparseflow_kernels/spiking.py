@@ -35,15 +35,15 @@ def new_spike_tensor(T, N, C, H, W, dtype, device) -> torch.Tensor:
     return torch.empty((T, N, H, W, C), dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
 
 
-def new_membrane(N, C, H, W, dtype, device) -> torch.Tensor:
-    """[N, C, H, W] channels_last, the spikes' layout: a tensor of its own, not a view (a neuron may detach its
-    membrane in place, as SpikingJelly's ``detach`` does)."""
-    return torch.empty((N, C, H, W), dtype=dtype, device=device, memory_format=torch.channels_last)
-
-
 def new_frames(B, C, H, W, dtype, device) -> torch.Tensor:
     """[B, C, H, W] channels_last: a convolution's output frames, as cuDNN writes them for channels_last input."""
     return torch.empty((B, C, H, W), dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
+def new_membrane(N, C, H, W, dtype, device) -> torch.Tensor:
+    """[N, C, H, W] channels_last, the spikes' layout: a tensor of its own, not a view (a neuron may detach its
+    membrane in place, as SpikingJelly's ``detach`` does)."""
+    return new_frames(N, C, H, W, dtype, device)
 
 
 def repeated_over_steps(x: torch.Tensor) -> bool:
