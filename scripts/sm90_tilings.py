@@ -15,7 +15,9 @@ stride 0, which a steps-looped tiling convolves once); ``--k`` and ``--stride`` 
 kernel over a ``[T, N, C, H, H]`` channels_last map (BatchNorm folded), ``:r`` with a residual in the other memory
 order (NCHW) and the sum written, as MS-ResNet's sum kernels run; or ``pool:C:C:H[:3]``, the neuron with the max pool
 of its spikes (``multistep_neuron_pool``) over that map, windows of 2 / stride 2 (``:3``: 3 / 2 / 1, a ResNet
-stem's). Needs torch and triton, whose wheel carries
+stem's). ``--pdl`` compiles the kernels as they launch with programmatic dependent launch (``PDL=True``: each
+program first waits for the previous kernel, ``griddepcontrol`` in the PTX, counted in the ``GDC`` column). Needs
+torch and triton, whose wheel carries
 ptxas and cuobjdump; no GPU and no interpreter (``TRITON_INTERPRET`` is ignored). The kernels are compiled, never run:
 the launcher is stopped after Triton's ``warmup``. Figures are static (instructions in the binary, not executed), for
 comparing tilings and kernel changes before they are timed on the GPU.
@@ -76,13 +78,18 @@ class _Compiled(Exception):
 
 
 class _CompileOnly:
-    """``launch(kernel)[grid](*args)`` that compiles the kernel for the target and stops."""
+    """``launch(kernel)[grid](*args)`` that compiles the kernel for the target and stops (``pdl``: as launched with
+    programmatic dependent launch)."""
+
+    pdl = False
 
     def __init__(self, kernel):
         self.kernel = kernel
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
+            if self.pdl and "PDL" in self.kernel.arg_names:
+                kwargs.update(PDL=True, launch_pdl=True)
             raise _Compiled(self.kernel.warmup(*args, grid=grid, **kwargs))
         return run
 
@@ -140,7 +147,8 @@ def resources(kernel) -> dict:
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return {"regs": int(regs.group(1)) if regs else None, "spill": f"{spill.group(1)}/{spill.group(2)}" if spill else "",
             "smem": kernel.metadata.shared, "warps": kernel.metadata.num_warps, "sass": len(re.findall(r"/\*[0-9a-f]{4,}\*/", sass)),
-            **{op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "BAR", "STS", "LDS", "LDSM", "SHFL")}}
+            **{op: len(re.findall(rf"\b{op}\b", sass)) for op in ("HGMMA", "HMMA", "BAR", "STS", "LDS", "LDSM", "SHFL")},
+            "GDC": len(re.findall(r"^\s*griddepcontrol\.", ptx, re.M))}
 
 
 def main(argv=None) -> int:
@@ -150,7 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--N", type=int, default=8)
     p.add_argument("--k", type=int, default=3, help="the convolution's kernel size (padding k // 2)")
     p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--pdl", action="store_true", help="compile with programmatic dependent launch (PDL=True)")
     a = p.parse_args(argv)
+    _CompileOnly.pdl = a.pdl
     specs = a.specs or [f"{n}:{c}:{c}:{h}{r}" for c, h in SHAPES for n in TMA_CONFIGS for r in ("", ":r")]
     driver.set_active(_Hopper())
     kconv.launch = kneuron.launch = kneuron_pool.launch = _CompileOnly  # compile, never run
@@ -158,8 +168,8 @@ def main(argv=None) -> int:
     kneuron_pool.multiprocessors = lambda device: 132  # (an H200's, for the tile the launcher picks)
     kspiking.require_triton_device = kneuron.require_triton_device = kneuron_pool.require_triton_device = \
         lambda op, *tensors: tensors[0].device
-    print(f"triton {triton.__version__}, sm_90a, T={a.T}, N={a.N}")
-    cols = ("regs", "spill", "smem", "sass", "HGMMA", "HMMA", "BAR", "STS", "LDS", "LDSM", "SHFL")
+    print(f"triton {triton.__version__}, sm_90a, T={a.T}, N={a.N}" + (", PDL" if a.pdl else ""))
+    cols = ("regs", "spill", "smem", "sass", "HGMMA", "HMMA", "BAR", "STS", "LDS", "LDSM", "SHFL", "GDC")
     print("| tiling | C / CO / map | residual | warps | " + " | ".join(cols) + " |")
     print("|---" * (4 + len(cols)) + "|")
     for spec in specs:

@@ -1,7 +1,8 @@
 """``scripts/sm90_tilings.py`` compiles the fused convolution's tilings and the neuron kernel for sm_90a without a
 GPU. Checked here on two tilings with T in the GEMM's M: the script's table, and what the epilogue that picks each
 step's rows compiles to (no register spills, no shuffles), with a residual and without; the 128-row tile on wgmma,
-the 32-row one on mma.sync; and the neuron kernel at each chunk of steps it loads at once."""
+the 32-row one on mma.sync; the neuron kernel at each chunk of steps it loads at once; and both compiled for
+programmatic dependent launch."""
 
 from __future__ import annotations
 
@@ -45,3 +46,15 @@ def test_neuron_kernel_compiles_for_sm90_at_every_step_chunk():
         assert [(r["tiling"], r["residual"]) for r in rows] == [("neuron", "no"), ("neuron", "yes")], (T, rows)
         for r in rows:
             assert r["spill"] == "0/0" and r["SHFL"] == "0" and int(r["sass"]) > 0, (T, r)
+
+
+def test_pdl_kernels_wait_for_the_previous_kernel():
+    """``--pdl``: the kernels compiled as they launch with programmatic dependent launch hold the wait for the previous
+    kernel and the release of the next (two ``griddepcontrol`` instructions) at about the registers they take without
+    it (the same with Triton 3.6 and 3.8); without, none."""
+    first, on = _table("tma_tm_2x4:64:64:56:r", "neuron:64:64:14", "--pdl")
+    assert first.endswith(", PDL")
+    _, off = _table("tma_tm_2x4:64:64:56:r", "neuron:64:64:14")
+    assert [r["GDC"] for r in on] == ["2", "2"] and [r["GDC"] for r in off] == ["0", "0"]
+    for a, b in zip(on, off):
+        assert int(a["regs"]) <= int(b["regs"]) + 2 and a["spill"] == "0/0", (a, b)

@@ -4,7 +4,7 @@ Depends only on torch and triton. Kernels run on CUDA tensors, or on the CPU und
 """
 
 from . import library  # noqa: F401  (registers the torch.ops.sparseflow operators)
-from ._utils import can_run_triton
+from ._utils import can_run_triton, pdl_enabled, set_pdl
 from .attention import channel_dot, qk_token_attention, ssa_attention
 from .batchnorm import sparse_batch_norm2d
 from .conv import ConvConfig
@@ -32,9 +32,11 @@ __all__ = [
     "grouped_conv2d",
     "linear_block_flags",
     "multistep_neuron",
+    "pdl_enabled",
     "prescan",
     "qk_token_attention",
     "repeated_over_steps",
+    "set_pdl",
     "sparse_batch_norm2d",
     "sparse_conv1x1",
     "sparse_conv2d",

@@ -6,7 +6,8 @@
   (:mod:`~sparseflow_kernels.conv`) and the body of the multi-step neuron kernel (:mod:`~sparseflow_kernels.neuron`);
   ``NEURON_*`` are the codes of its ``NEURON`` constexpr (0: no neuron, a plain convolution);
 * :func:`_step_of`: one time step of a tile that holds a few steps per pixel (selected, not reduced): the T-in-M
-  epilogue of the fused convolution and the multi-step neuron kernel, which load several steps at once.
+  epilogue of the fused convolution and the multi-step neuron kernel, which load several steps at once;
+* :func:`pdl_enter`: the first statement of every kernel, its side of programmatic dependent launch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ from triton.language.extra import libdevice
 _INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 NEURON_NONE, NEURON_LIF, NEURON_IF, NEURON_LEAKY, NEURON_PLIF = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """The first statement of every kernel (``PDL``: its last parameter, which the launcher sets where the kernel
+    launches with programmatic dependent launch, see ``_utils.pdl_enabled``). Launched so, a kernel may start while
+    the kernel before it in the stream is still running: each program waits here until that kernel has completed and
+    its writes are visible, before any load, store or exit of its own (a program that touched memory or returned
+    first would break the ordering, also the one the next kernel relies on transitively), then lets the next
+    kernel be scheduled."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit

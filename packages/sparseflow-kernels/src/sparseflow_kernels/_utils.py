@@ -159,6 +159,44 @@ def _traced(args) -> bool:
     return is_fake(a)
 
 
+def _env_pdl() -> bool:
+    return os.environ.get("SPARSEFLOW_PDL", "1").strip() != "0"
+
+
+_PDL = _env_pdl()
+_PDL_CAPABLE: dict = {}
+
+
+def set_pdl(enabled: bool) -> bool:
+    """Turn programmatic dependent launch on or off for the kernels launched from now on (a CUDA graph keeps the
+    launches it captured); return the previous setting. The default is on, unless ``SPARSEFLOW_PDL=0`` was set when
+    ``sparseflow_kernels`` was imported."""
+    global _PDL
+    previous, _PDL = _PDL, bool(enabled)
+    return previous
+
+
+def _pdl_device(device: torch.device) -> bool:
+    """:func:`pdl_enabled` without the interpreter check (a launcher checks that once)."""
+    if not _PDL or device.type != "cuda":
+        return False
+    got = _PDL_CAPABLE.get(device)
+    if got is None:
+        got = _PDL_CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return got
+
+
+def pdl_enabled(device: torch.device | str) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch: a CUDA GPU of compute capability 9.0
+    or newer (Hopper), not the CPU interpreter, and the switch on (:func:`set_pdl`, ``SPARSEFLOW_PDL``). Such a
+    kernel may be scheduled while the kernel before it in the stream finishes; each of its programs first waits for
+    that kernel to complete (``pdl_enter``), so no program reads or writes memory before the previous kernel's
+    writes are visible."""
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    return not interpreter_active() and _pdl_device(device)
+
+
 class _Launch:
     """A kernel launcher that goes through ``torch.library.wrap_triton`` only while it is traced.
 
@@ -169,9 +207,14 @@ class _Launch:
     interpreter (whose interpreted kernels ``wrap_triton`` does not take), a traced launch launches nothing: the
     operator's outputs are allocated by the launcher, and the kernel runs when the traced program runs."""
 
+    pdl = False  # whether the kernel declares ``PDL`` (and runs compiled)
+
     def __init__(self, kernel):
         self.kernel = kernel
         self.interpreted = interpreter_active()
+        # a kernel declaring ``PDL`` (last, default False: see :func:`pdl_enabled`) launches eagerly with
+        # programmatic dependent launch where the GPU has it; traced and interpreted launches keep the default
+        self.pdl = not self.interpreted and "PDL" in kernel.arg_names
         if not self.interpreted:
             from torch.library import wrap_triton
 
@@ -180,6 +223,10 @@ class _Launch:
     def __getitem__(self, grid):
         def call(*args, **kwargs):
             if not _traced((*args, *kwargs.values())):
+                if self.pdl:
+                    a = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                    if a is not None and _pdl_device(a.device):
+                        return self.kernel[grid](*args, **kwargs, PDL=True, launch_pdl=True)
                 return self.kernel[grid](*args, **kwargs)
             return None if self.interpreted else self.traceable[grid](*args, **kwargs)
 

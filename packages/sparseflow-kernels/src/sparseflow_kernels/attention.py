@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import _neuron_step
+from ._epilogue_jit import _neuron_step, pdl_enter
 from ._utils import (
     cdiv,
     dot_precision,
@@ -62,7 +62,9 @@ def _ssa_kernel(
     H, D, L, scale,
     D_P2: tl.constexpr, BLOCK_L: tl.constexpr, SPARSE: tl.constexpr,
     PREC: tl.constexpr, PREC32: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     h = pid % H
     b = pid // H
@@ -169,7 +171,9 @@ def _channel_dot_kernel(
     a_ptr, sab, sac, sal, b_ptr, sbb, sbc, sbl, y_ptr, syb, syc,
     C, L, NUM_CB,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     cb = pid % NUM_CB
     bi = pid // NUM_CB
@@ -223,10 +227,12 @@ def _qk_token_kernel(
     leak, v_th, v_reset, v_init,
     NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
     HAS_V: tl.constexpr, STORE_V: tl.constexpr, D_P2: tl.constexpr, BLOCK_L: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """A program owns ``[D_P2 head channels, BLOCK_L tokens]`` of one (sample, head) and loops over the steps: the
     sum of ``q`` over the head's channels (fp32, rounded to the input's dtype as the dense sum), the neuron step on
     it, and ``spike * k`` stored."""
+    pdl_enter(PDL)
     leak = tl.cast(leak, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_reset = tl.cast(v_reset, tl.float32)

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import pdl_enter
 from ._occupancy_jit import _tile_of, _tile_pixels
 from ._utils import cdiv, launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
 from .occupancy import Occupancy
@@ -33,7 +34,9 @@ def _bn_kernel(
     sob, soh, sow,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr, GROUP: tl.constexpr,
     HAS_OCC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     cb = tl.program_id(1)
     b, th, tw = _tile_of(pid, TILES_H, TILES_W)

@@ -31,7 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_NONE, NEURON_PLIF, _neuron_step, _step_of
+from ._epilogue_jit import (
+    NEURON_IF,
+    NEURON_LEAKY,
+    NEURON_LIF,
+    NEURON_NONE,
+    NEURON_PLIF,
+    _neuron_step,
+    _step_of,
+    pdl_enter,
+)
 from ._occupancy_jit import _active_groups, _block_of, _edge_codes, _visit_group, _visit_list
 from ._utils import _traced, cdiv, interpreter_active, launch, multiprocessors, next_power_of_2
 from .tiling import ConvConfig
@@ -251,7 +260,9 @@ def _conv_kernel(
     sum_ptr=None, SUM_OUT: tl.constexpr = False,
     SK_CHUNK=1, SK_SLOTS=1, STREAM_K: tl.constexpr = False, POOL: tl.constexpr = 1, IM2COL: tl.constexpr = False,
     K_BLOCKS: tl.constexpr = 1, STATIC: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     leak = tl.cast(leak, tl.float32)
     v_th = tl.cast(v_th, tl.float32)

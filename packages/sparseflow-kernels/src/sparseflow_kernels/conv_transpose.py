@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import _channel_affine
+from ._epilogue_jit import _channel_affine, pdl_enter
 from ._occupancy_jit import _active_groups, _visit_group, _visit_list
 from ._utils import (
     cdiv,
@@ -72,7 +72,9 @@ def _convt_kernel(
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPARSE: tl.constexpr, OCC_H: tl.constexpr, OCC_W: tl.constexpr, NG_P2: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, PREC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     cb = pid % NUM_CB
     rest = pid // NUM_CB

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import _channel_affine
+from ._epilogue_jit import _channel_affine, pdl_enter
 from ._occupancy_jit import _block_of, _receptive_groups, _tile_pixels
 from ._utils import (
     cdiv,
@@ -69,7 +69,9 @@ def _direct_kernel(
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
     SPARSE: tl.constexpr, OCC_H: tl.constexpr, OCC_W: tl.constexpr, GSPAN: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     cb, b, th, tw = _block_of(tl.program_id(0), NUM_CB, TILES_H, TILES_W)
 
     P: tl.constexpr = TILE_H * TILE_W

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import pdl_enter
 from ._occupancy_jit import _visit_group, _visit_list
 from ._utils import (
     cdiv,
@@ -41,7 +42,9 @@ __all__ = ["MAX_K_BLOCKS", "LinearConfig", "default_linear_config", "linear_bloc
 def _linear_prescan_kernel(
     x_ptr, flags_ptr, M, K, L, sxb, sxl, sxk, NKB,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, KB_PER_PROG: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     mt = tl.program_id(0)
     kg = tl.program_id(1)
     r = mt * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -64,7 +67,9 @@ def _linear_kernel(
     M, K, N, L, NKB, NUM_N,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NKB_P2: tl.constexpr,
     SPARSE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, PREC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     nt = pid % NUM_N
     mt = pid // NUM_N

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step, _step_of
+from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step, _step_of, pdl_enter
 from ._utils import cdiv, launch, require_dtype, require_int32_indexable, require_triton_device
 from .tiling import neuron_tile
 
@@ -127,10 +127,12 @@ def _multistep_kernel(
     HAS_V: tl.constexpr, STORE_V: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, RES_POST: tl.constexpr = False, STORE_Z: tl.constexpr = False,
     ROUND_AFFINE: tl.constexpr = False, T_CHUNK: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     """Tensors are viewed as [T, N, C, S] (S = flattened spatial); a program owns a [BLOCK_S, BLOCK_C]
     block of one sample (channel-fastest, coalesced for channels_last) and loops over t, ``T_CHUNK`` steps per
     load."""
+    pdl_enter(PDL)
     # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
     leak = tl.cast(leak, tl.float32)
     v_th = tl.cast(v_th, tl.float32)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import _neuron_step
+from ._epilogue_jit import _neuron_step, pdl_enter
 from ._utils import (
     cdiv,
     launch,
@@ -50,10 +50,12 @@ def _neuron_pool_kernel(
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_V: tl.constexpr, STORE_V: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     KK: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Tiles ``[BLOCK_P output pixels, KK window positions, BLOCK_C channels]`` of one sample; window positions
     past ``KH * KW`` (``KK`` is a power of two) or in the padding are masked and never fire. ``PREFETCH``: step
     ``t + 1`` is loaded before step ``t`` is computed (small tiles, whose programs would wait on each load)."""
+    pdl_enter(PDL)
     leak = tl.cast(leak, tl.float32)
     v_th = tl.cast(v_th, tl.float32)
     v_reset = tl.cast(v_reset, tl.float32)

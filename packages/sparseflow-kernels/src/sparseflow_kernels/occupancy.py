@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import pdl_enter
 from ._occupancy_jit import _edge_codes, _tile_of, _tile_pixels
 from ._utils import cdiv, launch, next_pow2, require_dtype, require_int32_indexable, require_triton_device
 
@@ -75,7 +76,9 @@ def _prescan_kernel(
     sxb, sxc, sxh, sxw,
     scb, sch, scw,
     TILE_H: tl.constexpr, TILE_W: tl.constexpr, GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     gb = tl.program_id(1)
     b, th, tw = _tile_of(pid, TILES_H, TILES_W)

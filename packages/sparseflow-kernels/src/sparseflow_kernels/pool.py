@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._epilogue_jit import pdl_enter
 from ._utils import cdiv, launch, next_power_of_2, pair, require_dtype, require_int32_indexable, require_triton_device
 
 
@@ -27,7 +28,9 @@ def _max_pool2d_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_enter(PDL)
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)

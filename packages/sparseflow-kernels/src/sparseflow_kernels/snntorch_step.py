@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import _mul_rn
-from ._utils import SUPPORTED_DTYPES, cdiv, require_int32_indexable, require_triton_device
+from ._epilogue_jit import _mul_rn, pdl_enter
+from ._utils import SUPPORTED_DTYPES, cdiv, launch, require_int32_indexable, require_triton_device
 
 RESETS = {"subtract": 0, "zero": 1, "none": 2}
 _ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -61,8 +61,10 @@ def _snntorch_step_kernel(
     RESET: tl.constexpr, DELAY: tl.constexpr, SYN: tl.constexpr, HAS_M: tl.constexpr, HAS_S: tl.constexpr,
     PER_BETA: tl.constexpr, PER_THR: tl.constexpr, PER_ALPHA: tl.constexpr,
     R_SP: tl.constexpr, R_SB: tl.constexpr, R_P: tl.constexpr, R_B: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """All tensors share one dense memory layout: element i of each lies at offset i."""
+    pdl_enter(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < E
     gsf = tl.cast(gsf, tl.float32)
@@ -255,7 +257,7 @@ def snntorch_step(x: torch.Tensor, mem: torch.Tensor | None, *, beta: torch.Tens
     if E:
         BLOCK = 1024
         dummy = spk
-        _snntorch_step_kernel[(cdiv(E, BLOCK),)](
+        launch(_snntorch_step_kernel)[(cdiv(E, BLOCK),)](
             xs, ms if ms is not None else dummy, ss if ss is not None else dummy, spk, mem_out,
             syn_out if syn_out is not None else dummy,
             pb if pb is not None else dummy, pr if pr is not None else dummy, pf if pf is not None else dummy,
