@@ -78,6 +78,10 @@ def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
     r[f"graph_calls_{tag}"] = dict(gopt.calls)  # replays, captures and eager calls (with why) while timed
     r[f"sparseflow_{tag}_eager_ms"] = bench_ms(lambda: (reset_states(opt), opt(xs)), graph=False)["median"]
     r[f"energy_sparseflow_{tag}_J"] = energy.joules_per_call(lambda: gopt(xs))
+    try:
+        r[f"sparseflow_{tag}_no_pdl_ms"] = _without_pdl_ms(opt, xs)
+    except RuntimeError as e:  # kernels that race claim no speed-up
+        r[f"sparseflow_{tag}_pdl_error"], r[f"sparseflow_{tag}_ms"] = str(e), None
     rep.refresh(opt)
     r[f"paths_{tag}"] = {}
     for e in rep.layers:
@@ -87,6 +91,33 @@ def _sparseflow(r, energy, model, x, ref_logits, ref_spk, tag, dt, numerics):
         r[f"layer_paths_{tag}"] = {e.name: f"{e.path} {list(e.in_shape or ())}" for e in rep.layers if e.path}
         r[f"spiking_candidates_us_{tag}"] = _spiking_candidates(dt)
     torch.cuda.empty_cache()
+
+
+def _without_pdl_ms(opt, xs):
+    """The same optimized model captured in a CUDA graph of its own with programmatic dependent launch off (what
+    PDL is worth; ``None`` where the kernels launch without it anyway). Its output must be the PDL graph's, bit for
+    bit: anything else is a race between kernels, raised."""
+    from sparseflow_core.cuda_graph import CudaGraphModel
+    from sparseflow_kernels import pdl_enabled, set_pdl
+
+    from ..timing import bench_ms
+
+    if not pdl_enabled(xs.device):
+        return None
+    was = set_pdl(False)
+    try:
+        g = CudaGraphModel(opt)
+        for _ in range(3):
+            out = g(xs).clone()
+        ms = bench_ms(lambda: g(xs), graph=False)["median"]
+    finally:
+        set_pdl(was)
+    g_pdl = CudaGraphModel(opt)
+    for _ in range(3):
+        out_pdl = g_pdl(xs)
+    if not torch.equal(out, out_pdl):
+        raise RuntimeError("the CUDA graph with programmatic dependent launch differs from the one without")
+    return ms
 
 
 def _spiking_candidates(dt) -> dict:
