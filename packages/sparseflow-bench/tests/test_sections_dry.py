@@ -150,9 +150,9 @@ def test_e2e_speedup_only_against_all_three_dense_runs(monkeypatch):
 
 
 def test_e2e_layer_table_from_the_dispatch_medians():
-    """Per spiking layer kind: the path the dispatch took (its fastest), the cuDNN pair, the fastest fused tiling (a
-    candidate that failed, ``inf``, is none) and fused / pair; a static stem's pair is its ``cudnn_static``, and its
-    im2col pair is no fused kernel."""
+    """Per spiking layer kind: the path the dispatch took (its fastest), the fastest pair, the fastest fused tiling (a
+    candidate that failed, ``inf``, is none) and fused / pair; a static stem's pairs are ``cudnn_static``, its
+    ``_then_pool`` form and its im2col pair, none of them a fused kernel."""
     from sparseflow_bench.sections import e2e
 
     m = {"N": 8, "spiking_candidates_us_fp16": {
@@ -160,12 +160,16 @@ def test_e2e_layer_table_from_the_dispatch_medians():
         "4x8x512x7x7 -> 512 stride 1": {"cudnn": 20.0, "tma_tm_4x8": 30.0, "tma_8x8": float("inf")},
         "4x8x3x224x224 -> 64 stride 2": {"cudnn_static": 80.0, "fused_tm": float("inf"), "im2col_pair_static": 40.0,
                                          "im2col_8x8_static": 50.0},
+        "4x8x3x224x224 -> 64 stride 2, pooled": {"cudnn_static": 300.0, "cudnn_static_then_pool": 90.0,
+                                                 "im2col_8x8_static": 120.0},
         "4x8x64x56x56 -> 64 stride 1, writing a sum": {"sum_tma_tm_2x2_nb8": 28.0, "pair": 35.0}}}
     lines = e2e._layer_table("net", m)
     rows = [ln for ln in lines if ln.startswith("| 4x8")]
     assert rows == ["| 4x8x64x56x56 -> 64 stride 1 | tma_tm_2x2_nb8 | 36.0 | 30.0 (tma_tm_2x2_nb8) | 0.83 |",
                     "| 4x8x512x7x7 -> 512 stride 1 | cudnn | 20.0 | 30.0 (tma_tm_4x8) | 1.50 |",
-                    "| 4x8x3x224x224 -> 64 stride 2 | im2col_pair_static | 80.0 | 50.0 (im2col_8x8_static) | 0.62 |",
+                    "| 4x8x3x224x224 -> 64 stride 2 | im2col_pair_static | 40.0 | 50.0 (im2col_8x8_static) | 1.25 |",
+                    "| 4x8x3x224x224 -> 64 stride 2, pooled | cudnn_static_then_pool | 90.0 | "
+                    "120.0 (im2col_8x8_static) | 1.33 |",
                     "| 4x8x64x56x56 -> 64 stride 1, writing a sum | sum_tma_tm_2x2_nb8 | 35.0 | "
                     "28.0 (sum_tma_tm_2x2_nb8) | 0.80 |"]
     assert e2e._layer_table("net", {"N": 8}) == []

@@ -124,7 +124,7 @@ def test_switch_and_device_rule(pdl_switch):
 
 def test_env_default(monkeypatch):
     monkeypatch.delenv("SPARSEFLOW_PDL", raising=False)
-    assert _utils._env_pdl() is True
+    assert _utils._env_pdl() is False
     monkeypatch.setenv("SPARSEFLOW_PDL", "0")
     assert _utils._env_pdl() is False
     monkeypatch.setenv("SPARSEFLOW_PDL", "1")

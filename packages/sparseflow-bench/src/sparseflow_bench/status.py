@@ -43,7 +43,8 @@ def status_lines(d: str, link_dir: str) -> list[str]:
     e2e = _load(d, "e2e.json") or {}
     models = {k: m for k, m in e2e.items() if not k.startswith("_") and isinstance(m, dict) and m.get("sparseflow_ms")}
     eager = {k: m["eager_fp32_ms"] / m["sparseflow_ms"] for k, m in models.items() if m.get("eager_fp32_ms")}
-    base = {k: baseline_of(m) for k, m in models.items() if baseline_of(m)[0]}
+    # a speed-up over the best dense run only where every dense run was timed (``baseline_skipped``: one was not)
+    base = {k: baseline_of(m) for k, m in models.items() if baseline_of(m)[0] and not m.get("baseline_skipped")}
     comp = {k: ms / models[k]["sparseflow_ms"] for k, (ms, _) in base.items()}
     kinds = sorted({kind for _, kind in base.values() if kind})
     if eager:
@@ -52,6 +53,8 @@ def status_lines(d: str, link_dir: str) -> list[str]:
         if comp:
             txt += f", {_span(list(comp.values()), '.2f')} over " + (
                 f"the best dense fp16 run ({', '.join(kinds)})" if kinds else "`torch.compile` fp16")
+            if len(comp) < len(models):
+                txt += f" ({', '.join(comp)}; the others' dense runs were not all timed)"
         lines.append(txt + " (`e2e.json`).")
     ex = (_load(d, "exactness.json") or {}).get("models", {})
     if ex:

@@ -160,7 +160,7 @@ def _traced(args) -> bool:
 
 
 def _env_pdl() -> bool:
-    return os.environ.get("SPARSEFLOW_PDL", "1").strip() != "0"
+    return os.environ.get("SPARSEFLOW_PDL", "0").strip() == "1"
 
 
 _PDL = _env_pdl()
@@ -169,8 +169,9 @@ _PDL_CAPABLE: dict = {}
 
 def set_pdl(enabled: bool) -> bool:
     """Turn programmatic dependent launch on or off for the kernels launched from now on (a CUDA graph keeps the
-    launches it captured); return the previous setting. The default is on, unless ``SPARSEFLOW_PDL=0`` was set when
-    ``sparseflow_kernels`` was imported."""
+    launches it captured); return the previous setting. The default is off, unless ``SPARSEFLOW_PDL=1`` was set when
+    ``sparseflow_kernels`` was imported: on an H100, CUDA graphs of whole models ran no faster with it (``pdl_on`` in
+    ``benchmarks/results/h100/e2e.json``)."""
     global _PDL
     previous, _PDL = _PDL, bool(enabled)
     return previous
