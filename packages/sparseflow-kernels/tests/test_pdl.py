@@ -168,10 +168,11 @@ class _FakeKernel:
         return run
 
 
-def test_launcher_passes_pdl_on_eager_launches_only(monkeypatch):
-    """Eager: ``PDL=True, launch_pdl=True`` where the kernel declares PDL and the device has it; traced
-    (``wrap_triton``) launches and kernels without PDL get neither."""
+def test_launcher_passes_pdl_on_eager_launches_only(monkeypatch, pdl_switch):
+    """Eager: ``PDL=True, launch_pdl=True`` where the switch is on, the kernel declares PDL and the device has it;
+    traced (``wrap_triton``) launches and kernels without PDL get neither."""
     monkeypatch.setattr(_utils, "interpreter_active", lambda: False)
+    set_pdl(True)
     traced_calls = []
 
     class _Wrapped:
@@ -192,13 +193,17 @@ def test_launcher_passes_pdl_on_eager_launches_only(monkeypatch):
     _utils._Launch(without)[(1,)](x, 4, BLOCK=4)
     assert with_pdl.calls == [{"BLOCK": 4, "PDL": True, "launch_pdl": True}]
     assert without.calls == [{"BLOCK": 4}]
-    on["value"] = False  # switch off, or a device without PDL
+    on["value"] = False  # a device without PDL
     _utils._Launch(with_pdl)[(1,)](x, 4, BLOCK=4)
     assert with_pdl.calls[-1] == {"BLOCK": 4}
     on["value"] = True
+    set_pdl(False)  # the switch off, the device able
+    _utils._Launch(with_pdl)[(1,)](x, 4, BLOCK=4)
+    assert with_pdl.calls[-1] == {"BLOCK": 4}
+    set_pdl(True)
     monkeypatch.setattr(_utils, "_traced", lambda args: True)
     _utils._Launch(with_pdl)[(1,)](x, 4, BLOCK=4)
-    assert traced_calls == [{"BLOCK": 4}] and len(with_pdl.calls) == 2
+    assert traced_calls == [{"BLOCK": 4}] and len(with_pdl.calls) == 3
 
 
 def test_interpreted_launch_with_the_switch_on(pdl_switch):

@@ -170,8 +170,8 @@ _PDL_CAPABLE: dict = {}
 def set_pdl(enabled: bool) -> bool:
     """Turn programmatic dependent launch on or off for the kernels launched from now on (a CUDA graph keeps the
     launches it captured); return the previous setting. The default is off, unless ``SPARSEFLOW_PDL=1`` was set when
-    ``sparseflow_kernels`` was imported: on an H100, CUDA graphs of whole models ran no faster with it (``pdl_on`` in
-    ``benchmarks/results/h100/e2e.json``)."""
+    ``sparseflow_kernels`` was imported: on an H100, CUDA graphs of whole models ran no faster with it
+    (``sparseflow_fp16_pdl_on_ms`` in ``benchmarks/results/h100/e2e.json``)."""
     global _PDL
     previous, _PDL = _PDL, bool(enabled)
     return previous
@@ -224,7 +224,7 @@ class _Launch:
     def __getitem__(self, grid):
         def call(*args, **kwargs):
             if not _traced((*args, *kwargs.values())):
-                if self.pdl:
+                if self.pdl and _PDL:  # (the switch first: off, a launch scans no arguments)
                     a = next((a for a in args if isinstance(a, torch.Tensor)), None)
                     if a is not None and _pdl_device(a.device):
                         return self.kernel[grid](*args, **kwargs, PDL=True, launch_pdl=True)
