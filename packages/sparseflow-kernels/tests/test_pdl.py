@@ -186,7 +186,7 @@ def test_launcher_passes_pdl_on_eager_launches_only(monkeypatch, pdl_switch):
 
     monkeypatch.setattr(torch.library, "wrap_triton", _Wrapped)
     on = {"value": True}
-    monkeypatch.setattr(_utils, "_pdl_device", lambda device: on["value"])
+    monkeypatch.setattr(_utils, "_pdl_capable", lambda device: on["value"])
     x = torch.zeros(4)
     with_pdl, without = _FakeKernel(["x_ptr", "N", "BLOCK", "PDL"]), _FakeKernel(["x_ptr", "N", "BLOCK"])
     _utils._Launch(with_pdl)[(1,)](x, 4, BLOCK=4)

@@ -177,9 +177,9 @@ def set_pdl(enabled: bool) -> bool:
     return previous
 
 
-def _pdl_device(device: torch.device) -> bool:
-    """:func:`pdl_enabled` without the interpreter check (a launcher checks that once)."""
-    if not _PDL or device.type != "cuda":
+def _pdl_capable(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU of compute capability 9.0 or newer (cached per device)."""
+    if device.type != "cuda":
         return False
     got = _PDL_CAPABLE.get(device)
     if got is None:
@@ -195,7 +195,7 @@ def pdl_enabled(device: torch.device | str) -> bool:
     writes are visible."""
     if not isinstance(device, torch.device):
         device = torch.device(device)
-    return not interpreter_active() and _pdl_device(device)
+    return _PDL and not interpreter_active() and _pdl_capable(device)
 
 
 class _Launch:
@@ -226,7 +226,7 @@ class _Launch:
             if not _traced((*args, *kwargs.values())):
                 if self.pdl and _PDL:  # (the switch first: off, a launch scans no arguments)
                     a = next((a for a in args if isinstance(a, torch.Tensor)), None)
-                    if a is not None and _pdl_device(a.device):
+                    if a is not None and _pdl_capable(a.device):
                         return self.kernel[grid](*args, **kwargs, PDL=True, launch_pdl=True)
                 return self.kernel[grid](*args, **kwargs)
             return None if self.interpreted else self.traceable[grid](*args, **kwargs)
