@@ -246,11 +246,20 @@ def test_neuron_pool_is_the_neuron_then_the_pool(dtype, pool):
     shift = torch.randn(C, generator=g, device="cuda") * 0.2
     v0 = torch.randn(N, C, H, W, generator=g, device="cuda") * 0.3
     for spec in (NeuronSpec.make("plif", decay=0.4), NeuronSpec.make("lif", tau=2.0, v_reset=None)):
-        y, v = multistep_neuron_pool(x, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2], scale=scale,
-                                     shift=shift, v=v0, return_v=True)
         s, v_ref = multistep_neuron(x, spec, scale=scale, shift=shift, v=v0, return_v=True)
         want = F.max_pool2d(s.flatten(0, 1).float(), *pool).to(dtype)
-        assert torch.equal(y.flatten(0, 1), want) and torch.equal(v, v_ref) and 0 < y.float().mean() < 1
+        for order in ("bits", "taps", "steps"):
+            y, v = multistep_neuron_pool(x, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2],
+                                         scale=scale, shift=shift, v=v0, return_v=True, order=order)
+            assert torch.equal(y.flatten(0, 1), want) and torch.equal(v, v_ref) and 0 < y.float().mean() < 1, order
+        # one frame repeated by stride 0 (a static stem): the same bits as the frame repeated in memory
+        xs = x[:1].expand(T, *x.shape[1:])
+        s, v_ref = multistep_neuron(xs.contiguous(), spec, scale=scale, shift=shift, v=v0, return_v=True)
+        want = F.max_pool2d(s.flatten(0, 1).float(), *pool).to(dtype)
+        for order in ("bits", "taps", "steps"):
+            y, v = multistep_neuron_pool(xs, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2],
+                                         scale=scale, shift=shift, v=v0, return_v=True, order=order)
+            assert torch.equal(y.flatten(0, 1), want) and torch.equal(v, v_ref), order
     w = (torch.randn(C, C, 3, 3, generator=g, device="cuda") * 0.05).to(dtype)
     for xs in (x, x[:1].expand(T, *x.shape[1:])):
         kw = dict(scale=scale, shift=shift, neuron="lif", return_v=True, path="cudnn")

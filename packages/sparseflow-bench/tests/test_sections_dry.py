@@ -231,3 +231,23 @@ def test_shapes_section_dry_run(tmp_path):
     recs = records.rows_of(timed, "conv_shapes.json")
     assert len(recs) == 5 and all(r.baseline == "cudnn_conv_alone" and r.section == "conv_shapes" for r in recs)
     assert [r.op for r in recs].count("spiking_conv2d_residual") == 1
+
+
+def test_neuron_pool_section_dry_run(tmp_path):
+    """``--sections neuron_pool`` on the CPU: a static stem map and a DVS map, each order of the neuron + max pool
+    run once against the neuron kernel then the pool kernel (equal bits), the table and the records read back."""
+    from sparseflow_bench.sections import neuron_pool
+
+    ctx = SectionContext(str(tmp_path), {"device": "cpu"}, torch.device("cpu"), dry=True)
+    out = neuron_pool.run(ctx)
+    assert [(r["case"], r["T"], r["static"]) for r in out["rows"]] == [("stem", 4, True), ("dvs", 16, False)]
+    for r in out["rows"]:
+        assert r["bit_equal"] is True and 0 < r["spike_rate"] < 1 and r["bits_us"] is None
+    assert json.loads((tmp_path / "neuron_pool_dry.json").read_text())["rows"][1]["S"] == 8
+    timed = {**out, "rows": [{**r, "bits_us": 30.0, "taps_us": 60.0, "steps_us": 290.0, "pair_us": 59.0}
+                             for r in out["rows"]]}
+    table = neuron_pool.markdown(timed, str(tmp_path))
+    assert "| stem | 4 | 1 | 8 | 8 | 3/2/1 | yes | 30.0 | 60.0 | 290.0 | 59.0 | yes |" in table
+    recs = records.rows_of(timed, "neuron_pool.json")
+    assert len(recs) == 2 and all(r.baseline == "neuron_then_pool" and r.section == "neuron_pool" for r in recs)
+    assert {t.provider: t.value for t in recs[0].timings}["neuron_pool_bits"] == 0.03

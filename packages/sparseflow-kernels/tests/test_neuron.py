@@ -275,3 +275,26 @@ def test_preserve_layout_on_strides_whose_spatial_dims_do_not_merge(dtype, monke
     want, v_want = multistep_neuron(x.contiguous(), "lif", tau=2.0, v=v0, return_v=True, preserve_layout=True)
     assert torch.equal(y, want) and torch.equal(v, v_want) and y.is_contiguous()
     assert 0 < y.float().mean() < 1
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("preserve", [False, True])
+def test_final_membrane_in_the_spikes_layout(layout, preserve, monkeypatch):
+    """The final membrane comes channels innermost where the spikes do (its stores coalesce with theirs) and
+    contiguous otherwise, with the values of the membrane taken in either layout, bit for bit, also when handed
+    back as the next call's initial membrane (outputs start as NaN)."""
+    from kernel_checks import poison_allocations
+
+    poison_allocations(monkeypatch)
+    x = make_x((3, 2, 6, 4, 5), layout).half()
+    kw = kernel_neuron_kwargs(NEURONS["lif-hard"])
+    y, v = multistep_neuron(x, return_v=True, v_dtype=torch.float16, preserve_layout=preserve, **kw)
+    innermost = layout == "channels_last" or not preserve
+    assert y.stride(2) == 1 if innermost else y.is_contiguous()
+    assert v.is_contiguous(memory_format=torch.channels_last) if innermost else v.is_contiguous()
+    yc, vc = multistep_neuron(x.contiguous(), return_v=True, v_dtype=torch.float16, preserve_layout=True, **kw)
+    assert torch.equal(y, yc) and torch.equal(v, vc) and vc.is_contiguous() and 0 < y.float().mean() < 1
+    y2, v2 = multistep_neuron(x, v=v, return_v=True, v_dtype=torch.float16, preserve_layout=preserve, **kw)
+    y2c, v2c = multistep_neuron(x.contiguous(), v=vc, return_v=True, v_dtype=torch.float16, preserve_layout=True,
+                                **kw)
+    assert torch.equal(y2, y2c) and torch.equal(v2, v2c)

@@ -47,12 +47,12 @@ def pooled(spikes, pool):
     return y.view(T, N, *y.shape[1:]).to(spikes.dtype)
 
 
-def check_call(p, x, pool, scale=None, shift=None, v0=None):
+def check_call(p, x, pool, scale=None, shift=None, v0=None, order=None):
     """One call against the neuron kernel + F.max_pool2d (bit for bit) and, through it, the float64 neuron."""
     spec = NeuronSpec.make(**kernel_neuron_kwargs(p))
     x_before = x.clone()
     y, v = multistep_neuron_pool(x, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2], scale=scale,
-                                 shift=shift, v=v0, return_v=True)
+                                 shift=shift, v=v0, return_v=True, order=order)
     assert torch.equal(x, x_before)
     s, v_ref = multistep_neuron(x, spec, scale=scale, shift=shift, v=v0, return_v=True)
     want = pooled(s, pool)
@@ -71,16 +71,55 @@ def check_call(p, x, pool, scale=None, shift=None, v0=None):
     return y, v, rs
 
 
+@pytest.mark.parametrize("order", ["bits", "taps", "steps"])
 @pytest.mark.parametrize("pool", POOLS, ids=str)
 @pytest.mark.parametrize("neuron", ["lif-hard", "lif-soft", "if-hard", "plif-hard", "leaky-zero"])
-def test_pooled_spikes_and_membrane(neuron, pool):
+def test_pooled_spikes_and_membrane(neuron, pool, order):
     T, N, C, H, W = 3, 2, 5, 6, 6
     x = currents((T, N, C, H, W), torch.float32, "channels_last", seed=1)
-    scale, shift = (torch.rand(C) + 0.5).to(DEVICE), (torch.randn(C) * 0.2 + 0.3).to(DEVICE)
-    v0 = (torch.randn(N, C, H, W) * 0.4).to(DEVICE)
-    _y, v, rs = check_call(NEURONS[neuron], x, pool, scale, shift, v0)
+    g = torch.Generator().manual_seed(2)  # (not the global generator: the same inputs in any test order)
+    scale, shift = (torch.rand(C, generator=g) + 0.5).to(DEVICE), (torch.randn(C, generator=g) * 0.2 + 0.3).to(DEVICE)
+    v0 = (torch.randn(N, C, H, W, generator=g) * 0.4).to(DEVICE)
+    _y, v, rs = check_call(NEURONS[neuron], x, pool, scale, shift, v0, order=order)
     assert_fires(rs)
-    check_call(NEURONS[neuron], x, pool, v0=v)  # the membrane handed to the next call
+    check_call(NEURONS[neuron], x, pool, v0=v, order=order)  # the membrane handed to the next call
+
+
+@pytest.mark.parametrize("order", ["bits", "taps", "steps"])
+@pytest.mark.parametrize("pool", [(3, 2, 1), (2, 2, 0), ((3, 2), (2, 1), (1, 0))], ids=str)
+def test_static_frame_repeated_by_stride_zero(pool, order):
+    """One frame repeated over the steps by stride 0 (a static image's stem): the same bits as the frame repeated
+    in memory; the window-by-window kernel loads it once per window position."""
+    T, N, C, H, W = 4, 2, 6, 8, 10
+    frame = currents((1, N, C, H, W), torch.float16, "channels_last", seed=7)
+    x = frame.expand(T, N, C, H, W)
+    assert x.stride(0) == 0
+    g = torch.Generator().manual_seed(8)
+    scale, shift = (torch.rand(C, generator=g) + 0.5).to(DEVICE), (torch.randn(C, generator=g) * 0.2).to(DEVICE)
+    p = NEURONS["lif-hard"]
+    y, v, rs = check_call(p, x, pool, scale, shift, order=order)
+    assert_fires(rs)
+    y2, v2, _ = check_call(p, x.contiguous(), pool, scale, shift, order=order)
+    assert torch.equal(y, y2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("T", [5, 16, 20])
+def test_the_orders_agree_and_the_rule_picks_bits_for_overlapping_or_static_windows(T):
+    """The three orders give the same bits, with the steps held in each of the bit tensor's integer types (uint8
+    up to 8 steps, int16 up to 16, int32 beyond: a spike at step 15 sets the int16's sign bit)."""
+    from sparseflow_kernels.tiling import neuron_pool_order
+
+    assert neuron_pool_order(4, (3, 3), (2, 2), False) == "bits"
+    assert neuron_pool_order(16, (2, 2), (2, 2), False) == "steps"
+    assert neuron_pool_order(4, (2, 2), (2, 2), True) == "bits"
+    assert neuron_pool_order(40, (3, 3), (2, 2), True) == "steps"
+    x = currents((T, 1, 9, 5, 6), torch.float16, "channels_last", seed=2)
+    spec = NeuronSpec.make("if", v_threshold=0.9, v_reset=None)  # (soft reset: it fires at every late step too)
+    outs = [multistep_neuron_pool(x, spec, kernel_size=3, stride=2, padding=1, return_v=True, order=o)
+            for o in ("bits", "taps", "steps")]
+    for y, v in outs[1:]:
+        assert torch.equal(outs[0][0], y) and torch.equal(outs[0][1], v)
+    assert 0 < outs[0][0].float().mean() < 1 and outs[0][0][-1].any()
 
 
 def _prop(fn):
@@ -103,11 +142,13 @@ def test_property_pooled_spikes(data):
     dtype = pick([torch.float32, torch.float16])
     p = NEURONS[pick(sorted(NEURONS))]
     x = currents(shape, dtype, pick(["contiguous", "channels_last"]), seed=pick(range(1000)))
+    if pick([False, True]):  # one frame repeated over the steps by stride 0
+        x = x[:1].expand(shape)
     C = shape[2]
     scale, shift = ((torch.rand(C).to(DEVICE) + 0.5, (torch.randn(C) * 0.3).to(DEVICE)) if pick([True, False])
                     else (None, None))
     v0 = (torch.randn(shape[1:]) * 0.5).to(DEVICE) if pick([True, False]) else None
-    check_call(p, x, pool, scale, shift, v0)
+    check_call(p, x, pool, scale, shift, v0, order=pick(["bits", "taps", "steps", None]))
 
 
 def test_uncovered_pixels_and_bad_arguments_are_refused():
@@ -124,6 +165,11 @@ def test_uncovered_pixels_and_bad_arguments_are_refused():
         multistep_neuron_pool(x, "lif", kernel_size=1, v=x[0, :, :2])
     with pytest.raises(ValueError, match=r"scale must have shape \[3\]"):
         multistep_neuron_pool(x, "lif", kernel_size=1, scale=torch.ones(4, device=DEVICE))
+    with pytest.raises(ValueError, match=r"order must be one of \('bits', 'taps', 'steps'\) or None, got 'rows'"):
+        multistep_neuron_pool(x, "lif", kernel_size=1, order="rows")
+    for order in ("bits", "taps"):
+        with pytest.raises(ValueError, match=f"order='{order}' holds up to 32 steps \\(one bit each\\), got T=33"):
+            multistep_neuron_pool(currents((33, 1, 1, 2, 2), torch.float32), "lif", kernel_size=2, order=order)
 
 
 def test_no_steps_returns_the_initial_membrane():
@@ -247,3 +293,22 @@ def test_small_tiles_prefetching_the_next_step(neuron, pool, monkeypatch):
     _y, v, rs = check_call(NEURONS[neuron], x, pool, scale, shift, v0)
     assert_fires(rs)
     check_call(NEURONS[neuron], x, pool, v0=v)
+
+
+@_prop
+def test_property_taps_tile(data):
+    """The window-by-window kernel's tile: powers of two, up to 64 channels (16 unless the layer has fewer) and
+    1024 lanes; below 1024 only where the full tile leaves fewer than four programs a multiprocessor, and not
+    below 256 lanes unless the map has fewer pixels."""
+    from sparseflow_kernels.tiling import neuron_pool_taps_tile
+
+    C, P, N = data.draw(st.integers(1, 600)), data.draw(st.integers(1, 20000)), data.draw(st.integers(1, 64))
+    sms = data.draw(st.sampled_from([1, 132, 10**4]))
+    bp, bc, warps = neuron_pool_taps_tile(C, P, N, sms)
+    lanes = bp * bc
+    assert bp & (bp - 1) == 0 and bc & (bc - 1) == 0 and bc == min(64, 1 << (C - 1).bit_length())
+    assert lanes <= 1024 and warps == max(1, min(4, lanes // 256))
+    full = max(1, min(1024 // bc, 1 << (P - 1).bit_length()))
+    if bp < full:
+        assert -(-P // (2 * bp)) * -(-C // bc) * N < 4 * sms and 2 * lanes > 256
+    assert lanes >= 256 or bp == full or bp == 1

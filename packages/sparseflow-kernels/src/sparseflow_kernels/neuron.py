@@ -237,6 +237,16 @@ def _empty_like_channels_last(x: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype or x.dtype, device=x.device).permute(*inv)
 
 
+def _membrane_like(y: torch.Tensor, dtype) -> torch.Tensor:
+    """The final membrane ``[N, C, ...]`` for spikes ``y`` ``[T, N, C, ...]``, channels innermost where the spikes
+    are (their tiles store it coalesced; stored NCHW, each element of a tile row lands in its own sector), else
+    contiguous."""
+    shape = y.shape[1:]
+    if y.dim() > 3 and y.stride(2) == 1 and shape[1] > 1:
+        return torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device=y.device).movedim(-1, 1)
+    return torch.empty(shape, dtype=dtype, device=y.device)
+
+
 def multistep_neuron(
     x: torch.Tensor,
     neuron: NeuronSpec | str = "lif",
@@ -255,8 +265,8 @@ def multistep_neuron(
     **neuron_kwargs,
 ):
     """Run a neuron over ``x`` ``[T, N, C, ...]`` (or ``[T, N]``) in one kernel; returns spikes (and the
-    final membrane ``[N, C, ...]`` in ``v_dtype`` (fp32 by default), when ``return_v``; then the sum, when
-    ``return_sum``).
+    final membrane ``[N, C, ...]`` in ``v_dtype`` (fp32 by default) and the spikes' memory layout, when
+    ``return_v``; then the sum, when ``return_sum``).
 
     ``scale``/``shift`` (``[C]``) apply ``z = x * scale + shift`` first (BatchNorm in eval mode, folded),
     ``residual`` (shaped like ``x``) is added after them; with ``residual_after`` it is added to the spikes
@@ -300,7 +310,7 @@ def multistep_neuron(
         y = _empty_like_channels_last(xv, out_dtype or x.dtype)
     if v_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"multistep_neuron: v_dtype must be float32, float16 or bfloat16, got {v_dtype}")
-    v_out = torch.empty(xv.shape[1:], dtype=v_dtype, device=x.device) if return_v else None
+    v_out = _membrane_like(y, v_dtype) if return_v else None
     z = None
     if return_sum:
         if residual is not None:

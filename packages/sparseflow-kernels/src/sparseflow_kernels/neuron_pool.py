@@ -6,13 +6,21 @@ spikes are pooled in registers and only the pooled ones are written: on the DVS 
 (T=16, N=8, 128 channels at 128 x 128) the separate pool read back 537 MB of fp16 spikes that the neuron had just
 written.
 
-A program owns a block of output pixels and channels of one sample; it loads every window position of its pixels
-(``[pixels, window, channels]``), runs the neuron over t on all of them with their membranes in registers, and
-stores the window's maximum at each step. The spikes are the neuron kernel's bit for bit (the same ``_neuron_step``),
-so their maximum is exactly the max pool of the spikes. Every input pixel must lie in some window (``stride <=
-kernel_size``, the last window reaching the last row and column): its membrane is computed there. A pixel in
-several windows (``kernel_size`` 3, ``stride`` 2) is computed by each, with the same arithmetic, so every copy of
-its final membrane holds the same bits.
+Two orders of the same computation (:func:`~sparseflow_kernels.tiling.neuron_pool_order` picks one):
+
+* ``"taps"``: a program owns a block ``[pixels, channels]`` of output pixels of one sample and walks the window
+  position by position; each position's membrane runs over all steps and its spikes are OR-ed into one bit per
+  step (an int32 per lane holds up to 32 steps), the max of 0/1 spikes. The registers hold one membrane and the
+  bits whatever the window, and a static input (one frame repeated by stride 0) is loaded once per position.
+* ``"steps"``: a program loads every window position of its pixels at once (``[pixels, window, channels]``,
+  the window padded to a power of two), runs the neuron over t on all of them with their membranes in registers,
+  and stores the window's maximum at each step.
+
+Either way only the pooled spikes are written. The spikes are the neuron kernel's bit for bit (the same
+``_neuron_step``), so their maximum is exactly the max pool of the spikes. Every input pixel must lie in some
+window (``stride <= kernel_size``, the last window reaching the last row and column): its membrane is computed
+there. A pixel in several windows (``kernel_size`` 3, ``stride`` 2) is computed by each, with the same arithmetic,
+so every copy of its final membrane holds the same bits (``"taps"`` stores it once).
 """
 
 from __future__ import annotations
@@ -32,9 +40,9 @@ from ._utils import (
     require_int32_indexable,
     require_triton_device,
 )
-from .neuron import NeuronSpec, _per_channel
+from .neuron import NeuronSpec, _as_tncs, _per_channel
 from .pool import _out_size
-from .tiling import neuron_pool_tile
+from .tiling import neuron_pool_order, neuron_pool_taps_tile, neuron_pool_tile, neuron_tile
 
 
 @triton.jit
@@ -105,6 +113,159 @@ def _neuron_pool_kernel(
         tl.store(vo_ptr + n * son + (ih * soh + iw * sow)[:, :, None] + c3 * soc, v, mask=ok)
 
 
+@triton.jit
+def _channel_params(scale_ptr, shift_ptr, c, c_ok, BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    HAS_SHIFT: tl.constexpr):
+    """The per-channel ``scale`` and ``shift`` of channels ``c`` as ``[1, channels]`` fp32 rows (1 and 0 where
+    not given; then unused)."""
+    scale = tl.full([1, BLOCK_C], 1.0, dtype=tl.float32)
+    shift = tl.full([1, BLOCK_C], 0.0, dtype=tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + c, mask=c_ok, other=1.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    return scale, shift
+
+
+@triton.jit
+def _affine(x, scale, shift, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """``x * scale + shift`` in fp32, each only where given, in the neuron kernel's order."""
+    z = x.to(tl.float32)
+    if HAS_SCALE:
+        z = z * scale
+    if HAS_SHIFT:
+        z = z + shift
+    return z
+
+
+@triton.jit
+def _neuron_bits_kernel(
+    x_ptr, sxt, sxn, sxc, sxs,
+    b_ptr, sbn, sbc, sbs,
+    v_ptr, svn, svc, svs,
+    vo_ptr, son, soc, sos,
+    scale_ptr, shift_ptr,
+    T, C, S,
+    leak, v_th, v_reset, v_init,
+    NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_V: tl.constexpr, STORE_V: tl.constexpr,
+    STATIC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    """The neuron over the steps for a ``[BLOCK_S pixels, BLOCK_C channels]`` tile of one sample (``[T, N, C, S]``
+    views), each pixel once: its spikes stored as one bit per step (bit ``t``) in ``b_ptr``'s integer type, and
+    its final membrane. ``STATIC``: one frame repeated over the steps by stride 0, loaded once."""
+    pdl_enter(PDL)
+    leak = tl.cast(leak, tl.float32)
+    v_th = tl.cast(v_th, tl.float32)
+    v_reset = tl.cast(v_reset, tl.float32)
+    v_init = tl.cast(v_init, tl.float32)
+    n = tl.program_id(2).to(tl.int64)
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    ok = (s < S)[:, None] & c_ok[None, :]
+    xo = n * sxn + s[:, None] * sxs + c[None, :] * sxc
+    scale, shift = _channel_params(scale_ptr, shift_ptr, c, c_ok, BLOCK_C, HAS_SCALE, HAS_SHIFT)
+    if HAS_V:
+        v = tl.load(v_ptr + n * svn + s[:, None] * svs + c[None, :] * svc, mask=ok, other=0.0).to(tl.float32)
+    else:
+        v = tl.full([BLOCK_S, BLOCK_C], v_init, dtype=tl.float32)
+    if STATIC:
+        z0 = _affine(tl.load(x_ptr + xo, mask=ok, other=0.0), scale, shift, HAS_SCALE, HAS_SHIFT)
+    bits = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.int32)
+    for t in range(T):
+        if STATIC:
+            z = z0
+        else:
+            z = _affine(tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0), scale, shift, HAS_SCALE, HAS_SHIFT)
+        spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+        bits = bits | (spike.to(tl.int32) << t)
+    tl.store(b_ptr + n * sbn + s[:, None] * sbs + c[None, :] * sbc, bits.to(b_ptr.dtype.element_ty), mask=ok)
+    if STORE_V:
+        tl.store(vo_ptr + n * son + s[:, None] * sos + c[None, :] * soc, v, mask=ok)
+
+
+@triton.jit
+def _neuron_pool_taps_kernel(
+    x_ptr, sxt, sxn, sxc, sxh, sxw,
+    y_ptr, syt, syn, syc, syh, syw,
+    v_ptr, svn, svc, svh, svw,
+    vo_ptr, son, soc, soh, sow,
+    scale_ptr, shift_ptr,
+    T, C, H, W, OH, OW,
+    leak, v_th, v_reset, v_init,
+    NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_V: tl.constexpr, STORE_V: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    STATIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FROM_BITS: tl.constexpr = False,
+    PDL: tl.constexpr = False,
+):
+    """Tiles ``[BLOCK_P output pixels, BLOCK_C channels]`` of one sample, window position by window position: a
+    position's membrane runs over the steps (up to 32 of them) and its spikes are OR-ed into one bit per step of
+    an int32 per lane (the max of 0/1 spikes), so the registers hold one position's membrane and the bits,
+    whatever the window and T. ``STATIC``: the input is one frame repeated over the steps by stride 0, loaded once
+    per position. Each input pixel's final membrane is stored by one program and position only: the last window
+    that holds it (``kh < SH``, or the last row of windows; the same for columns). ``FROM_BITS``: ``x`` holds each
+    input pixel's spikes already, one bit per step (``_neuron_bits_kernel``), which are OR-ed as they are."""
+    pdl_enter(PDL)
+    leak = tl.cast(leak, tl.float32)
+    v_th = tl.cast(v_th, tl.float32)
+    v_reset = tl.cast(v_reset, tl.float32)
+    v_init = tl.cast(v_init, tl.float32)
+    n = tl.program_id(2).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    oh = p // OW
+    ow = p % OW
+    p_ok = p < OH * OW
+    c_ok = c < C
+    scale, shift = _channel_params(scale_ptr, shift_ptr, c, c_ok, BLOCK_C, HAS_SCALE, HAS_SHIFT)
+    bits = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.int32)
+    for k in tl.static_range(KH * KW):
+        ih = oh * SH - PH + k // KW
+        iw = ow * SW - PW + k % KW
+        ok = (p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None] & c_ok[None, :]
+        xo = n * sxn + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc
+        if FROM_BITS:
+            bits = bits | tl.load(x_ptr + xo, mask=ok, other=0).to(tl.int32)
+        else:
+            if HAS_V:
+                v = tl.load(v_ptr + n * svn + (ih * svh + iw * svw)[:, None] + c[None, :] * svc, mask=ok, other=0.0)
+                v = v.to(tl.float32)
+            else:
+                v = tl.full([BLOCK_P, BLOCK_C], v_init, dtype=tl.float32)
+            if STATIC:
+                z0 = _affine(tl.load(x_ptr + xo, mask=ok, other=0.0), scale, shift, HAS_SCALE, HAS_SHIFT)
+            for t in range(T):
+                if STATIC:
+                    z = z0
+                else:
+                    z = _affine(tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0), scale, shift, HAS_SCALE,
+                                HAS_SHIFT)
+                spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
+                bits = bits | ((spike & ok).to(tl.int32) << t)
+            if STORE_V:
+                own = ok & (((k // KW < SH) | (oh == OH - 1)) & ((k % KW < SW) | (ow == OW - 1)))[:, None]
+                tl.store(vo_ptr + n * son + (ih * soh + iw * sow)[:, None] + c[None, :] * soc, v, mask=own)
+    yo = n * syn + (oh * syh + ow * syw)[:, None] + c[None, :] * syc
+    y_ok = p_ok[:, None] & c_ok[None, :]
+    for t in range(T):
+        tl.store(y_ptr + t * syt + yo, ((bits >> t) & 1).to(y_ptr.dtype.element_ty), mask=y_ok)
+
+
+#: the most steps the ``"bits"`` and ``"taps"`` orders hold (one bit each in an int32 per lane)
+TAPS_MAX_STEPS = 32
+
+
+def _bits_frames(N, C, H, W, T, device) -> torch.Tensor:
+    """``[N, C, H, W]`` channels_last integers of one bit per step: uint8 up to 8 steps, int16 up to 16, int32
+    up to 32 (the pool kernel widens them to int32; a sign extension sets only bits past the last step)."""
+    dtype = torch.uint8 if T <= 8 else torch.int16 if T <= 16 else torch.int32
+    return torch.empty((N, H, W, C), dtype=dtype, device=device).permute(0, 3, 1, 2)
+ORDERS = ("bits", "taps", "steps")
+
+
 def pool_args(kernel_size, stride=None, padding=0, op: str = "multistep_neuron_pool"):
     """``(kernel, stride, padding)`` as pairs of ints (``stride`` None: the kernel size), checked as
     ``F.max_pool2d`` checks them."""
@@ -146,14 +307,21 @@ def multistep_neuron_pool(
     return_v: bool = False,
     v_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None,
+    order: str | None = None,
     **neuron_kwargs,
 ):
     """``max_pool2d(neuron(x * scale + shift), kernel_size, stride, padding)`` per step for ``x``
     ``[T, N, C, H, W]`` in one kernel (see the module docstring): returns the pooled spikes
     ``[T, N, C, OH, OW]`` (channels innermost, in ``out_dtype``, ``x``'s by default), and the final membrane
     ``[N, C, H, W]`` (channels_last, ``v_dtype``) when ``return_v``. ``v``: the initial membrane ``[N, C, H, W]``;
-    None starts at the neuron's initial value. ``scale`` / ``shift`` ``[C]`` as in :func:`multistep_neuron`."""
+    None starts at the neuron's initial value. ``scale`` / ``shift`` ``[C]`` as in :func:`multistep_neuron`.
+    ``order``: ``"bits"`` (two kernels: the neuron once per input pixel, its spikes stored as one bit per step,
+    then the pool of the bits), ``"taps"`` (one kernel, window position by window position; both up to
+    ``TAPS_MAX_STEPS`` steps) or ``"steps"`` (one kernel, every window position of a tile at once, step by step);
+    None takes :func:`~sparseflow_kernels.tiling.neuron_pool_order`'s. All give the same bits."""
     op = "multistep_neuron_pool"
+    if order is not None and order not in ORDERS:
+        raise ValueError(f"{op}: order must be one of {ORDERS} or None, got {order!r}")
     spec = NeuronSpec.make(neuron, **neuron_kwargs)
     if x.dim() != 5:
         raise ValueError(f"{op}: expected x of shape [T, N, C, H, W], got {tuple(x.shape)}")
@@ -176,22 +344,50 @@ def multistep_neuron_pool(
     y = torch.empty((T, N, OH, OW, C), dtype=out_dtype or x.dtype, device=x.device).permute(0, 1, 4, 2, 3)
     v_out = torch.empty((N, C, H, W), dtype=v_dtype, device=x.device, memory_format=torch.channels_last) \
         if return_v else None
+    static = T > 1 and x.stride(0) == 0  # one frame repeated over the steps
+    order = order or neuron_pool_order(T, (kh, kw), (sh, sw), static)
+    if order != "steps" and T > TAPS_MAX_STEPS:
+        raise ValueError(f"{op}: order={order!r} holds up to {TAPS_MAX_STEPS} steps (one bit each), got T={T}")
     if y.numel():
-        KK = next_power_of_2(kh * kw)
-        BLOCK_P, BLOCK_C, warps, prefetch = neuron_pool_tile(C, OH * OW, KK, N, multiprocessors(x.device))
+        ka = spec.kernel_args()
+        params = (_per_channel(scale) if scale is not None else y, _per_channel(shift) if shift is not None else y)
+        scalars = (ka["leak"], ka["v_threshold"], ka["v_reset"], ka["v_init"])
+        neuron_meta = dict(NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
+                           HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
+        window = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw)
+        out_args = (y, *y.stride())
+        taps_grid = None
+        if order in ("bits", "taps"):
+            BLOCK_P, BLOCK_PC, taps_warps = neuron_pool_taps_tile(C, OH * OW, N, multiprocessors(x.device))
+            taps_grid = (cdiv(OH * OW, BLOCK_P), cdiv(C, BLOCK_PC), N)
+        if order == "bits":  # the neuron once per pixel, its spikes as bits; then the pool of the bits
+            bits = _bits_frames(N, C, H, W, T, x.device)
+            x4, b3 = _as_tncs(x), bits.view(N, C, H * W)
+            v3 = v.reshape(N, C, -1) if v is not None else b3
+            vo3 = v_out.view(N, C, -1) if v_out is not None else b3
+            BLOCK_S, BLOCK_C, _ = neuron_tile(C, H * W)
+            launch(_neuron_bits_kernel)[(cdiv(H * W, BLOCK_S), cdiv(C, BLOCK_C), N)](
+                x4, *x4.stride(), b3, *b3.stride(), v3, *v3.stride(), vo3, *vo3.stride(), *params, T, C, H * W,
+                *scalars, **neuron_meta, HAS_V=v is not None, STORE_V=return_v, STATIC=static, BLOCK_S=BLOCK_S,
+                BLOCK_C=BLOCK_C, num_warps=4)
+            # (the pool kernel reads the bits only: no neuron, membrane or per-channel parameters)
+            launch(_neuron_pool_taps_kernel)[taps_grid](
+                bits, 0, *bits.stride(), *out_args, y, 0, 0, 0, 0, y, 0, 0, 0, 0, y, y, T, C, H, W, OH, OW,
+                *scalars, **{**neuron_meta, "HAS_SCALE": False, "HAS_SHIFT": False}, HAS_V=False, STORE_V=False,
+                **window, STATIC=False, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_PC, FROM_BITS=True, num_warps=taps_warps)
+            return (y, v_out) if return_v else y
         v0 = v if v is not None else y[0, :, :, :1, :1]
         vo = v_out if v_out is not None else y[0, :, :, :1, :1]
-        ka = spec.kernel_args()
-        launch(_neuron_pool_kernel)[(cdiv(OH * OW, BLOCK_P), cdiv(C, BLOCK_C), N)](
-            x, *x.stride(), y, *y.stride(), v0, *v0.stride(), vo, *vo.stride(),
-            _per_channel(scale) if scale is not None else y, _per_channel(shift) if shift is not None else y,
-            T, C, H, W, OH, OW,
-            ka["leak"], ka["v_threshold"], ka["v_reset"], ka["v_init"],
-            NEURON=ka["neuron"], HARD_RESET=ka["hard_reset"], DECAY_INPUT=ka["decay_input"],
-            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_V=v is not None, STORE_V=return_v,
-            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, KK=KK, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
-            PREFETCH=prefetch, num_warps=warps,
-        )
+        args = (x, *x.stride(), *out_args, v0, *v0.stride(), vo, *vo.stride(), *params, T, C, H, W, OH, OW, *scalars)
+        meta = dict(**neuron_meta, HAS_V=v is not None, STORE_V=return_v, **window)
+        if order == "taps":
+            launch(_neuron_pool_taps_kernel)[taps_grid](
+                *args, **meta, STATIC=static, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_PC, num_warps=taps_warps)
+        else:
+            KK = next_power_of_2(kh * kw)
+            BLOCK_P, BLOCK_C, warps, prefetch = neuron_pool_tile(C, OH * OW, KK, N, multiprocessors(x.device))
+            launch(_neuron_pool_kernel)[(cdiv(OH * OW, BLOCK_P), cdiv(C, BLOCK_C), N)](
+                *args, **meta, KK=KK, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, PREFETCH=prefetch, num_warps=warps)
     elif v_out is not None:  # (no step: the membrane is the initial one)
         v_out.copy_(v if v is not None else torch.full_like(v_out, spec.v_init))
     return (y, v_out) if return_v else y

@@ -151,7 +151,7 @@ def run_sections(names, ctx: SectionContext, min_left: float = 0.0) -> int:
 #: which section wrote a results file (file-name patterns, the most specific first)
 RESULT_FILES = (("fused_batch_sweep.json", "sweep"), ("fused_*.json", "layers"), ("sparse_conv_*.json", "conv"),
                 ("e2e*.json", "e2e"), ("density.json", "density"), ("profile_*.json", "profile"),
-                ("conv_shapes*.json", "shapes"))
+                ("conv_shapes*.json", "shapes"), ("neuron_pool*.json", "neuron_pool"))
 
 
 def writer_of(source: str):
