@@ -7,6 +7,7 @@
   ``NEURON_*`` are the codes of its ``NEURON`` constexpr (0: no neuron, a plain convolution);
 * :func:`_step_of`: one time step of a tile that holds a few steps per pixel (selected, not reduced): the T-in-M
   epilogue of the fused convolution and the multi-step neuron kernel, which load several steps at once;
+* :func:`_neuron_scalars`: a neuron kernel's scalar arguments in fp32;
 * :func:`pdl_enter`: the first statement of every kernel, its side of programmatic dependent launch.
 """
 
@@ -35,6 +36,14 @@ def pdl_enter(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _neuron_scalars(leak, v_th, v_reset, v_init):
+    """A neuron kernel's scalar arguments in fp32, the type its arithmetic runs in, whatever type they arrive in
+    (``torch.compile`` passes Python floats as fp64)."""
+    return tl.cast(leak, tl.float32), tl.cast(v_th, tl.float32), tl.cast(v_reset, tl.float32), \
+        tl.cast(v_init, tl.float32)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import _neuron_step, pdl_enter
+from ._epilogue_jit import _neuron_scalars, _neuron_step, pdl_enter
 from ._utils import (
     cdiv,
     dot_precision,
@@ -233,10 +233,7 @@ def _qk_token_kernel(
     sum of ``q`` over the head's channels (fp32, rounded to the input's dtype as the dense sum), the neuron step on
     it, and ``spike * k`` stored."""
     pdl_enter(PDL)
-    leak = tl.cast(leak, tl.float32)
-    v_th = tl.cast(v_th, tl.float32)
-    v_reset = tl.cast(v_reset, tl.float32)
-    v_init = tl.cast(v_init, tl.float32)
+    leak, v_th, v_reset, v_init = _neuron_scalars(leak, v_th, v_reset, v_init)
     n = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1)
     tok = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)

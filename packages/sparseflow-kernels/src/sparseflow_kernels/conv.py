@@ -37,6 +37,7 @@ from ._epilogue_jit import (
     NEURON_LIF,
     NEURON_NONE,
     NEURON_PLIF,
+    _neuron_scalars,
     _neuron_step,
     _step_of,
     pdl_enter,
@@ -263,11 +264,7 @@ def _conv_kernel(
     PDL: tl.constexpr = False,
 ):
     pdl_enter(PDL)
-    # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
-    leak = tl.cast(leak, tl.float32)
-    v_th = tl.cast(v_th, tl.float32)
-    v_reset = tl.cast(v_reset, tl.float32)
-    v_init = tl.cast(v_init, tl.float32)
+    leak, v_th, v_reset, v_init = _neuron_scalars(leak, v_th, v_reset, v_init)
     pid = tl.program_id(0)
     if T_IN_M:
         if STREAM_K:

@@ -23,7 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import NEURON_IF, NEURON_LEAKY, NEURON_LIF, NEURON_PLIF, _neuron_step, _step_of, pdl_enter
+from ._epilogue_jit import (
+    NEURON_IF,
+    NEURON_LEAKY,
+    NEURON_LIF,
+    NEURON_PLIF,
+    _neuron_scalars,
+    _neuron_step,
+    _step_of,
+    pdl_enter,
+)
 from ._utils import cdiv, launch, require_dtype, require_int32_indexable, require_triton_device
 from .tiling import neuron_tile
 
@@ -133,11 +142,7 @@ def _multistep_kernel(
     block of one sample (channel-fastest, coalesced for channels_last) and loops over t, ``T_CHUNK`` steps per
     load."""
     pdl_enter(PDL)
-    # the neuron runs in fp32 whatever type the scalars arrive in (torch.compile passes Python floats as fp64)
-    leak = tl.cast(leak, tl.float32)
-    v_th = tl.cast(v_th, tl.float32)
-    v_reset = tl.cast(v_reset, tl.float32)
-    v_init = tl.cast(v_init, tl.float32)
+    leak, v_th, v_reset, v_init = _neuron_scalars(leak, v_th, v_reset, v_init)
     n = tl.program_id(2)
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import _neuron_step, pdl_enter
+from ._epilogue_jit import _neuron_scalars, _neuron_step, pdl_enter
 from ._utils import (
     cdiv,
     launch,
@@ -64,10 +64,7 @@ def _neuron_pool_kernel(
     past ``KH * KW`` (``KK`` is a power of two) or in the padding are masked and never fire. ``PREFETCH``: step
     ``t + 1`` is loaded before step ``t`` is computed (small tiles, whose programs would wait on each load)."""
     pdl_enter(PDL)
-    leak = tl.cast(leak, tl.float32)
-    v_th = tl.cast(v_th, tl.float32)
-    v_reset = tl.cast(v_reset, tl.float32)
-    v_init = tl.cast(v_init, tl.float32)
+    leak, v_th, v_reset, v_init = _neuron_scalars(leak, v_th, v_reset, v_init)
     n = tl.program_id(2).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -156,10 +153,7 @@ def _neuron_bits_kernel(
     views), each pixel once: its spikes stored as one bit per step (bit ``t``) in ``b_ptr``'s integer type, and
     its final membrane. ``STATIC``: one frame repeated over the steps by stride 0, loaded once."""
     pdl_enter(PDL)
-    leak = tl.cast(leak, tl.float32)
-    v_th = tl.cast(v_th, tl.float32)
-    v_reset = tl.cast(v_reset, tl.float32)
-    v_init = tl.cast(v_init, tl.float32)
+    leak, v_th, v_reset, v_init = _neuron_scalars(leak, v_th, v_reset, v_init)
     n = tl.program_id(2).to(tl.int64)
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -209,10 +203,7 @@ def _neuron_pool_taps_kernel(
     that holds it (``kh < SH``, or the last row of windows; the same for columns). ``FROM_BITS``: ``x`` holds each
     input pixel's spikes already, one bit per step (``_neuron_bits_kernel``), which are OR-ed as they are."""
     pdl_enter(PDL)
-    leak = tl.cast(leak, tl.float32)
-    v_th = tl.cast(v_th, tl.float32)
-    v_reset = tl.cast(v_reset, tl.float32)
-    v_init = tl.cast(v_init, tl.float32)
+    leak, v_th, v_reset, v_init = _neuron_scalars(leak, v_th, v_reset, v_init)
     n = tl.program_id(2).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
