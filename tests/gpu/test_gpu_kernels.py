@@ -236,7 +236,7 @@ def test_neuron_pool_is_the_neuron_then_the_pool(dtype, pool):
     """multistep_neuron_pool on the GPU (a DVS layer's layout: channels_last steps, 2 blocks of channels, T=16):
     the max pool of the neuron kernel's spikes and its membrane, bit for bit; spiking_conv2d's cuDNN path with
     ``pool`` the same, also on a static input."""
-    from sparseflow_kernels.neuron_pool import multistep_neuron_pool
+    from sparseflow_kernels.neuron_pool import ORDERS, multistep_neuron_pool
 
     g = torch.Generator(device="cuda").manual_seed(1)
     T, N, C, H, W = 16, 2, 96, 18, 20
@@ -248,7 +248,7 @@ def test_neuron_pool_is_the_neuron_then_the_pool(dtype, pool):
     for spec in (NeuronSpec.make("plif", decay=0.4), NeuronSpec.make("lif", tau=2.0, v_reset=None)):
         s, v_ref = multistep_neuron(x, spec, scale=scale, shift=shift, v=v0, return_v=True)
         want = F.max_pool2d(s.flatten(0, 1).float(), *pool).to(dtype)
-        for order in ("bits", "taps", "steps"):
+        for order in ORDERS:
             y, v = multistep_neuron_pool(x, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2],
                                          scale=scale, shift=shift, v=v0, return_v=True, order=order)
             assert torch.equal(y.flatten(0, 1), want) and torch.equal(v, v_ref) and 0 < y.float().mean() < 1, order
@@ -256,7 +256,7 @@ def test_neuron_pool_is_the_neuron_then_the_pool(dtype, pool):
         xs = x[:1].expand(T, *x.shape[1:])
         s, v_ref = multistep_neuron(xs.contiguous(), spec, scale=scale, shift=shift, v=v0, return_v=True)
         want = F.max_pool2d(s.flatten(0, 1).float(), *pool).to(dtype)
-        for order in ("bits", "taps", "steps"):
+        for order in ORDERS:
             y, v = multistep_neuron_pool(xs, spec, kernel_size=pool[0], stride=pool[1], padding=pool[2],
                                          scale=scale, shift=shift, v=v0, return_v=True, order=order)
             assert torch.equal(y.flatten(0, 1), want) and torch.equal(v, v_ref), order

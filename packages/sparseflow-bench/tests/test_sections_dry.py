@@ -244,10 +244,10 @@ def test_neuron_pool_section_dry_run(tmp_path):
     for r in out["rows"]:
         assert r["bit_equal"] is True and 0 < r["spike_rate"] < 1 and r["bits_us"] is None
     assert json.loads((tmp_path / "neuron_pool_dry.json").read_text())["rows"][1]["S"] == 8
-    timed = {**out, "rows": [{**r, "bits_us": 30.0, "taps_us": 60.0, "steps_us": 290.0, "pair_us": 59.0}
+    timed = {**out, "rows": [{**r, "bits_us": 30.0, "steps_us": 290.0, "pair_us": 59.0}
                              for r in out["rows"]]}
     table = neuron_pool.markdown(timed, str(tmp_path))
-    assert "| stem | 4 | 1 | 8 | 8 | 3/2/1 | yes | 30.0 | 60.0 | 290.0 | 59.0 | yes |" in table
+    assert "| stem | 4 | 1 | 8 | 8 | 3/2/1 | yes | 30.0 | 290.0 | 59.0 | yes |" in table
     recs = records.rows_of(timed, "neuron_pool.json")
     assert len(recs) == 2 and all(r.baseline == "neuron_then_pool" and r.section == "neuron_pool" for r in recs)
     assert {t.provider: t.value for t in recs[0].timings}["neuron_pool_bits"] == 0.03

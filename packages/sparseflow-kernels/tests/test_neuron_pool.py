@@ -71,7 +71,7 @@ def check_call(p, x, pool, scale=None, shift=None, v0=None, order=None):
     return y, v, rs
 
 
-@pytest.mark.parametrize("order", ["bits", "taps", "steps"])
+@pytest.mark.parametrize("order", ["bits", "steps"])
 @pytest.mark.parametrize("pool", POOLS, ids=str)
 @pytest.mark.parametrize("neuron", ["lif-hard", "lif-soft", "if-hard", "plif-hard", "leaky-zero"])
 def test_pooled_spikes_and_membrane(neuron, pool, order):
@@ -85,11 +85,11 @@ def test_pooled_spikes_and_membrane(neuron, pool, order):
     check_call(NEURONS[neuron], x, pool, v0=v, order=order)  # the membrane handed to the next call
 
 
-@pytest.mark.parametrize("order", ["bits", "taps", "steps"])
+@pytest.mark.parametrize("order", ["bits", "steps"])
 @pytest.mark.parametrize("pool", [(3, 2, 1), (2, 2, 0), ((3, 2), (2, 1), (1, 0))], ids=str)
 def test_static_frame_repeated_by_stride_zero(pool, order):
     """One frame repeated over the steps by stride 0 (a static image's stem): the same bits as the frame repeated
-    in memory; the window-by-window kernel loads it once per window position."""
+    in memory (``bits`` loads it once)."""
     T, N, C, H, W = 4, 2, 6, 8, 10
     frame = currents((1, N, C, H, W), torch.float16, "channels_last", seed=7)
     x = frame.expand(T, N, C, H, W)
@@ -105,7 +105,7 @@ def test_static_frame_repeated_by_stride_zero(pool, order):
 
 @pytest.mark.parametrize("T", [5, 16, 20])
 def test_the_orders_agree_and_the_rule_picks_bits_for_overlapping_or_static_windows(T):
-    """The three orders give the same bits, with the steps held in each of the bit tensor's integer types (uint8
+    """The two orders give the same bits, with the steps held in each of the bit tensor's integer types (uint8
     up to 8 steps, int16 up to 16, int32 beyond: a spike at step 15 sets the int16's sign bit)."""
     from sparseflow_kernels.tiling import neuron_pool_order
 
@@ -116,9 +116,8 @@ def test_the_orders_agree_and_the_rule_picks_bits_for_overlapping_or_static_wind
     x = currents((T, 1, 9, 5, 6), torch.float16, "channels_last", seed=2)
     spec = NeuronSpec.make("if", v_threshold=0.9, v_reset=None)  # (soft reset: it fires at every late step too)
     outs = [multistep_neuron_pool(x, spec, kernel_size=3, stride=2, padding=1, return_v=True, order=o)
-            for o in ("bits", "taps", "steps")]
-    for y, v in outs[1:]:
-        assert torch.equal(outs[0][0], y) and torch.equal(outs[0][1], v)
+            for o in ("bits", "steps")]
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert 0 < outs[0][0].float().mean() < 1 and outs[0][0][-1].any()
 
 
@@ -148,7 +147,7 @@ def test_property_pooled_spikes(data):
     scale, shift = ((torch.rand(C).to(DEVICE) + 0.5, (torch.randn(C) * 0.3).to(DEVICE)) if pick([True, False])
                     else (None, None))
     v0 = (torch.randn(shape[1:]) * 0.5).to(DEVICE) if pick([True, False]) else None
-    check_call(p, x, pool, scale, shift, v0, order=pick(["bits", "taps", "steps", None]))
+    check_call(p, x, pool, scale, shift, v0, order=pick(["bits", "steps", None]))
 
 
 def test_uncovered_pixels_and_bad_arguments_are_refused():
@@ -165,11 +164,10 @@ def test_uncovered_pixels_and_bad_arguments_are_refused():
         multistep_neuron_pool(x, "lif", kernel_size=1, v=x[0, :, :2])
     with pytest.raises(ValueError, match=r"scale must have shape \[3\]"):
         multistep_neuron_pool(x, "lif", kernel_size=1, scale=torch.ones(4, device=DEVICE))
-    with pytest.raises(ValueError, match=r"order must be one of \('bits', 'taps', 'steps'\) or None, got 'rows'"):
+    with pytest.raises(ValueError, match=r"order must be one of \('bits', 'steps'\) or None, got 'rows'"):
         multistep_neuron_pool(x, "lif", kernel_size=1, order="rows")
-    for order in ("bits", "taps"):
-        with pytest.raises(ValueError, match=f"order='{order}' holds up to 32 steps \\(one bit each\\), got T=33"):
-            multistep_neuron_pool(currents((33, 1, 1, 2, 2), torch.float32), "lif", kernel_size=2, order=order)
+    with pytest.raises(ValueError, match=r"order='bits' holds up to 32 steps \(one bit each\), got T=33"):
+        multistep_neuron_pool(currents((33, 1, 1, 2, 2), torch.float32), "lif", kernel_size=2, order="bits")
 
 
 def test_no_steps_returns_the_initial_membrane():
@@ -296,15 +294,15 @@ def test_small_tiles_prefetching_the_next_step(neuron, pool, monkeypatch):
 
 
 @_prop
-def test_property_taps_tile(data):
-    """The window-by-window kernel's tile: powers of two, up to 64 channels (16 unless the layer has fewer) and
+def test_property_bits_pool_tile(data):
+    """The tile of the max pool of the bits: powers of two, up to 64 channels (16 unless the layer has fewer) and
     1024 lanes; below 1024 only where the full tile leaves fewer than four programs a multiprocessor, and not
     below 256 lanes unless the map has fewer pixels."""
-    from sparseflow_kernels.tiling import neuron_pool_taps_tile
+    from sparseflow_kernels.tiling import neuron_pool_bits_tile
 
     C, P, N = data.draw(st.integers(1, 600)), data.draw(st.integers(1, 20000)), data.draw(st.integers(1, 64))
     sms = data.draw(st.sampled_from([1, 132, 10**4]))
-    bp, bc, warps = neuron_pool_taps_tile(C, P, N, sms)
+    bp, bc, warps = neuron_pool_bits_tile(C, P, N, sms)
     lanes = bp * bc
     assert bp & (bp - 1) == 0 and bc & (bc - 1) == 0 and bc == min(64, 1 << (C - 1).bit_length())
     assert lanes <= 1024 and warps == max(1, min(4, lanes // 256))

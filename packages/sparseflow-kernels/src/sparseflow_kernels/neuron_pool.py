@@ -8,19 +8,19 @@ written.
 
 Two orders of the same computation (:func:`~sparseflow_kernels.tiling.neuron_pool_order` picks one):
 
-* ``"taps"``: a program owns a block ``[pixels, channels]`` of output pixels of one sample and walks the window
-  position by position; each position's membrane runs over all steps and its spikes are OR-ed into one bit per
-  step (an int32 per lane holds up to 32 steps), the max of 0/1 spikes. The registers hold one membrane and the
-  bits whatever the window, and a static input (one frame repeated by stride 0) is loaded once per position.
-* ``"steps"``: a program loads every window position of its pixels at once (``[pixels, window, channels]``,
-  the window padded to a power of two), runs the neuron over t on all of them with their membranes in registers,
-  and stores the window's maximum at each step.
+* ``"bits"``: the neuron runs once per input pixel over all steps and stores its spikes as one bit per step (a
+  uint8 per pixel and channel up to 8 steps: 6.4 MB where a ResNet stem's four fp16 spike maps at N=8 are 51 MB);
+  a second kernel ORs the bits over each window (the max of 0/1 spikes) and writes the pooled spikes. Overlapping
+  windows cost no extra neuron work, and a static input (one frame repeated by stride 0) is loaded once.
+* ``"steps"``: one kernel; a program loads every window position of its output pixels at once (``[pixels, window,
+  channels]``, the window padded to a power of two), runs the neuron over t on all of them with their membranes in
+  registers, and stores the window's maximum at each step.
 
 Either way only the pooled spikes are written. The spikes are the neuron kernel's bit for bit (the same
 ``_neuron_step``), so their maximum is exactly the max pool of the spikes. Every input pixel must lie in some
 window (``stride <= kernel_size``, the last window reaching the last row and column): its membrane is computed
 there. A pixel in several windows (``kernel_size`` 3, ``stride`` 2) is computed by each, with the same arithmetic,
-so every copy of its final membrane holds the same bits (``"taps"`` stores it once).
+so every copy of its final membrane holds the same bits.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from ._utils import (
 )
 from .neuron import NeuronSpec, _as_tncs, _per_channel
 from .pool import _out_size
-from .tiling import neuron_pool_order, neuron_pool_taps_tile, neuron_pool_tile, neuron_tile
+from .tiling import neuron_pool_bits_tile, neuron_pool_order, neuron_pool_tile, neuron_tile
 
 
 @triton.jit
@@ -181,29 +181,18 @@ def _neuron_bits_kernel(
 
 
 @triton.jit
-def _neuron_pool_taps_kernel(
-    x_ptr, sxt, sxn, sxc, sxh, sxw,
+def _pool_bits_kernel(
+    b_ptr, sbn, sbc, sbh, sbw,
     y_ptr, syt, syn, syc, syh, syw,
-    v_ptr, svn, svc, svh, svw,
-    vo_ptr, son, soc, soh, sow,
-    scale_ptr, shift_ptr,
     T, C, H, W, OH, OW,
-    leak, v_th, v_reset, v_init,
-    NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DECAY_INPUT: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_V: tl.constexpr, STORE_V: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    STATIC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, FROM_BITS: tl.constexpr = False,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    """Tiles ``[BLOCK_P output pixels, BLOCK_C channels]`` of one sample, window position by window position: a
-    position's membrane runs over the steps (up to 32 of them) and its spikes are OR-ed into one bit per step of
-    an int32 per lane (the max of 0/1 spikes), so the registers hold one position's membrane and the bits,
-    whatever the window and T. ``STATIC``: the input is one frame repeated over the steps by stride 0, loaded once
-    per position. Each input pixel's final membrane is stored by one program and position only: the last window
-    that holds it (``kh < SH``, or the last row of windows; the same for columns). ``FROM_BITS``: ``x`` holds each
-    input pixel's spikes already, one bit per step (``_neuron_bits_kernel``), which are OR-ed as they are."""
+    """The max pool of spikes held as one bit per step (``_neuron_bits_kernel``'s): a program ORs the bits of every
+    window position of its ``[BLOCK_P output pixels, BLOCK_C channels]`` of one sample (the max of 0/1 spikes;
+    positions in the padding hold none) and writes the pooled spikes of each step."""
     pdl_enter(PDL)
-    leak, v_th, v_reset, v_init = _neuron_scalars(leak, v_th, v_reset, v_init)
     n = tl.program_id(2).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -211,50 +200,29 @@ def _neuron_pool_taps_kernel(
     ow = p % OW
     p_ok = p < OH * OW
     c_ok = c < C
-    scale, shift = _channel_params(scale_ptr, shift_ptr, c, c_ok, BLOCK_C, HAS_SCALE, HAS_SHIFT)
     bits = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.int32)
     for k in tl.static_range(KH * KW):
         ih = oh * SH - PH + k // KW
         iw = ow * SW - PW + k % KW
         ok = (p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None] & c_ok[None, :]
-        xo = n * sxn + (ih * sxh + iw * sxw)[:, None] + c[None, :] * sxc
-        if FROM_BITS:
-            bits = bits | tl.load(x_ptr + xo, mask=ok, other=0).to(tl.int32)
-        else:
-            if HAS_V:
-                v = tl.load(v_ptr + n * svn + (ih * svh + iw * svw)[:, None] + c[None, :] * svc, mask=ok, other=0.0)
-                v = v.to(tl.float32)
-            else:
-                v = tl.full([BLOCK_P, BLOCK_C], v_init, dtype=tl.float32)
-            if STATIC:
-                z0 = _affine(tl.load(x_ptr + xo, mask=ok, other=0.0), scale, shift, HAS_SCALE, HAS_SHIFT)
-            for t in range(T):
-                if STATIC:
-                    z = z0
-                else:
-                    z = _affine(tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0), scale, shift, HAS_SCALE,
-                                HAS_SHIFT)
-                spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
-                bits = bits | ((spike & ok).to(tl.int32) << t)
-            if STORE_V:
-                own = ok & (((k // KW < SH) | (oh == OH - 1)) & ((k % KW < SW) | (ow == OW - 1)))[:, None]
-                tl.store(vo_ptr + n * son + (ih * soh + iw * sow)[:, None] + c[None, :] * soc, v, mask=own)
+        bo = n * sbn + (ih * sbh + iw * sbw)[:, None] + c[None, :] * sbc
+        bits = bits | tl.load(b_ptr + bo, mask=ok, other=0).to(tl.int32)
     yo = n * syn + (oh * syh + ow * syw)[:, None] + c[None, :] * syc
     y_ok = p_ok[:, None] & c_ok[None, :]
     for t in range(T):
         tl.store(y_ptr + t * syt + yo, ((bits >> t) & 1).to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
-#: the most steps the ``"bits"`` and ``"taps"`` orders hold (one bit each in an int32 per lane)
-TAPS_MAX_STEPS = 32
+#: the most steps the ``"bits"`` order holds (one bit each in an int32 per lane)
+BITS_MAX_STEPS = 32
 
 
 def _bits_frames(N, C, H, W, T, device) -> torch.Tensor:
     """``[N, C, H, W]`` channels_last integers of one bit per step: uint8 up to 8 steps, int16 up to 16, int32
-    up to 32 (the pool kernel widens them to int32; a sign extension sets only bits past the last step)."""
+    up to 32 (``_pool_bits_kernel`` widens them to int32; a sign extension sets only bits past the last step)."""
     dtype = torch.uint8 if T <= 8 else torch.int16 if T <= 16 else torch.int32
     return torch.empty((N, H, W, C), dtype=dtype, device=device).permute(0, 3, 1, 2)
-ORDERS = ("bits", "taps", "steps")
+ORDERS = ("bits", "steps")
 
 
 def pool_args(kernel_size, stride=None, padding=0, op: str = "multistep_neuron_pool"):
@@ -307,9 +275,9 @@ def multistep_neuron_pool(
     ``[N, C, H, W]`` (channels_last, ``v_dtype``) when ``return_v``. ``v``: the initial membrane ``[N, C, H, W]``;
     None starts at the neuron's initial value. ``scale`` / ``shift`` ``[C]`` as in :func:`multistep_neuron`.
     ``order``: ``"bits"`` (two kernels: the neuron once per input pixel, its spikes stored as one bit per step,
-    then the pool of the bits), ``"taps"`` (one kernel, window position by window position; both up to
-    ``TAPS_MAX_STEPS`` steps) or ``"steps"`` (one kernel, every window position of a tile at once, step by step);
-    None takes :func:`~sparseflow_kernels.tiling.neuron_pool_order`'s. All give the same bits."""
+    then the pool of the bits; up to ``BITS_MAX_STEPS`` steps) or ``"steps"`` (one kernel, every window position of
+    a tile at once, step by step); None takes :func:`~sparseflow_kernels.tiling.neuron_pool_order`'s. Both give the
+    same bits."""
     op = "multistep_neuron_pool"
     if order is not None and order not in ORDERS:
         raise ValueError(f"{op}: order must be one of {ORDERS} or None, got {order!r}")
@@ -337,8 +305,8 @@ def multistep_neuron_pool(
         if return_v else None
     static = T > 1 and x.stride(0) == 0  # one frame repeated over the steps
     order = order or neuron_pool_order(T, (kh, kw), (sh, sw), static)
-    if order != "steps" and T > TAPS_MAX_STEPS:
-        raise ValueError(f"{op}: order={order!r} holds up to {TAPS_MAX_STEPS} steps (one bit each), got T={T}")
+    if order == "bits" and T > BITS_MAX_STEPS:
+        raise ValueError(f"{op}: order='bits' holds up to {BITS_MAX_STEPS} steps (one bit each), got T={T}")
     if y.numel():
         ka = spec.kernel_args()
         params = (_per_channel(scale) if scale is not None else y, _per_channel(shift) if shift is not None else y)
@@ -347,10 +315,6 @@ def multistep_neuron_pool(
                            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
         window = dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw)
         out_args = (y, *y.stride())
-        taps_grid = None
-        if order in ("bits", "taps"):
-            BLOCK_P, BLOCK_PC, taps_warps = neuron_pool_taps_tile(C, OH * OW, N, multiprocessors(x.device))
-            taps_grid = (cdiv(OH * OW, BLOCK_P), cdiv(C, BLOCK_PC), N)
         if order == "bits":  # the neuron once per pixel, its spikes as bits; then the pool of the bits
             bits = _bits_frames(N, C, H, W, T, x.device)
             x4, b3 = _as_tncs(x), bits.view(N, C, H * W)
@@ -361,24 +325,19 @@ def multistep_neuron_pool(
                 x4, *x4.stride(), b3, *b3.stride(), v3, *v3.stride(), vo3, *vo3.stride(), *params, T, C, H * W,
                 *scalars, **neuron_meta, HAS_V=v is not None, STORE_V=return_v, STATIC=static, BLOCK_S=BLOCK_S,
                 BLOCK_C=BLOCK_C, num_warps=4)
-            # (the pool kernel reads the bits only: no neuron, membrane or per-channel parameters)
-            launch(_neuron_pool_taps_kernel)[taps_grid](
-                bits, 0, *bits.stride(), *out_args, y, 0, 0, 0, 0, y, 0, 0, 0, 0, y, y, T, C, H, W, OH, OW,
-                *scalars, **{**neuron_meta, "HAS_SCALE": False, "HAS_SHIFT": False}, HAS_V=False, STORE_V=False,
-                **window, STATIC=False, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_PC, FROM_BITS=True, num_warps=taps_warps)
+            BLOCK_P, BLOCK_C, warps = neuron_pool_bits_tile(C, OH * OW, N, multiprocessors(x.device))
+            launch(_pool_bits_kernel)[(cdiv(OH * OW, BLOCK_P), cdiv(C, BLOCK_C), N)](
+                bits, *bits.stride(), *out_args, T, C, H, W, OH, OW, **window, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+                num_warps=warps)
             return (y, v_out) if return_v else y
         v0 = v if v is not None else y[0, :, :, :1, :1]
         vo = v_out if v_out is not None else y[0, :, :, :1, :1]
-        args = (x, *x.stride(), *out_args, v0, *v0.stride(), vo, *vo.stride(), *params, T, C, H, W, OH, OW, *scalars)
-        meta = dict(**neuron_meta, HAS_V=v is not None, STORE_V=return_v, **window)
-        if order == "taps":
-            launch(_neuron_pool_taps_kernel)[taps_grid](
-                *args, **meta, STATIC=static, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_PC, num_warps=taps_warps)
-        else:
-            KK = next_power_of_2(kh * kw)
-            BLOCK_P, BLOCK_C, warps, prefetch = neuron_pool_tile(C, OH * OW, KK, N, multiprocessors(x.device))
-            launch(_neuron_pool_kernel)[(cdiv(OH * OW, BLOCK_P), cdiv(C, BLOCK_C), N)](
-                *args, **meta, KK=KK, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, PREFETCH=prefetch, num_warps=warps)
+        KK = next_power_of_2(kh * kw)
+        BLOCK_P, BLOCK_C, warps, prefetch = neuron_pool_tile(C, OH * OW, KK, N, multiprocessors(x.device))
+        launch(_neuron_pool_kernel)[(cdiv(OH * OW, BLOCK_P), cdiv(C, BLOCK_C), N)](
+            x, *x.stride(), *out_args, v0, *v0.stride(), vo, *vo.stride(), *params, T, C, H, W, OH, OW, *scalars,
+            **neuron_meta, HAS_V=v is not None, STORE_V=return_v, **window, KK=KK, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C,
+            PREFETCH=prefetch, num_warps=warps)
     elif v_out is not None:  # (no step: the membrane is the initial one)
         v_out.copy_(v if v is not None else torch.full_like(v_out, spec.v_init))
     return (y, v_out) if return_v else y

@@ -13,7 +13,7 @@ or measured among the candidates listed here (:mod:`.dispatch` keeps the winner)
 * linear (:mod:`.linear`): :class:`LinearConfig`, :func:`default_linear_config` / :func:`linear_config`,
   :func:`wide_linear_config`, :func:`linear_blocks_fit`;
 * batchnorm (:mod:`.batchnorm`): :func:`batchnorm_tile`; neuron (:mod:`.neuron`): :func:`neuron_tile`; neuron +
-  max pool (:mod:`.neuron_pool`): :func:`neuron_pool_order`, :func:`neuron_pool_taps_tile`,
+  max pool (:mod:`.neuron_pool`): :func:`neuron_pool_order`, :func:`neuron_pool_bits_tile`,
   :func:`neuron_pool_tile`; channel_dot (:mod:`.attention`): :func:`channel_dot_tile`;
   qk_token_attention (:mod:`.attention`): :func:`qk_token_tile`.
 """
@@ -379,18 +379,17 @@ def neuron_pool_tile(C: int, P: int, KK: int, N: int, multiprocessors: int = 1) 
 def neuron_pool_order(T: int, kernel: tuple[int, int], stride: tuple[int, int], static: bool) -> str:
     """Which neuron + max pool kernels run (:func:`~sparseflow_kernels.neuron_pool.multistep_neuron_pool`):
     ``"bits"`` where the windows overlap or the input is one frame repeated over the steps, up to 32 steps (a
-    ResNet stem's 3 / 2 / 1 pool: one pass computing a pixel in each of its windows did 2.25 times the neuron's
-    work, the division of the LIF most of it); ``"steps"``, every position of a tile at once, otherwise (the DVS
-    networks' 2 / 2 pools over 16 steps). Measured on the H100 (T=4, 64 channels at 112 x 112, a static frame,
-    3 / 2 / 1, N=8): one pass by window position 66 us, by steps 290 us, the neuron kernel then the pool kernel
-    59 us; T=16, 128 channels, 2 / 2, N=8: by steps 360 / 94 / 40 / 12 / 7.6 us at 128 / 64 / 32 / 16 / 8 px, by
-    window position 393 / 138 / 60 / 38 / 38 us."""
+    ResNet stem's 3 / 2 / 1 pool); ``"steps"``, every position of a tile at once, otherwise (the DVS networks' 2 / 2
+    pools over 16 steps). Measured on the H100 (``neuron_pool.json``; T=4, 64 channels at 112 x 112, a static frame,
+    3 / 2 / 1, N=8): bits 33 us, steps 290 us (each pixel's neuron run in each of its windows, 2.25 times the LIF's
+    division), the neuron kernel then the pool kernel 59 us; T=16, 128 channels, 2 / 2, N=8: steps 360 / 94 / 40 /
+    12 / 7.5 us at 128 / 64 / 32 / 16 / 8 px, bits 379 / 100 / 28 / 14 / 13 us."""
     overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
     return "bits" if (overlap or static) and T <= 32 else "steps"
 
 
-def neuron_pool_taps_tile(C: int, P: int, N: int, multiprocessors: int = 1) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_C, num_warps) of the window-by-window neuron + max pool kernel over ``P`` output pixels of
+def neuron_pool_bits_tile(C: int, P: int, N: int, multiprocessors: int = 1) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_C, num_warps) of the max pool of the bits (``_pool_bits_kernel``) over ``P`` output pixels of
     ``C`` channels for ``N`` samples: up to 64 channels and 1024 lanes a program (8 a thread over 4 warps), halved,
     pixels first, down to 256 lanes while that leaves fewer than four programs a multiprocessor."""
     block_c = min(64, next_power_of_2(C))

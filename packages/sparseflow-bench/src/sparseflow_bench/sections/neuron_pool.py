@@ -7,8 +7,8 @@ the maps of the networks that pool their spikes:
 * a spiking VGG's 2 / 2 pools on 128 channels at 56 and 28 px, T=4, N=8.
 
 Per map, :func:`sparseflow_kernels.neuron_pool.multistep_neuron_pool` in each ``order`` (``bits``: the neuron once
-per pixel, its spikes as one bit per step, then the pool of the bits; ``taps``: one kernel, window position by
-window position; ``steps``: one kernel, every window position at once) against the neuron kernel followed by the max
+per pixel, its spikes as one bit per step, then the pool of the bits; ``steps``: one kernel, every window position
+at once) against the neuron kernel followed by the max
 pool kernel (``pair``, what the layer runs otherwise), fp16 currents, the membrane handed in and returned in fp16;
 ``bit_equal``: every order's pooled spikes and membrane equal the pair's. Times in us.
 
@@ -23,7 +23,6 @@ import torch
 
 from ..figures import env_line
 
-ORDERS = ("bits", "taps", "steps")
 #: (case, T, N, channels, map side, (kernel, stride, padding), static input)
 CASES = ([("stem", 4, n, 64, 112, (3, 2, 1), True) for n in (1, 8, 32)]
          + [("dvs", 16, 8, 128, s, (2, 2, 0), False) for s in (128, 64, 32, 16, 8)]
@@ -32,7 +31,7 @@ CASES = ([("stem", 4, n, 64, 112, (3, 2, 1), True) for n in (1, 8, 32)]
 
 def _row(ctx, case, gen) -> dict:
     from sparseflow_kernels import NeuronSpec, multistep_neuron
-    from sparseflow_kernels.neuron_pool import multistep_neuron_pool
+    from sparseflow_kernels.neuron_pool import ORDERS, multistep_neuron_pool
     from sparseflow_kernels.spiking import pool_steps
 
     name, T, N, C, S, pool, static = case
@@ -80,6 +79,8 @@ def run(ctx) -> dict:
 
 
 def rows(obj, source):
+    from sparseflow_kernels.neuron_pool import ORDERS
+
     from ..records import Row, Timing
 
     for r in obj["rows"]:
@@ -96,13 +97,13 @@ def markdown(r: dict, d: str) -> str:
 
     lines = ["# The neuron and the max pool of its spikes", "",
              f"Device: {env_line(r['env'])}. LIF (tau 2) over T, fp16 currents channels innermost, the membrane in and "
-             "out in fp16; `bits`, `taps` and `steps`: `multistep_neuron_pool`'s orders; pair: the neuron kernel, "
-             "then the max pool kernel. Times in us (`do_bench` medians in a CUDA graph).", "",
-             "| map | T | N | channels | side | pool | static input | bits | taps | steps | pair | bit-equal |",
-             "|---" * 12 + "|"]
+             "out in fp16; `bits` and `steps`: `multistep_neuron_pool`'s orders; pair: the neuron kernel, then the "
+             "max pool kernel. Times in us (`do_bench` medians in a CUDA graph).", "",
+             "| map | T | N | channels | side | pool | static input | bits | steps | pair | bit-equal |",
+             "|---" * 11 + "|"]
     for row in r["rows"]:
         pool = "/".join(str(v) for v in row["pool"])
         lines.append(f"| {row['case']} | {row['T']} | {row['N']} | {row['C']} | {row['S']} | {pool} | "
-                     f"{'yes' if row['static'] else 'no'} | {us(row['bits_us'])} | {us(row['taps_us'])} | "
-                     f"{us(row['steps_us'])} | {us(row['pair_us'])} | {'yes' if row['bit_equal'] else 'NO'} |")
+                     f"{'yes' if row['static'] else 'no'} | {us(row['bits_us'])} | {us(row['steps_us'])} | "
+                     f"{us(row['pair_us'])} | {'yes' if row['bit_equal'] else 'NO'} |")
     return "\n".join(lines) + "\n"
