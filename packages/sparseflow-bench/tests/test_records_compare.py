@@ -468,7 +468,7 @@ def test_committed_tables_and_long_format_are_reproduced(tmp_path):
     d = tmp_path / "h100"
     shutil.copytree(src, d, ignore=shutil.ignore_patterns("*.md", "*.png", "results.csv", "kernels"))
     written = report.section_tables(str(d), log=lambda *_: None)
-    assert sorted(written) == ["e2e.md", "fused_batch_sweep.md", "fused_spiking_resnet34.md",
+    assert sorted(written) == ["e2e.md", "fused_batch_sweep.md", "fused_spiking_resnet34.md", "neuron_pool.md",
                                "sparse_conv_spiking_resnet34.md"]
     for name in written:
         assert (d / name).read_text() == (src / name).read_text(), name

@@ -292,6 +292,7 @@ def test_final_membrane_in_the_spikes_layout(layout, preserve, monkeypatch):
     innermost = layout == "channels_last" or not preserve
     assert y.stride(2) == 1 if innermost else y.is_contiguous()
     assert v.is_contiguous(memory_format=torch.channels_last) if innermost else v.is_contiguous()
+    assert v._base is None  # a tensor of its own: a neuron may detach it in place
     yc, vc = multistep_neuron(x.contiguous(), return_v=True, v_dtype=torch.float16, preserve_layout=True, **kw)
     assert torch.equal(y, yc) and torch.equal(v, vc) and vc.is_contiguous() and 0 < y.float().mean() < 1
     y2, v2 = multistep_neuron(x, v=v, return_v=True, v_dtype=torch.float16, preserve_layout=preserve, **kw)

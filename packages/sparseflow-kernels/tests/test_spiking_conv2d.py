@@ -410,7 +410,7 @@ def test_input_repeated_by_stride_zero(shape, neuron, seed):
 @pytest.mark.parametrize("path", ["fused", "fused-t_in_m", "cudnn"])
 def test_final_membrane_is_a_tensor_of_its_own(path):
     """The final membrane equals the reference and is a tensor of its own, not a view, so that a neuron can detach it
-    in place (SpikingJelly's ``detach``); the fused kernels store it channels innermost, as their spikes."""
+    in place (SpikingJelly's ``detach``); every path stores it channels innermost, as its spikes."""
     p = NEURONS["lif-hard"]
     layer = make_layer(v0=True)
     kw = {"fused": {}, "fused-t_in_m": {"config": TM_CONFIG}, "cudnn": {"path": "cudnn"}}[path]
@@ -418,5 +418,4 @@ def test_final_membrane_is_a_tensor_of_its_own(path):
     check(layer, p, spikes, v)
     assert v._base is None
     v.detach_()
-    if path != "cudnn":
-        assert v.is_contiguous(memory_format=torch.channels_last)
+    assert v.is_contiguous(memory_format=torch.channels_last)

@@ -246,9 +246,14 @@ def _membrane_like(y: torch.Tensor, dtype) -> torch.Tensor:
     """The final membrane ``[N, C, ...]`` for spikes ``y`` ``[T, N, C, ...]``, channels innermost where the spikes
     are (their tiles store it coalesced; stored NCHW, each element of a tile row lands in its own sector), else
     contiguous."""
-    shape = y.shape[1:]
+    shape = tuple(y.shape[1:])
     if y.dim() > 3 and y.stride(2) == 1 and shape[1] > 1:
-        return torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype, device=y.device).movedim(-1, 1)
+        strides, step = [0] * len(shape), shape[1]
+        for d in range(len(shape) - 1, 1, -1):
+            strides[d], step = step, step * shape[d]
+        strides[0], strides[1] = step, 1
+        # (a tensor of its own, not a view of one: a neuron may detach its membrane in place)
+        return torch.empty_strided(shape, strides, dtype=dtype, device=y.device)
     return torch.empty(shape, dtype=dtype, device=y.device)
 
 
