@@ -14,8 +14,8 @@ stride 0, which a steps-looped tiling convolves once); ``--k`` and ``--stride`` 
 (default 3 and 1, padding ``k // 2``: ``--k 7 --stride 2`` is a ResNet's stem); or ``neuron:C:C:H[:r]``, the multi-step neuron
 kernel over a ``[T, N, C, H, H]`` channels_last map (BatchNorm folded), ``:r`` with a residual in the other memory
 order (NCHW) and the sum written, as MS-ResNet's sum kernels run; or ``pool:C:C:H[:3]``, the neuron with the max pool
-of its spikes (``multistep_neuron_pool``) over that map, windows of 2 / stride 2 (``:3``: 3 / 2 / 1, a ResNet
-stem's). ``--pdl`` compiles the kernels as they launch with programmatic dependent launch (``PDL=True``: each
+of its spikes (``multistep_neuron_pool``, a row for each kernel it launches) over that map, windows of 2 / stride
+2 (``:3``: 3 / 2 / 1, a ResNet stem's). ``--pdl`` compiles the kernels as they launch with programmatic dependent launch (``PDL=True``: each
 program first waits for the previous kernel, ``griddepcontrol`` in the PTX, counted in the ``GDC`` column). Needs
 torch and triton, whose wheel carries
 ptxas and cuobjdump; no GPU and no interpreter (``TRITON_INTERPRET`` is ignored). The kernels are compiled, never run:
@@ -82,6 +82,8 @@ class _CompileOnly:
     programmatic dependent launch)."""
 
     pdl = False
+    #: a list: each launched kernel is compiled into it and the call goes on (a call that launches several)
+    collected = None
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -90,7 +92,10 @@ class _CompileOnly:
         def run(*args, **kwargs):
             if self.pdl and "PDL" in self.kernel.arg_names:
                 kwargs.update(PDL=True, launch_pdl=True)
-            raise _Compiled(self.kernel.warmup(*args, grid=grid, **kwargs))
+            compiled = self.kernel.warmup(*args, grid=grid, **kwargs)
+            if _CompileOnly.collected is None:
+                raise _Compiled(compiled)
+            _CompileOnly.collected.append((self.kernel.fn.__name__, compiled))
         return run
 
 
@@ -124,15 +129,18 @@ def compile_neuron(C: int, H: int, T: int, N: int, residual: bool):
     raise RuntimeError("neuron: the launcher returned without launching")
 
 
-def compile_neuron_pool(C: int, H: int, T: int, N: int, overlap: bool):
+def compile_neuron_pool(C: int, H: int, T: int, N: int, overlap: bool) -> list:
+    """[(kernel name, compiled kernel)] of every kernel ``multistep_neuron_pool`` launches for this map (its rule's
+    order: two kernels for ``bits``)."""
     x = torch.zeros(T * N, C, H, H, dtype=torch.float16).to(memory_format=torch.channels_last).view(T, N, C, H, H)
+    _CompileOnly.collected = []
     try:
         kneuron_pool.multistep_neuron_pool(x, "lif", tau=2.0, scale=torch.ones(C), shift=torch.zeros(C),
                                            kernel_size=3 if overlap else 2, stride=2, padding=1 if overlap else 0,
                                            return_v=True)
-    except _Compiled as done:
-        return done.kernel
-    raise RuntimeError("pool: the launcher returned without launching")
+        return _CompileOnly.collected
+    finally:
+        _CompileOnly.collected = None
 
 
 def resources(kernel) -> dict:
@@ -180,9 +188,10 @@ def main(argv=None) -> int:
                   + " | ".join(str(r[c]) for c in cols) + " |")
             continue
         if name == "pool":
-            r = resources(compile_neuron_pool(int(C), int(H), a.T, a.N, flag == ["3"]))
-            print(f"| neuron + max pool {'3/2/1' if flag else '2/2'} | {C} / {CO} / {H} | no | {r['warps']} | "
-                  + " | ".join(str(r[c]) for c in cols) + " |")
+            for kname, kernel in compile_neuron_pool(int(C), int(H), a.T, a.N, flag == ["3"]):
+                r = resources(kernel)
+                print(f"| neuron + max pool {'3/2/1' if flag else '2/2'}: `{kname}` | {C} / {CO} / {H} | no | "
+                      f"{r['warps']} | " + " | ".join(str(r[c]) for c in cols) + " |")
             continue
         if name not in spiking_configs(int(C), int(CO), a.T, tma=True):
             continue  # (a tiling wider than the layer's output channels, or with T in M where T > 8)

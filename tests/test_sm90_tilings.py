@@ -58,3 +58,14 @@ def test_pdl_kernels_wait_for_the_previous_kernel():
     assert [r["GDC"] for r in on] == ["2", "2"] and [r["GDC"] for r in off] == ["0", "0"]
     for a, b in zip(on, off):
         assert int(a["regs"]) <= int(b["regs"]) + 2 and a["spill"] == "0/0", (a, b)
+
+
+def test_neuron_pool_kernels_compile_for_sm90_without_spills():
+    """The neuron + max pool of a ResNet stem's overlapping 3 / 2 / 1 windows runs two kernels (the neuron once per
+    pixel into one bit per step, then the pool of the bits), a DVS map's 2 / 2 one: a row for each, no spill."""
+    _first, rows = _table("pool:64:64:112:3", "pool:128:128:32")
+    assert [r["tiling"] for r in rows] == ["neuron + max pool 3/2/1: `_neuron_bits_kernel`",
+                                           "neuron + max pool 3/2/1: `_pool_bits_kernel`",
+                                           "neuron + max pool 2/2: `_neuron_pool_kernel`"]
+    for r in rows:
+        assert 0 < int(r["regs"]) <= 255 and int(r["sass"]) > 0 and r["spill"] == "0/0", r
