@@ -159,6 +159,12 @@ def _traced(args) -> bool:
     return is_fake(a)
 
 
+def repeated_over_steps(x: torch.Tensor) -> bool:
+    """Whether ``x`` ``[T, N, ...]`` holds one input for every step by construction: more than one step, stride 0
+    over them (``frame.expand(T, ...)``), so every step reads the same memory."""
+    return x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0
+
+
 def _env_pdl() -> bool:
     return os.environ.get("SPARSEFLOW_PDL", "0").strip() == "1"
 

@@ -29,20 +29,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._epilogue_jit import _neuron_scalars, _neuron_step, pdl_enter
+from ._epilogue_jit import _channel_affine, _neuron_scalars, _neuron_step, pdl_enter
 from ._utils import (
     cdiv,
     launch,
     multiprocessors,
     next_power_of_2,
     pair,
+    repeated_over_steps,
     require_dtype,
     require_int32_indexable,
     require_triton_device,
 )
 from .neuron import NeuronSpec, _as_tncs, _per_channel
 from .pool import _out_size
-from .tiling import neuron_pool_bits_tile, neuron_pool_order, neuron_pool_tile, neuron_tile
+from .tiling import BITS_MAX_STEPS, neuron_pool_bits_tile, neuron_pool_order, neuron_pool_tile, neuron_tile
 
 
 @triton.jit
@@ -111,31 +112,6 @@ def _neuron_pool_kernel(
 
 
 @triton.jit
-def _channel_params(scale_ptr, shift_ptr, c, c_ok, BLOCK_C: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    HAS_SHIFT: tl.constexpr):
-    """The per-channel ``scale`` and ``shift`` of channels ``c`` as ``[1, channels]`` fp32 rows (1 and 0 where
-    not given; then unused)."""
-    scale = tl.full([1, BLOCK_C], 1.0, dtype=tl.float32)
-    shift = tl.full([1, BLOCK_C], 0.0, dtype=tl.float32)
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + c, mask=c_ok, other=1.0).to(tl.float32)[None, :]
-    if HAS_SHIFT:
-        shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    return scale, shift
-
-
-@triton.jit
-def _affine(x, scale, shift, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """``x * scale + shift`` in fp32, each only where given, in the neuron kernel's order."""
-    z = x.to(tl.float32)
-    if HAS_SCALE:
-        z = z * scale
-    if HAS_SHIFT:
-        z = z + shift
-    return z
-
-
-@triton.jit
 def _neuron_bits_kernel(
     x_ptr, sxt, sxn, sxc, sxs,
     b_ptr, sbn, sbc, sbs,
@@ -160,19 +136,20 @@ def _neuron_bits_kernel(
     c_ok = c < C
     ok = (s < S)[:, None] & c_ok[None, :]
     xo = n * sxn + s[:, None] * sxs + c[None, :] * sxc
-    scale, shift = _channel_params(scale_ptr, shift_ptr, c, c_ok, BLOCK_C, HAS_SCALE, HAS_SHIFT)
     if HAS_V:
         v = tl.load(v_ptr + n * svn + s[:, None] * svs + c[None, :] * svc, mask=ok, other=0.0).to(tl.float32)
     else:
         v = tl.full([BLOCK_S, BLOCK_C], v_init, dtype=tl.float32)
     if STATIC:
-        z0 = _affine(tl.load(x_ptr + xo, mask=ok, other=0.0), scale, shift, HAS_SCALE, HAS_SHIFT)
+        z0 = _channel_affine(tl.load(x_ptr + xo, mask=ok, other=0.0).to(tl.float32), scale_ptr, shift_ptr, c, c_ok,
+                             HAS_SCALE, HAS_SHIFT)
     bits = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.int32)
     for t in range(T):
         if STATIC:
             z = z0
         else:
-            z = _affine(tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0), scale, shift, HAS_SCALE, HAS_SHIFT)
+            z = _channel_affine(tl.load(x_ptr + t * sxt + xo, mask=ok, other=0.0).to(tl.float32), scale_ptr,
+                                shift_ptr, c, c_ok, HAS_SCALE, HAS_SHIFT)
         spike, v = _neuron_step(z, v, leak, v_th, v_reset, NEURON, HARD_RESET, DECAY_INPUT)
         bits = bits | (spike.to(tl.int32) << t)
     tl.store(b_ptr + n * sbn + s[:, None] * sbs + c[None, :] * sbc, bits.to(b_ptr.dtype.element_ty), mask=ok)
@@ -213,15 +190,13 @@ def _pool_bits_kernel(
         tl.store(y_ptr + t * syt + yo, ((bits >> t) & 1).to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
-#: the most steps the ``"bits"`` order holds (one bit each in an int32 per lane)
-BITS_MAX_STEPS = 32
-
-
 def _bits_frames(N, C, H, W, T, device) -> torch.Tensor:
     """``[N, C, H, W]`` channels_last integers of one bit per step: uint8 up to 8 steps, int16 up to 16, int32
     up to 32 (``_pool_bits_kernel`` widens them to int32; a sign extension sets only bits past the last step)."""
     dtype = torch.uint8 if T <= 8 else torch.int16 if T <= 16 else torch.int32
     return torch.empty((N, H, W, C), dtype=dtype, device=device).permute(0, 3, 1, 2)
+
+
 ORDERS = ("bits", "steps")
 
 
@@ -303,7 +278,7 @@ def multistep_neuron_pool(
     y = torch.empty((T, N, OH, OW, C), dtype=out_dtype or x.dtype, device=x.device).permute(0, 1, 4, 2, 3)
     v_out = torch.empty((N, C, H, W), dtype=v_dtype, device=x.device, memory_format=torch.channels_last) \
         if return_v else None
-    static = T > 1 and x.stride(0) == 0  # one frame repeated over the steps
+    static = repeated_over_steps(x)  # one frame repeated over the steps
     order = order or neuron_pool_order(T, (kh, kw), (sh, sw), static)
     if order == "bits" and T > BITS_MAX_STEPS:
         raise ValueError(f"{op}: order='bits' holds up to {BITS_MAX_STEPS} steps (one bit each), got T={T}")

@@ -18,7 +18,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import dot_precision, require_int32_indexable, require_int32_numel, require_triton_device
+from ._utils import (
+    dot_precision,
+    repeated_over_steps,
+    require_int32_indexable,
+    require_int32_numel,
+    require_triton_device,
+)
 from .conv import launch_conv, pack_conv_weight, pools_in_epilogue
 from .neuron import NeuronSpec, multistep_neuron
 from .neuron_pool import multistep_neuron_pool, pool_args, pool_uncovered
@@ -44,12 +50,6 @@ def new_membrane(N, C, H, W, dtype, device) -> torch.Tensor:
     """[N, C, H, W] channels_last, the spikes' layout: a tensor of its own, not a view (a neuron may detach its
     membrane in place, as SpikingJelly's ``detach`` does)."""
     return new_frames(N, C, H, W, dtype, device)
-
-
-def repeated_over_steps(x: torch.Tensor) -> bool:
-    """Whether ``x`` ``[T, N, ...]`` holds one input for every step by construction: more than one step, stride 0
-    over them (``frame.expand(T, ...)``), so every step reads the same memory."""
-    return x.dim() >= 2 and x.shape[0] > 1 and x.stride(0) == 0
 
 
 def pool_steps(spikes: torch.Tensor, pool) -> torch.Tensor:

@@ -376,6 +376,10 @@ def neuron_pool_tile(C: int, P: int, KK: int, N: int, multiprocessors: int = 1) 
     return block_p, block_c, 4 if block_p * KK * block_c >= 512 else 2, small
 
 
+#: the most steps the neuron + max pool's ``"bits"`` order holds (one bit each in an int32 per lane)
+BITS_MAX_STEPS = 32
+
+
 def neuron_pool_order(T: int, kernel: tuple[int, int], stride: tuple[int, int], static: bool) -> str:
     """Which neuron + max pool kernels run (:func:`~sparseflow_kernels.neuron_pool.multistep_neuron_pool`):
     ``"bits"`` where the windows overlap or the input is one frame repeated over the steps, up to 32 steps (a
@@ -385,7 +389,7 @@ def neuron_pool_order(T: int, kernel: tuple[int, int], stride: tuple[int, int], 
     division), the neuron kernel then the pool kernel 59 us; T=16, 128 channels, 2 / 2, N=8: steps 360 / 94 / 40 /
     12 / 7.5 us at 128 / 64 / 32 / 16 / 8 px, bits 379 / 100 / 28 / 14 / 13 us."""
     overlap = stride[0] < kernel[0] or stride[1] < kernel[1]
-    return "bits" if (overlap or static) and T <= 32 else "steps"
+    return "bits" if (overlap or static) and T <= BITS_MAX_STEPS else "steps"
 
 
 def neuron_pool_bits_tile(C: int, P: int, N: int, multiprocessors: int = 1) -> tuple[int, int, int]:

@@ -8,9 +8,9 @@ the maps of the networks that pool their spikes:
 
 Per map, :func:`sparseflow_kernels.neuron_pool.multistep_neuron_pool` in each ``order`` (``bits``: the neuron once
 per pixel, its spikes as one bit per step, then the pool of the bits; ``steps``: one kernel, every window position
-at once) against the neuron kernel followed by the max
-pool kernel (``pair``, what the layer runs otherwise), fp16 currents, the membrane handed in and returned in fp16;
-``bit_equal``: every order's pooled spikes and membrane equal the pair's. Times in us.
+at once) against the neuron kernel followed by the max pool kernel (``pair``, what the layer runs otherwise), fp16
+currents, the membrane handed in and returned in fp16; ``bit_equal``: every order's pooled spikes and membrane equal
+the pair's. Times in us.
 
 -> ``neuron_pool.json`` (``neuron_pool_dry.json`` under ``ctx.dry``; ``markdown``: ``neuron_pool.md``).
 """
